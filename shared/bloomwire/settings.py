@@ -1,0 +1,64 @@
+"""Runtime settings, read from the environment (prefix ``BLOOMWIRE_``) and built at the edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class Settings(BaseSettings):
+    """Everything a Bloomwire process needs to know about its surroundings.
+
+    Build one in ``__main__``/the CLI and pass it down; nothing reads the environment elsewhere.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BLOOMWIRE_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(default=Path("var"), description="Broker data, SQLite file, secrets")
+    broker_host: str = Field(default="127.0.0.1", description="MQTT broker host")
+    broker_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="MQTT broker TCP port; 0 = start a local Mosquitto on a free port",
+    )
+    broker_ws_port: int = Field(default=0, ge=0, le=65535, description="Websockets port (0 = free)")
+    broker_username: str | None = Field(default=None, description="MQTT username of this process")
+    broker_password: SecretStr | None = Field(default=None, description="MQTT password")
+    broker_tls: bool = Field(default=False, description="Use TLS to reach the broker")
+    broker_ca_file: Path | None = Field(default=None, description="CA bundle for TLS")
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL of the store; empty = SQLite file under data_dir",
+    )
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
+        default="FULL", description="SQLite synchronous pragma (FULL survives power loss)"
+    )
+    log_level: LogLevel = Field(default="INFO")
+    log_json: bool = Field(default=False, description="Log JSON lines instead of console text")
+
+    @model_validator(mode="after")
+    def _default_database(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'bloomwire.db').resolve()}"
+        return self
+
+    @property
+    def external_broker(self) -> bool:
+        """True when settings point at an already running broker."""
+        return self.broker_port != 0
+
+    def with_broker(self, host: str, port: int) -> Settings:
+        """A copy pointing at the given broker."""
+        return self.model_copy(update={"broker_host": host, "broker_port": port})
+
+    def as_identity(self, username: str, password: str) -> Settings:
+        """A copy that connects to the broker as another identity."""
+        return self.model_copy(
+            update={"broker_username": username, "broker_password": SecretStr(password)}
+        )

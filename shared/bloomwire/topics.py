@@ -1,0 +1,329 @@
+"""Every MQTT topic of the contract (DESIGN.md §1): built, filtered and parsed here and nowhere else.
+
+Inbound topics are written by devices and services; canonical topics are written by the persister
+after the commit. :func:`parse_inbound` turns an inbound topic back into who sent it and what it is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from bloomwire.errors import TopicError
+
+MAX_ID_LENGTH = 64
+MAX_TOPIC_LENGTH = 512
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*")
+
+RIDERS = "riders"
+SHOPS = "shops"
+CUSTOMERS = "customers"
+SERVICES = "services"
+OWNTRACKS = "owntracks"
+DEADLETTER = f"{SERVICES}/deadletter"
+
+PRESENCE_ONLINE = "online"
+PRESENCE_OFFLINE = "offline"
+
+
+class Identity(StrEnum):
+    """Kinds of MQTT identity; each writes only under its own prefix."""
+
+    RIDER = "rider"
+    SHOP = "shop"
+    CUSTOMER = "customer"
+    SERVICE = "service"
+
+
+class InboundKind(StrEnum):
+    """What an inbound message is, by its topic."""
+
+    LOCATION = "location"
+    STATUS = "status"
+    CHAT = "chat"
+    REPLY = "replies"
+    PRESENCE = "presence"
+    OWNTRACKS = "owntracks"
+    COMMAND = "commands"
+    EVENTS = "events"
+
+
+class Command(StrEnum):
+    """Shop terminal commands under ``shops/S/commands/``."""
+
+    CREATE_ORDER = "create-order"
+    CANCEL_ORDER = "cancel-order"
+    CHAT = "chat"
+    ASSIGN = "assign"
+    ACK_ALERT = "ack-alert"
+
+
+class OrderChannel(StrEnum):
+    """Canonical per-order topics under ``shops/S/orders/O/``."""
+
+    STATUS = "status"
+    LOCATION = "location"
+    CHAT = "chat"
+    ALERTS = "alerts"
+    STATE = "state"
+
+
+class Inbox(StrEnum):
+    """Device inbox channels."""
+
+    OFFERS = "offers"
+    ACKS = "acks"
+    CHAT = "chat"
+    ERRORS = "errors"
+
+
+#: The order channels a customer of that order may read.
+CUSTOMER_CHANNELS = (OrderChannel.STATUS, OrderChannel.LOCATION, OrderChannel.CHAT, OrderChannel.STATE)
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a safe topic level, else raise :class:`TopicError` naming it."""
+    if not isinstance(value, str) or value == "":
+        raise TopicError(f"{what} is empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise TopicError(f"{what} is {len(value)} characters long (max {MAX_ID_LENGTH})")
+    for bad, name in (("+", "'+'"), ("#", "'#'"), ("/", "'/'"), ("\x00", "NUL")):
+        if bad in value:
+            raise TopicError(f"{what} {value[:MAX_ID_LENGTH]!r} contains {name}")
+    if not _ID_RE.fullmatch(value):
+        raise TopicError(
+            f"{what} {value!r} must start with a letter or digit and use only "
+            "letters, digits and _ . : @ -"
+        )
+    return value
+
+
+def _join(*levels: str) -> str:
+    return "/".join(levels)
+
+
+# --- inbound (device -> backbone) -------------------------------------------------------------
+
+
+def rider_location(rider: str) -> str:
+    """``riders/R/location``: a rider's position (OwnTracks field names)."""
+    return _join(RIDERS, check_id(rider, "rider"), "location")
+
+
+def rider_order_status(rider: str, order: str) -> str:
+    """``riders/R/orders/O/status``: a status transition or incident the rider reports."""
+    return _join(RIDERS, check_id(rider, "rider"), "orders", check_id(order, "order"), "status")
+
+
+def rider_order_chat(rider: str, order: str) -> str:
+    """``riders/R/orders/O/chat``: a chat line from the rider."""
+    return _join(RIDERS, check_id(rider, "rider"), "orders", check_id(order, "order"), "chat")
+
+
+def rider_replies(rider: str) -> str:
+    """``riders/R/replies``: accept / decline of an offer."""
+    return _join(RIDERS, check_id(rider, "rider"), "replies")
+
+
+def rider_presence(rider: str) -> str:
+    """``riders/R/presence``: retained online/offline, offline being the Last Will."""
+    return _join(RIDERS, check_id(rider, "rider"), "presence")
+
+
+def owntracks(rider: str, device: str) -> str:
+    """``owntracks/R/DEVICE``: an unmodified OwnTracks app payload."""
+    return _join(OWNTRACKS, check_id(rider, "rider"), check_id(device, "device"))
+
+
+def shop_command(shop: str, command: Command | str) -> str:
+    """``shops/S/commands/CMD``: a shop terminal action."""
+    return _join(SHOPS, check_id(shop, "shop"), "commands", Command(command).value)
+
+
+def customer_chat(customer: str) -> str:
+    """``customers/C/chat``: a chat line from the customer."""
+    return _join(CUSTOMERS, check_id(customer, "customer"), "chat")
+
+
+def service_events(service: str) -> str:
+    """``services/N/events``: a service's decisions, persisted like any other event."""
+    return _join(SERVICES, check_id(service, "service"), "events")
+
+
+# --- canonical (backbone -> everyone) ---------------------------------------------------------
+
+
+def order_topic(shop: str, order: str, channel: OrderChannel | str) -> str:
+    """``shops/S/orders/O/{status,location,chat,alerts,state}``."""
+    return _join(
+        SHOPS, check_id(shop, "shop"), "orders", check_id(order, "order"), OrderChannel(channel)
+    )
+
+
+def shop_alerts(shop: str) -> str:
+    """``shops/S/alerts``: the shop's alert feed."""
+    return _join(SHOPS, check_id(shop, "shop"), "alerts")
+
+
+def shop_rider_state(shop: str, rider: str) -> str:
+    """``shops/S/riders/R/state``: retained rider snapshot."""
+    return _join(SHOPS, check_id(shop, "shop"), "riders", check_id(rider, "rider"), "state")
+
+
+def shop_errors(shop: str) -> str:
+    """``shops/S/errors``: why a shop command was refused."""
+    return _join(SHOPS, check_id(shop, "shop"), "errors")
+
+
+def rider_inbox(rider: str, channel: Inbox | str) -> str:
+    """``riders/R/inbox/{offers,acks,chat,errors}``."""
+    return _join(RIDERS, check_id(rider, "rider"), "inbox", Inbox(channel).value)
+
+
+def customer_inbox(customer: str, channel: Inbox | str) -> str:
+    """``customers/C/inbox/{acks,chat,errors}``."""
+    return _join(CUSTOMERS, check_id(customer, "customer"), "inbox", Inbox(channel).value)
+
+
+def service_status(service: str) -> str:
+    """``services/N/status``: retained online/offline (Last Will) of a service."""
+    return _join(SERVICES, check_id(service, "service"), "status")
+
+
+# --- subscription filters ---------------------------------------------------------------------
+
+#: Everything the persister consumes.
+INBOUND_FILTERS: tuple[str, ...] = (
+    f"{RIDERS}/+/location",
+    f"{RIDERS}/+/orders/+/status",
+    f"{RIDERS}/+/orders/+/chat",
+    f"{RIDERS}/+/replies",
+    f"{RIDERS}/+/presence",
+    f"{OWNTRACKS}/+/+",
+    f"{SHOPS}/+/commands/+",
+    f"{CUSTOMERS}/+/chat",
+    f"{SERVICES}/+/events",
+)
+
+
+def all_orders_filter(channel: OrderChannel | str | None = None, shop: str | None = None) -> str:
+    """``shops/+/orders/+/CHANNEL`` (or ``#`` below the order when channel is None)."""
+    s = "+" if shop is None else check_id(shop, "shop")
+    tail = "#" if channel is None else OrderChannel(channel).value
+    return _join(SHOPS, s, "orders", "+", tail)
+
+
+def shop_filter(shop: str) -> str:
+    """``shops/S/#``: everything a shop terminal may read."""
+    return _join(SHOPS, check_id(shop, "shop"), "#")
+
+
+def rider_inbox_filter(rider: str) -> str:
+    """``riders/R/inbox/#``."""
+    return _join(RIDERS, check_id(rider, "rider"), "inbox", "#")
+
+
+def customer_inbox_filter(customer: str) -> str:
+    """``customers/C/inbox/#``."""
+    return _join(CUSTOMERS, check_id(customer, "customer"), "inbox", "#")
+
+
+ALL_ALERTS_FILTER = f"{SHOPS}/+/alerts"
+ALL_PRESENCE_FILTER = f"{RIDERS}/+/presence"
+ALL_REPLIES_FILTER = f"{RIDERS}/+/replies"
+ALL_SERVICE_STATUS_FILTER = f"{SERVICES}/+/status"
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InboundTopic:
+    """An inbound topic taken apart: who wrote it, about which order, and what it is."""
+
+    identity: Identity
+    sender: str
+    kind: InboundKind
+    order: str | None = None
+    command: Command | None = None
+    device: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The CloudEvents ``source`` this sender is entitled to, e.g. ``riders/r7``."""
+        prefix = {
+            Identity.RIDER: RIDERS,
+            Identity.SHOP: SHOPS,
+            Identity.CUSTOMER: CUSTOMERS,
+            Identity.SERVICE: SERVICES,
+        }[self.identity]
+        return f"{prefix}/{self.sender}"
+
+    def error_topic(self) -> str | None:
+        """Where to tell this sender that its message was refused (None for shops/services)."""
+        if self.identity is Identity.RIDER:
+            return rider_inbox(self.sender, Inbox.ERRORS)
+        if self.identity is Identity.CUSTOMER:
+            return customer_inbox(self.sender, Inbox.ERRORS)
+        if self.identity is Identity.SHOP:
+            return shop_errors(self.sender)
+        return None
+
+
+def check_publish_topic(topic: str) -> list[str]:
+    """Split a topic meant for PUBLISH, refusing empty levels, wildcards, NUL and excess length."""
+    if not topic:
+        raise TopicError("topic is empty")
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise TopicError(f"topic is {len(topic)} characters long (max {MAX_TOPIC_LENGTH})")
+    if "\x00" in topic:
+        raise TopicError("topic contains NUL")
+    if "+" in topic or "#" in topic:
+        raise TopicError(f"topic {topic!r} contains a wildcard; publish topics may not")
+    levels = topic.split("/")
+    if any(level == "" for level in levels):
+        raise TopicError(f"topic {topic!r} has an empty level")
+    return levels
+
+
+def parse_inbound(topic: str) -> InboundTopic:
+    """Turn an inbound topic into an :class:`InboundTopic`, or raise :class:`TopicError` saying why."""
+    levels = check_publish_topic(topic)
+    root, n = levels[0], len(levels)
+    if root == RIDERS and n >= 3:
+        rider = check_id(levels[1], "rider")
+        if n == 3 and levels[2] in ("location", "replies", "presence"):
+            return InboundTopic(Identity.RIDER, rider, InboundKind(levels[2]))
+        if n == 5 and levels[2] == "orders" and levels[4] in ("status", "chat"):
+            order = check_id(levels[3], "order")
+            return InboundTopic(Identity.RIDER, rider, InboundKind(levels[4]), order=order)
+    elif root == OWNTRACKS and n == 3:
+        rider, device = check_id(levels[1], "rider"), check_id(levels[2], "device")
+        return InboundTopic(Identity.RIDER, rider, InboundKind.OWNTRACKS, device=device)
+    elif root == SHOPS and n == 4 and levels[2] == "commands":
+        shop = check_id(levels[1], "shop")
+        try:
+            command = Command(levels[3])
+        except ValueError:
+            known = ", ".join(c.value for c in Command)
+            raise TopicError(f"unknown shop command {levels[3]!r} (known: {known})") from None
+        return InboundTopic(Identity.SHOP, shop, InboundKind.COMMAND, command=command)
+    elif root == CUSTOMERS and n == 3 and levels[2] == "chat":
+        return InboundTopic(Identity.CUSTOMER, check_id(levels[1], "customer"), InboundKind.CHAT)
+    elif root == SERVICES and n == 3 and levels[2] == "events":
+        return InboundTopic(Identity.SERVICE, check_id(levels[1], "service"), InboundKind.EVENTS)
+    raise TopicError(f"topic {topic!r} is not an inbound topic of the contract")
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """True if ``topic`` matches the MQTT subscription ``topic_filter``."""
+    f_levels, t_levels = topic_filter.split("/"), topic.split("/")
+    for i, f in enumerate(f_levels):
+        if f == "#":
+            return True
+        if i >= len(t_levels):
+            return False
+        if f != "+" and f != t_levels[i]:
+            return False
+    return len(f_levels) == len(t_levels)
