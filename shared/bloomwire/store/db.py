@@ -1,0 +1,64 @@
+"""Engines for the store and the migrations that shape it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def _normalise(url: str) -> str:
+    # "postgresql://" would pick psycopg2, which we do not ship; psycopg 3 is the driver.
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def make_engine(url: str, *, sqlite_synchronous: str = "FULL", readonly: bool = False) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and the chosen ``synchronous``."""
+    url = _normalise(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        if readonly:
+            cur.execute("PRAGMA query_only=ON")
+        cur.close()
+
+    return engine
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config pointing at the packaged migrations and at ``url``."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", _normalise(url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations up to ``revision`` (idempotent; run at every service start)."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def open_store(url: str, *, sqlite_synchronous: str = "FULL", readonly: bool = False) -> Engine:
+    """Migrate the store to the newest schema and return an engine on it."""
+    upgrade(url)
+    return make_engine(url, sqlite_synchronous=sqlite_synchronous, readonly=readonly)
