@@ -106,6 +106,8 @@ class OrderStatusChanged(_Data):
     status: OrderStatus
     reason: FailureReason | None = None
     note: ShortText = ""
+    #: Filled in by the backbone on canonical events: the rider holding the order.
+    rider: Id | None = None
 
     @model_validator(mode="after")
     def _reason(self) -> OrderStatusChanged:
