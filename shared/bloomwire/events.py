@@ -384,17 +384,22 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _reject_constant(name: str) -> Any:
+    raise PayloadError(f"payload is not JSON: {name} is not a JSON number")
+
+
 def load_json(raw: bytes | str) -> Any:
     """Parse a payload as UTF-8 JSON, raising :class:`PayloadError` that says what is wrong."""
-    if len(raw) > MAX_PAYLOAD_BYTES:
-        raise PayloadError(f"payload is {len(raw)} bytes (max {MAX_PAYLOAD_BYTES})")
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"payload is {size} bytes (max {MAX_PAYLOAD_BYTES})")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PayloadError(f"payload is not UTF-8 text (byte {exc.start})") from None
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise PayloadError(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
 
@@ -405,7 +410,7 @@ def decode(raw: bytes | str) -> Event:
     if not isinstance(obj, dict):
         raise PayloadError(f"payload must be a JSON object, not {type(obj).__name__}")
     kind = obj.get("type")
-    if kind not in EVENT_TYPES:
+    if not isinstance(kind, str) or kind not in EVENT_TYPES:
         known = ", ".join(sorted(EVENT_TYPES))
         raise PayloadError(f"type: unknown event type {kind!r} (known: {known})")
     try:
@@ -471,6 +476,15 @@ class OrderState(BaseModel):
     timeline: list[TimelineEntry] = Field(default_factory=list)
     open_alerts: int = 0
     updated_at: datetime
+
+
+class OrderLocation(BaseModel):
+    """``shops/S/orders/O/location``: the carrying rider's position and the ETA (only while out)."""
+
+    order: str
+    rider: str
+    position: Position
+    eta: datetime | None = None
 
 
 class RiderState(BaseModel):

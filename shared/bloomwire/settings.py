@@ -57,6 +57,16 @@ class Settings(BaseSettings):
         """A copy pointing at the given broker."""
         return self.model_copy(update={"broker_host": host, "broker_port": port})
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``BLOOMWIRE_*`` variables for a child process (never the password:
+        children read theirs from the owner-only secrets folder)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None or name == "broker_password":
+                continue
+            env[f"BLOOMWIRE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
     def as_identity(self, username: str, password: str) -> Settings:
         """A copy that connects to the broker as another identity."""
         return self.model_copy(

@@ -1,0 +1,5 @@
+"""``python -m bloomwire`` runs the CLI."""
+
+from bloomwire.cli import main
+
+main()

@@ -1,0 +1,232 @@
+"""``bloomwire``: the operator's command line. Settings are built here and passed down."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bloomwire import log
+from bloomwire.errors import BloomwireError
+from bloomwire.settings import Settings
+
+app = typer.Typer(
+    help="Bloomwire: MQTT delivery tracking for flower shops. Every command reads BLOOMWIRE_* "
+    "environment variables (see README); options override them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+broker_app = typer.Typer(help="Run the project's Mosquitto broker.", no_args_is_help=True)
+service_app = typer.Typer(help="Run one backbone service in the foreground.", no_args_is_help=True)
+db_app = typer.Typer(help="Manage the store's schema.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+app.add_typer(service_app, name="service")
+app.add_typer(db_app, name="db")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="Where broker data, the SQLite store and secrets live.")
+]
+
+
+def make_settings(ctx: typer.Context) -> Settings:
+    """The settings of this invocation (environment + root options)."""
+    settings: Settings = ctx.obj
+    return settings
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    data_dir: DataDir = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
+) -> None:
+    """Read settings once and hand them to the command."""
+    overrides: dict[str, Any] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if log_level is not None:
+        overrides["log_level"] = log_level.upper()
+    try:
+        settings = Settings(**overrides)
+    except Exception as exc:
+        err.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from None
+    log.configure(settings.log_level, json=settings.log_json)
+    ctx.obj = settings
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a clear error and return the exit to raise."""
+    err.print(f"[bold red]error:[/bold red] {message}")
+    return typer.Exit(code)
+
+
+# --- broker ---------------------------------------------------------------------------------------
+
+
+@broker_app.command("run")
+def broker_run(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="TCP port (0 = a free one).")] = 0,
+    ws_port: Annotated[int, typer.Option(help="Websockets port (0 = a free one).")] = 0,
+) -> None:
+    """Run Mosquitto from broker/ in the foreground (with the service accounts) until Ctrl-C."""
+    from bloomwire.broker import Mosquitto, ensure_secret
+    from bloomwire.supervisor import OPERATOR, SERVICES
+
+    settings = make_settings(ctx)
+    users = {n: ensure_secret(settings.data_dir, n) for n in [*SERVICES, OPERATOR]}
+    broker = Mosquitto(settings.data_dir / "broker", port=port, ws_port=ws_port, users=users)
+    try:
+        broker.start()
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"Mosquitto running: mqtt://{broker.host}:{broker.port}, ws://{broker.host}:{broker.ws_port} "
+        f"(pid {broker.pid}); passwords in {settings.data_dir / 'secrets'}. Ctrl-C stops it."
+    )
+    _wait_for_signal(lambda: broker.running)
+    broker.stop()
+    console.print("Broker stopped cleanly.")
+
+
+def _wait_for_signal(alive: Any) -> None:
+    stopping = {"now": False}
+
+    def on_signal(*_: object) -> None:
+        stopping["now"] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping["now"] and alive():
+            time.sleep(0.2)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# --- services -------------------------------------------------------------------------------------
+
+
+@service_app.command("run")
+def service_run(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="persister, dispatch or alerts.")],
+) -> None:
+    """Run one service against the broker named by BLOOMWIRE_BROKER_HOST/PORT."""
+    from bloomwire.supervisor import SERVICES, service_settings
+
+    settings = make_settings(ctx)
+    if name not in SERVICES:
+        raise fail(f"unknown service {name!r} (known: {', '.join(SERVICES)})")
+    if not settings.external_broker:
+        raise fail("set BLOOMWIRE_BROKER_PORT to the broker's port (or use `bloomwire up`)")
+    settings = service_settings(settings, settings.broker_username or name)
+    module = importlib.import_module(SERVICES[name])
+    service = module.build(settings)
+    asyncio.run(service.run(settings))
+
+
+@app.command()
+def up(ctx: typer.Context) -> None:
+    """Start a broker (unless settings name one) and every service; Ctrl-C stops them all."""
+    from bloomwire.supervisor import Stack
+
+    settings = make_settings(ctx)
+    stack = Stack(settings)
+    try:
+        settings = stack.start()
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"Bloomwire up: broker mqtt://{settings.broker_host}:{settings.broker_port}; services "
+        f"{', '.join(stack.children)} online; store {settings.database_url}; logs in "
+        f"{settings.data_dir / 'logs'}. Ctrl-C stops everything."
+    )
+    _wait_for_signal(lambda: not stack.check())
+    dead = stack.check()
+    stack.stop()
+    if dead:
+        raise fail(f"service(s) exited unexpectedly: {', '.join(dead)}; see their logs")
+    console.print("Stopped cleanly: services, then broker.")
+
+
+@app.command()
+def demo(ctx: typer.Context) -> None:
+    """The main job: broker, services and a simulated shop day on a fresh SQLite store."""
+    from bloomwire.supervisor import Stack, wait_online
+
+    settings = make_settings(ctx)
+    stack = Stack(settings)
+    try:
+        settings = stack.start()
+        seen = asyncio.run(wait_online(settings, list(stack.children)))
+        table = Table("service", "status", title="Bloomwire services")
+        for name in stack.children:
+            table.add_row(name, seen.get(name, "?"))
+        console.print(table)
+    except BloomwireError as exc:
+        stack.stop()
+        raise fail(str(exc)) from None
+    stack.stop()
+    console.print("Stopped cleanly.")
+
+
+# --- store ----------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Apply the store's migrations (services also do this at start)."""
+    from bloomwire.store import upgrade
+
+    settings = make_settings(ctx)
+    upgrade(settings.database_url)
+    console.print(f"Store at {settings.database_url} is up to date.")
+
+
+@app.command()
+def history(ctx: typer.Context, order: Annotated[str, typer.Argument(help="The order id.")]) -> None:
+    """Print an order's full timeline from the store: status, positions, chat, alerts."""
+    from bloomwire.history import load_history, render_history
+
+    settings = make_settings(ctx)
+    try:
+        found = load_history(settings.database_url, order)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    render_history(found, console)
+
+
+# --- benchmarks -----------------------------------------------------------------------------------
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    ctx: typer.Context,
+    events: Annotated[int, typer.Option(help="How many rider events to publish.")] = 20_000,
+    rate: Annotated[int, typer.Option(help="Publish rate, events/s (0 = as fast as possible).")] = 5_000,
+    riders: Annotated[int, typer.Option(help="Simulated riders publishing.")] = 50,
+    ceiling: Annotated[bool, typer.Option(help="Also measure mosquitto_pub/sub QoS 1.")] = True,
+) -> None:
+    """Publish rider events through a real broker into the persister and print figures."""
+    from bloomwire.bench import ingest
+
+    ingest.main(make_settings(ctx), events=events, rate=rate, riders=riders, ceiling=ceiling, console=console)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
