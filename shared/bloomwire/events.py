@@ -10,7 +10,7 @@ import json
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias
 
 from pydantic import (
     AfterValidator,
@@ -30,7 +30,7 @@ from bloomwire.topics import check_id
 
 #: Largest payload accepted anywhere (the broker's ``max_packet_size`` is a little above it).
 MAX_PAYLOAD_BYTES = 64 * 1024
-SPECVERSION = "1.0"
+SPECVERSION: Final = "1.0"
 
 Id = Annotated[str, AfterValidator(check_id)]
 EventId = Annotated[

@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 from bloomwire.errors import TopicError
 
 MAX_ID_LENGTH = 64
 MAX_TOPIC_LENGTH = 512
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*")
+_E = TypeVar("_E", bound=StrEnum)
 
 RIDERS = "riders"
 SHOPS = "shops"
@@ -84,7 +86,9 @@ CUSTOMER_CHANNELS = (OrderChannel.STATUS, OrderChannel.LOCATION, OrderChannel.CH
 
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a safe topic level, else raise :class:`TopicError` naming it."""
-    if not isinstance(value, str) or value == "":
+    if not isinstance(value, str):
+        raise TopicError(f"{what} must be a string, not {type(value).__name__}")
+    if value == "":
         raise TopicError(f"{what} is empty")
     if len(value) > MAX_ID_LENGTH:
         raise TopicError(f"{what} is {len(value)} characters long (max {MAX_ID_LENGTH})")
@@ -101,6 +105,15 @@ def check_id(value: str, what: str = "id") -> str:
 
 def _join(*levels: str) -> str:
     return "/".join(levels)
+
+
+def _member(enum: type[_E], value: _E | str, what: str) -> _E:
+    """``enum(value)``, or a :class:`TopicError` listing the known values."""
+    try:
+        return enum(value)
+    except ValueError:
+        known = ", ".join(m.value for m in enum)
+        raise TopicError(f"unknown {what} {value!r} (known: {known})") from None
 
 
 # --- inbound (device -> backbone) -------------------------------------------------------------
@@ -138,7 +151,8 @@ def owntracks(rider: str, device: str) -> str:
 
 def shop_command(shop: str, command: Command | str) -> str:
     """``shops/S/commands/CMD``: a shop terminal action."""
-    return _join(SHOPS, check_id(shop, "shop"), "commands", Command(command).value)
+    cmd = _member(Command, command, "shop command")
+    return _join(SHOPS, check_id(shop, "shop"), "commands", cmd.value)
 
 
 def customer_chat(customer: str) -> str:
@@ -156,9 +170,8 @@ def service_events(service: str) -> str:
 
 def order_topic(shop: str, order: str, channel: OrderChannel | str) -> str:
     """``shops/S/orders/O/{status,location,chat,alerts,state}``."""
-    return _join(
-        SHOPS, check_id(shop, "shop"), "orders", check_id(order, "order"), OrderChannel(channel)
-    )
+    tail = _member(OrderChannel, channel, "order channel")
+    return _join(SHOPS, check_id(shop, "shop"), "orders", check_id(order, "order"), tail.value)
 
 
 def shop_alerts(shop: str) -> str:
@@ -178,12 +191,13 @@ def shop_errors(shop: str) -> str:
 
 def rider_inbox(rider: str, channel: Inbox | str) -> str:
     """``riders/R/inbox/{offers,acks,chat,errors}``."""
-    return _join(RIDERS, check_id(rider, "rider"), "inbox", Inbox(channel).value)
+    return _join(RIDERS, check_id(rider, "rider"), "inbox", _member(Inbox, channel, "inbox").value)
 
 
 def customer_inbox(customer: str, channel: Inbox | str) -> str:
     """``customers/C/inbox/{acks,chat,errors}``."""
-    return _join(CUSTOMERS, check_id(customer, "customer"), "inbox", Inbox(channel).value)
+    box = _member(Inbox, channel, "inbox")
+    return _join(CUSTOMERS, check_id(customer, "customer"), "inbox", box.value)
 
 
 def service_status(service: str) -> str:
@@ -210,7 +224,7 @@ INBOUND_FILTERS: tuple[str, ...] = (
 def all_orders_filter(channel: OrderChannel | str | None = None, shop: str | None = None) -> str:
     """``shops/+/orders/+/CHANNEL`` (or ``#`` below the order when channel is None)."""
     s = "+" if shop is None else check_id(shop, "shop")
-    tail = "#" if channel is None else OrderChannel(channel).value
+    tail = "#" if channel is None else _member(OrderChannel, channel, "order channel").value
     return _join(SHOPS, s, "orders", "+", tail)
 
 
@@ -303,11 +317,7 @@ def parse_inbound(topic: str) -> InboundTopic:
         return InboundTopic(Identity.RIDER, rider, InboundKind.OWNTRACKS, device=device)
     elif root == SHOPS and n == 4 and levels[2] == "commands":
         shop = check_id(levels[1], "shop")
-        try:
-            command = Command(levels[3])
-        except ValueError:
-            known = ", ".join(c.value for c in Command)
-            raise TopicError(f"unknown shop command {levels[3]!r} (known: {known})") from None
+        command = _member(Command, levels[3], "shop command")
         return InboundTopic(Identity.SHOP, shop, InboundKind.COMMAND, command=command)
     elif root == CUSTOMERS and n == 3 and levels[2] == "chat":
         return InboundTopic(Identity.CUSTOMER, check_id(levels[1], "customer"), InboundKind.CHAT)

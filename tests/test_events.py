@@ -1,0 +1,400 @@
+"""Payloads of DESIGN.md §2: CloudEvents envelopes, one pydantic model per ``type``."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from bloomwire import events as ev
+from bloomwire.errors import PayloadError
+from bloomwire.lifecycle import OrderStatus
+
+T0 = datetime(2027, 2, 14, 9, 30, 0, 123000, tzinfo=UTC)
+
+#: Realistic ``data`` for every event type of the contract, and who would send it.
+SAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
+    "order.created": (
+        "shops/s1",
+        {
+            "order": "o42",
+            "customer": {
+                "name": "Ana Ruiz",
+                "phone": "+34 600 123 456",
+                "address": "Calle Mayor 5, 28013 Madrid",
+                "lat": 40.4153,
+                "lon": -3.7074,
+            },
+            "window": {"start": "2027-02-14T10:00:00Z", "end": "2027-02-14T12:00:00+01:00"},
+            "items": ["12 red roses", "card: Happy Valentine's"],
+            "note": "ring twice",
+            "pickup_lat": 40.4168,
+            "pickup_lon": -3.7038,
+            "customer_username": "c-o42",
+        },
+    ),
+    "order.cancelled": ("shops/s1", {"order": "o42", "reason": "customer called to cancel"}),
+    "order.status": (
+        "riders/r7",
+        {"order": "o42", "status": "picked_up", "note": "bouquet on board", "rider": "r7"},
+    ),
+    "order.incident": (
+        "riders/r7",
+        {"order": "o42", "reason": "flat tyre", "eta": "2027-02-14T11:15:00Z", "note": "10 min"},
+    ),
+    "order.chat": (
+        "customers/c-o42",
+        {"order": "o42", "text": "I'm at the back door", "author": "customer"},
+    ),
+    "order.assigned": ("shops/s1", {"order": "o42", "rider": "r7", "note": "knows the area"}),
+    "rider.location": (
+        "riders/r7",
+        {
+            "lat": 40.41,
+            "lon": -3.70,
+            "tst": 1802597400,
+            "acc": 8.0,
+            "vel": 17.5,
+            "cog": 270.0,
+            "batt": 81,
+        },
+    ),
+    "rider.presence": ("riders/r7", {"status": "online", "on_duty": True, "capacity": 4}),
+    "dispatch.offer": (
+        "services/dispatch",
+        {
+            "offer": "of-1",
+            "order": "o42",
+            "rider": "r7",
+            "deadline": "2027-02-14T09:31:00Z",
+            "cost": 412.5,
+            "mode": "batch",
+            "candidates": [
+                {"rider": "r7", "cost": 412.5, "travel_s": 380.0, "load": 1, "note": "closest"},
+                {"rider": "r3", "cost": 655.0, "travel_s": 610.0, "load": 0},
+            ],
+        },
+    ),
+    "dispatch.reply": (
+        "riders/r7",
+        {"offer": "of-1", "order": "o42", "accept": False, "reason": "full"},
+    ),
+    "dispatch.expired": ("services/dispatch", {"offer": "of-1", "order": "o42", "rider": "r7"}),
+    "alert.raised": (
+        "services/alerts",
+        {
+            "alert": "al-9",
+            "rule": "eta_slip",
+            "severity": "warning",
+            "shop": "s1",
+            "order": "o42",
+            "rider": "r7",
+            "message": "ETA 12:20 is past the promised window (12:00)",
+            "action": "call the customer",
+        },
+    ),
+    "alert.escalated": ("services/alerts", {"alert": "al-9", "level": 2, "message": "still late"}),
+    "alert.resolved": ("services/alerts", {"alert": "al-9", "reason": "delivered"}),
+    "alert.acknowledged": ("shops/s1", {"alert": "al-9", "by": "Marta at the counter"}),
+}
+
+
+def envelope(kind: str, data: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    source = SAMPLES[kind][0] if kind in SAMPLES else "riders/r7"
+    obj: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": "0c5b3f9e-7d1a-4c2b-9f3e-2a1b0c9d8e7f",
+        "type": kind,
+        "source": source,
+        "time": "2027-02-14T09:30:00.123Z",
+        "data": data,
+    }
+    obj.update(extra)
+    return obj
+
+
+def raw(obj: object) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def test_every_event_type_has_a_sample() -> None:
+    assert set(SAMPLES) == set(ev.EVENT_TYPES)
+
+
+@pytest.mark.parametrize("kind", sorted(ev.EVENT_TYPES))
+def test_round_trip(kind: str) -> None:
+    source, data = SAMPLES[kind]
+    decoded = ev.decode(raw(envelope(kind, data)))
+    assert type(decoded) is ev.EVENT_TYPES[kind]
+    assert decoded.type == kind
+    assert decoded.source == source
+    assert decoded.time == T0
+    assert ev.decode(ev.encode(decoded)) == decoded
+    # encode is compact UTF-8 JSON and keeps the CloudEvents attribute names
+    out = json.loads(ev.encode(decoded))
+    assert {"specversion", "id", "type", "source", "time", "data"} <= set(out)
+
+
+@pytest.mark.parametrize("kind", sorted(ev.EVENT_TYPES))
+def test_models_build_in_python_and_round_trip(kind: str) -> None:
+    cls = ev.EVENT_TYPES[kind]
+    source, data = SAMPLES[kind]
+    built = cls.model_validate({"source": source, "data": data})
+    assert built.model_dump()["type"] == kind and built.specversion == "1.0"
+    assert built.time.tzinfo is not None
+    assert ev.decode(ev.encode(built)) == built
+
+
+def test_decode_accepts_str_and_ignores_unknown_envelope_attributes() -> None:
+    obj = envelope("order.cancelled", SAMPLES["order.cancelled"][1], traceparent="00-abc")
+    decoded = ev.decode(json.dumps(obj))
+    assert isinstance(decoded, ev.OrderCancelledEvent)
+
+
+def test_ids_default_to_fresh_uuids() -> None:
+    a = ev.OrderCancelledEvent(source="shops/s1", data=ev.OrderCancelled(order="o1"))
+    b = ev.OrderCancelledEvent(source="shops/s1", data=ev.OrderCancelled(order="o1"))
+    assert a.id != b.id and len(a.id) == 36
+
+
+def test_text_is_stripped() -> None:
+    decoded = ev.decode(raw(envelope("order.chat", {"order": "o42", "text": "  on my way \n"})))
+    assert isinstance(decoded, ev.OrderChatEvent)
+    assert decoded.data.text == "on my way"
+
+
+def _with(kind: str, path: str, value: Any) -> dict[str, Any]:
+    """A copy of the sample of ``kind`` with ``data.<path>`` set (or removed when value is ...)."""
+    data = json.loads(json.dumps(SAMPLES[kind][1]))
+    *parents, leaf = path.split(".")
+    node = data
+    for p in parents:
+        node = node[p]
+    if value is ...:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return envelope(kind, data)
+
+
+BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
+    (
+        _with("order.created", "window.end", "2027-02-14T09:00:00Z"),
+        "data.window: promised window end",
+    ),
+    (
+        _with("order.created", "window.end", "2027-02-16T09:00:00Z"),
+        "data.window: promised window may not",
+    ),
+    (_with("order.created", "window.end", "2027-02-14T12:00:00"), "data.window.end: .*timezone"),
+    (_with("order.created", "window.end", "soon"), "data.window.end"),
+    (_with("order.created", "window", ...), "data.window: Field required"),
+    (_with("order.created", "customer.lat", 91), "data.customer.lat: .*less than or equal to 90"),
+    (_with("order.created", "customer.lon", -180.5), "data.customer.lon"),
+    (_with("order.created", "customer.name", "   "), "data.customer.name"),
+    (_with("order.created", "customer.email", "a@b.c"), "data.customer.email: Extra inputs"),
+    (_with("order.created", "order", "o/42"), "data.order: id 'o/42' contains '/'"),
+    (_with("order.created", "order", ""), "data.order: id is empty"),
+    (_with("order.created", "items", ["x" * 201]), "data.items.0"),
+    (_with("order.created", "items", ["rose"] * 51), "data.items"),
+    (_with("order.status", "status", "teleported"), "data.status: Input should be"),
+    (_with("order.status", "status", "failed"), "data: a failed delivery needs a reason"),
+    (_with("order.status", "reason", "bored"), "data.reason"),
+    (_with("order.status", "rider", "r 7"), "data.rider: id 'r 7' must start with a letter"),
+    (_with("order.incident", "reason", ""), "data.reason"),
+    (_with("order.incident", "eta", "2027-02-14T11:15:00"), "data.eta: .*timezone"),
+    (_with("order.chat", "text", ""), "data.text"),
+    (_with("order.chat", "text", "x" * 2001), "data.text"),
+    (_with("rider.location", "lat", -90.1), "data.lat"),
+    (_with("rider.location", "tst", -1), "data.tst"),
+    (_with("rider.location", "batt", 101), "data.batt"),
+    (_with("rider.location", "vel", 401), "data.vel"),
+    (_with("rider.location", "lon", ...), "data.lon: Field required"),
+    (_with("rider.presence", "status", "busy"), "data.status"),
+    (_with("rider.presence", "capacity", 0), "data.capacity"),
+    (_with("dispatch.offer", "mode", "auction"), "data.mode"),
+    (_with("dispatch.offer", "deadline", "2027-02-14T09:31:00"), "data.deadline: .*timezone"),
+    (
+        _with("dispatch.offer", "candidates", [{"rider": "r+1", "cost": 1}]),
+        "data.candidates.0.rider",
+    ),
+    (_with("dispatch.reply", "accept", "maybe"), "data.accept"),
+    (_with("alert.raised", "severity", "apocalyptic"), "data.severity"),
+    (_with("alert.raised", "rule", "vibes"), "data.rule"),
+    (_with("alert.escalated", "level", 0), "data.level"),
+    (
+        {**envelope("order.cancelled", {"order": "o1"}), "time": "2027-02-14T09:30:00"},
+        "^time: .*timezone",
+    ),
+    ({**envelope("order.cancelled", {"order": "o1"}), "specversion": "0.3"}, "^specversion"),
+    ({**envelope("order.cancelled", {"order": "o1"}), "id": ""}, "^id"),
+    ({**envelope("order.cancelled", {"order": "o1"}), "id": "a b"}, "^id"),
+    ({**envelope("order.cancelled", {"order": "o1"}), "source": ""}, "^source"),
+    (
+        {**envelope("order.cancelled", {"order": "o1"}), "datacontenttype": "text/xml"},
+        "^datacontenttype",
+    ),
+    (
+        {k: v for k, v in envelope("order.cancelled", {"order": "o1"}).items() if k != "source"},
+        "^source: Field required",
+    ),
+    (
+        {k: v for k, v in envelope("order.cancelled", {"order": "o1"}).items() if k != "data"},
+        "^data: Field required",
+    ),
+]
+
+
+@pytest.mark.parametrize(("obj", "needle"), BAD_FIELDS, ids=[n for _, n in BAD_FIELDS])
+def test_bad_fields_are_named(obj: dict[str, Any], needle: str) -> None:
+    with pytest.raises(PayloadError, match=needle):
+        ev.decode(raw(obj))
+
+
+def test_several_bad_fields_are_all_named() -> None:
+    obj = _with("order.created", "customer.lat", 91)
+    obj["data"]["window"]["start"] = "nope"
+    with pytest.raises(PayloadError) as info:
+        ev.decode(raw(obj))
+    message = str(info.value)
+    assert "data.customer.lat" in message and "data.window.start" in message
+    assert "order.created" not in message  # the union tag is not part of the field path
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (b"", "payload is not JSON"),
+        (b"{", "payload is not JSON"),
+        (b"online", "payload is not JSON"),
+        (b'{"type": "order.chat",}', "payload is not JSON"),
+        (b'{"type": "rider.location", "data": {"lat": NaN}}', "payload is not JSON: NaN"),
+        (b'{"cost": Infinity}', "payload is not JSON: Infinity"),
+        (b"\xff\xfe{}", "not UTF-8 text \\(byte 0\\)"),
+        ('{"text": "café"}'.encode("latin-1"), "not UTF-8 text"),
+        (b'[{"type": "order.chat"}]', "must be a JSON object, not list"),
+        (b'"order.chat"', "must be a JSON object, not str"),
+        (b"null", "must be a JSON object, not NoneType"),
+        (b"42", "must be a JSON object, not int"),
+        (
+            b'{"type": "order.teleported", "data": {}}',
+            "^type: unknown event type 'order.teleported'",
+        ),
+        (b'{"source": "riders/r7", "data": {}}', "^type: unknown event type None"),
+        (b'{"type": ["order.chat"]}', "^type: unknown event type \\['order.chat'\\]"),
+        (b'{"type": {"a": 1}}', "^type: unknown event type"),
+        (b'{"type": 7}', "^type: unknown event type 7"),
+    ],
+)
+def test_malformed_payloads(payload: bytes, needle: str) -> None:
+    with pytest.raises(PayloadError, match=needle):
+        ev.decode(payload)
+
+
+def test_oversized_payload_is_refused_before_parsing() -> None:
+    body = raw(envelope("order.chat", {"order": "o1", "text": "x"}))
+    padded = body[:-1] + b" " * (ev.MAX_PAYLOAD_BYTES + 1 - len(body)) + b"}"
+    assert len(padded) == ev.MAX_PAYLOAD_BYTES + 1
+    with pytest.raises(PayloadError, match=f"payload is {ev.MAX_PAYLOAD_BYTES + 1} bytes"):
+        ev.decode(padded)
+    # exactly at the limit is still read
+    assert isinstance(ev.decode(padded[:-2] + b"}"), ev.OrderChatEvent)
+
+
+def test_oversized_str_payload_is_measured_in_utf8_bytes() -> None:
+    text = "\u00e9" * (ev.MAX_PAYLOAD_BYTES // 2 + 1)  # fewer characters than the limit, more bytes
+    assert len(text) < ev.MAX_PAYLOAD_BYTES < len(text.encode())
+    with pytest.raises(PayloadError, match="bytes \\(max"):
+        ev.decode(json.dumps({"type": "order.chat", "text": text}, ensure_ascii=False))
+
+
+def test_naive_envelope_time_is_refused_in_python_too() -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        ev.OrderCancelledEvent(
+            source="shops/s1",
+            time=datetime(2027, 2, 14, 9, 30),
+            data=ev.OrderCancelled(order="o1"),
+        )
+
+
+def test_failed_status_requires_reason_and_accepts_one() -> None:
+    with pytest.raises(ValueError, match="a failed delivery needs a reason"):
+        ev.OrderStatusChanged(order="o1", status=OrderStatus.FAILED)
+    ok = ev.OrderStatusChanged(order="o1", status=OrderStatus.FAILED, reason="customer_unreachable")
+    assert ok.reason == "customer_unreachable"
+
+
+def test_window_end_must_follow_start() -> None:
+    with pytest.raises(ValueError, match="end must be after its start"):
+        ev.Window(start=T0, end=T0)
+    assert ev.Window(start=T0, end=T0 + timedelta(hours=24)).end > T0
+
+
+@pytest.mark.parametrize("status", ["picked_up", "en_route", "arrived", "delivered", "returned"])
+def test_rider_may_report_delivery_progress(status: str) -> None:
+    ev.check_rider_status(ev.OrderStatusChanged(order="o1", status=OrderStatus(status)))
+
+
+@pytest.mark.parametrize("status", ["created", "assigned", "accepted", "cancelled"])
+def test_rider_may_not_report_backbone_statuses(status: str) -> None:
+    with pytest.raises(PayloadError, match=f"data.status: a rider cannot report '{status}'"):
+        ev.check_rider_status(ev.OrderStatusChanged(order="o1", status=OrderStatus(status)))
+
+
+# --- OwnTracks -----------------------------------------------------------------------------------
+
+#: As the OwnTracks iOS app publishes it on owntracks/USER/DEVICE (values made up).
+OWNTRACKS_LOCATION = (
+    b'{"_type":"location","acc":10,"alt":394,"batt":75,"bs":1,"cog":136,"conn":"m",'
+    b'"lat":47.72337962412063,"lon":9.227956132971894,"m":1,"t":"u","tid":"r7",'
+    b'"topic":"owntracks/r7/iphone","tst":1494851972,"vac":4,"vel":18}'
+)
+
+
+def test_parse_owntracks_location() -> None:
+    loc = ev.parse_owntracks(OWNTRACKS_LOCATION)
+    assert loc == ev.RiderLocation(
+        lat=47.72337962412063,
+        lon=9.227956132971894,
+        tst=1494851972,
+        acc=10,
+        vel=18,
+        cog=136,
+        batt=75,
+    )
+
+
+def test_parse_owntracks_minimal_android_payload() -> None:
+    payload = '{"_type":"location","lat":-42.89,"lon":147.33,"tst":1420860181,"acc":30.0,"batt":93}'
+    loc = ev.parse_owntracks(payload)
+    assert loc is not None and loc.vel is None and loc.acc == 30.0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"_type":"transition","event":"enter","desc":"Shop","tst":1494851972,"lat":47.7,"lon":9.2}',
+        b'{"_type":"waypoints","waypoints":[]}',
+        b'{"_type":"lwt","tst":1494851972}',
+        b'{"lat":47.7,"lon":9.2,"tst":1494851972}',
+    ],
+    ids=["transition", "waypoints", "lwt", "no-type"],
+)
+def test_parse_owntracks_ignores_non_location_types(payload: bytes) -> None:
+    assert ev.parse_owntracks(payload) is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (b'{"_type":"location","lat":95,"lon":9.2,"tst":1}', "^lat: "),
+        (b'{"_type":"location","lon":9.2,"tst":1}', "^lat: Field required"),
+        (b'{"_type":"location","lat":1,"lon":9.2,"tst":1,"batt":-3}', "^batt: "),
+        (b"[1, 2]", "OwnTracks payload must be a JSON object"),
+        (b"\xc3", "not UTF-8"),
+    ],
+)
+def test_parse_owntracks_rejects_bad_locations(payload: bytes, needle: str) -> None:
+    with pytest.raises(PayloadError, match=needle):
+        ev.parse_owntracks(payload)
