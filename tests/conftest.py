@@ -29,13 +29,14 @@ from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 import pytest
-from bloomwire.broker import Mosquitto, find_mosquitto, render_config, write_password_file
-from bloomwire.errors import BrokerError
-from bloomwire.settings import Settings
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from bloomwire.broker import Mosquitto, find_mosquitto, render_config, write_password_file
+from bloomwire.errors import BrokerError
+from bloomwire.settings import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BLOOMWIRE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -482,6 +483,4 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     parts = urllib.parse.urlsplit(admin_url)
     yield urllib.parse.urlunsplit(parts._replace(scheme="postgresql+psycopg", path=f"/{name}"))
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -6,9 +6,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
 from bloomwire.errors import ConfigError
 from bloomwire.events import AlertRule, Severity
-
 from services.alerts.config import (
     DEFAULT_RULES_FILE,
     RulesConfig,

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
+
 from bloomwire.events import AlertRule, Presence, Severity
 from bloomwire.lifecycle import OrderStatus
-
 from services.alerts.config import RulesConfig, Thresholds
 from services.alerts.rules import (
     Finding,
@@ -190,8 +190,7 @@ def test_stale_position_fires_for_a_quiet_rider() -> None:
     assert found.rule is AlertRule.STALE_POSITION
     assert found.subject == ("o42", "r7")
     assert found.message == (
-        "No position from rider r7 for 8 min (last at 14:37) "
-        "while order o42 for Ms Zhang is en route."
+        "No position from rider r7 for 8 min (last at 14:37) while order o42 for Ms Zhang is en route."
     )
     assert found.action.startswith("Call the rider")
 
@@ -239,9 +238,7 @@ def test_rider_offline_one_finding_per_shop() -> None:
     found = rider_offline(rider, carried, NOW, T)
     assert [(f.shop, f.order, f.rider) for f in found] == [("s1", None, "r7"), ("s2", None, "r7")]
     assert all(f.rule is AlertRule.RIDER_OFFLINE for f in found)
-    assert found[0].message == (
-        "Rider r7 went offline 10 min ago (14:35) while carrying 2 orders: o42, o43."
-    )
+    assert found[0].message == ("Rider r7 went offline 10 min ago (14:35) while carrying 2 orders: o42, o43.")
     assert found[1].message == (
         "Rider r7 went offline 10 min ago (14:35) while carrying order o50 for Mr Li."
     )
@@ -346,8 +343,7 @@ def test_customer_unreachable_fires_while_the_bouquet_is_out() -> None:
     assert found.rule is AlertRule.CUSTOMER_UNREACHABLE
     assert found.severity is Severity.CRITICAL
     assert found.message == (
-        "Rider r7 cannot reach Ms Zhang for order o42 (reported 14:40); "
-        "the delivery is marked failed."
+        "Rider r7 cannot reach Ms Zhang for order o42 (reported 14:40); the delivery is marked failed."
     )
     assert found.action.startswith("Call the customer")
     reported_at_door = failed(status=S.ARRIVED, closed_at=None, updated_at=at("14:41"))
@@ -393,9 +389,7 @@ def test_delivery_failed_leaves_unreachable_customers_to_their_rule() -> None:
 def busy_state() -> tuple[list[OrderView], dict[str, RiderView]]:
     riders = {
         "r7": make_rider(position_at=at("14:30")),  # stale
-        "r8": make_rider(
-            id="r8", presence=Presence.OFFLINE, presence_at=at("14:30"), position_at=NOW - MIN
-        ),
+        "r8": make_rider(id="r8", presence=Presence.OFFLINE, presence_at=at("14:30"), position_at=NOW - MIN),
         "r9": make_rider(id="r9", position_at=NOW - MIN),
     }
     orders = [

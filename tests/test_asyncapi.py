@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from bloomwire import asyncapi as aa
 from bloomwire import events as ev
 from bloomwire import topics as t
@@ -109,9 +110,7 @@ def test_operation_per_channel(spec: aa.ChannelSpec) -> None:
     assert mqtt["bindingVersion"] == "0.2.0"
 
 
-@pytest.mark.parametrize(
-    "spec", [s for s in aa.CHANNELS if s.action == "receive"], ids=lambda s: s.key
-)
+@pytest.mark.parametrize("spec", [s for s in aa.CHANNELS if s.action == "receive"], ids=lambda s: s.key)
 def test_receive_channels_are_inbound_topics(spec: aa.ChannelSpec) -> None:
     topic = example_topic(spec)
     parsed = t.parse_inbound(topic)
@@ -119,9 +118,7 @@ def test_receive_channels_are_inbound_topics(spec: aa.ChannelSpec) -> None:
     assert sum(t.matches(f, topic) for f in t.INBOUND_FILTERS) == 1
 
 
-@pytest.mark.parametrize(
-    "spec", [s for s in aa.CHANNELS if s.action == "send"], ids=lambda s: s.key
-)
+@pytest.mark.parametrize("spec", [s for s in aa.CHANNELS if s.action == "send"], ids=lambda s: s.key)
 def test_send_channels_are_never_consumed_as_inbound(spec: aa.ChannelSpec) -> None:
     topic = example_topic(spec)
     assert not any(t.matches(f, topic) for f in t.INBOUND_FILTERS)

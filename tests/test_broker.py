@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import Broker, MqttTestClient, new_username
+
 from bloomwire import broker as b
 from bloomwire.broker import (
     Mosquitto,
@@ -22,7 +24,6 @@ from bloomwire.broker import (
     write_password_file,
 )
 from bloomwire.errors import BrokerError, TopicError
-from conftest import Broker, MqttTestClient, new_username
 
 HASH_RE = re.compile(r"^\$7\$101\$[A-Za-z0-9+/]{16}\$[A-Za-z0-9+/]{86}==$")
 
@@ -100,9 +101,7 @@ def test_find_mosquitto_explains_how_to_install(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_config_sets_username_as_clientid_on_every_listener() -> None:
-    text = b.render_config(
-        port=11111, ws_port=22222, data_dir="/d", password_file="/p", log_dest="stdout"
-    )
+    text = b.render_config(port=11111, ws_port=22222, data_dir="/d", password_file="/p", log_dest="stdout")
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     listeners = [i for i, line in enumerate(lines) if line.startswith("listener ")]
     assert [lines[i] for i in listeners] == ["listener 11111 127.0.0.1", "listener 22222 lo"]
@@ -153,9 +152,7 @@ def test_refused_connections(
     assert not client.paho.is_connected()
 
 
-def test_add_user_reloads_password_file(
-    broker: Broker, mqtt_user: MakeUser, mqtt_client: MakeClient
-) -> None:
+def test_add_user_reloads_password_file(broker: Broker, mqtt_user: MakeUser, mqtt_client: MakeClient) -> None:
     old_name, old_password = mqtt_user()
     old = mqtt_client(old_name, old_password)
     name = new_username("late")
@@ -189,9 +186,7 @@ def test_username_is_the_client_id(mqtt_user: MakeUser, mqtt_client: MakeClient)
     assert [m.payload for m in back.expect(1)] == [b"secret order"]
 
 
-def test_queue_holds_more_than_the_default_1000(
-    mqtt_user: MakeUser, mqtt_client: MakeClient
-) -> None:
+def test_queue_holds_more_than_the_default_1000(mqtt_user: MakeUser, mqtt_client: MakeClient) -> None:
     """Mosquitto's default max_queued_messages (1000) would drop most of these."""
     name, password = mqtt_user(prefix="offline")
     topic = f"test/{name}/backlog"

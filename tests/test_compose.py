@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from bloomwire.broker import COMPOSE_SERVICES, DOCKER_CONFIG_PATH, render_docker_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from bloomwire import events as ev
 from bloomwire.errors import PayloadError
 from bloomwire.lifecycle import OrderStatus

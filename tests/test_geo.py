@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+
 from bloomwire.geo import (
     DEFAULT_ROAD_FACTOR,
     DEFAULT_SPEED_KMH,
@@ -95,9 +96,7 @@ def test_eta_monotonic_in_distance_and_speed() -> None:
     assert fast < slow
 
 
-def _track(
-    kmh: float, seconds: int, every: int = 5, noise_m: float = 0.0, seed: int = 0
-) -> list[Fix]:
+def _track(kmh: float, seconds: int, every: int = 5, noise_m: float = 0.0, seed: int = 0) -> list[Fix]:
     """A rider riding due north at ``kmh`` starting at the Brandenburg Gate."""
     rnd = random.Random(seed)
     lat0, lon0 = BRANDENBURG_GATE

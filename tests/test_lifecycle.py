@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
 from bloomwire.errors import TransitionError
 from bloomwire.lifecycle import (
     CLOSED,
@@ -78,9 +79,7 @@ def test_illegal_transition_is_rejected_naming_both(current: OrderStatus, new: O
 TERMINAL_MOVES = sorted((a, b) for a in TERMINAL for b in S)
 
 
-@pytest.mark.parametrize(
-    ("current", "new"), TERMINAL_MOVES, ids=[f"{a}->{b}" for a, b in TERMINAL_MOVES]
-)
+@pytest.mark.parametrize(("current", "new"), TERMINAL_MOVES, ids=[f"{a}->{b}" for a, b in TERMINAL_MOVES])
 def test_nothing_leaves_a_terminal_status(current: OrderStatus, new: OrderStatus) -> None:
     with pytest.raises(
         TransitionError, match=f"^order is already {current.value}; it cannot become {new.value}$"

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from bloomwire.geo import EARTH_RADIUS_M
 
+from bloomwire.geo import EARTH_RADIUS_M
 from services.dispatch.planner import (
     Assignment,
     CandidateCost,
@@ -100,9 +100,7 @@ def test_ineligibility_reasons(changes: dict[str, Any], reason: str) -> None:
 def test_position_just_within_stale_limit_is_fresh() -> None:
     r = rider("r1", position_at=NOW - timedelta(seconds=W.stale_after_s))
     assert eligibility(r, O1, NOW, W) is None
-    assert (
-        eligibility(rider("r1"), O1, NOW, Weights(stale_after_s=5)) == "position stale (10 s old)"
-    )
+    assert eligibility(rider("r1"), O1, NOW, Weights(stale_after_s=5)) == "position stale (10 s old)"
 
 
 def test_declining_another_order_does_not_exclude() -> None:
@@ -356,9 +354,7 @@ def test_joint_is_optimal_on_small_random_instances(seed: int) -> None:
     rng = np.random.default_rng(seed)
     xy = rng.uniform(-3000, 3000, (8, 2)).tolist()
     orders = [order(f"o{i}", xy[i][0], xy[i][1], age_s=i) for i in range(4)]
-    riders = [
-        rider(f"r{j}", xy[4 + j][0], xy[4 + j][1], load=int(rng.integers(0, 3))) for j in range(4)
-    ]
+    riders = [rider(f"r{j}", xy[4 + j][0], xy[4 + j][1], load=int(rng.integers(0, 3))) for j in range(4)]
     if sum(r.capacity - r.load for r in riders) < len(orders):
         riders.append(rider("spare", 0))
     joint = assign_joint(orders, riders, NOW, W)

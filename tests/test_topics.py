@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+
 from bloomwire import topics as t
 from bloomwire.errors import TopicError
 from bloomwire.topics import Command, Identity, InboundKind, Inbox, OrderChannel
@@ -59,9 +60,7 @@ def test_builders_accept_enum_values_as_plain_strings() -> None:
     ],
     ids=["command", "order-channel", "rider-inbox", "customer-inbox", "filter-channel"],
 )
-def test_builders_reject_unknown_levels_with_topic_error(
-    build: Callable[[], str], needle: str
-) -> None:
+def test_builders_reject_unknown_levels_with_topic_error(build: Callable[[], str], needle: str) -> None:
     with pytest.raises(TopicError, match=needle):
         build()
 
@@ -202,9 +201,7 @@ INBOUND: list[tuple[str, t.InboundTopic]] = [
 
 
 @pytest.mark.parametrize(("topic", "expected"), INBOUND, ids=[tp for tp, _ in INBOUND])
-def test_parse_inbound_round_trips_every_inbound_builder(
-    topic: str, expected: t.InboundTopic
-) -> None:
+def test_parse_inbound_round_trips_every_inbound_builder(topic: str, expected: t.InboundTopic) -> None:
     assert t.parse_inbound(topic) == expected
 
 

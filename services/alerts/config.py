@@ -129,9 +129,7 @@ class RulesConfig:
 # --- loading ----------------------------------------------------------------------------------
 
 _NON_NEGATIVE = frozenset({"overdue_grace_min", "eta_slip_min", "rider_offline_min"})
-_POSITIVE = frozenset(
-    {"stale_position_min", "unassigned_min", "escalate_after_min", "followup_after_h"}
-)
+_POSITIVE = frozenset({"stale_position_min", "unassigned_min", "escalate_after_min", "followup_after_h"})
 _KEYS = tuple(f.name for f in fields(Thresholds))
 _TOP_KEYS = ("defaults", "shops")
 _RULE_NAMES = tuple(r.value for r in AlertRule)

@@ -37,7 +37,6 @@ from typing import Protocol, TypeAlias
 
 from bloomwire.events import AlertRule, Presence, Severity
 from bloomwire.lifecycle import CLOSED, OUT_FOR_DELIVERY, TERMINAL, FailureReason, OrderStatus
-
 from services.alerts.config import RulesConfig, Thresholds
 
 S = OrderStatus
@@ -279,9 +278,7 @@ def _order_finding(
 # --- the rules --------------------------------------------------------------------------------
 
 
-def overdue(
-    order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds
-) -> Finding | None:
+def overdue(order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds) -> Finding | None:
     """Not delivered (nor closed otherwise) by the end of the promised window plus the grace."""
     if order.status in CLOSED:
         return None
@@ -305,9 +302,7 @@ def overdue(
     return _order_finding(AlertRule.OVERDUE, order, t, message, action)
 
 
-def eta_slip(
-    order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds
-) -> Finding | None:
+def eta_slip(order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds) -> Finding | None:
     """While on the way, the ETA runs past the promised window by more than ``eta_slip_min``.
 
     Resolves once the order is overdue (if the shop has ``overdue`` on): that alert takes over.
@@ -328,9 +323,7 @@ def eta_slip(
     return _order_finding(AlertRule.ETA_SLIP, order, t, message, action)
 
 
-def stale_position(
-    order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds
-) -> Finding | None:
+def stale_position(order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds) -> Finding | None:
     """Picked up or en route, and the rider's last position is older than ``stale_position_min``.
 
     A rider that never sent a position counts from the order's last update.
@@ -353,9 +346,7 @@ def stale_position(
     if rider is not None and rider.presence is Presence.OFFLINE:
         message += "; the rider is offline"
     action = "Call the rider (their phone may have stopped sharing its location)"
-    return _order_finding(
-        AlertRule.STALE_POSITION, order, t, message + ".", action, rider=order.rider
-    )
+    return _order_finding(AlertRule.STALE_POSITION, order, t, message + ".", action, rider=order.rider)
 
 
 def rider_offline(
@@ -391,10 +382,7 @@ def rider_offline(
         if rider.presence_at is None:
             went = "is offline"
         else:
-            went = (
-                f"went offline {_dur(now - rider.presence_at)} ago "
-                f"({_clock(rider.presence_at, now, ts)})"
-            )
+            went = f"went offline {_dur(now - rider.presence_at)} ago ({_clock(rider.presence_at, now, ts)})"
         findings.append(
             Finding(
                 rule=AlertRule.RIDER_OFFLINE,
@@ -409,9 +397,7 @@ def rider_offline(
     return findings
 
 
-def unassigned(
-    order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds
-) -> Finding | None:
+def unassigned(order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds) -> Finding | None:
     """Created (or declined, or offered) and not accepted within ``unassigned_min`` of creation."""
     if order.status not in WAITING_FOR_RIDER:
         return None
@@ -447,8 +433,7 @@ def customer_unreachable(
     customer = order.customer_name or "the customer"
     state = "; the delivery is marked failed" if order.status is S.FAILED else ""
     message = (
-        f"{who} cannot reach {customer} for order {order.id} "
-        f"(reported {_clock(reported, now, t)}){state}."
+        f"{who} cannot reach {customer} for order {order.id} (reported {_clock(reported, now, t)}){state}."
     )
     action = "Call the customer, then tell the rider to try again or bring the bouquet back"
     return _order_finding(AlertRule.CUSTOMER_UNREACHABLE, order, t, message, action)
@@ -600,9 +585,7 @@ def bench_state(
                 window_end=end,
                 eta=end + rng.uniform(-30, 20) * minute if status in ON_THE_WAY else None,
                 created_at=now - rng.uniform(0, 120) * minute,
-                failure_reason=rng.choice(list(FailureReason)).value
-                if status in FAILED_OUTCOME
-                else None,
+                failure_reason=rng.choice(list(FailureReason)).value if status in FAILED_OUTCOME else None,
                 closed_at=now - rng.uniform(0, 60) * minute if status in CLOSED else None,
                 delivered_at=now - rng.uniform(0, 60) * minute if status is S.DELIVERED else None,
                 updated_at=now - rng.uniform(0, 20) * minute,
@@ -614,9 +597,7 @@ def bench_state(
 def bench_tick(n_orders: int = 10_000, n_riders: int = 2_000) -> float:
     """Seconds one :func:`evaluate` takes over a busy synthetic state (after one warm-up run)."""
     orders, riders, now = bench_state(n_orders, n_riders)
-    config = RulesConfig(
-        shops={"s1": Thresholds(unassigned_min=5), "s2": Thresholds(timezone="UTC")}
-    )
+    config = RulesConfig(shops={"s1": Thresholds(unassigned_min=5), "s2": Thresholds(timezone="UTC")})
     evaluate(orders, riders, now, config.for_shop)
     start = time.perf_counter()
     evaluate(orders, riders, now, config.for_shop)

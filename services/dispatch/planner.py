@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy.optimize import linear_sum_assignment
+
 from bloomwire.geo import (
     DEFAULT_ROAD_FACTOR,
     DEFAULT_SPEED_KMH,
@@ -35,7 +37,6 @@ from bloomwire.geo import (
     travel_seconds,
     travel_seconds_array,
 )
-from scipy.optimize import linear_sum_assignment
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
@@ -193,9 +194,7 @@ class Decision:
     def to_dict(self, top: int = 10) -> dict[str, Any]:
         """JSON-ready form: the ``top`` cheapest eligible candidates and counts of the rest."""
         eligible = [c for c in self.considered if c.eligible]
-        skipped = Counter(
-            (c.reason or "").split(" (")[0] for c in self.considered if not c.eligible
-        )
+        skipped = Counter((c.reason or "").split(" (")[0] for c in self.considered if not c.eligible)
         return {
             "order": self.order,
             "rider": self.rider,
@@ -506,9 +505,7 @@ def assign_joint(
         if not ok[i, c]:
             continue
         j = int(col_rider[c])
-        out.append(
-            Assignment(todo[i].id, fleet.riders[j].id, float(real[i, c]), float(travel[i, j]))
-        )
+        out.append(Assignment(todo[i].id, fleet.riders[j].id, float(real[i, c]), float(travel[i, j])))
     return out
 
 
@@ -557,16 +554,10 @@ def random_instance(
                 position_at=now - timedelta(seconds=float(rng.uniform(0, 150))),
                 speed_kmh=float(rng.uniform(0, 30)) if rng.random() < 0.7 else None,
                 last_decline_at=(
-                    now - timedelta(seconds=float(rng.uniform(0, 3600)))
-                    if rng.random() < 0.1
-                    else None
+                    now - timedelta(seconds=float(rng.uniform(0, 3600))) if rng.random() < 0.1 else None
                 ),
-                idle_since=(
-                    now - timedelta(seconds=float(rng.uniform(0, 7200))) if load == 0 else None
-                ),
-                declined_orders=frozenset(
-                    f"o{int(x)}" for x in rng.integers(0, max(n_orders, 1), size=2)
-                )
+                idle_since=(now - timedelta(seconds=float(rng.uniform(0, 7200))) if load == 0 else None),
+                declined_orders=frozenset(f"o{int(x)}" for x in rng.integers(0, max(n_orders, 1), size=2))
                 if rng.random() < 0.1
                 else frozenset(),
             )

@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 
 from bloomwire import events as ev
 from bloomwire import geo, topics
-from bloomwire.errors import BloomwireError, PayloadError, RejectedError, TopicError
+from bloomwire.errors import BloomwireError, PayloadError, TopicError
 from bloomwire.lifecycle import (
     CLOSED,
     OUT_FOR_DELIVERY,
@@ -30,30 +30,17 @@ from bloomwire.lifecycle import (
     check_transition,
 )
 from bloomwire.log import get_logger
-from bloomwire.store.models import (
-    AlertRow,
-    ChatLine,
-    DeadLetter,
-    EventRow,
-    OfferRow,
-    OrderRow,
-    RiderRow,
-    TrailPoint,
-)
+from bloomwire.store import models as m
 from bloomwire.topics import Identity, InboundKind, InboundTopic
 from services.persister.tables import CachedTable, Row
 
 log = get_logger("bloomwire.persister")
 
 S = OrderStatus
-EVENTS_T: sa.Table = EventRow.__table__  # type: ignore[attr-defined]
-ORDERS_T: sa.Table = OrderRow.__table__  # type: ignore[attr-defined]
-RIDERS_T: sa.Table = RiderRow.__table__  # type: ignore[attr-defined]
-OFFERS_T: sa.Table = OfferRow.__table__  # type: ignore[attr-defined]
-ALERTS_T: sa.Table = AlertRow.__table__  # type: ignore[attr-defined]
-CHAT_T: sa.Table = ChatLine.__table__  # type: ignore[attr-defined]
-TRAIL_T: sa.Table = TrailPoint.__table__  # type: ignore[attr-defined]
-DEAD_T: sa.Table = DeadLetter.__table__  # type: ignore[attr-defined]
+EVENTS_T, ORDERS_T, RIDERS_T, OFFERS_T = m.EVENTS, m.ORDERS, m.RIDERS, m.OFFERS
+ALERTS_T, CHAT_T, TRAIL_T, DEAD_T = m.ALERTS, m.CHAT, m.TRAIL, m.DEAD_LETTERS
+
+LOCATION_KINDS = frozenset({InboundKind.LOCATION, InboundKind.OWNTRACKS})
 
 #: Trail spacing: a point when the rider moved this far or this long since the last one. 50 m is
 #: about one city block (enough to redraw the route on a map); 30 s bounds gaps when crawling.
@@ -107,11 +94,11 @@ class BatchResult:
     ignored: int = 0
 
 
-class _Ignored(BloomwireError):
+class _IgnoredError(BloomwireError):
     """A message that changes nothing (a repeated retained presence): acknowledged, not stored."""
 
 
-class _Refused(BloomwireError):
+class _RefusedError(BloomwireError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -224,9 +211,9 @@ class Projector:
                 result.ignored += 1
                 continue
             assert where is not None
-            if isinstance(event, ev.RiderLocationEvent):
-                self._location(pending, where, event, now)
-                result.stored += 1
+            if isinstance(event, ev.RiderLocationEvent) and where.kind in LOCATION_KINDS:
+                # Positions are not events of record: latest position + trail, no dedupe needed.
+                self._check_and_locate(pending, msg, where, event, now, result)
                 continue
             if event.id in known or event.id in pending.seen:
                 self._ack(pending, where, event.id)
@@ -235,11 +222,11 @@ class Projector:
             try:
                 self._check_source(where, event)
                 self._apply_event(pending, where, event, now)
-            except _Ignored:
+            except _IgnoredError:
                 self._ack(pending, where, event.id)
                 result.ignored += 1
                 continue
-            except _Refused as exc:
+            except _RefusedError as exc:
                 self._refuse(pending, msg, where, event, exc.reason, now)
                 result.refused += 1
                 continue
@@ -269,12 +256,20 @@ class Projector:
                 if loc is None:
                     return msg, where, None, None
                 return msg, where, ev.RiderLocationEvent(source=where.source, data=loc), None
-            if where.kind is InboundKind.PRESENCE and msg.payload.strip() in (b"online", b"offline"):
+            if where.kind is InboundKind.PRESENCE and msg.payload.strip() in (
+                b"online",
+                b"offline",
+            ):
                 status = ev.Presence(msg.payload.strip().decode())
                 data = ev.RiderPresence(status=status)
                 return msg, where, ev.RiderPresenceEvent(source=where.source, data=data), None
             if where.kind is InboundKind.PRESENCE and msg.payload == b"":
                 return msg, where, None, None  # a retained presence being cleared
+            if where.kind is InboundKind.LOCATION:
+                obj = ev.load_json(msg.payload)
+                if isinstance(obj, dict) and "type" not in obj:  # bare OwnTracks-style fields
+                    loc = ev.parse_location_fields(obj)
+                    return msg, where, ev.RiderLocationEvent(source=where.source, data=loc), None
             return msg, where, ev.decode(msg.payload), None
         except PayloadError as exc:
             event_id = None
@@ -285,6 +280,24 @@ class Projector:
             except PayloadError:
                 pass
             return msg, where, event_id, str(exc)
+
+    def _check_and_locate(
+        self,
+        pending: _Pending,
+        msg: Inbound,
+        where: InboundTopic,
+        event: ev.RiderLocationEvent,
+        now: datetime,
+        result: BatchResult,
+    ) -> None:
+        try:
+            self._check_source(where, event)
+        except _RefusedError as exc:
+            self._refuse(pending, msg, where, event, exc.reason, now)
+            result.refused += 1
+            return
+        self._location(pending, where, event, now)
+        result.stored += 1
 
     def _known_ids(self, ids: list[str]) -> set[str]:
         known = {i for i in ids if i in self.recent_ids}
@@ -346,6 +359,7 @@ class Projector:
         self,
         pending: _Pending,
         msg: Inbound,
+        /,
         where: InboundTopic | None,
         event: Any,
         reason: str,
@@ -428,7 +442,10 @@ class Projector:
         rider = self.riders.rows.get(order["rider"]) if order["rider"] else None
         if order["status"] in OUT_FOR_DELIVERY and rider and rider["lat"] is not None:
             position = ev.Position(
-                lat=rider["lat"], lon=rider["lon"], at=rider["position_at"], speed_kmh=rider["speed_kmh"]
+                lat=rider["lat"],
+                lon=rider["lon"],
+                at=rider["position_at"],
+                speed_kmh=rider["speed_kmh"],
             )
         open_alerts = sum(
             1 for a in self.alerts.values() if a["order_id"] == order["id"] and a["status"] == "open"
@@ -452,12 +469,21 @@ class Projector:
         return Outbound(topic, ev.encode(self.order_state(order)), qos=1, retain=True)
 
     def _rider_state_msgs(self, rider: Row) -> list[Outbound]:
-        shops = {self.orders.rows[o]["shop"] for o in self.rider_orders.get(rider["id"], ()) if o in self.orders.rows}
+        shops = {
+            self.orders.rows[o]["shop"]
+            for o in self.rider_orders.get(rider["id"], ())
+            if o in self.orders.rows
+        }
         if not shops:
             return []
         position = None
         if rider["lat"] is not None and rider["position_at"] is not None:
-            position = ev.Position(lat=rider["lat"], lon=rider["lon"], at=rider["position_at"], speed_kmh=rider["speed_kmh"])
+            position = ev.Position(
+                lat=rider["lat"],
+                lon=rider["lon"],
+                at=rider["position_at"],
+                speed_kmh=rider["speed_kmh"],
+            )
         state = ev.RiderState(
             rider=rider["id"],
             presence=rider["presence"],
@@ -468,14 +494,16 @@ class Projector:
             updated_at=rider["updated_at"] or self.clock(),
         )
         payload = ev.encode(state)
-        return [Outbound(topics.shop_rider_state(s, rider["id"]), payload, retain=True) for s in sorted(shops)]
+        return [
+            Outbound(topics.shop_rider_state(s, rider["id"]), payload, retain=True) for s in sorted(shops)
+        ]
 
     # --- helpers over rows ------------------------------------------------------------------------
 
     def _order(self, order_id: str) -> Row:
         order = self.orders.get(order_id)
         if order is None:
-            raise _Refused(f"unknown order {order_id!r}")
+            raise _RefusedError(f"unknown order {order_id!r}")
         return order
 
     def _rider(self, rider_id: str, now: datetime) -> Row:
@@ -508,7 +536,7 @@ class Projector:
         at: datetime,
         now: datetime,
         *,
-        rider: str | None | _Keep = _Keep.KEEP,
+        rider: str | _Keep | None = _Keep.KEEP,
     ) -> None:
         """Move ``order`` to ``status`` (validated), keeping rider loads and timestamps in step."""
         check = S(order["status"])
@@ -516,7 +544,7 @@ class Projector:
             try:
                 check_transition(check, status)
             except BloomwireError as exc:
-                raise _Refused(f"order {order['id']}: {exc}") from None
+                raise _RefusedError(f"order {order['id']}: {exc}") from None
         old_rider = order["rider"]
         new_rider = old_rider if isinstance(rider, _Keep) else rider
         order["status"] = status.value
@@ -564,47 +592,23 @@ class Projector:
 
     def _check_source(self, where: InboundTopic, event: Any) -> None:
         if event.source != where.source:
-            raise _Refused(
+            raise _RefusedError(
                 f"source {event.source!r} does not match the sender {where.source!r}; "
                 "an identity may only speak for itself"
             )
 
     # --- per event type ---------------------------------------------------------------------------
 
-    def _apply_event(self, pending: _Pending, where: InboundTopic, event: Any, now: datetime) -> None:
-        kind, ident = where.kind, where.identity
-        allowed: dict[tuple[Identity, InboundKind], tuple[type, ...]] = {
-            (Identity.RIDER, InboundKind.STATUS): (ev.OrderStatusEvent, ev.OrderIncidentEvent),
-            (Identity.RIDER, InboundKind.CHAT): (ev.OrderChatEvent,),
-            (Identity.RIDER, InboundKind.REPLY): (ev.DispatchReplyEvent,),
-            (Identity.RIDER, InboundKind.PRESENCE): (ev.RiderPresenceEvent,),
-            (Identity.CUSTOMER, InboundKind.CHAT): (ev.OrderChatEvent,),
-            (Identity.SERVICE, InboundKind.EVENTS): (
-                ev.DispatchOfferEvent,
-                ev.DispatchExpiredEvent,
-                ev.AlertRaisedEvent,
-                ev.AlertEscalatedEvent,
-                ev.AlertResolvedEvent,
-                ev.OrderChatEvent,
-            ),
-        }
-        commands: dict[topics.Command, type] = {
-            topics.Command.CREATE_ORDER: ev.OrderCreatedEvent,
-            topics.Command.CANCEL_ORDER: ev.OrderCancelledEvent,
-            topics.Command.CHAT: ev.OrderChatEvent,
-            topics.Command.ASSIGN: ev.OrderAssignedEvent,
-            topics.Command.ACK_ALERT: ev.AlertAcknowledgedEvent,
-        }
-        if kind is InboundKind.COMMAND:
-            assert where.command is not None
-            expected: tuple[type, ...] = (commands[where.command],)
-        else:
-            expected = allowed.get((ident, kind), ())
+    def _apply_event(self, pending: _Pending, where: InboundTopic, event: ev.Event, now: datetime) -> None:
+        expected = ev.accepted_types(where)
         if not isinstance(event, expected):
-            names = ", ".join(t.model_fields["type"].default for t in expected) or "nothing"
-            raise _Refused(f"type: {event.type!r} is not accepted on {where.kind.value} topics (expected {names})")
-        if where.order is not None and getattr(event.data, "order", None) not in (None, where.order):
-            raise _Refused(f"data.order {event.data.order!r} does not match the topic's order {where.order!r}")
+            names = ", ".join(ev.type_name(t) for t in expected) or "nothing"
+            raise _RefusedError(
+                f"type: {event.type!r} is not accepted on {where.kind.value} topics (expected {names})"
+            )
+        claimed = getattr(event.data, "order", None)
+        if where.order is not None and claimed not in (None, where.order):
+            raise _RefusedError(f"data.order {claimed!r} does not match the topic's order {where.order!r}")
 
         match event:
             case ev.OrderCreatedEvent():
@@ -642,27 +646,29 @@ class Projector:
             case ev.AlertAcknowledgedEvent():
                 self._alert_ack(pending, where, event, now)
             case _:  # pragma: no cover - guarded by ``expected`` above
-                raise _Refused(f"type: {event.type!r} is not handled")
+                raise _RefusedError(f"type: {event.type!r} is not handled")
 
     def _shop_order(self, where: InboundTopic, order_id: str) -> Row:
         order = self._order(order_id)
         if order["shop"] != where.sender:
-            raise _Refused(f"order {order_id!r} does not belong to shop {where.sender!r}")
+            raise _RefusedError(f"order {order_id!r} does not belong to shop {where.sender!r}")
         return order
 
     def _rider_order(self, where: InboundTopic, order_id: str) -> Row:
         order = self._order(order_id)
         if order["rider"] != where.sender or order["status"] not in RIDER_BOUND | {S.FAILED}:
-            raise _Refused(f"order {order_id!r} is not assigned to rider {where.sender!r}")
+            raise _RefusedError(f"order {order_id!r} is not assigned to rider {where.sender!r}")
         return order
 
-    def _created(self, pending: _Pending, where: InboundTopic, event: ev.OrderCreatedEvent, now: datetime) -> None:
+    def _created(
+        self, pending: _Pending, where: InboundTopic, event: ev.OrderCreatedEvent, now: datetime
+    ) -> None:
         d = event.data
         if self.orders.get(d.order) is not None:
-            raise _Refused(f"order {d.order!r} already exists")
+            raise _RefusedError(f"order {d.order!r} already exists")
         customer = d.customer_username or topics.check_id(f"c-{d.order}"[: topics.MAX_ID_LENGTH], "customer")
         if customer in self.customer_orders:
-            raise _Refused(f"customer access {customer!r} is already used by another order")
+            raise _RefusedError(f"customer access {customer!r} is already used by another order")
         order = self.orders.add(
             {
                 "id": d.order,
@@ -701,12 +707,14 @@ class Projector:
         pending.states[d.order] = None
         self._publish_status(pending, order, event, d.note)
 
-    def _rider_status(self, pending: _Pending, where: InboundTopic, event: ev.OrderStatusEvent, now: datetime) -> None:
+    def _rider_status(
+        self, pending: _Pending, where: InboundTopic, event: ev.OrderStatusEvent, now: datetime
+    ) -> None:
         d = event.data
         try:
             ev.check_rider_status(d)
         except PayloadError as exc:
-            raise _Refused(str(exc)) from None
+            raise _RefusedError(str(exc)) from None
         order = self._rider_order(where, d.order)
         if d.status is S.DECLINED:
             # The rider hands the order back: it goes to the next candidate.
@@ -731,24 +739,24 @@ class Projector:
         if where.identity is Identity.CUSTOMER:
             order_id = self.customer_orders.get(where.sender)
             if order_id is None:
-                raise _Refused(f"customer {where.sender!r} has no open order")
+                raise _RefusedError(f"customer {where.sender!r} has no open order")
             if d.order not in (None, order_id):
-                raise _Refused(f"customer {where.sender!r} may only chat on its own order")
+                raise _RefusedError(f"customer {where.sender!r} may only chat on its own order")
             order = self._order(order_id)
             author_role, author = "customer", order["customer_name"]
         elif where.identity is Identity.RIDER:
             if d.order is None:
-                raise _Refused("data.order: required")
+                raise _RefusedError("data.order: required")
             order = self._rider_order(where, d.order)
             author_role, author = "rider", where.sender
         elif where.identity is Identity.SHOP:
             if d.order is None:
-                raise _Refused("data.order: required")
+                raise _RefusedError("data.order: required")
             order = self._shop_order(where, d.order)
             author_role, author = "shop", where.sender
         else:  # a service writing as the shop (follow-ups)
             if d.order is None:
-                raise _Refused("data.order: required")
+                raise _RefusedError("data.order: required")
             order = self._order(d.order)
             author_role, author = "shop", f"{order['shop']} ({where.sender})"
         pending.chat.append(
@@ -762,13 +770,19 @@ class Projector:
                 "at": event.time,
             }
         )
-        canonical = event.model_copy(update={"data": d.model_copy(update={"order": order["id"], "author": f"{author_role}:{author}"})})
+        canonical = event.model_copy(
+            update={"data": d.model_copy(update={"order": order["id"], "author": f"{author_role}:{author}"})}
+        )
         topic = topics.order_topic(order["shop"], order["id"], topics.OrderChannel.CHAT)
         pending.canonical.append(Outbound(topic, ev.encode(canonical)))
         if author_role != "rider" and order["rider"] and order["status"] in RIDER_BOUND:
-            pending.canonical.append(Outbound(topics.rider_inbox(order["rider"], topics.Inbox.CHAT), ev.encode(canonical)))
+            pending.canonical.append(
+                Outbound(topics.rider_inbox(order["rider"], topics.Inbox.CHAT), ev.encode(canonical))
+            )
 
-    def _presence(self, pending: _Pending, where: InboundTopic, event: ev.RiderPresenceEvent, now: datetime) -> None:
+    def _presence(
+        self, pending: _Pending, where: InboundTopic, event: ev.RiderPresenceEvent, now: datetime
+    ) -> None:
         rider = self._rider(where.sender, now)
         d = event.data
         unchanged = (
@@ -777,7 +791,7 @@ class Projector:
             and d.capacity in (None, rider["capacity"])
         )
         if unchanged and where.sender not in self.riders.new:
-            raise _Ignored()
+            raise _IgnoredError()
         rider["presence"] = d.status.value
         rider["presence_at"] = event.time
         if d.on_duty is not None:
@@ -788,7 +802,9 @@ class Projector:
         self.riders.touch(where.sender)
         pending.rider_states[where.sender] = None
 
-    def _location(self, pending: _Pending, where: InboundTopic, event: ev.RiderLocationEvent, now: datetime) -> None:
+    def _location(
+        self, pending: _Pending, where: InboundTopic, event: ev.RiderLocationEvent, now: datetime
+    ) -> None:
         d = event.data
         at = datetime.fromtimestamp(d.tst, tz=now.tzinfo) if d.tst else event.time
         rider = self._rider(where.sender, now)
@@ -827,7 +843,9 @@ class Projector:
         order["updated_at"] = now
         self.orders.touch(order["id"])
 
-    def _trail(self, pending: _Pending, order: Row, rider: str, lat: float, lon: float, at: datetime) -> None:
+    def _trail(
+        self, pending: _Pending, /, order: Row, rider: str, lat: float, lon: float, at: datetime
+    ) -> None:
         last = self.last_trail.get(order["id"])
         if last is not None:
             moved = geo.distance_m(last[0], last[1], lat, lon)
@@ -842,13 +860,13 @@ class Projector:
         d = event.data
         order = self._order(d.order)
         if self.offers.get(d.offer) is not None:
-            raise _Refused(f"offer {d.offer!r} already exists")
+            raise _RefusedError(f"offer {d.offer!r} already exists")
         if order["status"] not in UNASSIGNED and d.mode != "manual":
-            raise _Refused(f"order {d.order!r} is {order['status']}; only unassigned orders get offers")
+            raise _RefusedError(f"order {d.order!r} is {order['status']}; only unassigned orders get offers")
         if d.rider in order["declined_by"] and d.mode != "manual":
-            raise _Refused(f"rider {d.rider!r} already declined order {d.order!r}")
+            raise _RefusedError(f"rider {d.rider!r} already declined order {d.order!r}")
         if d.deadline <= now:
-            raise _Refused(f"offer deadline {d.deadline.isoformat()} has already passed")
+            raise _RefusedError(f"offer deadline {d.deadline.isoformat()} has already passed")
         self._close_offer(order, "superseded", now)
         self.offers.add(
             {
@@ -871,7 +889,11 @@ class Projector:
         to_rider = event.model_copy(update={"data": d.model_copy(update={"candidates": []})})
         expiry = max(1, int((d.deadline - now).total_seconds()))
         pending.canonical.append(
-            Outbound(topics.rider_inbox(d.rider, topics.Inbox.OFFERS), ev.encode(to_rider), expiry_s=expiry)
+            Outbound(
+                topics.rider_inbox(d.rider, topics.Inbox.OFFERS),
+                ev.encode(to_rider),
+                expiry_s=expiry,
+            )
         )
 
     def _close_offer(self, order: Row, status: str, now: datetime) -> None:
@@ -882,22 +904,26 @@ class Projector:
             offer["closed_at"] = now
             self.offers.touch(offer["id"])
 
-    def _reply(self, pending: _Pending, where: InboundTopic, event: ev.DispatchReplyEvent, now: datetime) -> None:
+    def _reply(
+        self, pending: _Pending, where: InboundTopic, event: ev.DispatchReplyEvent, now: datetime
+    ) -> None:
         d = event.data
         offer = self.offers.get(d.offer)
         if offer is None:
-            raise _Refused(f"unknown offer {d.offer!r}")
+            raise _RefusedError(f"unknown offer {d.offer!r}")
         if offer["rider"] != where.sender:
-            raise _Refused(f"offer {d.offer!r} was made to another rider")
+            raise _RefusedError(f"offer {d.offer!r} was made to another rider")
         if offer["order_id"] != d.order:
-            raise _Refused(f"offer {d.offer!r} is for order {offer['order_id']!r}, not {d.order!r}")
+            raise _RefusedError(f"offer {d.offer!r} is for order {offer['order_id']!r}, not {d.order!r}")
         if offer["status"] != "pending":
-            raise _Refused(f"offer {d.offer!r} is already {offer['status']}")
+            raise _RefusedError(f"offer {d.offer!r} is already {offer['status']}")
         if now > offer["deadline"]:
-            raise _Refused(f"offer {d.offer!r} expired at {offer['deadline'].isoformat()}; too late to answer")
+            raise _RefusedError(
+                f"offer {d.offer!r} expired at {offer['deadline'].isoformat()}; too late to answer"
+            )
         order = self._order(d.order)
         if order["offer_id"] != d.offer or order["rider"] != where.sender:
-            raise _Refused(f"order {d.order!r} is no longer offered to {where.sender!r}")
+            raise _RefusedError(f"order {d.order!r} is no longer offered to {where.sender!r}")
         offer["status"] = "accepted" if d.accept else "declined"
         offer["closed_at"] = now
         self.offers.touch(offer["id"])
@@ -915,9 +941,9 @@ class Projector:
         d = event.data
         offer = self.offers.get(d.offer)
         if offer is None or offer["status"] != "pending":
-            raise _Refused(f"offer {d.offer!r} is not pending")
+            raise _RefusedError(f"offer {d.offer!r} is not pending")
         if now < offer["deadline"]:
-            raise _Refused(f"offer {d.offer!r} runs until {offer['deadline'].isoformat()}")
+            raise _RefusedError(f"offer {d.offer!r} runs until {offer['deadline'].isoformat()}")
         offer["status"] = "expired"
         offer["closed_at"] = now
         self.offers.touch(offer["id"])
@@ -927,25 +953,33 @@ class Projector:
             order["declined_by"] = [*order["declined_by"], offer["rider"]]
             self._publish_status(pending, order, event, f"offer to {offer['rider']} timed out")
 
-    def _manual_assign(self, pending: _Pending, where: InboundTopic, event: ev.OrderAssignedEvent, now: datetime) -> None:
+    def _manual_assign(
+        self, pending: _Pending, where: InboundTopic, event: ev.OrderAssignedEvent, now: datetime
+    ) -> None:
         d = event.data
         order = self._shop_order(where, d.order)
         rider = self.riders.get(d.rider)
         if rider is None:
-            raise _Refused(f"unknown rider {d.rider!r}")
+            raise _RefusedError(f"unknown rider {d.rider!r}")
         if rider["presence"] != "online":
-            raise _Refused(f"rider {d.rider!r} is offline")
+            raise _RefusedError(f"rider {d.rider!r} is offline")
         if order["status"] not in UNASSIGNED | {S.ASSIGNED, S.ACCEPTED}:
-            raise _Refused(f"order {d.order!r} is {order['status']}; it can no longer be reassigned")
+            raise _RefusedError(f"order {d.order!r} is {order['status']}; it can no longer be reassigned")
         load = len(self.rider_orders.get(d.rider, ())) - (1 if order["rider"] == d.rider else 0)
         if load >= rider["capacity"]:
-            raise _Refused(f"rider {d.rider!r} is full ({load}/{rider['capacity']})")
+            raise _RefusedError(f"rider {d.rider!r} is full ({load}/{rider['capacity']})")
         deadline = now + timedelta(seconds=self.manual_offer_timeout_s)
         offer = ev.DispatchOfferEvent(
             id=event.id,
             source=event.source,
             time=event.time,
-            data=ev.DispatchOffer(offer=_uuid5("offer", event.id), order=d.order, rider=d.rider, deadline=deadline, mode="manual"),
+            data=ev.DispatchOffer(
+                offer=_uuid5("offer", event.id),
+                order=d.order,
+                rider=d.rider,
+                deadline=deadline,
+                mode="manual",
+            ),
         )
         self._offer(pending, offer, now)
 
@@ -955,7 +989,7 @@ class Projector:
         d = event.data
         if isinstance(event, ev.AlertRaisedEvent):
             if self.alerts.get(d.alert) is not None:
-                raise _Refused(f"alert {d.alert!r} already exists")
+                raise _RefusedError(f"alert {d.alert!r} already exists")
             alert = self.alerts.add(
                 {
                     "id": d.alert,
@@ -978,10 +1012,10 @@ class Projector:
         else:
             found = self.alerts.get(d.alert)
             if found is None:
-                raise _Refused(f"unknown alert {d.alert!r}")
+                raise _RefusedError(f"unknown alert {d.alert!r}")
             alert = found
             if alert["status"] == "resolved":
-                raise _Refused(f"alert {d.alert!r} is already resolved")
+                raise _RefusedError(f"alert {d.alert!r} is already resolved")
             if isinstance(event, ev.AlertEscalatedEvent):
                 alert["level"] = d.level
                 alert["escalated_at"] = event.time
@@ -991,15 +1025,21 @@ class Projector:
             self.alerts.touch(alert["id"])
         self._publish_alert(pending, alert, event)
 
-    def _alert_ack(self, pending: _Pending, where: InboundTopic, event: ev.AlertAcknowledgedEvent, now: datetime) -> None:
+    def _alert_ack(
+        self,
+        pending: _Pending,
+        where: InboundTopic,
+        event: ev.AlertAcknowledgedEvent,
+        now: datetime,
+    ) -> None:
         d = event.data
         alert = self.alerts.get(d.alert)
         if alert is None:
-            raise _Refused(f"unknown alert {d.alert!r}")
+            raise _RefusedError(f"unknown alert {d.alert!r}")
         if alert["shop"] != where.sender:
-            raise _Refused(f"alert {d.alert!r} does not belong to shop {where.sender!r}")
+            raise _RefusedError(f"alert {d.alert!r} does not belong to shop {where.sender!r}")
         if alert["status"] != "open":
-            raise _Refused(f"alert {d.alert!r} is already {alert['status']}")
+            raise _RefusedError(f"alert {d.alert!r} is already {alert['status']}")
         alert["status"] = "acknowledged"
         alert["acknowledged_at"] = event.time
         alert["acknowledged_by"] = d.by or where.sender
@@ -1015,4 +1055,3 @@ class Projector:
                 topic = topics.order_topic(order["shop"], order["id"], topics.OrderChannel.ALERTS)
                 pending.canonical.append(Outbound(topic, payload))
                 pending.states[order["id"]] = None
-

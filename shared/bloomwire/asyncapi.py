@@ -22,7 +22,7 @@ from pydantic.json_schema import models_json_schema
 from bloomwire import __version__
 from bloomwire import events as ev
 from bloomwire import topics as t
-from bloomwire.topics import Command, Inbox, OrderChannel
+from bloomwire.topics import Command, Identity, InboundKind, Inbox, OrderChannel
 
 ASYNCAPI_VERSION = "3.0.0"
 MQTT_BINDING_VERSION = "0.2.0"
@@ -38,8 +38,7 @@ PARAMETERS: dict[str, str] = {
     "device": "OwnTracks device name, as configured in the app.",
 }
 ID_RULE = (
-    f"1-{t.MAX_ID_LENGTH} ASCII characters: letters, digits and _ . : @ -, "
-    "starting with a letter or digit."
+    f"1-{t.MAX_ID_LENGTH} ASCII characters: letters, digits and _ . : @ -, starting with a letter or digit."
 )
 
 #: Payloads that are not pydantic models of events.py.
@@ -57,24 +56,20 @@ SNAPSHOT_MODELS: tuple[type[BaseModel], ...] = (
 
 ALERT_EVENTS = ("alert.raised", "alert.escalated", "alert.resolved", "alert.acknowledged")
 
-#: The event type each shop command carries, and what it asks for.
+#: What each shop command asks for (the event type comes from ``events.COMMAND_EVENTS``).
+_COMMAND_HELP: dict[Command, str] = {
+    Command.CREATE_ORDER: "Create an order with its promised delivery window.",
+    Command.CANCEL_ORDER: "Cancel an order that is not yet picked up.",
+    Command.CHAT: "A chat line from the shop about one of its orders.",
+    Command.ASSIGN: "Offer an order to a named rider (manual dispatch).",
+    Command.ACK_ALERT: "Acknowledge one of the shop's open alerts.",
+}
 COMMAND_EVENTS: dict[Command, tuple[str, str]] = {
-    Command.CREATE_ORDER: ("order.created", "Create an order with its promised delivery window."),
-    Command.CANCEL_ORDER: ("order.cancelled", "Cancel an order that is not yet picked up."),
-    Command.CHAT: ("order.chat", "A chat line from the shop about one of its orders."),
-    Command.ASSIGN: ("order.assigned", "Offer an order to a named rider (manual dispatch)."),
-    Command.ACK_ALERT: ("alert.acknowledged", "Acknowledge one of the shop's open alerts."),
+    cmd: (ev.type_name(ev.COMMAND_EVENTS[cmd]), _COMMAND_HELP[cmd]) for cmd in Command
 }
 
-#: The decisions a service may publish on ``services/N/events``.
-SERVICE_EVENTS = (
-    "dispatch.offer",
-    "dispatch.expired",
-    "alert.raised",
-    "alert.escalated",
-    "alert.resolved",
-    "order.chat",
-)
+#: The decisions a service may publish on ``services/N/events`` (the persister's own table).
+SERVICE_EVENTS = tuple(ev.type_name(t) for t in ev.ACCEPTED[(Identity.SERVICE, InboundKind.EVENTS)])
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,9 +83,7 @@ def verify_password(password: str, hashed: str) -> bool:
 def _check_username(name: str) -> str:
     check_id(name, "username")
     if ":" in name:
-        raise BrokerError(
-            f"username {name!r} contains ':', which a Mosquitto password file cannot hold"
-        )
+        raise BrokerError(f"username {name!r} contains ':', which a Mosquitto password file cannot hold")
     return name
 
 
@@ -428,9 +426,7 @@ class Mosquitto:
         deadline = time.monotonic() + timeout
         while self._log_since_start().count(_RELOAD_MARK) <= before:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise BrokerError(
-                    f"mosquitto did not reload its config; log tail:\n{self.log_tail()}"
-                )
+                raise BrokerError(f"mosquitto did not reload its config; log tail:\n{self.log_tail()}")
             time.sleep(0.01)
 
     # --- logs ---------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ console = Console()
 err = Console(stderr=True)
 
 DataDir = Annotated[
-    Path | None, typer.Option("--data-dir", help="Where broker data, the SQLite store and secrets live.")
+    Path | None,
+    typer.Option("--data-dir", help="Where broker data, the SQLite store and secrets live."),
 ]
 
 
@@ -224,7 +225,14 @@ def bench_ingest(
     """Publish rider events through a real broker into the persister and print figures."""
     from bloomwire.bench import ingest
 
-    ingest.main(make_settings(ctx), events=events, rate=rate, riders=riders, ceiling=ceiling, console=console)
+    ingest.main(
+        make_settings(ctx),
+        events=events,
+        rate=rate,
+        riders=riders,
+        ceiling=ceiling,
+        console=console,
+    )
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from pydantic import (
 
 from bloomwire.errors import PayloadError
 from bloomwire.lifecycle import RIDER_REPORTABLE, FailureReason, OrderStatus
-from bloomwire.topics import check_id
+from bloomwire.topics import Command, Identity, InboundKind, InboundTopic, check_id
 
 #: Largest payload accepted anywhere (the broker's ``max_packet_size`` is a little above it).
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -372,6 +372,47 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
 }
 
 
+#: Which event types each inbound topic accepts, by (sender identity, topic kind).
+ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
+    (Identity.RIDER, InboundKind.LOCATION): (RiderLocationEvent,),
+    (Identity.RIDER, InboundKind.OWNTRACKS): (RiderLocationEvent,),
+    (Identity.RIDER, InboundKind.STATUS): (OrderStatusEvent, OrderIncidentEvent),
+    (Identity.RIDER, InboundKind.CHAT): (OrderChatEvent,),
+    (Identity.RIDER, InboundKind.REPLY): (DispatchReplyEvent,),
+    (Identity.RIDER, InboundKind.PRESENCE): (RiderPresenceEvent,),
+    (Identity.CUSTOMER, InboundKind.CHAT): (OrderChatEvent,),
+    (Identity.SERVICE, InboundKind.EVENTS): (
+        DispatchOfferEvent,
+        DispatchExpiredEvent,
+        AlertRaisedEvent,
+        AlertEscalatedEvent,
+        AlertResolvedEvent,
+        OrderChatEvent,
+    ),
+}
+
+#: The one event type each shop command carries.
+COMMAND_EVENTS: dict[Command, type[_Envelope]] = {
+    Command.CREATE_ORDER: OrderCreatedEvent,
+    Command.CANCEL_ORDER: OrderCancelledEvent,
+    Command.CHAT: OrderChatEvent,
+    Command.ASSIGN: OrderAssignedEvent,
+    Command.ACK_ALERT: AlertAcknowledgedEvent,
+}
+
+
+def accepted_types(where: InboundTopic) -> tuple[type[_Envelope], ...]:
+    """The event types a message on this inbound topic may carry."""
+    if where.command is not None:
+        return (COMMAND_EVENTS[where.command],)
+    return ACCEPTED.get((where.identity, where.kind), ())
+
+
+def type_name(cls: type[_Envelope]) -> str:
+    """The ``type`` string of an envelope class, e.g. ``order.status``."""
+    return str(cls.model_fields["type"].default)
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line per failing field: ``data.window.end: promised window end must be after ...``."""
     parts = []
@@ -401,7 +442,9 @@ def load_json(raw: bytes | str) -> Any:
     try:
         return json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise PayloadError(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise PayloadError(
+            f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
 
 
 def decode(raw: bytes | str) -> Event:
@@ -431,6 +474,11 @@ def parse_owntracks(raw: bytes | str) -> RiderLocation | None:
         raise PayloadError("OwnTracks payload must be a JSON object")
     if obj.get("_type") != "location":
         return None
+    return parse_location_fields(obj)
+
+
+def parse_location_fields(obj: dict[str, Any]) -> RiderLocation:
+    """Validate a bare position object with OwnTracks field names."""
     try:
         return RiderLocation.model_validate(obj)
     except ValidationError as exc:

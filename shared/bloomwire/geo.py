@@ -57,9 +57,7 @@ def _check_travel_args(speed_kmh: float, road_factor: float) -> None:
         raise ValueError(f"road_factor must be >= 1 (a road is never shorter), got {road_factor!r}")
 
 
-def travel_seconds(
-    distance_m: float, speed_kmh: float, road_factor: float = DEFAULT_ROAD_FACTOR
-) -> float:
+def travel_seconds(distance_m: float, speed_kmh: float, road_factor: float = DEFAULT_ROAD_FACTOR) -> float:
     """Seconds to cover a straight-line ``distance_m`` by road at ``speed_kmh``.
 
     Raises ``ValueError`` for a non-positive speed (an infinite ETA is never returned).
@@ -86,7 +84,7 @@ def travel_seconds_array(
     return out
 
 
-def eta(  # noqa: PLR0917 - positional order is the documented call shape
+def eta(
     lat: float,
     lon: float,
     dest_lat: float,

@@ -82,6 +82,5 @@ def check_transition(current: OrderStatus, new: OrderStatus) -> None:
     if not allowed:
         raise TransitionError(f"order is already {current.value}; it cannot become {new.value}")
     raise TransitionError(
-        f"an order that is {current.value} cannot become {new.value} "
-        f"(allowed next: {', '.join(allowed)})"
+        f"an order that is {current.value} cannot become {new.value} (allowed next: {', '.join(allowed)})"
     )

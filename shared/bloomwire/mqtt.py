@@ -168,7 +168,15 @@ class Connection:
         # Never raise here: an exception in on_message kills paho's network thread silently.
         try:
             self._inbox.append(
-                Message(msg.topic, msg.payload, msg.qos, msg.retain, msg.mid, time.time(), self.generation)
+                Message(
+                    msg.topic,
+                    bytes(msg.payload),
+                    msg.qos,
+                    msg.retain,
+                    msg.mid,
+                    time.time(),
+                    self.generation,
+                )
             )
             if self._waiting and self._loop is not None and self._wakeup is not None:
                 self._waiting = False
@@ -184,7 +192,7 @@ class Connection:
 
     def start(self) -> None:
         """Connect in the background; paho retries with backoff until the broker answers."""
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.session_expiry_s if self.persistent else 0
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
@@ -204,8 +212,10 @@ class Connection:
             if time.monotonic() > deadline:
                 where = f"{self.settings.broker_host}:{self.settings.broker_port}"
                 why = self.last_error or "no answer"
-                raise BrokerError(f"could not connect to the MQTT broker at {where} as "
-                                  f"{self.settings.broker_username!r}: {why}")
+                raise BrokerError(
+                    f"could not connect to the MQTT broker at {where} as "
+                    f"{self.settings.broker_username!r}: {why}"
+                )
             await asyncio.sleep(0.02)
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
@@ -226,7 +236,7 @@ class Connection:
         """Queue a publish (thread-safe, non-blocking); paho re-sends QoS 1 after a reconnect."""
         props = None
         if expiry_s is not None:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.MessageExpiryInterval = max(1, int(expiry_s))
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
@@ -353,7 +363,12 @@ class Service:
         return self.connection
 
     def publish(
-        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False,
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
         expiry_s: int | None = None,
     ) -> None:
         """Publish through the service's connection."""
@@ -370,8 +385,9 @@ class Service:
                 return route
         return None
 
-    async def run(self, settings: Settings, *, stop: asyncio.Event | None = None,
-                  install_signals: bool = True) -> None:
+    async def run(
+        self, settings: Settings, *, stop: asyncio.Event | None = None, install_signals: bool = True
+    ) -> None:
         """Connect, run start-up hooks, handle messages until ``stop`` (or SIGINT/SIGTERM)."""
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -417,9 +433,12 @@ class Service:
         started = time.monotonic()
         while not conn.connected.is_set() and not stop.is_set():
             if not warned and time.monotonic() - started > 5:
-                log.warning("still waiting for the broker", service=self.name,
-                            broker=f"{conn.settings.broker_host}:{conn.settings.broker_port}",
-                            error=conn.last_error)
+                log.warning(
+                    "still waiting for the broker",
+                    service=self.name,
+                    broker=f"{conn.settings.broker_host}:{conn.settings.broker_port}",
+                    error=conn.last_error,
+                )
                 warned = True
             await asyncio.sleep(0.02)
 

@@ -69,6 +69,4 @@ class Settings(BaseSettings):
 
     def as_identity(self, username: str, password: str) -> Settings:
         """A copy that connects to the broker as another identity."""
-        return self.model_copy(
-            update={"broker_username": username, "broker_password": SecretStr(password)}
-        )
+        return self.model_copy(update={"broker_username": username, "broker_password": SecretStr(password)})

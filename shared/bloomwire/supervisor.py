@@ -72,8 +72,7 @@ class Stack:
             return self.settings
         names = [*self.services, OPERATOR, *self.extra_users]
         users = {n: ensure_secret(data_dir, n) for n in names}
-        self.broker = Mosquitto(data_dir / "broker", users=users,
-                                ws_port=self.settings.broker_ws_port)
+        self.broker = Mosquitto(data_dir / "broker", users=users, ws_port=self.settings.broker_ws_port)
         self.broker.start()
         self.settings = self.settings.with_broker(self.broker.host, self.broker.port)
         return self.settings

@@ -81,7 +81,12 @@ class Inbox(StrEnum):
 
 
 #: The order channels a customer of that order may read.
-CUSTOMER_CHANNELS = (OrderChannel.STATUS, OrderChannel.LOCATION, OrderChannel.CHAT, OrderChannel.STATE)
+CUSTOMER_CHANNELS = (
+    OrderChannel.STATUS,
+    OrderChannel.LOCATION,
+    OrderChannel.CHAT,
+    OrderChannel.STATE,
+)
 
 
 def check_id(value: str, what: str = "id") -> str:
@@ -97,8 +102,7 @@ def check_id(value: str, what: str = "id") -> str:
             raise TopicError(f"{what} {value[:MAX_ID_LENGTH]!r} contains {name}")
     if not _ID_RE.fullmatch(value):
         raise TopicError(
-            f"{what} {value!r} must start with a letter or digit and use only "
-            "letters, digits and _ . : @ -"
+            f"{what} {value!r} must start with a letter or digit and use only letters, digits and _ . : @ -"
         )
     return value
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Table, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -45,7 +45,8 @@ class EventRow(SQLModel, table=True):
     __tablename__ = "events"
 
     seq: int | None = Field(
-        default=None, sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     )
     id: str = Field(max_length=128, unique=True)
     type: str = Field(max_length=40, index=True)
@@ -196,3 +197,14 @@ class DeadLetter(SQLModel, table=True):
     sender: str | None = Field(default=None, max_length=200)
     reason: str = Field(sa_column=Column(Text, nullable=False))
     payload: str = Field(sa_column=Column(Text, nullable=False))
+
+
+# Core tables, for the hot paths that bypass the ORM (the persister's batches, readers' scans).
+EVENTS: Table = EventRow.__table__  # type: ignore[attr-defined]
+ORDERS: Table = OrderRow.__table__  # type: ignore[attr-defined]
+RIDERS: Table = RiderRow.__table__  # type: ignore[attr-defined]
+TRAIL: Table = TrailPoint.__table__  # type: ignore[attr-defined]
+CHAT: Table = ChatLine.__table__  # type: ignore[attr-defined]
+OFFERS: Table = OfferRow.__table__  # type: ignore[attr-defined]
+ALERTS: Table = AlertRow.__table__  # type: ignore[attr-defined]
+DEAD_LETTERS: Table = DeadLetter.__table__  # type: ignore[attr-defined]

@@ -1,0 +1,1 @@
+"""Benchmarks behind `bloomwire bench`; each prints figures, none asserts on time."""
