@@ -175,3 +175,10 @@ def test_main_writes_both_files(tmp_path: Path) -> None:
     assert aa.main([str(tmp_path)]) == 0
     assert (tmp_path / "asyncapi.yaml").read_text(encoding="utf-8") == YAML
     assert (tmp_path / "topics.md").read_text(encoding="utf-8") == aa.render_markdown()
+
+
+def test_readme_topic_table_is_current() -> None:
+    """The README's topic table is the generated one (run `python -m bloomwire.asyncapi docs`)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert aa.update_readme(readme) == readme
+    assert aa.render_topic_table() in readme
