@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import ssl
@@ -37,6 +38,10 @@ log = get_logger("bloomwire.mqtt")
 
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
 PAYLOAD_LOG_LIMIT = 200
+#: A dead letter's reason is cut to this many characters: an exception message may quote a huge
+#: payload, and a dead letter over the broker's packet limit gets the service disconnected.
+REASON_LIMIT = 1000
+EVENT_ID_LIMIT = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,9 @@ class Connection:
         self.generation = 0
         self.connected = threading.Event()
         self.last_error: str | None = None
+        #: The broker's Maximum Packet Size (from CONNACK); larger publishes are refused here.
+        self.max_packet_size: int | None = None
+        self._subscribe_lock = threading.Lock()
         self._inbox: deque[Message] = deque()
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -142,13 +150,24 @@ class Connection:
             return
         self.generation += 1
         self.last_error = None
-        if self.status_topic:
-            client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
-        for topic_filter, qos in self.subscriptions.items():
-            client.subscribe(topic_filter, qos)
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        # Never raise here either: an exception in a paho callback kills the network thread.
+        try:
+            with self._subscribe_lock:  # subscribe() must not slip in between the two
+                # Subscribe BEFORE saying online: the broker handles one client's packets in
+                # order, so whoever sees "online" knows the subscriptions are in place.
+                for topic_filter, qos in list(self.subscriptions.items()):
+                    client.subscribe(topic_filter, qos)
+                self.connected.set()
+            if self.status_topic:
+                client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
+        except Exception:  # pragma: no cover - defensive
+            log.exception("restoring subscriptions failed", client_id=self.client_id)
         for hook in self._on_connect_hooks:
-            hook()
-        self.connected.set()
+            try:
+                hook()
+            except Exception:
+                log.exception("on-connect hook failed", client_id=self.client_id)
         log.debug("connected", client_id=self.client_id, session_present=flags.session_present)
 
     def _on_disconnect(
@@ -167,9 +186,13 @@ class Connection:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         # Never raise here: an exception in on_message kills paho's network thread silently.
         try:
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:  # paho hands such topics on; keep the message, not the crash
+                topic = bytes(msg._topic).decode("utf-8", errors="replace")
             self._inbox.append(
                 Message(
-                    msg.topic,
+                    topic,
                     bytes(msg.payload),
                     msg.qos,
                     msg.retain,
@@ -182,7 +205,7 @@ class Connection:
                 self._waiting = False
                 self._loop.call_soon_threadsafe(self._wakeup.set)
         except Exception:  # pragma: no cover - defensive
-            log.exception("dropping message in network thread", topic=msg.topic)
+            log.exception("dropping message in network thread", mid=msg.mid)
 
     # --- public API --------------------------------------------------------------------------
 
@@ -220,9 +243,10 @@ class Connection:
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now (if connected) and after every reconnection."""
-        self.subscriptions[topic_filter] = qos
-        if self.connected.is_set():
-            self.client.subscribe(topic_filter, qos)
+        with self._subscribe_lock:
+            self.subscriptions[topic_filter] = qos
+            if self.connected.is_set():
+                self.client.subscribe(topic_filter, qos)
 
     def publish(
         self,
@@ -233,11 +257,23 @@ class Connection:
         retain: bool = False,
         expiry_s: int | None = None,
     ) -> paho.MQTTMessageInfo:
-        """Queue a publish (thread-safe, non-blocking); paho re-sends QoS 1 after a reconnect."""
+        """Queue a publish (thread-safe, non-blocking); paho re-sends QoS 1 after a reconnect.
+
+        Raises :class:`BrokerError` for a message over the broker's Maximum Packet Size: sent, it
+        would get this connection closed, and re-sent after every reconnect, closed again.
+        """
         props = None
         if expiry_s is not None:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.MessageExpiryInterval = max(1, int(expiry_s))
+        limit = self.max_packet_size
+        if limit is not None:
+            size = _publish_packet_size(topic, payload, qos, props)
+            if size > limit:
+                raise BrokerError(
+                    f"publish to {topic[:100]!r} would be a {size}-byte packet, over the broker's "
+                    f"maximum packet size of {limit} bytes"
+                )
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def ack(self, message: Message) -> None:
@@ -280,6 +316,38 @@ class Connection:
         with contextlib.suppress(Exception):
             self.client.disconnect()
         await asyncio.to_thread(self.client.loop_stop)
+
+
+def _varint_size(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def _publish_packet_size(topic: str, payload: bytes | str, qos: int, props: Properties | None) -> int:
+    """Size on the wire of an MQTT 5 PUBLISH packet."""
+    body = payload.encode("utf-8") if isinstance(payload, str) else payload
+    props_size = len(props.pack()) if props is not None else 1  # type: ignore[no-untyped-call]
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + props_size + len(body)
+    return 1 + _varint_size(remaining) + remaining
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def event_id_of(payload: bytes) -> str | None:
+    """The ``id`` of a JSON object payload, if it has a non-empty string one; never raises."""
+    if payload.lstrip()[:1] != b"{":
+        return None
+    try:
+        obj = json.loads(payload)
+    except Exception:  # not UTF-8, not JSON, nested too deep...
+        return None
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return _shorten(value, EVENT_ID_LIMIT) if isinstance(value, str) and value else None
 
 
 @dataclass
@@ -375,8 +443,11 @@ class Service:
         self.conn.publish(topic, payload, qos=qos, retain=retain, expiry_s=expiry_s)
 
     def dead_letter(self, msg: Message, reason: str, event_id: str | None = None) -> None:
-        """Tell ``services/deadletter`` that ``msg`` was refused and why."""
-        refusal = Refusal(id=event_id, topic=msg.topic, reason=reason)
+        """Tell ``services/deadletter`` that ``msg`` was refused and why (reason cut to
+        :data:`REASON_LIMIT` characters; ``event_id`` defaults to the payload's JSON ``id``)."""
+        if event_id is None:
+            event_id = event_id_of(msg.payload)
+        refusal = Refusal(id=event_id, topic=msg.topic, reason=_shorten(reason, REASON_LIMIT))
         self.publish(topics.DEADLETTER, encode(refusal), qos=1)
 
     def _route(self, topic: str) -> _Route | None:
@@ -409,6 +480,8 @@ class Service:
         conn.start()
         try:
             await self._wait_connected(conn, stop)
+            if stop.is_set():  # stopped before the broker ever answered
+                return
             for hook in self.startup:
                 await hook()
             self.ready.set()
@@ -426,6 +499,7 @@ class Service:
                     with contextlib.suppress(NotImplementedError, RuntimeError):
                         loop.remove_signal_handler(sig)
             self.connection = None
+            self.ready.clear()
             log.info("service stopped", service=self.name, handled=self.handled, failed=self.failed)
 
     async def _wait_connected(self, conn: Connection, stop: asyncio.Event) -> None:
@@ -448,9 +522,9 @@ class Service:
                 continue
             pending = conn.drain(self.max_batch)
             while pending and not stop.is_set():
-                pending = await self._dispatch(conn, pending)
+                pending = await self._dispatch(conn, pending, stop)
 
-    async def _dispatch(self, conn: Connection, pending: list[Message]) -> list[Message]:
+    async def _dispatch(self, conn: Connection, pending: list[Message], stop: asyncio.Event) -> list[Message]:
         """Handle the head of ``pending``; return what is left."""
         first = pending[0]
         route = self._route(first.topic)
@@ -474,7 +548,11 @@ class Service:
             except Exception:
                 self.failed += 1
                 log.exception("batch handler failed; retrying", service=self.name, size=len(batch))
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():  # not acknowledged: a persistent session gets it again
+                    log.warning("stopping with an unhandled batch", service=self.name, size=len(batch))
+                    return []
                 delay = min(delay * 2, 10.0)
         for msg in batch:
             conn.ack(msg)
