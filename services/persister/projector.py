@@ -115,7 +115,8 @@ class _Pending:
     canonical: list[Outbound] = field(default_factory=list)
     acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     states: dict[str, None] = field(default_factory=dict)
-    rider_states: dict[str, None] = field(default_factory=dict)
+    #: rider -> shops to tell besides those of its current orders (one it just stopped carrying for)
+    rider_states: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     seen: set[str] = field(default_factory=set)
 
 
@@ -151,6 +152,9 @@ class Projector:
         self.fixes: dict[str, deque[geo.Fix]] = defaultdict(lambda: deque(maxlen=6))
         self.last_trail: dict[str, tuple[float, float, datetime]] = {}
         self.state_sent_at: dict[str, datetime] = {}
+        self.rider_state_sent_at: dict[str, datetime] = {}
+        #: A commit failed: memory may hold changes the store never took; reload before going on.
+        self._stale = False
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -194,6 +198,8 @@ class Projector:
 
     def apply(self, batch: Sequence[Inbound]) -> BatchResult:
         """Validate and apply ``batch`` in order, commit once, and return what to publish."""
+        if self._stale:
+            self._reload()  # raises while the store is still unreachable: the batch is retried
         now = self.clock()
         result = BatchResult()
         pending = _Pending()
@@ -331,7 +337,7 @@ class Projector:
         except Exception:
             for table in self._tables:
                 table.rolled_back()
-            self._reindex()
+            self._stale = True
             raise
         for table in self._tables:
             table.committed()
@@ -340,14 +346,21 @@ class Projector:
             if order["status"] in CLOSED and order["closed_at"] is not None:
                 self.orders.evict(order_id)
 
-    def _reindex(self) -> None:
+    def _reload(self) -> None:
+        """Forget every projection and read them again from the store (after a failed commit).
+
+        Rolling back only the rows a batch touched is not enough: the indexes over them (which
+        orders a rider carries, which order a customer has) and the trail spacing would go on
+        without them, and positions would stop reaching the order.
+        """
+        for table in self._tables:
+            table.rows.clear()
+            table.committed()
         self.rider_orders.clear()
         self.customer_orders.clear()
-        for order in self.orders.values():
-            if order["rider"] and order["status"] in RIDER_BOUND:
-                self.rider_orders[order["rider"]].add(order["id"])
-            if order["customer_username"]:
-                self.customer_orders[order["customer_username"]] = order["id"]
+        self.last_trail.clear()
+        self.load()
+        self._stale = False
 
     # --- outcomes ---------------------------------------------------------------------------------
 
@@ -394,10 +407,11 @@ class Projector:
             if order is not None:
                 out.append(self._order_state_msg(order))
                 self.state_sent_at[order_id] = now
-        for rider_id in pending.rider_states:
+        for rider_id, shops in pending.rider_states.items():
             rider = self.riders.get(rider_id)
             if rider is not None:
-                out.extend(self._rider_state_msgs(rider))
+                out.extend(self._rider_state_msgs(rider, shops))
+                self.rider_state_sent_at[rider_id] = now
         for source, ids in pending.acks.items():
             prefix, sender = source.split("/", 1)
             topic = (
@@ -434,7 +448,9 @@ class Projector:
         for status, column in STEP_COLUMN.items():
             if order[column] is not None:
                 timeline.append(ev.TimelineEntry(status=status, at=order[column]))
-        if order["status"] in CLOSED and order["closed_at"] is not None:
+        closing = order["status"] in CLOSED and order["status"] not in STEP_COLUMN
+        if closing and order["closed_at"] is not None:
+            # delivered already has its step above; cancelled, failed and returned end it here
             note = order["failure_reason"] or ""
             timeline.append(ev.TimelineEntry(status=order["status"], at=order["closed_at"], note=note))
         timeline.sort(key=lambda t: t.at)
@@ -468,12 +484,13 @@ class Projector:
         topic = topics.order_topic(order["shop"], order["id"], topics.OrderChannel.STATE)
         return Outbound(topic, ev.encode(self.order_state(order)), qos=1, retain=True)
 
-    def _rider_state_msgs(self, rider: Row) -> list[Outbound]:
+    def _rider_state_msgs(self, rider: Row, also: set[str] | None = None) -> list[Outbound]:
+        """Retained rider state for each shop it carries for (and ``also``: shops it just left)."""
         shops = {
             self.orders.rows[o]["shop"]
             for o in self.rider_orders.get(rider["id"], ())
             if o in self.orders.rows
-        }
+        } | (also or set())
         if not shops:
             return []
         position = None
@@ -576,7 +593,8 @@ class Projector:
                 r["load"] = len(orders)
                 r["updated_at"] = now
                 self.riders.touch(rid)
-                pending.rider_states[rid] = None
+                # The order's shop hears of it even when the rider no longer carries for it.
+                pending.rider_states[rid].add(order["shop"])
 
     def _publish_status(self, pending: _Pending, order: Row, event: Any, note: str = "") -> None:
         data = ev.OrderStatusChanged(
@@ -648,6 +666,19 @@ class Projector:
             case _:  # pragma: no cover - guarded by ``expected`` above
                 raise _RefusedError(f"type: {event.type!r} is not handled")
 
+    def _customer_order(self, username: str) -> str | None:
+        """The order a customer username belongs to: open orders from memory, closed ones (whose
+        customer may still answer a follow-up, and whose username stays taken) from the store."""
+        order_id = self.customer_orders.get(username)
+        if order_id is None:
+            with self.engine.connect() as conn:
+                order_id = conn.execute(
+                    sa.select(ORDERS_T.c.id).where(ORDERS_T.c.customer_username == username).limit(1)
+                ).scalar()
+            if order_id is not None:
+                self.customer_orders[username] = order_id
+        return order_id
+
     def _shop_order(self, where: InboundTopic, order_id: str) -> Row:
         order = self._order(order_id)
         if order["shop"] != where.sender:
@@ -667,7 +698,7 @@ class Projector:
         if self.orders.get(d.order) is not None:
             raise _RefusedError(f"order {d.order!r} already exists")
         customer = d.customer_username or topics.check_id(f"c-{d.order}"[: topics.MAX_ID_LENGTH], "customer")
-        if customer in self.customer_orders:
+        if self._customer_order(customer) is not None:
             raise _RefusedError(f"customer access {customer!r} is already used by another order")
         order = self.orders.add(
             {
@@ -727,9 +758,9 @@ class Projector:
             rider["last_decline_at"] = now
             self.riders.touch(where.sender)
         else:
-            if d.status is S.FAILED:
-                order["failure_reason"] = d.reason.value if d.reason else None
             self._set_status(pending, order, d.status, event.time, now)
+            if d.status is S.FAILED:  # only once the transition is accepted: a refusal changes nothing
+                order["failure_reason"] = d.reason.value if d.reason else None
             if d.status in OUT_FOR_DELIVERY:
                 self._update_eta(order, now)
         self._publish_status(pending, order, event, d.note)
@@ -737,7 +768,7 @@ class Projector:
     def _chat(self, pending: _Pending, where: InboundTopic, event: ev.OrderChatEvent, now: datetime) -> None:
         d = event.data
         if where.identity is Identity.CUSTOMER:
-            order_id = self.customer_orders.get(where.sender)
+            order_id = self._customer_order(where.sender)
             if order_id is None:
                 raise _RefusedError(f"customer {where.sender!r} has no open order")
             if d.order not in (None, order_id):
@@ -800,7 +831,7 @@ class Projector:
             rider["capacity"] = d.capacity
         rider["updated_at"] = now
         self.riders.touch(where.sender)
-        pending.rider_states[where.sender] = None
+        pending.rider_states.setdefault(where.sender, set())
 
     def _location(
         self, pending: _Pending, where: InboundTopic, event: ev.RiderLocationEvent, now: datetime
@@ -818,6 +849,9 @@ class Projector:
         rider["updated_at"] = now
         self.riders.touch(where.sender)
         self._ack(pending, where, event.id)
+        last_sent = self.rider_state_sent_at.get(where.sender)
+        if last_sent is None or (now - last_sent).total_seconds() >= STATE_REFRESH_FROM_LOCATION_S:
+            pending.rider_states.setdefault(where.sender, set())  # the retained position, now and then
         for order_id in self.rider_orders.get(where.sender, ()):
             order = self.orders.rows.get(order_id)
             if order is None or order["status"] not in OUT_FOR_DELIVERY:
