@@ -233,9 +233,16 @@ def _local_date(now: datetime, tz: tzinfo) -> date:
 def _clock(at: datetime, now: datetime, t: Thresholds) -> str:
     """``14:30`` in the shop's time zone; ``15 Feb 09:05`` when it is not today's date."""
     tz = t.tz
+    return _clock_on(at, _local_date(now, tz), tz)
+
+
+@lru_cache(maxsize=65_536)
+def _clock_on(at: datetime, today: date, tz: tzinfo) -> str:
+    # The same instants (window ends, creation times) are worded again at every tick of the
+    # alerts service; their wording only depends on the local date they are read on.
     local = at.astimezone(tz)
     hhmm = f"{local.hour:02d}:{local.minute:02d}"
-    if local.date() != _local_date(now, tz):
+    if local.date() != today:
         return f"{local.day} {_MONTHS[local.month - 1]} {hhmm}"
     return hhmm
 
