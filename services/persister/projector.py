@@ -801,8 +801,12 @@ class Projector:
                 "at": event.time,
             }
         )
-        canonical = event.model_copy(
-            update={"data": d.model_copy(update={"order": order["id"], "author": f"{author_role}:{author}"})}
+        # Built from already validated parts: model_construct skips a second validation.
+        canonical = ev.OrderChatEvent.model_construct(
+            id=event.id,
+            source=event.source,
+            time=event.time,
+            data=ev.OrderChat.model_construct(order=order["id"], text=d.text, author=f"{author_role}:{author}"),
         )
         topic = topics.order_topic(order["shop"], order["id"], topics.OrderChannel.CHAT)
         pending.canonical.append(Outbound(topic, ev.encode(canonical)))

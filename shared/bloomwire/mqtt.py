@@ -38,6 +38,7 @@ log = get_logger("bloomwire.mqtt")
 
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
 PAYLOAD_LOG_LIMIT = 200
+ROUTE_CACHE_SIZE = 50_000
 #: A dead letter's reason is cut to this many characters: an exception message may quote a huge
 #: payload, and a dead letter over the broker's packet limit gets the service disconnected.
 REASON_LIMIT = 1000
@@ -350,6 +351,9 @@ def event_id_of(payload: bytes) -> str | None:
     return _shorten(value, EVENT_ID_LIMIT) if isinstance(value, str) and value else None
 
 
+_NO_ROUTE: Any = object()
+
+
 @dataclass
 class _Route:
     topic_filter: str
@@ -379,6 +383,7 @@ class Service:
         self.session_expiry_s = session_expiry_s
         self.max_batch = max_batch
         self.routes: list[_Route] = []
+        self._routes_by_topic: dict[str, _Route | None] = {}
         self.startup: list[Hook] = []
         self.shutdown: list[Hook] = []
         self.connection: Connection | None = None
@@ -451,10 +456,14 @@ class Service:
         self.publish(topics.DEADLETTER, encode(refusal), qos=1)
 
     def _route(self, topic: str) -> _Route | None:
-        for route in self.routes:
-            if topics.matches(route.topic_filter, topic):
-                return route
-        return None
+        cached = self._routes_by_topic.get(topic, _NO_ROUTE)
+        if cached is not _NO_ROUTE:
+            return cached
+        found = next((r for r in self.routes if topics.matches(r.topic_filter, topic)), None)
+        if len(self._routes_by_topic) >= ROUTE_CACHE_SIZE:
+            self._routes_by_topic.clear()
+        self._routes_by_topic[topic] = found
+        return found
 
     async def run(
         self, settings: Settings, *, stop: asyncio.Event | None = None, install_signals: bool = True

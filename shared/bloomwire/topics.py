@@ -89,8 +89,14 @@ CUSTOMER_CHANNELS = (
 )
 
 
+_VALID_IDS: set[str] = set()
+_VALID_IDS_MAX = 100_000
+
+
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a safe topic level, else raise :class:`TopicError` naming it."""
+    if value in _VALID_IDS:  # hot path: the same rider/order ids recur in every message
+        return value
     if not isinstance(value, str):
         raise TopicError(f"{what} must be a string, not {type(value).__name__}")
     if value == "":
@@ -104,6 +110,9 @@ def check_id(value: str, what: str = "id") -> str:
         raise TopicError(
             f"{what} {value!r} must start with a letter or digit and use only letters, digits and _ . : @ -"
         )
+    if len(_VALID_IDS) >= _VALID_IDS_MAX:
+        _VALID_IDS.clear()
+    _VALID_IDS.add(value)
     return value
 
 
