@@ -88,6 +88,8 @@ class Connection:
         self.client_id = client_id
         self.status_topic = status_topic
         self.online_payload = online_payload
+        #: Say ``online`` on every (re)connection; a Service turns this on once it is started.
+        self.announce_online = True
         self.persistent = persistent
         self.session_expiry_s = session_expiry_s
         self.manual_ack = manual_ack
@@ -160,7 +162,7 @@ class Connection:
                 for topic_filter, qos in list(self.subscriptions.items()):
                     client.subscribe(topic_filter, qos)
                 self.connected.set()
-            if self.status_topic:
+            if self.status_topic and self.announce_online:
                 client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
         except Exception:  # pragma: no cover - defensive
             log.exception("restoring subscriptions failed", client_id=self.client_id)
@@ -483,6 +485,7 @@ class Service:
             session_expiry_s=self.session_expiry_s,
             manual_ack=self.persistent,
         )
+        conn.announce_online = False
         self.connection = conn
         for route in self.routes:
             conn.subscriptions[route.topic_filter] = route.qos
@@ -493,6 +496,11 @@ class Service:
                 return
             for hook in self.startup:
                 await hook()
+            # "online" means ready: subscribed AND started (e.g. the store migrated).
+            conn.announce_online = True
+            conn.publish(
+                conn.status_topic or topics.service_status(self.name), conn.online_payload, retain=True
+            )
             self.ready.set()
             log.info("service running", service=self.name)
             await self._consume(conn, stop)

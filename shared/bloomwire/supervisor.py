@@ -21,6 +21,7 @@ from bloomwire.settings import Settings
 #: Service name -> module exposing ``build(settings) -> Service``.
 SERVICES: dict[str, str] = {
     "persister": "services.persister",
+    "dispatch": "services.dispatch",
 }
 OPERATOR = "operator"
 
