@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -834,21 +834,28 @@ class _Sink:
         return out
 
 
-def _store_with_waiting_order(tmp_path: Path, *, alerts_rows: Sequence[dict[str, Any]] = ()) -> str:
+def _store_with_waiting_order(
+    tmp_path: Path, *, alerts_rows: Sequence[dict[str, Any]] = (), more_orders: Sequence[str] = ()
+) -> str:
+    """A store with order o1 (shop s1) waiting for a rider since START, and more such orders
+    created 10 minutes later."""
     url = f"sqlite:///{tmp_path / 'engine.db'}"
     engine = open_store(url)
-    order = OrderView(
-        id="o1",
-        shop="s1",
-        status=S.CREATED,
-        customer_name="Ms Zhang",
-        window_start=START + timedelta(hours=1),
-        window_end=START + timedelta(hours=2),
-        created_at=START,
-        updated_at=START,
-    )
+    orders = [
+        OrderView(
+            id=oid,
+            shop="s1",
+            status=S.CREATED,
+            customer_name="Ms Zhang",
+            window_start=START + timedelta(hours=1),
+            window_end=START + timedelta(hours=2),
+            created_at=START + timedelta(minutes=10 if oid != "o1" else 0),
+            updated_at=START,
+        )
+        for oid in ("o1", *more_orders)
+    ]
     with engine.begin() as conn:
-        conn.execute(ORDERS.insert(), [_order_row(order)])
+        conn.execute(ORDERS.insert(), [_order_row(o) for o in orders])
         if alerts_rows:
             conn.execute(ALERTS.insert(), list(alerts_rows))
     engine.dispose()
@@ -927,6 +934,32 @@ def test_engine_resolves_extra_open_alerts_of_one_key_and_escalates_from_the_sto
             [escalated] = sink.take()
             assert isinstance(escalated, ev.AlertEscalatedEvent)
             assert (escalated.data.alert, escalated.data.level) == ("a-old", 1)
+        finally:
+            core.engine.dispose()
+
+    asyncio.run(run())
+
+
+def test_engine_edge_evaluation_only_touches_what_it_read(tmp_path: Path) -> None:
+    url = _store_with_waiting_order(tmp_path, more_orders=["o2"])
+    clock, sink = SimClock(START + timedelta(minutes=11)), _Sink()
+    core = _engine(url, clock, sink)
+
+    async def run() -> None:
+        try:
+            assert await core.tick()
+            [raised] = sink.take()
+            assert raised.data.order == "o1"  # o2 has waited 1 minute only
+            # An event about o2 (nothing to say about it) must not resolve o1's alert.
+            core.apply(await asyncio.to_thread(core.read_subjects, [("order", "o2")]))
+            assert sink.take() == []
+            # A read older than the last tick is ignored: the tick already knew more.
+            stale = await asyncio.to_thread(core.read_subjects, [("order", "o1")])
+            clock.advance(minutes=1)
+            assert await core.tick()
+            core.apply(replace(stale, findings={}))  # would resolve o1's alert if applied
+            assert sink.take() == []
+            assert (AlertRule.UNASSIGNED, "s1", "o1", None) in core.book
         finally:
             core.engine.dispose()
 

@@ -519,6 +519,16 @@ def evaluate(
     :meth:`RulesConfig.for_shop <services.alerts.config.RulesConfig.for_shop>`. Rules a shop has
     disabled are skipped.
     """
+    return list(evaluate_by_key(orders, riders, now, thresholds_for).values())
+
+
+def evaluate_by_key(
+    orders: Iterable[OrderView],
+    riders: Mapping[str, RiderView],
+    now: datetime,
+    thresholds_for: Callable[[str], Thresholds],
+) -> dict[AlertKey, Finding]:
+    """:func:`evaluate`, keyed by :attr:`Finding.key` (what the alerts service reconciles by)."""
     cache: dict[str, Thresholds] = {}
 
     def shop_thresholds(shop: str) -> Thresholds:
@@ -546,7 +556,7 @@ def evaluate(
         for found in rider_offline(offline_rider, carried_orders, now, shop_thresholds):
             if shop_thresholds(found.shop).enabled(AlertRule.RIDER_OFFLINE):
                 findings.setdefault(found.key, found)
-    return list(findings.values())
+    return findings
 
 
 # --- benchmark --------------------------------------------------------------------------------

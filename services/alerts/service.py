@@ -58,7 +58,7 @@ from services.alerts.rules import (
     OrderView,
     RiderView,
     alert_key,
-    evaluate,
+    evaluate_by_key,
     followup_due,
 )
 
@@ -182,7 +182,7 @@ class Snapshot:
     now: datetime
     #: Subjects fully evaluated (None: everything, a tick).
     scope: frozenset[Subject] | None
-    findings: list[Finding]
+    findings: dict[AlertKey, Finding]
     #: Non-resolved alerts in the store (ticks only).
     alerts: list[Tracked] | None
     #: key -> number of alerts the store holds for it, for the keys that may need a new alert.
@@ -441,10 +441,10 @@ class AlertEngine:
                     orders[r[0]] = _order_from_raw(r)
             riders = self._riders.read(conn)
             read_s = time.perf_counter() - start
-            findings = evaluate(orders.values(), riders, now, self.config.for_shop)
+            findings = evaluate_by_key(orders.values(), riders, now, self.config.for_shop)
             evaluate_s = time.perf_counter() - start - read_s
             known = {a.key for a in alerts.values()}
-            counts = _count_alerts(conn, (f.key for f in findings if f.key not in known))
+            counts = _count_alerts(conn, findings.keys() - known)
         return Snapshot(
             taken_at=taken_at,
             now=now,
@@ -486,10 +486,12 @@ class AlertEngine:
                 | {("order", o.id) for o in orders}
                 | {("rider", i) for i in rider_ids}
             )
-            findings = [
-                f for f in evaluate(orders, riders, now, self.config.for_shop) if _subject(f.key) in scope
-            ]
-            counts = _count_alerts(conn, (f.key for f in findings))
+            findings = {
+                k: f
+                for k, f in evaluate_by_key(orders, riders, now, self.config.for_shop).items()
+                if _subject(k) in scope
+            }
+            counts = _count_alerts(conn, findings)
         return Snapshot(
             taken_at=taken_at,
             now=now,
@@ -545,29 +547,25 @@ class AlertEngine:
                 return  # a tick read the store after us: it has already decided
             skip = {s for s in scope if self.subject_at.get(s, -math.inf) > snap.taken_at}
         book = self.book
-        found = {f.key: f for f in snap.findings}
-        #: shop -> an open alert last notified before this is due again (escalation_due, per shop).
-        due_before: dict[str, datetime] = {}
-        for key, finding in found.items():
-            if skip and _subject(key) in skip:
-                continue
-            tracked = book.get(key)
-            if tracked is None:
-                self._raise(finding, snap, mono)
-            elif scope is None and tracked.status == _OPEN:
-                limit = due_before.get(finding.shop)
-                if limit is None:
-                    limit = snap.now - self.config.for_shop(finding.shop).escalate_after
-                    due_before[finding.shop] = limit
-                if tracked.notified_at < limit:
-                    self._escalate(tracked, finding, snap.now, mono)
-        for key, tracked in list(book.items()):
-            if key in found:
-                continue
-            subject = _subject(key)
-            if (scope is None or subject in scope) and subject not in skip:
-                self._resolve(tracked, snap, mono)
+        found = snap.findings
+        # Steady state: nearly every finding already has its alert. Set differences (in C) find
+        # what is new and what is gone; only those and the escalation candidates are visited.
+        for key in found.keys() - book.keys():
+            if not (skip and _subject(key) in skip):
+                self._raise(found[key], snap, mono)
         if scope is None:
+            gone = book.keys() - found.keys()
+        else:  # an edge-triggered read: only the alerts about what it read
+            orders = {i for kind, i in scope if kind == "order"}
+            riders = {i for kind, i in scope if kind == "rider"}
+            gone = {
+                k for k in book if (k[2] in orders if k[2] is not None else k[3] in riders) and k not in found
+            }
+        for key in gone:
+            if not (skip and _subject(key) in skip):
+                self._resolve(book[key], snap, mono)
+        if scope is None:
+            self._escalations(found, skip, snap, mono)
             self.full_at = snap.taken_at
             self.subject_at = {s: t for s, t in self.subject_at.items() if t > snap.taken_at}
             self._prune(mono)
@@ -575,6 +573,28 @@ class AlertEngine:
         else:
             for subject in scope:
                 self.subject_at[subject] = max(self.subject_at.get(subject, -math.inf), snap.taken_at)
+
+    def _escalations(
+        self, found: Mapping[AlertKey, Finding], skip: set[Subject], snap: Snapshot, mono: float
+    ) -> None:
+        """Re-notify open alerts unacknowledged for longer than their shop's ``escalate_after``."""
+        shops = [self.config.defaults, *self.config.shops.values()]
+        # Notified after this, no shop's alert is due yet: one comparison rules most out.
+        surely_not_due = snap.now - min(t.escalate_after for t in shops)
+        due_before: dict[str, datetime] = {}
+        for tracked in list(self.book.values()):
+            if tracked.status != _OPEN or tracked.notified_at >= surely_not_due:
+                continue
+            finding = found.get(tracked.key)
+            if finding is None or (skip and _subject(tracked.key) in skip):
+                continue
+            limit = due_before.get(finding.shop)
+            if limit is None:  # escalation_due(notified_at, now, t) <=> notified_at < now - t.escalate_after
+                limit = due_before[finding.shop] = (
+                    snap.now - self.config.for_shop(finding.shop).escalate_after
+                )
+            if tracked.notified_at < limit:
+                self._escalate(tracked, finding, snap.now, mono)
 
     def _rebuild(self, alerts: list[Tracked], mono: float) -> list[tuple[Tracked, Tracked]]:
         """The book from the store's open alerts plus the changes it does not show yet.
