@@ -3,6 +3,10 @@
 :class:`Mosquitto` renders ``broker/mosquitto.conf.template`` into a data directory, writes a
 password file and runs ``mosquitto -c`` as a child process. Passwords are hashed here in
 Mosquitto 2.0's ``$7$`` format, so adding a user needs no ``mosquitto_passwd`` subprocess.
+
+Opt-in access-controlled mode: ``Mosquitto(..., dynsec_config=path)`` loads the
+dynamic-security plugin with that JSON file (written by :func:`bloomwire.access.bootstrap`)
+instead of a password file; users and their topics are then managed by :mod:`bloomwire.access`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import glob
 import hashlib
 import os
 import pwd
@@ -24,6 +29,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from bloomwire.errors import BrokerError
 from bloomwire.topics import check_id
@@ -54,6 +60,15 @@ _FALLBACK_PATHS = (Path("/usr/sbin/mosquitto"), Path("/usr/local/sbin/mosquitto"
 
 CONFIG_NAME = "mosquitto.conf"
 PASSWORD_NAME = "mosquitto.passwd"
+#: The dynamic-security plugin's state (users, roles, ACLs) in access-controlled mode.
+DYNSEC_NAME = "dynamic-security.json"
+#: Where Debian/Ubuntu (any architecture) and source installs put the plugin.
+DYNSEC_PLUGIN_GLOBS = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/*/mosquitto_dynamic_security.so",
+)
 LOG_NAME = "mosquitto.log"
 SECRETS_DIR = "secrets"
 
@@ -108,6 +123,19 @@ def write_password_file(path: Path, users: Mapping[str, str]) -> None:
     _write_private(path, "".join(lines))
 
 
+def write_secret(data_dir: Path, username: str, password: str) -> Path:
+    """Replace the password of ``username`` in ``data_dir/secrets/`` (0600; directory 0700)."""
+    _check_username(username)
+    if not password or any(c in password for c in "\r\n\x00"):
+        raise BrokerError(f"refusing an empty or multi-line password for {username!r}")
+    folder = data_dir / SECRETS_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path = folder / username
+    _write_private(path, password + "\n")
+    return path
+
+
 def ensure_secret(data_dir: Path, username: str) -> str:
     """Return the password of ``username`` kept in ``data_dir/secrets/``, creating it if absent.
 
@@ -155,32 +183,60 @@ def find_mosquitto() -> Path:
     )
 
 
+def find_dynsec_plugin() -> Path:
+    """Path of ``mosquitto_dynamic_security.so``, or :class:`BrokerError` saying how to get it."""
+    for pattern in DYNSEC_PLUGIN_GLOBS:
+        for found in sorted(glob.glob(pattern)):
+            if os.access(found, os.R_OK):
+                return Path(found)
+    raise BrokerError(
+        "the Mosquitto dynamic-security plugin (mosquitto_dynamic_security.so, shipped with the "
+        "mosquitto package since 2.0) was not found under /usr/lib or /usr/local/lib"
+    )
+
+
 def render_config(
     *,
     port: int,
     ws_port: int,
     data_dir: str,
-    password_file: str,
     log_dest: str,
+    password_file: str = "",
+    dynsec_config: str | None = None,
+    dynsec_plugin: str | None = None,
     bind_address: str = "127.0.0.1",
     ws_interface: str = "lo",
     run_user: str | None = None,
     template: Path = TEMPLATE_PATH,
 ) -> str:
-    """Render the Mosquitto config template with these values."""
+    """Render the Mosquitto config template with these values.
+
+    With ``dynsec_config`` the broker authenticates and authorises with the dynamic-security
+    plugin (``dynsec_plugin``, found automatically when None) and that JSON file; otherwise
+    with ``password_file``.
+    """
+    if dynsec_config is None:
+        if not password_file:
+            raise BrokerError("render_config needs a password_file or a dynsec_config")
+        auth = f"password_file {password_file}"
+        checked: dict[str, object] = {"password_file": password_file}
+    else:
+        plugin = dynsec_plugin or str(find_dynsec_plugin())
+        auth = f"plugin {plugin}\nplugin_opt_config_file {dynsec_config}"
+        checked = {"dynsec_plugin": plugin, "dynsec_config": dynsec_config}
     values: dict[str, object] = {
         "port": port,
         "ws_port": ws_port,
         "data_dir": data_dir,
-        "password_file": password_file,
         "log_dest": log_dest,
         "bind_address": bind_address,
         "ws_interface": ws_interface,
         "run_user": run_user or pwd.getpwuid(os.geteuid()).pw_name,
     }
-    for key, value in values.items():
+    for key, value in {**values, **checked}.items():
         if any(c in str(value) for c in "\r\n"):
             raise BrokerError(f"broker config value {key}={value!r} contains a line break")
+    values["auth"] = auth
     try:
         text = template.read_text(encoding="utf-8")
     except OSError as exc:
@@ -229,8 +285,17 @@ class Mosquitto:
         *,
         executable: Path | None = None,
         start_timeout: float = 10.0,
+        dynsec_config: Path | None = None,
+        dynsec_plugin: Path | None = None,
     ) -> None:
         self._data_dir = Path(data_dir)
+        self._dynsec_config = Path(dynsec_config) if dynsec_config is not None else None
+        self._dynsec_plugin = dynsec_plugin
+        if self._dynsec_config is not None and users:
+            raise BrokerError(
+                "an access-controlled broker takes no password-file users: provision them with "
+                "bloomwire.access (bootstrap, Accounts)"
+            )
         self._port = port
         self._ws_port = ws_port
         self._auto_ports = port == 0 and ws_port == 0
@@ -293,8 +358,19 @@ class Mosquitto:
 
     @property
     def users(self) -> Mapping[str, str]:
-        """A copy of the users (username -> clear password) the broker accepts."""
+        """A copy of the password-file users (username -> clear password); empty in
+        access-controlled mode, whose users live in :attr:`dynsec_config`."""
         return dict(self._users)
+
+    @property
+    def access_controlled(self) -> bool:
+        """True when the dynamic-security plugin, not a password file, decides who may do what."""
+        return self._dynsec_config is not None
+
+    @property
+    def dynsec_config(self) -> Path | None:
+        """The dynamic-security JSON file (access-controlled mode), else None."""
+        return self._dynsec_config
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -320,18 +396,31 @@ class Mosquitto:
                 raise
 
     def _launch(self, executable: Path) -> None:
+        if self._dynsec_config is not None:
+            if not self._dynsec_config.is_file():
+                raise BrokerError(
+                    f"dynamic-security file {self._dynsec_config} is missing: create it with "
+                    "bloomwire.access.bootstrap(data_dir) before starting the broker"
+                )
+            auth: dict[str, Any] = {
+                "dynsec_config": str(self._dynsec_config.resolve()),
+                "dynsec_plugin": str(self._dynsec_plugin or find_dynsec_plugin()),
+            }
+        else:
+            auth = {"password_file": str(self.password_path.resolve())}
         self.config_path.write_text(
             render_config(
                 port=self._port,
                 ws_port=self._ws_port,
                 data_dir=str(self._data_dir.resolve()),
-                password_file=str(self.password_path.resolve()),
                 log_dest=f"file {self.log_path.resolve()}",
                 bind_address=self._host,
+                **auth,
             ),
             encoding="utf-8",
         )
-        write_password_file(self.password_path, self._users)
+        if self._dynsec_config is None:
+            write_password_file(self.password_path, self._users)
         self.log_path.touch()
         self._log_offset = self.log_path.stat().st_size
         with self.log_path.open("ab") as log:
@@ -404,14 +493,23 @@ class Mosquitto:
 
     # --- users --------------------------------------------------------------------------------
 
+    def _password_mode(self, what: str) -> None:
+        if self._dynsec_config is not None:
+            raise BrokerError(
+                f"cannot {what} on an access-controlled broker: use bloomwire.access.Accounts "
+                "(or `bloomwire accounts`)"
+            )
+
     def add_user(self, name: str, password: str, *, timeout: float = 5.0) -> None:
         """Add or change a user; a running broker reloads its password file (SIGHUP)."""
+        self._password_mode("add a password-file user")
         self._users[_check_username(name)] = password
         write_password_file(self.password_path, self._users)
         self.reload(timeout=timeout)
 
     def remove_user(self, name: str, *, timeout: float = 5.0) -> None:
         """Remove a user (connected clients stay connected until they reconnect)."""
+        self._password_mode("remove a password-file user")
         self._users.pop(name, None)
         write_password_file(self.password_path, self._users)
         self.reload(timeout=timeout)
@@ -460,7 +558,8 @@ class Mosquitto:
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
-        return f"Mosquitto({self.host}:{self._port}, ws {self._ws_port}, {state}, {self._data_dir})"
+        mode = ", access-controlled" if self.access_controlled else ""
+        return f"Mosquitto({self.host}:{self._port}, ws {self._ws_port}, {state}{mode}, {self._data_dir})"
 
 
 def _accepts(host: str, port: int) -> bool:

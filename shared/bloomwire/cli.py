@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bloomwire import log
+from bloomwire.access.cli import accounts_app
 from bloomwire.errors import BloomwireError
 from bloomwire.settings import Settings
 
@@ -31,6 +32,7 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(service_app, name="service")
 app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
+app.add_typer(accounts_app, name="accounts")  # broker accounts (bloomwire.access.cli)
 
 console = Console()
 err = Console(stderr=True)

@@ -1,0 +1,47 @@
+"""Access control on the broker (Mosquitto's dynamic-security plugin): who may use which topics.
+
+* :mod:`~bloomwire.access.policy` — the roles of DESIGN.md §1 as literal-topic ACLs.
+* :mod:`~bloomwire.access.dynsec` — run plugin commands on its JSON file or on a live broker.
+* :mod:`~bloomwire.access.accounts` — :func:`bootstrap` before the broker starts; then
+  :class:`Accounts` to add, remove, rotate, list, and mint/revoke customer access.
+* :mod:`~bloomwire.access.enrol` — a customer device trades the order login for its own.
+* :mod:`~bloomwire.access.bench` — :func:`bench_access`, mint/revoke time with N live orders.
+
+See docs/security.md.
+"""
+
+from bloomwire.access.accounts import (
+    AccountInfo,
+    Accounts,
+    Bootstrap,
+    Credential,
+    OrderAccess,
+    bootstrap,
+    dynsec_path,
+    open_accounts,
+)
+from bloomwire.access.policy import (
+    ALL_ACCESS_FILTER,
+    Kind,
+    access_topic,
+    customer_id,
+    device_reply_topic,
+    device_request_topic,
+)
+
+__all__ = [
+    "ALL_ACCESS_FILTER",
+    "AccountInfo",
+    "Accounts",
+    "Bootstrap",
+    "Credential",
+    "Kind",
+    "OrderAccess",
+    "access_topic",
+    "bootstrap",
+    "customer_id",
+    "device_reply_topic",
+    "device_request_topic",
+    "dynsec_path",
+    "open_accounts",
+]
