@@ -71,7 +71,7 @@ EVENTS_TOPIC: Final = topics.service_events(NAME)
 SOURCE: Final = topics.parse_inbound(EVENTS_TOPIC).source
 #: Live rider snapshots (published by the persister after each commit that changes a rider).
 #: TODO(topics): belongs in bloomwire.topics next to ALL_ALERTS_FILTER.
-RIDER_STATE_FILTER: Final = f"{topics.SHOPS}/+/riders/+/state"
+RIDER_STATE_FILTER: Final = topics.ALL_RIDER_STATE_FILTER
 
 #: Default seconds between two ticks over the whole store.
 TICK_S: Final = 5.0
@@ -853,7 +853,7 @@ def build(
     Reads the rules file now: a broken one raises :class:`~bloomwire.errors.ConfigError` naming
     the file, line and key, before anything connects.
     """
-    config = load_rules(rules_path)
+    config = load_rules(rules_path if rules_path is not None else settings.alerts_rules)
     service = AlertsService(NAME)
     tasks: set[asyncio.Task[Any]] = set()
     stop_worker = asyncio.Event()

@@ -268,7 +268,9 @@ class Projector:
             ):
                 status = ev.Presence(msg.payload.strip().decode())
                 data = ev.RiderPresence(status=status)
-                return msg, where, ev.RiderPresenceEvent(source=where.source, data=data), None
+                # A bare word (e.g. the Last Will) has no time of its own: it happens now.
+                event = ev.RiderPresenceEvent(source=where.source, time=self.clock(), data=data)
+                return msg, where, event, None
             if where.kind is InboundKind.PRESENCE and msg.payload == b"":
                 return msg, where, None, None  # a retained presence being cleared
             if where.kind is InboundKind.LOCATION:
@@ -806,7 +808,9 @@ class Projector:
             id=event.id,
             source=event.source,
             time=event.time,
-            data=ev.OrderChat.model_construct(order=order["id"], text=d.text, author=f"{author_role}:{author}"),
+            data=ev.OrderChat.model_construct(
+                order=order["id"], text=d.text, author=f"{author_role}:{author}"
+            ),
         )
         topic = topics.order_topic(order["shop"], order["id"], topics.OrderChannel.CHAT)
         pending.canonical.append(Outbound(topic, ev.encode(canonical)))

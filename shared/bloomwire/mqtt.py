@@ -353,9 +353,6 @@ def event_id_of(payload: bytes) -> str | None:
     return _shorten(value, EVENT_ID_LIMIT) if isinstance(value, str) and value else None
 
 
-_NO_ROUTE: Any = object()
-
-
 @dataclass
 class _Route:
     topic_filter: str
@@ -458,9 +455,8 @@ class Service:
         self.publish(topics.DEADLETTER, encode(refusal), qos=1)
 
     def _route(self, topic: str) -> _Route | None:
-        cached = self._routes_by_topic.get(topic, _NO_ROUTE)
-        if cached is not _NO_ROUTE:
-            return cached
+        if topic in self._routes_by_topic:
+            return self._routes_by_topic[topic]
         found = next((r for r in self.routes if topics.matches(r.topic_filter, topic)), None)
         if len(self._routes_by_topic) >= ROUTE_CACHE_SIZE:
             self._routes_by_topic.clear()

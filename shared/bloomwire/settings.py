@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
         default="FULL", description="SQLite synchronous pragma (FULL survives power loss)"
     )
+    alerts_rules: Path | None = Field(
+        default=None, description="TOML file of alert thresholds (built-in defaults when unset)"
+    )
     log_level: LogLevel = Field(default="INFO")
     log_json: bool = Field(default=False, description="Log JSON lines instead of console text")
 

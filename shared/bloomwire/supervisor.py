@@ -22,6 +22,7 @@ from bloomwire.settings import Settings
 SERVICES: dict[str, str] = {
     "persister": "services.persister",
     "dispatch": "services.dispatch",
+    "alerts": "services.alerts",
 }
 OPERATOR = "operator"
 

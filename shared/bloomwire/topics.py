@@ -260,6 +260,7 @@ ALL_ALERTS_FILTER = f"{SHOPS}/+/alerts"
 ALL_PRESENCE_FILTER = f"{RIDERS}/+/presence"
 ALL_REPLIES_FILTER = f"{RIDERS}/+/replies"
 ALL_SERVICE_STATUS_FILTER = f"{SERVICES}/+/status"
+ALL_RIDER_STATE_FILTER = f"{SHOPS}/+/riders/+/state"
 
 
 # --- parsing ----------------------------------------------------------------------------------
