@@ -39,6 +39,8 @@ def configure(level: str = "INFO", *, json: bool = False) -> None:
     root.setLevel(level)
     # Alembic and paho chatter at INFO is noise for an operator.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # APScheduler logs every tick at INFO.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
