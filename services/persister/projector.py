@@ -699,7 +699,7 @@ class Projector:
         d = event.data
         if self.orders.get(d.order) is not None:
             raise _RefusedError(f"order {d.order!r} already exists")
-        customer = d.customer_username or topics.check_id(f"c-{d.order}"[: topics.MAX_ID_LENGTH], "customer")
+        customer = d.customer_username or topics.customer_for_order(d.order)
         if self._customer_order(customer) is not None:
             raise _RefusedError(f"customer access {customer!r} is already used by another order")
         order = self.orders.add(

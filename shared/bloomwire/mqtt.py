@@ -90,6 +90,7 @@ class Connection:
         self.online_payload = online_payload
         #: Say ``online`` on every (re)connection; a Service turns this on once it is started.
         self.announce_online = True
+        self.refused_publishes = 0
         self.persistent = persistent
         self.session_expiry_s = session_expiry_s
         self.manual_ack = manual_ack
@@ -129,6 +130,7 @@ class Connection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
         self.client = client
 
@@ -185,6 +187,15 @@ class Connection:
         if reason.value != 0:
             self.last_error = f"disconnected: {reason}"
             log.warning("disconnected; reconnecting", client_id=self.client_id, reason=str(reason))
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
+    ) -> None:
+        # MQTT 5 answers a publish outside the sender's ACL with a normal PUBACK carrying 0x87:
+        # without this, such a message would vanish without a trace.
+        if reason.is_failure:
+            self.refused_publishes += 1
+            log.warning("broker refused a publish", client_id=self.client_id, mid=mid, reason=str(reason))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         # Never raise here: an exception in on_message kills paho's network thread silently.

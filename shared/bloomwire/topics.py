@@ -6,6 +6,7 @@ after the commit. :func:`parse_inbound` turns an inbound topic back into who sen
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -114,6 +115,19 @@ def check_id(value: str, what: str = "id") -> str:
         _VALID_IDS.clear()
     _VALID_IDS.add(value)
     return value
+
+
+def customer_for_order(order: str) -> str:
+    """The customer id of an order: ``c-<order>``, or for a long id a prefix plus a hash of it.
+
+    Order ids are unique forever (never reused), so this id is too: one order's customer can
+    never read another order's inbox.
+    """
+    candidate = f"c-{check_id(order, 'order')}"
+    if len(candidate) <= MAX_ID_LENGTH:
+        return candidate
+    digest = hashlib.sha256(order.encode()).hexdigest()[:20]
+    return check_id(f"c-{order[:MAX_ID_LENGTH - 23]}-{digest}", "customer")
 
 
 def _join(*levels: str) -> str:

@@ -112,8 +112,8 @@ def device_reply_topic(customer: str) -> str:
 
 
 def customer_id(order: str) -> str:
-    """The persister's default customer id of ``order``: ``c-<order>``, cut to 64 characters."""
-    return check_id(f"{CUSTOMER_PREFIX}{check_id(order, 'order')}"[: topics.MAX_ID_LENGTH], "customer")
+    """The persister's default customer id of ``order`` (see :func:`topics.customer_for_order`)."""
+    return topics.customer_for_order(order)
 
 
 def new_device_username() -> str:
