@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from bloomwire import log
+from bloomwire.clients.commands import register as register_client_commands
 from bloomwire.access.cli import accounts_app
 from bloomwire.errors import BloomwireError
 from bloomwire.settings import Settings
@@ -32,6 +32,8 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(service_app, name="service")
 app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
+# rider …, shop …, track, simulate, demo: the clients' commands (bloomwire.clients.commands).
+register_client_commands(app)
 app.add_typer(accounts_app, name="accounts")  # broker accounts (bloomwire.access.cli)
 
 console = Console()
@@ -164,27 +166,6 @@ def up(ctx: typer.Context) -> None:
     if dead:
         raise fail(f"service(s) exited unexpectedly: {', '.join(dead)}; see their logs")
     console.print("Stopped cleanly: services, then broker.")
-
-
-@app.command()
-def demo(ctx: typer.Context) -> None:
-    """The main job: broker, services and a simulated shop day on a fresh SQLite store."""
-    from bloomwire.supervisor import Stack, wait_online
-
-    settings = make_settings(ctx)
-    stack = Stack(settings)
-    try:
-        settings = stack.start()
-        seen = asyncio.run(wait_online(settings, list(stack.children)))
-        table = Table("service", "status", title="Bloomwire services")
-        for name in stack.children:
-            table.add_row(name, seen.get(name, "?"))
-        console.print(table)
-    except BloomwireError as exc:
-        stack.stop()
-        raise fail(str(exc)) from None
-    stack.stop()
-    console.print("Stopped cleanly.")
 
 
 # --- store ----------------------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""The customer's tracker: one order, nothing else.
+
+Connects as the order's customer (``c-<order>``) and subscribes exactly the four channels a
+customer may read, ``shops/S/orders/O/{status,location,chat,state}``, plus its own inbox for acks
+and refusals. Chat lines go out on ``customers/C/chat``; the persister files them under the order
+it knows this customer by.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import ValidationError
+
+from bloomwire import events as ev
+from bloomwire import topics
+from bloomwire.clients.access import customer_username
+from bloomwire.clients.base import (
+    DEFAULT_ANSWER_TIMEOUT_S,
+    Client,
+    NullObserver,
+    Observer,
+    Outcome,
+    UsageError,
+    Waiters,
+    check_name,
+    wait_outcome,
+)
+from bloomwire.clients.views import TrackView
+from bloomwire.mqtt import Message
+from bloomwire.settings import Settings
+
+
+def customer_filters(shop: str, order: str, username: str) -> list[str]:
+    """Every topic filter the tracker of ``order`` subscribes to."""
+    own = [topics.order_topic(shop, order, channel) for channel in topics.CUSTOMER_CHANNELS]
+    return [*own, topics.customer_inbox_filter(username)]
+
+
+class CustomerTracker(Client):
+    """Customer of order ``O`` (shop ``S``)."""
+
+    what = "customer"
+
+    def __init__(
+        self,
+        settings: Settings,
+        shop: str,
+        order: str,
+        password: str,
+        *,
+        username: str | None = None,
+        destination: tuple[float, float] | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.shop = check_name(shop, "shop")
+        self.order = check_name(order, "order")
+        name = check_name(username, "username") if username else customer_username(self.order)
+        super().__init__(settings, name, password)
+        self.view = TrackView(self.shop, self.order, destination)
+        self.observer: Observer = observer or NullObserver()
+        self.waiters = Waiters()
+        self.subscribe(customer_filters(self.shop, self.order, name))
+
+    def handle(self, msg: Message) -> None:
+        """Fold the order's messages into the view; settle chat lines by ack or refusal."""
+        if msg.topic == topics.customer_inbox(self.username, topics.Inbox.ACKS):
+            for i in ev.Ack.model_validate_json(msg.payload).ids:
+                if self.waiters.resolve(i, True):
+                    self.observer.settled(i, True)
+            return
+        if msg.topic == topics.customer_inbox(self.username, topics.Inbox.ERRORS):
+            refusal = ev.Refusal.model_validate_json(msg.payload)
+            if self.waiters.resolve(refusal.id, False, refusal.reason) and refusal.id:
+                self.observer.settled(refusal.id, False, refusal.reason)
+        event = self.view.apply(msg.topic, msg.payload)
+        if event is not None and not msg.retain:
+            self.observer.canonical(event.id, msg.received_at)
+
+    async def chat(self, text: str, *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S) -> Outcome:
+        """Send a chat line about the order and wait until it is stored (or refused)."""
+        try:
+            data = ev.OrderChat(order=self.order, text=text)
+        except ValidationError as exc:
+            raise UsageError(ev.describe_validation_error(exc)) from None
+        event = ev.OrderChatEvent(source=f"{topics.CUSTOMERS}/{self.username}", data=data)
+        fut = self.waiters.expect(event.id)
+        self.conn.publish(topics.customer_chat(self.username), ev.encode(event), qos=1)
+        self.observer.sent(event.id, "customer:chat", time.time())
+        return await wait_outcome(fut, timeout, "the chat line")
+
+    async def stop(self, *, announce_offline: bool = True) -> None:
+        """Disconnect."""
+        self.waiters.cancel_all()
+        await super().stop(announce_offline=announce_offline)
