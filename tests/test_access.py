@@ -29,7 +29,6 @@ from bloomwire.access.bench import bench_access
 from bloomwire.access.cli import accounts_app
 from bloomwire.access.dynsec import ControlClient, DynsecFile, verify_password
 from bloomwire.access.enrol import enrol_device
-from bloomwire.access.messages import CustomerAccessEvent
 from bloomwire.broker import (
     Mosquitto,
     ensure_secret,
@@ -295,7 +294,7 @@ def test_rider_cannot_publish_outside_its_prefix(stack: Stack, login: Callable[.
         topics.order_topic("s1", "o1", topics.OrderChannel.STATE),
         topics.rider_inbox("r1", topics.Inbox.ACKS),  # its own inbox is backbone -> device only
         topics.DEADLETTER,
-        "$CONTROL/dynamic-security/v1",
+        topics.DYNSEC_CONTROL,
     ]
     for topic in outside:
         assert puback(r1, topic, b'{"forged": true}') == NOT_AUTHORIZED, topic
@@ -363,7 +362,7 @@ def test_customer_receives_nothing_of_another_order(
             f"{order}-state",
             retain=True,
         )
-        stack.prov.publish(policy.access_topic("s1", order), f"{order}-access", retain=True)
+        stack.prov.publish(topics.access_topic("s1", order), f"{order}-access", retain=True)
     customer = login((cred_a.username, cred_a.password))
     filters = [
         "#",
@@ -371,8 +370,8 @@ def test_customer_receives_nothing_of_another_order(
         "shops/+/orders/+/+",
         "shops/s1/#",
         topics.order_topic("s1", ob, topics.OrderChannel.STATE),
-        policy.access_topic("s1", ob),
-        policy.access_topic("s1", oa),
+        topics.access_topic("s1", ob),
+        topics.access_topic("s1", oa),
         "customers/+/inbox/#",
         topics.customer_inbox_filter(cb),
         *(topics.order_topic("s1", oa, ch) for ch in topics.CUSTOMER_CHANNELS),
@@ -398,7 +397,7 @@ def test_customer_receives_nothing_of_another_order(
     assert puback(customer, topics.order_topic("s1", oa, topics.OrderChannel.STATUS), b"{}") == NOT_AUTHORIZED
     for order in (oa, ob):
         puback(persister, topics.order_topic("s1", order, topics.OrderChannel.STATE), b"", retain=True)
-        stack.prov.publish(policy.access_topic("s1", order), b"", retain=True)
+        stack.prov.publish(topics.access_topic("s1", order), b"", retain=True)
     for access in (access_a, access_b):
         stack.accounts.revoke_customer(access)
 
@@ -431,21 +430,21 @@ def test_services_read_canonical_topics_but_not_customer_access(
 ) -> None:
     order = uid("o-acc-")
     service = login("alerts")
-    for f in ("#", "shops/+/orders/+/#", "shops/+/orders/+/+", policy.ALL_ACCESS_FILTER):
+    for f in ("#", "shops/+/orders/+/#", "shops/+/orders/+/+", topics.ALL_ACCESS_FILTER):
         service.subscribe(f)
     service.subscribe(topics.all_orders_filter(topics.OrderChannel.STATUS))
     operator = login("operator")
-    operator.subscribe(policy.ALL_ACCESS_FILTER)
-    stack.prov.publish(policy.access_topic("s1", order), b"secret", retain=True)
+    operator.subscribe(topics.ALL_ACCESS_FILTER)
+    stack.prov.publish(topics.access_topic("s1", order), b"secret", retain=True)
     persister = login("persister")
     status = topics.order_topic("s1", order, topics.OrderChannel.STATUS)
     puback(persister, status, b"created")
     assert received(service) == [(status, b"created")]
-    assert received(operator, 0.1) == [(policy.access_topic("s1", order), b"secret")]
+    assert received(operator, 0.1) == [(topics.access_topic("s1", order), b"secret")]
     assert puback(service, topics.service_events("alerts"), b"{}") < 0x80
     assert puback(service, topics.service_events("dispatch"), b"{}") == NOT_AUTHORIZED
     assert puback(service, status, b"forged") == NOT_AUTHORIZED
-    stack.prov.publish(policy.access_topic("s1", order), b"", retain=True)
+    stack.prov.publish(topics.access_topic("s1", order), b"", retain=True)
 
 
 def test_admin_role_reads_no_application_topic(stack: Stack, login: Callable[..., MqttTestClient]) -> None:
@@ -596,13 +595,13 @@ def provisioner(stack: Stack) -> Iterator[Callable[..., Provisioner]]:
         thread.join(10)
 
 
-def _wait_access(shop_client: MqttTestClient, order: str, timeout: float = 5.0) -> CustomerAccessEvent:
-    topic = policy.access_topic("s1", order)
+def _wait_access(shop_client: MqttTestClient, order: str, timeout: float = 5.0) -> ev.CustomerAccessEvent:
+    topic = topics.access_topic("s1", order)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for t, payload in received(shop_client, 0.1):
             if t == topic and payload:
-                return CustomerAccessEvent.model_validate_json(payload)
+                return ev.CustomerAccessEvent.model_validate_json(payload)
     pytest.fail(f"no access message for {order}")
 
 
@@ -637,7 +636,7 @@ def test_provisioner_mints_on_creation_and_cuts_off_after_close(
         assert again.connect().value == NOT_AUTHORIZED
     finally:
         again.close()
-    cleared = [p for t, p in received(shop) if t == policy.access_topic("s1", order)]
+    cleared = [p for t, p in received(shop) if t == topics.access_topic("s1", order)]
     assert cleared == [b""]  # the retained access is gone too
     assert prov.minted == 1 and prov.revoked == 1 and not prov.index
 
@@ -648,7 +647,7 @@ def test_devices_enrol_and_do_not_kick_each_other(
     prov = provisioner(grace_s=0.3, max_devices=3)
     order = uid("o-dev-")
     shop = login("s1")
-    shop.subscribe(policy.access_topic("s1", order))
+    shop.subscribe(topics.access_topic("s1", order))
     persister = login("persister")
     status = topics.order_topic("s1", order, topics.OrderChannel.STATUS)
     puback(persister, status, status_event(order, OrderStatus.CREATED))

@@ -110,7 +110,9 @@ def test_operation_per_channel(spec: aa.ChannelSpec) -> None:
     assert mqtt["bindingVersion"] == "0.2.0"
 
 
-@pytest.mark.parametrize("spec", [s for s in aa.CHANNELS if s.action == "receive"], ids=lambda s: s.key)
+@pytest.mark.parametrize(
+    "spec", [s for s in aa.CHANNELS if s.action == "receive" and s.via_persister], ids=lambda s: s.key
+)
 def test_receive_channels_are_inbound_topics(spec: aa.ChannelSpec) -> None:
     topic = example_topic(spec)
     parsed = t.parse_inbound(topic)
@@ -118,12 +120,37 @@ def test_receive_channels_are_inbound_topics(spec: aa.ChannelSpec) -> None:
     assert sum(t.matches(f, topic) for f in t.INBOUND_FILTERS) == 1
 
 
-@pytest.mark.parametrize("spec", [s for s in aa.CHANNELS if s.action == "send"], ids=lambda s: s.key)
+@pytest.mark.parametrize(
+    "spec", [s for s in aa.CHANNELS if s.action == "send" or not s.via_persister], ids=lambda s: s.key
+)
 def test_send_channels_are_never_consumed_as_inbound(spec: aa.ChannelSpec) -> None:
+    """Canonical topics, and the provisioner's access topics, never reach the persister."""
     topic = example_topic(spec)
     assert not any(t.matches(f, topic) for f in t.INBOUND_FILTERS)
     with pytest.raises(TopicError):
         t.parse_inbound(topic)
+
+
+@pytest.mark.parametrize("kind", sorted(ev.ACCESS_EVENT_TYPES))
+def test_access_events_are_documented_but_never_decoded(kind: str) -> None:
+    cls = ev.ACCESS_EVENT_TYPES[kind]
+    assert DOC["components"]["messages"][kind]["payload"] == {"$ref": f"#/components/schemas/{cls.__name__}"}
+    (spec,) = [s for s in aa.CHANNELS if kind in s.messages]
+    assert not spec.via_persister and "provisioner" in f"{spec.publishers} {spec.subscribers}"
+    assert kind not in ev.EVENT_TYPES  # the persister refuses them: they carry passwords
+
+
+def test_access_channels_are_built_by_topics() -> None:
+    addresses = {s.address for s in aa.CHANNELS if not s.via_persister}
+    assert addresses == {
+        "shops/{shop}/orders/{order}/access",
+        "customers/{customer}/devices",
+        "customers/{customer}/inbox/devices",
+    }
+    assert t.matches(t.ALL_ACCESS_FILTER, t.access_topic("s1", "o42"))
+    assert t.matches(t.ALL_DEVICE_REQUESTS_FILTER, t.device_request_topic("c-o42"))
+    assert t.matches(t.ALL_DEVICE_REPLIES_FILTER, t.device_reply_topic("c-o42"))
+    assert t.ACCESS not in {c.value for c in t.CUSTOMER_CHANNELS}
 
 
 def test_every_inbound_filter_has_a_channel() -> None:
@@ -157,6 +184,7 @@ def test_retained_topics() -> None:
         "shops/{shop}/orders/{order}/state",
         "shops/{shop}/riders/{rider}/state",
         "services/{service}/status",
+        "shops/{shop}/orders/{order}/access",
     }
 
 

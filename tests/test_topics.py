@@ -26,6 +26,9 @@ BUILT: list[tuple[str, Callable[..., str], tuple[object, ...]]] = [
     ("shops/s1/errors", t.shop_errors, ("s1",)),
     ("customers/c9/inbox/errors", t.customer_inbox, ("c9", Inbox.ERRORS)),
     ("services/alerts/status", t.service_status, ("alerts",)),
+    ("shops/s1/orders/o42/access", t.access_topic, ("s1", "o42")),
+    ("customers/c9/devices", t.device_request_topic, ("c9",)),
+    ("customers/c9/inbox/devices", t.device_reply_topic, ("c9",)),
     *[(f"shops/s1/commands/{c}", t.shop_command, ("s1", c)) for c in Command],
     *[(f"shops/s1/orders/o42/{ch}", t.order_topic, ("s1", "o42", ch)) for ch in OrderChannel],
     *[(f"riders/r7/inbox/{box}", t.rider_inbox, ("r7", box)) for box in Inbox],
@@ -76,6 +79,29 @@ def test_filters() -> None:
     assert t.ALL_PRESENCE_FILTER == "riders/+/presence"
     assert t.ALL_REPLIES_FILTER == "riders/+/replies"
     assert t.ALL_SERVICE_STATUS_FILTER == "services/+/status"
+    assert t.ALL_ACCESS_FILTER == "shops/+/orders/+/access"
+    assert t.ALL_DEVICE_REQUESTS_FILTER == "customers/+/devices"
+    assert t.ALL_DEVICE_REPLIES_FILTER == "customers/+/inbox/devices"
+    # the access topic is no order channel: "shops/+/orders/+/<channel>" grants never cover it
+    assert t.ACCESS not in {ch.value for ch in OrderChannel}
+    assert not any(t.matches(t.all_orders_filter(ch), t.access_topic("s1", "o1")) for ch in OrderChannel)
+
+
+def test_parse_order_and_device_request_topics() -> None:
+    assert t.parse_order_topic("shops/s1/orders/o42/status") == t.OrderTopic("s1", "o42", "status")
+    assert t.parse_order_topic(t.access_topic("s1", "o42")).channel == t.ACCESS
+    assert t.parse_device_request(t.device_request_topic("c-o42")) == "c-o42"
+    for bad in (
+        "shops/s1/orders/o42/gossip",
+        "shops/s1/alerts",
+        "shops/s+/orders/o1/state",
+        "riders/r1/location",
+    ):
+        with pytest.raises(TopicError):
+            t.parse_order_topic(bad)
+    for bad in ("customers/c1/chat", "customers/c1/inbox/devices", "customers/#/devices"):
+        with pytest.raises(TopicError):
+            t.parse_device_request(bad)
 
 
 # --- identifiers ---------------------------------------------------------------------------------
@@ -277,6 +303,10 @@ OUTPUT_TOPICS = [
     *[t.customer_inbox("c9", box) for box in Inbox],
     t.service_status("dispatch"),
     t.DEADLETTER,
+    # access-control mode: the provisioner's topics never reach the persister either
+    t.access_topic("s1", "o42"),
+    t.device_request_topic("c9"),
+    t.device_reply_topic("c9"),
 ]
 
 

@@ -40,14 +40,6 @@ from bloomwire import topics
 from bloomwire.access import policy
 from bloomwire.access.accounts import Accounts, OrderAccess
 from bloomwire.access.dynsec import ControlClient, Received
-from bloomwire.access.messages import (
-    BrokerEndpoint,
-    CustomerAccess,
-    CustomerAccessEvent,
-    DeviceLogin,
-    DeviceLoginEvent,
-    encode,
-)
 from bloomwire.errors import BloomwireError, PayloadError, TopicError
 from bloomwire.lifecycle import CLOSED, OrderStatus
 from bloomwire.log import get_logger
@@ -153,7 +145,7 @@ class Provisioner:
             ca_file=s.broker_ca_file,
             status_topic=topics.service_status(NAME),
             persistent=True,
-            subscriptions={_STATUS_FILTER: 1, policy.ALL_DEVICE_REQUESTS_FILTER: 1},
+            subscriptions={_STATUS_FILTER: 1, topics.ALL_DEVICE_REQUESTS_FILTER: 1},
             on_message=self._inbox.put,
             manual_ack=True,
         )
@@ -205,7 +197,7 @@ class Provisioner:
         assert ctl is not None
         if topics.matches(_STATUS_FILTER, msg.topic):
             done = self._guard(lambda: self._on_status(msg), "status", topic=msg.topic)
-        elif topics.matches(policy.ALL_DEVICE_REQUESTS_FILTER, msg.topic):
+        elif topics.matches(topics.ALL_DEVICE_REQUESTS_FILTER, msg.topic):
             done = self._guard(lambda: self._on_device_request(msg), "device request", topic=msg.topic)
         else:
             done = True
@@ -215,18 +207,15 @@ class Provisioner:
     # --- order status ---------------------------------------------------------------------------
 
     def _on_status(self, msg: Received) -> None:
-        levels = msg.topic.split("/")
-        shop, order = levels[1], levels[3]
         try:
-            topics.check_id(shop, "shop")
-            topics.check_id(order, "order")
+            where = topics.parse_order_topic(msg.topic)
             event = ev.decode(msg.payload)
         except (TopicError, PayloadError) as exc:
             log.info("ignoring status message", topic=msg.topic[:200], reason=str(exc)[:200])
             return
         if not isinstance(event, ev.OrderStatusEvent):
             return  # incidents travel on the status topic too
-        status = event.data.status
+        shop, order, status = where.shop, where.order, event.data.status
         role = policy.role_name(policy.Kind.CUSTOMER, shop, order)
         if status in CLOSED:
             if role in self.index:
@@ -248,10 +237,10 @@ class Provisioner:
         self.index[role] = access
         self.by_customer[access.customer] = role
         s = self.settings
-        endpoint = BrokerEndpoint(
+        endpoint = ev.BrokerEndpoint(
             host=s.broker_host, port=s.broker_port, ws_port=s.broker_ws_port or None, tls=s.broker_tls
         )
-        data = CustomerAccess(
+        data = ev.CustomerAccess(
             shop=shop,
             order=order,
             customer=access.customer,
@@ -261,14 +250,14 @@ class Provisioner:
                 *(topics.order_topic(shop, order, ch) for ch in topics.CUSTOMER_CHANNELS),
                 topics.customer_inbox_filter(access.customer),
             ],
-            enrol_topic=policy.device_request_topic(access.customer),
-            reply_topic=policy.device_reply_topic(access.customer),
+            enrol_topic=topics.device_request_topic(access.customer),
+            reply_topic=topics.device_reply_topic(access.customer),
             max_devices=self.max_devices,
             broker=endpoint,
         )
         ctl.publish(
-            policy.access_topic(shop, order),
-            encode(CustomerAccessEvent(source=SOURCE, data=data)),
+            topics.access_topic(shop, order),
+            ev.encode(ev.CustomerAccessEvent(source=SOURCE, data=data)),
             retain=True,
         )
         self.minted += 1
@@ -307,7 +296,7 @@ class Provisioner:
             self.due.pop(role, None)
             return
         accounts.revoke_customer(access)
-        ctl.publish(policy.access_topic(access.shop, access.order), b"", retain=True)
+        ctl.publish(topics.access_topic(access.shop, access.order), b"", retain=True)
         del self.index[role]
         self.due.pop(role, None)
         if self.by_customer.get(access.customer) == role:
@@ -320,7 +309,11 @@ class Provisioner:
     def _on_device_request(self, msg: Received) -> None:
         ctl, accounts = self._ctl, self._accounts
         assert ctl is not None and accounts is not None
-        customer = msg.topic.split("/")[1]
+        try:
+            customer = topics.parse_device_request(msg.topic)
+        except TopicError as exc:
+            log.info("ignoring device request", topic=msg.topic[:200], reason=str(exc)[:200])
+            return
         role = self.by_customer.get(customer)
         access = self.index.get(role) if role else None
         if access is None:
@@ -328,21 +321,23 @@ class Provisioner:
         try:
             obj = json.loads(msg.payload)
             request = str(obj["id"]) if isinstance(obj, dict) else ""
-            DeviceLogin(request=request)
+            ev.DeviceLogin(request=request)
         except (ValueError, KeyError, TypeError):
             log.info("ignoring malformed device request", customer=customer)
             return
         if role in self.due:
-            answer = DeviceLogin(request=request, error="the order is closed; no new devices")
+            answer = ev.DeviceLogin(request=request, error="the order is closed; no new devices")
         elif len(access.usernames) >= self.max_devices:
-            answer = DeviceLogin(request=request, error=f"this order already has {self.max_devices} logins")
+            answer = ev.DeviceLogin(
+                request=request, error=f"this order already has {self.max_devices} logins"
+            )
         else:
             login = accounts.add_device(access)
-            answer = DeviceLogin(request=request, username=login.username, password=login.password)
+            answer = ev.DeviceLogin(request=request, username=login.username, password=login.password)
             self.devices += 1
             log.info("customer device enrolled", order=access.order, devices=len(access.usernames))
-        payload = encode(DeviceLoginEvent(source=SOURCE, data=answer))
-        ctl.publish(policy.device_reply_topic(customer), payload)
+        payload = ev.encode(ev.DeviceLoginEvent(source=SOURCE, data=answer))
+        ctl.publish(topics.device_reply_topic(customer), payload)
 
     # --- the store ------------------------------------------------------------------------------
 
@@ -409,9 +404,11 @@ class Provisioner:
 
 def build(settings: Settings) -> Provisioner:
     """The provisioner service for ``bloomwire service run provisioner``."""
-    grace = float(getattr(settings, "customer_access_grace_s", DEFAULT_GRACE_S))
-    devices = int(getattr(settings, "customer_max_devices", DEFAULT_MAX_DEVICES))
-    return Provisioner(settings, grace_s=grace, max_devices=devices)
+    return Provisioner(
+        settings,
+        grace_s=settings.customer_access_grace_s,
+        max_devices=settings.customer_max_devices,
+    )
 
 
 __all__ = ["NAME", "Provisioner", "build"]

@@ -33,7 +33,8 @@ PARAMETERS: dict[str, str] = {
     "rider": "Rider id: the rider's MQTT username.",
     "shop": "Shop id: the shop terminal's MQTT username.",
     "order": "Order id, chosen by the shop at creation.",
-    "customer": "Customer username: the MQTT identity handed out for one order.",
+    "customer": "Customer id of one order (c-<order> by default): its MQTT username in "
+    "password-file mode; in access-control mode the order's logins (cust@...) act as it.",
     "service": "Service name (persister, dispatch, alerts, ...).",
     "device": "OwnTracks device name, as configured in the app.",
 }
@@ -87,6 +88,9 @@ class ChannelSpec:
     retain: bool = False
     #: Described MQTT 5 message expiry, if the publisher sets one.
     expiry: str | None = None
+    #: False for the provisioner's customer-access topics (access-control mode only): the
+    #: persister neither consumes nor publishes them.
+    via_persister: bool = True
 
     @property
     def parameters(self) -> list[str]:
@@ -103,6 +107,8 @@ def _addr(build: Callable[..., str], *args: str) -> str:
 
 _RIDER_DEVICE = "rider's device"
 _PERSISTER = "persister"
+_PROVISIONER = "provisioner (access-control mode)"
+_CUSTOMER = "customer client"
 
 
 def _channels() -> tuple[ChannelSpec, ...]:
@@ -182,8 +188,19 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "receive",
             "A chat line from the customer, about its own order.",
             ("order.chat",),
-            "customer client",
+            _CUSTOMER,
             _PERSISTER,
+        ),
+        ChannelSpec(
+            "customerDevices",
+            _addr(t.device_request_topic, "{customer}"),
+            "receive",
+            "Access-control mode: a customer device, logged in with any login of the order, asks "
+            "for a login of its own (one username is one MQTT session).",
+            ("customer.device_requested",),
+            _CUSTOMER,
+            _PROVISIONER,
+            via_persister=False,
         ),
         ChannelSpec(
             "serviceEvents",
@@ -321,7 +338,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "Ids of the customer's events committed to the store.",
             ("Ack",),
             _PERSISTER,
-            "customer client",
+            _CUSTOMER,
         ),
         ChannelSpec(
             "customerInboxErrors",
@@ -330,7 +347,31 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "Why one of the customer's messages was refused.",
             refusal,
             _PERSISTER,
-            "customer client",
+            _CUSTOMER,
+        ),
+        ChannelSpec(
+            "customerInboxDevices",
+            _addr(t.device_reply_topic, "{customer}"),
+            "send",
+            "Access-control mode: the answer to a device request (matched by the request's id), "
+            "a login of the device's own or the reason for none.",
+            ("customer.device",),
+            _PROVISIONER,
+            _CUSTOMER,
+            via_persister=False,
+        ),
+        ChannelSpec(
+            "orderAccess",
+            _addr(t.access_topic, *order),
+            "send",
+            "Access-control mode: the order's customer access (first login, its topics, where "
+            "to enrol devices), for shop S only, published once the order is created; cleared "
+            "(empty retained payload) when revoked, at close + grace.",
+            ("customer.access",),
+            _PROVISIONER,
+            "shop",
+            retain=True,
+            via_persister=False,
         ),
         ChannelSpec(
             "serviceStatus",
@@ -363,7 +404,7 @@ CHANNELS: tuple[ChannelSpec, ...] = _channels()
 
 
 def _schemas() -> dict[str, Any]:
-    models = [*ev.EVENT_TYPES.values(), *SNAPSHOT_MODELS]
+    models = [*ev.EVENT_TYPES.values(), *ev.ACCESS_EVENT_TYPES.values(), *SNAPSHOT_MODELS]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=SCHEMA_REF)
     schemas: dict[str, Any] = dict(sorted(top["$defs"].items()))
     schemas[OWNTRACKS_LOCATION] = {
@@ -390,7 +431,7 @@ def _first_line(doc: str | None) -> str:
 
 def _messages() -> dict[str, Any]:
     messages: dict[str, Any] = {}
-    for kind, cls in ev.EVENT_TYPES.items():
+    for kind, cls in {**ev.EVENT_TYPES, **ev.ACCESS_EVENT_TYPES}.items():
         data_model = cls.model_fields["data"].annotation
         summary = _first_line(getattr(data_model, "__doc__", None)) or f"A {kind} event."
         messages[kind] = {
@@ -528,6 +569,11 @@ _TOPICS_NOTES = """
 Inbound topics are written by devices and services and consumed only by the persister (with a
 persistent session, QoS 1, acknowledged to the broker after the commit); nothing the backbone
 publishes matches an inbound filter. Canonical topics are published only after the commit.
+
+In access-control mode (docs/security.md) the provisioner adds three topics the persister never
+touches: `shops/{shop}/orders/{order}/access` (retained `customer.access`, readable by shop S
+only), `customers/{customer}/devices` and `customers/{customer}/inbox/devices` (device
+enrolment). Their `customer.*` events carry passwords and are never stored.
 
 JSON payloads are CloudEvents in structured mode named by their `type` (`order.status`, ...);
 `OrderState`, `OrderLocation`, `RiderState`, `Ack` and `Refusal` are plain JSON objects of the

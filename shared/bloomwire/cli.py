@@ -17,6 +17,7 @@ from bloomwire.clients.commands import register as register_client_commands
 from bloomwire.access.cli import accounts_app
 from bloomwire.errors import BloomwireError
 from bloomwire.settings import Settings
+from bloomwire.supervisor import DEFAULT_RIDERS, DEFAULT_SHOPS
 
 app = typer.Typer(
     help="Bloomwire: MQTT delivery tracking for flower shops. Every command reads BLOOMWIRE_* "
@@ -78,6 +79,40 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+Access = Annotated[
+    bool,
+    typer.Option(
+        "--access/--no-access",
+        help="Access control: Mosquitto's dynamic-security plugin gives every identity only its "
+        "own topics (docs/security.md), and the provisioner gives each order's customer a login. "
+        "--no-access: a password file (every user may use every topic).",
+    ),
+]
+Shops = Annotated[
+    str,
+    typer.Option(
+        help="Access control: shop accounts to bootstrap, comma-separated (passwords in "
+        "DATA_DIR/secrets/<shop>; add more later with `bloomwire accounts add-shop`).",
+    ),
+]
+Riders = Annotated[
+    str,
+    typer.Option(
+        help="Access control: rider accounts to bootstrap, comma-separated (passwords in "
+        "DATA_DIR/secrets/<rider>; add more later with `bloomwire accounts add-rider`).",
+    ),
+]
+
+
+SHOPS_DEFAULT = ",".join(DEFAULT_SHOPS)
+RIDERS_DEFAULT = ",".join(DEFAULT_RIDERS)
+
+
+def _names(value: str) -> list[str]:
+    """``"s1, s2,,s3"`` -> ``["s1", "s2", "s3"]``."""
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
 # --- broker ---------------------------------------------------------------------------------------
 
 
@@ -86,15 +121,35 @@ def broker_run(
     ctx: typer.Context,
     port: Annotated[int, typer.Option(help="TCP port (0 = a free one).")] = 0,
     ws_port: Annotated[int, typer.Option(help="Websockets port (0 = a free one).")] = 0,
+    access: Annotated[
+        bool,
+        typer.Option(
+            "--access/--no-access",
+            help="Access control (dynamic-security plugin, accounts bootstrapped: admin, "
+            "provisioner, operator, persister, dispatch, alerts and --shops/--riders); default: "
+            "a password file with the service accounts.",
+        ),
+    ] = False,
+    shops: Shops = SHOPS_DEFAULT,
+    riders: Riders = RIDERS_DEFAULT,
 ) -> None:
     """Run Mosquitto from broker/ in the foreground (with the service accounts) until Ctrl-C."""
     from bloomwire.broker import Mosquitto, ensure_secret
     from bloomwire.supervisor import OPERATOR, SERVICES
 
     settings = make_settings(ctx)
-    users = {n: ensure_secret(settings.data_dir, n) for n in [*SERVICES, OPERATOR]}
-    broker = Mosquitto(settings.data_dir / "broker", port=port, ws_port=ws_port, users=users)
     try:
+        if access:
+            from bloomwire.access import bootstrap
+
+            services = [n for n in SERVICES if n != "persister"]
+            boot = bootstrap(settings.data_dir, shops=_names(shops), riders=_names(riders), services=services)
+            broker = Mosquitto(
+                settings.data_dir / "broker", port=port, ws_port=ws_port, dynsec_config=boot.config_path
+            )
+        else:
+            users = {n: ensure_secret(settings.data_dir, n) for n in [*SERVICES, OPERATOR]}
+            broker = Mosquitto(settings.data_dir / "broker", port=port, ws_port=ws_port, users=users)
         broker.start()
     except BloomwireError as exc:
         raise fail(str(exc)) from None
@@ -128,37 +183,57 @@ def _wait_for_signal(alive: Any) -> None:
 @service_app.command("run")
 def service_run(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="persister, dispatch or alerts.")],
+    name: Annotated[
+        str, typer.Argument(help="persister, dispatch, alerts, or provisioner (access control only).")
+    ],
 ) -> None:
     """Run one service against the broker named by BLOOMWIRE_BROKER_HOST/PORT."""
-    from bloomwire.supervisor import SERVICES, service_settings
+    from bloomwire.supervisor import ALL_SERVICES, service_settings
 
     settings = make_settings(ctx)
-    if name not in SERVICES:
-        raise fail(f"unknown service {name!r} (known: {', '.join(SERVICES)})")
+    if name not in ALL_SERVICES:
+        raise fail(f"unknown service {name!r} (known: {', '.join(ALL_SERVICES)})")
     if not settings.external_broker:
         raise fail("set BLOOMWIRE_BROKER_PORT to the broker's port (or use `bloomwire up`)")
     settings = service_settings(settings, settings.broker_username or name)
-    module = importlib.import_module(SERVICES[name])
+    module = importlib.import_module(ALL_SERVICES[name])
     service = module.build(settings)
     asyncio.run(service.run(settings))
 
 
 @app.command()
-def up(ctx: typer.Context) -> None:
-    """Start a broker (unless settings name one) and every service; Ctrl-C stops them all."""
+def up(
+    ctx: typer.Context,
+    access: Access = True,
+    shops: Shops = SHOPS_DEFAULT,
+    riders: Riders = RIDERS_DEFAULT,
+) -> None:
+    """Start a broker (unless settings name one) and every service; Ctrl-C stops them all.
+
+    With access control (the default) the first start bootstraps the admin
+    (for `bloomwire accounts`), the service accounts and the --shops/--riders
+    accounts, passwords in DATA_DIR/secrets/<name>; later starts keep them.
+    Each order's customer login goes to its shop on shops/S/orders/O/access.
+    """
     from bloomwire.supervisor import Stack
 
     settings = make_settings(ctx)
-    stack = Stack(settings)
     try:
+        stack = Stack(settings, access=access, shops=_names(shops), riders=_names(riders))
         settings = stack.start()
     except BloomwireError as exc:
         raise fail(str(exc)) from None
+    mode = (
+        f"access control ({len(stack.shops)} shops, {len(stack.riders)} riders)"
+        if access
+        else "password file"
+    )
     console.print(
-        f"Bloomwire up: broker mqtt://{settings.broker_host}:{settings.broker_port}; services "
-        f"{', '.join(stack.children)} online; store {settings.database_url}; logs in "
-        f"{settings.data_dir / 'logs'}. Ctrl-C stops everything."
+        f"Bloomwire up: broker mqtt://{settings.broker_host}:{settings.broker_port} "
+        f"(ws {settings.broker_ws_port}, {mode}); services "
+        f"{', '.join(stack.children)} online; store {settings.database_url}; passwords in "
+        f"{settings.data_dir / 'secrets'}; logs in {settings.data_dir / 'logs'}. "
+        "Ctrl-C stops everything."
     )
     _wait_for_signal(lambda: not stack.check())
     dead = stack.check()
@@ -216,6 +291,23 @@ def bench_ingest(
         ceiling=ceiling,
         console=console,
     )
+
+
+@bench_app.command("access")
+def bench_access(
+    orders: Annotated[int, typer.Option(help="Customer accesses already live on the broker.")] = 5_000,
+    repeat: Annotated[int, typer.Option(help="Mint/revoke rounds to time.")] = 15,
+) -> None:
+    """Time minting and revoking one customer access (and the cut-off) with N live orders."""
+    from bloomwire.access.bench import bench_access as run_bench
+    from bloomwire.broker import find_dynsec_plugin, find_mosquitto
+
+    try:
+        find_mosquitto()
+        find_dynsec_plugin()
+        run_bench(orders, repeat, echo=console.print)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
 
 
 def main() -> None:

@@ -328,6 +328,81 @@ class AlertAcknowledgedEvent(_Envelope):
     data: AlertAcknowledged
 
 
+# --- customer access (access-control mode, the provisioner's topics; docs/security.md) ------------
+#
+# CloudEvents like the rest, but NOT members of :data:`Event`: the persister never decodes or
+# stores them (``customer.access`` and ``customer.device`` carry a password), and no inbound
+# topic accepts them. :data:`ACCESS_EVENT_TYPES` lists them for the AsyncAPI document.
+
+
+class BrokerEndpoint(_Data):
+    """Where a customer device connects (as the provisioner knows it)."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ws_port: int | None = Field(default=None, ge=1, le=65535)
+    tls: bool = False
+
+
+class CustomerAccess(_Data):
+    """The tracking access of one order, for the shop to hand to its customer."""
+
+    shop: Id
+    order: Id
+    #: The customer id C: names the customer's topics (``customers/C/...``), not its login.
+    customer: Id
+    #: The order's first login (``cust@...``); use it to enrol devices, see ``enrol_topic``.
+    username: Id
+    password: str = Field(repr=False)
+    #: Exactly these topics may be subscribed to (and are delivered).
+    topics: list[str]
+    #: Publish a ``customer.device_requested`` here to get a login per device ...
+    enrol_topic: str
+    #: ... and read the answer here (``customers/C/inbox/devices``).
+    reply_topic: str
+    max_devices: int
+    broker: BrokerEndpoint | None = None
+
+
+class CustomerAccessEvent(_Envelope):
+    """Retained on ``shops/S/orders/O/access`` (shop S only); cleared when revoked."""
+
+    type: Literal["customer.access"] = "customer.access"
+    data: CustomerAccess
+
+
+class DeviceRequest(_Data):
+    """A device asks for a login of its own; the topic names the customer, the login proves it."""
+
+    label: Annotated[str, StringConstraints(max_length=100)] = ""
+
+
+class DeviceRequestEvent(_Envelope):
+    type: Literal["customer.device_requested"] = "customer.device_requested"
+    data: DeviceRequest = DeviceRequest()
+
+
+class DeviceLogin(_Data):
+    """The answer to a device request: its ``id``, then a login or the reason for none."""
+
+    request: EventId
+    username: Id | None = None
+    password: str | None = Field(default=None, repr=False)
+    error: str | None = None
+
+
+class DeviceLoginEvent(_Envelope):
+    type: Literal["customer.device"] = "customer.device"
+    data: DeviceLogin
+
+
+#: type string -> envelope class of the customer-access flow (not decoded by :func:`decode`).
+ACCESS_EVENT_TYPES: dict[str, type[_Envelope]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (CustomerAccessEvent, DeviceRequestEvent, DeviceLoginEvent)
+}
+
+
 Event: TypeAlias = Annotated[
     OrderCreatedEvent
     | OrderCancelledEvent

@@ -42,6 +42,17 @@ class Settings(BaseSettings):
     alerts_rules: Path | None = Field(
         default=None, description="TOML file of alert thresholds (built-in defaults when unset)"
     )
+    customer_access_grace_s: float = Field(
+        default=3600,
+        ge=0,
+        description="Access-control mode: seconds a customer keeps its access after the order closes",
+    )
+    customer_max_devices: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Access-control mode: logins per order (the first one plus enrolled devices)",
+    )
     log_level: LogLevel = Field(default="INFO")
     log_json: bool = Field(default=False, description="Log JSON lines instead of console text")
 

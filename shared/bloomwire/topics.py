@@ -29,6 +29,19 @@ DEADLETTER = f"{SERVICES}/deadletter"
 PRESENCE_ONLINE = "online"
 PRESENCE_OFFLINE = "offline"
 
+#: Level names of the customer-access flow (access-control mode, see docs/security.md): the
+#: order's ``access`` topic is NOT an :class:`OrderChannel` (customers and services never read
+#: it), and ``devices`` is not an :class:`Inbox` channel of riders.
+ACCESS = "access"
+DEVICES = "devices"
+
+#: Mosquitto's dynamic-security plugin: its control topic, its answers, and both as one filter.
+DYNSEC_CONTROL = "$CONTROL/dynamic-security/v1"
+DYNSEC_RESPONSE = f"{DYNSEC_CONTROL}/response"
+DYNSEC_CONTROL_FILTER = "$CONTROL/dynamic-security/#"
+#: The broker's own statistics (``#`` never matches ``$``-topics).
+SYS_FILTER = "$SYS/#"
+
 
 class Identity(StrEnum):
     """Kinds of MQTT identity; each writes only under its own prefix."""
@@ -127,7 +140,7 @@ def customer_for_order(order: str) -> str:
     if len(candidate) <= MAX_ID_LENGTH:
         return candidate
     digest = hashlib.sha256(order.encode()).hexdigest()[:20]
-    return check_id(f"c-{order[:MAX_ID_LENGTH - 23]}-{digest}", "customer")
+    return check_id(f"c-{order[: MAX_ID_LENGTH - 23]}-{digest}", "customer")
 
 
 def _join(*levels: str) -> str:
@@ -232,6 +245,29 @@ def service_status(service: str) -> str:
     return _join(SERVICES, check_id(service, "service"), "status")
 
 
+# --- customer access (access-control mode; the provisioner's topics) ------------------------------
+
+
+def access_topic(shop: str, order: str) -> str:
+    """``shops/S/orders/O/access``: RETAINED, QoS 1, the order's customer access, for shop S only.
+
+    The provisioner publishes it once the order is created and clears it (empty retained
+    payload) when the access is revoked. Only shop S (``shops/S/#``), the operator and the
+    provisioner may read it; customers and services may not.
+    """
+    return _join(SHOPS, check_id(shop, "shop"), "orders", check_id(order, "order"), ACCESS)
+
+
+def device_request_topic(customer: str) -> str:
+    """``customers/C/devices``: a customer device asks for a login of its own (enrolment)."""
+    return _join(CUSTOMERS, check_id(customer, "customer"), DEVICES)
+
+
+def device_reply_topic(customer: str) -> str:
+    """``customers/C/inbox/devices``: the provisioner's answer, readable by every device of C."""
+    return _join(CUSTOMERS, check_id(customer, "customer"), "inbox", DEVICES)
+
+
 # --- subscription filters ---------------------------------------------------------------------
 
 #: Everything the persister consumes.
@@ -275,6 +311,12 @@ ALL_PRESENCE_FILTER = f"{RIDERS}/+/presence"
 ALL_REPLIES_FILTER = f"{RIDERS}/+/replies"
 ALL_SERVICE_STATUS_FILTER = f"{SERVICES}/+/status"
 ALL_RIDER_STATE_FILTER = f"{SHOPS}/+/riders/+/state"
+#: Every order's access message (the provisioner writes them; shop S reads its own).
+ALL_ACCESS_FILTER = f"{SHOPS}/+/orders/+/{ACCESS}"
+#: Every customer's device request (the provisioner reads them) ...
+ALL_DEVICE_REQUESTS_FILTER = f"{CUSTOMERS}/+/{DEVICES}"
+#: ... and every answer (the provisioner writes them).
+ALL_DEVICE_REPLIES_FILTER = f"{CUSTOMERS}/+/inbox/{DEVICES}"
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -311,6 +353,33 @@ class InboundTopic:
         if self.identity is Identity.SHOP:
             return shop_errors(self.sender)
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class OrderTopic:
+    """A per-order topic ``shops/S/orders/O/CHANNEL`` taken apart."""
+
+    shop: str
+    order: str
+    #: An :class:`OrderChannel` value, or :data:`ACCESS`.
+    channel: str
+
+
+def parse_order_topic(topic: str) -> OrderTopic:
+    """Shop, order and channel of ``shops/S/orders/O/{status,...,state,access}``, else :class:`TopicError`."""
+    levels = check_publish_topic(topic)
+    known = {*(c.value for c in OrderChannel), ACCESS}
+    if len(levels) != 5 or levels[0] != SHOPS or levels[2] != "orders" or levels[4] not in known:
+        raise TopicError(f"topic {topic!r} is not a per-order topic of the contract")
+    return OrderTopic(check_id(levels[1], "shop"), check_id(levels[3], "order"), levels[4])
+
+
+def parse_device_request(topic: str) -> str:
+    """The customer id of a ``customers/C/devices`` topic, else :class:`TopicError`."""
+    levels = check_publish_topic(topic)
+    if len(levels) != 3 or levels[0] != CUSTOMERS or levels[2] != DEVICES:
+        raise TopicError(f"topic {topic!r} is not a device request topic")
+    return check_id(levels[1], "customer")
 
 
 def check_publish_topic(topic: str) -> list[str]:

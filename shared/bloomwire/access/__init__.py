@@ -7,7 +7,10 @@
 * :mod:`~bloomwire.access.enrol` — a customer device trades the order login for its own.
 * :mod:`~bloomwire.access.bench` — :func:`bench_access`, mint/revoke time with N live orders.
 
-See docs/security.md.
+The topics of the access flow (``shops/S/orders/O/access``, ``customers/C/devices``,
+``customers/C/inbox/devices``) are built in :mod:`bloomwire.topics`, its payloads
+(``customer.access``, ``customer.device_requested``, ``customer.device``) modelled in
+:mod:`bloomwire.events`. See docs/security.md.
 """
 
 from bloomwire.access.accounts import (
@@ -20,28 +23,17 @@ from bloomwire.access.accounts import (
     dynsec_path,
     open_accounts,
 )
-from bloomwire.access.policy import (
-    ALL_ACCESS_FILTER,
-    Kind,
-    access_topic,
-    customer_id,
-    device_reply_topic,
-    device_request_topic,
-)
+from bloomwire.access.policy import Kind, customer_id
 
 __all__ = [
-    "ALL_ACCESS_FILTER",
     "AccountInfo",
     "Accounts",
     "Bootstrap",
     "Credential",
     "Kind",
     "OrderAccess",
-    "access_topic",
     "bootstrap",
     "customer_id",
-    "device_reply_topic",
-    "device_request_topic",
     "dynsec_path",
     "open_accounts",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from bloomwire import topics
 from bloomwire.access import policy
 from bloomwire.access.accounts import Accounts, bootstrap, connect_admin
 from bloomwire.access.dynsec import DynsecFile, hash_password
@@ -147,13 +148,13 @@ def bench_access(
                     shop, order = "bench-shop-live", f"bench-live-{i}"
                     t0 = time.perf_counter()
                     access, login = accounts.mint_customer(shop, order)
-                    ctl.publish(policy.access_topic(shop, order), b"{}", retain=True)
+                    ctl.publish(topics.access_topic(shop, order), b"{}", retain=True)
                     result.mint_ms.append((time.perf_counter() - t0) * 1000)
                     device, gone = _device(broker, login.username, login.password)
                     try:
                         t0 = time.perf_counter()
                         accounts.revoke_customer(access)
-                        ctl.publish(policy.access_topic(shop, order), b"", retain=True)
+                        ctl.publish(topics.access_topic(shop, order), b"", retain=True)
                         result.revoke_ms.append((time.perf_counter() - t0) * 1000)
                         deadline = time.monotonic() + 5
                         while not gone and time.monotonic() < deadline:

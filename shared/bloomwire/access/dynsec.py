@@ -37,10 +37,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bloomwire import topics
 from bloomwire.errors import BrokerError
 
-REQUEST_TOPIC = "$CONTROL/dynamic-security/v1"
-RESPONSE_TOPIC = f"{REQUEST_TOPIC}/response"
+REQUEST_TOPIC = topics.DYNSEC_CONTROL
+RESPONSE_TOPIC = topics.DYNSEC_RESPONSE
 #: What the plugin (2.0.11) writes for a new client: PBKDF2-SHA512, 101 rounds, 12-byte salt.
 HASH_ITERATIONS = 101
 SALT_BYTES = 12

@@ -22,12 +22,11 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bloomwire.access import policy
+from bloomwire import topics
 from bloomwire.access.accounts import Credential
-from bloomwire.access.messages import DeviceLoginEvent, DeviceRequest, DeviceRequestEvent, encode
 from bloomwire.access.policy import Kind
 from bloomwire.errors import BrokerError, PayloadError
-from bloomwire.topics import CUSTOMERS
+from bloomwire.events import DeviceLoginEvent, DeviceRequest, DeviceRequestEvent, encode
 
 
 def enrol_device(
@@ -44,8 +43,9 @@ def enrol_device(
     timeout: float = 10.0,
 ) -> Credential:
     """Log in with an order login, ask for a device login, return it (``BrokerError`` if refused)."""
-    request = DeviceRequestEvent(source=f"{CUSTOMERS}/{customer}", data=DeviceRequest(label=label))
-    reply_topic = policy.device_reply_topic(customer)
+    request_topic = topics.device_request_topic(customer)
+    reply_topic = topics.device_reply_topic(customer)
+    request = DeviceRequestEvent(source=f"{topics.CUSTOMERS}/{customer}", data=DeviceRequest(label=label))
     events: queue.Queue[tuple[str, Any]] = queue.Queue()
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
@@ -100,7 +100,7 @@ def enrol_device(
         result, _mid = client.subscribe(reply_topic, qos=1)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS or any(r.is_failure for r in wait("suback")):
             raise BrokerError(f"device enrolment for {customer!r}: may not read {reply_topic}")
-        client.publish(policy.device_request_topic(customer), encode(request), qos=1)
+        client.publish(request_topic, encode(request), qos=1)
         while True:
             payload = wait("message")
             try:

@@ -2,8 +2,9 @@
 
 Mosquitto 2.0.11's dynamic-security plugin does not substitute ``%u``/``%c`` in ACLs, so every
 identity gets a role of its own that names its topics literally (``rider/r7``, ``shop/s1``,
-``order/s1/o42``). Everything here is pure: names, ACL lists and the few topics of the access
-flow; :mod:`bloomwire.access.accounts` applies them to a broker or to the plugin's JSON file.
+``order/s1/o42``). Everything here is pure: names and ACL lists (ACL patterns built from the constants and
+builders of :mod:`bloomwire.topics`, where every topic, the access flow's included, is defined);
+:mod:`bloomwire.access.accounts` applies them to a broker or to the plugin's JSON file.
 
 Evaluation rules relied upon (verified against 2.0.11, see docs/security.md): the default for
 every ACL type is *deny* except unsubscribe (set by :data:`DEFAULT_ACL_ACCESS`); a client's
@@ -76,39 +77,6 @@ class Kind(StrEnum):
     SHOP = "shop"
     RIDER = "rider"
     CUSTOMER = "customer"
-
-
-# --- the customer-access topics (move into bloomwire.topics when integrating) ------------------
-
-ACCESS_CHANNEL = "access"
-DEVICES = "devices"
-#: Every order's access message (the provisioner's view).
-ALL_ACCESS_FILTER = f"{topics.SHOPS}/+/orders/+/{ACCESS_CHANNEL}"
-#: Every customer's device request (the provisioner reads them).
-ALL_DEVICE_REQUESTS_FILTER = f"{topics.CUSTOMERS}/+/{DEVICES}"
-ALL_DEVICE_REPLIES_FILTER = f"{topics.CUSTOMERS}/+/inbox/{DEVICES}"
-
-
-def access_topic(shop: str, order: str) -> str:
-    """``shops/S/orders/O/access``: RETAINED, QoS 1, the order's customer access, for shop S only.
-
-    The provisioner publishes it when the order is created and clears it (empty retained
-    payload) when the access is revoked. Only shop S (``shops/S/#``), the operator and the
-    provisioner may read it; customers and services may not.
-    """
-    return "/".join(
-        (topics.SHOPS, check_id(shop, "shop"), "orders", check_id(order, "order"), ACCESS_CHANNEL)
-    )
-
-
-def device_request_topic(customer: str) -> str:
-    """``customers/C/devices``: a customer device asks for a login of its own (enrolment)."""
-    return "/".join((topics.CUSTOMERS, check_id(customer, "customer"), DEVICES))
-
-
-def device_reply_topic(customer: str) -> str:
-    """``customers/C/inbox/devices``: the provisioner's answer, readable by every device of C."""
-    return "/".join((topics.CUSTOMERS, check_id(customer, "customer"), "inbox", DEVICES))
 
 
 def customer_id(order: str) -> str:
@@ -189,7 +157,6 @@ def role_name(kind: Kind, *ids: str) -> str:
     return ROLE_SEPARATOR.join((kind.value, *ids))
 
 
-_CONTROL = "$CONTROL/dynamic-security/#"
 _CANONICAL_ORDER = tuple(
     topics.all_orders_filter(ch)
     for ch in (
@@ -200,19 +167,24 @@ _CANONICAL_ORDER = tuple(
         OrderChannel.STATE,
     )
 )
-_SHOP_FEEDS = (topics.ALL_ALERTS_FILTER, f"{topics.SHOPS}/+/riders/+/state")
+_SHOP_FEEDS = (topics.ALL_ALERTS_FILTER, topics.ALL_RIDER_STATE_FILTER)
 
 
 def admin_role() -> Role:
     """Administers the plugin over ``$CONTROL/dynamic-security/v1`` and nothing else."""
-    return Role(ADMIN, (Acl(PUBLISH, _CONTROL), *_read(_CONTROL)))
+    control = topics.DYNSEC_CONTROL_FILTER
+    return Role(ADMIN, (Acl(PUBLISH, control), *_read(control)))
 
 
 def provisioner_role() -> Role:
     """The provisioner: sees order creation/closure, answers device requests, publishes access."""
     acls = [
-        *_read(topics.all_orders_filter(OrderChannel.STATUS), ALL_DEVICE_REQUESTS_FILTER),
-        *_write(ALL_ACCESS_FILTER, ALL_DEVICE_REPLIES_FILTER, topics.service_status(PROVISIONER)),
+        *_read(topics.all_orders_filter(OrderChannel.STATUS), topics.ALL_DEVICE_REQUESTS_FILTER),
+        *_write(
+            topics.ALL_ACCESS_FILTER,
+            topics.ALL_DEVICE_REPLIES_FILTER,
+            topics.service_status(PROVISIONER),
+        ),
         *_write(topics.DEADLETTER),
     ]
     return Role(role_name(Kind.PROVISIONER), tuple(acls))
@@ -220,7 +192,7 @@ def provisioner_role() -> Role:
 
 def operator_role() -> Role:
     """Reads everything (``#`` does not match ``$``-topics, so ``$SYS`` is named too)."""
-    return Role(role_name(Kind.OPERATOR), tuple(_read("#", "$SYS/#")))
+    return Role(role_name(Kind.OPERATOR), tuple(_read("#", topics.SYS_FILTER)))
 
 
 def persister_role() -> Role:
