@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from test_clients import service_online
 
 from bloomwire import geo
 from bloomwire.broker import ensure_secret
@@ -130,7 +131,9 @@ def test_short_run_ends_exactly_as_planned(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'store.db'}")
     stack = Stack(settings, services=("persister",), extra_users=Simulation.users(plan))
     try:
-        live = stack.start()
+        live = stack.start_broker()
+        stack.start_service("persister")
+        asyncio.run(service_online(live, "persister", ensure_secret(tmp_path, "operator")))
         config = SimConfig(minutes=0.5, assign="shop", outbox_dir=tmp_path / "outboxes", drain_grace_s=60)
         sim = Simulation(live, plan, config, partial(ensure_secret, tmp_path))
         result = asyncio.run(sim.run())

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from bloomwire.broker import ensure_secret
 from bloomwire.clients.base import UsageError, resolve_password
+from bloomwire.errors import BloomwireError
 from bloomwire.settings import Settings
 from bloomwire.simulate.agents import AssignMode, SimConfig
 from bloomwire.simulate.metrics import percentile
@@ -244,6 +245,49 @@ async def _play(
                 loop.remove_signal_handler(sig)
 
 
+def scaled_alert_rules(speed: float) -> str:
+    """Alert thresholds for a compressed day: the built-in ones in SIMULATED minutes.
+
+    The alerts service counts real minutes; the simulated day runs ``speed`` times faster, so each
+    threshold is divided by ``speed`` (with a floor of a few real seconds, above the jitter of
+    positions and ticks). ``eta_slip`` is off: the ETA the persister computes comes from the
+    reported speed, and ``vel`` cannot carry a compressed speed (the payload model caps it at
+    400 km/h), so that ETA runs slower than the simulated day.
+    """
+
+    def real_min(sim_min: float, floor_s: float) -> float:
+        return round(max(sim_min / speed, floor_s / 60.0), 4)
+
+    return (
+        "# Written by `bloomwire demo`: the built-in thresholds, in simulated minutes\n"
+        f"# (the day runs {speed:.0f}x faster than the clock the alerts service reads).\n"
+        "[defaults]\n"
+        f"overdue_grace_min = {real_min(5, 3)}\n"
+        f"stale_position_min = {real_min(5, 6)}\n"
+        f"rider_offline_min = {real_min(2, 1)}\n"
+        f"unassigned_min = {real_min(10, 3)}\n"
+        f"escalate_after_min = {real_min(15, 6)}\n"
+        f"followup_after_h = {round(max(2.0 / speed, 10 / 3600), 5)}\n"
+        'disabled = ["eta_slip"]\n'
+    )
+
+
+def _alert_rules_file(root: Path, speed: float, console: Console) -> Path | None:
+    """Write the scaled rules next to the store; None (the defaults) if the service rejects them."""
+    path = root / "sim-alert-rules.toml"
+    path.write_text(scaled_alert_rules(speed), encoding="utf-8")
+    try:
+        from services.alerts.config import load_rules
+
+        load_rules(path)
+    except ImportError:
+        return path
+    except BloomwireError as exc:
+        console.print(f"[yellow]alert thresholds stay the built-in ones: {exc}[/yellow]")
+        return None
+    return path
+
+
 def _provisioner(data_dir: Path, known: set[str], add_user: Callable[[str], str]) -> Callable[[str], str]:
     """Passwords for simulated identities; accounts made at broker start are just read back."""
     lock = threading.Lock()
@@ -310,6 +354,9 @@ def run_demo(
     services = tuple(SERVICES)
     mode = resolve_assign(assign, services)
     users = Simulation.users(plan)
+    if "alerts" in services:
+        rules = _alert_rules_file(root, Simulation.speed_for(plan, minutes), console)
+        demo_settings = demo_settings.model_copy(update={"alerts_rules": rules})
     stack = Stack(demo_settings, services=services, extra_users=users)
     live = console.is_terminal if live is None else live
     console.print(
@@ -401,7 +448,12 @@ def run_simulate(
         provision: Callable[[str], str] = partial(ensure_secret, settings.data_dir)
         live_settings = settings.model_copy(update={"broker_username": None, "broker_password": None})
     else:
-        stack = Stack(settings, services=tuple(SERVICES), extra_users=users)
+        own = settings
+        if "alerts" in SERVICES:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            rules = _alert_rules_file(settings.data_dir, Simulation.speed_for(plan, minutes), console)
+            own = settings.model_copy(update={"alerts_rules": rules})
+        stack = Stack(own, services=tuple(SERVICES), extra_users=users)
         mode = resolve_assign(assign, stack.services)
     try:
         if stack is not None:

@@ -11,14 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from bloomwire.topics import MAX_ID_LENGTH, check_id
-
-CUSTOMER_PREFIX = "c-"
+from bloomwire import topics
 
 
 def customer_username(order: str) -> str:
-    """The customer identity of ``order`` (the persister's own rule: ``c-<order>``, cut to 64)."""
-    return check_id(f"{CUSTOMER_PREFIX}{order}"[:MAX_ID_LENGTH], "customer")
+    """The customer identity of ``order``: the persister's own rule (``c-<order>``, hashed if long)."""
+    return topics.customer_for_order(order)
 
 
 @dataclass(frozen=True, slots=True)

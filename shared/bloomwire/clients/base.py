@@ -298,7 +298,18 @@ async def connect(
     except BaseException:
         with contextlib.suppress(Exception):
             await conn.stop(announce_offline=False)
+        release(conn)
         raise
+
+
+def release(conn: Connection) -> None:
+    """Close the wake-up socket pair paho keeps after ``loop_stop`` now, not at garbage collection.
+
+    Connection and paho client reference each other, so they are freed by the cycle collector,
+    which may finalise the sockets before paho's own ``__del__`` closes them: a ResourceWarning.
+    """
+    with contextlib.suppress(Exception):
+        conn.client._reset_sockets()
 
 
 class Client:
@@ -380,7 +391,10 @@ class Client:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
-        await self.conn.stop(announce_offline=announce_offline)
+        try:
+            await self.conn.stop(announce_offline=announce_offline)
+        finally:
+            release(self.conn)
 
     async def crash(self) -> None:
         """Vanish like a phone whose app died: no DISCONNECT, so the broker sends the Last Will."""
@@ -391,10 +405,9 @@ class Client:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
-        client = self.conn.client
-        await asyncio.to_thread(client.loop_stop)
+        await asyncio.to_thread(self.conn.client.loop_stop)
         # Closing the socket without a DISCONNECT packet is what a killed app looks like.
-        client._reset_sockets()
+        release(self.conn)
         self.conn.connected.clear()
 
 

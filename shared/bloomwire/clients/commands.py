@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -685,8 +687,10 @@ def track(
                 return code
             stop = asyncio.Event()
             undo = _stop_on_signals(stop)
+            typed = _read_lines(lambda line: _chat_line(tracker, line, wait))
             try:
                 if console.is_terminal:
+                    console.print("type a line and Enter to chat with the shop and rider; Ctrl-C stops")
                     with Live(tracker.view.render(), console=console, refresh_per_second=2) as live:
                         while not stop.is_set():
                             live.update(tracker.view.render())
@@ -701,6 +705,7 @@ def track(
                             shown = now
                             console.print(tracker.view.render())
             finally:
+                typed()
                 undo()
             return code
         finally:
@@ -709,6 +714,60 @@ def track(
     code = _run(main)
     if code:
         raise typer.Exit(code)
+
+
+def _read_lines(on_line: Callable[[str], None]) -> Callable[[], None]:
+    """Call ``on_line`` for each line typed on stdin (if it can be watched); return an undo."""
+    loop = asyncio.get_running_loop()
+    buffer = bytearray()
+    try:
+        fd = sys.stdin.fileno()
+    except (OSError, ValueError, AttributeError):
+        return lambda: None
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+            return
+        buffer.extend(data)
+        while b"\n" in buffer:
+            line, _, rest = bytes(buffer).partition(b"\n")
+            buffer[:] = rest
+            text = line.decode("utf-8", errors="replace").strip()
+            if text:
+                on_line(text)
+
+    try:
+        loop.add_reader(fd, readable)
+    except (OSError, ValueError, NotImplementedError, PermissionError):
+        return lambda: None
+
+    def undo() -> None:
+        with contextlib.suppress(Exception):
+            loop.remove_reader(fd)
+
+    return undo
+
+
+def _chat_line(tracker: Any, text: str, wait: float) -> None:
+    async def send() -> None:
+        try:
+            _report(await tracker.chat(text, timeout=wait), "chat line")
+        except BloomwireError as exc:
+            err.print(f"[red]chat line not sent:[/red] {exc}")
+
+    task = asyncio.get_running_loop().create_task(send())
+    _sending.add(task)
+    task.add_done_callback(_sending.discard)
+
+
+#: Chat lines on their way (a reference keeps each task alive until it is done).
+_sending: set[asyncio.Task[None]] = set()
 
 
 # --- simulator and demo -------------------------------------------------------------------------

@@ -493,7 +493,9 @@ class SimShop:
             world.provision(site.id),
             observer=world.metrics,
             access=ProvisionedAccess(world.provision),
+            on_message=self._on_message,
         )
+        self.rng = random.Random(f"{world.plan.seed}:{site.id}")
         self.tasks: list[asyncio.Task[None]] = []
         self.created: set[str] = set()
         self.creating_done = asyncio.Event()
@@ -565,6 +567,25 @@ class SimShop:
                     self.tasks.append(asyncio.create_task(customer.run(), name=f"customer-{o.id}"))
         finally:
             self.creating_done.set()
+
+    def _on_message(self, topic: str, message: object) -> None:
+        """The shop's feed: someone at the counter acknowledges each new alert of the shop."""
+        if isinstance(message, ev.AlertRaisedEvent) and topic.endswith("/alerts") and "/orders/" not in topic:
+            self.world.metrics.counters["alerts raised"] += 1
+            self.world.note(f"{self.site.id} alert {message.data.rule.value}: {message.data.message}")
+            self.tasks.append(asyncio.create_task(self._acknowledge(message.data.alert)))
+
+    async def _acknowledge(self, alert: str) -> None:
+        await asyncio.sleep(self.rng.uniform(0.3, 1.0))
+        line = self.terminal.view.alerts.get(alert)
+        if line is None or line.status != "open":
+            return  # resolved (or acknowledged) meanwhile
+        try:
+            outcome = await self.terminal.ack_alert(alert, by=f"staff at {self.site.name}", timeout=10)
+        except ClientError:
+            return
+        if outcome.stored:
+            self.world.metrics.counters["alerts acknowledged"] += 1
 
     async def _cancel_later(self, order: OrderPlan) -> None:
         await self.world.clock.sleep(order.cancel_after_min or 3.0)

@@ -86,8 +86,7 @@ class Simulation:
         self.config = config
         self.metrics = metrics or Metrics()
         start = datetime.combine(date.today(), parse_day_start(config.day_start))
-        speed = plan.day_minutes * 60.0 / (config.minutes * 60.0 * DAY_SHARE)
-        self.clock = SimClock(speed, start)
+        self.clock = SimClock(self.speed_for(plan, config.minutes), start)
         self.world = World(plan, self.clock, self.metrics, config, settings, provision)
         self.shops = [SimShop(self.world, site) for site in plan.shops]
         self.riders = [SimRider(self.world, rp) for rp in plan.riders]
@@ -97,6 +96,11 @@ class Simulation:
             self.world.riders[rider.id] = rider
         self.started_at: float | None = None
         self.finished = False
+
+    @staticmethod
+    def speed_for(plan: DayPlan, minutes: float) -> float:
+        """Simulated seconds per real second when the day takes about ``minutes`` real minutes."""
+        return plan.day_minutes * 60.0 / (minutes * 60.0 * DAY_SHARE)
 
     @staticmethod
     def users(plan: DayPlan) -> list[str]:
