@@ -127,8 +127,8 @@ def test_points_and_drafts_name_the_bad_coordinate() -> None:
 
 def test_customer_access_is_pluggable() -> None:
     access = UsernameOnly().issue(SHOP, "o7", customer_username("o7"))
-    assert access == CustomerAccess(SHOP, "o7", "c-o7", None)
-    assert "not yet available" in access.describe() and "bloomwire track o7" in access.describe()
+    assert access == CustomerAccess(SHOP, "o7", "c-o7", "c-o7", None)
+    assert "no password was issued" in access.describe() and "bloomwire track o7" in access.describe()
     long_a, long_b = customer_username("o" * 64), customer_username("o" * 63 + "p")
     assert len(long_a) <= 64 and long_a != long_b  # never cut into another order's name
 
@@ -286,3 +286,29 @@ def test_track_view_shows_its_order_only_with_eta_and_distance() -> None:
         lateness(T0 + timedelta(minutes=70), ev.Window(start=T0, end=T0 + timedelta(hours=1)))
         == "10 min late"
     )
+
+
+def test_shop_view_takes_the_provisioners_customer_access() -> None:
+    view = ShopView(SHOP)
+    data = ev.CustomerAccess(
+        shop=SHOP,
+        order="o1",
+        customer="c-o1",
+        username="cust@0123456789abcdef0123",
+        password="secret",
+        topics=[f"shops/{SHOP}/orders/o1/status"],
+        enrol_topic="customers/c-o1/devices",
+        reply_topic="customers/c-o1/inbox/devices",
+        max_devices=3,
+    )
+    topic = f"shops/{SHOP}/orders/o1/{topics.ACCESS}"
+    view.apply(topic, ev.encode(ev.CustomerAccessEvent(source="services/provisioner", data=data)))
+    access = CustomerAccess.from_provisioner(view.accesses["o1"])
+    assert (access.customer, access.username, access.password) == (
+        "c-o1",
+        "cust@0123456789abcdef0123",
+        "secret",
+    )
+    assert "--username cust@0123456789abcdef0123" in access.describe()
+    view.apply(topic, b"")  # revoked
+    assert "o1" not in view.accesses

@@ -43,6 +43,7 @@ def test_short_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -
     out = done.stdout.decode(errors="replace")
     assert done.returncode == 0, out + done.stderr.decode(errors="replace")
     text = " ".join(re.sub("[│┃┌┐└┘─┬┴├┤┼]", " ", out).split())  # table borders out of the way
+    assert "with access control" in text  # every client kept to its own topics
     assert "Bloomwire demo summary" in text
     assert re.search(r"LOST 0\b", text), text
     assert "stored twice 0" in text

@@ -17,7 +17,7 @@ from bloomwire.broker import ensure_secret
 from bloomwire.settings import Settings
 from bloomwire.simulate import Fate, Rates, SimConfig, Simulation, plan_day
 from bloomwire.simulate.clock import SimClock
-from bloomwire.simulate.plan import BERLIN_BOX, outcome_of
+from bloomwire.simulate.plan import BERLIN_BOX, outcome_of, rename
 from bloomwire.store import make_engine
 from bloomwire.store.models import EVENTS, ORDERS
 from bloomwire.supervisor import Stack
@@ -84,6 +84,16 @@ def test_rates_shape_the_outcomes() -> None:
     quiet = plan_day(1, orders=200, rates=Rates(0, 0, 0, 0, 0, 0, 0))
     assert set(quiet.outcome_counts()) == {"delivered"}
     assert all(o.flat_tyre_delay_min is None and not o.decline_first for o in quiet.orders)
+
+
+def test_rename_keeps_the_day() -> None:
+    plan = plan_day(4, orders=30, riders=3, shops=2)
+    named = rename(plan, ["s1", "s2"], ["r1", "r2", "r3"])
+    assert [s.id for s in named.shops] == ["s1", "s2"] and [r.id for r in named.riders] == ["r1", "r2", "r3"]
+    assert {o.shop for o in named.orders} <= {"s1", "s2"}
+    assert named.outcomes() == plan.outcomes()
+    with pytest.raises(ValueError, match="1 shop id"):
+        rename(plan, ["s1"])
 
 
 def test_bad_arguments_are_named() -> None:

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -29,12 +29,12 @@ from rich.console import Console
 from rich.table import Table
 
 from bloomwire.broker import ensure_secret
-from bloomwire.clients.base import UsageError, resolve_password
+from bloomwire.clients.base import UsageError, check_name, resolve_password
 from bloomwire.errors import BloomwireError
 from bloomwire.settings import Settings
 from bloomwire.simulate.agents import AssignMode, SimConfig
 from bloomwire.simulate.metrics import percentile
-from bloomwire.simulate.plan import DayPlan, Rates, outcome_of, plan_day
+from bloomwire.simulate.plan import DayPlan, Rates, outcome_of, plan_day, rename
 from bloomwire.simulate.runner import SimResult, Simulation
 from bloomwire.simulate.view import watch
 from bloomwire.store import make_engine
@@ -331,8 +331,13 @@ def run_demo(
     assign: AssignChoice = "auto",
     rates: Rates | None = None,
     live: bool | None = None,
+    access: bool = True,
 ) -> int:
-    """The whole demo; returns the exit code (0, or 1 if an event was lost or a service died)."""
+    """The whole demo; returns the exit code (0, or 1 if an event was lost or a service died).
+
+    ``access``: the broker runs with access control (every identity only its own topics; each
+    customer's login issued by the provisioner), as ``bloomwire up`` does by default.
+    """
     from bloomwire.supervisor import SERVICES, Stack
 
     if not minutes > 0:
@@ -353,11 +358,20 @@ def run_demo(
     )
     services = tuple(SERVICES)
     mode = resolve_assign(assign, services)
-    users = Simulation.users(plan)
+    users = Simulation.users(plan, customers=not access)
     if "alerts" in services:
         rules = _alert_rules_file(root, Simulation.speed_for(plan, minutes), console)
         demo_settings = demo_settings.model_copy(update={"alerts_rules": rules})
-    stack = Stack(demo_settings, services=services, extra_users=users)
+    if access:
+        stack = Stack(
+            demo_settings,
+            services=services,
+            access=True,
+            shops=[s.id for s in plan.shops],
+            riders=[r.id for r in plan.riders],
+        )
+    else:
+        stack = Stack(demo_settings, services=services, extra_users=users)
     live = console.is_terminal if live is None else live
     console.print(
         f"[bold]Bloomwire demo[/bold]: seed {seed}, {orders} orders, {riders} riders, "
@@ -369,15 +383,12 @@ def run_demo(
     try:
         live_settings = stack.start()
         console.print(
-            f"broker mqtt://{live_settings.broker_host}:{live_settings.broker_port} · services "
-            f"{', '.join(stack.children)} online · riders assigned by "
-            + (
-                "the dispatch service"
-                if mode == "dispatch"
-                else "the shops (dispatch service not registered)"
-            )
+            f"broker mqtt://{live_settings.broker_host}:{live_settings.broker_port} "
+            + ("with access control" if access else "without access control (password file)")
+            + f" · services {', '.join(stack.children)} online · riders assigned by "
+            + ("the dispatch service" if mode == "dispatch" else "the shops (no dispatch service)")
         )
-        config = SimConfig(minutes=minutes, assign=mode, outbox_dir=root / "outboxes")
+        config = SimConfig(minutes=minutes, assign=mode, outbox_dir=root / "outboxes", access_control=access)
         provision = _provisioner(root, set(users), stack.add_user)
         sim = Simulation(live_settings, plan, config, provision)
         result = asyncio.run(_play(sim, console, live=live, check=stack.check))
@@ -415,15 +426,36 @@ def run_simulate(
     rates: Rates | None = None,
     tag: str | None = None,
     live: bool | None = None,
+    access: bool = True,
+    shop_ids: Sequence[str] = (),
+    rider_ids: Sequence[str] = (),
 ) -> int:
-    """``bloomwire simulate``: against the broker in the settings, or a stack of its own."""
+    """``bloomwire simulate``: against the broker in the settings, or a stack of its own.
+
+    ``access``: the broker runs (or is started) with access control, so customers get their
+    login from the provisioner. ``shop_ids``/``rider_ids`` name the day's shops and riders (e.g.
+    the accounts ``bloomwire up`` made) and set how many there are.
+    """
     from bloomwire.supervisor import SERVICES, Stack
 
     if not minutes > 0:
         raise UsageError(f"--minutes must be positive, not {minutes}")
+    for name in (*shop_ids, *rider_ids):
+        check_name(name, "shop or rider id")
     prefix = tag if tag is not None else f"s{datetime.now():%H%M%S}-"
-    plan = make_plan(seed, orders=orders, riders=riders, shops=shops, rates=rates, order_prefix=prefix)
-    users = Simulation.users(plan)
+    plan = make_plan(
+        seed,
+        orders=orders,
+        riders=len(rider_ids) or riders,
+        shops=len(shop_ids) or shops,
+        rates=rates,
+        order_prefix=prefix,
+    )
+    try:
+        plan = rename(plan, shop_ids, rider_ids)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    users = Simulation.users(plan, customers=not access)
     live = console.is_terminal if live is None else live
     outboxes = settings.data_dir / "clients" / "sim-outboxes"
     stack: Stack | None = None
@@ -453,7 +485,16 @@ def run_simulate(
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             rules = _alert_rules_file(settings.data_dir, Simulation.speed_for(plan, minutes), console)
             own = settings.model_copy(update={"alerts_rules": rules})
-        stack = Stack(own, services=tuple(SERVICES), extra_users=users)
+        if access:
+            stack = Stack(
+                own,
+                services=tuple(SERVICES),
+                access=True,
+                shops=[s.id for s in plan.shops],
+                riders=[r.id for r in plan.riders],
+            )
+        else:
+            stack = Stack(own, services=tuple(SERVICES), extra_users=users)
         mode = resolve_assign(assign, stack.services)
     try:
         if stack is not None:
@@ -463,7 +504,7 @@ def run_simulate(
                 f"broker mqtt://{live_settings.broker_host}:{live_settings.broker_port} · services "
                 f"{', '.join(stack.children)} online"
             )
-        config = SimConfig(minutes=minutes, assign=mode, outbox_dir=outboxes)
+        config = SimConfig(minutes=minutes, assign=mode, outbox_dir=outboxes, access_control=access)
         sim = Simulation(live_settings, plan, config, provision)
         console.print(
             f"simulating seed {seed}: {orders} orders (ids {plan.orders[0].id}…), {riders} riders, "

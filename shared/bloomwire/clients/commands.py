@@ -479,6 +479,10 @@ def shop_order_create(
     note: Annotated[str, typer.Option(help="A note for the rider.")] = "",
     order_id: Annotated[str | None, typer.Option("--order-id", help="Choose the order id.")] = None,
     pickup: Annotated[str | None, typer.Option(help="Pickup position LAT,LON (the shop).")] = None,
+    access_wait: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for the provisioner's customer access (access control).", min=0),
+    ] = 2.0,
     password: Password = None,
     username: Username = None,
     wait: Wait = 10.0,
@@ -510,6 +514,7 @@ def shop_order_create(
         raise _fail(str(exc), 2) from None
 
     async def action(terminal: ShopTerminal) -> int:
+        terminal.access_wait_s = access_wait
         created = await terminal.create_order(draft, timeout=wait)
         if not created.outcome.stored:
             err.print(f"[bold red]order {created.order} refused:[/bold red] {created.outcome.reason}")
@@ -655,7 +660,13 @@ def track(
     chat: Annotated[str | None, typer.Option("--chat", help="Send this chat line, then follow.")] = None,
     once: Annotated[bool, typer.Option("--once", help="Print the order once and exit.")] = False,
     password: Password = None,
-    username: Username = None,
+    username: Annotated[
+        str | None, typer.Option("--username", help="Your login (default: the customer id).")
+    ] = None,
+    customer: Annotated[
+        str | None,
+        typer.Option("--customer", help="The customer id C of customers/C/… (default: c-<order>)."),
+    ] = None,
     wait: Wait = 10.0,
 ) -> None:
     """Follow one order as its customer: timeline, ETA, the rider's distance, chat."""
@@ -669,9 +680,12 @@ def track(
         check_name(shop, "shop")
         check_name(order, "order")
         destination = parse_point(at, "--at") if at else None
-        name = username or customer_username(order)
+        cid = check_name(customer, "customer") if customer else customer_username(order)
+        name = username or cid
         pw = resolve_password(settings, name, password, "customer")
-        tracker = CustomerTracker(settings, shop, order, pw, username=name, destination=destination)
+        tracker = CustomerTracker(
+            settings, shop, order, pw, username=name, customer=cid, destination=destination
+        )
         await tracker.start(on_retry=_retry_note)
         try:
             if not await _wait_until(lambda: tracker.view.state is not None, 2.0):
@@ -807,6 +821,22 @@ def simulate(
     unreachable: Annotated[float, typer.Option(help="Share of orders whose customer is unreachable.")] = 0.06,
     address_wrong: Annotated[float, typer.Option(help="Share of orders with a wrong address.")] = 0.03,
     cancel: Annotated[float, typer.Option(help="Share of orders the shop cancels.")] = 0.05,
+    access: Annotated[
+        bool,
+        typer.Option(
+            "--access/--no-access",
+            help="The broker runs with access control (customer logins from the provisioner), as "
+            "`bloomwire up` does by default; without a broker port: start one like that.",
+        ),
+    ] = True,
+    shop_id: Annotated[
+        list[str] | None,
+        typer.Option("--shop-id", help="Name the shops (repeat; e.g. s1 s2 s3 as `bloomwire up` makes)."),
+    ] = None,
+    rider_id: Annotated[
+        list[str] | None,
+        typer.Option("--rider-id", help="Name the riders (repeat; e.g. r1 … r10 as `bloomwire up` makes)."),
+    ] = None,
 ) -> None:
     """A seeded, time-compressed day of Berlin deliveries through the real clients.
 
@@ -841,6 +871,9 @@ def simulate(
             assign=choice,
             rates=rates,
             tag=tag,
+            access=access,
+            shop_ids=shop_id or (),
+            rider_ids=rider_id or (),
         )
     except UsageError as exc:
         raise _fail(str(exc), 2) from None
@@ -860,6 +893,14 @@ def demo(
     shops: Shops = 3,
     seed: Seed = 7,
     assign: Assign = "auto",
+    access: Annotated[
+        bool,
+        typer.Option(
+            "--access/--no-access",
+            help="Access control on the broker (each identity only its own topics; customer logins "
+            "from the provisioner), or a plain password file.",
+        ),
+    ] = True,
 ) -> None:
     """The main job: broker, services and a simulated Berlin shop day on a fresh SQLite store.
 
@@ -880,6 +921,7 @@ def demo(
             shops=shops,
             seed=seed,
             assign=choice,
+            access=access,
         )
     except UsageError as exc:
         raise _fail(str(exc), 2) from None

@@ -31,6 +31,7 @@ from bloomwire.clients.base import (
     Waiters,
     check_name,
     check_point,
+    wait_event,
     wait_outcome,
 )
 from bloomwire.clients.views import ShopView
@@ -164,13 +165,17 @@ class ShopTerminal(Client):
         username: str | None = None,
         observer: Observer | None = None,
         access: AccessIssuer | None = None,
+        access_wait_s: float = 2.0,
         on_message: Callable[[str, object], None] | None = None,
     ) -> None:
         self.shop = check_name(shop, "shop")
         super().__init__(settings, check_name(username or shop, "username"), password)
         self.view = ShopView(self.shop)
         self.observer: Observer = observer or NullObserver()
-        self.access: AccessIssuer = access or UsernameOnly()
+        #: None: take the access the provisioner publishes (waiting up to ``access_wait_s``),
+        #: else just the username.
+        self.access = access
+        self.access_wait_s = access_wait_s
         self.on_message = on_message
         self.waiters = Waiters()
         self._pending: dict[str, _Pending] = {}
@@ -225,9 +230,25 @@ class ShopTerminal(Client):
         outcome = await self._run(Command.CREATE_ORDER, event, timeout, f"new order {event.data.order}")
         access = None
         if outcome.stored:
-            username = event.data.customer_username or customer_username(event.data.order)
-            access = await asyncio.to_thread(self.access.issue, self.shop, event.data.order, username)
+            order = event.data.order
+            username = event.data.customer_username or customer_username(order)
+            if self.access is not None:
+                access = await asyncio.to_thread(self.access.issue, self.shop, order, username)
+            else:
+                access = await self.provisioned_access(order, username)
         return Created(event.data.order, outcome, access)
+
+    async def provisioned_access(self, order: str, username: str) -> CustomerAccess:
+        """The access the provisioner publishes for ``order`` (access-control mode), if it comes
+        within ``access_wait_s``; else the bare customer username."""
+        deadline = time.monotonic() + self.access_wait_s
+        while order not in self.view.accesses:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return UsernameOnly().issue(self.shop, order, username)
+            self.changed.clear()
+            await wait_event(self.changed, left)
+        return CustomerAccess.from_provisioner(self.view.accesses[order])
 
     async def assign(
         self, order: str, rider: str, *, note: str = "", timeout: float = DEFAULT_ANSWER_TIMEOUT_S

@@ -1,9 +1,10 @@
 """The customer's tracker: one order, nothing else.
 
-Connects as the order's customer (``c-<order>``) and subscribes exactly the four channels a
-customer may read, ``shops/S/orders/O/{status,location,chat,state}``, plus its own inbox for acks
-and refusals. Chat lines go out on ``customers/C/chat``; the persister files them under the order
-it knows this customer by.
+Connects with the order's customer login (``c-<order>``, or the login the access-control
+provisioner issued) and subscribes exactly the four channels a customer may read,
+``shops/S/orders/O/{status,location,chat,state}``, plus its own inbox for acks and refusals.
+Chat lines go out on ``customers/C/chat``; the persister files them under the order it knows
+this customer by.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from bloomwire.mqtt import Message
 from bloomwire.settings import Settings
 
 
-def customer_filters(shop: str, order: str, username: str) -> list[str]:
-    """Every topic filter the tracker of ``order`` subscribes to."""
+def customer_filters(shop: str, order: str, customer: str) -> list[str]:
+    """Every topic filter the tracker of ``order`` (customer id ``customer``) subscribes to."""
     own = [topics.order_topic(shop, order, channel) for channel in topics.CUSTOMER_CHANNELS]
-    return [*own, topics.customer_inbox_filter(username)]
+    return [*own, topics.customer_inbox_filter(customer)]
 
 
 class CustomerTracker(Client):
@@ -50,26 +51,29 @@ class CustomerTracker(Client):
         password: str,
         *,
         username: str | None = None,
+        customer: str | None = None,
         destination: tuple[float, float] | None = None,
         observer: Observer | None = None,
     ) -> None:
         self.shop = check_name(shop, "shop")
         self.order = check_name(order, "order")
-        name = check_name(username, "username") if username else customer_username(self.order)
+        #: The customer id C (``customers/C/...``); the login may differ (access-control mode).
+        self.customer = check_name(customer, "customer") if customer else customer_username(self.order)
+        name = check_name(username, "username") if username else self.customer
         super().__init__(settings, name, password)
         self.view = TrackView(self.shop, self.order, destination)
         self.observer: Observer = observer or NullObserver()
         self.waiters = Waiters()
-        self.subscribe(customer_filters(self.shop, self.order, name))
+        self.subscribe(customer_filters(self.shop, self.order, self.customer))
 
     def handle(self, msg: Message) -> None:
         """Fold the order's messages into the view; settle chat lines by ack or refusal."""
-        if msg.topic == topics.customer_inbox(self.username, topics.Inbox.ACKS):
+        if msg.topic == topics.customer_inbox(self.customer, topics.Inbox.ACKS):
             for i in ev.Ack.model_validate_json(msg.payload).ids:
                 if self.waiters.resolve(i, True):
                     self.observer.settled(i, True)
             return
-        if msg.topic == topics.customer_inbox(self.username, topics.Inbox.ERRORS):
+        if msg.topic == topics.customer_inbox(self.customer, topics.Inbox.ERRORS):
             refusal = ev.Refusal.model_validate_json(msg.payload)
             if self.waiters.resolve(refusal.id, False, refusal.reason) and refusal.id:
                 self.observer.settled(refusal.id, False, refusal.reason)
@@ -83,9 +87,9 @@ class CustomerTracker(Client):
             data = ev.OrderChat(order=self.order, text=text)
         except ValidationError as exc:
             raise UsageError(ev.describe_validation_error(exc)) from None
-        event = ev.OrderChatEvent(source=f"{topics.CUSTOMERS}/{self.username}", data=data)
+        event = ev.OrderChatEvent(source=f"{topics.CUSTOMERS}/{self.customer}", data=data)
         fut = self.waiters.expect(event.id)
-        self.conn.publish(topics.customer_chat(self.username), ev.encode(event), qos=1)
+        self.conn.publish(topics.customer_chat(self.customer), ev.encode(event), qos=1)
         self.observer.sent(event.id, "customer:chat", time.time())
         return await wait_outcome(fut, timeout, "the chat line")
 

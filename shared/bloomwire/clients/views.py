@@ -121,6 +121,8 @@ class ShopView:
     alerts: dict[str, AlertLine] = field(default_factory=dict)
     feed: deque[str] = field(default_factory=lambda: deque(maxlen=FEED_LINES))
     errors: deque[ev.Refusal] = field(default_factory=lambda: deque(maxlen=FEED_LINES))
+    #: Customer accesses the provisioner published (access-control mode), by order.
+    accesses: dict[str, ev.CustomerAccess] = field(default_factory=dict)
     messages: int = 0
 
     def line(self, order: str) -> OrderLine:
@@ -156,6 +158,12 @@ class ShopView:
         return None  # our own commands echoed back, and anything newer than this client
 
     def _order_message(self, order: str, channel: str, payload: bytes) -> ev.Event | None:
+        if channel == topics.ACCESS:
+            if payload:
+                self.accesses[order] = ev.CustomerAccessEvent.model_validate_json(payload).data
+            else:  # revoked
+                self.accesses.pop(order, None)
+            return None
         if channel == topics.OrderChannel.STATE:
             if not payload:
                 return None

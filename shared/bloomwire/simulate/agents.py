@@ -22,7 +22,7 @@ from typing import Literal
 
 from bloomwire import events as ev
 from bloomwire import geo
-from bloomwire.clients.access import ProvisionedAccess, customer_username
+from bloomwire.clients.access import CustomerAccess, ProvisionedAccess
 from bloomwire.clients.base import ClientError, wait_event
 from bloomwire.clients.outbox import LOCATION, Entry, Outbox
 from bloomwire.clients.rider import MAX_VEL_KMH, RiderDevice
@@ -67,6 +67,8 @@ class SimConfig:
     outbox_dir: Path = field(default_factory=lambda: Path("var/sim/outboxes"))
     #: Seconds each client may take to connect.
     connect_timeout_s: float = 20.0
+    #: The broker runs with access control: customers get their login from the provisioner.
+    access_control: bool = False
 
 
 @dataclass
@@ -492,7 +494,10 @@ class SimShop:
             site.id,
             world.provision(site.id),
             observer=world.metrics,
-            access=ProvisionedAccess(world.provision),
+            # With access control the provisioner issues each customer's login; without it the
+            # simulator provisions the account itself.
+            access=None if world.config.access_control else ProvisionedAccess(world.provision),
+            access_wait_s=10.0,
             on_message=self._on_message,
         )
         self.rng = random.Random(f"{world.plan.seed}:{site.id}")
@@ -562,7 +567,7 @@ class SimShop:
                 if o.fate is Fate.CANCELLED:
                     self.tasks.append(asyncio.create_task(self._cancel_later(o)))
                 if o.customer_chat is not None and created.access is not None:
-                    customer = SimCustomer(self.world, o, created.access.password or "")
+                    customer = SimCustomer(self.world, o, created.access)
                     self.world.customers.append(customer)
                     self.tasks.append(asyncio.create_task(customer.run(), name=f"customer-{o.id}"))
         finally:
@@ -654,18 +659,28 @@ class SimShop:
 class SimCustomer:
     """A customer who opens the tracker and chats once the flowers are on their way."""
 
-    def __init__(self, world: World, order: OrderPlan, password: str) -> None:
+    def __init__(self, world: World, order: OrderPlan, access: CustomerAccess) -> None:
         self.world = world
         self.order = order
-        self.password = password or world.provision(customer_username(order.id))
+        self.access = access
         self.tracker: CustomerTracker | None = None
         self.foreign = 0
 
     async def run(self) -> None:
         """Follow the order until it is closed (or the day ends)."""
-        world, o = self.world, self.order
+        world, o, access = self.world, self.order, self.access
+        if access.password is None:
+            world.note(f"customer of {o.id}: no login was issued, cannot follow the order")
+            return
         tracker = CustomerTracker(
-            world.settings, o.shop, o.id, self.password, destination=(o.lat, o.lon), observer=world.metrics
+            world.settings,
+            o.shop,
+            o.id,
+            access.password,
+            username=access.username,
+            customer=access.customer,
+            destination=(o.lat, o.lon),
+            observer=world.metrics,
         )
         try:
             await tracker.start(world.config.connect_timeout_s)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from bloomwire import geo
@@ -355,6 +356,26 @@ def plan_day(
             )
         )
     return DayPlan(seed, day_minutes, tuple(sites), tuple(rider_plans), tuple(order_plans), rates)
+
+
+def rename(plan: DayPlan, shop_ids: Sequence[str] = (), rider_ids: Sequence[str] = ()) -> DayPlan:
+    """The same day with the shops and riders called by the given ids (in plan order).
+
+    E.g. to play the day with the accounts ``bloomwire up`` provisions (``s1``…, ``r1``…).
+    Nothing else changes, outcomes included.
+    """
+    if shop_ids and len(shop_ids) != len(plan.shops):
+        raise ValueError(f"{len(shop_ids)} shop id(s) given for {len(plan.shops)} shops")
+    if rider_ids and len(rider_ids) != len(plan.riders):
+        raise ValueError(f"{len(rider_ids)} rider id(s) given for {len(plan.riders)} riders")
+    shop_map = dict(zip((s.id for s in plan.shops), shop_ids, strict=True)) if shop_ids else {}
+    shops = tuple(replace(s, id=shop_map.get(s.id, s.id)) for s in plan.shops)
+    riders = tuple(
+        replace(r, id=new)
+        for r, new in zip(plan.riders, rider_ids or [r.id for r in plan.riders], strict=True)
+    )
+    orders = tuple(replace(o, shop=shop_map.get(o.shop, o.shop)) for o in plan.orders)
+    return replace(plan, shops=shops, riders=riders, orders=orders)
 
 
 def outcome_of(status: str, failure_reason: str | None) -> str:

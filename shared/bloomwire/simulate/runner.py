@@ -103,9 +103,10 @@ class Simulation:
         return plan.day_minutes * 60.0 / (minutes * 60.0 * DAY_SHARE)
 
     @staticmethod
-    def users(plan: DayPlan) -> list[str]:
-        """Every MQTT identity the run connects as."""
-        return [*(r.id for r in plan.riders), *(s.id for s in plan.shops), *plan.customers_tracking()]
+    def users(plan: DayPlan, *, customers: bool = True) -> list[str]:
+        """Every MQTT identity the run connects as (customers: unless the provisioner issues them)."""
+        people = [*(r.id for r in plan.riders), *(s.id for s in plan.shops)]
+        return [*people, *plan.customers_tracking()] if customers else people
 
     # --- state for views ------------------------------------------------------------------------
 
