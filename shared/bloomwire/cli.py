@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 
 from bloomwire import log
-from bloomwire.clients.commands import register as register_client_commands
 from bloomwire.access.cli import accounts_app
+from bloomwire.clients.commands import register as register_client_commands
 from bloomwire.errors import BloomwireError
 from bloomwire.settings import Settings
 from bloomwire.supervisor import DEFAULT_RIDERS, DEFAULT_SHOPS
