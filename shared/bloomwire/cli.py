@@ -33,9 +33,9 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(service_app, name="service")
 app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
+app.add_typer(accounts_app, name="accounts")  # broker accounts (bloomwire.access.cli)
 # rider …, shop …, track, simulate, demo: the clients' commands (bloomwire.clients.commands).
 register_client_commands(app)
-app.add_typer(accounts_app, name="accounts")  # broker accounts (bloomwire.access.cli)
 
 console = Console()
 err = Console(stderr=True)
@@ -197,7 +197,10 @@ def service_run(
         raise fail("set BLOOMWIRE_BROKER_PORT to the broker's port (or use `bloomwire up`)")
     settings = service_settings(settings, settings.broker_username or name)
     module = importlib.import_module(ALL_SERVICES[name])
-    service = module.build(settings)
+    try:
+        service = module.build(settings)
+    except BloomwireError as exc:  # e.g. a broken alert rules file: say where, no traceback
+        raise fail(str(exc)) from None
     asyncio.run(service.run(settings))
 
 
@@ -289,6 +292,54 @@ def bench_ingest(
         rate=rate,
         riders=riders,
         ceiling=ceiling,
+        console=console,
+    )
+
+
+@bench_app.command("dispatch")
+def bench_dispatch(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option(help="Normal mode: orders created one at a time.")] = 200,
+    riders: Annotated[int, typer.Option(help="Normal mode: riders online.")] = 50,
+    peak_orders: Annotated[int, typer.Option(help="Peak mode: orders waiting at once.")] = 1000,
+    peak_riders: Annotated[int, typer.Option(help="Peak mode: riders.")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed of the city layout.")] = 0,
+) -> None:
+    """Normal-mode decision latency (order created → offer) and the peak-mode batch time."""
+    from services.dispatch import bench
+
+    bench.main(
+        make_settings(ctx),
+        console=console,
+        orders=orders,
+        riders=riders,
+        peak_orders=peak_orders,
+        peak_riders=peak_riders,
+        seed=seed,
+    )
+
+
+@bench_app.command("alerts")
+def bench_alerts(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option(help="Live orders in the store.")] = 10_000,
+    riders: Annotated[int, typer.Option(help="Riders in the store.")] = 2_000,
+    ticks: Annotated[int, typer.Option(help="Ticks to time.")] = 20,
+    events: Annotated[int, typer.Option(help="Failed deliveries timed event → alert.")] = 100,
+    database_url: Annotated[
+        str | None, typer.Option(help="Store to seed (default: a temporary SQLite file).")
+    ] = None,
+) -> None:
+    """One alerts tick over many live orders, and event-committed → alert-raised latency."""
+    from services.alerts import bench
+
+    bench.main(
+        make_settings(ctx),
+        orders=orders,
+        riders=riders,
+        ticks=ticks,
+        events=events,
+        database_url=database_url,
         console=console,
     )
 
