@@ -529,6 +529,42 @@ def test_batch_handler_failure_is_retried_then_delivered(make_settings: Any, wat
     run(body())
 
 
+def test_thousands_of_messages_and_a_large_one_cross_buffered_reads_and_corked_writes_intact(
+    make_settings: Any, watcher: Any
+) -> None:
+    name = unique()
+    inbound, outbound = f"test/{name}/in", f"test/{name}/out"
+    service = Service(name, persistent=True, session_expiry_s=60)
+    received: list[bytes] = []
+
+    @service.handle_batch(inbound)
+    async def echo(batch: Sequence[Message]) -> None:
+        received.extend(m.payload for m in batch)
+        with service.corked():  # one wake-up of the network thread for the whole batch
+            for m in batch:
+                service.publish(outbound, m.payload, qos=1)
+
+    client = watcher(outbound, topics.service_status(name))
+    large = bytes(range(256)) * 800  # 200 KiB: spans several 64 KiB reads
+    sent = [f"small {k}".encode() for k in range(1500)] + [large] + [b"after the large one"]
+
+    async def body() -> None:
+        async with running(service, make_settings()):
+            await expect_status(client, name, b"online")
+            # The guard that paho still reads and writes through the buffered socket.
+            assert isinstance(service.conn.client.socket(), mqtt._BufferedSocket)
+            infos = [client.paho.publish(inbound, p, qos=1) for p in sent]
+            echoed: list[bytes] = []
+            while len(echoed) < len(sent):
+                m = await next_matching(client, lambda m: m.topic == outbound, f"echo {len(echoed)}")
+                echoed.append(m.payload)
+            assert echoed == sent, "echoes out of order or altered"
+            assert all(i.is_published() for i in infos)
+        assert received == sent
+
+    run(body())
+
+
 def test_stop_is_honoured_while_a_batch_handler_keeps_failing(make_settings: Any, watcher: Any) -> None:
     name = unique()
     service = Service(name)
@@ -657,3 +693,67 @@ def test_connection_survives_a_failing_on_connect_hook_and_subscribes_later(
             await conn.stop()
 
     run(body())
+
+
+# --- the buffered socket under paho -----------------------------------------------------------
+
+
+@pytest.fixture
+def socket_pair() -> Iterator[tuple[Any, Any]]:
+    import socket
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_buffered_socket_hands_out_exactly_the_bytes_asked_for(socket_pair: tuple[Any, Any]) -> None:
+    a, b = socket_pair
+    buffered = mqtt._BufferedSocket(a)
+    with pytest.raises(BlockingIOError):
+        buffered.recv(1)  # nothing there yet: paho sees "would block", as with a plain socket
+    b.sendall(b"\x30\x05hello\x30\x02hi")
+    assert buffered.recv(1) == b"\x30"
+    assert buffered.pending() == 10, "the rest waits in the buffer, so paho skips select"
+    assert buffered.recv(1) == b"\x05"
+    assert buffered.recv(5) == b"hello"
+    assert buffered.recv(100) == b"\x30\x02hi", "never more than what was read"
+    assert buffered.pending() == 0
+    b.close()
+    assert buffered.recv(1) == b"", "end of stream reaches paho as an empty read"
+
+
+def test_buffered_socket_keeps_what_the_kernel_would_not_take_and_sends_it_later(
+    socket_pair: tuple[Any, Any],
+) -> None:
+    import socket
+
+    a, b = socket_pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    buffered = mqtt._BufferedSocket(a)
+    data = bytes(range(256)) * 4096  # 1 MiB: far more than the socket buffers hold
+    assert buffered.send(data) == len(data)
+    buffered.flush()
+    assert buffered.wants_flush(), "the rest is kept, not dropped"
+    got = bytearray()
+    b.settimeout(5)
+    while len(got) < len(data):
+        got += b.recv(65536)
+        buffered.flush()
+    assert bytes(got) == data
+    assert not buffered.wants_flush()
+
+
+def test_buffered_socket_reports_a_dead_peer_on_the_next_read(socket_pair: tuple[Any, Any]) -> None:
+    a, b = socket_pair
+    buffered = mqtt._BufferedSocket(a)
+    b.close()
+    buffered.send(b"x" * 100_000)
+    with pytest.raises(OSError):
+        buffered.flush()
+    with pytest.raises(OSError):
+        buffered.recv(1)
+    with pytest.raises(OSError):
+        buffered.send(b"more")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 import socket
@@ -18,7 +19,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,142 @@ ROUTE_CACHE_SIZE = 50_000
 #: payload, and a dead letter over the broker's packet limit gets the service disconnected.
 REASON_LIMIT = 1000
 EVENT_ID_LIMIT = 200
+
+
+class _BufferedSocket:
+    """paho's socket, read in 64 KiB chunks and written once per round of packets.
+
+    paho reads every packet with three or more ``recv`` calls and writes every packet with its
+    own ``send``: at thousands of messages per second those syscalls, each releasing and taking
+    back the GIL, cost more than the packets themselves. paho's loop already asks a socket for
+    ``pending()`` bytes (an SSL socket has them) and skips ``select`` while there are some.
+    """
+
+    __slots__ = ("_error", "_in", "_in_pos", "_out", "sock")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self._in = b""
+        self._in_pos = 0
+        self._out = bytearray()
+        self._error: OSError | None = None
+
+    def recv(self, n: int) -> bytes:
+        if self._in_pos >= len(self._in):
+            if self._error is not None:
+                raise self._error
+            self._in = self.sock.recv(65536)  # BlockingIOError/SSLWantReadError go to paho
+            self._in_pos = 0
+        chunk = self._in[self._in_pos : self._in_pos + n]
+        self._in_pos += len(chunk)
+        return chunk
+
+    def pending(self) -> int:
+        inner = self.sock.pending() if hasattr(self.sock, "pending") else 0
+        return len(self._in) - self._in_pos + inner
+
+    def send(self, data: bytes | bytearray) -> int:
+        if self._error is not None:
+            raise self._error
+        self._out += data
+        return len(data)
+
+    def wants_flush(self) -> bool:
+        return bool(self._out)
+
+    def flush(self) -> None:
+        """Send what the kernel takes now; the rest waits for the socket to be writable."""
+        try:
+            while self._out:
+                sent = self.sock.send(self._out)
+                del self._out[:sent]
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            pass
+        except OSError as exc:
+            self._error = exc  # reported to paho by the next recv or send
+            raise
+
+    def close(self) -> None:
+        # paho closes right after writing DISCONNECT: give it a moment to leave.
+        with contextlib.suppress(OSError, ValueError):
+            deadline = time.monotonic() + 1.0
+            while self._out and time.monotonic() < deadline:
+                self.flush()
+                if self._out:
+                    time.sleep(0.005)
+        self.sock.close()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, setblocking, setsockopt, …
+        return getattr(self.sock, name)
+
+
+class _Client(paho.Client):
+    """paho's client on a :class:`_BufferedSocket`, with :meth:`corked` rounds of packets."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._corked = 0
+        self._wake = False
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Queue packets without waking the network thread for each; wake it once at the end.
+
+        Every queued packet otherwise writes a byte to paho's wake-up socket pair, and the network
+        thread runs a whole select round for it: a batch of N publishes would cost N rounds.
+        """
+        self._corked += 1
+        try:
+            yield
+        finally:
+            self._corked -= 1
+            if not self._corked and self._wake:
+                self._wake = False
+                wake = self._sockpairW
+                if wake is not None:
+                    with contextlib.suppress(OSError):
+                        wake.send(b"0")
+
+    def _packet_queue(
+        self,
+        command: int,
+        packet: bytes | bytearray,
+        mid: int,
+        qos: int,
+        info: paho.MQTTMessageInfo | None = None,
+    ) -> MQTTErrorCode:
+        if not self._corked or self._thread is None:
+            return super()._packet_queue(command, packet, mid, qos, info)
+        self._out_packet.append(
+            {
+                "command": command,
+                "mid": mid,
+                "qos": qos,
+                "pos": 0,
+                "to_process": len(packet),
+                "packet": packet,
+                "info": info,
+            }
+        )
+        self._wake = True
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _create_socket(self) -> Any:
+        return _BufferedSocket(super()._create_socket())
+
+    def want_write(self) -> bool:
+        sock = self._sock
+        return super().want_write() or (isinstance(sock, _BufferedSocket) and sock.wants_flush())
+
+    def _packet_write(self) -> MQTTErrorCode:
+        rc = super()._packet_write()
+        sock = self._sock
+        if isinstance(sock, _BufferedSocket):
+            try:
+                sock.flush()
+            except OSError:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        return rc
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +245,7 @@ class Connection:
         self._waiting = False
         self._on_connect_hooks: list[Callable[[], None]] = []
 
-        client = paho.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
@@ -125,7 +262,9 @@ class Connection:
         if status_topic:
             client.will_set(status_topic, will_payload, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.max_inflight_messages_set(1000)
+        # 0 = no client-side window: paho re-scans every in-flight message on each PUBACK when a
+        # window is set (quadratic at thousands per second). Our own batches bound what is in flight.
+        client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -289,6 +428,10 @@ class Connection:
                     f"maximum packet size of {limit} bytes"
                 )
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def corked(self) -> contextlib.AbstractContextManager[None]:
+        """Publishes and acks inside go out in one round of the network thread (see _Client)."""
+        return self.client.corked()
 
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS 1 message to the broker (manual-ack connections only)."""
@@ -457,6 +600,10 @@ class Service:
         """Publish through the service's connection."""
         self.conn.publish(topic, payload, qos=qos, retain=retain, expiry_s=expiry_s)
 
+    def corked(self) -> contextlib.AbstractContextManager[None]:
+        """Publishes inside go out in one round of the network thread."""
+        return self.conn.corked()
+
     def dead_letter(self, msg: Message, reason: str, event_id: str | None = None) -> None:
         """Tell ``services/deadletter`` that ``msg`` was refused and why (reason cut to
         :data:`REASON_LIMIT` characters; ``event_id`` defaults to the payload's JSON ``id``)."""
@@ -503,6 +650,10 @@ class Service:
                 return
             for hook in self.startup:
                 await hook()
+            # A full collection walks every tracked object: the ~100k made by imports and start-up
+            # would turn each one into a pause of tens of milliseconds for every queued message.
+            gc.collect()
+            gc.freeze()
             # "online" means ready: subscribed AND started (e.g. the store migrated).
             conn.announce_online = True
             conn.publish(
@@ -578,8 +729,9 @@ class Service:
                     log.warning("stopping with an unhandled batch", service=self.name, size=len(batch))
                     return []
                 delay = min(delay * 2, 10.0)
-        for msg in batch:
-            conn.ack(msg)
+        with conn.corked():
+            for msg in batch:
+                conn.ack(msg)
         self.handled += len(batch)
         return rest
 
