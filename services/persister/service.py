@@ -29,8 +29,9 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = ev.now, max_bat
     state: dict[str, Projector] = {}
 
     def publish(out: Sequence[Outbound]) -> None:
-        for o in out:
-            service.publish(o.topic, o.payload, qos=o.qos, retain=o.retain, expiry_s=o.expiry_s)
+        with service.corked():
+            for o in out:
+                service.publish(o.topic, o.payload, qos=o.qos, retain=o.retain, expiry_s=o.expiry_s)
 
     @service.on_startup
     async def open_projections() -> None:
