@@ -49,7 +49,7 @@ from bloomwire.log import get_logger
 from bloomwire.mqtt import Message, Service
 from bloomwire.settings import Settings
 from bloomwire.store import make_engine
-from bloomwire.store.models import ALERTS, CHAT, ORDERS, RIDERS
+from bloomwire.store.models import ALERTS, EVENTS, ORDERS, RIDERS
 from services.alerts.config import RulesConfig, Thresholds, load_rules
 from services.alerts.rules import (
     FAILED_OUTCOME,
@@ -525,7 +525,7 @@ class AlertEngine:
                 if followup_due(order, now, t) and late <= FOLLOWUP_LATEST:
                     due[followup_event_id(order.id)] = (order.id, order.shop)
             for part in _chunks(sorted(due)):
-                for (sent,) in conn.execute(sa.select(CHAT.c.id).where(CHAT.c.id.in_(part))):
+                for (sent,) in conn.execute(sa.select(EVENTS.c.id).where(EVENTS.c.id.in_(part))):
                     due.pop(sent, None)
         return sorted(due.values())
 

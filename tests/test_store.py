@@ -1,0 +1,61 @@
+"""The store's schema: Alembic migrations against the models, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlmodel import SQLModel
+
+from bloomwire.store import make_engine, upgrade
+from bloomwire.store.db import alembic_config
+from bloomwire.store.models import CHAT
+
+pytestmark = pytest.mark.timeout(120)
+
+LINE = {
+    "id": "e-1",
+    "order_id": "o1",
+    "shop": "s1",
+    "author_role": "rider",
+    "author": "r1",
+    "text": "at the door",
+    "at": datetime(2026, 2, 14, 9, 30, tzinfo=UTC),
+}
+
+
+def test_migrated_schema_is_what_the_models_declare(database_url: str) -> None:
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    finally:
+        engine.dispose()
+    assert diff == [], "a model changed without a migration (or the other way round)"
+
+
+def test_chat_lines_survive_the_move_to_order_keys_and_back(database_url: str) -> None:
+    cfg = alembic_config(database_url)
+    command.upgrade(cfg, "0001")
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(CHAT.insert(), [LINE, {**LINE, "id": "e-2", "text": "rang twice"}])
+        command.upgrade(cfg, "head")
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(CHAT).order_by(CHAT.c.id)).mappings().all()
+            key = sa.inspect(conn).get_pk_constraint("chat_lines")["constrained_columns"]
+        assert [r["text"] for r in rows] == ["at the door", "rang twice"]
+        assert rows[0]["at"] == LINE["at"]
+        command.downgrade(cfg, "0001")
+        with engine.connect() as conn:
+            back = conn.execute(sa.select(CHAT.c.id, CHAT.c.text).order_by(CHAT.c.id)).all()
+        assert [tuple(r) for r in back] == [("e-1", "at the door"), ("e-2", "rang twice")]
+    finally:
+        engine.dispose()
+    assert key == ["order_id", "at", "id"]
