@@ -757,3 +757,21 @@ def test_buffered_socket_reports_a_dead_peer_on_the_next_read(socket_pair: tuple
         buffered.recv(1)
     with pytest.raises(OSError):
         buffered.send(b"more")
+
+
+def test_paho_properties_share_their_tables_and_behave_as_before() -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import MQTTException, Properties
+
+    assert mqtt.PAHO_PROPERTIES_SHARED, "paho changed Properties: the shared tables are off"
+    a, b = Properties(PacketTypes.PUBLISH), Properties(PacketTypes.PUBACK)
+    assert a.names is b.names, "tables shared, not rebuilt"
+    a.MessageExpiryInterval = 30
+    a.UserProperty = ("k", "v")
+    assert a.pack() == b"\x0c\x02\x00\x00\x00\x1e\x26\x00\x01k\x00\x01v"
+    back = Properties(PacketTypes.PUBLISH)
+    back.unpack(a.pack())
+    assert (back.MessageExpiryInterval, back.UserProperty) == (30, [("k", "v")])
+    assert not hasattr(b, "MessageExpiryInterval"), "one packet's properties never leak into another's"
+    with pytest.raises(MQTTException):
+        b.MessageExpiryInterval = 30  # not a PUBACK property

@@ -46,6 +46,32 @@ REASON_LIMIT = 1000
 EVENT_ID_LIMIT = 200
 
 
+def _share_paho_property_tables() -> bool:
+    """Make paho's ``Properties()`` cheap by sharing its lookup tables (True if applied).
+
+    paho rebuilds three lookup tables in every ``Properties.__init__`` (about 5 µs) and makes a
+    Properties for every PUBLISH and PUBACK it decodes: a tenth of the network thread at
+    thousands of messages per second. paho only ever reads those tables. Applied only while
+    ``__init__`` sets exactly these attributes, so a paho release that changes them keeps its own.
+    """
+    if getattr(Properties.__init__, "_bloomwire_shared", False):
+        return True
+    probe = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if set(vars(probe)) != {"packetType", "types", "names", "properties"}:
+        return False
+    shared = {"types": probe.types, "names": probe.names, "properties": probe.properties}
+
+    def init(self: Properties, packetType: int) -> None:  # noqa: N803 - paho's name
+        self.__dict__.update(shared, packetType=packetType)
+
+    init._bloomwire_shared = True  # type: ignore[attr-defined]
+    Properties.__init__ = init  # type: ignore[method-assign]
+    return True
+
+
+PAHO_PROPERTIES_SHARED = _share_paho_property_tables()
+
+
 class _BufferedSocket:
     """paho's socket, read in 64 KiB chunks and written once per round of packets.
 
