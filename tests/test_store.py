@@ -59,3 +59,38 @@ def test_chat_lines_survive_the_move_to_order_keys_and_back(database_url: str) -
     finally:
         engine.dispose()
     assert key == ["order_id", "at", "id"]
+
+
+def test_bulk_insert_stores_what_a_core_insert_stores(database_url: str) -> None:
+    from bloomwire.store.bulk import BulkInsert
+    from bloomwire.store.models import EVENTS
+
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    at = datetime(2026, 2, 14, 9, 30, 1, 5, tzinfo=UTC)
+    row = {
+        "id": "e-core",
+        "type": "order.chat",
+        "source": "riders/r1",
+        "topic": "riders/r1/orders/o1/chat",
+        "shop": None,
+        "order_id": "o1",
+        "rider": "r1",
+        "time": at,
+        "recorded_at": at,
+        "data": {"order": "o1", "text": "ünïcode ✓", "n": [1, 2.5, None]},
+    }
+    try:
+        with engine.begin() as conn:
+            conn.execute(EVENTS.insert(), [row])
+            BulkInsert(EVENTS, engine.dialect).execute(conn, [{**row, "id": "e-bulk"}])
+        with engine.connect() as conn:
+            got = {r["id"]: dict(r) for r in conn.execute(sa.select(EVENTS)).mappings()}
+    finally:
+        engine.dispose()
+    core, bulk = got.pop("e-core"), got.pop("e-bulk")
+    assert core["seq"] < bulk["seq"]
+    for r in (core, bulk):
+        r.pop("id"), r.pop("seq")
+    assert bulk == core
+    assert bulk["time"] == at and bulk["data"] == row["data"]

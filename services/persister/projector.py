@@ -31,6 +31,7 @@ from bloomwire.lifecycle import (
 )
 from bloomwire.log import get_logger
 from bloomwire.store import models as m
+from bloomwire.store.bulk import BulkInsert
 from bloomwire.topics import Identity, InboundKind, InboundTopic
 from services.persister.tables import CachedTable, Row
 
@@ -146,6 +147,7 @@ class Projector:
         self.offers = CachedTable(OFFERS_T, self._load_one(OFFERS_T))
         self.alerts = CachedTable(ALERTS_T, self._load_one(ALERTS_T))
         self._tables = (self.orders, self.riders, self.offers, self.alerts)
+        self._insert = {t: BulkInsert(t, engine.dialect) for t in (EVENTS_T, CHAT_T, TRAIL_T, DEAD_T)}
         self.recent_ids: OrderedDict[str, None] = OrderedDict()
         self.rider_orders: dict[str, set[str]] = defaultdict(set)
         self.customer_orders: dict[str, str] = {}
@@ -326,16 +328,12 @@ class Projector:
     def _commit(self, pending: _Pending) -> None:
         try:
             with self.engine.begin() as conn:
-                if pending.events:
-                    conn.execute(EVENTS_T.insert(), pending.events)
+                self._insert[EVENTS_T].execute(conn, pending.events)
                 for table in self._tables:
                     table.flush(conn)
-                if pending.chat:
-                    conn.execute(CHAT_T.insert(), pending.chat)
-                if pending.trail:
-                    conn.execute(TRAIL_T.insert(), pending.trail)
-                if pending.dead:
-                    conn.execute(DEAD_T.insert(), pending.dead)
+                self._insert[CHAT_T].execute(conn, pending.chat)
+                self._insert[TRAIL_T].execute(conn, pending.trail)
+                self._insert[DEAD_T].execute(conn, pending.dead)
         except Exception:
             for table in self._tables:
                 table.rolled_back()
