@@ -6,6 +6,7 @@ after the commit. :func:`parse_inbound` turns an inbound topic back into who sen
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -398,6 +399,8 @@ def check_publish_topic(topic: str) -> list[str]:
     return levels
 
 
+# Riders and orders repeat their topics thousands of times; a refused topic is not cached.
+@functools.lru_cache(maxsize=65_536)
 def parse_inbound(topic: str) -> InboundTopic:
     """Turn an inbound topic into an :class:`InboundTopic`, or raise :class:`TopicError` saying why."""
     levels = check_publish_topic(topic)
