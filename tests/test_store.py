@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -84,13 +85,17 @@ def test_bulk_insert_stores_what_a_core_insert_stores(database_url: str) -> None
         with engine.begin() as conn:
             conn.execute(EVENTS.insert(), [row])
             BulkInsert(EVENTS, engine.dialect).execute(conn, [{**row, "id": "e-bulk"}])
+            BulkInsert(EVENTS, engine.dialect, serialized=["data"]).execute(
+                conn, [{**row, "id": "e-text", "data": json.dumps(row["data"])}]
+            )
         with engine.connect() as conn:
             got = {r["id"]: dict(r) for r in conn.execute(sa.select(EVENTS)).mappings()}
     finally:
         engine.dispose()
-    core, bulk = got.pop("e-core"), got.pop("e-bulk")
-    assert core["seq"] < bulk["seq"]
-    for r in (core, bulk):
+    core, bulk, text = got.pop("e-core"), got.pop("e-bulk"), got.pop("e-text")
+    assert core["seq"] < bulk["seq"] < text["seq"]
+    for r in (core, bulk, text):
         r.pop("id"), r.pop("seq")
     assert bulk == core
+    assert text == core, "JSON text handed in as such is stored as the same JSON"
     assert bulk["time"] == at and bulk["data"] == row["data"]

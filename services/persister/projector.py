@@ -147,7 +147,9 @@ class Projector:
         self.offers = CachedTable(OFFERS_T, self._load_one(OFFERS_T))
         self.alerts = CachedTable(ALERTS_T, self._load_one(ALERTS_T))
         self._tables = (self.orders, self.riders, self.offers, self.alerts)
-        self._insert = {t: BulkInsert(t, engine.dialect) for t in (EVENTS_T, CHAT_T, TRAIL_T, DEAD_T)}
+        self._insert = {t: BulkInsert(t, engine.dialect) for t in (CHAT_T, TRAIL_T, DEAD_T)}
+        # An event's data is written as pydantic serialises it: one pass instead of two.
+        self._insert[EVENTS_T] = BulkInsert(EVENTS_T, engine.dialect, serialized=("data",))
         self.recent_ids: OrderedDict[str, None] = OrderedDict()
         self.rider_orders: dict[str, set[str]] = defaultdict(set)
         self.customer_orders: dict[str, str] = {}
@@ -437,7 +439,7 @@ class Projector:
             "rider": rider,
             "time": event.time,
             "recorded_at": now,
-            "data": data.model_dump(mode="json", exclude_none=True),
+            "data": data.model_dump_json(exclude_none=True),
         }
 
     # --- snapshots --------------------------------------------------------------------------------

@@ -28,9 +28,11 @@ class BulkInsert:
     column's bind processor are the ones Core itself uses: the driver gets the same values.
     """
 
-    def __init__(self, table: Table, dialect: Dialect) -> None:
+    def __init__(self, table: Table, dialect: Dialect, *, serialized: Sequence[str] = ()) -> None:
+        """``serialized``: JSON columns whose rows bring the JSON text already (no second pass)."""
         self.table = table
         self.dialect = dialect
+        self.serialized = frozenset(serialized)
         self._plans: dict[tuple[str, ...], _Plan] = {}
 
     def _plan(self, keys: tuple[str, ...]) -> _Plan:
@@ -41,7 +43,8 @@ class BulkInsert:
             binds: list[tuple[str, Processor | None]] = []
             for name in names:
                 impl = self.table.c[name].type.dialect_impl(self.dialect)
-                binds.append((name, impl.bind_processor(self.dialect)))
+                raw = name in self.serialized
+                binds.append((name, None if raw else impl.bind_processor(self.dialect)))
             plan = self._plans[keys] = _Plan(str(compiled), compiled.positional, binds)
         return plan
 
