@@ -178,41 +178,75 @@ def _read_stamps(path: Path) -> list[tuple[float, Any]]:
     return stamps
 
 
-async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]], tmp: Path) -> None:
-    sent_at: dict[str, float] = {}
-    chat_file, ack_file = tmp / "canonical.txt", tmp / "acks.txt"
-    watchers = [
-        _watch(settings, "bench-watch", topics.all_orders_filter(topics.OrderChannel.CHAT), chat_file),
-        _watch(settings, "bench-watch-acks", f"{topics.RIDERS}/+/inbox/acks", ack_file),
+def _publisher_user(i: int) -> str:
+    return f"bench-pub-{i}"
+
+
+def _publishers(settings: Settings, pairs: list[tuple[str, str]]) -> list[subprocess.Popen[bytes]]:
+    """One ``mosquitto_pub -l`` per rider and order: each line written to its stdin is one QoS 1
+    publish. A Python publisher would take the CPU the persister is measured on (2 cores)."""
+    return [
+        subprocess.Popen(
+            [
+                "mosquitto_pub",
+                *_sub_args(settings, _publisher_user(i)),
+                "-t",
+                topics.rider_order_chat(rider, order),
+                "-l",
+            ],
+            stdin=subprocess.PIPE,
+        )
+        for i, (rider, order) in enumerate(pairs)
     ]
-    pub = Connection(service_settings(settings, BENCH_USER), BENCH_USER)
-    pub.start()
-    await pub.wait_connected()
-    await asyncio.sleep(0.5)  # let the watchers subscribe
-    payloads = []
+
+
+def _publish(
+    figures: Figures, pairs: list[tuple[str, str]], pubs: list[subprocess.Popen[bytes]]
+) -> tuple[dict[str, float], float]:
+    """Write the events to the publishers at the set rate; their send times and the start."""
+    lines = []
     for k in range(figures.events):
         rider, order = pairs[k % len(pairs)]
         e = ev.OrderChatEvent(
             source=f"riders/{rider}", data=ev.OrderChat(order=order, text=f"bench line {k}")
         )
-        payloads.append((e.id, topics.rider_order_chat(rider, order), ev.encode(e)))
+        lines.append((e.id, pubs[k % len(pubs)], ev.encode(e) + b"\n"))
+    sent_at: dict[str, float] = {}
     start = time.perf_counter()
     wall0 = time.time()
-    for k, (eid, topic, payload) in enumerate(payloads):
+    for k, (eid, pub, line) in enumerate(lines):
         if figures.rate:
-            due = start + k / figures.rate
-            if due - time.perf_counter() > 0.001:
-                await asyncio.sleep(due - time.perf_counter())
+            ahead = start + k / figures.rate - time.perf_counter()
+            if ahead > 0.001:
+                time.sleep(ahead)
         sent_at[eid] = wall0 + (time.perf_counter() - start)
-        pub.publish(topic, payload, qos=1)
+        assert pub.stdin is not None
+        pub.stdin.write(line)
+        pub.stdin.flush()
     figures.publish_s = time.perf_counter() - start
+    for pub in pubs:
+        assert pub.stdin is not None
+        pub.stdin.close()  # mosquitto_pub sends what is in flight, then exits
+    for pub in pubs:
+        pub.wait(timeout=120)
+    return sent_at, wall0
+
+
+async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]], tmp: Path) -> None:
+    chat_file, ack_file = tmp / "canonical.txt", tmp / "acks.txt"
+    watchers = [
+        _watch(settings, "bench-watch", topics.all_orders_filter(topics.OrderChannel.CHAT), chat_file),
+        _watch(settings, "bench-watch-acks", f"{topics.RIDERS}/+/inbox/acks", ack_file),
+    ]
+    pubs = _publishers(settings, pairs)
+    await asyncio.sleep(0.5)  # let the watchers subscribe and the publishers connect
+    sent_at, wall0 = await asyncio.to_thread(_publish, figures, pairs, pubs)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         await asyncio.sleep(0.5)
         if chat_file.read_bytes().count(b"\n") >= figures.events:
             break
     await asyncio.sleep(1.0)  # the last acks trail the last canonical events
-    await pub.stop()
     for w in watchers:
         w.terminate()
         w.wait()
@@ -285,7 +319,8 @@ def run(settings: Settings, *, events: int, rate: int, riders: int, ceiling: boo
                 "broker_port": 0,
             }
         )
-        stack = Stack(bench_settings, services=("persister",), extra_users=BENCH_USERS)
+        publishers = tuple(_publisher_user(i) for i in range(riders))
+        stack = Stack(bench_settings, services=("persister",), extra_users=(*BENCH_USERS, *publishers))
         live = stack.start()
         try:
             pairs = asyncio.run(_setup_orders(live, riders))
