@@ -390,6 +390,7 @@ def test_failing_handler_is_dead_lettered_logged_and_the_next_message_handled(
         assert refusal["id"] == "ev-boom-1"
         assert refusal["topic"] == topic
         assert refusal["reason"] == "ValueError: cannot take this one"
+        assert (refusal["service"], refusal["payload"]) == (name, bad.decode()), "who refused what"
         datetime.fromisoformat(refusal["at"].replace("Z", "+00:00"))
         assert (service.handled, service.failed) == (1, 1)
         failures = [e for e in captured_logs if e["event"] == "handler failed"]

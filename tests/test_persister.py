@@ -1149,6 +1149,35 @@ def test_refusals_reach_the_sender_and_the_deadletter_topic(rig: Rig) -> None:
     assert len(errors) == sum(1 for c in cases if c.inbox is not None)
 
 
+def test_other_services_dead_letters_are_stored_an_unreadable_one_too(rig: Rig) -> None:
+    dev = rig.devices
+    own = ev.Refusal(topic="riders/r1/location", reason="its own, stored with its batch", service="persister")
+    other = ev.Refusal(
+        id="ev-7",
+        topic=topics.order_topic(SHOP, "o1", "status"),
+        reason="ValueError: no such rule",
+        service="alerts",
+        payload='{"id": "ev-7", "type": "order.status"}',
+    )
+    with rig.persister():
+        dev.client.publish(topics.DEADLETTER, ev.encode(own), qos=1)
+        dev.client.publish(topics.DEADLETTER, ev.encode(other), qos=1)
+        dev.client.publish(topics.DEADLETTER, b"\xffnot a refusal", qos=1)
+        deadline = time.monotonic() + 15
+        while count(rig.engine, DEAD_LETTERS) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dev.confirm(*accepted_order(SHOP, "o1", "r1"))  # everything before it is handled too
+    with rig.engine.connect() as conn:
+        rows = conn.execute(sa.select(DEAD_LETTERS).order_by(DEAD_LETTERS.c.id)).mappings().all()
+    assert [(r["sender"], r["event_id"], r["topic"]) for r in rows] == [
+        ("services/alerts", "ev-7", other.topic),
+        (None, None, topics.DEADLETTER),
+    ]
+    assert rows[0]["reason"] == other.reason and rows[0]["payload"] == other.payload
+    assert rows[1]["reason"].startswith("unreadable dead letter")
+    assert rows[1]["payload"].startswith("base64:")
+
+
 def test_restart_reloads_projections_and_republishes_snapshots(rig: Rig) -> None:
     spy, dev = rig.spy, rig.devices
     state_topic = topics.order_topic(SHOP, "o1", "state")

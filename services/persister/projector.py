@@ -53,6 +53,8 @@ LOCATION_EXPIRY_S = 60
 STATE_REFRESH_FROM_LOCATION_S = 10.0
 RECENT_IDS = 200_000
 DEAD_PAYLOAD_LIMIT = 65_536
+#: How the persister signs its refusals on ``services/deadletter`` (it stores them itself).
+SERVICE_NAME = "persister"
 
 STEP_COLUMN: dict[OrderStatus, str] = {
     S.ASSIGNED: "assigned_at",
@@ -364,6 +366,39 @@ class Projector:
         self.load()
         self._stale = False
 
+    def record_refusal(self, payload: bytes) -> bool:
+        """Store another service's refusal from ``services/deadletter``; True if a row was written.
+
+        The persister's own refusals are stored with their batch and skipped here. A dead letter
+        that cannot be read is stored as such: nothing on that topic is dropped unseen.
+        """
+        now = self.clock()
+        try:
+            refusal = ev.Refusal.model_validate_json(payload)
+        except ValueError as exc:
+            row = {
+                "received_at": now,
+                "topic": topics.DEADLETTER,
+                "event_id": None,
+                "sender": None,
+                "reason": f"unreadable dead letter: {str(exc)[:500]}",
+                "payload": ev.payload_text(payload, DEAD_PAYLOAD_LIMIT),
+            }
+        else:
+            if refusal.service == SERVICE_NAME:
+                return False
+            row = {
+                "received_at": now,
+                "topic": refusal.topic[:1024],
+                "event_id": refusal.id[:128] if refusal.id else None,
+                "sender": f"{topics.SERVICES}/{refusal.service}"[:200] if refusal.service else None,
+                "reason": refusal.reason,
+                "payload": (refusal.payload or "")[:DEAD_PAYLOAD_LIMIT],
+            }
+        with self.engine.begin() as conn:
+            self._insert[DEAD_T].execute(conn, [row])
+        return True
+
     # --- outcomes ---------------------------------------------------------------------------------
 
     def _ack(self, pending: _Pending, where: InboundTopic, event_id: str) -> None:
@@ -381,10 +416,7 @@ class Projector:
         now: datetime,
     ) -> None:
         event_id = event.id if isinstance(event, ev._Envelope) else event if isinstance(event, str) else None
-        try:
-            text = msg.payload.decode("utf-8")
-        except UnicodeDecodeError:
-            text = "base64:" + __import__("base64").b64encode(msg.payload[:DEAD_PAYLOAD_LIMIT]).decode()
+        text = ev.payload_text(msg.payload, DEAD_PAYLOAD_LIMIT)
         pending.dead.append(
             {
                 "received_at": now,
@@ -392,10 +424,12 @@ class Projector:
                 "event_id": event_id,
                 "sender": where.source if where else None,
                 "reason": reason,
-                "payload": text[:DEAD_PAYLOAD_LIMIT],
+                "payload": text,
             }
         )
-        refusal = ev.encode(ev.Refusal(id=event_id, topic=msg.topic[:1024], reason=reason, at=now))
+        refusal = ev.encode(
+            ev.Refusal(id=event_id, topic=msg.topic[:1024], reason=reason, at=now, service=SERVICE_NAME)
+        )
         pending.canonical.append(Outbound(topics.DEADLETTER, refusal))
         error_topic = where.error_topic() if where else None
         if error_topic:

@@ -49,6 +49,10 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = ev.now, max_bat
         result = projector.apply([Inbound(m.topic, m.payload, m.received_at) for m in batch])
         publish(result.outbound)
 
+    @service.handle(topics.DEADLETTER)
+    async def store_refusal(msg: Message) -> None:
+        state["projector"].record_refusal(msg.payload)
+
     @service.on_shutdown
     async def close_store() -> None:
         projector = state.pop("projector", None)

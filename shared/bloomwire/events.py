@@ -6,6 +6,7 @@ Messages are CloudEvents in structured mode. :data:`Event` is the discriminated 
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from datetime import UTC, datetime
@@ -635,6 +636,15 @@ class Ack(BaseModel):
     ids: list[str]
 
 
+def payload_text(payload: bytes, limit: int) -> str:
+    """A payload as text for a dead letter: UTF-8, else ``base64:`` and its bytes; cut to ``limit``."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "base64:" + base64.b64encode(payload[: limit * 3 // 4]).decode()
+    return text[:limit]
+
+
 class Refusal(BaseModel):
     """On ``*/inbox/errors`` and ``services/deadletter``: why a message was refused."""
 
@@ -642,3 +652,7 @@ class Refusal(BaseModel):
     topic: str
     reason: str
     at: datetime = Field(default_factory=now)
+    #: The service that refused it (the persister stores the other services' refusals).
+    service: str | None = None
+    #: The refused payload, cut short (``base64:`` and the bytes when it is not UTF-8).
+    payload: str | None = None

@@ -31,7 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bloomwire import topics
 from bloomwire.errors import BrokerError
-from bloomwire.events import Refusal, encode
+from bloomwire.events import Refusal, encode, payload_text
 from bloomwire.log import get_logger
 from bloomwire.settings import Settings
 
@@ -43,6 +43,8 @@ ROUTE_CACHE_SIZE = 50_000
 #: A dead letter's reason is cut to this many characters: an exception message may quote a huge
 #: payload, and a dead letter over the broker's packet limit gets the service disconnected.
 REASON_LIMIT = 1000
+#: A dead letter carries the refused payload up to this many characters (the store keeps it).
+DEAD_PAYLOAD_LIMIT = 16_384
 EVENT_ID_LIMIT = 200
 
 
@@ -635,7 +637,13 @@ class Service:
         :data:`REASON_LIMIT` characters; ``event_id`` defaults to the payload's JSON ``id``)."""
         if event_id is None:
             event_id = event_id_of(msg.payload)
-        refusal = Refusal(id=event_id, topic=msg.topic, reason=_shorten(reason, REASON_LIMIT))
+        refusal = Refusal(
+            id=event_id,
+            topic=msg.topic,
+            reason=_shorten(reason, REASON_LIMIT),
+            service=self.name,
+            payload=payload_text(msg.payload, DEAD_PAYLOAD_LIMIT),
+        )
         self.publish(topics.DEADLETTER, encode(refusal), qos=1)
 
     def _route(self, topic: str) -> _Route | None:

@@ -196,7 +196,8 @@ def operator_role() -> Role:
 
 
 def persister_role() -> Role:
-    """Reads every inbound topic; writes the canonical topics, inboxes, dead letters."""
+    """Reads every inbound topic and the dead letters; writes the canonical topics, inboxes,
+    dead letters."""
     writes = (
         *_CANONICAL_ORDER,
         *_SHOP_FEEDS,
@@ -206,7 +207,8 @@ def persister_role() -> Role:
         topics.DEADLETTER,
         topics.service_status(PERSISTER),
     )
-    return Role(role_name(Kind.PERSISTER), (*_read(*INBOUND_FILTERS), *_write(*writes)))
+    reads = (*INBOUND_FILTERS, topics.DEADLETTER)  # the other services' refusals, to store them
+    return Role(role_name(Kind.PERSISTER), (*_read(*reads), *_write(*writes)))
 
 
 def service_role(name: str) -> Role:
