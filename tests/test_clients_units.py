@@ -15,7 +15,14 @@ from bloomwire import topics
 from bloomwire.clients.access import CustomerAccess, UsernameOnly, customer_username
 from bloomwire.clients.base import UsageError, parse_point, resolve_password
 from bloomwire.clients.outbox import Outbox
-from bloomwire.clients.rider import RoutePlayer, load_route, location_event, status_event
+from bloomwire.clients.rider import (
+    RiderApp,
+    RiderDevice,
+    RoutePlayer,
+    load_route,
+    location_event,
+    status_event,
+)
 from bloomwire.clients.shop import OrderDraft, parse_window
 from bloomwire.clients.track import customer_filters
 from bloomwire.clients.views import ShopView, TrackView, lateness
@@ -288,6 +295,18 @@ def test_track_view_shows_its_order_only_with_eta_and_distance() -> None:
     )
 
 
+def test_track_view_measures_to_the_delivery_address_of_the_state_without_at() -> None:
+    view = TrackView(SHOP, "o1")
+    home = ev.Place(lat=52.52, lon=13.40, address="Torstraße 1")
+    out = ev.Position(lat=52.53, lon=13.40, at=T0)
+    view.apply(
+        topics.order_topic(SHOP, "o1", "state"),
+        _state("o1", OrderStatus.EN_ROUTE, rider="r1", position=out, destination=home),
+    )
+    assert view.distance_m() == pytest.approx(1112, rel=0.01)
+    assert TrackView(SHOP, "o1", destination=(52.53, 13.40)).distance_m() is None, "no rider yet"
+
+
 def test_shop_view_takes_the_provisioners_customer_access() -> None:
     view = ShopView(SHOP)
     data = ev.CustomerAccess(
@@ -312,3 +331,26 @@ def test_shop_view_takes_the_provisioners_customer_access() -> None:
     assert "--username cust@0123456789abcdef0123" in access.describe()
     view.apply(topic, b"")  # revoked
     assert "o1" not in view.accesses
+
+
+def test_rider_app_shows_where_to_collect_and_deliver_an_offer(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, broker_port=1)  # never connects
+    device = RiderDevice(settings, "r1", "pw", Outbox(tmp_path / "outbox.db"))
+    console = Console(record=True, width=120)
+    app = RiderApp(device, console, source=None, interval=5, offers="ask", read_commands=False)
+    offer = ev.DispatchOfferEvent(
+        source="services/dispatch",
+        data=ev.DispatchOffer(
+            offer="of-1",
+            order="o1",
+            rider="r1",
+            deadline=ev.now() + timedelta(seconds=60),
+            pickup=ev.Place(lat=52.5, lon=13.4),
+            dropoff=ev.Place(lat=52.52, lon=13.41, address="Torstraße 1"),
+        ),
+    )
+    app.offer(offer)
+    text = console.export_text()
+    assert "collect at 52.50000,13.40000" in text
+    assert "deliver to Torstraße 1" in text
+    assert "accept of-1" in text

@@ -430,10 +430,14 @@ def test_nearest_available_rider_gets_the_offer(any_world: World) -> None:
     assert offer["candidates"][0]["cost"] < offer["candidates"][1]["cost"]
     assert "cheapest of 2 eligible" in offer["candidates"][0]["note"]
     assert offer["cost"] == offer["candidates"][0]["cost"]
-    # The rider receives the offer (without the candidate list) in its inbox.
+    # The rider receives the offer (without the candidate list) in its inbox, with where to go.
     to_rider = w.wait_message(topics.rider_inbox(near, topics.Inbox.OFFERS), since)
     assert to_rider["data"]["offer"] == offer["id"]
     assert to_rider["data"].get("candidates", []) == []
+    row = w.order(order)
+    pickup, dropoff = to_rider["data"]["pickup"], to_rider["data"]["dropoff"]
+    assert (pickup["lat"], pickup["lon"]) == (row["pickup_lat"], row["pickup_lon"])
+    assert (dropoff["lat"], dropoff["lon"]) == (row["lat"], row["lon"])
     # The shop sees the canonical status event.
     status = w.wait_message(topics.order_topic(w.shop, order, topics.OrderChannel.STATUS), since)
     assert status["data"]["status"] == "created"

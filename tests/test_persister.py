@@ -1111,6 +1111,7 @@ def test_service_publishes_canonical_topics_after_commit(rig: Rig) -> None:
     assert (body["status"], body["rider"], body["customer"], body["shop"]) == ("delivered", "r1", "Ann", SHOP)
     assert [t["status"] for t in body["timeline"]] == statuses
     assert body["window"]["end"] > body["window"]["start"]
+    assert body["destination"] == {"lat": BASE_LAT + 0.01, "lon": BASE_LON, "address": "o1 Rosenweg 1"}
     assert rider_state.json()["load"] == 0
 
 

@@ -131,6 +131,13 @@ class WaitingOrder:
     created_at: datetime
     #: Offers of this order so far (any mode, any outcome): the next offer's number.
     attempt: int
+    address: str = ""
+
+    def pickup(self) -> ev.Place | None:
+        """Where the rider collects the order, if the shop said."""
+        if self.pickup_lat is None or self.pickup_lon is None:
+            return None
+        return ev.Place(lat=self.pickup_lat, lon=self.pickup_lon)
 
     def request(self) -> OrderRequest:
         """The planner's view. The rider first rides to the pickup point: the order's own
@@ -233,6 +240,7 @@ class Dispatcher:
                 ORDERS.c.lon,
                 ORDERS.c.pickup_lat,
                 ORDERS.c.pickup_lon,
+                ORDERS.c.address,
                 ORDERS.c.declined_by,
                 ORDERS.c.created_at,
                 n_offers.label("n_offers"),
@@ -270,6 +278,7 @@ class Dispatcher:
                 declined_by=tuple(r.declined_by or ()),
                 created_at=r.created_at,
                 attempt=int(r.n_offers),
+                address=r.address or "",
             )
             for r in order_rows
         ]
@@ -453,6 +462,8 @@ class Dispatcher:
                 cost=round(cost, 1),
                 mode=mode,
                 candidates=candidates[: max(1, min(self.config.top, 50))],
+                pickup=order.pickup(),
+                dropoff=ev.Place(lat=order.lat, lon=order.lon, address=order.address),
             ),
         )
 

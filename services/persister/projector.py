@@ -514,6 +514,7 @@ class Projector:
             timeline=timeline[-20:],
             open_alerts=open_alerts,
             updated_at=order["updated_at"],
+            destination=ev.Place(lat=order["lat"], lon=order["lon"], address=order["address"] or ""),
         )
 
     def _order_state_msg(self, order: Row) -> Outbound:

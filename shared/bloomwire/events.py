@@ -68,6 +68,14 @@ class Customer(_Data):
     lon: Longitude
 
 
+class Place(_Data):
+    """A point a rider rides to, with its street address when known."""
+
+    lat: Latitude
+    lon: Longitude
+    address: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] = ""
+
+
 class Window(_Data):
     """The promised delivery window."""
 
@@ -182,6 +190,10 @@ class DispatchOffer(_Data):
     cost: float = 0.0
     mode: Literal["single", "batch", "manual"] = "single"
     candidates: list[Candidate] = Field(default_factory=list, max_length=50)
+    #: Where to collect the order (absent when the shop gave no pickup point).
+    pickup: Place | None = None
+    #: Where to deliver it.
+    dropoff: Place | None = None
 
 
 class DispatchReply(_Data):
@@ -607,6 +619,8 @@ class OrderState(BaseModel):
     timeline: list[TimelineEntry] = Field(default_factory=list)
     open_alerts: int = 0
     updated_at: datetime
+    #: Where the order goes.
+    destination: Place | None = None
 
 
 class OrderLocation(BaseModel):

@@ -656,7 +656,10 @@ def track(
     ctx: typer.Context,
     order: Annotated[str, typer.Argument(help="The order id.")],
     shop: ShopOpt,
-    at: Annotated[str | None, typer.Option("--at", help="Your position LAT,LON (for the distance).")] = None,
+    at: Annotated[
+        str | None,
+        typer.Option("--at", help="Your position LAT,LON for the distance (default: the delivery address)."),
+    ] = None,
     chat: Annotated[str | None, typer.Option("--chat", help="Send this chat line, then follow.")] = None,
     once: Annotated[bool, typer.Option("--once", help="Print the order once and exit.")] = False,
     password: Password = None,

@@ -613,6 +613,10 @@ class RiderApp:
         self.console.print(
             f"[bold]offer[/bold] {d.offer}: order {d.order} ({d.mode}), answer within {left:.0f} s"
         )
+        for label, place in (("collect at", d.pickup), ("deliver to", d.dropoff)):
+            if place is not None:
+                where = place.address or f"{place.lat:.5f},{place.lon:.5f}"
+                self.console.print(f"  {label} {where}")
         if self.policy == "ask":
             self.console.print(f"  type `accept {d.offer}` or `decline {d.offer} [reason]`")
             return

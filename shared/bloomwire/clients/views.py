@@ -396,9 +396,12 @@ class TrackView:
     def distance_m(self) -> float | None:
         """Straight-line metres from the rider to the destination, if both are known."""
         pos = self.rider_position()
-        if pos is None or self.destination is None:
+        target = self.destination
+        if target is None and self.state is not None and self.state.destination is not None:
+            target = (self.state.destination.lat, self.state.destination.lon)
+        if pos is None or target is None:
             return None
-        return geo.distance_m(pos.lat, pos.lon, self.destination[0], self.destination[1])
+        return geo.distance_m(pos.lat, pos.lon, target[0], target[1])
 
     def render(self, now: datetime | None = None) -> RenderableType:
         """Status, promise, ETA and distance, the timeline and the chat."""
