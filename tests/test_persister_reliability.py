@@ -205,6 +205,25 @@ def all_acknowledged(infos: list[mqtt.MQTTMessageInfo], timeout: float = 120.0) 
     assert all(i.is_published() for i in infos), "the broker did not acknowledge every publish"
 
 
+def send_one_more(
+    devices: Devices,
+    store: Engine,
+    pairs: list[tuple[str, str]],
+    total: int,
+    persister: PersisterProcess,
+    text: str,
+) -> Msg:
+    """One more chat line after ``total``, waited for in the store: once it is stored, so is
+    everything before it. (Not on the spy: it may still be draining thousands of canonical
+    events.)"""
+    last = chat(*pairs[0], text)
+    devices.send(last)
+    wait_until(
+        lambda: stored_chat(store)[0] >= total + 1, timeout=120, what=f"the line {text}", persister=persister
+    )
+    return last
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigkill_mid_stream_stores_every_event_exactly_once(
@@ -240,15 +259,7 @@ def test_sigkill_mid_stream_stores_every_event_exactly_once(
     )
     # Whatever was committed but not yet acknowledged at the kill is redelivered: wait until the
     # persister has caught up (a last event after the stream is stored) and count again.
-    last = chat(*pairs[0], "after the stream")
-    devices.send(last)
-    # The spy may still be draining 10,000 canonical events: wait on the store, not on the spy.
-    wait_until(
-        lambda: stored_chat(store)[0] >= total + 1,
-        timeout=120,
-        what="the line after the stream",
-        persister=persister,
-    )
+    last = send_one_more(devices, store, pairs, total, persister, "after the stream")
     assert stored_chat(store) == (total + 1, total + 1)
     assert set(stored_chat_ids(store)) == {m.id for m in stream} | {last.id}
     assert count(store, CHAT) == total + 1
@@ -283,15 +294,7 @@ def test_events_published_while_down_are_stored_on_start(
     wait_until(
         lambda: stored_chat(store)[0] >= total, timeout=200, what=f"{total} stored", persister=persister
     )
-    last = chat(*pairs[0], "after the backlog")
-    devices.send(last)
-    # The spy may still be draining 5,000 canonical events: wait on the store, not on the spy.
-    wait_until(
-        lambda: stored_chat(store)[0] >= total + 1,
-        timeout=120,
-        what="the line after the backlog",
-        persister=persister,
-    )
+    last = send_one_more(devices, store, pairs, total, persister, "after the backlog")
     assert stored_chat(store) == (total + 1, total + 1)
     assert set(stored_chat_ids(store)) == {m.id for m in stream} | {last.id}
     # The backlog was published canonically too, after the commit.
