@@ -387,10 +387,11 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "deadletter",
             t.DEADLETTER,
             "send",
-            "Every refused message with the reason (also kept in the store).",
+            "Every refused message with the reason, the refusing service and the payload; the "
+            "persister keeps the other services' in the store (its own it stores with its batch).",
             refusal,
             "persister, every service",
-            "operators, monitoring",
+            "persister (stores them), operators, monitoring",
         ),
     ]
     return (*inbound, *canonical)
