@@ -27,7 +27,7 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from bloomwire import mqtt, topics
+from bloomwire import mqtt, pahoclient, topics
 from bloomwire.errors import BrokerError
 from bloomwire.mqtt import Message, Service
 from bloomwire.settings import Settings
@@ -553,7 +553,7 @@ def test_thousands_of_messages_and_a_large_one_cross_buffered_reads_and_corked_w
         async with running(service, make_settings()):
             await expect_status(client, name, b"online")
             # The guard that paho still reads and writes through the buffered socket.
-            assert isinstance(service.conn.client.socket(), mqtt._BufferedSocket)
+            assert isinstance(service.conn.client.socket(), pahoclient.BufferedSocket)
             infos = [client.paho.publish(inbound, p, qos=1) for p in sent]
             echoed: list[bytes] = []
             while len(echoed) < len(sent):
@@ -712,7 +712,7 @@ def socket_pair() -> Iterator[tuple[Any, Any]]:
 
 def test_buffered_socket_hands_out_exactly_the_bytes_asked_for(socket_pair: tuple[Any, Any]) -> None:
     a, b = socket_pair
-    buffered = mqtt._BufferedSocket(a)
+    buffered = pahoclient.BufferedSocket(a)
     with pytest.raises(BlockingIOError):
         buffered.recv(1)  # nothing there yet: paho sees "would block", as with a plain socket
     b.sendall(b"\x30\x05hello\x30\x02hi")
@@ -733,7 +733,7 @@ def test_buffered_socket_keeps_what_the_kernel_would_not_take_and_sends_it_later
 
     a, b = socket_pair
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    buffered = mqtt._BufferedSocket(a)
+    buffered = pahoclient.BufferedSocket(a)
     data = bytes(range(256)) * 4096  # 1 MiB: far more than the socket buffers hold
     assert buffered.send(data) == len(data)
     buffered.flush()
@@ -749,7 +749,7 @@ def test_buffered_socket_keeps_what_the_kernel_would_not_take_and_sends_it_later
 
 def test_buffered_socket_reports_a_dead_peer_on_the_next_read(socket_pair: tuple[Any, Any]) -> None:
     a, b = socket_pair
-    buffered = mqtt._BufferedSocket(a)
+    buffered = pahoclient.BufferedSocket(a)
     b.close()
     buffered.send(b"x" * 100_000)
     with pytest.raises(OSError):
@@ -764,7 +764,7 @@ def test_paho_properties_share_their_tables_and_behave_as_before() -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import MQTTException, Properties
 
-    assert mqtt.PAHO_PROPERTIES_SHARED, "paho changed Properties: the shared tables are off"
+    assert pahoclient.PROPERTIES_SHARED, "paho changed Properties: the shared tables are off"
     a, b = Properties(PacketTypes.PUBLISH), Properties(PacketTypes.PUBACK)
     assert a.names is b.names, "tables shared, not rebuilt"
     a.MessageExpiryInterval = 30

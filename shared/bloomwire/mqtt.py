@@ -1,7 +1,8 @@
 """The small MQTT runtime every Bloomwire process uses.
 
-:class:`Connection` wraps one paho-mqtt client (MQTT 5, TCP_NODELAY, credentials, Last Will,
-reconnect with backoff, subscriptions restored, optional manual acks) and hands messages to asyncio.
+:class:`Connection` wraps one paho-mqtt client (:mod:`bloomwire.pahoclient`: MQTT 5, TCP_NODELAY,
+credentials, Last Will, reconnect with backoff, subscriptions restored, optional manual acks) and
+hands messages to asyncio.
 :class:`Service` declares a service in one place: its handlers, start-up and shutdown hooks. A
 handler is a plain ``async def f(msg: Message) -> None``; one that raises is logged with the topic
 and payload, the message is dead-lettered, and the loop goes on.
@@ -19,7 +20,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from bloomwire import topics
 from bloomwire.errors import BrokerError
 from bloomwire.events import Refusal, encode, payload_text
 from bloomwire.log import get_logger
+from bloomwire.pahoclient import TunedClient
 from bloomwire.settings import Settings
 
 log = get_logger("bloomwire.mqtt")
@@ -46,168 +48,6 @@ REASON_LIMIT = 1000
 #: A dead letter carries the refused payload up to this many characters (the store keeps it).
 DEAD_PAYLOAD_LIMIT = 16_384
 EVENT_ID_LIMIT = 200
-
-
-def _share_paho_property_tables() -> bool:
-    """Make paho's ``Properties()`` cheap by sharing its lookup tables (True if applied).
-
-    paho rebuilds three lookup tables in every ``Properties.__init__`` (about 5 µs) and makes a
-    Properties for every PUBLISH and PUBACK it decodes: a tenth of the network thread at
-    thousands of messages per second. paho only ever reads those tables. Applied only while
-    ``__init__`` sets exactly these attributes, so a paho release that changes them keeps its own.
-    """
-    if getattr(Properties.__init__, "_bloomwire_shared", False):
-        return True
-    probe = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if set(vars(probe)) != {"packetType", "types", "names", "properties"}:
-        return False
-    shared = {"types": probe.types, "names": probe.names, "properties": probe.properties}
-
-    def init(self: Properties, packetType: int) -> None:  # noqa: N803 - paho's name
-        self.__dict__.update(shared, packetType=packetType)
-
-    init._bloomwire_shared = True  # type: ignore[attr-defined]
-    Properties.__init__ = init  # type: ignore[method-assign]
-    return True
-
-
-PAHO_PROPERTIES_SHARED = _share_paho_property_tables()
-
-
-class _BufferedSocket:
-    """paho's socket, read in 64 KiB chunks and written once per round of packets.
-
-    paho reads every packet with three or more ``recv`` calls and writes every packet with its
-    own ``send``: at thousands of messages per second those syscalls, each releasing and taking
-    back the GIL, cost more than the packets themselves. paho's loop already asks a socket for
-    ``pending()`` bytes (an SSL socket has them) and skips ``select`` while there are some.
-    """
-
-    __slots__ = ("_error", "_in", "_in_pos", "_out", "sock")
-
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-        self._in = b""
-        self._in_pos = 0
-        self._out = bytearray()
-        self._error: OSError | None = None
-
-    def recv(self, n: int) -> bytes:
-        if self._in_pos >= len(self._in):
-            if self._error is not None:
-                raise self._error
-            self._in = self.sock.recv(65536)  # BlockingIOError/SSLWantReadError go to paho
-            self._in_pos = 0
-        chunk = self._in[self._in_pos : self._in_pos + n]
-        self._in_pos += len(chunk)
-        return chunk
-
-    def pending(self) -> int:
-        inner = self.sock.pending() if hasattr(self.sock, "pending") else 0
-        return len(self._in) - self._in_pos + inner
-
-    def send(self, data: bytes | bytearray) -> int:
-        if self._error is not None:
-            raise self._error
-        self._out += data
-        return len(data)
-
-    def wants_flush(self) -> bool:
-        return bool(self._out)
-
-    def flush(self) -> None:
-        """Send what the kernel takes now; the rest waits for the socket to be writable."""
-        try:
-            while self._out:
-                sent = self.sock.send(self._out)
-                del self._out[:sent]
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            pass
-        except OSError as exc:
-            self._error = exc  # reported to paho by the next recv or send
-            raise
-
-    def close(self) -> None:
-        # paho closes right after writing DISCONNECT: give it a moment to leave.
-        with contextlib.suppress(OSError, ValueError):
-            deadline = time.monotonic() + 1.0
-            while self._out and time.monotonic() < deadline:
-                self.flush()
-                if self._out:
-                    time.sleep(0.005)
-        self.sock.close()
-
-    def __getattr__(self, name: str) -> Any:  # fileno, setblocking, setsockopt, …
-        return getattr(self.sock, name)
-
-
-class _Client(paho.Client):
-    """paho's client on a :class:`_BufferedSocket`, with :meth:`corked` rounds of packets."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._corked = 0
-        self._wake = False
-
-    @contextlib.contextmanager
-    def corked(self) -> Iterator[None]:
-        """Queue packets without waking the network thread for each; wake it once at the end.
-
-        Every queued packet otherwise writes a byte to paho's wake-up socket pair, and the network
-        thread runs a whole select round for it: a batch of N publishes would cost N rounds.
-        """
-        self._corked += 1
-        try:
-            yield
-        finally:
-            self._corked -= 1
-            if not self._corked and self._wake:
-                self._wake = False
-                wake = self._sockpairW
-                if wake is not None:
-                    with contextlib.suppress(OSError):
-                        wake.send(b"0")
-
-    def _packet_queue(
-        self,
-        command: int,
-        packet: bytes | bytearray,
-        mid: int,
-        qos: int,
-        info: paho.MQTTMessageInfo | None = None,
-    ) -> MQTTErrorCode:
-        if not self._corked or self._thread is None:
-            return super()._packet_queue(command, packet, mid, qos, info)
-        self._out_packet.append(
-            {
-                "command": command,
-                "mid": mid,
-                "qos": qos,
-                "pos": 0,
-                "to_process": len(packet),
-                "packet": packet,
-                "info": info,
-            }
-        )
-        self._wake = True
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _create_socket(self) -> Any:
-        return _BufferedSocket(super()._create_socket())
-
-    def want_write(self) -> bool:
-        sock = self._sock
-        return super().want_write() or (isinstance(sock, _BufferedSocket) and sock.wants_flush())
-
-    def _packet_write(self) -> MQTTErrorCode:
-        rc = super()._packet_write()
-        sock = self._sock
-        if isinstance(sock, _BufferedSocket):
-            try:
-                sock.flush()
-            except OSError:
-                return MQTTErrorCode.MQTT_ERR_CONN_LOST
-        return rc
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +113,7 @@ class Connection:
         self._waiting = False
         self._on_connect_hooks: list[Callable[[], None]] = []
 
-        client = _Client(
+        client = TunedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
@@ -458,7 +298,7 @@ class Connection:
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def corked(self) -> contextlib.AbstractContextManager[None]:
-        """Publishes and acks inside go out in one round of the network thread (see _Client)."""
+        """Publishes and acks inside go out in one round of the network thread (see TunedClient)."""
         return self.client.corked()
 
     def ack(self, message: Message) -> None:
