@@ -285,9 +285,10 @@ def bench_ingest(
 ) -> None:
     """Publish rider chat events through a private broker into the persister; print figures.
 
-    One mosquitto_pub per rider sends the events at the set rate. Printed: events/s persisted,
-    publish→committed (the device ack) and publish→canonical P50/P99, lost and duplicated events
-    (checked in the store), and the mosquitto_pub→mosquitto_sub QoS 1 ceiling of the same broker.
+    One mosquitto_pub per rider sends the events at the set rate. Printed:
+    events/s persisted, publish→committed (the device ack) and
+    publish→canonical P50/P99, lost and duplicated events (checked in the
+    store), and the mosquitto_pub→sub QoS 1 ceiling of the same broker.
     """
     from bloomwire.bench import ingest
 
