@@ -776,3 +776,23 @@ def test_paho_properties_share_their_tables_and_behave_as_before() -> None:
     assert not hasattr(b, "MessageExpiryInterval"), "one packet's properties never leak into another's"
     with pytest.raises(MQTTException):
         b.MessageExpiryInterval = 30  # not a PUBACK property
+    back.clear()
+    assert not hasattr(back, "MessageExpiryInterval") and back.pack() == b"\x00"
+    assert back.names is a.names, "clear() keeps the shared tables"
+
+
+def test_paho_reason_codes_are_cached_and_behave_as_before() -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    assert pahoclient.REASON_CODES_CACHED, "paho changed ReasonCode: the cache is off"
+    ok = ReasonCode(PacketTypes.PUBACK)
+    assert (ok.value, ok.getName(), ok.is_failure) == (0, "Success", False)
+    refused = ReasonCode(PacketTypes.PUBACK, identifier=0x87)
+    assert (refused.getName(), refused.is_failure) == ("Not authorized", True)
+    assert ReasonCode(PacketTypes.PUBACK, "Not authorized") == refused
+    assert ReasonCode(PacketTypes.DISCONNECT).getName() == "Normal disconnection"
+    with pytest.raises(KeyError):
+        ReasonCode(PacketTypes.PUBACK, "No such reason")
+    with pytest.raises(KeyError):
+        ReasonCode(PacketTypes.PUBACK, identifier=0x03)

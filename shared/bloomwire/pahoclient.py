@@ -1,10 +1,10 @@
 """paho-mqtt's client tuned for thousands of messages per second.
 
-Three measured costs of paho 2.x at that rate, each removed here without changing what goes on
-the wire: a ``recv`` per packet part and a ``send`` per packet (:class:`BufferedSocket`), a
-wake-up of the network thread per queued packet (:meth:`TunedClient.corked`), and lookup tables
-rebuilt for every packet's properties (:func:`share_property_tables`). ``docs/performance.md``
-has the figures.
+Measured costs of paho 2.x at that rate, each removed here without changing what goes on the
+wire: a ``recv`` per packet part and a ``send`` per packet (:class:`BufferedSocket`), a wake-up
+of the network thread per queued packet (:meth:`TunedClient.corked`), and lookup tables rebuilt
+for every packet's properties and reason code (:func:`share_property_tables`,
+:func:`cache_reason_codes`). ``docs/performance.md`` has the figures.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 
 def share_property_tables() -> bool:
@@ -36,16 +37,77 @@ def share_property_tables() -> bool:
         return False
     shared = {"types": probe.types, "names": probe.names, "properties": probe.properties}
 
+    private = frozenset(shared) | {"packetType"}
+
     def init(self: Properties, packetType: int) -> None:  # noqa: N803 - paho's name
         self.__dict__.update(shared, packetType=packetType)
 
+    def clear(self: Properties) -> None:
+        # paho's clear() tries all 27 property names; only set properties are in __dict__.
+        for name in [n for n in self.__dict__ if n not in private]:
+            del self.__dict__[name]
+
     init._bloomwire_shared = True  # type: ignore[attr-defined]
     Properties.__init__ = init  # type: ignore[method-assign]
+    Properties.clear = clear  # type: ignore[method-assign]
     return True
 
 
-#: Whether this paho release took :func:`share_property_tables`.
+def cache_reason_codes() -> bool:
+    """Make paho's ``ReasonCode()`` cheap: share its table, remember name → code (True if applied).
+
+    Every ``ReasonCode.__init__`` copies a table of ~50 codes and scans it for the code's name;
+    paho makes one for every PUBACK it decodes. Applied only while an instance holds exactly
+    ``names``, ``packetType`` and ``value`` and the cached answers match paho's own.
+    """
+    if getattr(ReasonCode.__init__, "_bloomwire_cached", False):
+        return True
+    original = ReasonCode.__init__
+    probe = ReasonCode(PacketTypes.PUBACK)
+    if set(vars(probe)) != {"names", "packetType", "value"}:
+        return False
+    table = type(probe).names
+    ids: dict[tuple[int, str], int] = {}
+    disconnect = PacketTypes.DISCONNECT
+
+    def init(self: ReasonCode, packetType: int, aName: str = "Success", identifier: int = -1) -> None:  # noqa: N803
+        self.names = table
+        self.packetType = packetType
+        if identifier == -1:
+            if packetType == disconnect and aName == "Success":
+                aName = "Normal disconnection"  # noqa: N806 - paho's rule, paho's name
+            value = ids.get((packetType, aName))
+            if value is None:
+                value = ids[(packetType, aName)] = self.getId(aName)  # KeyError as paho's
+            self.value = value
+        else:
+            self.value = identifier
+            self.getName()  # paho's check that the code exists for this packet type
+
+    samples = [
+        (PacketTypes.PUBACK, "Success"),
+        (PacketTypes.PUBACK, "Not authorized"),
+        (PacketTypes.CONNACK, "Success"),
+        (PacketTypes.SUBACK, "Granted QoS 1"),
+        (PacketTypes.DISCONNECT, "Success"),
+    ]
+    try:
+        for packet_type, name in samples:
+            theirs, ours = ReasonCode.__new__(ReasonCode), ReasonCode.__new__(ReasonCode)
+            original(theirs, packet_type, name)
+            init(ours, packet_type, name)
+            if (theirs.value, theirs.getName()) != (ours.value, ours.getName()):
+                return False
+    except (KeyError, ValueError):  # paho's names changed: keep paho's constructor
+        return False
+    init._bloomwire_cached = True  # type: ignore[attr-defined]
+    ReasonCode.__init__ = init  # type: ignore[method-assign]
+    return True
+
+
+#: Whether this paho release took :func:`share_property_tables` and :func:`cache_reason_codes`.
 PROPERTIES_SHARED = share_property_tables()
+REASON_CODES_CACHED = cache_reason_codes()
 
 
 class BufferedSocket:

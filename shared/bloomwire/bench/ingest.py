@@ -3,10 +3,11 @@
 Starts its own Mosquitto and persister (a child process, as in production) in a temporary data
 dir, sets up one accepted order per simulated rider through the real MQTT path, then publishes
 rider chat events (each stored in ``events`` and ``chat_lines``, republished canonically and acked
-to the rider) at a set rate, through one ``mosquitto_pub`` per rider so that the load generator
-takes next to no CPU from the persister. Reports persisted events/s, publish→committed (the device
-ack) and publish→canonical latencies, lost and duplicated counts checked against the store, and
-the ``mosquitto_pub``/``mosquitto_sub`` QoS 1 ceiling on the same broker.
+to the rider) at a set rate, through :class:`~bloomwire.bench.loadgen.LoadPublisher` so that the
+load generator takes next to no CPU from the persister. Reports persisted events/s,
+publish→committed (the device ack) and publish→canonical latencies, lost and duplicated counts
+checked against the store, and the ``mosquitto_pub``/``mosquitto_sub`` QoS 1 ceiling on the same
+broker.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rich.table import Table
 
 from bloomwire import events as ev
 from bloomwire import topics
+from bloomwire.bench.loadgen import LoadPublisher
 from bloomwire.mqtt import Connection
 from bloomwire.settings import Settings
 from bloomwire.store import make_engine
@@ -179,57 +181,40 @@ def _read_stamps(path: Path) -> list[tuple[float, Any]]:
     return stamps
 
 
-def _publisher_user(i: int) -> str:
-    return f"bench-pub-{i}"
-
-
-def _publishers(settings: Settings, pairs: list[tuple[str, str]]) -> list[subprocess.Popen[bytes]]:
-    """One ``mosquitto_pub -l`` per rider and order: each line written to its stdin is one QoS 1
-    publish. A Python publisher would take the CPU the persister is measured on (2 cores)."""
-    return [
-        subprocess.Popen(
-            [
-                "mosquitto_pub",
-                *_sub_args(settings, _publisher_user(i)),
-                "-t",
-                topics.rider_order_chat(rider, order),
-                "-l",
-            ],
-            stdin=subprocess.PIPE,
-        )
-        for i, (rider, order) in enumerate(pairs)
-    ]
-
-
 def _publish(
-    figures: Figures, pairs: list[tuple[str, str]], pubs: list[subprocess.Popen[bytes]]
+    settings: Settings, figures: Figures, pairs: list[tuple[str, str]]
 ) -> tuple[dict[str, float], float]:
-    """Write the events to the publishers at the set rate; their send times and the start."""
-    lines = []
+    """Publish the events at the set rate; their send times and the wall-clock start."""
+    creds = service_settings(settings, BENCH_USER)
+    password = creds.broker_password.get_secret_value() if creds.broker_password else ""
+    pub = LoadPublisher(settings.broker_host, settings.broker_port, BENCH_USER, password)
+    pub.connect()
+    packets: list[tuple[str, bytes]] = []
     for k in range(figures.events):
         rider, order = pairs[k % len(pairs)]
         e = ev.OrderChatEvent(
             source=f"riders/{rider}", data=ev.OrderChat(order=order, text=f"bench line {k}")
         )
-        lines.append((e.id, pubs[k % len(pubs)], ev.encode(e) + b"\n"))
+        packets.append((e.id, pub.packet(topics.rider_order_chat(rider, order), ev.encode(e))))
     sent_at: dict[str, float] = {}
+    n, k = len(packets), 0
     start = time.perf_counter()
     wall0 = time.time()
-    for k, (eid, pub, line) in enumerate(lines):
-        if figures.rate:
-            ahead = start + k / figures.rate - time.perf_counter()
-            if ahead > 0.001:
-                time.sleep(ahead)
-        sent_at[eid] = wall0 + (time.perf_counter() - start)
-        assert pub.stdin is not None
-        pub.stdin.write(line)
-        pub.stdin.flush()
+    while k < n:
+        elapsed = time.perf_counter() - start
+        # Everything due by now goes in one write; at --rate 0, 500 at a time.
+        due = min(n, int(elapsed * figures.rate) + 1) if figures.rate else min(n, k + 500)
+        if due <= k:
+            time.sleep(min(0.002, k / figures.rate - elapsed))
+            continue
+        stamp = wall0 + (time.perf_counter() - start)
+        chunk = packets[k:due]
+        for eid, _ in chunk:
+            sent_at[eid] = stamp
+        pub.send(b"".join(p for _, p in chunk), len(chunk))
+        k = due
     figures.publish_s = time.perf_counter() - start
-    for pub in pubs:
-        assert pub.stdin is not None
-        pub.stdin.close()  # mosquitto_pub sends what is in flight, then exits
-    for pub in pubs:
-        pub.wait(timeout=120)
+    pub.close()
     return sent_at, wall0
 
 
@@ -239,14 +224,17 @@ async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]
         _watch(settings, "bench-watch", topics.all_orders_filter(topics.OrderChannel.CHAT), chat_file),
         _watch(settings, "bench-watch-acks", f"{topics.RIDERS}/+/inbox/acks", ack_file),
     ]
-    pubs = _publishers(settings, pairs)
-    await asyncio.sleep(0.5)  # let the watchers subscribe and the publishers connect
-    sent_at, wall0 = await asyncio.to_thread(_publish, figures, pairs, pubs)
+    await asyncio.sleep(0.5)  # let the watchers subscribe
+    sent_at, wall0 = await asyncio.to_thread(_publish, settings, figures, pairs)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        if chat_file.read_bytes().count(b"\n") >= figures.events:
-            break
+    seen, read = 0, 0
+    with chat_file.open("rb") as fh:
+        while time.monotonic() < deadline and seen < figures.events:
+            await asyncio.sleep(0.5)
+            fh.seek(read)
+            new = fh.read()
+            read += len(new)  # count only what was written since the last look
+            seen += new.count(b"\n")
     await asyncio.sleep(1.0)  # the last acks trail the last canonical events
     for w in watchers:
         w.terminate()
@@ -320,8 +308,7 @@ def run(settings: Settings, *, events: int, rate: int, riders: int, ceiling: boo
                 "broker_port": 0,
             }
         )
-        publishers = tuple(_publisher_user(i) for i in range(riders))
-        stack = Stack(bench_settings, services=("persister",), extra_users=(*BENCH_USERS, *publishers))
+        stack = Stack(bench_settings, services=("persister",), extra_users=BENCH_USERS)
         live = stack.start()
         try:
             pairs = asyncio.run(_setup_orders(live, riders))
