@@ -36,6 +36,7 @@ from rich.table import Table
 
 from bloomwire import events as ev
 from bloomwire import topics
+from bloomwire.bench import private_stack
 from bloomwire.errors import PayloadError
 from bloomwire.lifecycle import FailureReason, OrderStatus
 from bloomwire.mqtt import Connection
@@ -340,7 +341,7 @@ async def _wait_schema(url: str, timeout: float = 60.0) -> None:
         engine.dispose()
 
 
-async def _latency(settings: Settings, n: int, figures: LatencyFigures, stack_settings: Any) -> None:
+async def _latency(stack_settings: Settings, n: int, figures: LatencyFigures) -> None:
     from bloomwire.supervisor import service_settings
 
     shop, now = "bench-shop", ev.now()
@@ -439,18 +440,9 @@ async def _latency(settings: Settings, n: int, figures: LatencyFigures, stack_se
 
 def bench_latency(settings: Settings, n: int = 100) -> LatencyFigures:
     """Edge-triggered latency through a real broker and persister (see the module doc)."""
-    from bloomwire.supervisor import Stack
-
     figures = LatencyFigures()
-    with tempfile.TemporaryDirectory(prefix="bloomwire-bench-alerts-") as tmp:
-        values = settings.model_dump() | {"data_dir": Path(tmp), "database_url": "", "broker_port": 0}
-        base = Settings(**values)
-        stack = Stack(base, services=("persister",), extra_users=LATENCY_USERS)
-        try:
-            stack_settings = stack.start()
-            asyncio.run(_latency(stack_settings, n, figures, stack_settings))
-        finally:
-            stack.stop()
+    with private_stack(settings, LATENCY_USERS, name="alerts") as (live, _):
+        asyncio.run(_latency(live, n, figures))
     return figures
 
 

@@ -26,11 +26,9 @@ import asyncio
 import json
 import logging
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,11 +38,12 @@ from rich.table import Table
 
 from bloomwire import events as ev
 from bloomwire import topics
+from bloomwire.bench import private_stack
 from bloomwire.mqtt import Connection
 from bloomwire.settings import Settings
 from bloomwire.store import make_engine
 from bloomwire.store import models as m
-from bloomwire.supervisor import Stack, service_settings
+from bloomwire.supervisor import service_settings
 from services.dispatch.planner import BERLIN_BBOX, bench_batch, random_instance
 from services.dispatch.service import EVENTS_TOPIC, NAME, DispatchService, build
 
@@ -365,25 +364,11 @@ def run(
     logging.getLogger("bloomwire.dispatch").setLevel(logging.WARNING)
     if peak_orders and peak_riders:
         figures.planner = bench_batch(peak_orders, peak_riders, seed=seed)
-    with tempfile.TemporaryDirectory(prefix="bloomwire-bench-dispatch-") as tmp:
-        bench_settings = settings.model_copy(
-            update={
-                "data_dir": Path(tmp),
-                "database_url": f"sqlite:///{tmp}/bench.db",
-                "broker_port": 0,
-                "broker_username": None,
-                "broker_password": None,
-            }
-        )
-        stack = Stack(bench_settings, services=("persister",), extra_users=BENCH_USERS)
-        live = stack.start()
-        try:
-            if orders:
-                asyncio.run(_normal(live, figures, seed))
-            if peak_orders:
-                asyncio.run(_peak(live, figures, peak_orders, peak_riders, seed))
-        finally:
-            stack.stop()
+    with private_stack(settings, BENCH_USERS, name="dispatch") as (live, _):
+        if orders:
+            asyncio.run(_normal(live, figures, seed))
+        if peak_orders:
+            asyncio.run(_peak(live, figures, peak_orders, peak_riders, seed))
     return figures
 
 

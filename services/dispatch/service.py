@@ -22,7 +22,6 @@ re-sends a decision produces the same event id, which the persister stores only 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -40,6 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bloomwire import events as ev
 from bloomwire import topics
+from bloomwire.aio import cancel_and_wait
 from bloomwire.lifecycle import UNASSIGNED, OrderStatus
 from bloomwire.log import get_logger
 from bloomwire.mqtt import Message, Service
@@ -719,9 +719,7 @@ def build(
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout=30)
             except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
         dispatcher, service.dispatcher = service.dispatcher, None
         if dispatcher is not None:
             dispatcher.engine.dispose()

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
+from bloomwire.aio import cancel_and_wait
 from bloomwire.broker import ensure_secret
 from bloomwire.clients.base import UsageError, check_name, resolve_password
 from bloomwire.errors import BloomwireError
@@ -236,10 +237,7 @@ async def _play(
     try:
         return await sim.run(stop)
     finally:
-        for task in (viewer, guard_task):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(viewer, guard_task)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

@@ -17,7 +17,6 @@ import json
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,11 +29,12 @@ from rich.table import Table
 
 from bloomwire import events as ev
 from bloomwire import topics
+from bloomwire.bench import private_stack
 from bloomwire.bench.loadgen import LoadPublisher
 from bloomwire.mqtt import Connection
 from bloomwire.settings import Settings
 from bloomwire.store import make_engine
-from bloomwire.supervisor import Stack, service_settings
+from bloomwire.supervisor import service_settings
 
 BENCH_USER = "bench"
 #: One account per connection: the broker uses the username as client id, so two connections
@@ -300,23 +300,11 @@ def measure_ceiling(settings: Settings, n: int = 20_000) -> float:
 def run(settings: Settings, *, events: int, rate: int, riders: int, ceiling: bool) -> Figures:
     """Run the whole benchmark on a private broker and store; return the figures."""
     figures = Figures(events=events, rate=rate)
-    with tempfile.TemporaryDirectory(prefix="bloomwire-bench-") as tmp:
-        bench_settings = settings.model_copy(
-            update={
-                "data_dir": Path(tmp),
-                "database_url": f"sqlite:///{tmp}/bench.db",
-                "broker_port": 0,
-            }
-        )
-        stack = Stack(bench_settings, services=("persister",), extra_users=BENCH_USERS)
-        live = stack.start()
-        try:
-            pairs = asyncio.run(_setup_orders(live, riders))
-            asyncio.run(_run(live, figures, pairs, Path(tmp)))
-            if ceiling:
-                figures.ceiling_per_s = measure_ceiling(live)
-        finally:
-            stack.stop()
+    with private_stack(settings, BENCH_USERS, name="ingest") as (live, tmp):
+        pairs = asyncio.run(_setup_orders(live, riders))
+        asyncio.run(_run(live, figures, pairs, tmp))
+        if ceiling:
+            figures.ceiling_per_s = measure_ceiling(live)
     return figures
 
 

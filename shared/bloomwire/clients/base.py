@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from bloomwire.aio import cancel_and_wait
 from bloomwire.broker import SECRETS_DIR, ensure_secret
 from bloomwire.errors import BloomwireError, BrokerError, TopicError
 from bloomwire.log import get_logger
@@ -387,10 +388,7 @@ class Client:
         if self._stopped:
             return
         self._stopped = True
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+        await cancel_and_wait(self._pump)
         try:
             await self.conn.stop(announce_offline=announce_offline)
         finally:
@@ -401,10 +399,7 @@ class Client:
         if self._stopped:
             return
         self._stopped = True
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+        await cancel_and_wait(self._pump)
         await asyncio.to_thread(self.conn.client.loop_stop)
         # Closing the socket without a DISCONNECT packet is what a killed app looks like.
         release(self.conn)

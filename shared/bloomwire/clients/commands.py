@@ -56,6 +56,8 @@ Password = Annotated[
     ),
 ]
 Wait = Annotated[float, typer.Option("--wait", help="Seconds to wait for the backbone's answer.", min=0.1)]
+RiderArg = Annotated[str, typer.Argument(help="The rider id.")]
+OrderArg = Annotated[str, typer.Argument(help="The order id.")]
 ShopOpt = Annotated[str, typer.Option("--shop", "-s", envvar="BLOOMWIRE_SHOP", help="The shop id.")]
 Username = Annotated[
     str | None,
@@ -275,8 +277,8 @@ def _rider_once(
 @rider_app.command("status")
 def rider_status(
     ctx: typer.Context,
-    rider: Annotated[str, typer.Argument(help="The rider id.")],
-    order: Annotated[str, typer.Argument(help="The order id.")],
+    rider: RiderArg,
+    order: OrderArg,
     status: Annotated[
         str, typer.Argument(help="picked_up, en_route, arrived, delivered, returned, declined.")
     ],
@@ -296,8 +298,8 @@ def rider_status(
 @rider_app.command("fail")
 def rider_fail(
     ctx: typer.Context,
-    rider: Annotated[str, typer.Argument(help="The rider id.")],
-    order: Annotated[str, typer.Argument(help="The order id.")],
+    rider: RiderArg,
+    order: OrderArg,
     reason: Annotated[
         str, typer.Option(help="customer_unreachable, address_wrong, damaged, refused or other.")
     ],
@@ -322,8 +324,8 @@ def rider_fail(
 @rider_app.command("incident")
 def rider_incident(
     ctx: typer.Context,
-    rider: Annotated[str, typer.Argument(help="The rider id.")],
-    order: Annotated[str, typer.Argument(help="The order id.")],
+    rider: RiderArg,
+    order: OrderArg,
     reason: Annotated[str, typer.Option(help="e.g. flat_tyre, traffic, customer_unreachable.")],
     eta_min: Annotated[float | None, typer.Option(help="New ETA, minutes from now.", min=0)] = None,
     note: Annotated[str, typer.Option(help="A note for the shop and customer.")] = "",
@@ -347,8 +349,8 @@ def rider_incident(
 @rider_app.command("chat")
 def rider_chat(
     ctx: typer.Context,
-    rider: Annotated[str, typer.Argument(help="The rider id.")],
-    order: Annotated[str, typer.Argument(help="The order id.")],
+    rider: RiderArg,
+    order: OrderArg,
     text: Annotated[str, typer.Argument(help="The chat line.")],
     password: Password = None,
     outbox: OutboxOpt = None,
@@ -363,7 +365,7 @@ def rider_chat(
 @rider_app.command("reply")
 def rider_reply(
     ctx: typer.Context,
-    rider: Annotated[str, typer.Argument(help="The rider id.")],
+    rider: RiderArg,
     offer: Annotated[str, typer.Argument(help="The offer id (shown by `rider run`).")],
     order: Annotated[str, typer.Option(help="The offer's order id.")],
     accept: Annotated[bool, typer.Option("--accept/--decline", help="Accept or decline.")] = True,
@@ -388,7 +390,7 @@ def rider_reply(
 @rider_app.command("flush")
 def rider_flush(
     ctx: typer.Context,
-    rider: Annotated[str, typer.Argument(help="The rider id.")],
+    rider: RiderArg,
     password: Password = None,
     outbox: OutboxOpt = None,
     wait: Wait = 10.0,
@@ -400,7 +402,7 @@ def rider_flush(
 @rider_app.command("outbox")
 def rider_outbox(
     ctx: typer.Context,
-    rider: Annotated[str, typer.Argument(help="The rider id.")],
+    rider: RiderArg,
     outbox: OutboxOpt = None,
 ) -> None:
     """List the events waiting for an ack, and the refused ones (no connection needed)."""
@@ -572,7 +574,7 @@ def shop_watch(
 @shop_app.command("chat")
 def shop_chat(
     ctx: typer.Context,
-    order: Annotated[str, typer.Argument(help="The order id.")],
+    order: OrderArg,
     text: Annotated[str, typer.Argument(help="The chat line.")],
     shop: ShopOpt,
     password: Password = None,
@@ -590,8 +592,8 @@ def shop_chat(
 @shop_app.command("assign")
 def shop_assign(
     ctx: typer.Context,
-    order: Annotated[str, typer.Argument(help="The order id.")],
-    rider: Annotated[str, typer.Argument(help="The rider id.")],
+    order: OrderArg,
+    rider: RiderArg,
     shop: ShopOpt,
     note: Annotated[str, typer.Option(help="A note for the rider.")] = "",
     password: Password = None,
@@ -616,7 +618,7 @@ def shop_assign(
 @shop_app.command("cancel")
 def shop_cancel(
     ctx: typer.Context,
-    order: Annotated[str, typer.Argument(help="The order id.")],
+    order: OrderArg,
     shop: ShopOpt,
     reason: Annotated[str, typer.Option(help="Why.")] = "",
     password: Password = None,
@@ -654,7 +656,7 @@ def shop_ack(
 
 def track(
     ctx: typer.Context,
-    order: Annotated[str, typer.Argument(help="The order id.")],
+    order: OrderArg,
     shop: ShopOpt,
     at: Annotated[
         str | None,

@@ -36,6 +36,7 @@ from rich.console import Console
 
 from bloomwire import events as ev
 from bloomwire import geo, topics
+from bloomwire.aio import cancel_and_wait
 from bloomwire.clients.base import (
     DEFAULT_ANSWER_TIMEOUT_S,
     Client,
@@ -293,11 +294,8 @@ class RiderDevice(Client):
         await super().crash()
 
     async def _stop_sender(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
-            self._sender = None
+        await cancel_and_wait(self._sender)
+        self._sender = None
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -665,10 +663,7 @@ class RiderApp:
             if reading:
                 with contextlib.suppress(Exception):
                     loop.remove_reader(sys.stdin.fileno())
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)

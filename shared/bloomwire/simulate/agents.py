@@ -11,7 +11,6 @@ cancelled); everything else goes over MQTT.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections import defaultdict
@@ -22,6 +21,7 @@ from typing import Literal
 
 from bloomwire import events as ev
 from bloomwire import geo
+from bloomwire.aio import cancel_and_wait
 from bloomwire.clients.access import CustomerAccess, ProvisionedAccess
 from bloomwire.clients.base import ClientError, wait_event
 from bloomwire.clients.outbox import LOCATION, Entry, Outbox
@@ -205,11 +205,7 @@ class SimRider:
 
     async def stop(self) -> None:
         """End of shift: stop riding, switch the app off cleanly."""
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self.tasks)
         self.tasks.clear()
         device, self.device = self.device, None
         self.app_up.clear()
@@ -521,11 +517,7 @@ class SimShop:
 
     async def stop(self) -> None:
         """Close the terminal."""
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self.tasks)
         self.tasks.clear()
         await self.terminal.stop()
 
