@@ -397,6 +397,19 @@ def test_lifecycle_is_stored_and_published_canonically(desk: Desk, engine: Engin
     assert count(engine, DEAD_LETTERS) == 0
 
 
+def test_a_closed_order_leaves_memory_once_committed_and_is_read_back_on_demand(desk: Desk) -> None:
+    desk.ok(create_order(SHOP, "o1"))
+    desk.ok(create_order(SHOP, "o2"))
+    assert {"o1", "o2"} <= set(desk.projector.orders.rows)
+    desk.ok(cancel_order(SHOP, "o1"))
+    assert "o1" not in desk.projector.orders.rows, "a closed order is not kept in memory"
+    assert "o2" in desk.projector.orders.rows, "an open one is"
+    closed = desk.projector.orders.get("o1")  # read back from the store when asked for
+    assert closed is not None and closed["status"] == "cancelled"
+    desk.ok(create_order(SHOP, "o3"))
+    assert "o1" not in desk.projector.orders.rows, "and let go again after the next commit"
+
+
 def test_rider_state_follows_load_to_every_shop(desk: Desk) -> None:
     """A rider carrying orders of two shops: each shop's retained rider state is kept current."""
     desk.ok_each([*accepted_order("s1", "o1", "r1"), *accepted_order("s2", "o2", "r1")])

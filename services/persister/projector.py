@@ -255,6 +255,7 @@ class Projector:
         for eid in pending.seen:
             self._remember(eid)
         result.outbound = self._outbound(pending, now)
+        self._evict_closed()
         return result
 
     def _decode(self, msg: Inbound) -> tuple[Inbound, InboundTopic | None, Any, str | None]:
@@ -345,9 +346,14 @@ class Projector:
             raise
         for table in self._tables:
             table.committed()
-        for order_id in list(self.orders.rows):
-            order = self.orders.rows[order_id]
-            if order["status"] in CLOSED and order["closed_at"] is not None:
+
+    def _evict_closed(self) -> None:
+        """Let closed orders go from memory once the batch is committed and its snapshots built
+        (evicted earlier, building a snapshot would read them straight back from the store).
+        Only orders this batch read or changed can have closed: no scan of every open order."""
+        for order_id in self.orders.take_recent():
+            order = self.orders.rows.get(order_id)
+            if order is not None and order["status"] in CLOSED and order["closed_at"] is not None:
                 self.orders.evict(order_id)
 
     def _reload(self) -> None:

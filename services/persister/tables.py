@@ -24,6 +24,8 @@ class CachedTable:
         self.rows: dict[str, Row] = {}
         self.new: set[str] = set()
         self.dirty: set[str] = set()
+        #: Rows read, added or changed since :meth:`take_recent` last ran.
+        self.recent: set[str] = set()
         self._loader = loader
         self._columns = [c.name for c in table.columns]
         updatable = [c for c in self._columns if c != self.key]
@@ -40,6 +42,7 @@ class CachedTable:
             row = self._loader(key)
             if row is not None:
                 self.rows[key] = row
+                self.recent.add(key)
         return row
 
     def add(self, row: Row) -> Row:
@@ -47,12 +50,14 @@ class CachedTable:
         key = row[self.key]
         self.rows[key] = row
         self.new.add(key)
+        self.recent.add(key)
         return row
 
     def touch(self, key: str) -> None:
         """Mark a row as changed."""
         if key not in self.new:
             self.dirty.add(key)
+        self.recent.add(key)
 
     def load(self, rows: Iterable[Any]) -> None:
         """Fill the cache from query results."""
@@ -82,11 +87,17 @@ class CachedTable:
         self.new.clear()
         self.dirty.clear()
 
+    def take_recent(self) -> set[str]:
+        """The keys of the rows read, added or changed since the last call."""
+        recent, self.recent = self.recent, set()
+        return recent
+
     def rolled_back(self) -> None:
         """Drop rows whose changes were not committed; they are re-read on demand."""
         for k in self.new | self.dirty:
             self.rows.pop(k, None)
         self.committed()
+        self.recent.clear()
 
     def evict(self, key: str) -> None:
         """Drop a clean row from memory (e.g. a closed order)."""
