@@ -16,8 +16,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
+from bloomwire import events as ev
 from bloomwire.aio import cancel_and_wait
 from bloomwire.broker import SECRETS_DIR, ensure_secret
 from bloomwire.errors import BloomwireError, BrokerError, TopicError
@@ -40,6 +43,9 @@ class ClientError(BloomwireError):
     """A client could not do what it was asked (the message says what and why)."""
 
 
+DataT = TypeVar("DataT", bound=BaseModel)
+
+
 class UsageError(ClientError):
     """Bad input from the person at the keyboard (exit code 2 at the command line)."""
 
@@ -54,6 +60,14 @@ def check_name(value: str, what: str) -> str:
         return check_id(value, what)
     except TopicError as exc:
         raise UsageError(str(exc)) from None
+
+
+def build_data(model: type[DataT], **fields: Any) -> DataT:
+    """``model`` validated from ``fields``; a bad field is a :class:`UsageError` naming it."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise UsageError(ev.describe_validation_error(exc)) from None
 
 
 def parse_point(text: str, what: str = "position") -> tuple[float, float]:

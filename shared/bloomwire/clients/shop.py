@@ -29,6 +29,7 @@ from bloomwire.clients.base import (
     Outcome,
     UsageError,
     Waiters,
+    build_data,
     check_name,
     check_point,
     wait_event,
@@ -111,27 +112,23 @@ class OrderDraft:
         check_point(self.lat, self.lon, "customer position")
         if self.pickup is not None:
             check_point(*self.pickup, "pickup position")
-        try:
-            data = ev.OrderCreated.model_validate(
-                {
-                    "order": order,
-                    "customer": {
-                        "name": self.customer_name,
-                        "phone": self.phone,
-                        "address": self.address,
-                        "lat": self.lat,
-                        "lon": self.lon,
-                    },
-                    "window": self.window,
-                    "items": list(self.items),
-                    "note": self.note,
-                    "pickup_lat": self.pickup[0] if self.pickup else None,
-                    "pickup_lon": self.pickup[1] if self.pickup else None,
-                    "customer_username": customer_username(order),
-                }
-            )
-        except ValidationError as exc:
-            raise UsageError(ev.describe_validation_error(exc)) from None
+        data = build_data(
+            ev.OrderCreated,
+            order=order,
+            customer={
+                "name": self.customer_name,
+                "phone": self.phone,
+                "address": self.address,
+                "lat": self.lat,
+                "lon": self.lon,
+            },
+            window=self.window,
+            items=list(self.items),
+            note=self.note,
+            pickup_lat=self.pickup[0] if self.pickup else None,
+            pickup_lon=self.pickup[1] if self.pickup else None,
+            customer_username=customer_username(order),
+        )
         return ev.OrderCreatedEvent(source=f"{topics.SHOPS}/{shop}", data=data)
 
 
@@ -254,12 +251,9 @@ class ShopTerminal(Client):
         self, order: str, rider: str, *, note: str = "", timeout: float = DEFAULT_ANSWER_TIMEOUT_S
     ) -> Outcome:
         """Assign (or reassign) ``order`` to ``rider``: the rider gets a manual offer."""
-        try:
-            data = ev.OrderAssigned(
-                order=check_name(order, "order"), rider=check_name(rider, "rider"), note=note
-            )
-        except ValidationError as exc:
-            raise UsageError(ev.describe_validation_error(exc)) from None
+        data = build_data(
+            ev.OrderAssigned, order=check_name(order, "order"), rider=check_name(rider, "rider"), note=note
+        )
         event = ev.OrderAssignedEvent(source=self._source(), data=data)
         return await self._run(Command.ASSIGN, event, timeout, f"assigning {order} to {rider}")
 
@@ -267,19 +261,13 @@ class ShopTerminal(Client):
         self, order: str, *, reason: str = "", timeout: float = DEFAULT_ANSWER_TIMEOUT_S
     ) -> Outcome:
         """Cancel ``order`` (only before it is picked up)."""
-        try:
-            data = ev.OrderCancelled(order=check_name(order, "order"), reason=reason)
-        except ValidationError as exc:
-            raise UsageError(ev.describe_validation_error(exc)) from None
+        data = build_data(ev.OrderCancelled, order=check_name(order, "order"), reason=reason)
         event = ev.OrderCancelledEvent(source=self._source(), data=data)
         return await self._run(Command.CANCEL_ORDER, event, timeout, f"cancelling {order}")
 
     async def chat(self, order: str, text: str, *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S) -> Outcome:
         """Send a chat line on ``order`` (to the rider and the customer)."""
-        try:
-            data = ev.OrderChat(order=check_name(order, "order"), text=text)
-        except ValidationError as exc:
-            raise UsageError(ev.describe_validation_error(exc)) from None
+        data = build_data(ev.OrderChat, order=check_name(order, "order"), text=text)
         event = ev.OrderChatEvent(source=self._source(), data=data)
         return await self._run(Command.CHAT, event, timeout, f"chat on {order}")
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import time
 
-from pydantic import ValidationError
-
 from bloomwire import events as ev
 from bloomwire import topics
 from bloomwire.clients.access import customer_username
@@ -22,8 +20,8 @@ from bloomwire.clients.base import (
     NullObserver,
     Observer,
     Outcome,
-    UsageError,
     Waiters,
+    build_data,
     check_name,
     wait_outcome,
 )
@@ -83,10 +81,7 @@ class CustomerTracker(Client):
 
     async def chat(self, text: str, *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S) -> Outcome:
         """Send a chat line about the order and wait until it is stored (or refused)."""
-        try:
-            data = ev.OrderChat(order=self.order, text=text)
-        except ValidationError as exc:
-            raise UsageError(ev.describe_validation_error(exc)) from None
+        data = build_data(ev.OrderChat, order=self.order, text=text)
         event = ev.OrderChatEvent(source=f"{topics.CUSTOMERS}/{self.customer}", data=data)
         fut = self.waiters.expect(event.id)
         self.conn.publish(topics.customer_chat(self.customer), ev.encode(event), qos=1)
