@@ -566,6 +566,65 @@ def test_thousands_of_messages_and_a_large_one_cross_buffered_reads_and_corked_w
     run(body())
 
 
+def test_received_messages_keep_topic_payload_qos_and_retain_whatever_their_properties(
+    make_settings: Any, watcher: Any
+) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    name = unique()
+    settings = make_settings()
+    assert settings.broker_username is not None
+    conn = mqtt.Connection(settings, settings.broker_username)
+    publisher = watcher()
+    publisher.paho.publish(f"test/{name}/kept", b"retained", qos=1, retain=True).wait_for_publish(WAIT)
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = 60
+    props.UserProperty = [("k", "v" * 300)]  # properties longer than one length byte
+    props.ContentType = "text/plain"
+    sent = [  # (topic level, payload, qos, properties)
+        ("q0", b"plain", 0, None),
+        ("q1-props", b"", 1, props),
+        ("q1-long/\u00e9", b"\x00\xff" * 300, 1, None),
+        ("q2", b"exactly once", 2, props),
+    ]
+
+    async def body() -> None:
+        conn.subscribe(f"test/{name}/#", qos=2)
+        conn.start()
+        try:
+            await conn.wait_connected(WAIT)
+            got: dict[str, Message] = {}
+
+            async def receive(count: int) -> None:
+                deadline = time.monotonic() + WAIT
+                while len(got) < count:
+                    assert time.monotonic() < deadline, f"only {sorted(got)} arrived"
+                    if await conn.wait_message(0.3):
+                        got.update((m.topic, m) for m in conn.drain(10))
+
+            await receive(1)
+            kept = got[f"test/{name}/kept"]
+            assert (kept.payload, kept.qos, kept.retain) == (b"retained", 1, True)
+            for level, payload, qos, p in sent:
+                publisher.paho.publish(f"test/{name}/{level}", payload, qos=qos, properties=p)
+            await receive(1 + len(sent))
+            for level, payload, qos, _ in sent:
+                m = got[f"test/{name}/{level}"]
+                assert (m.payload, m.qos, m.retain) == (payload, qos, False), level
+            assert all(m.mid for m in got.values() if m.qos), "QoS 1/2 messages keep their packet id"
+
+            info = conn.publish(f"test/{name}/out", b"x", qos=1)
+            refused = conn.publish("$SYS/bloomwire-test", b"x", qos=1)  # the broker denies $SYS writes
+            await asyncio.to_thread(refused.wait_for_publish, WAIT)
+            assert info.is_published() and refused.is_published()
+            assert conn.refused_publishes == 1, "a PUBACK carrying 0x87 is still reported"
+        finally:
+            await conn.stop()
+
+    run(body())
+
+
 def test_stop_is_honoured_while_a_batch_handler_keeps_failing(make_settings: Any, watcher: Any) -> None:
     name = unique()
     service = Service(name)
@@ -724,6 +783,25 @@ def test_buffered_socket_hands_out_exactly_the_bytes_asked_for(socket_pair: tupl
     assert buffered.pending() == 0
     b.close()
     assert buffered.recv(1) == b"", "end of stream reaches paho as an empty read"
+
+
+def test_buffered_socket_hands_out_whole_packets_and_leaves_partial_ones(
+    socket_pair: tuple[Any, Any],
+) -> None:
+    a, b = socket_pair
+    buffered = pahoclient.BufferedSocket(a)
+    long_body = bytes(range(200))  # a two-byte remaining length
+    b.sendall(b"\x40\x02\x00\x07" + b"\x30\xc8\x01" + long_body + b"\x30\x05hel")
+    assert buffered.next_packet() is None, "nothing read yet: paho's reader fills the buffer"
+    assert buffered.recv(1) == b"\x40"
+    assert buffered.recv(3) == b"\x02\x00\x07"
+    assert buffered.next_packet() == (0x30, long_body)
+    assert buffered.next_packet() is None, "a partial packet stays for paho's reader"
+    assert buffered.recv(100) == b"\x30\x05hel"
+    b.sendall(b"\x40\x02\x00\x08" + b"\xe0\x80\x80\x80\x80\x01")  # a remaining length of 5 bytes
+    assert buffered.recv(4) == b"\x40\x02\x00\x08"
+    assert buffered.next_packet() is None, "paho's reader reports a malformed length, not this"
+    assert buffered.pending() == 6
 
 
 def test_buffered_socket_keeps_what_the_kernel_would_not_take_and_sends_it_later(

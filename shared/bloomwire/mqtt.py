@@ -137,6 +137,7 @@ class Connection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_raw_message = self._on_raw_message
         client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
         self.client = client
@@ -205,28 +206,22 @@ class Connection:
             log.warning("broker refused a publish", client_id=self.client_id, mid=mid, reason=str(reason))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        # Never raise here: an exception in on_message kills paho's network thread silently.
+        # QoS 2 only: QoS 0/1 arrive through _on_raw_message.
+        self._on_raw_message(bytes(msg._topic), bytes(msg.payload), msg.qos, msg.retain, msg.mid)
+
+    def _on_raw_message(self, topic: bytes, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        # Never raise here: an exception in a paho callback kills its network thread silently.
         try:
             try:
-                topic = msg.topic
-            except UnicodeDecodeError:  # paho hands such topics on; keep the message, not the crash
-                topic = bytes(msg._topic).decode("utf-8", errors="replace")
-            self._inbox.append(
-                Message(
-                    topic,
-                    bytes(msg.payload),
-                    msg.qos,
-                    msg.retain,
-                    msg.mid,
-                    time.time(),
-                    self.generation,
-                )
-            )
+                text = topic.decode("utf-8")
+            except UnicodeDecodeError:  # the broker should refuse these; keep the message anyway
+                text = topic.decode("utf-8", errors="replace")
+            self._inbox.append(Message(text, payload, qos, retain, mid, time.time(), self.generation))
             if self._waiting and self._loop is not None and self._wakeup is not None:
                 self._waiting = False
                 self._loop.call_soon_threadsafe(self._wakeup.set)
         except Exception:  # pragma: no cover - defensive
-            log.exception("dropping message in network thread", mid=msg.mid)
+            log.exception("dropping message in network thread", mid=mid)
 
     # --- public API --------------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """paho-mqtt's client tuned for thousands of messages per second.
 
 Measured costs of paho 2.x at that rate, each removed here without changing what goes on the
-wire: a ``recv`` per packet part and a ``send`` per packet (:class:`BufferedSocket`), a wake-up
-of the network thread per queued packet (:meth:`TunedClient.corked`), and lookup tables rebuilt
-for every packet's properties and reason code (:func:`share_property_tables`,
-:func:`cache_reason_codes`). ``docs/performance.md`` has the figures.
+wire: a ``recv`` per packet part and a ``send`` per packet (:class:`BufferedSocket`), a ``select``
+round and a full decode into an ``MQTTMessage`` per received message
+(:attr:`TunedClient.on_raw_message`), a wake-up of the network thread per queued packet
+(:meth:`TunedClient.corked`), and lookup tables rebuilt for every packet's properties and reason
+code (:func:`share_property_tables`, :func:`cache_reason_codes`). ``docs/performance.md`` has the
+figures.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -138,6 +141,29 @@ class BufferedSocket:
         self._in_pos += len(chunk)
         return chunk
 
+    def next_packet(self) -> tuple[int, bytes] | None:
+        """The next whole MQTT packet already in the buffer, as (fixed-header byte, body), or None.
+
+        None also for a malformed remaining length: paho's own reader then reports it.
+        """
+        buf, start = self._in, self._in_pos
+        end = len(buf)
+        i = start + 1
+        length, shift = 0, 0
+        while True:
+            if i >= end or shift > 21:
+                return None
+            byte = buf[i]
+            i += 1
+            length |= (byte & 127) << shift
+            if not byte & 128:
+                break
+            shift += 7
+        if end - i < length:
+            return None
+        self._in_pos = i + length
+        return buf[start], buf[i : i + length]
+
     def pending(self) -> int:
         inner = self.sock.pending() if hasattr(self.sock, "pending") else 0
         return len(self._in) - self._in_pos + inner
@@ -177,13 +203,143 @@ class BufferedSocket:
         return getattr(self.sock, name)
 
 
+#: ``on_raw_message(topic, payload, qos, retain, mid)``: a received QoS 0/1 PUBLISH, undecoded.
+RawMessageCallback = Callable[[bytes, bytes, int, bool, int], None]
+
+_PUBLISH = 0x30
+_PUBACK = 0x40
+#: Shared by every plain PUBACK: paho's callbacks only read a reason code.
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+
+
+def _in_packet(command: int = 0, body: bytes = b"") -> dict[str, Any]:
+    """paho's reader state: idle, or holding one whole packet."""
+    return {
+        "command": command,
+        "have_remaining": 1 if command else 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": len(body),
+        "packet": bytearray(body),
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
 class TunedClient(paho.Client):
-    """paho's client on a :class:`BufferedSocket`, with :meth:`corked` rounds of packets."""
+    """paho's client on a :class:`BufferedSocket`, with :meth:`corked` rounds of packets.
+
+    Every whole packet in the buffer is handled in one read round (paho runs a ``select`` round
+    per packet). With :attr:`on_raw_message` set, a QoS 0/1 PUBLISH goes straight to it as
+    bytes: no ``MQTTMessage``, no decoded properties, no topic-filter matching. Such a client
+    takes no ``message_callback_add`` filters.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._corked = 0
         self._wake = False
+        self.on_raw_message: RawMessageCallback | None = None
+
+    def message_callback_add(self, sub: str, callback: Any) -> None:
+        if self.on_raw_message is not None:
+            raise ValueError("a client with on_raw_message takes no topic-filter callbacks")
+        super().message_callback_add(sub, callback)
+
+    def _packet_read(self) -> MQTTErrorCode:
+        sock = self._sock
+        if not isinstance(sock, BufferedSocket) or self._protocol != MQTTProtocolVersion.MQTTv5:
+            return super()._packet_read()
+        packet = None if self._in_packet["command"] else sock.next_packet()
+        if packet is None:  # mid-packet, a partial one, or an empty buffer: paho reads (and fills)
+            rc = super()._packet_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._in_packet["command"]:
+                return rc
+            packet = sock.next_packet()
+        handled = False
+        while packet is not None:
+            handled = True
+            command, body = packet
+            raw = None
+            if command == _PUBACK:
+                raw = self._plain_puback(body)
+            elif command & 0xF0 == _PUBLISH and self.on_raw_message is not None:
+                raw = self._raw_publish(command, body)
+            rc = self._handle_whole(command, body) if raw is None else raw
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not self._reading(sock):
+                return rc
+            packet = sock.next_packet()
+        if handled:
+            with self._msgtime_mutex:
+                self._last_bytes_received = paho.time_func()
+        # One buffer per round: queued acks and publishes go out before the next read.
+        return MQTTErrorCode.MQTT_ERR_AGAIN
+
+    def _reading(self, sock: BufferedSocket) -> bool:
+        """Still connected through ``sock`` (a handled DISCONNECT closes it)."""
+        return self._sock is sock
+
+    def _handle_whole(self, command: int, body: bytes) -> MQTTErrorCode:
+        """paho's own handling of one whole packet, as its reader would have set it up."""
+        self._in_packet = _in_packet(command, body)  # type: ignore[assignment]
+        try:
+            return self._packet_handle()
+        except MalformedPacket:
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        finally:
+            self._in_packet = _in_packet()  # type: ignore[assignment]
+
+    def _plain_puback(self, body: bytes) -> MQTTErrorCode | None:
+        """A PUBACK saying plain success (no reason string, no properties), handled as paho does
+        without decoding it; None leaves any other PUBACK to paho."""
+        size = len(body)
+        if size < 2 or size > 4 or (size > 2 and body[2]) or (size == 4 and body[3]):
+            return None
+        mid = (body[0] << 8) | body[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, Properties(PacketTypes.PUBACK))  # type: ignore[no-untyped-call]
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _raw_publish(self, command: int, body: bytes) -> MQTTErrorCode | None:
+        """Hand a QoS 0/1 PUBLISH to :attr:`on_raw_message`; None leaves the packet to paho."""
+        callback = self.on_raw_message
+        qos = (command >> 1) & 3
+        if callback is None or qos == 2:
+            return None
+        try:
+            size = (body[0] << 8) | body[1]
+            if not size:  # a topic alias: paho's business
+                return None
+            pos = 2 + size
+            topic = body[2:pos]
+            mid = 0
+            if qos:
+                mid = (body[pos] << 8) | body[pos + 1]
+                pos += 2
+            props, shift = 0, 0
+            while True:  # the properties' length; the properties themselves are not needed
+                byte = body[pos]
+                pos += 1
+                props |= (byte & 127) << shift
+                if not byte & 128:
+                    break
+                shift += 7
+            pos += props
+        except IndexError:
+            return None  # malformed: paho's decoder says so
+        if pos > len(body) or len(topic) != size:
+            return None
+        with self._in_callback_mutex:
+            try:
+                callback(topic, body[pos:], qos, bool(command & 1), mid)
+            except Exception as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "Caught exception in on_raw_message: %s", err)
+                if not self.suppress_exceptions:
+                    raise
+        if qos == 1 and not self._manual_ack:
+            return self._send_puback(mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
