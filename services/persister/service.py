@@ -23,7 +23,7 @@ NAME = "persister"
 log = get_logger("bloomwire.persister")
 
 
-def build(settings: Settings, *, clock: Callable[[], datetime] = ev.now, max_batch: int = 500) -> Service:
+def build(settings: Settings, *, clock: Callable[[], datetime] = ev.now, max_batch: int = 2000) -> Service:
     """Declare the persister: one batch handler over all inbound topics, start-up and shutdown."""
     service = Service(NAME, persistent=True, max_batch=max_batch)
     state: dict[str, Projector] = {}
