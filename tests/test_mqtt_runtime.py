@@ -838,6 +838,26 @@ def test_buffered_socket_reports_a_dead_peer_on_the_next_read(socket_pair: tuple
         buffered.send(b"more")
 
 
+def test_ack_many_queues_the_bytes_of_one_ack_each_in_one_write() -> None:
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    def client(*, manual_ack: bool) -> pahoclient.TunedClient:
+        v5 = MQTTProtocolVersion.MQTTv5
+        return pahoclient.TunedClient(CallbackAPIVersion.VERSION2, protocol=v5, manual_ack=manual_ack)
+
+    one_by_one, many = client(manual_ack=True), client(manual_ack=True)
+    mids = [1, 258, 65535]
+    for mid in mids:
+        one_by_one.ack(mid, 1)
+    many.ack_many(mids)
+    expected = b"".join(bytes(p["packet"]) for p in one_by_one._out_packet)
+    assert expected == b"\x40\x02\x00\x01\x40\x02\x01\x02\x40\x02\xff\xff"
+    assert [bytes(p["packet"]) for p in many._out_packet] == [expected]
+    automatic = client(manual_ack=False)
+    automatic.ack_many(mids)
+    assert not automatic._out_packet, "paho acks by itself without manual_ack"
+
+
 def test_paho_properties_share_their_tables_and_behave_as_before() -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import MQTTException, Properties

@@ -301,6 +301,18 @@ class Connection:
         if self.manual_ack and message.qos > 0 and message.generation == self.generation:
             self.client.ack(message.mid, message.qos)
 
+    def ack_all(self, messages: Sequence[Message]) -> None:
+        """Acknowledge every message of ``messages`` (see :meth:`ack`): one write for the QoS 1 ones."""
+        if not self.manual_ack:
+            return
+        generation = self.generation
+        mine = [m for m in messages if m.qos and m.generation == generation]
+        with self.corked():
+            self.client.ack_many([m.mid for m in mine if m.qos == 1])
+            for m in mine:
+                if m.qos == 2:
+                    self.client.ack(m.mid, 2)
+
     def drain(self, limit: int) -> list[Message]:
         """Take up to ``limit`` queued messages without waiting."""
         out: list[Message] = []
@@ -598,9 +610,7 @@ class Service:
                     log.warning("stopping with an unhandled batch", service=self.name, size=len(batch))
                     return []
                 delay = min(delay * 2, 10.0)
-        with conn.corked():
-            for msg in batch:
-                conn.ack(msg)
+        conn.ack_all(batch)
         self.handled += len(batch)
         return rest
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -208,6 +209,8 @@ RawMessageCallback = Callable[[bytes, bytes, int, bool, int], None]
 
 _PUBLISH = 0x30
 _PUBACK = 0x40
+_PUBACK_HEAD = 0x40020000
+_DISCONNECT = 0xE0
 #: Shared by every plain PUBACK: paho's callbacks only read a reason code.
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 
@@ -391,7 +394,36 @@ class TunedClient(paho.Client):
         sock = self._sock
         return super().want_write() or (isinstance(sock, BufferedSocket) and sock.wants_flush())
 
+    def ack_many(self, mids: Sequence[int]) -> MQTTErrorCode:
+        """Acknowledge QoS 1 messages (manual-ack clients): the bytes of one ``ack()`` each, queued
+        as one write."""
+        if not self._manual_ack or not mids:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        # PUBACK, remaining length 2, packet id: 0x40 0x02 MSB LSB, four bytes per message.
+        packet = struct.pack(f"!{len(mids)}I", *[_PUBACK_HEAD | mid for mid in mids])
+        return self._packet_queue(_PUBACK, packet, 0, 0)
+
     def _packet_write(self) -> MQTTErrorCode:
+        sock = self._sock
+        if isinstance(sock, BufferedSocket):
+            # Into the buffer in one pass; paho's loop slices, wraps and updates every packet.
+            queue = self._out_packet
+            moved = False
+            while queue:
+                packet = queue[0]
+                kind = packet["command"] & 0xF0
+                if kind == _DISCONNECT or (kind == _PUBLISH and not packet["qos"]):
+                    break  # paho's own: on_publish for QoS 0, the socket closed after DISCONNECT
+                queue.popleft()
+                try:
+                    sock.send(packet["packet"][packet["pos"] :] if packet["pos"] else packet["packet"])
+                except OSError:
+                    queue.appendleft(packet)
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                moved = True
+            if moved:
+                with self._msgtime_mutex:
+                    self._last_msg_out = paho.time_func()
         rc = super()._packet_write()
         sock = self._sock
         if isinstance(sock, BufferedSocket):
