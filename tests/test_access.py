@@ -560,11 +560,12 @@ def test_forged_source_is_refused_by_the_persister(
     assert puback(r2, topics.rider_order_status("r2", "o-forged"), ev.encode(event)) < 0x80
     ((topic, payload),) = received(persister)
     engine = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    projector = Projector(engine)
     try:
-        projector = Projector(engine)
         projector.load()
         result = projector.apply([Inbound(topic, payload)])
     finally:
+        projector.close()
         engine.dispose()
     assert result.stored == 0 and result.refused == 1
     reasons = [o.payload for o in result.outbound if o.topic == topics.DEADLETTER]

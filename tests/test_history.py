@@ -107,6 +107,7 @@ def story(store: Engine) -> datetime:
     # Another order's story does not leak into this one.
     desk.ok(create_order(SHOP, "o2", name="Bea"), offer("o2", "r2"))
     desk.ok(chat("r2", "o2", "Not this one"))
+    desk.projector.close()
     return t0
 
 

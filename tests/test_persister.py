@@ -288,6 +288,7 @@ class Desk:
 
     def restart(self) -> list[Outbound]:
         """A new projector over the same store (as after a process restart); its start-up messages."""
+        self.projector.close()
         self.projector = self._start()
         return self.projector.snapshot_messages()
 
@@ -321,8 +322,10 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def desk(engine: Engine, clock: Clock) -> Desk:
-    return Desk(engine, clock)
+def desk(engine: Engine, clock: Clock) -> Iterator[Desk]:
+    desk = Desk(engine, clock)
+    yield desk
+    desk.projector.close()
 
 
 def order_row(engine: Engine, order: str) -> dict[str, Any]:

@@ -99,3 +99,32 @@ def test_bulk_insert_stores_what_a_core_insert_stores(database_url: str) -> None
     assert bulk == core
     assert text == core, "JSON text handed in as such is stored as the same JSON"
     assert bulk["time"] == at and bulk["data"] == row["data"]
+
+
+def test_key_lookup_finds_exactly_the_stored_keys_across_chunks(database_url: str) -> None:
+    from bloomwire.store.bulk import KeyLookup
+    from bloomwire.store.models import DEAD_LETTERS
+
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    at = datetime(2026, 2, 14, 9, 30, tzinfo=UTC)
+    stored = [f"e-{k}" for k in range(0, 20, 2)]
+    lookup = KeyLookup(DEAD_LETTERS.c.event_id, engine.dialect, chunk=3)
+    asked = [f"e-{k}" for k in range(20)] + ["e-4", "e-unknown", "it's %s ; -- ?"]
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                DEAD_LETTERS.insert(),
+                [
+                    {"received_at": at, "topic": "t", "event_id": e, "reason": "r", "payload": ""}
+                    for e in stored
+                ],
+            )
+        with engine.connect() as conn:
+            found = lookup.existing(conn, asked)
+            assert lookup.existing(conn, []) == set()
+            again = lookup.existing(conn, list(reversed(asked)))
+    finally:
+        engine.dispose()
+    assert found == set(stored), "every chunk is asked, the odd-sized last one too"
+    assert again == found

@@ -7,6 +7,7 @@ returns the messages to publish after the commit. Nothing here touches MQTT.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from bloomwire.lifecycle import (
 )
 from bloomwire.log import get_logger
 from bloomwire.store import models as m
-from bloomwire.store.bulk import BulkInsert
+from bloomwire.store.bulk import BulkInsert, KeyLookup
 from bloomwire.topics import Identity, InboundKind, InboundTopic
 from services.persister.tables import CachedTable, Row
 
@@ -152,6 +153,8 @@ class Projector:
         self._insert = {t: BulkInsert(t, engine.dialect) for t in (CHAT_T, TRAIL_T, DEAD_T)}
         # An event's data is written as pydantic serialises it: one pass instead of two.
         self._insert[EVENTS_T] = BulkInsert(EVENTS_T, engine.dialect, serialized=("data",))
+        self._event_ids = KeyLookup(EVENTS_T.c.id, engine.dialect)
+        self._conn: sa.Connection | None = None
         self.recent_ids: OrderedDict[str, None] = OrderedDict()
         self.rider_orders: dict[str, set[str]] = defaultdict(set)
         self.customer_orders: dict[str, str] = {}
@@ -314,15 +317,32 @@ class Projector:
         self._location(pending, where, event, now)
         result.stored += 1
 
+    def _connection(self) -> sa.Connection:
+        """The projector's own connection, kept from batch to batch: a pool checkout and the reset
+        on its return cost more than a small batch's inserts."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self._conn = self.engine.connect()
+        return conn
+
+    def close(self) -> None:
+        """Give the kept connection back (after a failure, the next batch takes a fresh one)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
     def _known_ids(self, ids: list[str]) -> set[str]:
         known = {i for i in ids if i in self.recent_ids}
         unknown = [i for i in ids if i not in known]
         if unknown:
-            with self.engine.connect() as conn:
-                for chunk in range(0, len(unknown), 500):
-                    part = unknown[chunk : chunk + 500]
-                    rows = conn.execute(sa.select(EVENTS_T.c.id).where(EVENTS_T.c.id.in_(part)))
-                    known.update(r[0] for r in rows)
+            conn = self._connection()
+            try:
+                known |= self._event_ids.existing(conn, unknown)
+                conn.rollback()  # the read ends here; the batch's writes are a transaction of their own
+            except Exception:
+                self.close()
+                raise
         return known
 
     def _remember(self, event_id: str) -> None:
@@ -331,8 +351,9 @@ class Projector:
             self.recent_ids.popitem(last=False)
 
     def _commit(self, pending: _Pending) -> None:
+        conn = self._connection()
         try:
-            with self.engine.begin() as conn:
+            with conn.begin():
                 self._insert[EVENTS_T].execute(conn, pending.events)
                 for table in self._tables:
                     table.flush(conn)
@@ -340,6 +361,7 @@ class Projector:
                 self._insert[TRAIL_T].execute(conn, pending.trail)
                 self._insert[DEAD_T].execute(conn, pending.dead)
         except Exception:
+            self.close()
             for table in self._tables:
                 table.rolled_back()
             self._stale = True

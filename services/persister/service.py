@@ -57,6 +57,7 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = ev.now, max_bat
     async def close_store() -> None:
         projector = state.pop("projector", None)
         if projector is not None:
+            projector.close()
             projector.engine.dispose()
 
     return service
