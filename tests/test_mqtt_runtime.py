@@ -858,6 +858,52 @@ def test_ack_many_queues_the_bytes_of_one_ack_each_in_one_write() -> None:
     assert not automatic._out_packet, "paho acks by itself without manual_ack"
 
 
+def test_lean_publish_queues_what_paho_queues_and_reports_publication(
+    socket_pair: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    assert pahoclient.LEAN_PUBLISH, "paho changed its message classes: the lean publish is off"
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = 60
+    cases = [
+        ("shops/s1/orders/o1/chat", b'{"x": 1}', False, None),
+        ("shops/s1/orders/\u00f61/state", b"y" * 20_000, True, props),  # 3-byte remaining length
+        ("t", b"", False, props),
+    ]
+
+    def queued(lean: bool) -> tuple[list[bytes], list[tuple[Any, ...]], list[Any]]:
+        monkeypatch.setattr(pahoclient, "LEAN_PUBLISH", lean)
+        client = pahoclient.TunedClient(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        client.max_inflight_messages_set(0)  # as Connection does
+        client._sock = pahoclient.BufferedSocket(socket_pair[0])
+        client._thread = threading.current_thread()  # queue only: no network thread here
+        with client.corked():
+            infos = [client.publish(t, p, qos=1, retain=r, properties=pr) for t, p, r, pr in cases]
+        packets = [bytes(p["packet"]) for p in client._out_packet]
+        kept = [
+            (m.mid, m.topic, m.payload, m.qos, m.retain, m.dup, m.state, m.properties)
+            for m in client._out_messages.values()
+        ]
+        for info in infos:  # the broker's PUBACKs
+            client._plain_puback(info.mid.to_bytes(2, "big"))
+        client._sock = None
+        return packets, kept, infos
+
+    ours, ours_kept, ours_infos = queued(lean=True)
+    theirs, theirs_kept, theirs_infos = queued(lean=False)
+    assert all(type(i) is not type(t) for i, t in zip(ours_infos, theirs_infos, strict=True)), "lean path"
+    assert ours == theirs, "the same PUBLISH packets on the wire"
+    assert ours_kept == theirs_kept, "the same messages kept for re-sending after a reconnect"
+    assert all(i.is_published() and i.rc == 0 for i in ours_infos)
+    waited = threading.Thread(target=ours_infos[0].wait_for_publish, args=(5,))
+    waited.start()
+    waited.join(6)
+    assert not waited.is_alive(), "a published message does not keep its waiter"
+
+
 def test_paho_properties_share_their_tables_and_behave_as_before() -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import MQTTException, Properties

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -204,6 +205,45 @@ class BufferedSocket:
         return getattr(self.sock, name)
 
 
+_SHARED_CONDITION = threading.Condition()
+
+
+class _Info(paho.MQTTMessageInfo):
+    """paho's message info without a ``Condition`` of its own (one shared, notified to all).
+
+    paho makes a ``Condition`` (and its lock) for every QoS 1 message, though hardly any is ever
+    waited for; waiters here share one and re-check their own message when woken.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, mid: int) -> None:
+        self.mid = mid
+        self._published = False
+        self._condition = _SHARED_CONDITION
+        self.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._iterpos = 0
+
+    def _set_as_published(self) -> None:
+        with self._condition:
+            self._published = True
+            self._condition.notify_all()
+
+
+def _lean_messages() -> bool:
+    """Whether paho's message classes hold exactly the slots :meth:`TunedClient.publish` sets."""
+    message_slots = {"_topic", "dup", "info", "mid", "payload", "properties", "qos", "retain", "state"}
+    message_slots.add("timestamp")
+    info_slots = {"_condition", "_iterpos", "_published", "mid", "rc"}
+    return (
+        set(getattr(paho.MQTTMessage, "__slots__", ())) == message_slots
+        and set(getattr(paho.MQTTMessageInfo, "__slots__", ())) == info_slots
+    )
+
+
+#: Whether this paho release takes :meth:`TunedClient.publish`'s lean QoS 1 path.
+LEAN_PUBLISH = _lean_messages()
+
 #: ``on_raw_message(topic, payload, qos, retain, mid)``: a received QoS 0/1 PUBLISH, undecoded.
 RawMessageCallback = Callable[[bytes, bytes, int, bool, int], None]
 
@@ -393,6 +433,62 @@ class TunedClient(paho.Client):
     def want_write(self) -> bool:
         sock = self._sock
         return super().want_write() or (isinstance(sock, BufferedSocket) and sock.wants_flush())
+
+    def publish(
+        self,
+        topic: str,
+        payload: paho.PayloadType = None,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> paho.MQTTMessageInfo:
+        """paho's ``publish``; a QoS 1 message of bytes on a live MQTT 5 connection takes a lean path
+        to the same packet and the same bookkeeping (kept for re-sending after a reconnect)."""
+        if (
+            qos != 1
+            or not LEAN_PUBLISH
+            or self._sock is None
+            or self._protocol != MQTTProtocolVersion.MQTTv5
+            or self._max_queued_messages
+            or self._max_inflight_messages
+            or not isinstance(payload, bytes)
+        ):
+            return super().publish(topic, payload, qos, retain, properties)
+        topic_bytes = topic.encode()
+        if b"+" in topic_bytes or b"#" in topic_bytes or len(topic_bytes) > 65535:
+            return super().publish(topic, payload, qos, retain, properties)  # paho's own errors
+        packed = b"\x00" if properties is None else properties.pack()  # type: ignore[no-untyped-call]
+        remaining = 4 + len(topic_bytes) + len(packed) + len(payload)
+        if remaining > 268435455:
+            return super().publish(topic, payload, qos, retain, properties)
+        mid = self._mid_generate()
+        message = paho.MQTTMessage.__new__(paho.MQTTMessage)
+        message.timestamp = paho.time_func()
+        message.state = paho.mqtt_ms_wait_for_puback
+        message.dup = False
+        message.mid = mid
+        message._topic = topic_bytes
+        message.payload = payload
+        message.qos = 1
+        message.retain = retain
+        message.properties = properties
+        message.info = info = _Info(mid)
+        header = bytearray((_PUBLISH | 2 | (1 if retain else 0),))
+        while True:  # remaining length, 7 bits a byte
+            byte, remaining = remaining & 127, remaining >> 7
+            header.append(byte | 128 if remaining else byte)
+            if not remaining:
+                break
+        size, packet_id = len(topic_bytes).to_bytes(2, "big"), mid.to_bytes(2, "big")
+        packet = b"".join((header, size, topic_bytes, packet_id, packed, payload))
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                info.rc = MQTTErrorCode.MQTT_ERR_QUEUE_SIZE
+                return info
+            self._out_messages[mid] = message
+            self._inflight_messages += 1
+            info.rc = self._packet_queue(_PUBLISH, packet, mid, 1, info)
+        return info
 
     def ack_many(self, mids: Sequence[int]) -> MQTTErrorCode:
         """Acknowledge QoS 1 messages (manual-ack clients): the bytes of one ``ack()`` each, queued
