@@ -904,6 +904,19 @@ def test_lean_publish_queues_what_paho_queues_and_reports_publication(
     assert not waited.is_alive(), "a published message does not keep its waiter"
 
 
+def test_expiry_properties_are_packed_once_as_paho_packs_them() -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    theirs = Properties(PacketTypes.PUBLISH)
+    theirs.MessageExpiryInterval = 60
+    ours = pahoclient.expiry_properties(60)
+    assert ours.pack() == theirs.pack() == b"\x05\x02\x00\x00\x00\x3c"
+    assert ours is pahoclient.expiry_properties(60), "one object per value"
+    assert ours.MessageExpiryInterval == 60 and not vars(ours).keys() - {*vars(theirs)}
+    assert pahoclient.expiry_properties(1).pack() != ours.pack()
+
+
 def test_paho_properties_share_their_tables_and_behave_as_before() -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import MQTTException, Properties

@@ -34,7 +34,7 @@ from bloomwire import topics
 from bloomwire.errors import BrokerError
 from bloomwire.events import Refusal, encode, payload_text
 from bloomwire.log import get_logger
-from bloomwire.pahoclient import TunedClient
+from bloomwire.pahoclient import TunedClient, expiry_properties
 from bloomwire.settings import Settings
 
 log = get_logger("bloomwire.mqtt")
@@ -278,10 +278,7 @@ class Connection:
         Raises :class:`BrokerError` for a message over the broker's Maximum Packet Size: sent, it
         would get this connection closed, and re-sent after every reconnect, closed again.
         """
-        props = None
-        if expiry_s is not None:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.MessageExpiryInterval = max(1, int(expiry_s))
+        props = None if expiry_s is None else expiry_properties(max(1, int(expiry_s)))
         limit = self.max_packet_size
         if limit is not None:
             size = _publish_packet_size(topic, payload, qos, props)
