@@ -399,3 +399,19 @@ def test_parse_owntracks_ignores_non_location_types(payload: bytes) -> None:
 def test_parse_owntracks_rejects_bad_locations(payload: bytes, needle: str) -> None:
     with pytest.raises(PayloadError, match=needle):
         ev.parse_owntracks(payload)
+
+
+def test_new_ids_are_uuid7_ordered_by_creation_time() -> None:
+    import time
+    import uuid
+
+    first = [ev.new_id() for _ in range(1000)]
+    time.sleep(0.002)
+    later = ev.new_id()
+    parsed = uuid.UUID(first[0])
+    assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+    assert len(set(first)) == len(first), "random bits keep ids of the same millisecond apart"
+    assert all(i < later for i in first), "an id made later sorts after: appends to the store's index"
+    millis = int(later.replace("-", "")[:12], 16)
+    assert abs(millis - time.time() * 1000) < 60_000, "the first 48 bits are the Unix time in ms"
+    ev.OrderChatEvent(id=later, source="riders/r1", data=ev.OrderChat(order="o1", text="hi"))
