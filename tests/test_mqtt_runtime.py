@@ -625,6 +625,30 @@ def test_received_messages_keep_topic_payload_qos_and_retain_whatever_their_prop
     run(body())
 
 
+def test_a_linger_window_gathers_messages_into_one_batch(make_settings: Any, watcher: Any) -> None:
+    name = unique()
+    topic = f"test/{name}/in"
+    service = Service(name, linger_s=0.5)
+    batches: list[list[bytes]] = []
+
+    @service.handle_batch(topic)
+    async def gather(batch: Sequence[Message]) -> None:
+        batches.append([m.payload for m in batch])
+
+    client = watcher(topics.service_status(name))
+
+    async def body() -> None:
+        async with running(service, make_settings()):
+            await expect_status(client, name, b"online")
+            for k in range(3):
+                client.publish(topic, str(k).encode(), qos=1)
+                await asyncio.sleep(0.05)  # apart, yet within the window of the first
+            await eventually(lambda: sum(map(len, batches)) == 3, "the three messages")
+        assert batches == [[b"0", b"1", b"2"]], "one batch, not one per message"
+
+    run(body())
+
+
 def test_stop_is_honoured_while_a_batch_handler_keeps_failing(make_settings: Any, watcher: Any) -> None:
     name = unique()
     service = Service(name)

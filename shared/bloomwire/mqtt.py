@@ -310,6 +310,15 @@ class Connection:
                 if m.qos == 2:
                     self.client.ack(m.mid, 2)
 
+    def queued(self) -> int:
+        """How many received messages wait to be drained."""
+        return len(self._inbox)
+
+    def oldest_received_at(self) -> float | None:
+        """When the oldest waiting message arrived (``time.time()``), or None."""
+        inbox = self._inbox
+        return inbox[0].received_at if inbox else None
+
     def drain(self, limit: int) -> list[Message]:
         """Take up to ``limit`` queued messages without waiting."""
         out: list[Message] = []
@@ -402,11 +411,13 @@ class Service:
         persistent: bool = False,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         max_batch: int = 500,
+        linger_s: float = 0.0,
     ) -> None:
         self.name = topics.check_id(name, "service")
         self.persistent = persistent
         self.session_expiry_s = session_expiry_s
         self.max_batch = max_batch
+        self.linger_s = linger_s
         self.routes: list[_Route] = []
         self._routes_by_topic: dict[str, _Route | None] = {}
         self.startup: list[Hook] = []
@@ -573,9 +584,20 @@ class Service:
         while not stop.is_set():
             if not await conn.wait_message(timeout=0.2):
                 continue
+            if self.linger_s:
+                await self._linger(conn)
             pending = conn.drain(self.max_batch)
             while pending and not stop.is_set():
                 pending = await self._dispatch(conn, pending, stop)
+
+    async def _linger(self, conn: Connection) -> None:
+        """Let a batch fill until its first message is ``linger_s`` old (or the batch is full)."""
+        oldest = conn.oldest_received_at()
+        if oldest is None or conn.queued() >= self.max_batch:
+            return
+        wait = oldest + self.linger_s - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _dispatch(self, conn: Connection, pending: list[Message], stop: asyncio.Event) -> list[Message]:
         """Handle the head of ``pending``; return what is left."""

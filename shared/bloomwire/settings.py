@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
         default="FULL", description="SQLite synchronous pragma (FULL survives power loss)"
     )
+    persister_window_ms: float = Field(
+        default=4.0,
+        ge=0,
+        le=1000,
+        description=(
+            "How long the persister lets a batch gather after its first message before committing "
+            "(fewer, larger commits at moderate load; 0 = commit whatever has arrived)"
+        ),
+    )
     alerts_rules: Path | None = Field(
         default=None, description="TOML file of alert thresholds (built-in defaults when unset)"
     )
