@@ -116,6 +116,23 @@ PROPERTIES_SHARED = share_property_tables()
 REASON_CODES_CACHED = cache_reason_codes()
 
 
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The MQTT variable byte integer at ``pos`` and the position after it.
+
+    IndexError when ``buf`` ends inside it, ValueError when it runs past four bytes.
+    """
+    value, shift = 0, 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 127) << shift
+        if not byte & 128:
+            return value, pos
+        shift += 7
+        if shift > 21:
+            raise ValueError("an MQTT variable byte integer has at most four bytes")
+
+
 class BufferedSocket:
     """paho's socket, read in 64 KiB chunks and written once per round of packets.
 
@@ -150,19 +167,11 @@ class BufferedSocket:
         None also for a malformed remaining length: paho's own reader then reports it.
         """
         buf, start = self._in, self._in_pos
-        end = len(buf)
-        i = start + 1
-        length, shift = 0, 0
-        while True:
-            if i >= end or shift > 21:
-                return None
-            byte = buf[i]
-            i += 1
-            length |= (byte & 127) << shift
-            if not byte & 128:
-                break
-            shift += 7
-        if end - i < length:
+        try:
+            length, i = read_varint(buf, start + 1)
+        except (IndexError, ValueError):
+            return None
+        if len(buf) - i < length:
             return None
         self._in_pos = i + length
         return buf[start], buf[i : i + length]
@@ -386,16 +395,9 @@ class TunedClient(paho.Client):
             if qos:
                 mid = (body[pos] << 8) | body[pos + 1]
                 pos += 2
-            props, shift = 0, 0
-            while True:  # the properties' length; the properties themselves are not needed
-                byte = body[pos]
-                pos += 1
-                props |= (byte & 127) << shift
-                if not byte & 128:
-                    break
-                shift += 7
+            props, pos = read_varint(body, pos)  # the properties themselves are not needed
             pos += props
-        except IndexError:
+        except (IndexError, ValueError):
             return None  # malformed: paho's decoder says so
         if pos > len(body) or len(topic) != size:
             return None
