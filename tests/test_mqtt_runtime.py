@@ -828,6 +828,20 @@ def test_buffered_socket_hands_out_whole_packets_and_leaves_partial_ones(
     assert buffered.pending() == 6
 
 
+def test_buffered_socket_fill_reads_a_chunk_and_leaves_errors_to_paho(socket_pair: tuple[Any, Any]) -> None:
+    a, b = socket_pair
+    buffered = pahoclient.BufferedSocket(a)
+    assert not buffered.fill(), "nothing to read: no exception, paho's own read sees would-block"
+    b.sendall(b"\x30\x02hi\x30\x01")
+    assert buffered.fill()
+    assert buffered.next_packet() == (0x30, b"hi")
+    assert buffered.fill(), "bytes still buffered: no read"
+    assert buffered.next_packet() is None and buffered.recv(10) == b"\x30\x01"
+    b.close()
+    assert not buffered.fill()
+    assert buffered.recv(1) == b"", "the end of the stream still reaches paho"
+
+
 def test_buffered_socket_keeps_what_the_kernel_would_not_take_and_sends_it_later(
     socket_pair: tuple[Any, Any],
 ) -> None:

@@ -176,6 +176,25 @@ class BufferedSocket:
         self._in_pos = i + length
         return buf[start], buf[i : i + length]
 
+    def fill(self) -> bool:
+        """Read a chunk if the buffer is empty; True if it holds bytes now.
+
+        Never raises: would-block, errors and the end of the stream are left to paho's next read,
+        which meets them again and reports them its own way.
+        """
+        if self._in_pos < len(self._in):
+            return True
+        if self._error is not None:
+            return False
+        try:
+            data = self.sock.recv(65536)
+        except OSError:  # BlockingIOError and the SSL want-read/write errors are OSErrors too
+            return False
+        if not data:
+            return False
+        self._in, self._in_pos = data, 0
+        return True
+
     def pending(self) -> int:
         inner = self.sock.pending() if hasattr(self.sock, "pending") else 0
         return len(self._in) - self._in_pos + inner
@@ -328,8 +347,12 @@ class TunedClient(paho.Client):
         sock = self._sock
         if not isinstance(sock, BufferedSocket) or self._protocol != MQTTProtocolVersion.MQTTv5:
             return super()._packet_read()
-        packet = None if self._in_packet["command"] else sock.next_packet()
-        if packet is None:  # mid-packet, a partial one, or an empty buffer: paho reads (and fills)
+        packet = None
+        if not self._in_packet["command"]:
+            packet = sock.next_packet()
+            if packet is None and sock.fill():  # an empty buffer: read a chunk first
+                packet = sock.next_packet()
+        if packet is None:  # mid-packet, a partial one, or nothing to read: paho reads
             rc = super()._packet_read()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._in_packet["command"]:
                 return rc
