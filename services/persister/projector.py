@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
@@ -325,6 +325,17 @@ class Projector:
             conn = self._conn = self.engine.connect()
         return conn
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sa.Connection]:
+        """A write transaction on the kept connection; a failure gives the connection up."""
+        conn = self._connection()
+        try:
+            with conn.begin():
+                yield conn
+        except Exception:
+            self.close()
+            raise
+
     def close(self) -> None:
         """Give the kept connection back (after a failure, the next batch takes a fresh one)."""
         conn, self._conn = self._conn, None
@@ -351,9 +362,8 @@ class Projector:
             self.recent_ids.popitem(last=False)
 
     def _commit(self, pending: _Pending) -> None:
-        conn = self._connection()
         try:
-            with conn.begin():
+            with self._transaction() as conn:
                 self._insert[EVENTS_T].execute(conn, pending.events)
                 for table in self._tables:
                     table.flush(conn)
@@ -361,7 +371,6 @@ class Projector:
                 self._insert[TRAIL_T].execute(conn, pending.trail)
                 self._insert[DEAD_T].execute(conn, pending.dead)
         except Exception:
-            self.close()
             for table in self._tables:
                 table.rolled_back()
             self._stale = True
@@ -423,7 +432,7 @@ class Projector:
                 "reason": refusal.reason,
                 "payload": (refusal.payload or "")[:DEAD_PAYLOAD_LIMIT],
             }
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             self._insert[DEAD_T].execute(conn, [row])
         return True
 

@@ -294,12 +294,12 @@ class Connection:
         return self.client.corked()
 
     def ack(self, message: Message) -> None:
-        """Acknowledge a QoS 1 message to the broker (manual-ack connections only)."""
-        if self.manual_ack and message.qos > 0 and message.generation == self.generation:
-            self.client.ack(message.mid, message.qos)
+        """Acknowledge a QoS 1/2 message to the broker (manual-ack connections only)."""
+        self.ack_all((message,))
 
     def ack_all(self, messages: Sequence[Message]) -> None:
-        """Acknowledge every message of ``messages`` (see :meth:`ack`): one write for the QoS 1 ones."""
+        """Acknowledge ``messages`` received on the current connection (manual-ack connections
+        only; an earlier connection's messages come again): one write for the QoS 1 ones."""
         if not self.manual_ack:
             return
         generation = self.generation

@@ -364,7 +364,7 @@ class TunedClient(paho.Client):
             raw = None
             if command == _PUBACK:
                 raw = self._plain_puback(body)
-            elif command & 0xF0 == _PUBLISH and self.on_raw_message is not None:
+            elif command & 0xF0 == _PUBLISH:
                 raw = self._raw_publish(command, body)
             rc = self._handle_whole(command, body) if raw is None else raw
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not self._reading(sock):
@@ -524,12 +524,7 @@ class TunedClient(paho.Client):
         message.retain = retain
         message.properties = properties
         message.info = info = _Info(mid)
-        header = bytearray((_PUBLISH | 2 | (1 if retain else 0),))
-        while True:  # remaining length, 7 bits a byte
-            byte, remaining = remaining & 127, remaining >> 7
-            header.append(byte | 128 if remaining else byte)
-            if not remaining:
-                break
+        header = self._pack_remaining_length(bytearray((_PUBLISH | 2 | (1 if retain else 0),)), remaining)
         size, packet_id = len(topic_bytes).to_bytes(2, "big"), mid.to_bytes(2, "big")
         packet = b"".join((header, size, topic_bytes, packet_id, packed, payload))
         with self._out_message_mutex:
