@@ -6,7 +6,7 @@ VENV = .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.bloomwire-installed
 PYTEST_ARGS ?=
-LINT_PATHS = shared services tests
+LINT_PATHS = src tests
 
 .DEFAULT_GOAL := help
 .PHONY: help setup python-check mosquitto test lint fmt demo up bench clean compose-secrets
@@ -81,11 +81,11 @@ up: setup ## run broker and services locally until Ctrl-C
 bench: setup ## ingest benchmark
 	$(BIN)/bloomwire bench ingest
 
-broker/mosquitto.docker.conf: broker/mosquitto.conf.template shared/bloomwire/broker.py | $(STAMP) ## regenerate the compose broker config
-	$(BIN)/python -m bloomwire.broker docker-config > $@
+broker/mosquitto.docker.conf: broker/mosquitto.conf.template src/bloomwire/runtime/broker.py | $(STAMP) ## regenerate the compose broker config
+	$(BIN)/python -m bloomwire.runtime.broker docker-config > $@
 
 compose-secrets: $(STAMP) ## create docker/secrets/ passwords for compose.yaml (kept if present)
-	$(BIN)/python -m bloomwire.broker compose-secrets docker/secrets
+	$(BIN)/python -m bloomwire.runtime.broker compose-secrets docker/secrets
 
 clean: ## remove runtime data (var/) and tool caches; keeps .venv
 	rm -rf var/ .pytest_cache/ .mypy_cache/ .ruff_cache/

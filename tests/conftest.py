@@ -6,7 +6,7 @@ Fixtures
 ``fresh_broker``   a broker of the test's own, for tests that stop, kill or restart it.
 ``mqtt_user``      factory: ``mqtt_user(name=None, *, prefix="user", broker=None) -> (name, pw)``.
 ``mqtt_client``    factory: a connected :class:`MqttTestClient`, disconnected at teardown.
-``make_settings``  factory: :class:`bloomwire.settings.Settings` for a broker user.
+``make_settings``  factory: :class:`bloomwire.runtime.settings.Settings` for a broker user.
 ``database_url``   parametrised over ``sqlite`` and ``postgresql`` (one fresh database each).
 
 Without a ``mosquitto`` binary the brokers run in Docker (testcontainers) when an engine is
@@ -34,9 +34,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bloomwire.broker import Mosquitto, find_mosquitto, render_config, write_password_file
 from bloomwire.errors import BrokerError
-from bloomwire.settings import Settings
+from bloomwire.runtime.broker import Mosquitto, find_mosquitto, render_config, write_password_file
+from bloomwire.runtime.settings import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BLOOMWIRE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

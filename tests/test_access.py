@@ -21,25 +21,25 @@ from conftest import MqttTestClient
 from paho.mqtt.reasoncodes import ReasonCode
 from typer.testing import CliRunner
 
-from bloomwire import events as ev
-from bloomwire import topics
 from bloomwire.access import Accounts, bootstrap, policy
 from bloomwire.access.accounts import OrderAccess, connect_admin, open_accounts
-from bloomwire.access.bench import bench_access
-from bloomwire.access.cli import accounts_app
 from bloomwire.access.dynsec import ControlClient, DynsecFile, verify_password
 from bloomwire.access.enrol import enrol_device
-from bloomwire.broker import (
+from bloomwire.app.accounts_cli import accounts_app
+from bloomwire.app.bench.access import bench_access
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
+from bloomwire.contract.lifecycle import OrderStatus
+from bloomwire.errors import BrokerError, TopicError
+from bloomwire.runtime.broker import (
     Mosquitto,
     ensure_secret,
     find_dynsec_plugin,
     find_mosquitto,
     render_config,
 )
-from bloomwire.errors import BrokerError, TopicError
-from bloomwire.lifecycle import OrderStatus
-from bloomwire.settings import Settings
-from services.provisioner import Provisioner
+from bloomwire.runtime.settings import Settings
+from bloomwire.services.provisioner import Provisioner
 
 MakeClient = Callable[..., MqttTestClient]
 NOT_AUTHORIZED = 0x87
@@ -544,8 +544,8 @@ def test_role_change_kicks_a_connected_client(stack: Stack, login: Callable[...,
 def test_forged_source_is_refused_by_the_persister(
     stack: Stack, login: Callable[..., MqttTestClient], tmp_path: Path
 ) -> None:
+    from bloomwire.services.persister.projector import Inbound, Projector
     from bloomwire.store import open_store
-    from services.persister.projector import Inbound, Projector
 
     persister = login("persister")
     for f in topics.INBOUND_FILTERS:

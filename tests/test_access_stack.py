@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 from conftest import MqttTestClient
 
-from bloomwire import events as ev
-from bloomwire import topics
 from bloomwire.access import Kind, open_accounts
-from bloomwire.broker import find_dynsec_plugin, find_mosquitto
+from bloomwire.app.supervisor import Stack, wait_online
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
+from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.errors import BrokerError
-from bloomwire.lifecycle import OrderStatus
-from bloomwire.settings import Settings
-from bloomwire.supervisor import Stack, wait_online
+from bloomwire.runtime.broker import find_dynsec_plugin, find_mosquitto
+from bloomwire.runtime.settings import Settings
 
 MakeClient = Callable[..., MqttTestClient]
 NOT_AUTHORIZED = 0x87

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from bloomwire.contract.events import AlertRule, Severity
 from bloomwire.errors import ConfigError
-from bloomwire.events import AlertRule, Severity
-from services.alerts.config import (
+from bloomwire.services.alerts.config import (
     DEFAULT_RULES_FILE,
     RulesConfig,
     Thresholds,

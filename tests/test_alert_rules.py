@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from bloomwire.events import AlertRule, Presence, Severity
-from bloomwire.lifecycle import OrderStatus
-from services.alerts.config import RulesConfig, Thresholds
-from services.alerts.rules import (
+from bloomwire.contract.events import AlertRule, Presence, Severity
+from bloomwire.contract.lifecycle import OrderStatus
+from bloomwire.services.alerts.config import RulesConfig, Thresholds
+from bloomwire.services.alerts.rules import (
     Finding,
     OrderView,
     RiderView,

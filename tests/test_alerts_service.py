@@ -25,19 +25,17 @@ import paho.mqtt.client as mqtt
 import pytest
 import sqlalchemy as sa
 
-from bloomwire import events as ev
-from bloomwire import topics
+from bloomwire.app.bench.alerts import _order_row
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
+from bloomwire.contract.events import AlertRule
+from bloomwire.contract.lifecycle import FailureReason, OrderStatus
 from bloomwire.errors import ConfigError, PayloadError
-from bloomwire.events import AlertRule
-from bloomwire.lifecycle import FailureReason, OrderStatus
-from bloomwire.settings import Settings
-from bloomwire.store import make_engine, open_store
-from bloomwire.store.models import ALERTS, CHAT, ORDERS
-from services import alerts, persister
-from services.alerts.bench import _order_row
-from services.alerts.config import RulesConfig
-from services.alerts.rules import OrderView
-from services.alerts.service import (
+from bloomwire.runtime.settings import Settings
+from bloomwire.services import alerts, persister
+from bloomwire.services.alerts.config import RulesConfig
+from bloomwire.services.alerts.rules import OrderView
+from bloomwire.services.alerts.service import (
     AlertEngine,
     AlertsService,
     _readonly_engine,
@@ -45,6 +43,8 @@ from services.alerts.service import (
     followup_event_id,
     raised_event_id,
 )
+from bloomwire.store import make_engine, open_store
+from bloomwire.store.models import ALERTS, CHAT, ORDERS
 
 S = OrderStatus
 START = datetime(2027, 2, 14, 9, 0, tzinfo=UTC)

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import yaml
 
-from bloomwire import asyncapi as aa
-from bloomwire import events as ev
-from bloomwire import topics as t
+from bloomwire.contract import asyncapi as aa
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics as t
 from bloomwire.errors import TopicError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-REGENERATE = "regenerate with: python -m bloomwire.asyncapi docs"
+REGENERATE = "regenerate with: python -m bloomwire.contract.asyncapi docs"
 
 DOC = aa.build_document()
 YAML = aa.render_yaml()
@@ -206,7 +206,7 @@ def test_main_writes_both_files(tmp_path: Path) -> None:
 
 
 def test_readme_topic_table_is_current() -> None:
-    """The README's topic table is the generated one (run `python -m bloomwire.asyncapi docs`)."""
+    """The README's topic table is the generated one (run `python -m bloomwire.contract.asyncapi docs`)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert aa.update_readme(readme) == readme
     assert aa.render_topic_table() in readme

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import Broker, MqttTestClient, new_username
 
-from bloomwire import broker as b
-from bloomwire.broker import (
+from bloomwire.errors import BrokerError, TopicError
+from bloomwire.runtime import broker as b
+from bloomwire.runtime.broker import (
     Mosquitto,
     ensure_secret,
     free_port,
@@ -23,7 +24,6 @@ from bloomwire.broker import (
     verify_password,
     write_password_file,
 )
-from bloomwire.errors import BrokerError, TopicError
 
 HASH_RE = re.compile(r"^\$7\$101\$[A-Za-z0-9+/]{16}\$[A-Za-z0-9+/]{86}==$")
 

@@ -31,19 +31,19 @@ from rich.console import Console
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
-from bloomwire import events as ev
-from bloomwire import topics
-from bloomwire.broker import ensure_secret, free_port
-from bloomwire.cli import app
-from bloomwire.clients.access import ProvisionedAccess, customer_username
-from bloomwire.clients.base import Client, Outcome, UsageError, connect, release
-from bloomwire.clients.outbox import Outbox
-from bloomwire.clients.rider import RiderDevice
-from bloomwire.clients.shop import OrderDraft, ShopTerminal
-from bloomwire.clients.track import CustomerTracker
+from bloomwire.app.cli import app
+from bloomwire.app.clients.access import ProvisionedAccess, customer_username
+from bloomwire.app.clients.base import Client, Outcome, UsageError, connect, release
+from bloomwire.app.clients.outbox import Outbox
+from bloomwire.app.clients.rider import RiderDevice
+from bloomwire.app.clients.shop import OrderDraft, ShopTerminal
+from bloomwire.app.clients.track import CustomerTracker
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
 from bloomwire.errors import BrokerError
-from bloomwire.mqtt import Connection, Message
-from bloomwire.settings import Settings
+from bloomwire.runtime.broker import ensure_secret, free_port
+from bloomwire.runtime.mqtt import Connection, Message
+from bloomwire.runtime.settings import Settings
 from bloomwire.store import open_store
 from bloomwire.store.models import CHAT, EVENTS, ORDERS
 
@@ -527,7 +527,7 @@ def test_rider_command_queues_for_a_running_app(tmp_path: Path) -> None:
 
 
 def test_outcome_of_a_refused_command_names_unknown_ids() -> None:
-    from bloomwire.clients.commands import _refusal_code
+    from bloomwire.app.clients.commands import _refusal_code
 
     assert _refusal_code("unknown order 'x'") == 2
     assert _refusal_code("unknown rider 'r9'") == 2

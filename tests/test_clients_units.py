@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bloomwire import events as ev
-from bloomwire import topics
-from bloomwire.clients.access import CustomerAccess, UsernameOnly, customer_username
-from bloomwire.clients.base import UsageError, parse_point, resolve_password
-from bloomwire.clients.outbox import Outbox
-from bloomwire.clients.rider import (
+from bloomwire.app.clients.access import CustomerAccess, UsernameOnly, customer_username
+from bloomwire.app.clients.base import UsageError, parse_point, resolve_password
+from bloomwire.app.clients.outbox import Outbox
+from bloomwire.app.clients.rider import (
     RiderApp,
     RiderDevice,
     RoutePlayer,
@@ -23,11 +21,13 @@ from bloomwire.clients.rider import (
     location_event,
     status_event,
 )
-from bloomwire.clients.shop import OrderDraft, parse_window
-from bloomwire.clients.track import customer_filters
-from bloomwire.clients.views import ShopView, TrackView, lateness
-from bloomwire.lifecycle import OrderStatus
-from bloomwire.settings import Settings
+from bloomwire.app.clients.shop import OrderDraft, parse_window
+from bloomwire.app.clients.track import customer_filters
+from bloomwire.app.clients.views import ShopView, TrackView, lateness
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
+from bloomwire.contract.lifecycle import OrderStatus
+from bloomwire.runtime.settings import Settings
 
 SHOP = "rosen-mitte"
 T0 = datetime(2027, 2, 14, 9, 0, tzinfo=ev.now().tzinfo)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bloomwire.broker import COMPOSE_SERVICES, DOCKER_CONFIG_PATH, render_docker_config
+from bloomwire.runtime.broker import COMPOSE_SERVICES, DOCKER_CONFIG_PATH, render_docker_config
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"

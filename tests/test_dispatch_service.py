@@ -23,18 +23,16 @@ import paho.mqtt.client as paho
 import pytest
 import sqlalchemy as sa
 
-import services.persister
-from bloomwire import events as ev
-from bloomwire import topics
-from bloomwire.geo import EARTH_RADIUS_M
-from bloomwire.lifecycle import OrderStatus
-from bloomwire.mqtt import Service
-from bloomwire.settings import Settings
-from bloomwire.store import make_engine
-from bloomwire.store import models as m
-from services.dispatch import NAME, DispatchConfig, DispatchService, build
-from services.dispatch.planner import RiderCandidate, assign_greedy, assign_joint, total_cost
-from services.dispatch.service import (
+import bloomwire.services.persister
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
+from bloomwire.contract.geo import EARTH_RADIUS_M
+from bloomwire.contract.lifecycle import OrderStatus
+from bloomwire.runtime.mqtt import Service
+from bloomwire.runtime.settings import Settings
+from bloomwire.services.dispatch import NAME, DispatchConfig, DispatchService, build
+from bloomwire.services.dispatch.planner import RiderCandidate, assign_greedy, assign_joint, total_cost
+from bloomwire.services.dispatch.service import (
     Dispatcher,
     OverdueOffer,
     Snapshot,
@@ -42,6 +40,8 @@ from services.dispatch.service import (
     expired_id,
     offer_id,
 )
+from bloomwire.store import make_engine
+from bloomwire.store import models as m
 
 WAIT = 20.0
 LAT0, LON0 = 52.5163, 13.3777
@@ -166,7 +166,7 @@ class World:
             self.client.subscribe(f)
 
         persister_user, _ = mqtt_user(prefix="persister")
-        persister = services.persister.build(
+        persister = bloomwire.services.persister.build(
             make_settings(persister_user, database_url=database_url), clock=self.clock
         )
         persister.session_expiry_s = 60  # a test's persistent session need not outlive it long

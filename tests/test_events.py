@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from bloomwire import events as ev
+from bloomwire.contract import events as ev
+from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.errors import PayloadError
-from bloomwire.lifecycle import OrderStatus
 
 T0 = datetime(2027, 2, 14, 9, 30, 0, 123000, tzinfo=UTC)
 

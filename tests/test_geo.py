@@ -1,4 +1,4 @@
-"""Distances, speed estimates and ETAs (bloomwire.geo)."""
+"""Distances, speed estimates and ETAs (bloomwire.contract.geo)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from bloomwire.geo import (
+from bloomwire.contract.geo import (
     DEFAULT_ROAD_FACTOR,
     DEFAULT_SPEED_KMH,
     EARTH_RADIUS_M,

@@ -33,11 +33,11 @@ from test_persister import (
 )
 from typer.testing import CliRunner, Result
 
-from bloomwire import events as ev
-from bloomwire import topics
-from bloomwire.cli import app
+from bloomwire.app.cli import app
+from bloomwire.app.history import load_history, render_history
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
 from bloomwire.errors import BloomwireError
-from bloomwire.history import load_history, render_history
 from bloomwire.store import open_store
 
 #: Where each line of the story happened, minutes after the order was created.

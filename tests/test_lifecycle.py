@@ -6,8 +6,7 @@ import itertools
 
 import pytest
 
-from bloomwire.errors import TransitionError
-from bloomwire.lifecycle import (
+from bloomwire.contract.lifecycle import (
     CLOSED,
     OUT_FOR_DELIVERY,
     RIDER_BOUND,
@@ -19,6 +18,7 @@ from bloomwire.lifecycle import (
     can_transition,
     check_transition,
 )
+from bloomwire.errors import TransitionError
 
 S = OrderStatus
 

@@ -1,4 +1,4 @@
-"""The MQTT runtime (``bloomwire.mqtt``) against a real Mosquitto: nothing that crosses MQTT is mocked.
+"""The MQTT runtime (``bloomwire.runtime.mqtt``) against a real Mosquitto: nothing crossing MQTT is mocked.
 
 Services run in the test's own event loop (``asyncio.run`` inside each test, the service as a task)
 or, where a process must die, as a child ``python -c`` process killed with SIGKILL. Every check is
@@ -27,10 +27,11 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from bloomwire import mqtt, pahoclient, topics
+from bloomwire.contract import topics
 from bloomwire.errors import BrokerError
-from bloomwire.mqtt import Message, Service
-from bloomwire.settings import Settings
+from bloomwire.runtime import mqtt, pahoclient
+from bloomwire.runtime.mqtt import Message, Service
+from bloomwire.runtime.settings import Settings
 
 WAIT = 15.0  # generous: the machine is shared; nothing here asserts on timing
 
@@ -134,7 +135,7 @@ def watcher(mqtt_client: Callable[..., Any], mqtt_user: Callable[..., tuple[str,
 
 @pytest.fixture
 def captured_logs(monkeypatch: pytest.MonkeyPatch) -> list[MutableMapping[str, Any]]:
-    """What ``bloomwire.mqtt`` logs, as structlog event dicts (independent of global config)."""
+    """What ``bloomwire.runtime.mqtt`` logs, as structlog event dicts (independent of global config)."""
     capture = LogCapture()
     monkeypatch.setattr(mqtt, "log", structlog.wrap_logger(None, processors=[capture]))
     return capture.entries
@@ -147,8 +148,8 @@ def captured_logs(monkeypatch: pytest.MonkeyPatch) -> list[MutableMapping[str, A
 # nothing it received is ever acknowledged.
 CHILD = """
 import asyncio, sys
-from bloomwire.mqtt import Service
-from bloomwire.settings import Settings
+from bloomwire.runtime.mqtt import Service
+from bloomwire.runtime.settings import Settings
 
 mode, name, topic_filter = sys.argv[1:4]
 service = Service(name, persistent=True, session_expiry_s=300)

@@ -33,15 +33,13 @@ from conftest import Broker, MqttTestClient
 from pydantic import BaseModel
 from sqlalchemy import Engine
 
-from bloomwire import events as ev
-from bloomwire import topics
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
 from bloomwire.errors import TopicError
-from bloomwire.mqtt import Service
-from bloomwire.settings import Settings
-from bloomwire.store import open_store
-from bloomwire.store.models import CHAT, DEAD_LETTERS, EVENTS, OFFERS, ORDERS, RIDERS, TRAIL
-from services.persister import build
-from services.persister.projector import (
+from bloomwire.runtime.mqtt import Service
+from bloomwire.runtime.settings import Settings
+from bloomwire.services.persister import build
+from bloomwire.services.persister.projector import (
     LOCATION_EXPIRY_S,
     STATE_REFRESH_FROM_LOCATION_S,
     TRAIL_MIN_DISTANCE_M,
@@ -51,6 +49,8 @@ from services.persister.projector import (
     Outbound,
     Projector,
 )
+from bloomwire.store import open_store
+from bloomwire.store.models import CHAT, DEAD_LETTERS, EVENTS, OFFERS, ORDERS, RIDERS, TRAIL
 
 MakeUser = Callable[..., tuple[str, str]]
 MakeClient = Callable[..., MqttTestClient]

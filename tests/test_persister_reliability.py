@@ -5,7 +5,7 @@
 * One event id sent three times: stored once, acknowledged to the device each time.
 
 The persister runs exactly as in production (``python -m bloomwire service run persister``, see
-:meth:`bloomwire.supervisor.Stack.start_service`), as user ``persister`` with its password in the
+:meth:`bloomwire.app.supervisor.Stack.start_service`), as user ``persister`` with its password in the
 data dir's secrets folder, on a broker of the test's own.
 """
 
@@ -36,8 +36,8 @@ from test_persister import (
     count,
 )
 
-from bloomwire import topics
-from bloomwire.broker import ensure_secret
+from bloomwire.contract import topics
+from bloomwire.runtime.broker import ensure_secret
 from bloomwire.store import open_store
 from bloomwire.store.models import CHAT, EVENTS
 

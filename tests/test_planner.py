@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bloomwire.geo import EARTH_RADIUS_M
-from services.dispatch.planner import (
+from bloomwire.contract.geo import EARTH_RADIUS_M
+from bloomwire.services.dispatch.planner import (
     Assignment,
     CandidateCost,
     OrderRequest,

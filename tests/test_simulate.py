@@ -12,15 +12,15 @@ import pytest
 import sqlalchemy as sa
 from test_clients import service_online
 
-from bloomwire import geo
-from bloomwire.broker import ensure_secret
-from bloomwire.settings import Settings
-from bloomwire.simulate import Fate, Rates, SimConfig, Simulation, plan_day
-from bloomwire.simulate.clock import SimClock
-from bloomwire.simulate.plan import BERLIN_BOX, outcome_of, rename
+from bloomwire.app.simulate import Fate, Rates, SimConfig, Simulation, plan_day
+from bloomwire.app.simulate.clock import SimClock
+from bloomwire.app.simulate.plan import BERLIN_BOX, outcome_of, rename
+from bloomwire.app.supervisor import Stack
+from bloomwire.contract import geo
+from bloomwire.runtime.broker import ensure_secret
+from bloomwire.runtime.settings import Settings
 from bloomwire.store import make_engine
 from bloomwire.store.models import EVENTS, ORDERS
-from bloomwire.supervisor import Stack
 
 #: A seed whose 6-order day has every fate and the time-only incidents (checked below).
 RICH_SEED = 3

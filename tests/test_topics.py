@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from bloomwire import topics as t
+from bloomwire.contract import topics as t
+from bloomwire.contract.topics import Command, Identity, InboundKind, Inbox, OrderChannel
 from bloomwire.errors import TopicError
-from bloomwire.topics import Command, Identity, InboundKind, Inbox, OrderChannel
 
 # --- builders produce the contract's strings ---------------------------------------------------
 

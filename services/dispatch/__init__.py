@@ -1,5 +1,0 @@
-"""Dispatch: which rider gets which order. ``planner`` decides (pure), ``service`` runs it."""
-
-from services.dispatch.service import NAME, DispatchConfig, Dispatcher, DispatchService, build
-
-__all__ = ["NAME", "DispatchConfig", "DispatchService", "Dispatcher", "build"]

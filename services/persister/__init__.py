@@ -1,5 +1,0 @@
-"""The persister: validates inbound events, stores each exactly once, then publishes."""
-
-from services.persister.service import NAME, build
-
-__all__ = ["NAME", "build"]

@@ -1,5 +1,0 @@
-"""``python -m bloomwire`` runs the CLI."""
-
-from bloomwire.cli import main
-
-main()

@@ -1,0 +1,39 @@
+"""Access control on the broker (Mosquitto's dynamic-security plugin): who may use which topics.
+
+* :mod:`~bloomwire.access.policy` — the roles of DESIGN.md §1 as literal-topic ACLs.
+* :mod:`~bloomwire.access.dynsec` — run plugin commands on its JSON file or on a live broker.
+* :mod:`~bloomwire.access.accounts` — :func:`bootstrap` before the broker starts; then
+  :class:`Accounts` to add, remove, rotate, list, and mint/revoke customer access.
+* :mod:`~bloomwire.access.enrol` — a customer device trades the order login for its own.
+* :mod:`~bloomwire.app.bench.access` — :func:`bench_access`, mint/revoke time with N live orders.
+
+The topics of the access flow (``shops/S/orders/O/access``, ``customers/C/devices``,
+``customers/C/inbox/devices``) are built in :mod:`bloomwire.contract.topics`, its payloads
+(``customer.access``, ``customer.device_requested``, ``customer.device``) modelled in
+:mod:`bloomwire.contract.events`. See docs/security.md.
+"""
+
+from bloomwire.access.accounts import (
+    AccountInfo,
+    Accounts,
+    Bootstrap,
+    Credential,
+    OrderAccess,
+    bootstrap,
+    dynsec_path,
+    open_accounts,
+)
+from bloomwire.access.policy import Kind, customer_id
+
+__all__ = [
+    "AccountInfo",
+    "Accounts",
+    "Bootstrap",
+    "Credential",
+    "Kind",
+    "OrderAccess",
+    "bootstrap",
+    "customer_id",
+    "dynsec_path",
+    "open_accounts",
+]

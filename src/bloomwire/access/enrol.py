@@ -1,0 +1,118 @@
+"""Customer devices: trade the order's login for a login of this device's own.
+
+``use_username_as_clientid`` is on for every listener (DESIGN.md §5), so one username is one
+MQTT session: two devices logged in with the same login would keep disconnecting each other.
+The order's access therefore starts with ONE login, used only to enrol: a device connects with
+it for a moment, asks on ``customers/C/devices``, gets its own login on
+``customers/C/inbox/devices`` and from then on connects with that. Enrol once per device and
+keep the result (the provisioner caps the logins per order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from bloomwire.access.accounts import Credential
+from bloomwire.access.policy import Kind
+from bloomwire.contract import topics
+from bloomwire.contract.events import DeviceLoginEvent, DeviceRequest, DeviceRequestEvent, encode
+from bloomwire.errors import BrokerError, PayloadError
+
+
+def enrol_device(
+    host: str,
+    port: int,
+    username: str,
+    password: str,
+    customer: str,
+    *,
+    label: str = "",
+    transport: str = "tcp",
+    tls: bool = False,
+    ca_file: Path | None = None,
+    timeout: float = 10.0,
+) -> Credential:
+    """Log in with an order login, ask for a device login, return it (``BrokerError`` if refused)."""
+    request_topic = topics.device_request_topic(customer)
+    reply_topic = topics.device_reply_topic(customer)
+    request = DeviceRequestEvent(source=f"{topics.CUSTOMERS}/{customer}", data=DeviceRequest(label=label))
+    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=username,
+        protocol=MQTTProtocolVersion.MQTTv5,
+        transport="websockets" if transport == "websockets" else "tcp",
+        reconnect_on_failure=False,
+    )
+    client.username_pw_set(username, password)
+    if tls:
+        client.tls_set(ca_certs=str(ca_file) if ca_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+
+    def on_connect(_c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        events.put(("connack", rc))
+
+    def on_subscribe(_c: Any, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Any) -> None:
+        events.put(("suback", rcs))
+
+    def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        events.put(("message", bytes(msg.payload)))
+
+    def on_disconnect(_c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        events.put(("disconnect", rc))
+
+    client.on_connect, client.on_subscribe = on_connect, on_subscribe
+    client.on_message, client.on_disconnect = on_message, on_disconnect
+    deadline = time.monotonic() + timeout
+
+    def wait(kind: str) -> Any:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerError(f"device enrolment for {customer!r}: no {kind} within {timeout:.0f} s")
+            try:
+                got, value = events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if got == "disconnect":
+                raise BrokerError(f"device enrolment for {customer!r}: disconnected ({value})")
+            if got == kind:
+                return value
+
+    try:
+        client.connect(host, port, keepalive=30, clean_start=True)
+    except OSError as exc:
+        raise BrokerError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
+    client.loop_start()
+    try:
+        rc = wait("connack")
+        if rc.is_failure:
+            raise BrokerError(f"device enrolment for {customer!r}: login refused ({rc})")
+        result, _mid = client.subscribe(reply_topic, qos=1)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or any(r.is_failure for r in wait("suback")):
+            raise BrokerError(f"device enrolment for {customer!r}: may not read {reply_topic}")
+        client.publish(request_topic, encode(request), qos=1)
+        while True:
+            payload = wait("message")
+            try:
+                answer = DeviceLoginEvent.model_validate(json.loads(payload))
+            except (ValueError, PayloadError):
+                continue
+            if answer.data.request != request.id:
+                continue  # another device's answer (every device of C reads this inbox)
+            if answer.data.error or not answer.data.username or not answer.data.password:
+                raise BrokerError(f"device enrolment for {customer!r} refused: {answer.data.error}")
+            return Credential(answer.data.username, answer.data.password, Kind.CUSTOMER)
+    finally:
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        client.loop_stop()

@@ -1,0 +1,334 @@
+"""``bloomwire bench ingest``: rider events through a real broker into the persister, measured.
+
+Starts its own Mosquitto and persister (a child process, as in production) in a temporary data
+dir, sets up one accepted order per simulated rider through the real MQTT path, then publishes
+rider chat events (each stored in ``events`` and ``chat_lines``, republished canonically and acked
+to the rider) at a set rate, through :class:`~bloomwire.app.bench.loadgen.LoadPublisher` so that the
+load generator takes next to no CPU from the persister. Reports persisted events/s,
+publish→committed (the device ack) and publish→canonical latencies, lost and duplicated counts
+checked against the store, and the ``mosquitto_pub``/``mosquitto_sub`` QoS 1 ceiling on the same
+broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+
+from bloomwire.app.bench import private_stack
+from bloomwire.app.bench.loadgen import LoadPublisher
+from bloomwire.app.supervisor import service_settings
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
+from bloomwire.runtime.mqtt import Connection
+from bloomwire.runtime.settings import Settings
+from bloomwire.store import make_engine
+
+BENCH_USER = "bench"
+#: The load publisher writes everything due once per tick.
+TICK_S = 0.002
+#: One account per connection: the broker uses the username as client id, so two connections
+#: sharing a username would take each other's session over.
+BENCH_USERS = ("bench", "bench-watch", "bench-watch-acks", "bench-ceiling-pub", "bench-ceiling-sub")
+
+
+@dataclass
+class Figures:
+    """What one run measured."""
+
+    events: int
+    rate: int
+    seconds: float = 0.0
+    persisted_per_s: float = 0.0
+    committed_ms: list[float] = field(default_factory=list)
+    canonical_ms: list[float] = field(default_factory=list)
+    stored: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    ceiling_per_s: float = 0.0
+    publish_s: float = 0.0
+
+    def pct(self, values: list[float], q: float) -> float:
+        """The q-th percentile of ``values`` (ms)."""
+        if not values:
+            return float("nan")
+        return (
+            statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
+            if len(values) > 1
+            else values[0]
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Figures as plain numbers (for JSON output)."""
+        return {
+            "events": self.events,
+            "rate": self.rate,
+            "seconds": round(self.seconds, 3),
+            "publish_seconds": round(self.publish_s, 3),
+            "persisted_per_s": round(self.persisted_per_s),
+            "committed_p50_ms": round(self.pct(self.committed_ms, 50), 2),
+            "committed_p99_ms": round(self.pct(self.committed_ms, 99), 2),
+            "canonical_p50_ms": round(self.pct(self.canonical_ms, 50), 2),
+            "canonical_p99_ms": round(self.pct(self.canonical_ms, 99), 2),
+            "stored": self.stored,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "ceiling_per_s": round(self.ceiling_per_s),
+            "ratio_to_ceiling": round(self.persisted_per_s / self.ceiling_per_s, 3)
+            if self.ceiling_per_s
+            else None,
+        }
+
+
+async def _setup_orders(settings: Settings, riders: int) -> list[tuple[str, str]]:
+    """One accepted order per rider, created through the real MQTT path."""
+    conn = Connection(service_settings(settings, BENCH_USER), BENCH_USER)
+    conn.subscribe(topics.all_orders_filter(topics.OrderChannel.STATE), qos=1)
+    conn.start()
+    await conn.wait_connected()
+    now = ev.now()
+    pairs = [(f"r{i}", f"o{i}") for i in range(riders)]
+    window = ev.Window(start=now, end=now + timedelta(hours=2))
+    for rider, order in pairs:
+        conn.publish(topics.rider_presence(rider), b"online", retain=True)
+        created = ev.OrderCreatedEvent(
+            source="shops/bench",
+            data=ev.OrderCreated(
+                order=order, customer=ev.Customer(name="Bench", lat=52.52, lon=13.40), window=window
+            ),
+        )
+        conn.publish(topics.shop_command("bench", topics.Command.CREATE_ORDER), ev.encode(created))
+        offer = ev.DispatchOfferEvent(
+            source="services/bench",
+            data=ev.DispatchOffer(
+                offer=f"of-{order}", order=order, rider=rider, deadline=now + timedelta(minutes=10)
+            ),
+        )
+        conn.publish(topics.service_events("bench"), ev.encode(offer))
+        reply = ev.DispatchReplyEvent(
+            source=f"riders/{rider}",
+            data=ev.DispatchReply(offer=f"of-{order}", order=order, accept=True),
+        )
+        conn.publish(topics.rider_replies(rider), ev.encode(reply))
+    accepted: set[str] = set()
+    deadline = time.monotonic() + 30
+    while len(accepted) < riders and time.monotonic() < deadline:
+        await conn.wait_message(0.2)
+        for msg in conn.drain(1000):
+            state = json.loads(msg.payload)
+            if state.get("status") == "accepted":
+                accepted.add(state["order"])
+    await conn.stop()
+    if len(accepted) < riders:
+        raise RuntimeError(f"only {len(accepted)}/{riders} bench orders reached 'accepted'")
+    return pairs
+
+
+def _sub_args(settings: Settings, user: str) -> list[str]:
+    creds = service_settings(settings, user)
+    password = creds.broker_password.get_secret_value() if creds.broker_password else ""
+    return [
+        "-h",
+        settings.broker_host,
+        "-p",
+        str(settings.broker_port),
+        "-u",
+        user,
+        "-P",
+        password,
+        "-q",
+        "1",
+    ]
+
+
+def _watch(settings: Settings, user: str, topic_filter: str, out: Path) -> subprocess.Popen[bytes]:
+    """A mosquitto_sub stamping each message with its arrival time (ns), so measuring costs
+    the benchmark no Python CPU (on 2 cores a Python watcher became the bottleneck)."""
+    stdbuf = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
+    with out.open("wb") as fh:
+        return subprocess.Popen(
+            [
+                *stdbuf,
+                "mosquitto_sub",
+                *_sub_args(settings, user),
+                "-t",
+                topic_filter,
+                "-F",
+                "%U %p",
+            ],
+            stdout=fh,
+        )
+
+
+def _read_stamps(path: Path) -> list[tuple[float, Any]]:
+    stamps = []
+    for line in path.read_bytes().splitlines():
+        stamp, _, payload = line.partition(b" ")
+        try:
+            stamps.append((float(stamp), json.loads(payload)))
+        except ValueError:
+            continue
+    return stamps
+
+
+def _publish(
+    settings: Settings, figures: Figures, pairs: list[tuple[str, str]]
+) -> tuple[dict[str, float], float]:
+    """Publish the events at the set rate; their send times and the wall-clock start."""
+    creds = service_settings(settings, BENCH_USER)
+    password = creds.broker_password.get_secret_value() if creds.broker_password else ""
+    pub = LoadPublisher(settings.broker_host, settings.broker_port, BENCH_USER, password)
+    pub.connect()
+    packets: list[tuple[str, bytes]] = []
+    for k in range(figures.events):
+        rider, order = pairs[k % len(pairs)]
+        e = ev.OrderChatEvent(
+            source=f"riders/{rider}", data=ev.OrderChat(order=order, text=f"bench line {k}")
+        )
+        packets.append((e.id, pub.packet(topics.rider_order_chat(rider, order), ev.encode(e))))
+    sent_at: dict[str, float] = {}
+    n, k = len(packets), 0
+    start = time.perf_counter()
+    wall0 = time.time()
+    while k < n:
+        elapsed = time.perf_counter() - start
+        # Everything due by now goes in one write; at --rate 0, 500 at a time.
+        due = min(n, int(elapsed * figures.rate) + 1) if figures.rate else min(n, k + 500)
+        if due <= k:
+            # Wake on the next tick, not for each event: a write (and a broker read) per event
+            # at 5,000/s costs the machine CPU the system under test then does not have.
+            time.sleep(TICK_S - elapsed % TICK_S)
+            continue
+        stamp = wall0 + (time.perf_counter() - start)
+        chunk = packets[k:due]
+        for eid, _ in chunk:
+            sent_at[eid] = stamp
+        pub.send(b"".join(p for _, p in chunk), len(chunk))
+        k = due
+    figures.publish_s = time.perf_counter() - start
+    pub.close()
+    return sent_at, wall0
+
+
+async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]], tmp: Path) -> None:
+    chat_file, ack_file = tmp / "canonical.txt", tmp / "acks.txt"
+    watchers = [
+        _watch(settings, "bench-watch", topics.all_orders_filter(topics.OrderChannel.CHAT), chat_file),
+        _watch(settings, "bench-watch-acks", f"{topics.RIDERS}/+/inbox/acks", ack_file),
+    ]
+    await asyncio.sleep(0.5)  # let the watchers subscribe
+    sent_at, wall0 = await asyncio.to_thread(_publish, settings, figures, pairs)
+    deadline = time.monotonic() + 120
+    seen, read = 0, 0
+    with chat_file.open("rb") as fh:
+        while time.monotonic() < deadline and seen < figures.events:
+            await asyncio.sleep(0.5)
+            fh.seek(read)
+            new = fh.read()
+            read += len(new)  # count only what was written since the last look
+            seen += new.count(b"\n")
+    await asyncio.sleep(1.0)  # the last acks trail the last canonical events
+    for w in watchers:
+        w.terminate()
+        w.wait()
+    canonical: dict[str, float] = {}
+    for t, payload in _read_stamps(chat_file):
+        if payload["id"] in canonical:
+            figures.duplicated += 1
+        canonical.setdefault(payload["id"], t)
+    acked: dict[str, float] = {}
+    for t, payload in _read_stamps(ack_file):
+        for i in payload["ids"]:
+            acked.setdefault(i, t)
+    last = max([*acked.values(), *canonical.values()], default=time.time())
+    figures.seconds = last - wall0
+    figures.persisted_per_s = len(acked) / figures.seconds if figures.seconds > 0 else 0
+    figures.committed_ms = [(acked[i] - s) * 1000 for i, s in sent_at.items() if i in acked]
+    figures.canonical_ms = [(canonical[i] - s) * 1000 for i, s in sent_at.items() if i in canonical]
+    engine = make_engine(settings.database_url, readonly=True)
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.text("SELECT COUNT(*), COUNT(DISTINCT id) FROM events WHERE type = 'order.chat'")
+        ).one()
+    engine.dispose()
+    figures.stored = int(stored[0])
+    figures.duplicated += int(stored[0]) - int(stored[1])
+    figures.lost = figures.events - int(stored[1])
+
+
+def measure_ceiling(settings: Settings, n: int = 20_000) -> float:
+    """QoS 1 messages/s through the same broker with the C clients mosquitto_pub/mosquitto_sub."""
+    if not shutil.which("mosquitto_pub") or not shutil.which("mosquitto_sub"):
+        return 0.0
+
+    line = b"x" * 300 + b"\n"
+    sub = subprocess.Popen(
+        [
+            "mosquitto_sub",
+            *_sub_args(settings, "bench-ceiling-sub"),
+            "-t",
+            "bench/ceiling",
+            "-C",
+            str(n),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    start = time.perf_counter()
+    subprocess.run(
+        ["mosquitto_pub", *_sub_args(settings, "bench-ceiling-pub"), "-t", "bench/ceiling", "-l"],
+        input=line * n,
+        check=True,
+    )
+    try:
+        sub.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        sub.kill()
+        sub.wait()
+        return 0.0
+    return n / (time.perf_counter() - start)
+
+
+def run(settings: Settings, *, events: int, rate: int, riders: int, ceiling: bool) -> Figures:
+    """Run the whole benchmark on a private broker and store; return the figures."""
+    figures = Figures(events=events, rate=rate)
+    with private_stack(settings, BENCH_USERS, name="ingest") as (live, tmp):
+        pairs = asyncio.run(_setup_orders(live, riders))
+        asyncio.run(_run(live, figures, pairs, tmp))
+        if ceiling:
+            figures.ceiling_per_s = measure_ceiling(live)
+    return figures
+
+
+def main(
+    settings: Settings, *, events: int, rate: int, riders: int, ceiling: bool, console: Console
+) -> Figures:
+    """Run and print a table of the figures."""
+    console.print(f"bench ingest: {events} rider chat events at {rate or 'max'} ev/s from {riders} riders …")
+    figures = run(settings, events=events, rate=rate, riders=riders, ceiling=ceiling)
+    d = figures.as_dict()
+    table = Table("figure", "value", title="Bloomwire ingest benchmark")
+    table.add_row("events published", str(d["events"]))
+    table.add_row("target rate (ev/s)", str(d["rate"] or "max"))
+    table.add_row("persisted (ev/s)", str(d["persisted_per_s"]))
+    table.add_row("publish→committed P50 / P99 (ms)", f"{d['committed_p50_ms']} / {d['committed_p99_ms']}")
+    table.add_row("publish→canonical P50 / P99 (ms)", f"{d['canonical_p50_ms']} / {d['canonical_p99_ms']}")
+    table.add_row("stored / lost / duplicated", f"{d['stored']} / {d['lost']} / {d['duplicated']}")
+    if d["ceiling_per_s"]:
+        table.add_row("mosquitto_pub→sub QoS 1 ceiling (msg/s)", str(d["ceiling_per_s"]))
+        table.add_row("ratio persisted / ceiling", str(d["ratio_to_ceiling"]))
+    console.print(table)
+    console.print_json(json.dumps(d))
+    return figures

@@ -1,0 +1,374 @@
+"""``bloomwire``: the operator's command line. Settings are built here and passed down."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from bloomwire.app.accounts_cli import accounts_app
+from bloomwire.app.clients.commands import register as register_client_commands
+from bloomwire.app.supervisor import DEFAULT_RIDERS, DEFAULT_SHOPS
+from bloomwire.errors import BloomwireError
+from bloomwire.runtime import log
+from bloomwire.runtime.settings import Settings
+
+app = typer.Typer(
+    help="Bloomwire: MQTT delivery tracking for flower shops. Every command reads BLOOMWIRE_* "
+    "environment variables (see README); options override them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+broker_app = typer.Typer(help="Run the project's Mosquitto broker.", no_args_is_help=True)
+service_app = typer.Typer(help="Run one backbone service in the foreground.", no_args_is_help=True)
+db_app = typer.Typer(help="Manage the store's schema.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+app.add_typer(service_app, name="service")
+app.add_typer(db_app, name="db")
+app.add_typer(bench_app, name="bench")
+app.add_typer(accounts_app, name="accounts")  # broker accounts (bloomwire.app.accounts_cli)
+# rider …, shop …, track, simulate, demo: the clients' commands (bloomwire.app.clients.commands).
+register_client_commands(app)
+
+console = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Where broker data, the SQLite store and secrets live."),
+]
+
+
+def make_settings(ctx: typer.Context) -> Settings:
+    """The settings of this invocation (environment + root options)."""
+    settings: Settings = ctx.obj
+    return settings
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    data_dir: DataDir = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
+) -> None:
+    """Read settings once and hand them to the command."""
+    overrides: dict[str, Any] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if log_level is not None:
+        overrides["log_level"] = log_level.upper()
+    try:
+        settings = Settings(**overrides)
+    except Exception as exc:
+        err.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from None
+    log.configure(settings.log_level, json=settings.log_json)
+    ctx.obj = settings
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a clear error and return the exit to raise."""
+    err.print(f"[bold red]error:[/bold red] {message}")
+    return typer.Exit(code)
+
+
+Access = Annotated[
+    bool,
+    typer.Option(
+        "--access/--no-access",
+        help="Access control: Mosquitto's dynamic-security plugin gives every identity only its "
+        "own topics (docs/security.md), and the provisioner gives each order's customer a login. "
+        "--no-access: a password file (every user may use every topic).",
+    ),
+]
+Shops = Annotated[
+    str,
+    typer.Option(
+        help="Access control: shop accounts to bootstrap, comma-separated (passwords in "
+        "DATA_DIR/secrets/<shop>; add more later with `bloomwire accounts add-shop`).",
+    ),
+]
+Riders = Annotated[
+    str,
+    typer.Option(
+        help="Access control: rider accounts to bootstrap, comma-separated (passwords in "
+        "DATA_DIR/secrets/<rider>; add more later with `bloomwire accounts add-rider`).",
+    ),
+]
+
+
+SHOPS_DEFAULT = ",".join(DEFAULT_SHOPS)
+RIDERS_DEFAULT = ",".join(DEFAULT_RIDERS)
+
+
+def _names(value: str) -> list[str]:
+    """``"s1, s2,,s3"`` -> ``["s1", "s2", "s3"]``."""
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+# --- broker ---------------------------------------------------------------------------------------
+
+
+@broker_app.command("run")
+def broker_run(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="TCP port (0 = a free one).")] = 0,
+    ws_port: Annotated[int, typer.Option(help="Websockets port (0 = a free one).")] = 0,
+    access: Annotated[
+        bool,
+        typer.Option(
+            "--access/--no-access",
+            help="Access control (dynamic-security plugin, accounts bootstrapped: admin, "
+            "provisioner, operator, persister, dispatch, alerts and --shops/--riders); default: "
+            "a password file with the service accounts.",
+        ),
+    ] = False,
+    shops: Shops = SHOPS_DEFAULT,
+    riders: Riders = RIDERS_DEFAULT,
+) -> None:
+    """Run Mosquitto from broker/ in the foreground (with the service accounts) until Ctrl-C."""
+    from bloomwire.app.supervisor import OPERATOR, SERVICES
+    from bloomwire.runtime.broker import Mosquitto, ensure_secret
+
+    settings = make_settings(ctx)
+    try:
+        if access:
+            from bloomwire.access import bootstrap
+
+            services = [n for n in SERVICES if n != "persister"]
+            boot = bootstrap(settings.data_dir, shops=_names(shops), riders=_names(riders), services=services)
+            broker = Mosquitto(
+                settings.data_dir / "broker", port=port, ws_port=ws_port, dynsec_config=boot.config_path
+            )
+        else:
+            users = {n: ensure_secret(settings.data_dir, n) for n in [*SERVICES, OPERATOR]}
+            broker = Mosquitto(settings.data_dir / "broker", port=port, ws_port=ws_port, users=users)
+        broker.start()
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"Mosquitto running: mqtt://{broker.host}:{broker.port}, ws://{broker.host}:{broker.ws_port} "
+        f"(pid {broker.pid}); passwords in {settings.data_dir / 'secrets'}. Ctrl-C stops it."
+    )
+    _wait_for_signal(lambda: broker.running)
+    broker.stop()
+    console.print("Broker stopped cleanly.")
+
+
+def _wait_for_signal(alive: Any) -> None:
+    stopping = {"now": False}
+
+    def on_signal(*_: object) -> None:
+        stopping["now"] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping["now"] and alive():
+            time.sleep(0.2)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# --- services -------------------------------------------------------------------------------------
+
+
+@service_app.command("run")
+def service_run(
+    ctx: typer.Context,
+    name: Annotated[
+        str, typer.Argument(help="persister, dispatch, alerts, or provisioner (access control only).")
+    ],
+) -> None:
+    """Run one service against the broker named by BLOOMWIRE_BROKER_HOST/PORT."""
+    from bloomwire.app.supervisor import ALL_SERVICES, service_settings
+
+    settings = make_settings(ctx)
+    if name not in ALL_SERVICES:
+        raise fail(f"unknown service {name!r} (known: {', '.join(ALL_SERVICES)})")
+    if not settings.external_broker:
+        raise fail("set BLOOMWIRE_BROKER_PORT to the broker's port (or use `bloomwire up`)")
+    settings = service_settings(settings, settings.broker_username or name)
+    module = importlib.import_module(ALL_SERVICES[name])
+    try:
+        service = module.build(settings)
+    except BloomwireError as exc:  # e.g. a broken alert rules file: say where, no traceback
+        raise fail(str(exc)) from None
+    asyncio.run(service.run(settings))
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    access: Access = True,
+    shops: Shops = SHOPS_DEFAULT,
+    riders: Riders = RIDERS_DEFAULT,
+) -> None:
+    """Start a broker (unless settings name one) and every service; Ctrl-C stops them all.
+
+    With access control (the default) the first start bootstraps the admin
+    (for `bloomwire accounts`), the service accounts and the --shops/--riders
+    accounts, passwords in DATA_DIR/secrets/<name>; later starts keep them.
+    Each order's customer login goes to its shop on shops/S/orders/O/access.
+    """
+    from bloomwire.app.supervisor import Stack
+
+    settings = make_settings(ctx)
+    try:
+        stack = Stack(settings, access=access, shops=_names(shops), riders=_names(riders))
+        settings = stack.start()
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    mode = (
+        f"access control ({len(stack.shops)} shops, {len(stack.riders)} riders)"
+        if access
+        else "password file"
+    )
+    console.print(
+        f"Bloomwire up: broker mqtt://{settings.broker_host}:{settings.broker_port} "
+        f"(ws {settings.broker_ws_port}, {mode}); services "
+        f"{', '.join(stack.children)} online; store {settings.database_url}; passwords in "
+        f"{settings.data_dir / 'secrets'}; logs in {settings.data_dir / 'logs'}. "
+        "Ctrl-C stops everything."
+    )
+    _wait_for_signal(lambda: not stack.check())
+    dead = stack.check()
+    stack.stop()
+    if dead:
+        raise fail(f"service(s) exited unexpectedly: {', '.join(dead)}; see their logs")
+    console.print("Stopped cleanly: services, then broker.")
+
+
+# --- store ----------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Apply the store's migrations (services also do this at start)."""
+    from bloomwire.store import upgrade
+
+    settings = make_settings(ctx)
+    upgrade(settings.database_url)
+    console.print(f"Store at {settings.database_url} is up to date.")
+
+
+@app.command()
+def history(ctx: typer.Context, order: Annotated[str, typer.Argument(help="The order id.")]) -> None:
+    """Print an order's full timeline from the store: status, positions, chat, alerts."""
+    from bloomwire.app.history import load_history, render_history
+
+    settings = make_settings(ctx)
+    try:
+        found = load_history(settings.database_url, order)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    render_history(found, console)
+
+
+# --- benchmarks -----------------------------------------------------------------------------------
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    ctx: typer.Context,
+    events: Annotated[int, typer.Option(help="How many rider events to publish.")] = 20_000,
+    rate: Annotated[int, typer.Option(help="Publish rate, events/s (0 = as fast as possible).")] = 5_000,
+    riders: Annotated[int, typer.Option(help="Simulated riders publishing.")] = 50,
+    ceiling: Annotated[bool, typer.Option(help="Also measure mosquitto_pub/sub QoS 1.")] = True,
+) -> None:
+    """Publish rider chat events through a private broker into the persister; print figures.
+
+    One lean QoS 1 connection sends the riders' events at the set rate (one
+    write per 2 ms). Printed: events/s persisted, publish→committed (the
+    device ack) and publish→canonical P50/P99, lost and duplicated events
+    (checked in the store), and the mosquitto_pub→sub QoS 1 ceiling of the
+    same broker with the ratio. Start with --rate 5000 for latency and
+    --rate 0 for capacity.
+    """
+    from bloomwire.app.bench import ingest
+
+    ingest.main(
+        make_settings(ctx),
+        events=events,
+        rate=rate,
+        riders=riders,
+        ceiling=ceiling,
+        console=console,
+    )
+
+
+@bench_app.command("dispatch")
+def bench_dispatch(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option(help="Normal mode: orders created one at a time.")] = 200,
+    riders: Annotated[int, typer.Option(help="Normal mode: riders online.")] = 50,
+    peak_orders: Annotated[int, typer.Option(help="Peak mode: orders waiting at once.")] = 1000,
+    peak_riders: Annotated[int, typer.Option(help="Peak mode: riders.")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed of the city layout.")] = 0,
+) -> None:
+    """Normal-mode decision latency (order created → offer) and the peak-mode batch time."""
+    from bloomwire.app.bench import dispatch as bench
+
+    bench.main(
+        make_settings(ctx),
+        console=console,
+        orders=orders,
+        riders=riders,
+        peak_orders=peak_orders,
+        peak_riders=peak_riders,
+        seed=seed,
+    )
+
+
+@bench_app.command("alerts")
+def bench_alerts(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option(help="Live orders in the store.")] = 10_000,
+    riders: Annotated[int, typer.Option(help="Riders in the store.")] = 2_000,
+    ticks: Annotated[int, typer.Option(help="Ticks to time.")] = 20,
+    events: Annotated[int, typer.Option(help="Failed deliveries timed event → alert.")] = 100,
+    database_url: Annotated[
+        str | None, typer.Option(help="Store to seed (default: a temporary SQLite file).")
+    ] = None,
+) -> None:
+    """One alerts tick over many live orders, and event-committed → alert-raised latency."""
+    from bloomwire.app.bench import alerts as bench
+
+    bench.main(
+        make_settings(ctx),
+        orders=orders,
+        riders=riders,
+        ticks=ticks,
+        events=events,
+        database_url=database_url,
+        console=console,
+    )
+
+
+@bench_app.command("access")
+def bench_access(
+    orders: Annotated[int, typer.Option(help="Customer accesses already live on the broker.")] = 5_000,
+    repeat: Annotated[int, typer.Option(help="Mint/revoke rounds to time.")] = 15,
+) -> None:
+    """Time minting and revoking one customer access (and the cut-off) with N live orders."""
+    from bloomwire.app.bench.access import bench_access as run_bench
+    from bloomwire.runtime.broker import find_dynsec_plugin, find_mosquitto
+
+    try:
+        find_mosquitto()
+        find_dynsec_plugin()
+        run_bench(orders, repeat, echo=console.print)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

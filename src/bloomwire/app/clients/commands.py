@@ -1,0 +1,948 @@
+"""Command-line faces of the clients: ``bloomwire rider …``, ``shop …``, ``track``, ``simulate``, ``demo``.
+
+:func:`register` adds them to the main Typer app (``bloomwire.app.cli``). Exit codes: 0 done, 1 the
+broker or backbone said no (or could not be reached), 2 bad input (unknown ids, a missing
+credential, an invalid window or coordinates), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from bloomwire.app.clients.base import wait_event
+from bloomwire.errors import BloomwireError
+from bloomwire.runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from bloomwire.app.clients.base import Outcome
+    from bloomwire.app.clients.rider import Outgoing
+    from bloomwire.app.clients.shop import ShopTerminal
+
+T = TypeVar("T")
+
+console = Console()
+err = Console(stderr=True)
+
+rider_app = typer.Typer(
+    help="The rider's phone app: presence, positions, offers, status, incidents, chat (outbox on disk).",
+    no_args_is_help=True,
+)
+shop_app = typer.Typer(
+    help="The shop terminal: create, watch, assign, cancel, chat, acknowledge.", no_args_is_help=True
+)
+order_app = typer.Typer(help="Orders of the shop.", no_args_is_help=True)
+shop_app.add_typer(order_app, name="order")
+
+# --- shared options -----------------------------------------------------------------------------
+
+Password = Annotated[
+    str | None,
+    typer.Option(
+        "--password",
+        help="MQTT password (default: BLOOMWIRE_BROKER_PASSWORD, else DATA_DIR/secrets/<username>).",
+        show_default=False,
+    ),
+]
+Wait = Annotated[float, typer.Option("--wait", help="Seconds to wait for the backbone's answer.", min=0.1)]
+RiderArg = Annotated[str, typer.Argument(help="The rider id.")]
+OrderArg = Annotated[str, typer.Argument(help="The order id.")]
+ShopOpt = Annotated[str, typer.Option("--shop", "-s", envvar="BLOOMWIRE_SHOP", help="The shop id.")]
+Username = Annotated[
+    str | None,
+    typer.Option("--username", help="MQTT username, if not the id itself (one connection per username)."),
+]
+OutboxOpt = Annotated[
+    Path | None,
+    typer.Option("--outbox", help="The rider's outbox file (default DATA_DIR/clients/riders/R/outbox.db)."),
+]
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.obj
+    if not isinstance(settings, Settings):  # pragma: no cover - the root callback always sets it
+        settings = Settings()
+    return settings
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/bold red] {message}")
+    return typer.Exit(code)
+
+
+def _retry_note(message: str) -> None:
+    err.print(f"[yellow]{message}[/yellow]")
+
+
+def _run(factory: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine with the clients' exit codes instead of tracebacks."""
+    from bloomwire.app.clients.base import UsageError
+
+    try:
+        return asyncio.run(factory())  # type: ignore[arg-type]
+    except UsageError as exc:
+        raise _fail(str(exc), 2) from None
+    except BloomwireError as exc:
+        raise _fail(str(exc), 1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _refusal_code(reason: str) -> int:
+    """A refusal naming an unknown id is bad input (2); any other is the backbone saying no (1)."""
+    return 2 if reason.startswith("unknown ") or "does not belong to shop" in reason else 1
+
+
+def _report(outcome: Outcome, what: str) -> int:
+    if outcome.stored:
+        console.print(f"[green]{what}: stored[/green] ({outcome.event_id})")
+        return 0
+    err.print(f"[bold red]{what}: refused by the backbone:[/bold red] {outcome.reason}")
+    return _refusal_code(outcome.reason)
+
+
+async def _wait_until(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def _stop_on_signals(stop: asyncio.Event) -> Callable[[], None]:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+
+    def undo() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+    return undo
+
+
+# --- rider --------------------------------------------------------------------------------------
+
+
+def _outbox_path(settings: Settings, rider: str, outbox: Path | None) -> Path:
+    from bloomwire.app.clients.base import check_name
+    from bloomwire.app.clients.rider import outbox_path
+
+    return outbox or outbox_path(settings, check_name(rider, "rider"))
+
+
+@rider_app.command("run")
+def rider_run(
+    ctx: typer.Context,
+    rider: Annotated[str, typer.Argument(help="The rider id (also the MQTT username).")],
+    password: Password = None,
+    outbox: OutboxOpt = None,
+    route: Annotated[
+        Path | None, typer.Option(help="Ride along this route: GeoJSON, GPX or 'lat,lon' lines.")
+    ] = None,
+    at: Annotated[str | None, typer.Option(help="Stand still at LAT,LON.")] = None,
+    simulate: Annotated[bool, typer.Option("--simulate", help="Ride a simulated route in Berlin.")] = False,
+    speed: Annotated[float, typer.Option(help="km/h along --route / --simulate.")] = 18.0,
+    interval: Annotated[float, typer.Option(help="Seconds between positions.", min=0.2)] = 5.0,
+    offers: Annotated[str, typer.Option(help="Answer offers: ask, accept or decline.")] = "ask",
+    seed: Annotated[int | None, typer.Option(help="Seed of the --simulate route.")] = None,
+) -> None:
+    """Run the rider app: online until Ctrl-C; type commands (help) to report status and chat."""
+    from bloomwire.app.clients.base import UsageError, parse_point, resolve_password
+    from bloomwire.app.clients.outbox import Outbox
+    from bloomwire.app.clients.rider import FixedPosition, RiderApp, RiderDevice, load_route, random_ride
+
+    settings = _settings(ctx)
+
+    async def main() -> None:
+        if offers not in ("ask", "accept", "decline"):
+            raise UsageError(f"--offers must be ask, accept or decline, not {offers!r}")
+        if (route is not None) + (at is not None) + simulate > 1:
+            raise UsageError("give only one of --route, --at and --simulate")
+        source: Any = None
+        if route is not None:
+            from bloomwire.app.clients.rider import RoutePlayer
+
+            source = RoutePlayer(load_route(route), speed)
+        elif at is not None:
+            source = FixedPosition(*parse_point(at, "--at"))
+        elif simulate:
+            source = random_ride((52.5200, 13.4050), seed, speed)
+        box = Outbox(_outbox_path(settings, rider, outbox))
+        try:
+            if not box.lock():
+                raise UsageError(f"rider {rider}'s app already runs (pid {box.holder()}): one app per rider")
+            pw = resolve_password(settings, rider, password, "rider")
+            device = RiderDevice(settings, rider, pw, box)
+            app = RiderApp(
+                device,
+                console,
+                source=source,
+                interval=interval,
+                offers=offers,  # type: ignore[arg-type]
+                read_commands=True,
+            )
+            await device.start(on_retry=_retry_note)
+            try:
+                await app.run()
+            finally:
+                await device.stop()
+                left = box.count(records_only=True)
+                console.print(
+                    f"rider {rider} offline; "
+                    + (f"{left} event(s) wait in the outbox for the next start" if left else "outbox empty")
+                )
+        finally:
+            box.close()
+
+    _run(main)
+
+
+def _rider_once(
+    settings: Settings,
+    rider: str,
+    password: str | None,
+    outbox: Path | None,
+    build: Callable[[], Outgoing] | None,
+    wait: float,
+) -> None:
+    """Send one event (and whatever the outbox still holds), wait for the acks, report."""
+    from bloomwire.app.clients.base import UsageError, check_name, resolve_password
+    from bloomwire.app.clients.outbox import LOCATION, Outbox
+    from bloomwire.app.clients.rider import RiderDevice
+
+    async def main() -> int:
+        check_name(rider, "rider")
+        out = build() if build is not None else None
+        box = Outbox(_outbox_path(settings, rider, outbox))
+        try:
+            if not box.lock():
+                if out is None:
+                    raise UsageError(
+                        f"rider {rider}'s app runs (pid {box.holder()}) and sends its outbox itself"
+                    )
+                box.add(out.id, out.kind, out.topic, out.payload)
+                console.print(
+                    f"queued {out.kind} {out.id}; the running rider app (pid {box.holder()}) sends it"
+                )
+                return 0
+            pw = resolve_password(settings, rider, password, "rider")
+            device = RiderDevice(settings, rider, pw, box, presence=False)
+            earlier = [e for e in box.pending() if e.kind != LOCATION]
+            futures = {e.id: (f"earlier {e.kind}", device.expect(e.id)) for e in earlier}
+            if out is not None:
+                futures[out.id] = (out.kind, device.expect(out.id))
+            await device.start(on_retry=_retry_note)
+            try:
+                if out is not None:
+                    device.send(out)
+                code = 0
+                for event_id, (what, fut) in futures.items():
+                    from bloomwire.app.clients.base import wait_outcome
+
+                    try:
+                        outcome = await wait_outcome(fut, wait, f"{what} {event_id}")
+                    except BloomwireError as exc:
+                        err.print(f"[yellow]{exc}[/yellow]; it stays in the outbox")
+                        code = max(code, 1)
+                        continue
+                    code = max(code, _report(outcome, what))
+                if not futures:
+                    console.print("outbox empty: nothing to send")
+                return code
+            finally:
+                await device.stop()
+        finally:
+            box.close()
+
+    code = _run(main)
+    if code:
+        raise typer.Exit(code)
+
+
+@rider_app.command("status")
+def rider_status(
+    ctx: typer.Context,
+    rider: RiderArg,
+    order: OrderArg,
+    status: Annotated[
+        str, typer.Argument(help="picked_up, en_route, arrived, delivered, returned, declined.")
+    ],
+    note: Annotated[str, typer.Option(help="A note for the shop.")] = "",
+    password: Password = None,
+    outbox: OutboxOpt = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Report a status transition of an order the rider holds."""
+    from bloomwire.app.clients.rider import status_event
+
+    _rider_once(
+        _settings(ctx), rider, password, outbox, lambda: status_event(rider, order, status, note=note), wait
+    )
+
+
+@rider_app.command("fail")
+def rider_fail(
+    ctx: typer.Context,
+    rider: RiderArg,
+    order: OrderArg,
+    reason: Annotated[
+        str, typer.Option(help="customer_unreachable, address_wrong, damaged, refused or other.")
+    ],
+    note: Annotated[str, typer.Option(help="What happened.")] = "",
+    password: Password = None,
+    outbox: OutboxOpt = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Report a failed delivery, with its reason."""
+    from bloomwire.app.clients.rider import status_event
+
+    _rider_once(
+        _settings(ctx),
+        rider,
+        password,
+        outbox,
+        lambda: status_event(rider, order, "failed", note=note, reason=reason),
+        wait,
+    )
+
+
+@rider_app.command("incident")
+def rider_incident(
+    ctx: typer.Context,
+    rider: RiderArg,
+    order: OrderArg,
+    reason: Annotated[str, typer.Option(help="e.g. flat_tyre, traffic, customer_unreachable.")],
+    eta_min: Annotated[float | None, typer.Option(help="New ETA, minutes from now.", min=0)] = None,
+    note: Annotated[str, typer.Option(help="A note for the shop and customer.")] = "",
+    password: Password = None,
+    outbox: OutboxOpt = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Report an incident (not a status change), optionally with a new ETA."""
+    from datetime import timedelta
+
+    from bloomwire.app.clients.rider import incident_event
+    from bloomwire.contract import events as ev
+
+    def build() -> Outgoing:
+        eta = ev.now() + timedelta(minutes=eta_min) if eta_min is not None else None
+        return incident_event(rider, order, reason, eta=eta, note=note)
+
+    _rider_once(_settings(ctx), rider, password, outbox, build, wait)
+
+
+@rider_app.command("chat")
+def rider_chat(
+    ctx: typer.Context,
+    rider: RiderArg,
+    order: OrderArg,
+    text: Annotated[str, typer.Argument(help="The chat line.")],
+    password: Password = None,
+    outbox: OutboxOpt = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Send a chat line on an order (to the shop and the customer)."""
+    from bloomwire.app.clients.rider import chat_event
+
+    _rider_once(_settings(ctx), rider, password, outbox, lambda: chat_event(rider, order, text), wait)
+
+
+@rider_app.command("reply")
+def rider_reply(
+    ctx: typer.Context,
+    rider: RiderArg,
+    offer: Annotated[str, typer.Argument(help="The offer id (shown by `rider run`).")],
+    order: Annotated[str, typer.Option(help="The offer's order id.")],
+    accept: Annotated[bool, typer.Option("--accept/--decline", help="Accept or decline.")] = True,
+    reason: Annotated[str, typer.Option(help="Why (declines).")] = "",
+    password: Password = None,
+    outbox: OutboxOpt = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Accept or decline an offer."""
+    from bloomwire.app.clients.rider import reply_event
+
+    _rider_once(
+        _settings(ctx),
+        rider,
+        password,
+        outbox,
+        lambda: reply_event(rider, offer, order, accept, reason),
+        wait,
+    )
+
+
+@rider_app.command("flush")
+def rider_flush(
+    ctx: typer.Context,
+    rider: RiderArg,
+    password: Password = None,
+    outbox: OutboxOpt = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Send whatever the outbox still holds and wait for the acks."""
+    _rider_once(_settings(ctx), rider, password, outbox, None, wait)
+
+
+@rider_app.command("outbox")
+def rider_outbox(
+    ctx: typer.Context,
+    rider: RiderArg,
+    outbox: OutboxOpt = None,
+) -> None:
+    """List the events waiting for an ack, and the refused ones (no connection needed)."""
+    from bloomwire.app.clients.base import UsageError
+    from bloomwire.app.clients.outbox import Outbox
+
+    try:
+        box = Outbox(_outbox_path(_settings(ctx), rider, outbox))
+    except UsageError as exc:
+        raise _fail(str(exc), 2) from None
+    try:
+        pending = box.pending()
+        for e in pending:
+            console.print(f"waiting  {e.kind:9} {e.id}  sent {e.attempts}x  {e.topic}")
+        for event_id, kind, reason in box.refusals()[:20]:
+            console.print(f"refused  {kind:9} {event_id}  {reason}")
+        console.print(f"{len(pending)} event(s) wait for an ack in {box.path}")
+    finally:
+        box.close()
+
+
+# --- shop ---------------------------------------------------------------------------------------
+
+
+def _shop(
+    ctx: typer.Context,
+    shop: str,
+    password: str | None,
+    username: str | None,
+    action: Callable[[ShopTerminal], Awaitable[int]],
+    *,
+    need_orders: tuple[str, ...] = (),
+) -> None:
+    from bloomwire.app.clients.base import UsageError, check_name, resolve_password
+    from bloomwire.app.clients.shop import ShopTerminal
+
+    settings = _settings(ctx)
+
+    async def main() -> int:
+        check_name(shop, "shop")
+        for order in need_orders:
+            check_name(order, "order")
+        name = username or shop
+        pw = resolve_password(settings, name, password, "shop")
+        terminal = ShopTerminal(settings, shop, pw, username=username)
+        await terminal.start(on_retry=_retry_note)
+        try:
+            if need_orders:
+                await terminal.settle()
+                for order in need_orders:
+                    if not await _wait_until(lambda o=order: terminal.knows_order(o), 1.0):  # type: ignore[misc]
+                        raise UsageError(f"unknown order {order!r}: shop {shop!r} has no such order")
+            return await action(terminal)
+        finally:
+            await terminal.stop()
+
+    code = _run(main)
+    if code:
+        raise typer.Exit(code)
+
+
+@order_app.command("create")
+def shop_order_create(
+    ctx: typer.Context,
+    shop: ShopOpt,
+    name: Annotated[str, typer.Option("--name", help="Customer name.")],
+    window: Annotated[
+        str, typer.Option(help="Promised window: HH:MM-HH:MM (today) or START/END (ISO 8601).")
+    ],
+    at: Annotated[str | None, typer.Option("--at", help="Delivery position LAT,LON.")] = None,
+    lat: Annotated[float | None, typer.Option(help="Delivery latitude (or use --at).")] = None,
+    lon: Annotated[float | None, typer.Option(help="Delivery longitude (or use --at).")] = None,
+    phone: Annotated[str, typer.Option(help="Customer phone.")] = "",
+    address: Annotated[str, typer.Option(help="Delivery address.")] = "",
+    item: Annotated[list[str] | None, typer.Option("--item", help="An item (repeat the option).")] = None,
+    note: Annotated[str, typer.Option(help="A note for the rider.")] = "",
+    order_id: Annotated[str | None, typer.Option("--order-id", help="Choose the order id.")] = None,
+    pickup: Annotated[str | None, typer.Option(help="Pickup position LAT,LON (the shop).")] = None,
+    access_wait: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for the provisioner's customer access (access control).", min=0),
+    ] = 2.0,
+    password: Password = None,
+    username: Username = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Create an order; prints its id and the customer's tracking access once the backbone has it."""
+    from bloomwire.app.clients.base import UsageError, check_point, parse_point
+    from bloomwire.app.clients.shop import OrderDraft, parse_window
+
+    try:
+        if at is not None:
+            dest = parse_point(at, "--at")
+        elif lat is not None and lon is not None:
+            dest = check_point(lat, lon, "delivery position")
+        else:
+            raise UsageError("give the delivery position: --at LAT,LON (or --lat and --lon)")
+        draft = OrderDraft(
+            customer_name=name,
+            lat=dest[0],
+            lon=dest[1],
+            window=parse_window(window),
+            phone=phone,
+            address=address,
+            items=item or [],
+            note=note,
+            order=order_id,
+            pickup=parse_point(pickup, "--pickup") if pickup else None,
+        )
+    except UsageError as exc:
+        raise _fail(str(exc), 2) from None
+
+    async def action(terminal: ShopTerminal) -> int:
+        terminal.access_wait_s = access_wait
+        created = await terminal.create_order(draft, timeout=wait)
+        if not created.outcome.stored:
+            err.print(f"[bold red]order {created.order} refused:[/bold red] {created.outcome.reason}")
+            return _refusal_code(created.outcome.reason)
+        console.print(f"[green]order {created.order} created[/green] for {name}")
+        if created.access is not None:
+            console.print(created.access.describe())
+        return 0
+
+    _shop(ctx, shop, password, username, action)
+
+
+@shop_app.command("watch")
+def shop_watch(
+    ctx: typer.Context,
+    shop: ShopOpt,
+    once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
+    password: Password = None,
+    username: Username = None,
+) -> None:
+    """Every order of the shop, live: status, rider, ETA vs promise, last update, alerts."""
+
+    async def action(terminal: ShopTerminal) -> int:
+        await terminal.settle()
+        if once:
+            console.print(terminal.view.render())
+            return 0
+        stop = asyncio.Event()
+        undo = _stop_on_signals(stop)
+        try:
+            if console.is_terminal:
+                with Live(terminal.view.render(), console=console, refresh_per_second=2) as live:
+                    while not stop.is_set():
+                        live.update(terminal.view.render())
+                        await wait_event(stop, 0.5)
+            else:
+                console.print(terminal.view.render())
+                shown = len(terminal.view.feed)
+                seen = list(terminal.view.feed)
+                while not stop.is_set():
+                    await wait_event(stop, 0.5)
+                    feed = list(terminal.view.feed)
+                    new = [line for line in feed if line not in seen]
+                    for line in new:
+                        console.print(line, highlight=False)
+                    seen = feed
+                    shown += len(new)
+        finally:
+            undo()
+        return 0
+
+    _shop(ctx, shop, password, username, action)
+
+
+@shop_app.command("chat")
+def shop_chat(
+    ctx: typer.Context,
+    order: OrderArg,
+    text: Annotated[str, typer.Argument(help="The chat line.")],
+    shop: ShopOpt,
+    password: Password = None,
+    username: Username = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Send a chat line on an order (to its rider and customer)."""
+
+    async def action(terminal: ShopTerminal) -> int:
+        return _report(await terminal.chat(order, text, timeout=wait), f"chat on {order}")
+
+    _shop(ctx, shop, password, username, action, need_orders=(order,))
+
+
+@shop_app.command("assign")
+def shop_assign(
+    ctx: typer.Context,
+    order: OrderArg,
+    rider: RiderArg,
+    shop: ShopOpt,
+    note: Annotated[str, typer.Option(help="A note for the rider.")] = "",
+    password: Password = None,
+    username: Username = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Assign (or reassign) an order to a rider; the rider gets an offer to accept."""
+    from bloomwire.app.clients.base import UsageError, check_name
+
+    try:
+        check_name(rider, "rider")
+    except UsageError as exc:
+        raise _fail(str(exc), 2) from None
+
+    async def action(terminal: ShopTerminal) -> int:
+        outcome = await terminal.assign(order, rider, note=note, timeout=wait)
+        return _report(outcome, f"{order} offered to {rider}")
+
+    _shop(ctx, shop, password, username, action, need_orders=(order,))
+
+
+@shop_app.command("cancel")
+def shop_cancel(
+    ctx: typer.Context,
+    order: OrderArg,
+    shop: ShopOpt,
+    reason: Annotated[str, typer.Option(help="Why.")] = "",
+    password: Password = None,
+    username: Username = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Cancel an order (before it is picked up)."""
+
+    async def action(terminal: ShopTerminal) -> int:
+        return _report(await terminal.cancel(order, reason=reason, timeout=wait), f"cancelling {order}")
+
+    _shop(ctx, shop, password, username, action, need_orders=(order,))
+
+
+@shop_app.command("ack")
+def shop_ack(
+    ctx: typer.Context,
+    alert: Annotated[str, typer.Argument(help="The alert id (shown by `shop watch`).")],
+    shop: ShopOpt,
+    by: Annotated[str, typer.Option(help="Who is on it.")] = "",
+    password: Password = None,
+    username: Username = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Acknowledge an alert: someone is on it."""
+
+    async def action(terminal: ShopTerminal) -> int:
+        return _report(await terminal.ack_alert(alert, by=by, timeout=wait), f"acknowledging {alert}")
+
+    _shop(ctx, shop, password, username, action)
+
+
+# --- customer -----------------------------------------------------------------------------------
+
+
+def track(
+    ctx: typer.Context,
+    order: OrderArg,
+    shop: ShopOpt,
+    at: Annotated[
+        str | None,
+        typer.Option("--at", help="Your position LAT,LON for the distance (default: the delivery address)."),
+    ] = None,
+    chat: Annotated[str | None, typer.Option("--chat", help="Send this chat line, then follow.")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Print the order once and exit.")] = False,
+    password: Password = None,
+    username: Annotated[
+        str | None, typer.Option("--username", help="Your login (default: the customer id).")
+    ] = None,
+    customer: Annotated[
+        str | None,
+        typer.Option("--customer", help="The customer id C of customers/C/… (default: c-<order>)."),
+    ] = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Follow one order as its customer: timeline, ETA, the rider's distance, chat."""
+    from bloomwire.app.clients.access import customer_username
+    from bloomwire.app.clients.base import UsageError, check_name, parse_point, resolve_password
+    from bloomwire.app.clients.track import CustomerTracker
+
+    settings = _settings(ctx)
+
+    async def main() -> int:
+        check_name(shop, "shop")
+        check_name(order, "order")
+        destination = parse_point(at, "--at") if at else None
+        cid = check_name(customer, "customer") if customer else customer_username(order)
+        name = username or cid
+        pw = resolve_password(settings, name, password, "customer")
+        tracker = CustomerTracker(
+            settings, shop, order, pw, username=name, customer=cid, destination=destination
+        )
+        await tracker.start(on_retry=_retry_note)
+        try:
+            if not await _wait_until(lambda: tracker.view.state is not None, 2.0):
+                raise UsageError(
+                    f"unknown order {order!r} of shop {shop!r}: nothing was published about it "
+                    "(check the order id and --shop)"
+                )
+            code = 0
+            if chat:
+                code = _report(await tracker.chat(chat, timeout=wait), "chat line")
+            if once:
+                console.print(tracker.view.render())
+                return code
+            stop = asyncio.Event()
+            undo = _stop_on_signals(stop)
+            typed = _read_lines(lambda line: _chat_line(tracker, line, wait))
+            try:
+                if console.is_terminal:
+                    console.print("type a line and Enter to chat with the shop and rider; Ctrl-C stops")
+                    with Live(tracker.view.render(), console=console, refresh_per_second=2) as live:
+                        while not stop.is_set():
+                            live.update(tracker.view.render())
+                            await wait_event(stop, 0.5)
+                else:
+                    console.print(tracker.view.render())
+                    shown = len(tracker.view.timeline) + len(tracker.view.chat)
+                    while not stop.is_set():
+                        await wait_event(stop, 0.5)
+                        now = len(tracker.view.timeline) + len(tracker.view.chat)
+                        if now != shown:
+                            shown = now
+                            console.print(tracker.view.render())
+            finally:
+                typed()
+                undo()
+            return code
+        finally:
+            await tracker.stop()
+
+    code = _run(main)
+    if code:
+        raise typer.Exit(code)
+
+
+def _read_lines(on_line: Callable[[str], None]) -> Callable[[], None]:
+    """Call ``on_line`` for each line typed on stdin (if it can be watched); return an undo."""
+    loop = asyncio.get_running_loop()
+    buffer = bytearray()
+    try:
+        fd = sys.stdin.fileno()
+    except (OSError, ValueError, AttributeError):
+        return lambda: None
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+            return
+        buffer.extend(data)
+        while b"\n" in buffer:
+            line, _, rest = bytes(buffer).partition(b"\n")
+            buffer[:] = rest
+            text = line.decode("utf-8", errors="replace").strip()
+            if text:
+                on_line(text)
+
+    try:
+        loop.add_reader(fd, readable)
+    except (OSError, ValueError, NotImplementedError, PermissionError):
+        return lambda: None
+
+    def undo() -> None:
+        with contextlib.suppress(Exception):
+            loop.remove_reader(fd)
+
+    return undo
+
+
+def _chat_line(tracker: Any, text: str, wait: float) -> None:
+    async def send() -> None:
+        try:
+            _report(await tracker.chat(text, timeout=wait), "chat line")
+        except BloomwireError as exc:
+            err.print(f"[red]chat line not sent:[/red] {exc}")
+
+    task = asyncio.get_running_loop().create_task(send())
+    _sending.add(task)
+    task.add_done_callback(_sending.discard)
+
+
+#: Chat lines on their way (a reference keeps each task alive until it is done).
+_sending: set[asyncio.Task[None]] = set()
+
+
+# --- simulator and demo -------------------------------------------------------------------------
+
+Minutes = Annotated[float, typer.Option(help="Real minutes the simulated day takes (about).")]
+Riders = Annotated[int, typer.Option(help="Riders on shift.")]
+Orders = Annotated[int, typer.Option(help="Orders over the day.")]
+Shops = Annotated[int, typer.Option(help="Shops (1-6, real Berlin districts).")]
+Seed = Annotated[int, typer.Option(help="Seed: the same seed gives the same order outcomes.")]
+Assign = Annotated[
+    str, typer.Option(help="Who assigns riders: auto (dispatch service if registered), dispatch or shop.")
+]
+
+
+def _assign(value: str) -> Any:
+    if value not in ("auto", "dispatch", "shop"):
+        raise _fail(f"--assign must be auto, dispatch or shop, not {value!r}", 2)
+    return value
+
+
+def simulate(
+    ctx: typer.Context,
+    minutes: Minutes = 2.0,
+    riders: Riders = 6,
+    orders: Orders = 24,
+    shops: Shops = 3,
+    seed: Seed = 7,
+    assign: Assign = "auto",
+    tag: Annotated[
+        str | None, typer.Option(help="Prefix of the order ids (default: s<HHMMSS>- so runs never clash).")
+    ] = None,
+    flat_tyre: Annotated[float, typer.Option(help="Share of orders with a flat tyre on the way.")] = 0.10,
+    app_dies: Annotated[
+        float, typer.Option(help="Share of orders whose rider's app dies on the way.")
+    ] = 0.08,
+    decline: Annotated[float, typer.Option(help="Share of orders whose first offer is declined.")] = 0.15,
+    unreachable: Annotated[float, typer.Option(help="Share of orders whose customer is unreachable.")] = 0.06,
+    address_wrong: Annotated[float, typer.Option(help="Share of orders with a wrong address.")] = 0.03,
+    cancel: Annotated[float, typer.Option(help="Share of orders the shop cancels.")] = 0.05,
+    access: Annotated[
+        bool,
+        typer.Option(
+            "--access/--no-access",
+            help="The broker runs with access control (customer logins from the provisioner), as "
+            "`bloomwire up` does by default; without a broker port: start one like that.",
+        ),
+    ] = True,
+    shop_id: Annotated[
+        list[str] | None,
+        typer.Option("--shop-id", help="Name the shops (repeat; e.g. s1 s2 s3 as `bloomwire up` makes)."),
+    ] = None,
+    rider_id: Annotated[
+        list[str] | None,
+        typer.Option("--rider-id", help="Name the riders (repeat; e.g. r1 … r10 as `bloomwire up` makes)."),
+    ] = None,
+) -> None:
+    """A seeded, time-compressed day of Berlin deliveries through the real clients.
+
+    Uses the broker in BLOOMWIRE_BROKER_HOST/PORT (its identities must exist there), or, without
+    a port, starts its own broker and services on the data dir's store.
+    """
+    from bloomwire.app.clients.base import UsageError
+    from bloomwire.app.demo import run_simulate
+    from bloomwire.app.simulate.plan import Rates
+
+    try:
+        rates = Rates(
+            cancel=cancel,
+            unreachable=unreachable,
+            address_wrong=address_wrong,
+            flat_tyre=flat_tyre,
+            app_dies=app_dies,
+            decline=decline,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    choice = _assign(assign)
+    try:
+        code = run_simulate(
+            _settings(ctx),
+            console,
+            minutes=minutes,
+            riders=riders,
+            orders=orders,
+            shops=shops,
+            seed=seed,
+            assign=choice,
+            rates=rates,
+            tag=tag,
+            access=access,
+            shop_ids=shop_id or (),
+            rider_ids=rider_id or (),
+        )
+    except UsageError as exc:
+        raise _fail(str(exc), 2) from None
+    except BloomwireError as exc:
+        raise _fail(str(exc), 1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if code:
+        raise typer.Exit(code)
+
+
+def demo(
+    ctx: typer.Context,
+    minutes: Minutes = 2.0,
+    riders: Riders = 6,
+    orders: Orders = 24,
+    shops: Shops = 3,
+    seed: Seed = 7,
+    assign: Assign = "auto",
+    access: Annotated[
+        bool,
+        typer.Option(
+            "--access/--no-access",
+            help="Access control on the broker (each identity only its own topics; customer logins "
+            "from the provisioner), or a plain password file.",
+        ),
+    ] = True,
+) -> None:
+    """The main job: broker, services and a simulated Berlin shop day on a fresh SQLite store.
+
+    Shows the day live (progress lines without a terminal) and ends with a summary checked
+    against the store; leaves nothing running.
+    """
+    from bloomwire.app.clients.base import UsageError
+    from bloomwire.app.demo import run_demo
+
+    choice = _assign(assign)
+    try:
+        code = run_demo(
+            _settings(ctx),
+            console,
+            minutes=minutes,
+            riders=riders,
+            orders=orders,
+            shops=shops,
+            seed=seed,
+            assign=choice,
+            access=access,
+        )
+    except UsageError as exc:
+        raise _fail(str(exc), 2) from None
+    except BloomwireError as exc:
+        raise _fail(str(exc), 1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; services and broker stopped")
+        raise typer.Exit(130) from None
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the client commands to the main app."""
+    app.add_typer(rider_app, name="rider")
+    app.add_typer(shop_app, name="shop")
+    app.command("track")(track)
+    app.command("simulate")(simulate)
+    app.command("demo")(demo)

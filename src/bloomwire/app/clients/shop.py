@@ -1,0 +1,289 @@
+"""The shop terminal: create, assign, cancel, chat and acknowledge alerts; watch every order.
+
+A command is one CloudEvent published on ``shops/S/commands/…``. The terminal knows it worked when
+its canonical echo (same event id) arrives under ``shops/S/orders/…`` or ``shops/S/alerts``, and
+that it was refused when ``shops/S/errors`` names its id. Until then it is re-published after
+every reconnection (the persister dedupes by id, so that can never do it twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pydantic import BaseModel, ValidationError
+
+from bloomwire.app.clients.access import AccessIssuer, CustomerAccess, UsernameOnly, customer_username
+from bloomwire.app.clients.base import (
+    DEFAULT_ANSWER_TIMEOUT_S,
+    Client,
+    NullObserver,
+    Observer,
+    Outcome,
+    UsageError,
+    Waiters,
+    build_data,
+    check_name,
+    check_point,
+    wait_event,
+    wait_outcome,
+)
+from bloomwire.app.clients.views import ShopView
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
+from bloomwire.contract.topics import Command
+from bloomwire.runtime.mqtt import Message
+from bloomwire.runtime.settings import Settings
+
+_HHMM = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*[-–]\s*(\d{1,2}):(\d{2})\s*$")
+
+
+def new_order_id(now: datetime | None = None) -> str:
+    """A fresh order id, e.g. ``o-270214-3fa9c1``."""
+    now = now or ev.now()
+    return f"o-{now:%y%m%d}-{secrets.token_hex(3)}"
+
+
+def parse_window(text: str, *, now: datetime | None = None) -> ev.Window:
+    """A promised window from ``HH:MM-HH:MM`` (today, local time) or ``ISO/ISO``.
+
+    Raises :class:`UsageError` naming what is wrong: unreadable, end before start, longer than a
+    day, or already over.
+    """
+    now = now or ev.now()
+    local_now = now.astimezone()
+    m = _HHMM.match(text)
+    if m:
+        h1, m1, h2, m2 = (int(g) for g in m.groups())
+        for h, mi in ((h1, m1), (h2, m2)):
+            if h > 23 or mi > 59:
+                raise UsageError(f"promised window {text!r}: {h:02d}:{mi:02d} is not a time of day")
+        start = local_now.replace(hour=h1, minute=m1, second=0, microsecond=0)
+        end = local_now.replace(hour=h2, minute=m2, second=0, microsecond=0)
+    elif "/" in text:
+        a, _, b = text.partition("/")
+        try:
+            start, end = datetime.fromisoformat(a.strip()), datetime.fromisoformat(b.strip())
+        except ValueError as exc:
+            raise UsageError(f"promised window {text!r}: {exc}") from None
+        if start.tzinfo is None:
+            start = start.astimezone()
+        if end.tzinfo is None:
+            end = end.astimezone()
+    else:
+        raise UsageError(
+            f"promised window {text!r} must be HH:MM-HH:MM (today) or START/END in ISO 8601, e.g. 14:00-16:00"
+        )
+    try:
+        window = ev.Window(start=start, end=end)
+    except ValidationError as exc:
+        raise UsageError(f"promised window {text!r}: {ev.describe_validation_error(exc)}") from None
+    if window.end <= now:
+        raise UsageError(
+            f"promised window {text!r} ended at {window.end.astimezone():%Y-%m-%d %H:%M}; "
+            "a new order needs a window in the future"
+        )
+    return window
+
+
+@dataclass
+class OrderDraft:
+    """Everything the shop types in for a new order."""
+
+    customer_name: str
+    lat: float
+    lon: float
+    window: ev.Window
+    phone: str = ""
+    address: str = ""
+    items: Sequence[str] = ()
+    note: str = ""
+    order: str | None = None
+    pickup: tuple[float, float] | None = None
+
+    def build(self, shop: str) -> ev.OrderCreatedEvent:
+        """The ``order.created`` event, validated (a :class:`UsageError` names the bad field)."""
+        order = check_name(self.order or new_order_id(), "order")
+        check_point(self.lat, self.lon, "customer position")
+        if self.pickup is not None:
+            check_point(*self.pickup, "pickup position")
+        data = build_data(
+            ev.OrderCreated,
+            order=order,
+            customer={
+                "name": self.customer_name,
+                "phone": self.phone,
+                "address": self.address,
+                "lat": self.lat,
+                "lon": self.lon,
+            },
+            window=self.window,
+            items=list(self.items),
+            note=self.note,
+            pickup_lat=self.pickup[0] if self.pickup else None,
+            pickup_lon=self.pickup[1] if self.pickup else None,
+            customer_username=customer_username(order),
+        )
+        return ev.OrderCreatedEvent(source=f"{topics.SHOPS}/{shop}", data=data)
+
+
+@dataclass(frozen=True)
+class Created:
+    """A created order: its id and the customer's access (or the refusal)."""
+
+    order: str
+    outcome: Outcome
+    access: CustomerAccess | None = None
+
+
+@dataclass
+class _Pending:
+    topic: str
+    payload: bytes
+    sent_at: float = field(default_factory=time.time)
+
+
+class ShopTerminal(Client):
+    """Shop ``S``'s terminal on MQTT: commands out, everything under ``shops/S/#`` in."""
+
+    what = "shop"
+
+    def __init__(
+        self,
+        settings: Settings,
+        shop: str,
+        password: str,
+        *,
+        username: str | None = None,
+        observer: Observer | None = None,
+        access: AccessIssuer | None = None,
+        access_wait_s: float = 2.0,
+        on_message: Callable[[str, object], None] | None = None,
+    ) -> None:
+        self.shop = check_name(shop, "shop")
+        super().__init__(settings, check_name(username or shop, "username"), password)
+        self.view = ShopView(self.shop)
+        self.observer: Observer = observer or NullObserver()
+        #: None: take the access the provisioner publishes (waiting up to ``access_wait_s``),
+        #: else just the username.
+        self.access = access
+        self.access_wait_s = access_wait_s
+        self.on_message = on_message
+        self.waiters = Waiters()
+        self._pending: dict[str, _Pending] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.subscribe([topics.shop_filter(self.shop)])
+        self.conn.on_connect(self._on_connect)
+
+    def _on_connect(self) -> None:  # network thread: re-send commands still unanswered
+        for pending in list(self._pending.values()):
+            self.conn.publish(pending.topic, pending.payload, qos=1)
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> None:
+        """Fold the message into the view; settle commands by their canonical echo or refusal."""
+        result = self.view.apply(msg.topic, msg.payload)
+        if isinstance(result, ev.Refusal):
+            if result.id is not None and self._pending.pop(result.id, None) is not None:
+                self.observer.settled(result.id, False, result.reason)
+            self.waiters.resolve(result.id, False, result.reason)
+        elif isinstance(result, BaseModel) and hasattr(result, "id") and not msg.retain:
+            event_id = str(result.id)
+            self.observer.canonical(event_id, msg.received_at)
+            if self._pending.pop(event_id, None) is not None:
+                self.observer.settled(event_id, True)
+            self.waiters.resolve(event_id, True)
+        if self.on_message is not None:
+            self.on_message(msg.topic, result)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def publish_command(self, command: Command, event: BaseModel) -> asyncio.Future[Outcome]:
+        """Publish a command event; return a future for the backbone's answer."""
+        event_id = str(getattr(event, "id"))  # noqa: B009 - every envelope has an id
+        topic = topics.shop_command(self.shop, command)
+        payload = ev.encode(event)
+        fut = self.waiters.expect(event_id)
+        self._pending[event_id] = _Pending(topic, payload)
+        self.conn.publish(topic, payload, qos=1)
+        self.observer.sent(event_id, f"shop:{command.value}", time.time())
+        return fut
+
+    async def _run(self, command: Command, event: BaseModel, timeout: float, what: str) -> Outcome:
+        return await wait_outcome(self.publish_command(command, event), timeout, what)
+
+    def _source(self) -> str:
+        return f"{topics.SHOPS}/{self.shop}"
+
+    async def create_order(self, draft: OrderDraft, *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S) -> Created:
+        """Publish ``order.created``; once the canonical status arrives, issue the customer access."""
+        event = draft.build(self.shop)
+        outcome = await self._run(Command.CREATE_ORDER, event, timeout, f"new order {event.data.order}")
+        access = None
+        if outcome.stored:
+            order = event.data.order
+            username = event.data.customer_username or customer_username(order)
+            if self.access is not None:
+                access = await asyncio.to_thread(self.access.issue, self.shop, order, username)
+            else:
+                access = await self.provisioned_access(order, username)
+        return Created(event.data.order, outcome, access)
+
+    async def provisioned_access(self, order: str, username: str) -> CustomerAccess:
+        """The access the provisioner publishes for ``order`` (access-control mode), if it comes
+        within ``access_wait_s``; else the bare customer username."""
+        deadline = time.monotonic() + self.access_wait_s
+        while order not in self.view.accesses:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return UsernameOnly().issue(self.shop, order, username)
+            self.changed.clear()
+            await wait_event(self.changed, left)
+        return CustomerAccess.from_provisioner(self.view.accesses[order])
+
+    async def assign(
+        self, order: str, rider: str, *, note: str = "", timeout: float = DEFAULT_ANSWER_TIMEOUT_S
+    ) -> Outcome:
+        """Assign (or reassign) ``order`` to ``rider``: the rider gets a manual offer."""
+        data = build_data(
+            ev.OrderAssigned, order=check_name(order, "order"), rider=check_name(rider, "rider"), note=note
+        )
+        event = ev.OrderAssignedEvent(source=self._source(), data=data)
+        return await self._run(Command.ASSIGN, event, timeout, f"assigning {order} to {rider}")
+
+    async def cancel(
+        self, order: str, *, reason: str = "", timeout: float = DEFAULT_ANSWER_TIMEOUT_S
+    ) -> Outcome:
+        """Cancel ``order`` (only before it is picked up)."""
+        data = build_data(ev.OrderCancelled, order=check_name(order, "order"), reason=reason)
+        event = ev.OrderCancelledEvent(source=self._source(), data=data)
+        return await self._run(Command.CANCEL_ORDER, event, timeout, f"cancelling {order}")
+
+    async def chat(self, order: str, text: str, *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S) -> Outcome:
+        """Send a chat line on ``order`` (to the rider and the customer)."""
+        data = build_data(ev.OrderChat, order=check_name(order, "order"), text=text)
+        event = ev.OrderChatEvent(source=self._source(), data=data)
+        return await self._run(Command.CHAT, event, timeout, f"chat on {order}")
+
+    async def ack_alert(
+        self, alert: str, *, by: str = "", timeout: float = DEFAULT_ANSWER_TIMEOUT_S
+    ) -> Outcome:
+        """Acknowledge an alert (someone is on it)."""
+        data = ev.AlertAcknowledged(alert=check_name(alert, "alert"), by=by or self.username)
+        event = ev.AlertAcknowledgedEvent(source=self._source(), data=data)
+        return await self._run(Command.ACK_ALERT, event, timeout, f"acknowledging alert {alert}")
+
+    def knows_order(self, order: str) -> bool:
+        """True once the order's retained state (or any event about it) was seen."""
+        return order in self.view.orders
+
+    async def stop(self, *, announce_offline: bool = True) -> None:
+        """Disconnect (unanswered commands are forgotten)."""
+        self.waiters.cancel_all()
+        await super().stop(announce_offline=announce_offline)

@@ -1,0 +1,516 @@
+"""``bloomwire demo`` (``make demo``) and ``bloomwire simulate``: a simulated day on the real stack.
+
+The demo starts Mosquitto from ``broker/`` and every registered service
+(:class:`bloomwire.app.supervisor.Stack`) on a FRESH SQLite store under ``DATA_DIR/demo`` (wiped at
+start), plays a seeded, time-compressed day of Berlin deliveries through the real rider, shop and
+customer clients, shows it live, and ends with a summary. The summary is the operator's: it reads
+the store once at the end to check that every event the clients sent is there exactly once (or
+was refused with a reason), which no client ever does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+
+from bloomwire.app.clients.base import UsageError, check_name, resolve_password
+from bloomwire.app.simulate.agents import AssignMode, SimConfig
+from bloomwire.app.simulate.metrics import percentile
+from bloomwire.app.simulate.plan import DayPlan, Rates, outcome_of, plan_day, rename
+from bloomwire.app.simulate.runner import SimResult, Simulation
+from bloomwire.app.simulate.view import watch
+from bloomwire.errors import BloomwireError
+from bloomwire.runtime.aio import cancel_and_wait
+from bloomwire.runtime.broker import ensure_secret
+from bloomwire.runtime.settings import Settings
+from bloomwire.store import make_engine
+from bloomwire.store import models as m
+
+AssignChoice = Literal["auto", "dispatch", "shop"]
+
+DEFAULT_MINUTES = 2.0
+DEFAULT_RIDERS = 6
+DEFAULT_ORDERS = 24
+DEFAULT_SHOPS = 3
+DEFAULT_SEED = 7
+
+
+def resolve_assign(choice: AssignChoice, services: Iterable[str]) -> AssignMode:
+    """``auto``: the dispatch service if it is part of the stack, else the shops assign by hand."""
+    if choice == "auto":
+        return "dispatch" if "dispatch" in services else "shop"
+    return choice
+
+
+# --- the store check --------------------------------------------------------------------------------
+
+
+@dataclass
+class StoreFigures:
+    """What the store says at the end of a run."""
+
+    outcomes: dict[str, str] = field(default_factory=dict)
+    delivered: int = 0
+    on_time: int = 0
+    alerts_by_rule: Counter[str] = field(default_factory=Counter)
+    sent: int = 0
+    stored: int = 0
+    refused: int = 0
+    lost: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def _chunks(ids: list[str], size: int = 500) -> Iterable[list[str]]:
+    for i in range(0, len(ids), size):
+        yield ids[i : i + size]
+
+
+def store_figures(database_url: str, sent_ids: Iterable[str], orders: Iterable[str]) -> StoreFigures:
+    """Read the store (read-only) and check the sent events against it."""
+    fig = StoreFigures()
+    sent = list(dict.fromkeys(sent_ids))
+    wanted = set(orders)
+    engine = make_engine(database_url, readonly=True)
+    try:
+        with engine.connect() as conn:
+            o = m.ORDERS
+            rows = conn.execute(
+                sa.select(o.c.id, o.c.status, o.c.failure_reason, o.c.delivered_at, o.c.window_end)
+            )
+            for oid, status, reason, delivered_at, window_end in rows:
+                if oid not in wanted:
+                    continue
+                fig.outcomes[oid] = outcome_of(status, reason)
+                if status == "delivered":
+                    fig.delivered += 1
+                    if delivered_at is not None and delivered_at <= window_end:
+                        fig.on_time += 1
+            a = m.ALERTS
+            for rule, n in conn.execute(sa.select(a.c.rule, sa.func.count()).group_by(a.c.rule)):
+                fig.alerts_by_rule[str(rule)] = int(n)
+            stored: set[str] = set()
+            refused: set[str] = set()
+            for part in _chunks(sent):
+                stored.update(
+                    r[0] for r in conn.execute(sa.select(m.EVENTS.c.id).where(m.EVENTS.c.id.in_(part)))
+                )
+                d = m.DEAD_LETTERS
+                refused.update(
+                    r[0] for r in conn.execute(sa.select(d.c.event_id).where(d.c.event_id.in_(part)))
+                )
+            total, distinct = conn.execute(
+                sa.select(sa.func.count(), sa.func.count(sa.distinct(m.EVENTS.c.id)))
+            ).one()
+    finally:
+        engine.dispose()
+    fig.sent = len(sent)
+    fig.stored = len(stored)
+    fig.refused = len(refused - stored)
+    fig.lost = [i for i in sent if i not in stored and i not in refused]
+    fig.duplicates = int(total) - int(distinct)
+    return fig
+
+
+# --- summary ------------------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.0f} ms" if value is not None else "–"
+
+
+def _duration(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def summary_table(
+    result: SimResult, figures: StoreFigures | None, *, title: str, store_hint: str = ""
+) -> Table:
+    """The end-of-run summary: outcomes, punctuality, alerts, events vs store, latency."""
+    plan = result.plan
+    table = Table(title=title, show_header=False, expand=False)
+    table.add_column("what", style="bold")
+    table.add_column("figure")
+    outcomes = figures.outcomes if figures is not None else {k: v for k, v in result.outcomes.items() if v}
+    counts = Counter(outcomes.values())
+    failed = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("failed:")}
+    finished = sum(v for k, v in counts.items() if k in ("delivered", "cancelled") or k.startswith("failed:"))
+    open_orders = len(plan.orders) - finished
+    table.add_row(
+        "orders",
+        f"{len(plan.orders)}: delivered {counts.get('delivered', 0)} · failed {sum(failed.values())}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(failed.items()))})" if failed else "")
+        + f" · cancelled {counts.get('cancelled', 0)} · still open {open_orders}",
+    )
+    if figures is not None:
+        share = f"{figures.on_time / figures.delivered:.0%}" if figures.delivered else "–"
+        table.add_row(
+            "on time",
+            f"{figures.on_time}/{figures.delivered} delivered orders ({share}) "
+            "by the end of their promised window",
+        )
+    same = sum(1 for o, want in plan.outcomes().items() if outcomes.get(o) == want)
+    table.add_row("as planned", f"{same}/{len(plan.orders)} orders ended as seed {plan.seed} planned")
+    if figures is not None:
+        alerts = ", ".join(f"{k} {v}" for k, v in sorted(figures.alerts_by_rule.items())) or "none raised"
+        table.add_row("alerts by rule", alerts)
+        lost = len(figures.lost)
+        table.add_row(
+            "events",
+            f"sent {figures.sent} · stored {figures.stored} · refused {figures.refused} (in dead letters, "
+            f"with the reason) · LOST {lost} · stored twice {figures.duplicates} (checked against the store)",
+        )
+    else:
+        m_ = result.metrics
+        table.add_row(
+            "events", f"sent {len(m_.events)} · acknowledged {len(m_.stored)} · refused {len(m_.refused)}"
+        )
+    lat = result.metrics.latencies_ms()
+    table.add_row(
+        "latency",
+        f"publish→canonical P50 {_ms(percentile(lat, 50))} · P99 {_ms(percentile(lat, 99))} (n={len(lat)})",
+    )
+    c = result.metrics.counters
+    incidents = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if v and "foreign" not in k) or "none"
+    table.add_row("happened", incidents)
+    table.add_row(
+        "time",
+        f"{result.sim_minutes / 60:.1f} h of a {plan.day_minutes / 60:.0f} h day simulated in "
+        f"{_duration(result.real_s)} real ({result.speed / 60:.1f} simulated min per s)",
+    )
+    if result.foreign_messages:
+        table.add_row(
+            "PRIVACY", f"customers received {result.foreign_messages} message(s) about other orders"
+        )
+    if store_hint:
+        table.add_row("store", store_hint)
+    return table
+
+
+# --- running ------------------------------------------------------------------------------------------
+
+
+async def _play(
+    sim: Simulation, console: Console, *, live: bool, check: Callable[[], list[str]] | None
+) -> SimResult:
+    """Run the simulation with its view; the first Ctrl-C / SIGTERM ends it early (cleanly)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        if stop.is_set():
+            return
+        stop.set()
+        # A second Ctrl-C is not caught: it interrupts the clean-up too (children still stopped).
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signal.SIGINT)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, interrupt)
+
+    async def guard() -> None:
+        while check is not None:
+            await asyncio.sleep(1.0)
+            dead = check()
+            if dead:
+                console.print(f"[bold red]service(s) exited: {', '.join(dead)}; stopping the run[/bold red]")
+                stop.set()
+                return
+
+    viewer = asyncio.create_task(watch(sim, console, live=live))
+    guard_task = asyncio.create_task(guard())
+    try:
+        return await sim.run(stop)
+    finally:
+        await cancel_and_wait(viewer, guard_task)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def scaled_alert_rules(speed: float) -> str:
+    """Alert thresholds for a compressed day: the built-in ones in SIMULATED minutes.
+
+    The alerts service counts real minutes; the simulated day runs ``speed`` times faster, so each
+    threshold is divided by ``speed`` (with a floor of a few real seconds, above the jitter of
+    positions and ticks). ``eta_slip`` is off: the ETA the persister computes comes from the
+    reported speed, and ``vel`` cannot carry a compressed speed (the payload model caps it at
+    400 km/h), so that ETA runs slower than the simulated day.
+    """
+
+    def real_min(sim_min: float, floor_s: float) -> float:
+        return round(max(sim_min / speed, floor_s / 60.0), 4)
+
+    return (
+        "# Written by `bloomwire demo`: the built-in thresholds, in simulated minutes\n"
+        f"# (the day runs {speed:.0f}x faster than the clock the alerts service reads).\n"
+        "[defaults]\n"
+        f"overdue_grace_min = {real_min(5, 3)}\n"
+        f"stale_position_min = {real_min(5, 6)}\n"
+        f"rider_offline_min = {real_min(2, 1)}\n"
+        f"unassigned_min = {real_min(10, 3)}\n"
+        f"escalate_after_min = {real_min(15, 6)}\n"
+        f"followup_after_h = {round(max(2.0 / speed, 10 / 3600), 5)}\n"
+        'disabled = ["eta_slip"]\n'
+    )
+
+
+def _alert_rules_file(root: Path, speed: float, console: Console) -> Path | None:
+    """Write the scaled rules next to the store; None (the defaults) if the service rejects them."""
+    path = root / "sim-alert-rules.toml"
+    path.write_text(scaled_alert_rules(speed), encoding="utf-8")
+    try:
+        from bloomwire.services.alerts.config import load_rules
+
+        load_rules(path)
+    except ImportError:
+        return path
+    except BloomwireError as exc:
+        console.print(f"[yellow]alert thresholds stay the built-in ones: {exc}[/yellow]")
+        return None
+    return path
+
+
+def _provisioner(data_dir: Path, known: set[str], add_user: Callable[[str], str]) -> Callable[[str], str]:
+    """Passwords for simulated identities; accounts made at broker start are just read back."""
+    lock = threading.Lock()
+
+    def provision(name: str) -> str:
+        if name in known:
+            return ensure_secret(data_dir, name)
+        with lock:
+            password = add_user(name)
+            known.add(name)
+            return password
+
+    return provision
+
+
+def make_plan(
+    seed: int, *, orders: int, riders: int, shops: int, rates: Rates | None = None, order_prefix: str = ""
+) -> DayPlan:
+    """The day plan, or a :class:`UsageError` naming the bad argument."""
+    if orders < 1:
+        raise UsageError(f"--orders must be at least 1, not {orders}")
+    if riders < 1:
+        raise UsageError(f"--riders must be at least 1, not {riders}")
+    try:
+        return plan_day(
+            seed, orders=orders, riders=riders, shops=shops, rates=rates, order_prefix=order_prefix
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def run_demo(
+    settings: Settings,
+    console: Console,
+    *,
+    minutes: float = DEFAULT_MINUTES,
+    riders: int = DEFAULT_RIDERS,
+    orders: int = DEFAULT_ORDERS,
+    shops: int = DEFAULT_SHOPS,
+    seed: int = DEFAULT_SEED,
+    assign: AssignChoice = "auto",
+    rates: Rates | None = None,
+    live: bool | None = None,
+    access: bool = True,
+) -> int:
+    """The whole demo; returns the exit code (0, or 1 if an event was lost or a service died).
+
+    ``access``: the broker runs with access control (every identity only its own topics; each
+    customer's login issued by the provisioner), as ``bloomwire up`` does by default.
+    """
+    from bloomwire.app.supervisor import SERVICES, Stack
+
+    if not minutes > 0:
+        raise UsageError(f"--minutes must be positive, not {minutes}")
+    plan = make_plan(seed, orders=orders, riders=riders, shops=shops, rates=rates)
+    root = settings.data_dir / "demo"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    demo_settings = settings.model_copy(
+        update={
+            "data_dir": root,
+            "database_url": f"sqlite:///{(root / 'bloomwire.db').resolve()}",
+            "broker_port": 0,
+            "broker_ws_port": 0,
+            "broker_username": None,
+            "broker_password": None,
+        }
+    )
+    services = tuple(SERVICES)
+    mode = resolve_assign(assign, services)
+    users = Simulation.users(plan, customers=not access)
+    if "alerts" in services:
+        rules = _alert_rules_file(root, Simulation.speed_for(plan, minutes), console)
+        demo_settings = demo_settings.model_copy(update={"alerts_rules": rules})
+    if access:
+        stack = Stack(
+            demo_settings,
+            services=services,
+            access=True,
+            shops=[s.id for s in plan.shops],
+            riders=[r.id for r in plan.riders],
+        )
+    else:
+        stack = Stack(demo_settings, services=services, extra_users=users)
+    live = console.is_terminal if live is None else live
+    console.print(
+        f"[bold]Bloomwire demo[/bold]: seed {seed}, {orders} orders, {riders} riders, "
+        f"{len(plan.shops)} shops in Berlin, ~{minutes:g} min; fresh store {demo_settings.database_url}"
+    )
+    started = time.monotonic()
+    dead: list[str] = []
+    result: SimResult | None = None
+    try:
+        live_settings = stack.start()
+        console.print(
+            f"broker mqtt://{live_settings.broker_host}:{live_settings.broker_port} "
+            + ("with access control" if access else "without access control (password file)")
+            + f" · services {', '.join(stack.children)} online · riders assigned by "
+            + ("the dispatch service" if mode == "dispatch" else "the shops (no dispatch service)")
+        )
+        config = SimConfig(minutes=minutes, assign=mode, outbox_dir=root / "outboxes", access_control=access)
+        provision = _provisioner(root, set(users), stack.add_user)
+        sim = Simulation(live_settings, plan, config, provision)
+        result = asyncio.run(_play(sim, console, live=live, check=stack.check))
+        dead = stack.check()
+    finally:
+        stack.stop()
+    figures = store_figures(demo_settings.database_url, result.metrics.events, (o.id for o in plan.orders))
+    hint = f"{root / 'bloomwire.db'}; e.g. `bloomwire --data-dir {root} history {plan.orders[0].id}`"
+    title = f"Bloomwire demo summary (seed {seed}; {_duration(time.monotonic() - started)} wall time)"
+    if result.stopped_early:
+        title += " (interrupted)"
+    console.print(summary_table(result, figures, title=title, store_hint=hint))
+    if figures.lost:
+        console.print(
+            f"[bold red]LOST events (sent, neither stored nor refused): {', '.join(figures.lost[:10])}"
+        )
+    if dead:
+        console.print(f"[bold red]service(s) died during the run: {', '.join(dead)}; see {root / 'logs'}")
+    console.print("Stopped cleanly: clients, services, broker.")
+    if result.stopped_early:
+        return 130
+    return 1 if figures.lost or dead else 0
+
+
+def run_simulate(
+    settings: Settings,
+    console: Console,
+    *,
+    minutes: float,
+    riders: int,
+    orders: int,
+    shops: int,
+    seed: int,
+    assign: AssignChoice,
+    rates: Rates | None = None,
+    tag: str | None = None,
+    live: bool | None = None,
+    access: bool = True,
+    shop_ids: Sequence[str] = (),
+    rider_ids: Sequence[str] = (),
+) -> int:
+    """``bloomwire simulate``: against the broker in the settings, or a stack of its own.
+
+    ``access``: the broker runs (or is started) with access control, so customers get their
+    login from the provisioner. ``shop_ids``/``rider_ids`` name the day's shops and riders (e.g.
+    the accounts ``bloomwire up`` made) and set how many there are.
+    """
+    from bloomwire.app.supervisor import SERVICES, Stack
+
+    if not minutes > 0:
+        raise UsageError(f"--minutes must be positive, not {minutes}")
+    for name in (*shop_ids, *rider_ids):
+        check_name(name, "shop or rider id")
+    prefix = tag if tag is not None else f"s{datetime.now():%H%M%S}-"
+    plan = make_plan(
+        seed,
+        orders=orders,
+        riders=len(rider_ids) or riders,
+        shops=len(shop_ids) or shops,
+        rates=rates,
+        order_prefix=prefix,
+    )
+    try:
+        plan = rename(plan, shop_ids, rider_ids)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    users = Simulation.users(plan, customers=not access)
+    live = console.is_terminal if live is None else live
+    outboxes = settings.data_dir / "clients" / "sim-outboxes"
+    stack: Stack | None = None
+    if settings.external_broker:
+        missing = []
+        for name in users:
+            try:
+                resolve_password(
+                    settings.model_copy(update={"broker_password": None}), name, None, "identity"
+                )
+            except UsageError:
+                missing.append(name)
+        if missing:
+            raise UsageError(
+                f"the simulator connects as {len(users)} identities but has no password for "
+                f"{', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}: provision them on the "
+                f"broker at {settings.broker_host}:{settings.broker_port} (passwords in "
+                f"{settings.data_dir / 'secrets'}), or unset BLOOMWIRE_BROKER_PORT to let the simulator "
+                "start its own broker and services"
+            )
+        mode = resolve_assign(assign, SERVICES)
+        provision: Callable[[str], str] = partial(ensure_secret, settings.data_dir)
+        live_settings = settings.model_copy(update={"broker_username": None, "broker_password": None})
+    else:
+        own = settings
+        if "alerts" in SERVICES:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            rules = _alert_rules_file(settings.data_dir, Simulation.speed_for(plan, minutes), console)
+            own = settings.model_copy(update={"alerts_rules": rules})
+        if access:
+            stack = Stack(
+                own,
+                services=tuple(SERVICES),
+                access=True,
+                shops=[s.id for s in plan.shops],
+                riders=[r.id for r in plan.riders],
+            )
+        else:
+            stack = Stack(own, services=tuple(SERVICES), extra_users=users)
+        mode = resolve_assign(assign, stack.services)
+    try:
+        if stack is not None:
+            live_settings = stack.start()
+            provision = _provisioner(settings.data_dir, set(users), stack.add_user)
+            console.print(
+                f"broker mqtt://{live_settings.broker_host}:{live_settings.broker_port} · services "
+                f"{', '.join(stack.children)} online"
+            )
+        config = SimConfig(minutes=minutes, assign=mode, outbox_dir=outboxes, access_control=access)
+        sim = Simulation(live_settings, plan, config, provision)
+        console.print(
+            f"simulating seed {seed}: {orders} orders (ids {plan.orders[0].id}…), {riders} riders, "
+            f"{len(plan.shops)} shops; assignment by {mode}"
+        )
+        result = asyncio.run(_play(sim, console, live=live, check=stack.check if stack else None))
+    finally:
+        if stack is not None:
+            stack.stop()
+    console.print(summary_table(result, None, title=f"Simulation summary (seed {seed}, as seen over MQTT)"))
+    return 130 if result.stopped_early else 0

@@ -1,0 +1,647 @@
+"""The AsyncAPI 3.0 document and the topic table of the contract, built from the code.
+
+Channel addresses come from the builders of :mod:`bloomwire.contract.topics`, payload schemas from the
+pydantic models of :mod:`bloomwire.contract.events`; only who sends what where is stated here, in
+:data:`CHANNELS`. ``docs/asyncapi.yaml`` and ``docs/topics.md`` are this module's output
+(``python -m bloomwire.contract.asyncapi docs``) and a test keeps them from drifting.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from bloomwire import __version__
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics as t
+from bloomwire.contract.topics import Command, Identity, InboundKind, Inbox, OrderChannel
+
+ASYNCAPI_VERSION = "3.0.0"
+MQTT_BINDING_VERSION = "0.2.0"
+SCHEMA_REF = "#/components/schemas/{model}"
+
+#: Topic-level parameters; every id obeys :func:`bloomwire.contract.topics.check_id`.
+PARAMETERS: dict[str, str] = {
+    "rider": "Rider id: the rider's MQTT username.",
+    "shop": "Shop id: the shop terminal's MQTT username.",
+    "order": "Order id, chosen by the shop at creation.",
+    "customer": "Customer id of one order (c-<order> by default): its MQTT username in "
+    "password-file mode; in access-control mode the order's logins (cust@...) act as it.",
+    "service": "Service name (persister, dispatch, alerts, ...).",
+    "device": "OwnTracks device name, as configured in the app.",
+}
+ID_RULE = (
+    f"1-{t.MAX_ID_LENGTH} ASCII characters: letters, digits and _ . : @ -, starting with a letter or digit."
+)
+
+#: Payloads that are not pydantic models of events.py.
+PRESENCE_WORD = "PresenceWord"
+OWNTRACKS_LOCATION = "OwnTracksLocation"
+
+#: Pydantic models of events.py carried by some topic, besides the CloudEvents envelopes.
+SNAPSHOT_MODELS: tuple[type[BaseModel], ...] = (
+    ev.OrderState,
+    ev.OrderLocation,
+    ev.RiderState,
+    ev.Ack,
+    ev.Refusal,
+)
+
+ALERT_EVENTS = ("alert.raised", "alert.escalated", "alert.resolved", "alert.acknowledged")
+
+#: What each shop command asks for (the event type comes from ``events.COMMAND_EVENTS``).
+_COMMAND_HELP: dict[Command, str] = {
+    Command.CREATE_ORDER: "Create an order with its promised delivery window.",
+    Command.CANCEL_ORDER: "Cancel an order that is not yet picked up.",
+    Command.CHAT: "A chat line from the shop about one of its orders.",
+    Command.ASSIGN: "Offer an order to a named rider (manual dispatch).",
+    Command.ACK_ALERT: "Acknowledge one of the shop's open alerts.",
+}
+COMMAND_EVENTS: dict[Command, tuple[str, str]] = {
+    cmd: (ev.type_name(ev.COMMAND_EVENTS[cmd]), _COMMAND_HELP[cmd]) for cmd in Command
+}
+
+#: The decisions a service may publish on ``services/N/events`` (the persister's own table).
+SERVICE_EVENTS = tuple(ev.type_name(t) for t in ev.ACCEPTED[(Identity.SERVICE, InboundKind.EVENTS)])
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """One topic of the contract, seen from the backbone (persister and services)."""
+
+    key: str
+    address: str
+    action: Literal["send", "receive"]
+    summary: str
+    messages: tuple[str, ...]
+    publishers: str
+    subscribers: str
+    qos: int = 1
+    retain: bool = False
+    #: Described MQTT 5 message expiry, if the publisher sets one.
+    expiry: str | None = None
+    #: False for the provisioner's customer-access topics (access-control mode only): the
+    #: persister neither consumes nor publishes them.
+    via_persister: bool = True
+
+    @property
+    def parameters(self) -> list[str]:
+        """The ``{name}`` placeholders of the address, in order."""
+        return re.findall(r"\{(\w+)\}", self.address)
+
+
+def _addr(build: Callable[..., str], *args: str) -> str:
+    """``build(*args)`` with each ``{name}`` argument kept as an AsyncAPI placeholder."""
+    marks = {f"P0{a[1:-1]}": a for a in args if a.startswith("{")}
+    topic = build(*(f"P0{a[1:-1]}" if a.startswith("{") else a for a in args))
+    return "/".join(marks.get(level, level) for level in topic.split("/"))
+
+
+_RIDER_DEVICE = "rider's device"
+_PERSISTER = "persister"
+_PROVISIONER = "provisioner (access-control mode)"
+_CUSTOMER = "customer client"
+
+
+def _channels() -> tuple[ChannelSpec, ...]:
+    inbound = [
+        ChannelSpec(
+            "riderLocation",
+            _addr(t.rider_location, "{rider}"),
+            "receive",
+            "A rider's position (OwnTracks field names).",
+            ("rider.location",),
+            _RIDER_DEVICE,
+            _PERSISTER,
+        ),
+        ChannelSpec(
+            "riderOrderStatus",
+            _addr(t.rider_order_status, "{rider}", "{order}"),
+            "receive",
+            "A status the rider reports on an order assigned to it, or an incident with a new ETA.",
+            ("order.status", "order.incident"),
+            _RIDER_DEVICE,
+            _PERSISTER,
+        ),
+        ChannelSpec(
+            "riderOrderChat",
+            _addr(t.rider_order_chat, "{rider}", "{order}"),
+            "receive",
+            "A chat line from the rider about one of its orders.",
+            ("order.chat",),
+            _RIDER_DEVICE,
+            _PERSISTER,
+        ),
+        ChannelSpec(
+            "riderReplies",
+            _addr(t.rider_replies, "{rider}"),
+            "receive",
+            "The rider accepts or declines an offer.",
+            ("dispatch.reply",),
+            _RIDER_DEVICE,
+            _PERSISTER,
+        ),
+        ChannelSpec(
+            "riderPresence",
+            _addr(t.rider_presence, "{rider}"),
+            "receive",
+            "Retained presence: the bare word online/offline (offline is the Last Will) or a "
+            "rider.presence event; an empty retained message clears it.",
+            ("rider.presence", PRESENCE_WORD),
+            _RIDER_DEVICE,
+            _PERSISTER,
+            retain=True,
+        ),
+        ChannelSpec(
+            "owntracks",
+            _addr(t.owntracks, "{rider}", "{device}"),
+            "receive",
+            "An unmodified OwnTracks app payload, taken as the rider's location; other _type "
+            "values (transition, waypoints, lwt, ...) are ignored.",
+            (OWNTRACKS_LOCATION,),
+            "rider's OwnTracks app",
+            _PERSISTER,
+        ),
+        *(
+            ChannelSpec(
+                "shopCommand" + "".join(w.title() for w in cmd.value.split("-")),
+                _addr(t.shop_command, "{shop}", cmd),
+                "receive",
+                COMMAND_EVENTS[cmd][1],
+                (COMMAND_EVENTS[cmd][0],),
+                "shop terminal",
+                _PERSISTER,
+            )
+            for cmd in Command
+        ),
+        ChannelSpec(
+            "customerChat",
+            _addr(t.customer_chat, "{customer}"),
+            "receive",
+            "A chat line from the customer, about its own order.",
+            ("order.chat",),
+            _CUSTOMER,
+            _PERSISTER,
+        ),
+        ChannelSpec(
+            "customerDevices",
+            _addr(t.device_request_topic, "{customer}"),
+            "receive",
+            "Access-control mode: a customer device, logged in with any login of the order, asks "
+            "for a login of its own (one username is one MQTT session).",
+            ("customer.device_requested",),
+            _CUSTOMER,
+            _PROVISIONER,
+            via_persister=False,
+        ),
+        ChannelSpec(
+            "serviceEvents",
+            _addr(t.service_events, "{service}"),
+            "receive",
+            "A service's decisions (offers, expired offers, alerts, follow-up chat), persisted "
+            "and published canonically like any device event.",
+            SERVICE_EVENTS,
+            "dispatch, alerts",
+            _PERSISTER,
+        ),
+    ]
+    order = ("{shop}", "{order}")
+    refusal = ("Refusal",)
+    canonical = [
+        ChannelSpec(
+            "orderStatus",
+            _addr(t.order_topic, *order, OrderChannel.STATUS),
+            "send",
+            "Every accepted status change of the order (creation, offers, replies, progress, "
+            "cancellation) and every incident.",
+            ("order.status", "order.incident"),
+            _PERSISTER,
+            "shop, customer, services",
+        ),
+        ChannelSpec(
+            "orderLocation",
+            _addr(t.order_topic, *order, OrderChannel.LOCATION),
+            "send",
+            "The carrying rider's position and ETA, only while the order is out for delivery.",
+            ("OrderLocation",),
+            _PERSISTER,
+            "shop, customer",
+            qos=0,
+            expiry="about a minute: a stale position is worth nothing",
+        ),
+        ChannelSpec(
+            "orderChat",
+            _addr(t.order_topic, *order, OrderChannel.CHAT),
+            "send",
+            "Every accepted chat line about the order, from any party (author filled in).",
+            ("order.chat",),
+            _PERSISTER,
+            "shop, customer",
+        ),
+        ChannelSpec(
+            "orderAlerts",
+            _addr(t.order_topic, *order, OrderChannel.ALERTS),
+            "send",
+            "Alerts about the order: raised, escalated, acknowledged, resolved.",
+            ALERT_EVENTS,
+            _PERSISTER,
+            "shop",
+        ),
+        ChannelSpec(
+            "orderState",
+            _addr(t.order_topic, *order, OrderChannel.STATE),
+            "send",
+            "Retained snapshot: status, rider, promised window, ETA, last position, recent "
+            "timeline. A client that subscribes sees the whole order at once.",
+            ("OrderState",),
+            _PERSISTER,
+            "shop, customer",
+            retain=True,
+        ),
+        ChannelSpec(
+            "shopAlerts",
+            _addr(t.shop_alerts, "{shop}"),
+            "send",
+            "The shop's alert feed.",
+            ALERT_EVENTS,
+            _PERSISTER,
+            "shop, services",
+        ),
+        ChannelSpec(
+            "shopRiderState",
+            _addr(t.shop_rider_state, "{shop}", "{rider}"),
+            "send",
+            "Retained snapshot of a rider carrying the shop's orders: presence, position, load.",
+            ("RiderState",),
+            _PERSISTER,
+            "shop",
+            retain=True,
+        ),
+        ChannelSpec(
+            "shopErrors",
+            _addr(t.shop_errors, "{shop}"),
+            "send",
+            "Why a shop command was refused.",
+            refusal,
+            _PERSISTER,
+            "shop",
+        ),
+        ChannelSpec(
+            "riderInboxOffers",
+            _addr(t.rider_inbox, "{rider}", Inbox.OFFERS),
+            "send",
+            "An offer of an order to this rider (candidates stripped); it expires at its deadline.",
+            ("dispatch.offer",),
+            _PERSISTER,
+            _RIDER_DEVICE,
+            expiry="until the offer's deadline",
+        ),
+        ChannelSpec(
+            "riderInboxAcks",
+            _addr(t.rider_inbox, "{rider}", Inbox.ACKS),
+            "send",
+            "Ids of the rider's events committed to the store.",
+            ("Ack",),
+            _PERSISTER,
+            _RIDER_DEVICE,
+        ),
+        ChannelSpec(
+            "riderInboxChat",
+            _addr(t.rider_inbox, "{rider}", Inbox.CHAT),
+            "send",
+            "Chat lines from the shop or customer about the rider's current orders.",
+            ("order.chat",),
+            _PERSISTER,
+            _RIDER_DEVICE,
+        ),
+        ChannelSpec(
+            "riderInboxErrors",
+            _addr(t.rider_inbox, "{rider}", Inbox.ERRORS),
+            "send",
+            "Why one of the rider's messages was refused.",
+            refusal,
+            _PERSISTER,
+            _RIDER_DEVICE,
+        ),
+        ChannelSpec(
+            "customerInboxAcks",
+            _addr(t.customer_inbox, "{customer}", Inbox.ACKS),
+            "send",
+            "Ids of the customer's events committed to the store.",
+            ("Ack",),
+            _PERSISTER,
+            _CUSTOMER,
+        ),
+        ChannelSpec(
+            "customerInboxErrors",
+            _addr(t.customer_inbox, "{customer}", Inbox.ERRORS),
+            "send",
+            "Why one of the customer's messages was refused.",
+            refusal,
+            _PERSISTER,
+            _CUSTOMER,
+        ),
+        ChannelSpec(
+            "customerInboxDevices",
+            _addr(t.device_reply_topic, "{customer}"),
+            "send",
+            "Access-control mode: the answer to a device request (matched by the request's id), "
+            "a login of the device's own or the reason for none.",
+            ("customer.device",),
+            _PROVISIONER,
+            _CUSTOMER,
+            via_persister=False,
+        ),
+        ChannelSpec(
+            "orderAccess",
+            _addr(t.access_topic, *order),
+            "send",
+            "Access-control mode: the order's customer access (first login, its topics, where "
+            "to enrol devices), for shop S only, published once the order is created; cleared "
+            "(empty retained payload) when revoked, at close + grace.",
+            ("customer.access",),
+            _PROVISIONER,
+            "shop",
+            retain=True,
+            via_persister=False,
+        ),
+        ChannelSpec(
+            "serviceStatus",
+            _addr(t.service_status, "{service}"),
+            "send",
+            "Retained online/offline of each service; offline is its Last Will.",
+            (PRESENCE_WORD,),
+            "every service",
+            "operators, monitoring",
+            retain=True,
+        ),
+        ChannelSpec(
+            "deadletter",
+            t.DEADLETTER,
+            "send",
+            "Every refused message with the reason, the refusing service and the payload; the "
+            "persister keeps the other services' in the store (its own it stores with its batch).",
+            refusal,
+            "persister, every service",
+            "persister (stores them), operators, monitoring",
+        ),
+    ]
+    return (*inbound, *canonical)
+
+
+#: Every topic of the contract, inbound (receive) first, then canonical (send).
+CHANNELS: tuple[ChannelSpec, ...] = _channels()
+
+
+# --- document -----------------------------------------------------------------------------------
+
+
+def _schemas() -> dict[str, Any]:
+    models = [*ev.EVENT_TYPES.values(), *ev.ACCESS_EVENT_TYPES.values(), *SNAPSHOT_MODELS]
+    _, top = models_json_schema([(m, "validation") for m in models], ref_template=SCHEMA_REF)
+    schemas: dict[str, Any] = dict(sorted(top["$defs"].items()))
+    schemas[OWNTRACKS_LOCATION] = {
+        "title": OWNTRACKS_LOCATION,
+        "description": "An OwnTracks app payload (any extra field is ignored); only _type "
+        "'location' is read, any other _type is skipped.",
+        "type": "object",
+        "allOf": [{"$ref": SCHEMA_REF.format(model=ev.RiderLocation.__name__)}],
+        "properties": {"_type": {"type": "string", "const": "location"}},
+        "required": ["_type"],
+    }
+    schemas[PRESENCE_WORD] = {
+        "title": PRESENCE_WORD,
+        "description": "A bare UTF-8 word, not JSON.",
+        "type": "string",
+        "enum": [t.PRESENCE_ONLINE, t.PRESENCE_OFFLINE],
+    }
+    return schemas
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n", 1)[0]
+
+
+def _messages() -> dict[str, Any]:
+    messages: dict[str, Any] = {}
+    for kind, cls in {**ev.EVENT_TYPES, **ev.ACCESS_EVENT_TYPES}.items():
+        data_model = cls.model_fields["data"].annotation
+        summary = _first_line(getattr(data_model, "__doc__", None)) or f"A {kind} event."
+        messages[kind] = {
+            "name": kind,
+            "title": cls.__name__,
+            "summary": summary,
+            "contentType": "application/json",
+            "payload": {"$ref": SCHEMA_REF.format(model=cls.__name__)},
+        }
+    for model in SNAPSHOT_MODELS:
+        messages[model.__name__] = {
+            "name": model.__name__,
+            "title": model.__name__,
+            "summary": _first_line(model.__doc__),
+            "contentType": "application/json",
+            "payload": {"$ref": SCHEMA_REF.format(model=model.__name__)},
+        }
+    messages[OWNTRACKS_LOCATION] = {
+        "name": OWNTRACKS_LOCATION,
+        "title": OWNTRACKS_LOCATION,
+        "summary": "An unmodified OwnTracks app payload.",
+        "contentType": "application/json",
+        "payload": {"$ref": SCHEMA_REF.format(model=OWNTRACKS_LOCATION)},
+    }
+    messages[PRESENCE_WORD] = {
+        "name": PRESENCE_WORD,
+        "title": PRESENCE_WORD,
+        "summary": "The bare word online or offline (what a Last Will carries).",
+        "contentType": "text/plain",
+        "payload": {"$ref": SCHEMA_REF.format(model=PRESENCE_WORD)},
+    }
+    return messages
+
+
+def _channel(spec: ChannelSpec) -> dict[str, Any]:
+    channel: dict[str, Any] = {"address": spec.address, "summary": spec.summary}
+    if spec.parameters:
+        channel["parameters"] = {
+            name: {"description": f"{PARAMETERS[name]} {ID_RULE}"} for name in spec.parameters
+        }
+    channel["messages"] = {m: {"$ref": f"#/components/messages/{m}"} for m in spec.messages}
+    channel["x-published-by"] = spec.publishers
+    channel["x-subscribed-by"] = spec.subscribers
+    return channel
+
+
+def _operation(spec: ChannelSpec) -> dict[str, Any]:
+    mqtt: dict[str, Any] = {"qos": spec.qos, "retain": spec.retain}
+    if spec.expiry:
+        mqtt["messageExpiryInterval"] = {
+            "type": "integer",
+            "minimum": 1,
+            "description": f"Seconds: {spec.expiry}.",
+        }
+    mqtt["bindingVersion"] = MQTT_BINDING_VERSION
+    return {
+        "action": spec.action,
+        "channel": {"$ref": f"#/channels/{spec.key}"},
+        "summary": spec.summary,
+        "messages": [{"$ref": f"#/channels/{spec.key}/messages/{m}"} for m in spec.messages],
+        "bindings": {"mqtt": mqtt},
+    }
+
+
+def operation_id(spec: ChannelSpec) -> str:
+    """``receiveRiderLocation``, ``sendOrderState``, ..."""
+    return spec.action + spec.key[0].upper() + spec.key[1:]
+
+
+def build_document() -> dict[str, Any]:
+    """The AsyncAPI 3.0 document of the contract, from the backbone's point of view."""
+    return {
+        "asyncapi": ASYNCAPI_VERSION,
+        "info": {
+            "title": "Bloomwire",
+            "version": __version__,
+            "description": (
+                "MQTT event backbone for flower-shop delivery. Devices write only under their "
+                "own prefix (receive operations); the persister validates, commits, and only "
+                "then publishes the canonical topics (send operations). Payloads are UTF-8 JSON "
+                "CloudEvents (structured mode) whose `id` is the idempotency key; a refused "
+                "message goes to services/deadletter and the sender's errors topic. Generated "
+                "by bloomwire.contract.asyncapi from bloomwire.contract.topics and bloomwire.contract.events."
+            ),
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "mosquitto": {
+                "host": "{host}:{port}",
+                "protocol": "mqtt",
+                "protocolVersion": "5",
+                "description": "The project's Mosquitto (or any MQTT 5 broker with the same "
+                "topics); anonymous access is refused.",
+                "variables": {
+                    "host": {"default": "127.0.0.1"},
+                    "port": {"default": "1883"},
+                },
+                "security": [{"$ref": "#/components/securitySchemes/userPassword"}],
+            }
+        },
+        "channels": {spec.key: _channel(spec) for spec in CHANNELS},
+        "operations": {operation_id(spec): _operation(spec) for spec in CHANNELS},
+        "components": {
+            "securitySchemes": {
+                "userPassword": {
+                    "type": "userPassword",
+                    "description": "Each identity logs in with its own MQTT username, which is "
+                    "also its client id.",
+                }
+            },
+            "messages": _messages(),
+            "schemas": _schemas(),
+        },
+    }
+
+
+def render_yaml() -> str:
+    """``docs/asyncapi.yaml``."""
+    header = "# Generated by `python -m bloomwire.contract.asyncapi docs`; do not edit by hand.\n"
+    body = yaml.safe_dump(build_document(), sort_keys=False, allow_unicode=True, width=100)
+    return header + body
+
+
+# --- topic table --------------------------------------------------------------------------------
+
+_TOPICS_INTRO = """\
+# Topics
+
+Generated by `python -m bloomwire.contract.asyncapi docs` from `bloomwire.contract.topics` (addresses) and
+`bloomwire.contract.events` (payloads); `docs/asyncapi.yaml` is the full machine-readable form. Every id
+level (`{rider}`, `{shop}`, `{order}`, `{customer}`, `{service}`, `{device}`) has
+"""
+
+_TOPICS_NOTES = """
+Inbound topics are written by devices and services and consumed only by the persister (with a
+persistent session, QoS 1, acknowledged to the broker after the commit); nothing the backbone
+publishes matches an inbound filter. Canonical topics are published only after the commit.
+
+In access-control mode (docs/security.md) the provisioner adds three topics the persister never
+touches: `shops/{shop}/orders/{order}/access` (retained `customer.access`, readable by shop S
+only), `customers/{customer}/devices` and `customers/{customer}/inbox/devices` (device
+enrolment). Their `customer.*` events carry passwords and are never stored.
+
+JSON payloads are CloudEvents in structured mode named by their `type` (`order.status`, ...);
+`OrderState`, `OrderLocation`, `RiderState`, `Ack` and `Refusal` are plain JSON objects of the
+models of the same name in `bloomwire.contract.events`; `OwnTracksLocation` is the OwnTracks app's own
+JSON; `PresenceWord` is the bare text `online` or `offline`.
+
+Where this differs from DESIGN.md §1, the code is followed:
+
+- `shops/{shop}/errors` tells a shop terminal why its command was refused (DESIGN names inbox
+  errors only for riders and customers).
+- `customers/{customer}/inbox/acks` carries the ids of the customer's committed events, as
+  `riders/{rider}/inbox/acks` does for riders.
+- `shops/{shop}/orders/{order}/location` carries an `OrderLocation` (position and ETA), not the
+  rider's raw `rider.location` event.
+- `riders/{rider}/presence` accepts the bare word as well as a `rider.presence` event, so that a
+  Last Will (a fixed payload, without a fresh event id) works.
+"""
+
+
+def render_topic_table() -> str:
+    """The topic table alone (Markdown), as embedded in the README."""
+    lines = [
+        "| topic | direction | published by | subscribed by | QoS | retained | payload |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for spec in CHANNELS:
+        direction = "inbound" if spec.action == "receive" else "canonical"
+        qos = str(spec.qos) + (" (expiry)" if spec.expiry else "")
+        payload = ", ".join(f"`{m}`" for m in spec.messages)
+        lines.append(
+            f"| `{spec.address}` | {direction} | {spec.publishers} | {spec.subscribers} | "
+            f"{qos} | {'yes' if spec.retain else 'no'} | {payload} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown() -> str:
+    """``docs/topics.md``: one row per topic."""
+    intro = _TOPICS_INTRO + ID_RULE.replace("1-", "1 to ", 1)
+    return intro + "\n\n" + render_topic_table() + _TOPICS_NOTES
+
+
+README_START = "<!-- topics:start (generated by python -m bloomwire.contract.asyncapi docs) -->"
+README_END = "<!-- topics:end -->"
+
+
+def update_readme(text: str) -> str:
+    """``text`` with the topic table between the README markers replaced by the current one."""
+    head, sep, rest = text.partition(README_START)
+    _, sep2, tail = rest.partition(README_END)
+    if not sep or not sep2:
+        return text
+    return head + README_START + "\n" + render_topic_table() + README_END + tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write ``asyncapi.yaml`` and ``topics.md`` into the given folder (default ``docs``)."""
+    args = sys.argv[1:] if argv is None else argv
+    folder = Path(args[0] if args else "docs")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "asyncapi.yaml").write_text(render_yaml(), encoding="utf-8")
+    (folder / "topics.md").write_text(render_markdown(), encoding="utf-8")
+    readme = folder.parent / "README.md"
+    if readme.exists():
+        readme.write_text(update_readme(readme.read_text(encoding="utf-8")), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

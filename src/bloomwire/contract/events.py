@@ -1,0 +1,709 @@
+"""Every payload of the contract (DESIGN.md §2): one pydantic model per event ``type``.
+
+Messages are CloudEvents in structured mode. :data:`Event` is the discriminated union on ``type``;
+:func:`decode` and :func:`encode` are the only JSON entry and exit points.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal, TypeAlias
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from bloomwire.contract.lifecycle import RIDER_REPORTABLE, FailureReason, OrderStatus
+from bloomwire.contract.topics import Command, Identity, InboundKind, InboundTopic, check_id
+from bloomwire.errors import PayloadError
+
+#: Largest payload accepted anywhere (the broker's ``max_packet_size`` is a little above it).
+MAX_PAYLOAD_BYTES = 64 * 1024
+SPECVERSION: Final = "1.0"
+
+Id = Annotated[str, AfterValidator(check_id)]
+EventId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+]
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)]
+Latitude = Annotated[float, Field(ge=-90, le=90)]
+Longitude = Annotated[float, Field(ge=-180, le=180)]
+
+
+def now() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A fresh event id: a UUIDv7 (RFC 9562), random but ordered by creation time.
+
+    Ids are the store's unique key; random ones (UUID4) land on a random page of its index,
+    so a commit of N events rewrote N pages of it. Time-ordered ids share the last few pages.
+    """
+    millis = (time.time_ns() // 1_000_000) & ((1 << 48) - 1)
+    rand = int.from_bytes(os.urandom(10), "big")  # 74 of its 80 bits are used
+    rand_a, rand_b = (rand >> 62) & 0xFFF, rand & ((1 << 62) - 1)
+    # 48 bits of milliseconds, version 7, 12 random bits, variant 0b10, 62 random bits
+    return str(uuid.UUID(int=(millis << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b))
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- data models ------------------------------------------------------------------------------
+
+
+class Customer(_Data):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    phone: Annotated[str, StringConstraints(max_length=40)] = ""
+    address: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] = ""
+    lat: Latitude
+    lon: Longitude
+
+
+class Place(_Data):
+    """A point a rider rides to, with its street address when known."""
+
+    lat: Latitude
+    lon: Longitude
+    address: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] = ""
+
+
+class Window(_Data):
+    """The promised delivery window."""
+
+    start: AwareDatetime
+    end: AwareDatetime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.end <= self.start:
+            raise ValueError("promised window end must be after its start")
+        if (self.end - self.start).total_seconds() > 24 * 3600:
+            raise ValueError("promised window may not be longer than 24 hours")
+        return self
+
+
+class OrderCreated(_Data):
+    order: Id
+    customer: Customer
+    window: Window
+    items: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
+        default_factory=list, max_length=50
+    )
+    note: ShortText = ""
+    pickup_lat: Latitude | None = None
+    pickup_lon: Longitude | None = None
+    #: Filled in by the backbone: the customer's MQTT username for this order.
+    customer_username: Id | None = None
+
+
+class OrderCancelled(_Data):
+    order: Id
+    reason: ShortText = ""
+
+
+class OrderStatusChanged(_Data):
+    order: Id
+    status: OrderStatus
+    reason: FailureReason | None = None
+    note: ShortText = ""
+    #: Filled in by the backbone on canonical events: the rider holding the order.
+    rider: Id | None = None
+
+    @model_validator(mode="after")
+    def _reason(self) -> OrderStatusChanged:
+        if self.status is OrderStatus.FAILED and self.reason is None:
+            raise ValueError("a failed delivery needs a reason")
+        return self
+
+
+class OrderIncident(_Data):
+    """Something slowed the delivery down (flat tyre, traffic); not a status."""
+
+    order: Id
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    eta: AwareDatetime | None = None
+    note: ShortText = ""
+
+
+class OrderChat(_Data):
+    order: Id | None = None
+    text: Text
+    #: Set by the backbone from the topic: rider, shop, customer or service.
+    author: Annotated[str, StringConstraints(max_length=200)] = ""
+
+
+class OrderAssigned(_Data):
+    """A shop assigns (or reassigns) an order to a named rider."""
+
+    order: Id
+    rider: Id
+    note: ShortText = ""
+
+
+class RiderLocation(_Data):
+    """A position, OwnTracks field names (``vel`` in km/h, ``tst`` epoch seconds)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    lat: Latitude
+    lon: Longitude
+    tst: int = Field(ge=0)
+    acc: float | None = Field(default=None, ge=0)
+    vel: float | None = Field(default=None, ge=0, le=400)
+    cog: float | None = Field(default=None, ge=0, le=360)
+    batt: int | None = Field(default=None, ge=0, le=100)
+
+
+class Presence(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class RiderPresence(_Data):
+    status: Presence
+    on_duty: bool | None = None
+    capacity: int | None = Field(default=None, ge=1, le=20)
+
+
+class Candidate(_Data):
+    rider: Id
+    cost: float
+    travel_s: float = 0.0
+    load: int = 0
+    note: str = ""
+
+
+class DispatchOffer(_Data):
+    offer: Id
+    order: Id
+    rider: Id
+    deadline: AwareDatetime
+    cost: float = 0.0
+    mode: Literal["single", "batch", "manual"] = "single"
+    candidates: list[Candidate] = Field(default_factory=list, max_length=50)
+    #: Where to collect the order (absent when the shop gave no pickup point).
+    pickup: Place | None = None
+    #: Where to deliver it.
+    dropoff: Place | None = None
+
+
+class DispatchReply(_Data):
+    offer: Id
+    order: Id
+    accept: bool
+    reason: ShortText = ""
+
+
+class DispatchExpired(_Data):
+    offer: Id
+    order: Id
+    rider: Id
+
+
+class AlertRule(StrEnum):
+    OVERDUE = "overdue"
+    ETA_SLIP = "eta_slip"
+    STALE_POSITION = "stale_position"
+    RIDER_OFFLINE = "rider_offline"
+    UNASSIGNED = "unassigned"
+    CUSTOMER_UNREACHABLE = "customer_unreachable"
+    DELIVERY_FAILED = "delivery_failed"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class AlertRaised(_Data):
+    alert: Id
+    rule: AlertRule
+    severity: Severity
+    shop: Id
+    order: Id | None = None
+    rider: Id | None = None
+    message: Text
+    action: ShortText = ""
+
+
+class AlertEscalated(_Data):
+    alert: Id
+    level: int = Field(ge=1)
+    message: ShortText = ""
+
+
+class AlertResolved(_Data):
+    alert: Id
+    reason: ShortText = ""
+
+
+class AlertAcknowledged(_Data):
+    alert: Id
+    by: Annotated[str, StringConstraints(max_length=200)] = ""
+
+
+# --- envelopes --------------------------------------------------------------------------------
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    specversion: Literal["1.0"] = SPECVERSION
+    id: EventId = Field(default_factory=new_id)
+    source: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    time: AwareDatetime = Field(default_factory=now)
+    subject: Annotated[str, StringConstraints(max_length=200)] | None = None
+    datacontenttype: Literal["application/json"] | None = None
+
+
+class OrderCreatedEvent(_Envelope):
+    type: Literal["order.created"] = "order.created"
+    data: OrderCreated
+
+
+class OrderCancelledEvent(_Envelope):
+    type: Literal["order.cancelled"] = "order.cancelled"
+    data: OrderCancelled
+
+
+class OrderStatusEvent(_Envelope):
+    type: Literal["order.status"] = "order.status"
+    data: OrderStatusChanged
+
+
+class OrderIncidentEvent(_Envelope):
+    type: Literal["order.incident"] = "order.incident"
+    data: OrderIncident
+
+
+class OrderChatEvent(_Envelope):
+    type: Literal["order.chat"] = "order.chat"
+    data: OrderChat
+
+
+class OrderAssignedEvent(_Envelope):
+    type: Literal["order.assigned"] = "order.assigned"
+    data: OrderAssigned
+
+
+class RiderLocationEvent(_Envelope):
+    type: Literal["rider.location"] = "rider.location"
+    data: RiderLocation
+
+
+class RiderPresenceEvent(_Envelope):
+    type: Literal["rider.presence"] = "rider.presence"
+    data: RiderPresence
+
+
+class DispatchOfferEvent(_Envelope):
+    type: Literal["dispatch.offer"] = "dispatch.offer"
+    data: DispatchOffer
+
+
+class DispatchReplyEvent(_Envelope):
+    type: Literal["dispatch.reply"] = "dispatch.reply"
+    data: DispatchReply
+
+
+class DispatchExpiredEvent(_Envelope):
+    type: Literal["dispatch.expired"] = "dispatch.expired"
+    data: DispatchExpired
+
+
+class AlertRaisedEvent(_Envelope):
+    type: Literal["alert.raised"] = "alert.raised"
+    data: AlertRaised
+
+
+class AlertEscalatedEvent(_Envelope):
+    type: Literal["alert.escalated"] = "alert.escalated"
+    data: AlertEscalated
+
+
+class AlertResolvedEvent(_Envelope):
+    type: Literal["alert.resolved"] = "alert.resolved"
+    data: AlertResolved
+
+
+class AlertAcknowledgedEvent(_Envelope):
+    type: Literal["alert.acknowledged"] = "alert.acknowledged"
+    data: AlertAcknowledged
+
+
+# --- customer access (access-control mode, the provisioner's topics; docs/security.md) ------------
+#
+# CloudEvents like the rest, but NOT members of :data:`Event`: the persister never decodes or
+# stores them (``customer.access`` and ``customer.device`` carry a password), and no inbound
+# topic accepts them. :data:`ACCESS_EVENT_TYPES` lists them for the AsyncAPI document.
+
+
+class BrokerEndpoint(_Data):
+    """Where a customer device connects (as the provisioner knows it)."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ws_port: int | None = Field(default=None, ge=1, le=65535)
+    tls: bool = False
+
+
+class CustomerAccess(_Data):
+    """The tracking access of one order, for the shop to hand to its customer."""
+
+    shop: Id
+    order: Id
+    #: The customer id C: names the customer's topics (``customers/C/...``), not its login.
+    customer: Id
+    #: The order's first login (``cust@...``); use it to enrol devices, see ``enrol_topic``.
+    username: Id
+    password: str = Field(repr=False)
+    #: Exactly these topics may be subscribed to (and are delivered).
+    topics: list[str]
+    #: Publish a ``customer.device_requested`` here to get a login per device ...
+    enrol_topic: str
+    #: ... and read the answer here (``customers/C/inbox/devices``).
+    reply_topic: str
+    max_devices: int
+    broker: BrokerEndpoint | None = None
+
+
+class CustomerAccessEvent(_Envelope):
+    """Retained on ``shops/S/orders/O/access`` (shop S only); cleared when revoked."""
+
+    type: Literal["customer.access"] = "customer.access"
+    data: CustomerAccess
+
+
+class DeviceRequest(_Data):
+    """A device asks for a login of its own; the topic names the customer, the login proves it."""
+
+    label: Annotated[str, StringConstraints(max_length=100)] = ""
+
+
+class DeviceRequestEvent(_Envelope):
+    type: Literal["customer.device_requested"] = "customer.device_requested"
+    data: DeviceRequest = DeviceRequest()
+
+
+class DeviceLogin(_Data):
+    """The answer to a device request: its ``id``, then a login or the reason for none."""
+
+    request: EventId
+    username: Id | None = None
+    password: str | None = Field(default=None, repr=False)
+    error: str | None = None
+
+
+class DeviceLoginEvent(_Envelope):
+    type: Literal["customer.device"] = "customer.device"
+    data: DeviceLogin
+
+
+#: type string -> envelope class of the customer-access flow (not decoded by :func:`decode`).
+ACCESS_EVENT_TYPES: dict[str, type[_Envelope]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (CustomerAccessEvent, DeviceRequestEvent, DeviceLoginEvent)
+}
+
+
+Event: TypeAlias = Annotated[
+    OrderCreatedEvent
+    | OrderCancelledEvent
+    | OrderStatusEvent
+    | OrderIncidentEvent
+    | OrderChatEvent
+    | OrderAssignedEvent
+    | RiderLocationEvent
+    | RiderPresenceEvent
+    | DispatchOfferEvent
+    | DispatchReplyEvent
+    | DispatchExpiredEvent
+    | AlertRaisedEvent
+    | AlertEscalatedEvent
+    | AlertResolvedEvent
+    | AlertAcknowledgedEvent,
+    Field(discriminator="type"),
+]
+
+_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+#: type string -> envelope class, e.g. for the AsyncAPI document.
+EVENT_TYPES: dict[str, type[_Envelope]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        OrderCreatedEvent,
+        OrderCancelledEvent,
+        OrderStatusEvent,
+        OrderIncidentEvent,
+        OrderChatEvent,
+        OrderAssignedEvent,
+        RiderLocationEvent,
+        RiderPresenceEvent,
+        DispatchOfferEvent,
+        DispatchReplyEvent,
+        DispatchExpiredEvent,
+        AlertRaisedEvent,
+        AlertEscalatedEvent,
+        AlertResolvedEvent,
+        AlertAcknowledgedEvent,
+    )
+}
+
+
+#: Which event types each inbound topic accepts, by (sender identity, topic kind).
+ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
+    (Identity.RIDER, InboundKind.LOCATION): (RiderLocationEvent,),
+    (Identity.RIDER, InboundKind.OWNTRACKS): (RiderLocationEvent,),
+    (Identity.RIDER, InboundKind.STATUS): (OrderStatusEvent, OrderIncidentEvent),
+    (Identity.RIDER, InboundKind.CHAT): (OrderChatEvent,),
+    (Identity.RIDER, InboundKind.REPLY): (DispatchReplyEvent,),
+    (Identity.RIDER, InboundKind.PRESENCE): (RiderPresenceEvent,),
+    (Identity.CUSTOMER, InboundKind.CHAT): (OrderChatEvent,),
+    (Identity.SERVICE, InboundKind.EVENTS): (
+        DispatchOfferEvent,
+        DispatchExpiredEvent,
+        AlertRaisedEvent,
+        AlertEscalatedEvent,
+        AlertResolvedEvent,
+        OrderChatEvent,
+    ),
+}
+
+#: The one event type each shop command carries.
+COMMAND_EVENTS: dict[Command, type[_Envelope]] = {
+    Command.CREATE_ORDER: OrderCreatedEvent,
+    Command.CANCEL_ORDER: OrderCancelledEvent,
+    Command.CHAT: OrderChatEvent,
+    Command.ASSIGN: OrderAssignedEvent,
+    Command.ACK_ALERT: AlertAcknowledgedEvent,
+}
+
+
+def accepted_types(where: InboundTopic) -> tuple[type[_Envelope], ...]:
+    """The event types a message on this inbound topic may carry."""
+    if where.command is not None:
+        return (COMMAND_EVENTS[where.command],)
+    return ACCEPTED.get((where.identity, where.kind), ())
+
+
+def type_name(cls: type[_Envelope]) -> str:
+    """The ``type`` string of an envelope class, e.g. ``order.status``."""
+    return str(cls.model_fields["type"].default)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per failing field: ``data.window.end: promised window end must be after ...``."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        # The first level of a union error is the discriminator tag; the field path follows it.
+        path = [str(p) for p in err["loc"] if str(p) not in EVENT_TYPES]
+        loc = ".".join(path) or "payload"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def _reject_constant(name: str) -> Any:
+    raise PayloadError(f"payload is not JSON: {name} is not a JSON number")
+
+
+def load_json(raw: bytes | str) -> Any:
+    """Parse a payload as UTF-8 JSON, raising :class:`PayloadError` that says what is wrong."""
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"payload is {size} bytes (max {MAX_PAYLOAD_BYTES})")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"payload is not UTF-8 text (byte {exc.start})") from None
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise PayloadError(
+            f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+
+
+def decode(raw: bytes | str) -> Event:
+    """Decode and validate one CloudEvent; raise :class:`PayloadError` naming the bad field."""
+    if isinstance(raw, bytes) and len(raw) <= MAX_PAYLOAD_BYTES:
+        # Fast path (pydantic's own JSON parser, ~2x json.loads + validate_python); anything it
+        # rejects takes the slow path below, which explains the problem precisely.
+        try:
+            return _ADAPTER.validate_json(raw)
+        except ValidationError:
+            pass
+    obj = load_json(raw)
+    if not isinstance(obj, dict):
+        raise PayloadError(f"payload must be a JSON object, not {type(obj).__name__}")
+    kind = obj.get("type")
+    if not isinstance(kind, str) or kind not in EVENT_TYPES:
+        known = ", ".join(sorted(EVENT_TYPES))
+        raise PayloadError(f"type: unknown event type {kind!r} (known: {known})")
+    try:
+        return _ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        raise PayloadError(describe_validation_error(exc)) from None
+
+
+def encode(event: BaseModel) -> bytes:
+    """Serialise an event (or any payload model) to compact UTF-8 JSON."""
+    return event.model_dump_json(exclude_none=True).encode()
+
+
+def parse_owntracks(raw: bytes | str) -> RiderLocation | None:
+    """Read an unmodified OwnTracks payload; None for non-location ``_type``\\ s (waypoints, ...)."""
+    obj = load_json(raw)
+    if not isinstance(obj, dict):
+        raise PayloadError("OwnTracks payload must be a JSON object")
+    if obj.get("_type") != "location":
+        return None
+    return parse_location_fields(obj)
+
+
+def parse_location_fields(obj: dict[str, Any]) -> RiderLocation:
+    """Validate a bare position object with OwnTracks field names."""
+    try:
+        return RiderLocation.model_validate(obj)
+    except ValidationError as exc:
+        raise PayloadError(describe_validation_error(exc)) from None
+
+
+def check_rider_status(data: OrderStatusChanged) -> None:
+    """Raise :class:`PayloadError` if a rider may not report this status itself."""
+    if data.status not in RIDER_REPORTABLE:
+        allowed = ", ".join(sorted(s.value for s in RIDER_REPORTABLE))
+        raise PayloadError(
+            f"data.status: a rider cannot report {data.status.value!r} (may report: {allowed})"
+        )
+
+
+# --- snapshots published retained ---------------------------------------------------------------
+
+
+class Position(BaseModel):
+    lat: float
+    lon: float
+    at: datetime
+    speed_kmh: float | None = None
+
+
+class TimelineEntry(BaseModel):
+    status: str
+    at: datetime
+    note: str = ""
+
+
+class OrderState(BaseModel):
+    """Retained ``shops/S/orders/O/state``: the whole order at a glance."""
+
+    order: str
+    shop: str
+    status: OrderStatus
+    rider: str | None = None
+    customer: str = ""
+    window: Window
+    eta: datetime | None = None
+    position: Position | None = None
+    timeline: list[TimelineEntry] = Field(default_factory=list)
+    open_alerts: int = 0
+    updated_at: datetime
+    #: Where the order goes.
+    destination: Place | None = None
+
+
+class OrderLocation(BaseModel):
+    """``shops/S/orders/O/location``: the carrying rider's position and the ETA (only while out)."""
+
+    order: str
+    rider: str
+    position: Position
+    eta: datetime | None = None
+
+
+class RiderState(BaseModel):
+    """Retained ``shops/S/riders/R/state``."""
+
+    rider: str
+    presence: str
+    on_duty: bool
+    load: int
+    capacity: int
+    position: Position | None = None
+    updated_at: datetime
+
+
+class Ack(BaseModel):
+    """On ``riders/R/inbox/acks``: ids of events committed to the store."""
+
+    ids: list[str]
+
+
+def payload_text(payload: bytes, limit: int) -> str:
+    """A payload as text for a dead letter: UTF-8, else ``base64:`` and its bytes; cut to ``limit``."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "base64:" + base64.b64encode(payload[: limit * 3 // 4]).decode()
+    return text[:limit]
+
+
+class Refusal(BaseModel):
+    """On ``*/inbox/errors`` and ``services/deadletter``: why a message was refused."""
+
+    id: str | None = None
+    topic: str
+    reason: str
+    at: datetime = Field(default_factory=now)
+    #: The service that refused it (the persister stores the other services' refusals).
+    service: str | None = None
+    #: The refused payload, cut short (``base64:`` and the bytes when it is not UTF-8).
+    payload: str | None = None
+
+
+class ServiceState(StrEnum):
+    """What a service says of itself on ``services/N/status``."""
+
+    ONLINE = "online"  # started and doing its job
+    DEGRADED = "degraded"  # running, but cannot do its job now (``reason`` says why); recovers by itself
+    OFFLINE = "offline"  # stopped, or its Last Will
+
+
+class ServiceStatus(BaseModel):
+    """Retained on ``services/N/status`` (JSON); older senders and Last Wills may send the bare word."""
+
+    state: ServiceState
+    reason: str = ""
+    since: datetime | None = None
+
+
+def parse_service_status(payload: bytes) -> ServiceStatus:
+    """Read a ``services/N/status`` payload: the JSON object or a bare word; never raises."""
+    word = payload.strip().decode("utf-8", errors="replace")
+    if word in ServiceState.__members__.values():
+        return ServiceStatus(state=ServiceState(word))
+    try:
+        return ServiceStatus.model_validate_json(payload)
+    except ValueError:
+        return ServiceStatus(state=ServiceState.OFFLINE, reason=f"unreadable status: {word[:100]}")

@@ -1,0 +1,654 @@
+"""The small MQTT runtime every Bloomwire process uses.
+
+:class:`Connection` wraps one paho-mqtt client (:mod:`bloomwire.runtime.pahoclient`: MQTT 5, TCP_NODELAY,
+credentials, Last Will, reconnect with backoff, subscriptions restored, optional manual acks) and
+hands messages to asyncio.
+:class:`Service` declares a service in one place: its handlers, start-up and shutdown hooks. A
+handler is a plain ``async def f(msg: Message) -> None``; one that raises is logged with the topic
+and payload, the message is dead-lettered, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import signal
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from bloomwire.contract import topics
+from bloomwire.contract.events import Refusal, encode, payload_text
+from bloomwire.errors import BrokerError
+from bloomwire.runtime.log import get_logger
+from bloomwire.runtime.pahoclient import TunedClient, expiry_properties
+from bloomwire.runtime.settings import Settings
+
+log = get_logger("bloomwire.runtime.mqtt")
+
+DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
+PAYLOAD_LOG_LIMIT = 200
+ROUTE_CACHE_SIZE = 50_000
+#: A dead letter's reason is cut to this many characters: an exception message may quote a huge
+#: payload, and a dead letter over the broker's packet limit gets the service disconnected.
+REASON_LIMIT = 1000
+#: A dead letter carries the refused payload up to this many characters (the store keeps it).
+DEAD_PAYLOAD_LIMIT = 16_384
+EVENT_ID_LIMIT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One received MQTT message."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    mid: int = 0
+    received_at: float = field(default_factory=time.time)
+    generation: int = 0
+
+    def preview(self) -> str:
+        """The payload shortened for a log line."""
+        text = self.payload[:PAYLOAD_LOG_LIMIT].decode("utf-8", errors="replace")
+        return text + ("…" if len(self.payload) > PAYLOAD_LOG_LIMIT else "")
+
+
+Handler = Callable[[Message], Awaitable[None]]
+BatchHandler = Callable[[Sequence[Message]], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
+
+
+class Connection:
+    """One MQTT 5 connection, its paho network thread, and a queue of received messages."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client_id: str,
+        *,
+        status_topic: str | None = None,
+        will_payload: bytes = b"offline",
+        online_payload: bytes = b"online",
+        persistent: bool = False,
+        session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+        manual_ack: bool = False,
+        keepalive: int = 15,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.status_topic = status_topic
+        self.online_payload = online_payload
+        #: Say ``online`` on every (re)connection; a Service turns this on once it is started.
+        self.announce_online = True
+        self.refused_publishes = 0
+        self.persistent = persistent
+        self.session_expiry_s = session_expiry_s
+        self.manual_ack = manual_ack
+        self.keepalive = keepalive
+        self.subscriptions: dict[str, int] = {}
+        self.generation = 0
+        self.connected = threading.Event()
+        self.last_error: str | None = None
+        #: The broker's Maximum Packet Size (from CONNACK); larger publishes are refused here.
+        self.max_packet_size: int | None = None
+        self._subscribe_lock = threading.Lock()
+        self._inbox: deque[Message] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting = False
+        self._on_connect_hooks: list[Callable[[], None]] = []
+
+        client = TunedClient(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=manual_ack,
+        )
+        if settings.broker_username:
+            password = settings.broker_password.get_secret_value() if settings.broker_password else None
+            client.username_pw_set(settings.broker_username, password)
+        if settings.broker_tls:
+            client.tls_set(
+                ca_certs=str(settings.broker_ca_file) if settings.broker_ca_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if status_topic:
+            client.will_set(status_topic, will_payload, qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # 0 = no client-side window: paho re-scans every in-flight message on each PUBACK when a
+        # window is set (quadratic at thousands per second). Our own batches bound what is in flight.
+        client.max_inflight_messages_set(0)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_raw_message = self._on_raw_message
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        self.client = client
+
+    # --- paho callbacks (network thread) ---------------------------------------------------
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # Small QoS 1 packets would otherwise wait on Nagle's algorithm for the peer's ACK.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self.last_error = f"broker refused the connection: {reason}"
+            log.warning("connect refused", client_id=self.client_id, reason=str(reason))
+            return
+        self.generation += 1
+        self.last_error = None
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        # Never raise here either: an exception in a paho callback kills the network thread.
+        try:
+            with self._subscribe_lock:  # subscribe() must not slip in between the two
+                # Subscribe BEFORE saying online: the broker handles one client's packets in
+                # order, so whoever sees "online" knows the subscriptions are in place.
+                for topic_filter, qos in list(self.subscriptions.items()):
+                    client.subscribe(topic_filter, qos)
+                self.connected.set()
+            if self.status_topic and self.announce_online:
+                client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
+        except Exception:  # pragma: no cover - defensive
+            log.exception("restoring subscriptions failed", client_id=self.client_id)
+        for hook in self._on_connect_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("on-connect hook failed", client_id=self.client_id)
+        log.debug("connected", client_id=self.client_id, session_present=flags.session_present)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        if reason.value != 0:
+            self.last_error = f"disconnected: {reason}"
+            log.warning("disconnected; reconnecting", client_id=self.client_id, reason=str(reason))
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
+    ) -> None:
+        # MQTT 5 answers a publish outside the sender's ACL with a normal PUBACK carrying 0x87:
+        # without this, such a message would vanish without a trace.
+        if reason.is_failure:
+            self.refused_publishes += 1
+            log.warning("broker refused a publish", client_id=self.client_id, mid=mid, reason=str(reason))
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        # QoS 2 only: QoS 0/1 arrive through _on_raw_message.
+        self._on_raw_message(bytes(msg._topic), bytes(msg.payload), msg.qos, msg.retain, msg.mid)
+
+    def _on_raw_message(self, topic: bytes, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        # Never raise here: an exception in a paho callback kills its network thread silently.
+        try:
+            try:
+                text = topic.decode("utf-8")
+            except UnicodeDecodeError:  # the broker should refuse these; keep the message anyway
+                text = topic.decode("utf-8", errors="replace")
+            self._inbox.append(Message(text, payload, qos, retain, mid, time.time(), self.generation))
+            if self._waiting and self._loop is not None and self._wakeup is not None:
+                self._waiting = False
+                self._loop.call_soon_threadsafe(self._wakeup.set)
+        except Exception:  # pragma: no cover - defensive
+            log.exception("dropping message in network thread", mid=mid)
+
+    # --- public API --------------------------------------------------------------------------
+
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` in the network thread after every (re)connection."""
+        self._on_connect_hooks.append(hook)
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until the broker answers."""
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.session_expiry_s if self.persistent else 0
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self.client.connect_async(
+            self.settings.broker_host,
+            self.settings.broker_port,
+            keepalive=self.keepalive,
+            clean_start=not self.persistent,
+            properties=props,
+        )
+        self.client.loop_start()
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        """Wait until connected, or raise :class:`BrokerError` saying what went wrong."""
+        deadline = time.monotonic() + timeout
+        while not self.connected.is_set():
+            if time.monotonic() > deadline:
+                where = f"{self.settings.broker_host}:{self.settings.broker_port}"
+                why = self.last_error or "no answer"
+                raise BrokerError(
+                    f"could not connect to the MQTT broker at {where} as "
+                    f"{self.settings.broker_username!r}: {why}"
+                )
+            await asyncio.sleep(0.02)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now (if connected) and after every reconnection."""
+        with self._subscribe_lock:
+            self.subscriptions[topic_filter] = qos
+            if self.connected.is_set():
+                self.client.subscribe(topic_filter, qos)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+    ) -> paho.MQTTMessageInfo:
+        """Queue a publish (thread-safe, non-blocking); paho re-sends QoS 1 after a reconnect.
+
+        Raises :class:`BrokerError` for a message over the broker's Maximum Packet Size: sent, it
+        would get this connection closed, and re-sent after every reconnect, closed again.
+        """
+        props = None if expiry_s is None else expiry_properties(max(1, int(expiry_s)))
+        limit = self.max_packet_size
+        if limit is not None:
+            size = _publish_packet_size(topic, payload, qos, props)
+            if size > limit:
+                raise BrokerError(
+                    f"publish to {topic[:100]!r} would be a {size}-byte packet, over the broker's "
+                    f"maximum packet size of {limit} bytes"
+                )
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def corked(self) -> contextlib.AbstractContextManager[None]:
+        """Publishes and acks inside go out in one round of the network thread (see TunedClient)."""
+        return self.client.corked()
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge a QoS 1/2 message to the broker (manual-ack connections only)."""
+        self.ack_all((message,))
+
+    def ack_all(self, messages: Sequence[Message]) -> None:
+        """Acknowledge ``messages`` received on the current connection (manual-ack connections
+        only; an earlier connection's messages come again): one write for the QoS 1 ones."""
+        if not self.manual_ack:
+            return
+        generation = self.generation
+        mine = [m for m in messages if m.qos and m.generation == generation]
+        with self.corked():
+            self.client.ack_many([m.mid for m in mine if m.qos == 1])
+            for m in mine:
+                if m.qos == 2:
+                    self.client.ack(m.mid, 2)
+
+    def queued(self) -> int:
+        """How many received messages wait to be drained."""
+        return len(self._inbox)
+
+    def oldest_received_at(self) -> float | None:
+        """When the oldest waiting message arrived (``time.time()``), or None."""
+        inbox = self._inbox
+        return inbox[0].received_at if inbox else None
+
+    def drain(self, limit: int) -> list[Message]:
+        """Take up to ``limit`` queued messages without waiting."""
+        out: list[Message] = []
+        inbox = self._inbox
+        while inbox and len(out) < limit:
+            out.append(inbox.popleft())
+        return out
+
+    async def wait_message(self, timeout: float | None = None) -> bool:
+        """Wait until a message is queued; False on timeout."""
+        if self._inbox:
+            return True
+        assert self._wakeup is not None, "start() first"
+        self._wakeup.clear()
+        self._waiting = True
+        if self._inbox:  # raced with the network thread
+            self._waiting = False
+            return True
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting = False
+        return True
+
+    async def stop(self, *, announce_offline: bool = True) -> None:
+        """Say ``offline`` (a clean disconnect sends no Will), disconnect and stop the thread."""
+        if self.status_topic and announce_offline and self.connected.is_set():
+            info = self.publish(self.status_topic, b"offline", qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                await asyncio.to_thread(info.wait_for_publish, 2.0)
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        await asyncio.to_thread(self.client.loop_stop)
+
+
+def _varint_size(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def _publish_packet_size(topic: str, payload: bytes | str, qos: int, props: Properties | None) -> int:
+    """Size on the wire of an MQTT 5 PUBLISH packet."""
+    body = payload.encode("utf-8") if isinstance(payload, str) else payload
+    props_size = len(props.pack()) if props is not None else 1  # type: ignore[no-untyped-call]
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + props_size + len(body)
+    return 1 + _varint_size(remaining) + remaining
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def event_id_of(payload: bytes) -> str | None:
+    """The ``id`` of a JSON object payload, if it has a non-empty string one; never raises."""
+    if payload.lstrip()[:1] != b"{":
+        return None
+    try:
+        obj = json.loads(payload)
+    except Exception:  # not UTF-8, not JSON, nested too deep...
+        return None
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return _shorten(value, EVENT_ID_LIMIT) if isinstance(value, str) and value else None
+
+
+@dataclass
+class _Route:
+    topic_filter: str
+    qos: int
+    handler: Handler | None = None
+    batch_handler: BatchHandler | None = None
+
+
+class Service:
+    """A named service: declare its handlers and hooks, then :meth:`run` it.
+
+    ``persistent`` services keep their broker session (clean_start false, session expiry) and
+    acknowledge each message only after its handler returned, so nothing is lost while they are
+    down or when they crash mid-message.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        persistent: bool = False,
+        session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+        max_batch: int = 500,
+        linger_s: float = 0.0,
+    ) -> None:
+        self.name = topics.check_id(name, "service")
+        self.persistent = persistent
+        self.session_expiry_s = session_expiry_s
+        self.max_batch = max_batch
+        self.linger_s = linger_s
+        self.routes: list[_Route] = []
+        self._routes_by_topic: dict[str, _Route | None] = {}
+        self.startup: list[Hook] = []
+        self.shutdown: list[Hook] = []
+        self.connection: Connection | None = None
+        self.ready = asyncio.Event()
+        self.handled = 0
+        self.failed = 0
+
+    # --- declaration -------------------------------------------------------------------------
+
+    def handle(self, topic_filter: str, qos: int = 1) -> Callable[[Handler], Handler]:
+        """Decorator: ``handler(msg)`` for every message matching ``topic_filter``."""
+
+        def register(fn: Handler) -> Handler:
+            self.routes.append(_Route(topic_filter, qos, handler=fn))
+            return fn
+
+        return register
+
+    def handle_batch(self, *filters: str, qos: int = 1) -> Callable[[BatchHandler], BatchHandler]:
+        """Decorator: ``handler(msgs)`` for runs of consecutive messages matching ``filters``.
+
+        The handler must deal with each bad message itself; if it raises, the whole batch is
+        retried (it was not acknowledged) after a pause.
+        """
+
+        def register(fn: BatchHandler) -> BatchHandler:
+            for f in filters:
+                self.routes.append(_Route(f, qos, batch_handler=fn))
+            return fn
+
+        return register
+
+    def on_startup(self, fn: Hook) -> Hook:
+        """Decorator: run ``fn`` after connecting, before handling messages."""
+        self.startup.append(fn)
+        return fn
+
+    def on_shutdown(self, fn: Hook) -> Hook:
+        """Decorator: run ``fn`` when stopping, before disconnecting."""
+        self.shutdown.append(fn)
+        return fn
+
+    # --- runtime -----------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> Connection:
+        """The live connection (only while running)."""
+        if self.connection is None:
+            raise BrokerError(f"service {self.name} is not running")
+        return self.connection
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+    ) -> None:
+        """Publish through the service's connection."""
+        self.conn.publish(topic, payload, qos=qos, retain=retain, expiry_s=expiry_s)
+
+    def corked(self) -> contextlib.AbstractContextManager[None]:
+        """Publishes inside go out in one round of the network thread."""
+        return self.conn.corked()
+
+    def dead_letter(self, msg: Message, reason: str, event_id: str | None = None) -> None:
+        """Tell ``services/deadletter`` that ``msg`` was refused and why (reason cut to
+        :data:`REASON_LIMIT` characters; ``event_id`` defaults to the payload's JSON ``id``)."""
+        if event_id is None:
+            event_id = event_id_of(msg.payload)
+        refusal = Refusal(
+            id=event_id,
+            topic=msg.topic,
+            reason=_shorten(reason, REASON_LIMIT),
+            service=self.name,
+            payload=payload_text(msg.payload, DEAD_PAYLOAD_LIMIT),
+        )
+        self.publish(topics.DEADLETTER, encode(refusal), qos=1)
+
+    def _route(self, topic: str) -> _Route | None:
+        if topic in self._routes_by_topic:
+            return self._routes_by_topic[topic]
+        found = next((r for r in self.routes if topics.matches(r.topic_filter, topic)), None)
+        if len(self._routes_by_topic) >= ROUTE_CACHE_SIZE:
+            self._routes_by_topic.clear()
+        self._routes_by_topic[topic] = found
+        return found
+
+    async def run(
+        self, settings: Settings, *, stop: asyncio.Event | None = None, install_signals: bool = True
+    ) -> None:
+        """Connect, run start-up hooks, handle messages until ``stop`` (or SIGINT/SIGTERM)."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
+        conn = Connection(
+            settings,
+            client_id=settings.broker_username or self.name,
+            status_topic=topics.service_status(self.name),
+            persistent=self.persistent,
+            session_expiry_s=self.session_expiry_s,
+            manual_ack=self.persistent,
+        )
+        conn.announce_online = False
+        self.connection = conn
+        for route in self.routes:
+            conn.subscriptions[route.topic_filter] = route.qos
+        conn.start()
+        try:
+            await self._wait_connected(conn, stop)
+            if stop.is_set():  # stopped before the broker ever answered
+                return
+            for hook in self.startup:
+                await hook()
+            # A full collection walks every tracked object: the ~100k made by imports and start-up
+            # would turn each one into a pause of tens of milliseconds for every queued message.
+            gc.collect()
+            gc.freeze()
+            # "online" means ready: subscribed AND started (e.g. the store migrated).
+            conn.announce_online = True
+            conn.publish(
+                conn.status_topic or topics.service_status(self.name), conn.online_payload, retain=True
+            )
+            self.ready.set()
+            log.info("service running", service=self.name)
+            await self._consume(conn, stop)
+        finally:
+            for hook in self.shutdown:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("shutdown hook failed", service=self.name)
+            await conn.stop()
+            if install_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    with contextlib.suppress(NotImplementedError, RuntimeError):
+                        loop.remove_signal_handler(sig)
+            self.connection = None
+            self.ready.clear()
+            log.info("service stopped", service=self.name, handled=self.handled, failed=self.failed)
+
+    async def _wait_connected(self, conn: Connection, stop: asyncio.Event) -> None:
+        warned = False
+        started = time.monotonic()
+        while not conn.connected.is_set() and not stop.is_set():
+            if not warned and time.monotonic() - started > 5:
+                log.warning(
+                    "still waiting for the broker",
+                    service=self.name,
+                    broker=f"{conn.settings.broker_host}:{conn.settings.broker_port}",
+                    error=conn.last_error,
+                )
+                warned = True
+            await asyncio.sleep(0.02)
+
+    async def _consume(self, conn: Connection, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not await conn.wait_message(timeout=0.2):
+                continue
+            if self.linger_s:
+                await self._linger(conn)
+            pending = conn.drain(self.max_batch)
+            while pending and not stop.is_set():
+                pending = await self._dispatch(conn, pending, stop)
+
+    async def _linger(self, conn: Connection) -> None:
+        """Let a batch fill until its first message is ``linger_s`` old (or the batch is full)."""
+        oldest = conn.oldest_received_at()
+        if oldest is None or conn.queued() >= self.max_batch:
+            return
+        wait = oldest + self.linger_s - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def _dispatch(self, conn: Connection, pending: list[Message], stop: asyncio.Event) -> list[Message]:
+        """Handle the head of ``pending``; return what is left."""
+        first = pending[0]
+        route = self._route(first.topic)
+        if route is None or route.handler is not None:
+            await self._handle_one(conn, route, first)
+            return pending[1:]
+        handler = route.batch_handler
+        assert handler is not None
+        n = 1
+        while n < len(pending):
+            nxt = self._route(pending[n].topic)
+            if nxt is None or nxt.batch_handler is not handler:
+                break
+            n += 1
+        batch, rest = pending[:n], pending[n:]
+        delay = 0.2
+        while True:
+            try:
+                await handler(batch)
+                break
+            except Exception:
+                self.failed += 1
+                log.exception("batch handler failed; retrying", service=self.name, size=len(batch))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():  # not acknowledged: a persistent session gets it again
+                    log.warning("stopping with an unhandled batch", service=self.name, size=len(batch))
+                    return []
+                delay = min(delay * 2, 10.0)
+        conn.ack_all(batch)
+        self.handled += len(batch)
+        return rest
+
+    async def _handle_one(self, conn: Connection, route: _Route | None, msg: Message) -> None:
+        try:
+            if route is None or route.handler is None:
+                raise LookupError(f"no handler for topic {msg.topic!r}")
+            await route.handler(msg)
+            self.handled += 1
+        except Exception as exc:
+            self.failed += 1
+            log.exception("handler failed", service=self.name, topic=msg.topic, payload=msg.preview())
+            with contextlib.suppress(Exception):
+                self.dead_letter(msg, f"{type(exc).__name__}: {exc}")
+        finally:
+            conn.ack(msg)
+
+
+def check_rc(info: paho.MQTTMessageInfo) -> None:
+    """Raise :class:`BrokerError` if paho could not queue a publish."""
+    if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        raise BrokerError(f"publish failed: {paho.error_string(info.rc)}")
