@@ -321,36 +321,64 @@ class Dispatcher:
     def decide(self, snap: Snapshot, now: datetime, *, mono: float | None = None) -> PassResult:
         """Offers and expiries for ``snap`` at ``now``; remembers what it sent until the store
         shows it (so a rider's load counts offers still on their way to the persister)."""
-        cfg = self.config
         mono = time.monotonic() if mono is None else mono
         result = PassResult(at=now, riders=len(snap.riders))
+        self._forget_refused()
+        waiting = {o.id: o for o in snap.orders}
+        held = self._held_offers(waiting, mono)
+        result.expired = self._expiries(snap, now, mono)
+        todo = [o for o in snap.orders if o.id not in self._inflight]
+        result.waiting = len(todo)
+        if not todo:
+            return result
+        riders = [replace(r, load=r.load + held[r.id]) if held[r.id] else r for r in snap.riders]
+        deadline = now + timedelta(seconds=self.config.offer_timeout_s)
+        batch = len(todo) >= self.config.batch_threshold
+        result.mode = "batch" if batch else "single"
+        plan = self._batch if batch else self._single
+        result.offers = plan(todo, riders, now, deadline, snap.offline)
+        for offer in result.offers:
+            d = offer.data
+            sent = _Sent(offer=d.offer, rider=d.rider, attempt=waiting[d.order].attempt, at=mono)
+            self._inflight[d.order] = sent
+        self._note_unserved(todo, result.offers, len(riders))
+        return result
 
+    def _forget_refused(self) -> None:
+        """Offers the persister refused are no longer on their way: the next pass decides again."""
         while self._refused:
             gone = self._refused.popleft()
             for oid in [o for o, s in self._inflight.items() if s.offer == gone]:
                 del self._inflight[oid]
 
-        # Offers already sent: still waiting in the store under the same attempt means the
-        # persister has not applied them yet; anything else means the store has moved on.
-        waiting = {o.id: o for o in snap.orders}
+    def _held_offers(self, waiting: dict[str, WaitingOrder], mono: float) -> Counter[str]:
+        """Offers sent but not yet in the store, by rider (they count towards the rider's load).
+
+        Still waiting in the store under the same attempt means the persister has not applied an
+        offer yet; anything else (or no sign of it for ``resend_after_s``) means it is gone.
+        """
         held: Counter[str] = Counter()
         for oid, sent in list(self._inflight.items()):
             o = waiting.get(oid)
-            if o is None or o.attempt != sent.attempt or mono - sent.at > cfg.resend_after_s:
+            if o is None or o.attempt != sent.attempt or mono - sent.at > self.config.resend_after_s:
                 del self._inflight[oid]
             else:
                 held[sent.rider] += 1
+        return held
 
+    def _expiries(self, snap: Snapshot, now: datetime, mono: float) -> list[ev.DispatchExpiredEvent]:
+        """An expiry for each overdue offer, re-sent after ``resend_after_s`` while still overdue."""
         if snap.full:
             overdue_ids = {p.offer for p in snap.overdue}
             for gone_offer in [k for k in self._expiring if k not in overdue_ids]:
                 del self._expiring[gone_offer]
+        out = []
         for p in snap.overdue:
             sent_at = self._expiring.get(p.offer)
-            if sent_at is not None and mono - sent_at <= cfg.resend_after_s:
+            if sent_at is not None and mono - sent_at <= self.config.resend_after_s:
                 continue
             self._expiring[p.offer] = mono
-            result.expired.append(
+            out.append(
                 ev.DispatchExpiredEvent(
                     id=expired_id(p.offer),
                     source=SOURCE,
@@ -358,33 +386,20 @@ class Dispatcher:
                     data=ev.DispatchExpired(offer=p.offer, order=p.order, rider=p.rider),
                 )
             )
+        return out
 
-        todo = [o for o in snap.orders if o.id not in self._inflight]
-        result.waiting = len(todo)
-        if not todo:
-            return result
-        riders = [replace(r, load=r.load + held[r.id]) if held[r.id] else r for r in snap.riders]
-        deadline = now + timedelta(seconds=cfg.offer_timeout_s)
-        if len(todo) >= cfg.batch_threshold:
-            result.mode = "batch"
-            offers = self._batch(todo, riders, now, deadline, snap.offline)
-        else:
-            result.mode = "single"
-            offers = self._single(todo, riders, now, deadline, snap.offline)
-        for offer in offers:
-            d = offer.data
-            attempt = waiting[d.order].attempt
-            self._inflight[d.order] = _Sent(offer=d.offer, rider=d.rider, attempt=attempt, at=mono)
-        result.offers = offers
+    def _note_unserved(
+        self, todo: Sequence[WaitingOrder], offers: Sequence[ev.DispatchOfferEvent], riders: int
+    ) -> None:
+        """Log once per order and attempt that no rider could take it."""
         served = {o.data.order for o in offers}
         for o in todo:
             key = (o.id, o.attempt)
             if o.id not in served and key not in self._unserved:
                 self._unserved.add(key)
-                log.info("no rider for order yet", order=o.id, attempt=o.attempt, riders=len(riders))
-        if len(self._unserved) > 4 * cfg.max_waiting:
+                log.info("no rider for order yet", order=o.id, attempt=o.attempt, riders=riders)
+        if len(self._unserved) > 4 * self.config.max_waiting:
             self._unserved.clear()
-        return result
 
     def _single(
         self,
