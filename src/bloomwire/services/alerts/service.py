@@ -355,6 +355,27 @@ class _RowCache(Generic[V]):
         return {k: v for k, (_, v) in fresh.items()}
 
 
+def _read_order_rows(conn: Connection, order_ids: list[str], rider_ids: list[str]) -> dict[str, Any]:
+    """Rows of the given orders and of every live order the given riders carry, by id."""
+    rows: dict[str, Any] = {}
+    for part in _chunks(order_ids):
+        for r in conn.execute(sa.select(*_ORDER_COLUMNS).where(_O.id.in_(part))):
+            rows[r.id] = r
+    for part in _chunks(rider_ids):
+        query = sa.select(*_ORDER_COLUMNS).where(_O.rider.in_(part), _O.status.in_(_ACTIVE))
+        for r in conn.execute(query):
+            rows[r.id] = r
+    return rows
+
+
+def _read_riders(conn: Connection, ids: list[str]) -> dict[str, RiderView]:
+    riders: dict[str, RiderView] = {}
+    for part in _chunks(ids):
+        for r in conn.execute(sa.select(*_RIDER_COLUMNS).where(_R.id.in_(part))):
+            riders[r.id] = RiderView.from_row(r)
+    return riders
+
+
 def _count_alerts(conn: Connection, keys: Iterable[AlertKey]) -> dict[AlertKey, int]:
     """How many alerts (any status) the store holds for each of ``keys``."""
     wanted = set(keys)
@@ -467,19 +488,9 @@ class AlertEngine:
         order_ids = sorted({i for kind, i in subjects if kind == "order"})
         rider_ids = sorted({i for kind, i in subjects if kind == "rider"})
         with self.engine.connect() as conn:
-            order_rows: dict[str, Any] = {}
-            for part in _chunks(order_ids):
-                for r in conn.execute(sa.select(*_ORDER_COLUMNS).where(_O.id.in_(part))):
-                    order_rows[r.id] = r
-            for part in _chunks(rider_ids):
-                query = sa.select(*_ORDER_COLUMNS).where(_O.rider.in_(part), _O.status.in_(_ACTIVE))
-                for r in conn.execute(query):
-                    order_rows[r.id] = r
+            order_rows = _read_order_rows(conn, order_ids, rider_ids)
             wanted = sorted(set(rider_ids) | {r.rider for r in order_rows.values() if r.rider})
-            riders: dict[str, RiderView] = {}
-            for part in _chunks(wanted):
-                for rr in conn.execute(sa.select(*_RIDER_COLUMNS).where(_R.id.in_(part))):
-                    riders[rr.id] = RiderView.from_row(rr)
+            riders = _read_riders(conn, wanted)
             orders = [OrderView.from_row(r) for r in order_rows.values()]
             scope = frozenset(
                 {("order", i) for i in order_ids}
@@ -535,44 +546,56 @@ class AlertEngine:
         """Raise, escalate and resolve so the book matches ``snap``'s findings."""
         start = time.perf_counter()
         mono = time.monotonic()
-        scope = snap.scope
-        if scope is None:
-            assert snap.alerts is not None
-            for extra, kept in self._rebuild(snap.alerts, mono):
-                self._send_resolved(extra, snap.now, mono, f"duplicate of alert {kept.id}")
-            # Subjects an edge-triggered evaluation read after this snapshot: it knew better.
-            skip = {s for s, t in self.subject_at.items() if t > snap.taken_at}
-        else:
-            if snap.taken_at < self.full_at:
-                return  # a tick read the store after us: it has already decided
-            skip = {s for s in scope if self.subject_at.get(s, -math.inf) > snap.taken_at}
-        book = self.book
-        found = snap.findings
+        skip = self._skipped(snap, mono)
+        if skip is None:
+            return  # a tick read the store after this edge-triggered read: it has already decided
+        book, found = self.book, snap.findings
+
+        def wanted(key: AlertKey) -> bool:
+            return not (skip and _subject(key) in skip)
+
         # Steady state: nearly every finding already has its alert. Set differences (in C) find
         # what is new and what is gone; only those and the escalation candidates are visited.
         for key in found.keys() - book.keys():
-            if not (skip and _subject(key) in skip):
+            if wanted(key):
                 self._raise(found[key], snap, mono)
-        if scope is None:
-            gone = book.keys() - found.keys()
-        else:  # an edge-triggered read: only the alerts about what it read
-            orders = {i for kind, i in scope if kind == "order"}
-            riders = {i for kind, i in scope if kind == "rider"}
-            gone = {
-                k for k in book if (k[2] in orders if k[2] is not None else k[3] in riders) and k not in found
-            }
-        for key in gone:
-            if not (skip and _subject(key) in skip):
+        for key in self._gone(snap):
+            if wanted(key):
                 self._resolve(book[key], snap, mono)
-        if scope is None:
+        if snap.scope is None:
             self._escalations(found, skip, snap, mono)
             self.full_at = snap.taken_at
             self.subject_at = {s: t for s, t in self.subject_at.items() if t > snap.taken_at}
             self._prune(mono)
             self.stats.last_reconcile_s = time.perf_counter() - start
         else:
-            for subject in scope:
+            for subject in snap.scope:
                 self.subject_at[subject] = max(self.subject_at.get(subject, -math.inf), snap.taken_at)
+
+    def _skipped(self, snap: Snapshot, mono: float) -> set[Subject] | None:
+        """Subjects an edge-triggered evaluation read after ``snap`` (it knew better), or None when
+        ``snap`` is an edge-triggered read older than the last tick's. A tick's snapshot first
+        rebuilds the book from the store (resolving duplicates it finds there)."""
+        if snap.scope is not None:
+            if snap.taken_at < self.full_at:
+                return None
+            return {s for s in snap.scope if self.subject_at.get(s, -math.inf) > snap.taken_at}
+        assert snap.alerts is not None
+        for extra, kept in self._rebuild(snap.alerts, mono):
+            self._send_resolved(extra, snap.now, mono, f"duplicate of alert {kept.id}")
+        return {s for s, t in self.subject_at.items() if t > snap.taken_at}
+
+    def _gone(self, snap: Snapshot) -> set[AlertKey]:
+        """Open alerts whose condition ``snap`` no longer finds (an edge-triggered read: only
+        those about what it read)."""
+        book, found = self.book, snap.findings
+        if snap.scope is None:
+            return set(book.keys() - found.keys())
+        orders = {i for kind, i in snap.scope if kind == "order"}
+        riders = {i for kind, i in snap.scope if kind == "rider"}
+        return {
+            k for k in book if (k[2] in orders if k[2] is not None else k[3] in riders) and k not in found
+        }
 
     def _escalations(
         self, found: Mapping[AlertKey, Finding], skip: set[Subject], snap: Snapshot, mono: float
@@ -603,33 +626,37 @@ class AlertEngine:
         instances racing, say): the extras are resolved, so one alert per key stays open.
         """
         book = {a.key: a for a in alerts}
+        extras = self._duplicates(alerts, book) if len(book) < len(alerts) else []
         store = {a.id: a for a in alerts} if self.overlay else {}
-        extras: list[tuple[Tracked, Tracked]] = []
-        if len(book) < len(alerts):  # rare: keep the acknowledged or oldest, resolve the others
-            same: dict[AlertKey, list[Tracked]] = {}
-            for a in alerts:
-                same.setdefault(a.key, []).append(a)
-            for key, group in same.items():
-                if len(group) == 1:
-                    continue
-                group.sort(key=lambda a: (a.status != _ACKNOWLEDGED, a.notified_at, a.id))
-                book[key] = group[0]
-                for a in group[1:]:
-                    if (change := self.overlay.get(a.id)) is None or change.target is not None:
-                        extras.append((a, group[0]))
         for aid, change in list(self.overlay.items()):
             row = store.get(aid)
             if _reflects(row, change) or mono - change.at > self.grace_s:
                 del self.overlay[aid]
-                continue
-            if change.target is None:
-                held = book.get(change.key)
-                if held is not None and held.id == aid:
-                    del book[change.key]
-            else:
+            elif change.target is not None:
                 book[change.key] = _merge(row, change.target) if row else change.target
+            elif (held := book.get(change.key)) is not None and held.id == aid:
+                del book[change.key]
         self.book = book
         self.loaded = True
+        return extras
+
+    def _duplicates(
+        self, alerts: list[Tracked], book: dict[AlertKey, Tracked]
+    ) -> list[tuple[Tracked, Tracked]]:
+        """Rare: several open alerts of one key. Keep the acknowledged or oldest in ``book``;
+        return (extra, kept) for the others not already resolved by us."""
+        same: dict[AlertKey, list[Tracked]] = {}
+        for a in alerts:
+            same.setdefault(a.key, []).append(a)
+        extras: list[tuple[Tracked, Tracked]] = []
+        for key, group in same.items():
+            if len(group) == 1:
+                continue
+            group.sort(key=lambda a: (a.status != _ACKNOWLEDGED, a.notified_at, a.id))
+            book[key] = group[0]
+            for a in group[1:]:
+                if (change := self.overlay.get(a.id)) is None or change.target is not None:
+                    extras.append((a, group[0]))
         return extras
 
     def _prune(self, mono: float) -> None:
