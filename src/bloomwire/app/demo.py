@@ -141,64 +141,93 @@ def summary_table(
     result: SimResult, figures: StoreFigures | None, *, title: str, store_hint: str = ""
 ) -> Table:
     """The end-of-run summary: outcomes, punctuality, alerts, events vs store, latency."""
-    plan = result.plan
     table = Table(title=title, show_header=False, expand=False)
     table.add_column("what", style="bold")
     table.add_column("figure")
+    rows = [
+        *_outcome_rows(result, figures),
+        _events_row(result, figures),
+        *_run_rows(result),
+    ]
+    if store_hint:
+        rows.append(("store", store_hint))
+    for what, figure in rows:
+        table.add_row(what, figure)
+    return table
+
+
+Row = tuple[str, str]
+
+
+def _outcome_rows(result: SimResult, figures: StoreFigures | None) -> list[Row]:
+    """Orders by outcome, punctuality, outcomes as planned, alerts by rule."""
+    plan = result.plan
     outcomes = figures.outcomes if figures is not None else {k: v for k, v in result.outcomes.items() if v}
-    counts = Counter(outcomes.values())
-    failed = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("failed:")}
-    finished = sum(v for k, v in counts.items() if k in ("delivered", "cancelled") or k.startswith("failed:"))
-    open_orders = len(plan.orders) - finished
-    table.add_row(
-        "orders",
-        f"{len(plan.orders)}: delivered {counts.get('delivered', 0)} · failed {sum(failed.values())}"
-        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(failed.items()))})" if failed else "")
-        + f" · cancelled {counts.get('cancelled', 0)} · still open {open_orders}",
-    )
+    rows = [_orders_row(len(plan.orders), Counter(outcomes.values()))]
     if figures is not None:
         share = f"{figures.on_time / figures.delivered:.0%}" if figures.delivered else "–"
-        table.add_row(
-            "on time",
-            f"{figures.on_time}/{figures.delivered} delivered orders ({share}) "
-            "by the end of their promised window",
+        rows.append(
+            (
+                "on time",
+                f"{figures.on_time}/{figures.delivered} delivered orders ({share}) "
+                "by the end of their promised window",
+            )
         )
     same = sum(1 for o, want in plan.outcomes().items() if outcomes.get(o) == want)
-    table.add_row("as planned", f"{same}/{len(plan.orders)} orders ended as seed {plan.seed} planned")
+    rows.append(("as planned", f"{same}/{len(plan.orders)} orders ended as seed {plan.seed} planned"))
     if figures is not None:
         alerts = ", ".join(f"{k} {v}" for k, v in sorted(figures.alerts_by_rule.items())) or "none raised"
-        table.add_row("alerts by rule", alerts)
-        lost = len(figures.lost)
-        table.add_row(
-            "events",
-            f"sent {figures.sent} · stored {figures.stored} · refused {figures.refused} (in dead letters, "
-            f"with the reason) · LOST {lost} · stored twice {figures.duplicates} (checked against the store)",
-        )
-    else:
-        m_ = result.metrics
-        table.add_row(
-            "events", f"sent {len(m_.events)} · acknowledged {len(m_.stored)} · refused {len(m_.refused)}"
-        )
-    lat = result.metrics.latencies_ms()
-    table.add_row(
-        "latency",
-        f"publish→canonical P50 {_ms(percentile(lat, 50))} · P99 {_ms(percentile(lat, 99))} (n={len(lat)})",
+        rows.append(("alerts by rule", alerts))
+    return rows
+
+
+def _orders_row(total: int, counts: Counter[str]) -> Row:
+    failed = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("failed:")}
+    finished = sum(v for k, v in counts.items() if k in ("delivered", "cancelled") or k.startswith("failed:"))
+    failed_detail = f" ({', '.join(f'{k} {v}' for k, v in sorted(failed.items()))})" if failed else ""
+    return (
+        "orders",
+        f"{total}: delivered {counts.get('delivered', 0)} · failed {sum(failed.values())}"
+        f"{failed_detail} · cancelled {counts.get('cancelled', 0)} · still open {total - finished}",
     )
+
+
+def _events_row(result: SimResult, figures: StoreFigures | None) -> Row:
+    """Events sent against the store (or, without it, against the acks)."""
+    if figures is None:
+        m_ = result.metrics
+        return "events", f"sent {len(m_.events)} · acknowledged {len(m_.stored)} · refused {len(m_.refused)}"
+    return (
+        "events",
+        f"sent {figures.sent} · stored {figures.stored} · refused {figures.refused} (in dead letters, "
+        f"with the reason) · LOST {len(figures.lost)} · stored twice {figures.duplicates} "
+        "(checked against the store)",
+    )
+
+
+def _run_rows(result: SimResult) -> list[Row]:
+    """Latency, what happened, simulated time, privacy breaches."""
+    lat = result.metrics.latencies_ms()
     c = result.metrics.counters
     incidents = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if v and "foreign" not in k) or "none"
-    table.add_row("happened", incidents)
-    table.add_row(
-        "time",
-        f"{result.sim_minutes / 60:.1f} h of a {plan.day_minutes / 60:.0f} h day simulated in "
-        f"{_duration(result.real_s)} real ({result.speed / 60:.1f} simulated min per s)",
-    )
+    rows = [
+        (
+            "latency",
+            f"publish→canonical P50 {_ms(percentile(lat, 50))} · P99 {_ms(percentile(lat, 99))} "
+            f"(n={len(lat)})",
+        ),
+        ("happened", incidents),
+        (
+            "time",
+            f"{result.sim_minutes / 60:.1f} h of a {result.plan.day_minutes / 60:.0f} h day simulated in "
+            f"{_duration(result.real_s)} real ({result.speed / 60:.1f} simulated min per s)",
+        ),
+    ]
     if result.foreign_messages:
-        table.add_row(
-            "PRIVACY", f"customers received {result.foreign_messages} message(s) about other orders"
+        rows.append(
+            ("PRIVACY", f"customers received {result.foreign_messages} message(s) about other orders")
         )
-    if store_hint:
-        table.add_row("store", store_hint)
-    return table
+    return rows
 
 
 # --- running ------------------------------------------------------------------------------------------

@@ -282,80 +282,87 @@ def plan_day(
     rates = rates or Rates()
     rng = random.Random(seed)
     sites = SHOPS[:shops]
-    rider_plans = []
-    for i in range(riders):
-        vehicle = "scooter" if rng.random() < 0.4 else "bike"
-        speed = rng.uniform(20, 25) if vehicle == "scooter" else rng.uniform(15, 20)
-        home = sites[i % len(sites)]
-        lat, lon = _offset(home.lat, home.lon, rng.uniform(50, 600), rng.uniform(0, 2 * math.pi))
-        rider_plans.append(RiderPlan(f"r{i + 1:02d}", vehicle, round(speed, 1), round(lat, 6), round(lon, 6)))
-
+    rider_plans = [_plan_rider(rng, i, sites[i % len(sites)]) for i in range(riders)]
     # Orders stop coming in well before closing, so the last ones can still be delivered.
     span = day_minutes * 0.8
     minutes = sorted(_creation_minute(rng, span) for _ in range(orders))
-    order_plans = []
-    for k, created in enumerate(minutes):
-        shop = sites[rng.randrange(len(sites))]
-        lat, lon = _destination(rng, shop)
-        name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
-        phone = f"+49 30 {rng.randrange(1000000, 9999999)}"
-        address = f"{rng.choice(STREETS)} {rng.randrange(1, 180)}, Berlin"
-        items = tuple(rng.sample(ITEMS, rng.choice((1, 1, 2, 3))))
-        prep = rng.uniform(8, 25)
-        ride_min = geo.travel_seconds(geo.distance_m(shop.lat, shop.lon, lat, lon), 18.0) / 60
-        # The shop promises a window it can meet: prep + ride + slack, on a quarter hour.
-        # Some promises are tight: a flat tyre or a busy hour makes those late.
-        earliest = created + prep + ride_min + rng.uniform(-10, 30)
-        start = math.ceil(earliest / 15) * 15
-        length = rng.choice((30, 60, 60, 60, 90))
-        u = rng.random()
-        if u < rates.cancel:
-            fate = Fate.CANCELLED
-        elif u < rates.cancel + rates.unreachable:
-            fate = Fate.UNREACHABLE
-        elif u < rates.cancel + rates.unreachable + rates.address_wrong:
-            fate = Fate.ADDRESS_WRONG
-        else:
-            fate = Fate.DELIVERED
-        # Draw every optional incident whatever the fate, so one rate change does not reshuffle
-        # the rest of the day.
-        flat = rng.uniform(10, 25) if rng.random() < rates.flat_tyre else None
-        dies = rng.uniform(6, 15) if rng.random() < rates.app_dies else None
-        decline = rng.random() < rates.decline
-        chat = rng.choice(CUSTOMER_LINES) if rng.random() < rates.customer_chat else None
-        cancel_after = rng.uniform(2, 6)
-        incident_at = rng.uniform(0.3, 0.7)
-        if fate is Fate.CANCELLED:
-            flat = dies = None
-            chat = None
-        if fate is Fate.UNREACHABLE:
-            chat = None  # they do not answer the phone, let alone the chat
-        order_plans.append(
-            OrderPlan(
-                index=k,
-                id=f"{order_prefix}o{k + 1:03d}",
-                shop=shop.id,
-                customer=name,
-                phone=phone,
-                address=address,
-                lat=lat,
-                lon=lon,
-                items=items,
-                note=rng.choice(NOTES),
-                created_min=round(created, 2),
-                ready_min=round(created + prep, 2),
-                window_start_min=float(start),
-                window_end_min=float(start + length),
-                fate=fate,
-                cancel_after_min=round(cancel_after, 2) if fate is Fate.CANCELLED else None,
-                flat_tyre_delay_min=round(flat, 1) if flat is not None else None,
-                app_dies_down_min=round(dies, 1) if dies is not None else None,
-                decline_first=decline,
-                customer_chat=chat,
-                incident_at=round(incident_at, 3),
-            )
-        )
+    order_plans = [
+        _plan_order(rng, k, created, sites, rates, f"{order_prefix}o{k + 1:03d}")
+        for k, created in enumerate(minutes)
+    ]
     return DayPlan(seed, day_minutes, tuple(sites), tuple(rider_plans), tuple(order_plans), rates)
+
+
+def _plan_rider(rng: random.Random, i: int, home: ShopSite) -> RiderPlan:
+    vehicle = "scooter" if rng.random() < 0.4 else "bike"
+    speed = rng.uniform(20, 25) if vehicle == "scooter" else rng.uniform(15, 20)
+    lat, lon = _offset(home.lat, home.lon, rng.uniform(50, 600), rng.uniform(0, 2 * math.pi))
+    return RiderPlan(f"r{i + 1:02d}", vehicle, round(speed, 1), round(lat, 6), round(lon, 6))
+
+
+def _fate(u: float, rates: Rates) -> Fate:
+    if u < rates.cancel:
+        return Fate.CANCELLED
+    if u < rates.cancel + rates.unreachable:
+        return Fate.UNREACHABLE
+    if u < rates.cancel + rates.unreachable + rates.address_wrong:
+        return Fate.ADDRESS_WRONG
+    return Fate.DELIVERED
+
+
+def _plan_order(
+    rng: random.Random, k: int, created: float, sites: Sequence[ShopSite], rates: Rates, order_id: str
+) -> OrderPlan:
+    """One order; the draws happen in a fixed order, so a seed always gives the same day."""
+    shop = sites[rng.randrange(len(sites))]
+    lat, lon = _destination(rng, shop)
+    name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    phone = f"+49 30 {rng.randrange(1000000, 9999999)}"
+    address = f"{rng.choice(STREETS)} {rng.randrange(1, 180)}, Berlin"
+    items = tuple(rng.sample(ITEMS, rng.choice((1, 1, 2, 3))))
+    prep = rng.uniform(8, 25)
+    ride_min = geo.travel_seconds(geo.distance_m(shop.lat, shop.lon, lat, lon), 18.0) / 60
+    # The shop promises a window it can meet: prep + ride + slack, on a quarter hour.
+    # Some promises are tight: a flat tyre or a busy hour makes those late.
+    earliest = created + prep + ride_min + rng.uniform(-10, 30)
+    start = math.ceil(earliest / 15) * 15
+    length = rng.choice((30, 60, 60, 60, 90))
+    fate = _fate(rng.random(), rates)
+    # Draw every optional incident whatever the fate, so one rate change does not reshuffle
+    # the rest of the day.
+    flat = rng.uniform(10, 25) if rng.random() < rates.flat_tyre else None
+    dies = rng.uniform(6, 15) if rng.random() < rates.app_dies else None
+    decline = rng.random() < rates.decline
+    chat = rng.choice(CUSTOMER_LINES) if rng.random() < rates.customer_chat else None
+    cancel_after = rng.uniform(2, 6)
+    incident_at = rng.uniform(0.3, 0.7)
+    if fate is Fate.CANCELLED:
+        flat = dies = None
+    if fate in (Fate.CANCELLED, Fate.UNREACHABLE):
+        chat = None  # an unreachable customer does not answer the phone, let alone the chat
+    return OrderPlan(
+        index=k,
+        id=order_id,
+        shop=shop.id,
+        customer=name,
+        phone=phone,
+        address=address,
+        lat=lat,
+        lon=lon,
+        items=items,
+        note=rng.choice(NOTES),
+        created_min=round(created, 2),
+        ready_min=round(created + prep, 2),
+        window_start_min=float(start),
+        window_end_min=float(start + length),
+        fate=fate,
+        cancel_after_min=round(cancel_after, 2) if fate is Fate.CANCELLED else None,
+        flat_tyre_delay_min=round(flat, 1) if flat is not None else None,
+        app_dies_down_min=round(dies, 1) if dies is not None else None,
+        decline_first=decline,
+        customer_chat=chat,
+        incident_at=round(incident_at, 3),
+    )
 
 
 def rename(plan: DayPlan, shop_ids: Sequence[str] = (), rider_ids: Sequence[str] = ()) -> DayPlan:

@@ -140,42 +140,57 @@ class Simulation:
     async def run(self, stop: asyncio.Event | None = None) -> SimResult:
         """Connect everyone, play the day, wait for the last deliveries, disconnect everyone."""
         self.config.outbox_dir.mkdir(parents=True, exist_ok=True)
-        stopped_early = False
         t0 = time.monotonic()
         try:
-            results = await asyncio.gather(
-                *(s.start() for s in self.shops), *(r.start() for r in self.riders), return_exceptions=True
-            )
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-            await asyncio.sleep(0.5)  # presence reaches the persister before any assignment
-            self.clock.start()
-            self.started_at = time.monotonic()
-            for shop in self.shops:
-                shop.run()
-            for rider in self.riders:
-                rider.run()
-            deadline = self.started_at + self.config.minutes * 60.0 + self.config.drain_grace_s
-            while not self._done():
-                if stop is not None and stop.is_set():
-                    stopped_early = True
-                    break
-                if time.monotonic() > deadline:
-                    log.warning("simulation deadline reached with orders still open")
-                    break
-                await asyncio.sleep(0.25)
+            await self._connect_everyone()
+            stopped_early = await self._play_day(stop)
             await self._flush(5.0)
         finally:
-            self.world.stopping.set()
-            unacked = {r.id: r.device.outbox.count(records_only=True) for r in self.riders if r.device}
-            for rider in self.riders:
-                with contextlib.suppress(Exception):
-                    await rider.stop()
-            for shop in self.shops:
-                with contextlib.suppress(Exception):
-                    await shop.stop()
-            self.finished = True
+            unacked = await self._disconnect_everyone()
+        return self._result(time.monotonic() - t0, stopped_early=stopped_early, unacked=unacked)
+
+    async def _connect_everyone(self) -> None:
+        results = await asyncio.gather(
+            *(s.start() for s in self.shops), *(r.start() for r in self.riders), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _play_day(self, stop: asyncio.Event | None) -> bool:
+        """Start the clock and every agent; wait until every order is done (or ``stop``, or the
+        deadline). True when stopped early."""
+        await asyncio.sleep(0.5)  # presence reaches the persister before any assignment
+        self.clock.start()
+        self.started_at = time.monotonic()
+        for shop in self.shops:
+            shop.run()
+        for rider in self.riders:
+            rider.run()
+        deadline = self.started_at + self.config.minutes * 60.0 + self.config.drain_grace_s
+        while not self._done():
+            if stop is not None and stop.is_set():
+                return True
+            if time.monotonic() > deadline:
+                log.warning("simulation deadline reached with orders still open")
+                return False
+            await asyncio.sleep(0.25)
+        return False
+
+    async def _disconnect_everyone(self) -> dict[str, int]:
+        """Stop every agent; returns each rider's outbox records still unacknowledged."""
+        self.world.stopping.set()
+        unacked = {r.id: r.device.outbox.count(records_only=True) for r in self.riders if r.device}
+        for rider in self.riders:
+            with contextlib.suppress(Exception):
+                await rider.stop()
+        for shop in self.shops:
+            with contextlib.suppress(Exception):
+                await shop.stop()
+        self.finished = True
+        return unacked
+
+    def _result(self, real_s: float, *, stopped_early: bool, unacked: dict[str, int]) -> SimResult:
         statuses: dict[str, str | None] = {}
         outcomes: dict[str, str | None] = {}
         for o in self.plan.orders:
@@ -188,7 +203,7 @@ class Simulation:
             outcomes=outcomes,
             statuses=statuses,
             metrics=self.metrics,
-            real_s=time.monotonic() - t0,
+            real_s=real_s,
             sim_minutes=self.clock.minutes() if self.started_at else 0.0,
             speed=self.clock.speed,
             stopped_early=stopped_early,
