@@ -598,38 +598,46 @@ class SimShop:
         self.world.note(f"{self.site.id} cancelled {order.id}")
 
     async def _assign_loop(self) -> None:
-        config = self.world.config
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
             for o in self.orders:
-                status = self.status(o.id)
-                if status is None or self.world.cancelled[o.id].is_set() or o.fate is Fate.CANCELLED:
-                    continue
-                if status not in (S.ASSIGNED.value, *UNASSIGNED_VALUES):
-                    self.world.reservations.pop(o.id, None)
-                    self._unassigned_since.pop(o.id, None)
-                    continue
-                seen = self._unassigned_since.get(o.id)
-                if seen is None or seen[0] != status:
-                    seen = self._unassigned_since[o.id] = (status, now)
-                if now - self._last_assign.get(o.id, 0.0) < 2.0:
-                    continue  # our last assignment's echo is still on its way
-                if status in UNASSIGNED_VALUES:
-                    if config.assign == "dispatch" and now - seen[1] < config.shop_steps_in_s:
-                        continue
-                elif now - seen[1] < config.offer_patience_s or (
-                    config.assign == "dispatch" and o.id not in self.world.reservations
-                ):
-                    continue  # an offer is out; give the rider (or dispatch) time
-                line = self.terminal.view.orders[o.id]
-                exclude = set(self.world.declined_by[o.id]) | ({line.rider} if line.rider else set())
-                rider = self.world.pick_rider(o, exclude)
-                if rider is None:
-                    continue
-                self._last_assign[o.id] = now
-                self.world.reservations[o.id] = rider
-                self.tasks.append(asyncio.create_task(self._assign(o, rider)))
+                if self._should_assign(o, now):
+                    self._assign_now(o, now)
+
+    def _should_assign(self, o: OrderPlan, now: float) -> bool:
+        """Whether the shop steps in for ``o`` now: it waits unassigned (past dispatch's turn) or
+        its offer has gone unanswered too long."""
+        config = self.world.config
+        status = self.status(o.id)
+        if status is None or self.world.cancelled[o.id].is_set() or o.fate is Fate.CANCELLED:
+            return False
+        if status not in (S.ASSIGNED.value, *UNASSIGNED_VALUES):
+            self.world.reservations.pop(o.id, None)
+            self._unassigned_since.pop(o.id, None)
+            return False
+        seen = self._unassigned_since.get(o.id)
+        if seen is None or seen[0] != status:
+            seen = self._unassigned_since[o.id] = (status, now)
+        if now - self._last_assign.get(o.id, 0.0) < 2.0:
+            return False  # our last assignment's echo is still on its way
+        waited = now - seen[1]
+        if status in UNASSIGNED_VALUES:
+            return not (config.assign == "dispatch" and waited < config.shop_steps_in_s)
+        # An offer is out: give the rider (or dispatch) time.
+        return waited >= config.offer_patience_s and not (
+            config.assign == "dispatch" and o.id not in self.world.reservations
+        )
+
+    def _assign_now(self, o: OrderPlan, now: float) -> None:
+        line = self.terminal.view.orders[o.id]
+        exclude = set(self.world.declined_by[o.id]) | ({line.rider} if line.rider else set())
+        rider = self.world.pick_rider(o, exclude)
+        if rider is None:
+            return
+        self._last_assign[o.id] = now
+        self.world.reservations[o.id] = rider
+        self.tasks.append(asyncio.create_task(self._assign(o, rider)))
 
     async def _assign(self, order: OrderPlan, rider: str) -> None:
         try:
