@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from bloomwire.app.accounts_cli import accounts_app
+from bloomwire.app.bench.report import Report, record
 from bloomwire.app.clients.commands import register as register_client_commands
 from bloomwire.app.supervisor import DEFAULT_RIDERS, DEFAULT_SHOPS
 from bloomwire.errors import BloomwireError
@@ -274,6 +275,27 @@ def history(ctx: typer.Context, order: Annotated[str, typer.Argument(help="The o
 
 # --- benchmarks -----------------------------------------------------------------------------------
 
+Record = Annotated[
+    str | None,
+    typer.Option(
+        "--record",
+        metavar="KEY",
+        help="Also write the figures, this command line, the date and the commit into the block "
+        "<!-- measured:KEY --> … <!-- /measured:KEY --> of README.md and docs/*.md.",
+    ),
+]
+
+
+def _record(key: str | None, reports: list[Any]) -> None:
+    """Write ``reports`` into the docs' ``key`` block, if asked; say where."""
+    if key is None:
+        return
+    try:
+        paths = record(key, reports)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"figures recorded in {', '.join(str(p) for p in paths)}")
+
 
 @bench_app.command("ingest")
 def bench_ingest(
@@ -282,6 +304,7 @@ def bench_ingest(
     rate: Annotated[int, typer.Option(help="Publish rate, events/s (0 = as fast as possible).")] = 5_000,
     riders: Annotated[int, typer.Option(help="Simulated riders publishing.")] = 50,
     ceiling: Annotated[bool, typer.Option(help="Also measure mosquitto_pub/sub QoS 1.")] = True,
+    record: Record = None,
 ) -> None:
     """Publish rider chat events through a private broker into the persister; print figures.
 
@@ -294,7 +317,7 @@ def bench_ingest(
     """
     from bloomwire.app.bench import ingest
 
-    ingest.main(
+    reports = ingest.main(
         make_settings(ctx),
         events=events,
         rate=rate,
@@ -302,6 +325,7 @@ def bench_ingest(
         ceiling=ceiling,
         console=console,
     )
+    _record(record, reports)
 
 
 @bench_app.command("dispatch")
@@ -312,11 +336,12 @@ def bench_dispatch(
     peak_orders: Annotated[int, typer.Option(help="Peak mode: orders waiting at once.")] = 1000,
     peak_riders: Annotated[int, typer.Option(help="Peak mode: riders.")] = 500,
     seed: Annotated[int, typer.Option(help="Random seed of the city layout.")] = 0,
+    record: Record = None,
 ) -> None:
     """Normal-mode decision latency (order created → offer) and the peak-mode batch time."""
     from bloomwire.app.bench import dispatch as bench
 
-    bench.main(
+    reports = bench.main(
         make_settings(ctx),
         console=console,
         orders=orders,
@@ -325,6 +350,7 @@ def bench_dispatch(
         peak_riders=peak_riders,
         seed=seed,
     )
+    _record(record, reports)
 
 
 @bench_app.command("alerts")
@@ -337,11 +363,12 @@ def bench_alerts(
     database_url: Annotated[
         str | None, typer.Option(help="Store to seed (default: a temporary SQLite file).")
     ] = None,
+    record: Record = None,
 ) -> None:
     """One alerts tick over many live orders, and event-committed → alert-raised latency."""
     from bloomwire.app.bench import alerts as bench
 
-    bench.main(
+    reports = bench.main(
         make_settings(ctx),
         orders=orders,
         riders=riders,
@@ -350,12 +377,14 @@ def bench_alerts(
         database_url=database_url,
         console=console,
     )
+    _record(record, reports)
 
 
 @bench_app.command("access")
 def bench_access(
     orders: Annotated[int, typer.Option(help="Customer accesses already live on the broker.")] = 5_000,
     repeat: Annotated[int, typer.Option(help="Mint/revoke rounds to time.")] = 15,
+    record: Record = None,
 ) -> None:
     """Time minting and revoking one customer access (and the cut-off) with N live orders."""
     from bloomwire.app.bench.access import bench_access as run_bench
@@ -364,9 +393,10 @@ def bench_access(
     try:
         find_mosquitto()
         find_dynsec_plugin()
-        run_bench(orders, repeat, echo=console.print)
+        result = run_bench(orders, repeat, echo=console.print)
     except BloomwireError as exc:
         raise fail(str(exc)) from None
+    _record(record, [Report("bloomwire bench access", ("figure",), [(line,) for line in result.lines()])])
 
 
 def main() -> None:

@@ -32,9 +32,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from rich.console import Console
-from rich.table import Table
 
 from bloomwire.app.bench import private_stack
+from bloomwire.app.bench.report import Report
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import FailureReason, OrderStatus
@@ -458,8 +458,8 @@ def main(
     events: int = 100,
     database_url: str | None = None,
     console: Console | None = None,
-) -> dict[str, Any]:
-    """Run both measurements, print a table, return the figures as plain numbers."""
+) -> list[Report]:
+    """Run both measurements, print and return a table of the figures."""
     out = console or Console()
     out.print(f"Seeding a store with {orders:,} live orders and {riders:,} riders; timing {ticks} ticks…")
     tf = bench_tick(orders, riders, ticks=ticks, database_url=database_url)
@@ -492,8 +492,8 @@ def main(
             "stored_p95_ms": round(_pct(lf.stored_ms, 95), 2),
             "missing": lf.missing,
         }
-    table = Table("figure", "value", title="bloomwire bench alerts")
+    table = Report("bloomwire bench alerts")
     for k, v in result.items():
-        table.add_row(k, str(v))
-    out.print(table)
-    return result
+        table.add(k, v)
+    out.print(table.rich())
+    return [table]

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 from rich.console import Console
-from rich.table import Table
 
 from bloomwire.app.bench import private_stack
+from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import service_settings
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
@@ -381,8 +381,8 @@ def main(
     peak_orders: int = 1000,
     peak_riders: int = 500,
     seed: int = 0,
-) -> Figures:
-    """Run and print the figures (a table, then JSON)."""
+) -> list[Report]:
+    """Run, print the figures (tables, then JSON) and return the tables."""
     console.print(
         f"bench dispatch: {orders} orders one at a time over {riders} riders; "
         f"peak {peak_orders} orders x {peak_riders} riders …"
@@ -391,7 +391,7 @@ def main(
         settings, orders=orders, riders=riders, peak_orders=peak_orders, peak_riders=peak_riders, seed=seed
     )
     d = figures.as_dict()
-    table = Table("figure", "P50", "P95", "P99", "max", title="Bloomwire dispatch benchmark (ms)")
+    table = Report("Bloomwire dispatch benchmark (ms)", ("figure", "P50", "P95", "P99", "max"))
     labels = {
         "create_to_created_ms": "create → canonical created (persister)",
         "create_to_offer_published_ms": "create → dispatch.offer published",
@@ -402,15 +402,15 @@ def main(
     }
     for key, label in labels.items():
         s = d["normal"][key]
-        table.add_row(label, *(f"{s[q]:.2f}" for q in ("p50", "p95", "p99", "max")))
-    console.print(table)
+        table.add(label, *(f"{s[q]:.2f}" for q in ("p50", "p95", "p99", "max")))
+    console.print(table.rich())
     if d["normal"]["missing"]:
         console.print(f"[yellow]{d['normal']['missing']} orders got no offer within 10 s[/yellow]")
-    peak = Table("figure", "value", title="Peak mode")
+    peak = Report("Peak mode")
     for k, v in d["peak"].items():
-        peak.add_row(k, str(v))
+        peak.add(k, v)
     for k, v in d["planner"].items():
-        peak.add_row(f"planner.{k}", str(v))
-    console.print(peak)
+        peak.add(f"planner.{k}", v)
+    console.print(peak.rich())
     console.print_json(json.dumps(d))
-    return figures
+    return [table, peak]

@@ -25,10 +25,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from rich.console import Console
-from rich.table import Table
 
 from bloomwire.app.bench import private_stack
 from bloomwire.app.bench.loadgen import LoadPublisher
+from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import service_settings
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
@@ -312,23 +312,29 @@ def run(settings: Settings, *, events: int, rate: int, riders: int, ceiling: boo
     return figures
 
 
+def report(figures: Figures) -> Report:
+    """The figures as a table."""
+    d = figures.as_dict()
+    out = Report("Bloomwire ingest benchmark")
+    out.add("events published", d["events"])
+    out.add("target rate (ev/s)", d["rate"] or "max")
+    out.add("persisted (ev/s)", d["persisted_per_s"])
+    out.add("publish→committed P50 / P99 (ms)", f"{d['committed_p50_ms']} / {d['committed_p99_ms']}")
+    out.add("publish→canonical P50 / P99 (ms)", f"{d['canonical_p50_ms']} / {d['canonical_p99_ms']}")
+    out.add("stored / lost / duplicated", f"{d['stored']} / {d['lost']} / {d['duplicated']}")
+    if d["ceiling_per_s"]:
+        out.add("mosquitto_pub→sub QoS 1 ceiling (msg/s), same run", d["ceiling_per_s"])
+        out.add("ratio persisted / ceiling", d["ratio_to_ceiling"])
+    return out
+
+
 def main(
     settings: Settings, *, events: int, rate: int, riders: int, ceiling: bool, console: Console
-) -> Figures:
-    """Run and print a table of the figures."""
+) -> list[Report]:
+    """Run, print a table of the figures and their JSON; return the table."""
     console.print(f"bench ingest: {events} rider chat events at {rate or 'max'} ev/s from {riders} riders …")
     figures = run(settings, events=events, rate=rate, riders=riders, ceiling=ceiling)
-    d = figures.as_dict()
-    table = Table("figure", "value", title="Bloomwire ingest benchmark")
-    table.add_row("events published", str(d["events"]))
-    table.add_row("target rate (ev/s)", str(d["rate"] or "max"))
-    table.add_row("persisted (ev/s)", str(d["persisted_per_s"]))
-    table.add_row("publish→committed P50 / P99 (ms)", f"{d['committed_p50_ms']} / {d['committed_p99_ms']}")
-    table.add_row("publish→canonical P50 / P99 (ms)", f"{d['canonical_p50_ms']} / {d['canonical_p99_ms']}")
-    table.add_row("stored / lost / duplicated", f"{d['stored']} / {d['lost']} / {d['duplicated']}")
-    if d["ceiling_per_s"]:
-        table.add_row("mosquitto_pub→sub QoS 1 ceiling (msg/s)", str(d["ceiling_per_s"]))
-        table.add_row("ratio persisted / ceiling", str(d["ratio_to_ceiling"]))
-    console.print(table)
-    console.print_json(json.dumps(d))
-    return figures
+    table = report(figures)
+    console.print(table.rich())
+    console.print_json(json.dumps(figures.as_dict()))
+    return [table]
