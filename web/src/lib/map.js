@@ -79,8 +79,8 @@ export class MapView {
     }
     if (points.length === 0) return;
     this.fitted = true;
-    if (points.length === 1) this.map.setView(points[0], 15);
-    else this.map.fitBounds(L.latLngBounds(points), { padding: [30, 30], maxZoom: 16 });
+    if (points.length === 1) this.map.setView(points[0], 15, { animate: false });
+    else this.map.fitBounds(L.latLngBounds(points), { padding: [44, 44], maxZoom: 16, animate: false });
   }
 
   onClick(handler) {
