@@ -13,7 +13,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +32,7 @@ from webkit import (
 )
 
 from bloomwire.app.supervisor import Stack
+from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.runtime.settings import Settings
@@ -83,7 +83,9 @@ def track_view(page: Any, expr: str) -> Any:
     return page.evaluate(f"() => {{ const v = window.bloomwireTrack; return v ? {expr} : null; }}")
 
 
-def http(settings: Settings, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], bytes]:
+def http(
+    settings: Settings, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
         settings.web_url + path, data=data, headers={"content-type": "application/json"}
@@ -99,7 +101,7 @@ def http(settings: Settings, path: str, body: dict[str, Any] | None = None) -> t
 
 
 def test_web_service_serves_pages_contract_and_refuses_bad_enrolments(web: WebStack) -> None:
-    stack, settings = web
+    _stack, settings = web
     status, headers, body = http(settings, "/track")
     assert status == 200 and b'src="/app/track/main.js"' in body
     assert "default-src 'self'" in headers["content-security-policy"]
@@ -116,7 +118,13 @@ def test_web_service_serves_pages_contract_and_refuses_bad_enrolments(web: WebSt
     bad = {"shop": "s1", "order": "o/../x", "customer": "c", "username": "u", "password": "p"}
     status, _, body = http(settings, "/api/enrol", bad)
     assert status == 400 and b"order" in body
-    unknown = {"shop": "s1", "order": "no-such-order", "customer": "c-x", "username": "cust@00", "password": "p"}
+    unknown = {
+        "shop": "s1",
+        "order": "no-such-order",
+        "customer": "c-x",
+        "username": "cust@00",
+        "password": "p",
+    }
     status, _, body = http(settings, "/api/enrol", unknown)
     assert status == 404 and json.loads(body)["error"] == "unknown_order"
 
@@ -222,7 +230,11 @@ def test_customer_link_follows_an_order_from_created_to_delivered(web: WebStack,
         for i in range(4):  # the rider rides towards the customer
             rider.at(52.512 + 0.002 * i, 13.392 + 0.003 * i)
             time.sleep(0.3)
-        wait_for(lambda: (track_view(page, "v.position") or {}).get("lat") == pytest.approx(0.518 + 52), 15, "rider moved")
+        wait_for(
+            lambda: (track_view(page, "v.position") or {}).get("lat") == pytest.approx(0.518 + 52),
+            15,
+            "rider moved",
+        )
         assert page.get_attribute("#map", "data-rider") == "shown"
         assert track_view(page, "v.trail.length") >= 2
         rider.status(order, OrderStatus.EN_ROUTE)
@@ -246,7 +258,9 @@ def test_customer_link_follows_an_order_from_created_to_delivered(web: WebStack,
         # The other order's page saw none of it.
         assert track_view(second, "v.position") is None
         assert second.get_attribute("#map", "data-rider") == "hidden"
-        assert "neighbour" not in second.inner_text("#chat") and "ring twice" not in second.inner_text("#chat")
+        assert "neighbour" not in second.inner_text("#chat") and "ring twice" not in second.inner_text(
+            "#chat"
+        )
         assert second.inner_text("#status") in ("Order received", "Rider assigned", "Finding a rider")
 
         rider.status(order, OrderStatus.DELIVERED)
@@ -291,14 +305,18 @@ def test_customer_page_in_chinese_and_bad_links(web: WebStack, browser: Any) -> 
         page.wait_for_selector("#status:has-text('已接单')")
 
         fields = parse_tracking_link(link)
-        unknown = tracking_link(settings.web_url, "s1", "o-never-made", "c-o-never-made", fields["username"], "x")
+        unknown = tracking_link(
+            settings.web_url, "s1", "o-never-made", "c-o-never-made", fields["username"], "x"
+        )
         page.goto("about:blank")
         page.goto(unknown)
         page.wait_for_selector("#page[data-page='page.unknown']")
         page.click("#lang")
         assert page.inner_text("#page-title") == "Unknown order"
         screenshot(page, "track-unknown-phone")
-        wrong = tracking_link(settings.web_url, "s1", "o-web-zh", fields["customer"], fields["username"], "wrong")
+        wrong = tracking_link(
+            settings.web_url, "s1", "o-web-zh", fields["customer"], fields["username"], "wrong"
+        )
         elsewhere = new_page(browser)  # a browser that never opened the right link
         elsewhere.goto(wrong)
         elsewhere.wait_for_selector("#page[data-page='page.invalid']")
@@ -310,3 +328,182 @@ def test_customer_page_in_chinese_and_bad_links(web: WebStack, browser: Any) -> 
         page.context.close()
     finally:
         shop.close()
+
+
+# --- the shop dashboard ---------------------------------------------------------------------------------
+
+
+def dashboard(browser: Any, settings: Settings, shop: str, viewport: dict[str, int] = DESKTOP) -> Any:
+    page = new_page(browser, viewport=viewport)
+    page.goto(settings.web_url + "/shop")
+    page.fill("#login-user", shop)
+    page.fill("#login-password", secret(settings, shop))
+    page.click("#login-submit")
+    wait_online(page)
+    page.wait_for_selector("#app:not([hidden])")
+    return page
+
+
+def board_status(page: Any, order: str) -> str:
+    return str(page.inner_text(f"tr[data-order='{order}'] .col-status")).strip()
+
+
+def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) -> None:
+    stack, settings = web
+    page = new_page(browser, viewport=DESKTOP)
+    errors = page_errors(page)
+    page.goto(settings.web_url + "/shop")
+    page.fill("#login-user", "s2")
+    page.fill("#login-password", "not the password")
+    page.click("#login-submit")
+    page.wait_for_selector("#login-error:has-text('Wrong login or password')")
+    screenshot(page, "shop-login-refused-desktop")
+    page.fill("#login-password", secret(settings, "s2"))
+    page.click("#login-submit")
+    wait_online(page)
+    page.wait_for_selector("#app:not([hidden])")
+
+    # Create an order with the form: first with mistakes, then right.
+    page.click("#new-order")
+    page.fill("#create-form [name=window_end]", "00:00")
+    page.fill("#create-form [name=window_start]", "23:00")
+    page.click("#create-submit")
+    page.wait_for_selector("[data-error-for=name]:has-text('name is required')")
+    assert "Latitude" in page.inner_text("[data-error-for=lat]")
+    assert "end after it starts" in page.inner_text("[data-error-for=window_end]")
+    screenshot(page, "shop-form-errors-desktop")
+    order = "o-dash-1"
+    page.fill("#create-form [name=name]", "Chen <b>Jing</b>")
+    page.fill("#create-form [name=address]", "Karl-Marx-Allee 90")
+    page.fill("#create-form [name=lat]", "52.5175")
+    page.fill("#create-form [name=lon]", "13.4400")
+    start = time.localtime(time.time() + 30 * 60)
+    end = time.localtime(time.time() + 90 * 60)
+    page.fill("#create-form [name=window_start]", time.strftime("%H:%M", start))
+    page.fill(
+        "#create-form [name=window_end]",
+        time.strftime("%H:%M", end if end.tm_mday == start.tm_mday else start),
+    )
+    if end.tm_mday != start.tm_mday:  # near midnight: keep the window inside today
+        page.fill("#create-form [name=window_start]", "23:58")
+        page.fill("#create-form [name=window_end]", "23:59")
+    page.fill("#create-form [name=items]", "Peonies\nVase")
+    page.click("#create-form summary")
+    page.fill("#create-form [name=order]", order)
+    page.fill("#create-form [name=pickup_lat]", "52.5110")
+    page.fill("#create-form [name=pickup_lon]", "13.4200")
+    page.click("#create-submit")
+    page.wait_for_selector(f"tr[data-order='{order}']")
+    page.wait_for_selector(f"#create-status:has-text('Order {order} created')")
+    assert page.inner_text(f"tr[data-order='{order}'] .col-customer") == "Chen <b>Jing</b>"  # text, not HTML
+
+    # No rider is online: the alerts service raises "unassigned"; acknowledge it.
+    page.wait_for_selector(f"#alerts li.alert[data-status=open]:has-text('order {order}')", timeout=40_000)
+    page.click(f"#alerts li.alert[data-status=open]:has-text('order {order}') button")
+    page.wait_for_selector(f"#alerts li.alert[data-status=acknowledged]:has-text('order {order}')")
+
+    # The order's panel: the tracking link and its QR code, then the customer opens the link.
+    page.click(f"tr[data-order='{order}']")
+    page.wait_for_selector("#track-link")
+    wait_for(lambda: page.input_value("#track-link").startswith(settings.web_url + "/track#"), 20, "link")
+    link = page.input_value("#track-link")
+    assert page.evaluate("() => document.querySelector('#track-qr').width") > 50
+    customer = new_page(browser, viewport=PHONE)
+    customer.goto(link)
+    wait_online(customer)
+    customer.wait_for_selector("#status:has-text('Order received')")
+
+    # A simulated rider comes online near the shop; dispatch offers, the rider accepts and rides.
+    rider = ScriptedRider(stack, settings, "r2")
+    try:
+        rider.at(52.5112, 13.4198)
+        rider.online()
+        rider.reply(rider.offer_for(order, timeout=40))
+        wait_for(lambda: board_status(page, order) == "accepted", 20, "accepted on the board")
+        assert page.inner_text(f"tr[data-order='{order}'] .col-rider") == "r2"
+        rider.status(order, OrderStatus.PICKED_UP)
+        wait_for(lambda: board_status(page, order) == "picked up", 20, "picked up on the board")
+        positions = []
+        for i in range(4):
+            rider.at(52.512 + 0.0015 * i, 13.425 + 0.004 * i)
+            wait_for(
+                lambda i=i: (
+                    page.evaluate(
+                        "() => (window.bloomwireDashboard.store.riders.get('r2') || {}).position?.lat"
+                    )
+                    == pytest.approx(52.512 + 0.0015 * i)
+                ),
+                15,
+                "rider position on the dashboard",
+            )
+            positions.append(i)
+        assert page.evaluate("() => window.bloomwireDashboard.map.has('r:r2')")
+        page.wait_for_selector("#order-panel dd:has-text('r2')")
+
+        # Chat from the dashboard reaches the customer's page.
+        page.fill("#order-chat-text", "Your peonies are on the way!")
+        page.click("#order-panel .inline-form:has(#order-chat-text) button")
+        customer.wait_for_selector(".chat-text:has-text('Your peonies are on the way!')")
+        page.wait_for_selector("#order-chat .chat-text:has-text('Your peonies are on the way!')")
+        page.click("#new-order")  # close the form: the board, map, order and alerts in view
+        screenshot(page, "shop-dashboard-desktop", full_page=False)
+        page.set_viewport_size(PHONE)
+        screenshot(page, "shop-dashboard-phone", full_page=False)
+        page.set_viewport_size(DESKTOP)
+        screenshot(customer, "track-chat-from-shop-phone")
+
+        rider.status(order, OrderStatus.EN_ROUTE)
+        wait_for(lambda: board_status(page, order) == "en route", 20, "en route on the board")
+        rider.status(order, OrderStatus.DELIVERED)
+        wait_for(lambda: board_status(page, order) == "delivered", 20, "delivered on the board")
+        assert errors == []
+    finally:
+        rider.close()
+        customer.context.close()
+        page.context.close()
+
+
+# --- outages ---------------------------------------------------------------------------------------------
+
+
+def test_pages_survive_the_broker_restarting(web: WebStack, browser: Any) -> None:
+    """Broker down: both pages say "reconnecting" (no stack trace); back: live, with the current state."""
+    stack, settings = web
+    assert stack.broker is not None
+    shop = ScriptedShop(stack, settings, "s1")
+    try:
+        order = "o-web-restart"
+        shop.create(order)
+        page = new_page(browser)
+        errors = page_errors(page)
+        page.goto(shop.link(settings, order))
+        wait_online(page)
+        page.wait_for_selector("#status:has-text('Order received')")
+        shop.close()
+        board = dashboard(browser, settings, "s3", viewport=PHONE)
+        board_errors = page_errors(board)
+
+        stack.broker.stop()
+        wait_for(lambda: conn_state(page) == "reconnecting", 20, "the customer page to say reconnecting")
+        wait_for(lambda: conn_state(board) == "reconnecting", 20, "the dashboard to say reconnecting")
+        assert page.inner_text("#conn") == "Reconnecting…"
+        screenshot(page, "track-reconnecting-phone")
+        stack.broker.start()  # same ports, same data dir: logins and retained states kept
+
+        wait_online(page, timeout=40)
+        wait_online(board, timeout=40)
+        assert page.is_visible("#content")
+        # What happened while the page was away shows once it is back (the retained state).
+        shop = ScriptedShop(stack, settings, "s1")
+        _cancel(shop, order)
+        page.wait_for_selector("#status:has-text('Cancelled')", timeout=30_000)
+        assert errors == [] and board_errors == []
+        board.context.close()
+        page.context.close()
+    finally:
+        shop.close()
+
+
+def _cancel(shop: ScriptedShop, order: str) -> None:
+    event = ev.OrderCancelledEvent(source=f"{topics.SHOPS}/{shop.shop}", data=ev.OrderCancelled(order=order))
+    shop.client.publish(topics.shop_command(shop.shop, topics.Command.CANCEL_ORDER), ev.encode(event))

@@ -46,7 +46,9 @@ def require_browser_and_broker() -> None:
         pytest.skip("web/node_modules missing: run `make setup` (npm ci in web/)")
 
 
-def start_web_stack(tmp: Path, *, shops: list[str], riders: list[str], grace_s: float = 3.0) -> tuple[Stack, Settings]:
+def start_web_stack(
+    tmp: Path, *, shops: list[str], riders: list[str], grace_s: float = 3.0
+) -> tuple[Stack, Settings]:
     """Broker (access control), persister, dispatch, alerts, provisioner and web."""
     rules = tmp / "rules.toml"
     rules.write_text(FAST_RULES, encoding="utf-8")
@@ -97,7 +99,9 @@ class Inbox:
                 return
             self.seen.append((msg.topic, bytes(msg.payload)))
 
-    def find(self, match: Callable[[str, bytes], bool], timeout: float = 15.0, what: str = "message") -> bytes:
+    def find(
+        self, match: Callable[[str, bytes], bool], timeout: float = 15.0, what: str = "message"
+    ) -> bytes:
         def look() -> bytes | None:
             self.pump()
             for t, p in self.seen:
@@ -164,7 +168,9 @@ class ScriptedRider:
 
     def online(self, online: bool = True) -> None:
         status = ev.Presence.ONLINE if online else ev.Presence.OFFLINE
-        event = ev.RiderPresenceEvent(source=self.source, data=ev.RiderPresence(status=status, on_duty=True, capacity=3))
+        event = ev.RiderPresenceEvent(
+            source=self.source, data=ev.RiderPresence(status=status, on_duty=True, capacity=3)
+        )
         self.send(topics.rider_presence(self.rider), event, retain=True)
 
     def at(self, lat: float, lon: float) -> None:
@@ -177,7 +183,9 @@ class ScriptedRider:
         def mine(t: str, p: bytes) -> bool:
             return t == offers and ev.DispatchOfferEvent.model_validate_json(p).data.order == order
 
-        return ev.DispatchOfferEvent.model_validate_json(self.inbox.find(mine, timeout, f"offer of {order}")).data
+        return ev.DispatchOfferEvent.model_validate_json(
+            self.inbox.find(mine, timeout, f"offer of {order}")
+        ).data
 
     def reply(self, offer: ev.DispatchOffer, accept: bool = True) -> None:
         data = ev.DispatchReply(offer=offer.offer, order=offer.order, accept=accept)
@@ -185,11 +193,15 @@ class ScriptedRider:
 
     def status(self, order: str, status: OrderStatus) -> None:
         data = ev.OrderStatusChanged(order=order, status=status)
-        self.send(topics.rider_order_status(self.rider, order), ev.OrderStatusEvent(source=self.source, data=data))
+        self.send(
+            topics.rider_order_status(self.rider, order), ev.OrderStatusEvent(source=self.source, data=data)
+        )
 
     def chat(self, order: str, text: str) -> None:
         data = ev.OrderChat(order=order, text=text)
-        self.send(topics.rider_order_chat(self.rider, order), ev.OrderChatEvent(source=self.source, data=data))
+        self.send(
+            topics.rider_order_chat(self.rider, order), ev.OrderChatEvent(source=self.source, data=data)
+        )
 
     def heard(self, text: str, timeout: float = 15.0) -> None:
         chat = topics.rider_inbox(self.rider, topics.Inbox.CHAT)
@@ -200,11 +212,11 @@ class ScriptedRider:
         self.client.close()
 
 
-def screenshot(page: Any, name: str) -> Path:
-    """Save a full-page screenshot under test-artifacts/screenshots/."""
+def screenshot(page: Any, name: str, *, full_page: bool = True) -> Path:
+    """Save a screenshot (the whole page, or what the window shows) under test-artifacts/screenshots/."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     return path
 
 

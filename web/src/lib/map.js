@@ -28,6 +28,18 @@ export class MapView {
     this.map.setView(center, zoom);
     this.layers = new Map();
     this.fitted = false;
+    this.fittedCount = 0;
+    this.userMoved = false; // once the reader pans or zooms, the map stops framing by itself
+    for (const kind of ['mousedown', 'touchstart', 'wheel', 'keydown']) {
+      element.addEventListener(kind, () => { this.userMoved = true; }, { passive: true });
+    }
+  }
+
+  /** Frame every point again when points were added, unless the reader moved the map. */
+  autoFit() {
+    if (this.userMoved || this.layers.size <= this.fittedCount) return;
+    this.fittedCount = this.layers.size;
+    this.fit(true);
   }
 
   /** Create or move the point `key`; `style`: Leaflet path options; `text`: a tooltip. */

@@ -45,7 +45,6 @@ export class Board {
     this.filter = 'all';
     this.sortTimer = null;
     this.selected = null;
-    this.counts = {};
   }
 
   /** Rows for these orders (created when new), then a sort soon. */
@@ -143,6 +142,15 @@ export class Board {
       const tr = this.rows.get(order.id).tr;
       if (children[i] !== tr) this.tbody.insertBefore(tr, children[i] || null);
     });
-    this.counts = Object.fromEntries(Object.keys(FILTERS).map((f) => [f, orders.filter((o) => today(o) && FILTERS[f](o.state.status)).length]));
+  }
+
+  /** How many of today's orders each filter shows. */
+  countAll() {
+    const counts = Object.fromEntries(Object.keys(FILTERS).map((f) => [f, 0]));
+    for (const order of this.store.orders.values()) {
+      if (!order.state || !today(order)) continue;
+      for (const [name, test] of Object.entries(FILTERS)) if (test(order.state.status)) counts[name] += 1;
+    }
+    return counts;
   }
 }

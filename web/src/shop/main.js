@@ -113,11 +113,11 @@ class Dashboard {
   counts() {
     clearTimeout(this.countTimer);
     this.countTimer = setTimeout(() => {
-      const counts = this.board.counts;
+      const counts = this.board.countAll();
       document.querySelectorAll('[data-filter]').forEach((chip) => {
         setText(chip.querySelector('span'), counts[chip.dataset.filter] ?? '');
       });
-    }, 1100);
+    }, 250);
   }
 
   drawMap(orderIds, riderIds) {
@@ -145,7 +145,7 @@ class Dashboard {
     }
     const pickup = this.create.pickup();
     if (pickup) this.map.point('shop', [pickup.lat, pickup.lon], { color: COLORS.shop, fillColor: COLORS.shop, radius: 8 }, 'shop');
-    if (orderIds.size || riderIds.size) this.map.fit();
+    this.map.autoFit();
   }
 
   select(id) {
@@ -200,7 +200,8 @@ function login(config, username, password) {
     if (state === 'refused') {
       clearTimeout(slow);
       sessionStorage.removeItem(CREDS_KEY);
-      showLogin(reason === 0x87 || reason === 5 ? 'This login may not use the dashboard (not authorised).' : 'Wrong login or password.');
+      // Mosquitto answers 0x87 (not authorised) for a wrong password and an unknown login alike.
+      showLogin(`Wrong login or password (the broker said ${reason === 0x86 ? 'bad login' : 'not authorised'}).`);
     }
   });
   connection.start();

@@ -35,6 +35,7 @@ export class OrderPanel {
     this.riderInput = h('input', { id: 'assign-rider', list: 'rider-list', placeholder: 'rider id', autocomplete: 'off' });
     this.riderList = h('datalist', { id: 'rider-list' });
     this.assignButton = h('button', { type: 'submit' }, 'Assign');
+    this.riderNote = h('p', { class: 'muted small' });
     this.assignForm = h('form', { class: 'inline-form', onsubmit: (e) => { e.preventDefault(); this.assign(); } }, this.riderInput, this.riderList, this.assignButton);
     this.cancelReason = h('input', { id: 'cancel-reason', placeholder: 'reason (optional)', maxlength: '500' });
     this.cancelButton = h('button', { type: 'submit', class: 'danger' }, 'Cancel order');
@@ -46,7 +47,7 @@ export class OrderPanel {
     this.root.replaceChildren(
       this.title, this.facts, this.message,
       h('h3', {}, 'Tracking link'), this.noLink, this.linkBox,
-      h('h3', {}, 'Rider'), this.assignForm,
+      h('h3', {}, 'Rider'), this.riderNote, this.assignForm,
       h('h3', {}, 'Chat'), this.chatList, this.chatForm,
       h('details', { class: 'more' }, h('summary', {}, 'Timeline and cancel'), this.timeline, this.cancelForm),
     );
@@ -82,7 +83,9 @@ export class OrderPanel {
     this.facts.replaceChildren(...facts.flatMap(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
     this.timeline.replaceChildren(...(s.timeline || []).map((e) => h('li', {}, h('time', {}, clock(e.at)), ' ', e.status.replace('_', ' '), e.note ? ` (${e.note})` : '')));
     this.renderLink(order);
-    this.assignForm.hidden = !canMove(s.status, 'assigned');
+    const assignable = canMove(s.status, 'assigned');
+    this.assignForm.hidden = !assignable;
+    setText(this.riderNote, assignable ? '' : s.rider ? `${s.rider} has it (${s.status.replace('_', ' ')}); it can no longer be reassigned.` : 'This order can no longer be assigned.');
     this.assignButton.textContent = s.rider ? 'Reassign' : 'Assign';
     this.riderList.replaceChildren(...[...this.store.riders.values()].map((r) => h('option', { value: r.id }, `${r.presence || ''} · load ${r.load}/${r.capacity}`)));
     this.cancelForm.hidden = !canMove(s.status, 'cancelled');

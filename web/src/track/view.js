@@ -208,10 +208,7 @@ export class TrackView {
     $('#map').dataset.rider = showRider ? 'shown' : 'hidden';
     const note = this.closed() ? t('map.done') : showRider ? '' : t('map.waiting');
     setText($('#map-note'), note);
-    if (map.layers.size !== this.fitCount) {  // a new kind of point: show them all
-      this.fitCount = map.layers.size;
-      map.fit(true);
-    }
+    map.autoFit();
   }
 
   renderItems() {

@@ -59,7 +59,9 @@ async def bridge(ws: WebSocket, upstream: Upstream, stats: BridgeStats) -> None:
         )
     except (OSError, TimeoutError) as exc:
         stats.refused += 1
-        log.warning("broker unreachable for a page", broker=f"{upstream.host}:{upstream.port}", error=str(exc))
+        log.warning(
+            "broker unreachable for a page", broker=f"{upstream.host}:{upstream.port}", error=str(exc)
+        )
         await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         await ws.close(TRY_AGAIN_LATER, "broker unavailable")
         return
@@ -70,7 +72,10 @@ async def bridge(ws: WebSocket, upstream: Upstream, stats: BridgeStats) -> None:
     await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     stats.open += 1
     stats.opened += 1
-    pumps = [asyncio.create_task(_page_to_broker(ws, writer)), asyncio.create_task(_broker_to_page(ws, reader))]
+    pumps = [
+        asyncio.create_task(_page_to_broker(ws, writer)),
+        asyncio.create_task(_broker_to_page(ws, reader)),
+    ]
     try:
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -30,7 +30,9 @@ def _topics() -> dict[str, str]:
     found = {
         f"order_{ch.value}": template(topics.order_topic, *order, ch.value) for ch in topics.OrderChannel
     }
-    found |= {f"command_{c.name.lower()}": template(topics.shop_command, "{shop}", c.value) for c in topics.Command}
+    found |= {
+        f"command_{c.name.lower()}": template(topics.shop_command, "{shop}", c.value) for c in topics.Command
+    }
     found |= {
         "order_access": template(topics.access_topic, *order),
         "shop_all": template(topics.shop_filter, "{shop}"),

@@ -103,7 +103,12 @@ class Enroller:
                 login = await asyncio.to_thread(self._enrol, request)
             except BrokerError as exc:
                 status, code = classify(exc)
-                if code == "invalid_link" and summary.status in ("delivered", "failed", "cancelled", "returned"):
+                if code == "invalid_link" and summary.status in (
+                    "delivered",
+                    "failed",
+                    "cancelled",
+                    "returned",
+                ):
                     status, code = 410, "expired"  # revoked early, or the grace setting differs
                 log.info("enrolment refused", shop=request.shop, order=request.order, code=code, why=str(exc))
                 return Answer.error(status, code)

@@ -77,7 +77,9 @@ class WebService:
             server_header=False,
         )
         server = uvicorn.Server(config)
-        status = Connection(settings, settings.broker_username or NAME, status_topic=topics.service_status(NAME))
+        status = Connection(
+            settings, settings.broker_username or NAME, status_topic=topics.service_status(NAME)
+        )
         status.announce_online = False
         status.start()
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -88,7 +90,9 @@ class WebService:
                 status.publish(status.status_topic or "", status.online_payload, retain=True)
             self.ready.set()
             public = settings.model_copy(update={"web_port": self.port}).web_url
-            log.info("web service running", url=public, broker=f"{settings.broker_host}:{settings.broker_port}")
+            log.info(
+                "web service running", url=public, broker=f"{settings.broker_host}:{settings.broker_port}"
+            )
             await self._until_stopped(server, serving, stop)
         finally:
             server.should_exit = True
