@@ -184,7 +184,11 @@ def _wait_for_signal(alive: Any) -> None:
 def service_run(
     ctx: typer.Context,
     name: Annotated[
-        str, typer.Argument(help="persister, dispatch, alerts, or provisioner (access control only).")
+        str,
+        typer.Argument(
+            help="persister, dispatch, alerts, web (pages and the browsers' MQTT bridge), or "
+            "provisioner (access control only)."
+        ),
     ],
 ) -> None:
     """Run one service against the broker named by BLOOMWIRE_BROKER_HOST/PORT."""
@@ -218,11 +222,13 @@ def up(
     accounts, passwords in DATA_DIR/secrets/<name>; later starts keep them.
     Each order's customer login goes to its shop on shops/S/orders/O/access.
     """
-    from bloomwire.app.supervisor import Stack
+    from bloomwire.app.supervisor import SERVICES, WEB, Stack
 
     settings = make_settings(ctx)
     try:
-        stack = Stack(settings, access=access, shops=_names(shops), riders=_names(riders))
+        stack = Stack(
+            settings, services=(*SERVICES, WEB), access=access, shops=_names(shops), riders=_names(riders)
+        )
         settings = stack.start()
     except BloomwireError as exc:
         raise fail(str(exc)) from None
@@ -237,6 +243,12 @@ def up(
         f"{', '.join(stack.children)} online; store {settings.database_url}; passwords in "
         f"{settings.data_dir / 'secrets'}; logs in {settings.data_dir / 'logs'}. "
         "Ctrl-C stops everything."
+    )
+    console.print(
+        f"Shop dashboard: {settings.web_url}/shop (log in as a shop, password in "
+        f"{settings.data_dir / 'secrets'}/<shop>); customers open the tracking links "
+        "`bloomwire shop order create` prints.",
+        soft_wrap=True,
     )
     _wait_for_signal(lambda: not stack.check())
     dead = stack.check()

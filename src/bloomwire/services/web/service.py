@@ -22,6 +22,7 @@ from bloomwire.runtime.settings import Settings
 from bloomwire.services.web.app import create_app
 from bloomwire.services.web.assets import web_root
 from bloomwire.services.web.bridge import BridgeStats
+from bloomwire.services.web.links import record_web_url
 
 NAME = "web"
 #: Largest websocket message a page may send (the broker's own packet limit is 256 KiB).
@@ -90,6 +91,7 @@ class WebService:
                 status.publish(status.status_topic or "", status.online_payload, retain=True)
             self.ready.set()
             public = settings.model_copy(update={"web_port": self.port}).web_url
+            record_web_url(settings, public)
             log.info(
                 "web service running", url=public, broker=f"{settings.broker_host}:{settings.broker_port}"
             )
