@@ -364,6 +364,28 @@ def bench_alerts(
     )
 
 
+@bench_app.command("web")
+def bench_web(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option(help="Open orders on the dashboard (0 = skip the dashboard).")] = 500,
+    riders: Annotated[int, typer.Option(help="Riders moving, a position every 5 s each.")] = 200,
+    seconds: Annotated[float, typer.Option(help="How long the riders move.")] = 30.0,
+    pages: Annotated[int, typer.Option(help="Customer tracking pages open at once (0 = skip).")] = 50,
+) -> None:
+    """The shop dashboard under load and many customer pages, measured inside Chromium.
+
+    Prints publish → DOM updated P50/P99, frames dropped and JS heap of the
+    dashboard, the web service's and broker's CPU, and for N customer pages
+    the time until all are live, shop chat → page latency and renderer memory.
+    """
+    from bloomwire.app.bench import web as bench
+
+    try:
+        bench.main(make_settings(ctx), console, orders=orders, riders=riders, seconds=seconds, pages=pages)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+
+
 @bench_app.command("access")
 def bench_access(
     orders: Annotated[int, typer.Option(help="Customer accesses already live on the broker.")] = 5_000,
