@@ -52,7 +52,9 @@ export class MapView {
     } else {
       const at = layer.getLatLng();
       if (at.lat !== latlng[0] || at.lng !== latlng[1]) layer.setLatLng(latlng);
-      layer.setStyle(style);
+      const key = JSON.stringify(style); // a canvas redraw only when the look changed
+      if (layer.styleKey !== key) layer.setStyle(style);
+      layer.styleKey = key;
     }
     return layer;
   }
