@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 LINT_PATHS = src tests
 
 .DEFAULT_GOAL := help
-.PHONY: help setup python-check mosquitto test lint fmt demo up bench clean compose-secrets
+.PHONY: help setup python-check mosquitto node chromium test lint fmt demo up bench bench-web clean compose-secrets
 
 help: ## list the targets
 	@echo "Bloomwire make targets:"
@@ -17,7 +17,9 @@ help: ## list the targets
 		| awk 'BEGIN {FS = ":.*## "}; {printf "  %-30s %s\n", $$1, $$2}'
 	@echo "Variables: PY=$(PY) (interpreter for the venv), PYTEST_ARGS='$(PYTEST_ARGS)'"
 
-setup: python-check $(STAMP) mosquitto ## create .venv, install Bloomwire (editable, dev extras) and Mosquitto
+WEB_STAMP = web/node_modules/.bloomwire-installed
+
+setup: python-check $(STAMP) mosquitto $(WEB_STAMP) chromium ## .venv with Bloomwire (editable, dev extras), Mosquitto, the web pages' npm packages, Chromium
 
 python-check:
 	@command -v $(PY) >/dev/null 2>&1 || { \
@@ -60,6 +62,40 @@ mosquitto:
 		exit 1; \
 	fi
 
+# Installs Debian packages like the mosquitto target: as root, else with sudo, else says how.
+define apt_install
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "error: $(1) is not installed and apt-get is not available; install $(2) with your package manager."; \
+		exit 1; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing $(2) with apt-get"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(2); \
+	elif command -v sudo >/dev/null 2>&1; then \
+		echo "installing $(2) with sudo apt-get"; \
+		sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y $(2); \
+	else \
+		echo "error: $(1) is not installed and this is not root and has no sudo."; \
+		echo "       As root run: apt-get install -y $(2)"; \
+		exit 1; \
+	fi
+endef
+
+node:
+	@if command -v npm >/dev/null 2>&1; then exit 0; fi; \
+	$(call apt_install,npm,nodejs npm)
+
+# The browser pages' packages (MQTT.js, Leaflet, qrcode-generator), exactly as web/package-lock.json
+# pins them; again whenever the lockfile changes.
+$(WEB_STAMP): web/package-lock.json | node
+	cd web && npm ci --no-audit --no-fund
+	@touch $@
+
+# The web tests and `bloomwire bench web` drive Debian's Chromium (Playwright cannot download its
+# own browser here); a CJK font so the Chinese text of the customer page renders.
+chromium:
+	@if [ -x /usr/bin/chromium ] && fc-list 2>/dev/null | grep -qi "wqy\|noto sans cjk"; then exit 0; fi; \
+	$(call apt_install,chromium,chromium fonts-wqy-microhei)
+
 test: setup ## run the test suite against a real Mosquitto (PYTEST_ARGS=... to pass options)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -80,6 +116,9 @@ up: setup ## run broker and services locally until Ctrl-C
 
 bench: setup ## ingest benchmark
 	$(BIN)/bloomwire bench ingest
+
+bench-web: setup ## web benchmark: dashboard with 500 orders and 200 riders, N customer pages
+	$(BIN)/bloomwire bench web
 
 broker/mosquitto.docker.conf: broker/mosquitto.conf.template src/bloomwire/runtime/broker.py | $(STAMP) ## regenerate the compose broker config
 	$(BIN)/python -m bloomwire.runtime.broker docker-config > $@

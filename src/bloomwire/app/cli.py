@@ -185,7 +185,11 @@ def _wait_for_signal(alive: Any) -> None:
 def service_run(
     ctx: typer.Context,
     name: Annotated[
-        str, typer.Argument(help="persister, dispatch, alerts, or provisioner (access control only).")
+        str,
+        typer.Argument(
+            help="persister, dispatch, alerts, web (pages and the browsers' MQTT bridge), or "
+            "provisioner (access control only)."
+        ),
     ],
 ) -> None:
     """Run one service against the broker named by BLOOMWIRE_BROKER_HOST/PORT."""
@@ -219,11 +223,13 @@ def up(
     accounts, passwords in DATA_DIR/secrets/<name>; later starts keep them.
     Each order's customer login goes to its shop on shops/S/orders/O/access.
     """
-    from bloomwire.app.supervisor import Stack
+    from bloomwire.app.supervisor import SERVICES, WEB, Stack
 
     settings = make_settings(ctx)
     try:
-        stack = Stack(settings, access=access, shops=_names(shops), riders=_names(riders))
+        stack = Stack(
+            settings, services=(*SERVICES, WEB), access=access, shops=_names(shops), riders=_names(riders)
+        )
         settings = stack.start()
     except BloomwireError as exc:
         raise fail(str(exc)) from None
@@ -238,6 +244,12 @@ def up(
         f"{', '.join(stack.children)} online; store {settings.database_url}; passwords in "
         f"{settings.data_dir / 'secrets'}; logs in {settings.data_dir / 'logs'}. "
         "Ctrl-C stops everything."
+    )
+    console.print(
+        f"Shop dashboard: {settings.web_url}/shop (log in as a shop, password in "
+        f"{settings.data_dir / 'secrets'}/<shop>); customers open the tracking links "
+        "`bloomwire shop order create` prints.",
+        soft_wrap=True,
     )
     _wait_for_signal(lambda: not stack.check())
     dead = stack.check()
@@ -378,6 +390,28 @@ def bench_alerts(
         console=console,
     )
     _record(record, reports)
+
+
+@bench_app.command("web")
+def bench_web(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option(help="Open orders on the dashboard (0 = skip the dashboard).")] = 500,
+    riders: Annotated[int, typer.Option(help="Riders moving, a position every 5 s each.")] = 200,
+    seconds: Annotated[float, typer.Option(help="How long the riders move.")] = 30.0,
+    pages: Annotated[int, typer.Option(help="Customer tracking pages open at once (0 = skip).")] = 50,
+) -> None:
+    """The shop dashboard under load and many customer pages, measured inside Chromium.
+
+    Prints publish → DOM updated P50/P99, frames dropped and JS heap of the
+    dashboard, the web service's and broker's CPU, and for N customer pages
+    the time until all are live, shop chat → page latency and renderer memory.
+    """
+    from bloomwire.app.bench import web as bench
+
+    try:
+        bench.main(make_settings(ctx), console, orders=orders, riders=riders, seconds=seconds, pages=pages)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
 
 
 @bench_app.command("access")

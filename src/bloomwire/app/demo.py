@@ -34,6 +34,7 @@ from bloomwire.app.simulate.metrics import percentile
 from bloomwire.app.simulate.plan import DayPlan, Rates, outcome_of, plan_day, rename
 from bloomwire.app.simulate.runner import SimResult, Simulation
 from bloomwire.app.simulate.view import watch
+from bloomwire.app.weblinks import announce_links, dashboard_line
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime.aio import cancel_and_wait
 from bloomwire.runtime.broker import ensure_secret
@@ -272,6 +273,29 @@ async def _play(
                 loop.remove_signal_handler(sig)
 
 
+async def _play_with_links(
+    sim: Simulation, console: Console, settings: Settings, *, live: bool, check: Callable[[], list[str]]
+) -> SimResult:
+    """:func:`_play`, printing the first tracking links as the shops create orders."""
+    announcer = asyncio.create_task(announce_links(settings, console))
+    try:
+        return await _play(sim, console, live=live, check=check)
+    finally:
+        await cancel_and_wait(announcer)
+
+
+def _hold(check: Callable[[], list[str]]) -> None:
+    """Wait for Ctrl-C / SIGTERM (or a service exiting)."""
+    stop = threading.Event()
+    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5) and not check():
+            pass
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def scaled_alert_rules(speed: float) -> str:
     """Alert thresholds for a compressed day: the built-in ones in SIMULATED minutes.
 
@@ -359,13 +383,16 @@ def run_demo(
     rates: Rates | None = None,
     live: bool | None = None,
     access: bool = True,
+    keep_up: bool = False,
 ) -> int:
     """The whole demo; returns the exit code (0, or 1 if an event was lost or a service died).
 
     ``access``: the broker runs with access control (every identity only its own topics; each
     customer's login issued by the provisioner), as ``bloomwire up`` does by default.
+    ``keep_up``: after the day and its summary, the stack (web pages included) stays up until
+    Ctrl-C, for a person to look around.
     """
-    from bloomwire.app.supervisor import SERVICES, Stack
+    from bloomwire.app.supervisor import SERVICES, WEB, Stack
 
     if not minutes > 0:
         raise UsageError(f"--minutes must be positive, not {minutes}")
@@ -375,6 +402,7 @@ def run_demo(
     root.mkdir(parents=True)
     demo_settings = settings.model_copy(
         update={
+            "shop_names": {s.id: s.name for s in plan.shops} | settings.shop_names,
             "data_dir": root,
             "database_url": f"sqlite:///{(root / 'bloomwire.db').resolve()}",
             "broker_port": 0,
@@ -383,7 +411,7 @@ def run_demo(
             "broker_password": None,
         }
     )
-    services = tuple(SERVICES)
+    services = (*SERVICES, WEB)
     mode = resolve_assign(assign, services)
     users = Simulation.users(plan, customers=not access)
     if "alerts" in services:
@@ -415,11 +443,21 @@ def run_demo(
             + f" · services {', '.join(stack.children)} online · riders assigned by "
             + ("the dispatch service" if mode == "dispatch" else "the shops (no dispatch service)")
         )
+        console.print(dashboard_line(live_settings, plan.shops[0].id, show_password=True), soft_wrap=True)
         config = SimConfig(minutes=minutes, assign=mode, outbox_dir=root / "outboxes", access_control=access)
         provision = _provisioner(root, set(users), stack.add_user)
         sim = Simulation(live_settings, plan, config, provision)
-        result = asyncio.run(_play(sim, console, live=live, check=stack.check))
+        result = asyncio.run(_play_with_links(sim, console, live_settings, live=live, check=stack.check))
         dead = stack.check()
+        if keep_up and not result.stopped_early and not dead:
+            console.print(
+                "The day is over and the stack stays up (--keep-up): "
+                + dashboard_line(live_settings, plan.shops[0].id, show_password=True)
+                + ". Ctrl-C stops everything and prints the summary.",
+                soft_wrap=True,
+            )
+            _hold(stack.check)
+            dead = stack.check()
     finally:
         stack.stop()
     figures = store_figures(demo_settings.database_url, result.metrics.events, (o.id for o in plan.orders))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bloomwire.contract import topics
 from bloomwire.errors import BrokerError
-from bloomwire.runtime.broker import Mosquitto, ensure_secret
+from bloomwire.runtime.broker import Mosquitto, ensure_secret, free_port
 from bloomwire.runtime.mqtt import Connection
 from bloomwire.runtime.settings import Settings
 
@@ -41,8 +41,12 @@ SERVICES: dict[str, str] = {
 ACCESS_SERVICES: dict[str, str] = {
     "provisioner": "bloomwire.services.provisioner",
 }
+#: The web service (pages, enrolment, the browsers' MQTT bridge): ``bloomwire up`` and the demo
+#: add it; other stacks (most tests) run without it.
+WEB = "web"
+WEB_SERVICES: dict[str, str] = {WEB: "bloomwire.services.web"}
 #: Every service ``bloomwire service run`` knows.
-ALL_SERVICES: dict[str, str] = {**SERVICES, **ACCESS_SERVICES}
+ALL_SERVICES: dict[str, str] = {**SERVICES, **ACCESS_SERVICES, **WEB_SERVICES}
 PROVISIONER = "provisioner"
 OPERATOR = "operator"
 #: Identities that bootstrap creates with roles of their own (not ``service/N`` accounts).
@@ -233,6 +237,8 @@ class Stack:
     def start(self, timeout: float = 60.0) -> Settings:
         """Broker, then every service; returns once all say online."""
         self.start_broker()
+        if WEB in self.services and self.settings.web_port == 0:  # its address must be known to print it
+            self.settings = self.settings.model_copy(update={"web_port": free_port(self.settings.web_host)})
         for name in self.services:
             self.start_service(name)
         try:

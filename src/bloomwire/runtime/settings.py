@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -62,6 +63,26 @@ class Settings(BaseSettings):
         le=100,
         description="Access-control mode: logins per order (the first one plus enrolled devices)",
     )
+    web_host: str = Field(default="127.0.0.1", description="Address the web service listens on")
+    web_port: int = Field(
+        default=0, ge=0, le=65535, description="Web service port (0 = a free one, chosen at start)"
+    )
+    public_url: str = Field(
+        default="",
+        description="Base URL customers and shops are told (tracking links); empty = http://web_host:web_port",
+    )
+    map_tile_url: str = Field(
+        default="",
+        description="Map tiles for the web pages, e.g. https://tile.example/{z}/{x}/{y}.png; empty = "
+        "a plain background (nothing is fetched from the internet)",
+    )
+    map_attribution: str = Field(default="", description="Attribution text shown with map_tile_url's tiles")
+    shop_names: dict[str, str] = Field(
+        default_factory=dict, description='Display names of shops, JSON: {"s1": "Blumen Anna"}'
+    )
+    web_root: Path | None = Field(
+        default=None, description="The web/ folder (pages, node_modules); default: the source tree's"
+    )
     log_level: LogLevel = Field(default="INFO")
     log_json: bool = Field(default=False, description="Log JSON lines instead of console text")
 
@@ -87,8 +108,19 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None or name == "broker_password":
                 continue
+            if isinstance(value, dict):
+                env[f"BLOOMWIRE_{name.upper()}"] = json.dumps(value)
+                continue
             env[f"BLOOMWIRE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
+
+    @property
+    def web_url(self) -> str:
+        """Where people open the pages: ``public_url``, else ``http://web_host:web_port``."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.web_host}]" if ":" in self.web_host else self.web_host
+        return f"http://{host}:{self.web_port}"
 
     def as_identity(self, username: str, password: str) -> Settings:
         """A copy that connects to the broker as another identity."""

@@ -26,6 +26,7 @@ from bloomwire.errors import BloomwireError
 from bloomwire.runtime.settings import Settings
 
 if TYPE_CHECKING:
+    from bloomwire.app.clients.access import CustomerAccess
     from bloomwire.app.clients.base import Outcome
     from bloomwire.app.clients.rider import Outgoing
     from bloomwire.app.clients.shop import ShopTerminal
@@ -524,9 +525,24 @@ def shop_order_create(
         console.print(f"[green]order {created.order} created[/green] for {name}")
         if created.access is not None:
             console.print(created.access.describe())
+            _print_tracking_link(_settings(ctx), created.access)
         return 0
 
     _shop(ctx, shop, password, username, action)
+
+
+def _print_tracking_link(settings: Settings, access: CustomerAccess) -> None:
+    """The customer's tracking link, when the order has a login and the web service an address."""
+    from bloomwire.services.web.links import tracking_link, web_url
+
+    if access.password is None:
+        return
+    base = web_url(settings)
+    if base is None:
+        console.print("tracking link: start the web service (`bloomwire up`) or set BLOOMWIRE_PUBLIC_URL")
+        return
+    link = tracking_link(base, access.shop, access.order, access.customer, access.username, access.password)
+    console.print(f"tracking link (send it to the customer; it carries their login): {link}", soft_wrap=True)
 
 
 @shop_app.command("watch")
@@ -906,6 +922,13 @@ def demo(
             "from the provisioner), or a plain password file.",
         ),
     ] = True,
+    keep_up: Annotated[
+        bool,
+        typer.Option(
+            "--keep-up/--no-keep-up",
+            help="After the day and its summary, keep the stack and its web pages up until Ctrl-C.",
+        ),
+    ] = False,
 ) -> None:
     """The main job: broker, services and a simulated Berlin shop day on a fresh SQLite store.
 
@@ -927,6 +950,7 @@ def demo(
             seed=seed,
             assign=choice,
             access=access,
+            keep_up=keep_up,
         )
     except UsageError as exc:
         raise _fail(str(exc), 2) from None

@@ -1,0 +1,127 @@
+"""``bloomwire service run web``: the ASGI app under uvicorn, and ``services/web/status`` like every service.
+
+It binds its socket before anything else (``web_port`` 0 = a free port, logged), says ``online``
+on its retained status topic once uvicorn serves (``offline`` when it stops, or as its Last
+Will), and stops on SIGINT/SIGTERM or a ``stop`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from typing import Any
+
+import uvicorn
+
+from bloomwire.contract import topics
+from bloomwire.runtime.log import get_logger
+from bloomwire.runtime.mqtt import Connection
+from bloomwire.runtime.settings import Settings
+from bloomwire.services.web.app import create_app
+from bloomwire.services.web.assets import web_root
+from bloomwire.services.web.bridge import BridgeStats
+from bloomwire.services.web.links import record_web_url
+
+NAME = "web"
+#: Largest websocket message a page may send (the broker's own packet limit is 256 KiB).
+WS_MAX_SIZE = 512 * 1024
+log = get_logger("bloomwire.services.web")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0 = a free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class WebService:
+    """The web service: ``await WebService(settings).run(settings)``."""
+
+    name = NAME
+
+    def __init__(self, settings: Settings) -> None:
+        self.root = web_root(settings.web_root)  # a missing `npm ci` fails here, clearly
+        self.stats = BridgeStats()
+        self.port: int | None = None
+        self.ready = asyncio.Event()
+
+    async def run(
+        self, settings: Settings, *, stop: asyncio.Event | None = None, install_signals: bool = True
+    ) -> None:
+        """Serve until ``stop`` is set or SIGINT/SIGTERM arrives."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if install_signals:  # uvicorn takes the signals while it serves and hands them back after
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+        sock = bind(settings.web_host, settings.web_port)
+        self.port = sock.getsockname()[1]
+        app = create_app(settings, self.root, stats=self.stats)
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            ws="websockets-sansio",
+            ws_max_size=WS_MAX_SIZE,
+            lifespan="off",
+            server_header=False,
+        )
+        server = uvicorn.Server(config)
+        status = Connection(
+            settings, settings.broker_username or NAME, status_topic=topics.service_status(NAME)
+        )
+        status.announce_online = False
+        status.start()
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            await self._until_started(server, serving)
+            status.announce_online = True
+            if status.connected.is_set():
+                status.publish(status.status_topic or "", status.online_payload, retain=True)
+            self.ready.set()
+            public = settings.model_copy(update={"web_port": self.port}).web_url
+            record_web_url(settings, public)
+            log.info(
+                "web service running", url=public, broker=f"{settings.broker_host}:{settings.broker_port}"
+            )
+            await self._until_stopped(server, serving, stop)
+        finally:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await serving
+            sock.close()
+            await status.stop()
+            log.info("web service stopped", pages_served=self.stats.opened)
+
+    @staticmethod
+    async def _until_started(server: uvicorn.Server, serving: asyncio.Task[Any]) -> None:
+        while not server.started:
+            if serving.done():
+                serving.result()  # raises what stopped it
+                return
+            await asyncio.sleep(0.01)
+
+    @staticmethod
+    async def _until_stopped(server: uvicorn.Server, serving: asyncio.Task[Any], stop: asyncio.Event) -> None:
+        waiter = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([serving, waiter], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        server.should_exit = True
+
+
+def build(settings: Settings) -> WebService:
+    """Declare the web service (checks that the pages and npm packages are there)."""
+    return WebService(settings)

@@ -1,0 +1,261 @@
+// What the customer sees, built from the four channels of their order and kept in step with
+// them. All text goes in as text (chat and names can never become HTML).
+import { lifecycle } from '../lib/contract.js';
+import { $, h, setText } from '../lib/dom.js';
+import { clock, t } from '../lib/i18n.js';
+import { COLORS, MapView } from '../lib/map.js';
+
+const TRAIL_MAX = 300;
+const CHAT_MAX = 200;
+
+export class TrackView {
+  constructor(link, config, cache) {
+    this.link = link;
+    this.config = config;
+    this.cache = cache;
+    this.summary = null;
+    this.state = null; // the retained OrderState
+    this.status = null;
+    this.eta = null;
+    this.position = null;
+    this.incident = null;
+    const kept = cache.load();
+    this.trail = kept.trail || [];
+    this.chat = new Map((kept.chat || []).map((line) => [line.id, line]));
+    this.mine = new Set(kept.mine || []);
+    this.map = null;
+  }
+
+  showContent() {
+    $('#content').hidden = false;
+    $('#page').hidden = true;
+    if (!this.map) {
+      this.map = new MapView($('#map'), this.config);
+      this.render();
+    }
+    this.map.resize();
+  }
+
+  setSummary(summary) {
+    this.summary = summary || this.summary;
+    this.render();
+  }
+
+  // --- messages ------------------------------------------------------------------------------
+
+  onState(state) {
+    this.state = state;
+    this.status = state.status;
+    this.eta = state.eta || null;
+    if (state.position) this.addPosition(state.position);
+    this.render();
+  }
+
+  onStatusEvent(event) {
+    const data = event.data || {};
+    if (data.status) {
+      this.status = data.status;
+      if (this.state) {
+        const timeline = this.state.timeline || [];
+        if (!timeline.some((e) => e.status === data.status && e.at === event.time)) {
+          timeline.push({ status: data.status, at: event.time, note: data.note || '' });
+        }
+        this.state.timeline = timeline;
+        this.state.status = data.status;
+      }
+    } else if (data.reason) {
+      this.incident = { reason: data.reason, eta: data.eta || null, note: data.note || '' };
+      if (data.eta) this.eta = data.eta;
+    }
+    this.render();
+  }
+
+  onLocation(location) {
+    if (!this.outForDelivery()) return; // never show the rider outside the delivery itself
+    this.addPosition(location.position);
+    if (location.eta) this.eta = location.eta;
+    this.render();
+  }
+
+  onChat(event) {
+    const data = event.data || {};
+    const line = { id: event.id, author: data.author || '', text: data.text || '', at: event.time, state: 'ok' };
+    this.chat.set(event.id, line);
+    this.trimChat();
+    this.save();
+    this.renderChat();
+  }
+
+  onRefusal(refusal) {
+    const line = refusal && this.chat.get(refusal.id);
+    if (!line) return;
+    line.state = 'refused';
+    line.reason = refusal.reason || '';
+    this.renderChat();
+  }
+
+  /** A line this device sent, shown at once and confirmed when the backbone publishes it. */
+  sending(id, text) {
+    this.mine.add(id);
+    this.chat.set(id, { id, author: 'customer:', text, at: new Date().toISOString(), state: 'sending' });
+    this.save();
+    this.renderChat();
+  }
+
+  addPosition(position) {
+    if (!position || typeof position.lat !== 'number' || typeof position.lon !== 'number') return;
+    this.position = position;
+    const last = this.trail[this.trail.length - 1];
+    if (!last || last[0] !== position.lat || last[1] !== position.lon) {
+      this.trail.push([position.lat, position.lon]);
+      if (this.trail.length > TRAIL_MAX) this.trail.splice(0, this.trail.length - TRAIL_MAX);
+      this.save();
+    }
+  }
+
+  trimChat() {
+    while (this.chat.size > CHAT_MAX) this.chat.delete(this.chat.keys().next().value);
+  }
+
+  save() {
+    this.cache.save({ trail: this.trail, chat: [...this.chat.values()], mine: [...this.mine] });
+  }
+
+  outForDelivery() {
+    return lifecycle().out_for_delivery.includes(this.status);
+  }
+
+  closed() {
+    return lifecycle().closed.includes(this.status);
+  }
+
+  // --- drawing -------------------------------------------------------------------------------
+
+  render() {
+    if (!this.map) return;
+    this.renderHeader();
+    this.renderStatus();
+    this.renderMap();
+    this.renderItems();
+    this.renderTimeline();
+    this.renderChat();
+  }
+
+  renderHeader() {
+    const shop = (this.summary && this.summary.shop_name) || this.config.shop_names[this.link.shop] || this.link.shop;
+    setText($('#shop-name'), t('from', { shop }));
+    setText($('#order-id'), t('order', { order: this.link.order }));
+    document.title = `${shop} · ${t('title')}`;
+  }
+
+  renderStatus() {
+    const status = this.status;
+    setText($('#status'), status ? t(`status.${status}`) : t('page.loading'));
+    const window_ = this.state && this.state.window;
+    const promised = window_ ? t('promised', { start: clock(window_.start), end: clock(window_.end) }) : '';
+    setText($('#promise'), promised);
+    const eta = $('#eta');
+    eta.replaceChildren();
+    if (this.outForDelivery() && this.eta) {
+      const late = window_ && new Date(this.eta) > new Date(window_.end);
+      eta.append(
+        t('eta', { time: clock(this.eta) }),
+        ' ',
+        h('span', { class: `badge ${late ? 'badge-late' : 'badge-ok'}` }, t(late ? 'eta.late' : 'eta.on_time')),
+      );
+    }
+    const final = $('#final');
+    final.hidden = !this.closed();
+    if (this.closed()) setText(final, this.finalText());
+    const notice = $('#incident');
+    const showIncident = this.incident && !this.closed();
+    notice.hidden = !showIncident;
+    if (showIncident) {
+      const { reason, eta: newEta, note } = this.incident;
+      const parts = [t('incident', { reason: reason.replaceAll('_', ' ') })];
+      if (newEta) parts.push(t('incident.eta', { time: clock(newEta) }));
+      if (note) parts.push(note);
+      setText(notice, parts.join(' · '));
+    }
+    document.body.dataset.status = status || '';
+  }
+
+  finalText() {
+    const timeline = (this.state && this.state.timeline) || [];
+    const entry = [...timeline].reverse().find((e) => e.status === this.status);
+    if (this.status === 'delivered') return t('final.delivered', { time: clock(entry && entry.at) });
+    if (this.status === 'failed') {
+      const why = (entry && entry.note) || (this.state && this.state.reason) || 'other';
+      return t('final.failed', { reason: t(`reason.${why}`) });
+    }
+    return t(`final.${this.status}`);
+  }
+
+  renderMap() {
+    const map = this.map;
+    const dest = this.state && this.state.destination;
+    if (dest) map.point('destination', [dest.lat, dest.lon], { color: COLORS.destination, fillColor: COLORS.destination }, t('map.you'), true);
+    const pickup = this.summary && this.summary.pickup;
+    if (pickup) map.point('shop', [pickup.lat, pickup.lon], { color: COLORS.shop, fillColor: COLORS.shop }, t('map.shop'), true);
+    const showRider = this.outForDelivery() && this.position;
+    if (showRider) {
+      map.line('trail', this.trail, { color: COLORS.trail });
+      map.point('rider', [this.position.lat, this.position.lon], { color: COLORS.rider, fillColor: COLORS.rider, radius: 9 }, t('chat.rider'));
+    } else {
+      map.remove('rider');
+      map.remove('trail');
+    }
+    $('#map').dataset.rider = showRider ? 'shown' : 'hidden';
+    const note = this.closed() ? t('map.done') : showRider ? '' : t('map.waiting');
+    setText($('#map-note'), note);
+    map.autoFit();
+  }
+
+  renderItems() {
+    const items = (this.summary && this.summary.items) || [];
+    const list = $('#items');
+    const key = JSON.stringify(items);
+    if (list.dataset.key === key) return;
+    list.dataset.key = key;
+    list.replaceChildren(...(items.length ? items.map((i) => h('li', {}, i)) : [h('li', { class: 'muted' }, t('items.none'))]));
+  }
+
+  renderTimeline() {
+    const entries = (this.state && this.state.timeline) || [];
+    const list = $('#timeline');
+    list.replaceChildren(
+      ...entries.map((e) =>
+        h('li', { dataset: { status: e.status } }, h('time', { datetime: e.at }, clock(e.at)), ' ', t(`status.${e.status}`)),
+      ),
+    );
+  }
+
+  renderChat() {
+    if (!this.map) return;
+    const list = $('#chat');
+    const lines = [...this.chat.values()].sort((a, b) => (a.at < b.at ? -1 : a.at > b.at ? 1 : 0));
+    if (lines.length === 0) {
+      list.replaceChildren(h('li', { class: 'muted' }, t('chat.none')));
+    } else {
+      list.replaceChildren(...lines.map((line) => this.chatLine(line)));
+      list.scrollTop = list.scrollHeight;
+    }
+    const closed = this.closed();
+    $('#chat-form').hidden = closed;
+    $('#chat-closed').hidden = !closed;
+  }
+
+  chatLine(line) {
+    const [role] = line.author.split(':', 1);
+    const who = role === 'customer' ? t('chat.you') : role === 'rider' ? t('chat.rider') : t('chat.shop');
+    const meta = [clock(line.at)];
+    if (line.state === 'sending') meta.push(t('chat.sending'));
+    if (line.state === 'refused') meta.push(t('chat.refused', { reason: line.reason }));
+    return h(
+      'li',
+      { class: `chat-line from-${role || 'shop'} ${line.state}` },
+      h('div', { class: 'chat-who' }, who, h('span', { class: 'muted small' }, ` ${meta.join(' · ')}`)),
+      h('div', { class: 'chat-text' }, line.text),
+    );
+  }
+}
