@@ -6,8 +6,10 @@ SUBACK alone. One access-controlled broker serves the module; tests use their ow
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import queue
 import stat
 import threading
 import time
@@ -40,6 +42,7 @@ from bloomwire.runtime.broker import (
 )
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.provisioner import Provisioner
+from bloomwire.services.provisioner import build as build_provisioner
 
 MakeClient = Callable[..., MqttTestClient]
 NOT_AUTHORIZED = 0x87
@@ -577,23 +580,37 @@ def test_forged_source_is_refused_by_the_persister(
 
 @pytest.fixture
 def provisioner(stack: Stack) -> Iterator[Callable[..., Provisioner]]:
-    """``provisioner(**options)``: a provisioner service running in a thread."""
-    running: list[tuple[Provisioner, threading.Event, threading.Thread]] = []
+    """``provisioner(**options)``: the provisioner service (``build``) in an event loop of its own
+    thread; returns its decisions (counters, index) once it is ready."""
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, threading.Thread]] = []
 
     def start(**options: Any) -> Provisioner:
         options.setdefault("use_store", False)
-        prov = Provisioner(stack.settings(policy.PROVISIONER), **options)
-        stop = threading.Event()
-        thread = threading.Thread(target=prov.run_blocking, args=(stop,), daemon=True)
+        settings = stack.settings(policy.PROVISIONER)
+        service = build_provisioner(settings, **options)
+        started: queue.Queue[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = queue.Queue()
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            started.put((asyncio.get_running_loop(), stop))
+            await service.run(settings, stop=stop, install_signals=False)
+
+        thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
         thread.start()
-        assert prov.ready.wait(10), "provisioner did not start"
-        running.append((prov, stop, thread))
-        return prov
+        loop, stop = started.get(timeout=5)
+        running.append((loop, stop, thread))
+        deadline = time.monotonic() + 10
+        while not service.ready.is_set():
+            assert thread.is_alive() and time.monotonic() < deadline, "provisioner did not start"
+            time.sleep(0.01)
+        assert service.provisioner is not None
+        return service.provisioner
 
     yield start
-    for _prov, stop, thread in running:
-        stop.set()
-        thread.join(10)
+    for loop, stop, thread in running:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(15)
+        assert not thread.is_alive(), "provisioner did not stop"
 
 
 def _wait_access(shop_client: MqttTestClient, order: str, timeout: float = 5.0) -> ev.CustomerAccessEvent:
