@@ -87,8 +87,9 @@ def access(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 def login(access: Broker, mqtt_client: MakeClient) -> Callable[..., MqttTestClient]:
     """``login(username)``: connected with its kept password, PUBACK codes recorded."""
 
-    def make(username: str, password: str | None = None) -> MqttTestClient:
-        client = mqtt_client(username, password or access.secret(username), broker=access.broker)
+    def make(username: str, password: str | None = None, **options: Any) -> MqttTestClient:
+        secret = password or access.secret(username)
+        client = mqtt_client(username, secret, broker=access.broker, **options)
         acks: dict[int, ReasonCode] = {}
         client.paho.on_publish = lambda _c, _u, mid, rc, _p: acks.__setitem__(mid, rc)
         client.pubacks = acks  # type: ignore[attr-defined]
@@ -187,9 +188,11 @@ def test_two_devices_of_a_shop_and_of_a_rider_each_receive_everything_live(
 ) -> None:
     shop_devices = [access.accounts.add_device("s1", uid("till-")) for _ in range(2)]
     rider_devices = [access.accounts.add_device("r1", uid("app-")) for _ in range(2)]
-    # the identities' own logins stay connected too: three sessions each
+    # the identities' own logins stay connected too: three sessions each; a web page's device
+    # logs in over websockets with the same username and password
     shops = [login("s1"), *(login(d.username, d.password) for d in shop_devices)]
-    riders = [login("r1"), *(login(d.username, d.password) for d in rider_devices)]
+    riders = [login("r1"), *(login(d.username, d.password) for d in rider_devices[:1])]
+    riders.append(login(rider_devices[1].username, rider_devices[1].password, transport="websockets"))
     for s in shops:
         s.subscribe(topics.shop_filter("s1"))
     for r in riders:
