@@ -16,6 +16,7 @@ from rich.table import Table
 
 from bloomwire.access import policy
 from bloomwire.access.accounts import Accounts, Credential, open_accounts
+from bloomwire.access.dynsec import DynsecFile
 from bloomwire.access.policy import Kind
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime.settings import Settings
@@ -227,7 +228,7 @@ def rotate(ctx: typer.Context, username: Name, show_password: Show = False, offl
     settings = _settings(ctx)
     try:
         with open_accounts(settings, offline=offline) as accounts:
-            if username == policy.ADMIN and not isinstance(accounts.backend, _file_type()):
+            if username == policy.ADMIN and not isinstance(accounts.backend, DynsecFile):
                 raise _fail("rotate admin with the broker stopped: bloomwire accounts rotate admin --offline")
             cred = accounts.rotate(username)
     except BloomwireError as exc:
@@ -235,9 +236,3 @@ def rotate(ctx: typer.Context, username: Name, show_password: Show = False, offl
     _report("rotated", cred, show_password)
     if cred.kind in (Kind.SERVICE, Kind.PROVISIONER, Kind.PERSISTER, Kind.OPERATOR):
         console.print("restart that service (it reads its password when it starts)")
-
-
-def _file_type() -> type:
-    from bloomwire.access.dynsec import DynsecFile
-
-    return DynsecFile
