@@ -100,8 +100,10 @@ def new_password() -> str:
 def check_account_name(name: str, what: str = "username") -> str:
     """``check_id`` plus the rules of the account namespace (device prefix and separator)."""
     check_id(name, what)
-    if name.startswith(DEVICE_PREFIX) or name == DEVICE_PREFIX.removesuffix(DEVICE_SEPARATOR):
+    if name.startswith(DEVICE_PREFIX):
         raise TopicError(f"{what} {name!r} starts with {DEVICE_PREFIX!r}, which is kept for customer devices")
+    if name == DEVICE_PREFIX.removesuffix(DEVICE_SEPARATOR):  # its devices would look like customers
+        raise TopicError(f"{what} {name!r} is kept for customer devices ({DEVICE_PREFIX}...)")
     if DEVICE_SEPARATOR in name:
         raise TopicError(f"{what} {name!r} contains {DEVICE_SEPARATOR!r}, which separates a device's label")
     return name

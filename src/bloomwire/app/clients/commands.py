@@ -77,7 +77,10 @@ Device = Annotated[
 ]
 OutboxOpt = Annotated[
     Path | None,
-    typer.Option("--outbox", help="The rider's outbox file (default DATA_DIR/clients/riders/R/outbox.db)."),
+    typer.Option(
+        "--outbox",
+        help="The rider's outbox file (default DATA_DIR/clients/riders/R/outbox.db; R@LABEL/ with --device).",
+    ),
 ]
 
 
