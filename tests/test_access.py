@@ -6,13 +6,16 @@ SUBACK alone. One access-controlled broker serves the module; tests use their ow
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import queue
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ from bloomwire.runtime.broker import (
 )
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.provisioner import Provisioner
+from bloomwire.services.provisioner import build as build_provisioner
 
 MakeClient = Callable[..., MqttTestClient]
 NOT_AUTHORIZED = 0x87
@@ -575,25 +579,52 @@ def test_forged_source_is_refused_by_the_persister(
 # --- the provisioner ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def provisioner(stack: Stack) -> Iterator[Callable[..., Provisioner]]:
-    """``provisioner(**options)``: a provisioner service running in a thread."""
-    running: list[tuple[Provisioner, threading.Event, threading.Thread]] = []
+class Provisioners:
+    """``provisioners(**options)``: the provisioner service (``build``) in an event loop of its
+    own thread; returns its decisions (counters, index) once it is ready. ``database_url=`` goes
+    to its settings; :meth:`stop` stops the last one started."""
 
-    def start(**options: Any) -> Provisioner:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.running: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, threading.Thread]] = []
+
+    def __call__(self, **options: Any) -> Provisioner:
         options.setdefault("use_store", False)
-        prov = Provisioner(stack.settings(policy.PROVISIONER), **options)
-        stop = threading.Event()
-        thread = threading.Thread(target=prov.run_blocking, args=(stop,), daemon=True)
-        thread.start()
-        assert prov.ready.wait(10), "provisioner did not start"
-        running.append((prov, stop, thread))
-        return prov
+        extra = {k: options.pop(k) for k in ("database_url",) if k in options}
+        settings = self.stack.settings(policy.PROVISIONER, **extra)
+        service = build_provisioner(settings, **options)
+        started: queue.Queue[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = queue.Queue()
 
-    yield start
-    for _prov, stop, thread in running:
-        stop.set()
-        thread.join(10)
+        async def main() -> None:
+            stop = asyncio.Event()
+            started.put((asyncio.get_running_loop(), stop))
+            await service.run(settings, stop=stop, install_signals=False)
+
+        thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        thread.start()
+        loop, stop = started.get(timeout=5)
+        self.running.append((loop, stop, thread))
+        deadline = time.monotonic() + 10
+        while not service.ready.is_set():
+            assert thread.is_alive() and time.monotonic() < deadline, "provisioner did not start"
+            time.sleep(0.01)
+        assert service.provisioner is not None
+        return service.provisioner
+
+    def stop(self) -> None:
+        loop, stop, thread = self.running.pop()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(15)
+        assert not thread.is_alive(), "provisioner did not stop"
+
+
+@pytest.fixture
+def provisioner(stack: Stack) -> Iterator[Provisioners]:
+    """A :class:`Provisioners`; every provisioner still running is stopped at teardown."""
+    runner = Provisioners(stack)
+    yield runner
+    while runner.running:
+        runner.stop()
 
 
 def _wait_access(shop_client: MqttTestClient, order: str, timeout: float = 5.0) -> ev.CustomerAccessEvent:
@@ -607,7 +638,7 @@ def _wait_access(shop_client: MqttTestClient, order: str, timeout: float = 5.0) 
 
 
 def test_provisioner_mints_on_creation_and_cuts_off_after_close(
-    stack: Stack, login: Callable[..., MqttTestClient], provisioner: Callable[..., Provisioner]
+    stack: Stack, login: Callable[..., MqttTestClient], provisioner: Provisioners
 ) -> None:
     prov = provisioner(grace_s=0.0)
     order = uid("o-prov-")
@@ -643,7 +674,7 @@ def test_provisioner_mints_on_creation_and_cuts_off_after_close(
 
 
 def test_devices_enrol_and_do_not_kick_each_other(
-    stack: Stack, login: Callable[..., MqttTestClient], provisioner: Callable[..., Provisioner]
+    stack: Stack, login: Callable[..., MqttTestClient], provisioner: Provisioners
 ) -> None:
     prov = provisioner(grace_s=0.3, max_devices=3)
     order = uid("o-dev-")
@@ -674,11 +705,14 @@ def test_devices_enrol_and_do_not_kick_each_other(
         time.sleep(0.01)
     assert all(d.disconnects for d in devices)
     assert 0.25 < time.monotonic() - t0 < 1.5  # the grace period, then at once
+    deadline = time.monotonic() + 2  # the plugin disconnects them before it answers the provisioner
+    while order in {a.order for a in prov.index.values()} and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert prov.devices == 2 and order not in {a.order for a in prov.index.values()}
 
 
 def test_provisioner_restart_finds_its_accesses(
-    stack: Stack, provisioner: Callable[..., Provisioner], login: Callable[..., MqttTestClient]
+    stack: Stack, provisioner: Provisioners, login: Callable[..., MqttTestClient]
 ) -> None:
     order = uid("o-restart-")
     access, cred = stack.accounts.mint_customer("s1", order)
@@ -698,6 +732,101 @@ def test_provisioner_restart_finds_its_accesses(
     assert customer.disconnects and role not in prov.index
     assert Accounts(stack.admin).order_access("s1", order) is None
     assert isinstance(access, OrderAccess)
+
+
+def test_provisioner_catches_up_after_a_restart_from_its_session(
+    stack: Stack, login: Callable[..., MqttTestClient], provisioner: Provisioners
+) -> None:
+    """Statuses published while it is down wait in its persistent session."""
+    first = provisioner()
+    provisioner.stop()
+    order = uid("o-down-")
+    shop = login("s1")
+    shop.subscribe(topics.access_topic("s1", order))
+    persister = login("persister")
+    puback(
+        persister,
+        topics.order_topic("s1", order, topics.OrderChannel.STATUS),
+        status_event(order, OrderStatus.CREATED),
+    )
+    assert first.minted == 0
+    second = provisioner()
+    access = _wait_access(shop, order).data
+    assert access.order == order and second.minted == 1
+
+
+def test_a_malformed_device_request_is_dead_lettered_and_the_next_one_answered(
+    stack: Stack, login: Callable[..., MqttTestClient], provisioner: Provisioners
+) -> None:
+    provisioner(max_devices=2)
+    order = uid("o-bad-")
+    shop = login("s1")
+    shop.subscribe(topics.access_topic("s1", order))
+    operator = login("operator")
+    operator.subscribe(topics.DEADLETTER)
+    persister = login("persister")
+    puback(
+        persister,
+        topics.order_topic("s1", order, topics.OrderChannel.STATUS),
+        status_event(order, OrderStatus.CREATED),
+    )
+    access = _wait_access(shop, order).data
+    customer = login((access.username, access.password))
+    assert puback(customer, access.enrol_topic, b'{"no": "id"}') < 0x80
+    letters = [json.loads(p) for t, p in received(operator, 2.0) if t == topics.DEADLETTER]
+    ours = [d for d in letters if d.get("topic") == access.enrol_topic]
+    assert ours and ours[0]["service"] == policy.PROVISIONER and "not a device request" in ours[0]["reason"]
+    customer.disconnect()
+    device = enrol_device(
+        stack.broker.host, stack.broker.port, access.username, access.password, access.customer
+    )
+    assert device.username.startswith(policy.DEVICE_PREFIX)
+
+
+def test_provisioner_reconciles_with_the_store(
+    stack: Stack, login: Callable[..., MqttTestClient], provisioner: Provisioners, tmp_path: Path
+) -> None:
+    """Open orders without access get one (customer id from the store); the accesses of closed
+    orders and of orders the store does not know are revoked once their grace is over."""
+    from bloomwire.store import open_store
+    from bloomwire.store.models import ORDERS
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    opened, closed, orphan = uid("o-open-"), uid("o-closed-"), uid("o-orphan-")
+    now = ev.now()
+    engine = open_store(url)
+    row = {
+        "shop": "s1",
+        "window_start": now,
+        "window_end": now + timedelta(hours=1),
+        "created_at": now - timedelta(hours=3),
+        "updated_at": now,
+        "items": [],
+        "declined_by": [],
+    }
+    with engine.begin() as conn:
+        conn.execute(
+            ORDERS.insert(), [{**row, "id": opened, "status": "created", "customer_username": "c-custom"}]
+        )
+        conn.execute(
+            ORDERS.insert(),
+            [{**row, "id": closed, "status": "delivered", "closed_at": now - timedelta(hours=2)}],
+        )
+    engine.dispose()
+    _, closed_login = stack.accounts.mint_customer("s1", closed)
+    _, orphan_login = stack.accounts.mint_customer("s1", orphan)
+    devices = [login((c.username, c.password)) for c in (closed_login, orphan_login)]
+    shop = login("s1")
+    shop.subscribe(topics.access_topic("s1", opened))
+    prov = provisioner(use_store=True, database_url=url, grace_s=1.0)
+    access = _wait_access(shop, opened).data
+    assert access.customer == "c-custom"
+    deadline = time.monotonic() + 10
+    while not all(d.disconnects for d in devices) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all(d.disconnects for d in devices), "closed and orphaned accesses were not revoked"
+    roles = {policy.role_name(policy.Kind.CUSTOMER, "s1", o) for o in (closed, orphan)}
+    assert not roles & set(prov.index) and prov.revoked >= 2  # other tests leave orphans too
 
 
 # --- offline edits, the CLI, the benchmark -----------------------------------------------------
@@ -739,6 +868,7 @@ def test_bench_access_reports_figures() -> None:
     _requirements()
     lines: list[str] = []
     result = bench_access(orders=200, repeat=3, echo=lines.append)
-    assert len(result.mint_ms) == 3 and len(result.revoke_ms) == 3 and len(result.cutoff_ms) == 3
-    assert max(result.cutoff_ms) < 1000
-    assert any("mint one customer access" in line for line in lines)
+    for path in (result.service, result.client):
+        assert len(path.mint_ms) == 3 and len(path.revoke_ms) == 3 and len(path.cutoff_ms) == 3
+        assert max(path.cutoff_ms) < 1000
+    assert any("mint one customer access" in line and "provisioner service" in line for line in lines)

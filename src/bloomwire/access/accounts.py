@@ -1,37 +1,39 @@
 """Broker accounts: bootstrap before the broker starts, then add, remove, rotate and list.
 
 Every identity of DESIGN.md §1 is a dynamic-security *client* (username + PBKDF2 hash) holding
-the role(s) of :mod:`bloomwire.access.policy`. Passwords of shops, riders, services and the
-fixed identities live in ``DATA_DIR/secrets/<username>`` (0600, directory 0700) and nowhere
+the role(s) of :mod:`bloomwire.access.policy`; a shop or rider may have device logins
+(``s1@till-2``) holding its role too. Passwords of shops, riders, their devices, services and
+the fixed identities live in ``DATA_DIR/secrets/<username>`` (0600, directory 0700) and nowhere
 else; customer device passwords are never written to disk (they travel once, on the shop-only
 access topic or the customer's own inbox).
 
 The provisioning component is the only holder of the dynsec admin credentials: ``admin`` (used
 by ``bloomwire accounts``) and ``provisioner`` (the provisioner service), both in that folder.
+What each operation sends the plugin is in :mod:`bloomwire.access.operations`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import socket
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from bloomwire.access import operations as ops
 from bloomwire.access import policy
-from bloomwire.access.dynsec import Backend, ControlClient, DynsecError, DynsecFile, check
+from bloomwire.access.dynsec import AsyncBackend, Backend, ControlClient, DynsecFile
+from bloomwire.access.operations import AccountInfo, Credential, OrderAccess
 from bloomwire.access.policy import Kind, OrderRoleInfo
-from bloomwire.contract.topics import check_id
 from bloomwire.errors import BrokerError, TopicError
 from bloomwire.runtime.broker import DYNSEC_NAME, SECRETS_DIR, ensure_secret, write_secret
 from bloomwire.runtime.settings import Settings
 
 #: The broker's own folder inside DATA_DIR (as the supervisor lays it out).
 BROKER_DIR = "broker"
-#: Page size when listing thousands of clients or roles over MQTT (keeps answers < 256 KiB).
-LIST_PAGE = 500
+LIST_PAGE = ops.LIST_PAGE
 
 
 def dynsec_path(data_dir: Path) -> Path:
@@ -39,53 +41,10 @@ def dynsec_path(data_dir: Path) -> Path:
     return Path(data_dir) / BROKER_DIR / DYNSEC_NAME
 
 
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """A username, its password and where the password is kept (None: handed out, not kept)."""
-
-    username: str
-    password: str = field(repr=False)
-    kind: Kind
-    secret_path: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AccountInfo:
-    """One account as the broker knows it."""
-
-    username: str
-    kind: Kind | None
-    roles: tuple[str, ...]
-
-
-@dataclass
-class OrderAccess:
-    """The customer access of one order: its role and the device logins holding it."""
-
-    shop: str
-    order: str
-    customer: str
-    usernames: set[str] = field(default_factory=set)
-
-    @property
-    def role(self) -> str:
-        """The order role's name."""
-        return policy.role_name(Kind.CUSTOMER, self.shop, self.order)
-
-
-def _create_role(role: policy.Role) -> dict[str, Any]:
-    return {"command": "createRole", **role.to_json()}
-
-
-def _customer_roles(order_role: str) -> list[dict[str, Any]]:
-    return [
-        {"rolename": policy.CUSTOMERS_ROLE, "priority": policy.CUSTOMERS_ROLE_PRIORITY},
-        {"rolename": order_role},
-    ]
-
-
 class Accounts:
-    """Account operations over a :class:`~bloomwire.access.dynsec.Backend` (live or file)."""
+    """Account operations over a blocking :class:`~bloomwire.access.dynsec.Backend` (live or
+    file); with ``data_dir`` the passwords of shops, riders, devices and services are kept in
+    its secrets folder."""
 
     def __init__(self, backend: Backend, data_dir: Path | None = None) -> None:
         self.backend = backend
@@ -101,191 +60,118 @@ class Accounts:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    # --- shops, riders, services ------------------------------------------------------------
-
-    def add_shop(self, shop: str) -> Credential:
-        """A new shop terminal account: writes ``shops/S/commands/#``, reads ``shops/S/#``."""
-        return self._add(Kind.SHOP, shop)
-
-    def add_rider(self, rider: str) -> Credential:
-        """A new rider account: writes ``riders/R/#``, ``owntracks/R/#``; reads its inbox."""
-        return self._add(Kind.RIDER, rider)
-
-    def add_service(self, name: str) -> Credential:
-        """A new backbone service account (``services/N/events``, reads canonical topics)."""
-        return self._add(Kind.SERVICE, name)
-
-    def _add(self, kind: Kind, name: str) -> Credential:
-        policy.check_account_name(name, kind.value)
-        if name in policy.RESERVED:
-            raise TopicError(f"{kind.value} name {name!r} is reserved for the backbone")
-        (role,) = policy.roles_for(kind, name)
-        password = policy.new_password()
-        responses = self.backend.execute(
-            [
-                _create_role(role),
-                {
-                    "command": "createClient",
-                    "username": name,
-                    "password": password,
-                    "roles": [{"rolename": role.name}],
-                },
-            ]
+    def _keep(self, cred: Credential) -> Credential:
+        if self.data_dir is None or cred.kind is Kind.CUSTOMER:
+            return cred
+        return dataclasses.replace(
+            cred, secret_path=write_secret(self.data_dir, cred.username, cred.password)
         )
-        if responses[1].get("error") == "Client already exists":
-            raise DynsecError("createClient", f"an account named {name!r} already exists (use rotate)")
-        check(responses, ok={"Role already exists"})
-        if responses[0].get("error"):  # a role left behind: bring its ACLs to today's policy
-            check(self.backend.execute([{"command": "modifyRole", **role.to_json()}]))
-        return Credential(name, password, kind, self._keep(name, password))
-
-    def _keep(self, username: str, password: str) -> Path | None:
-        if self.data_dir is None:
-            return None
-        return write_secret(self.data_dir, username, password)
 
     def _forget(self, username: str) -> None:
         if self.data_dir is not None:
             (self.data_dir / SECRETS_DIR / username).unlink(missing_ok=True)
 
+    # --- shops, riders, services ------------------------------------------------------------
+
+    def add_shop(self, shop: str) -> Credential:
+        """A new shop terminal account: writes ``shops/S/commands/#``, reads ``shops/S/#``."""
+        return self._keep(ops.run(ops.add_identity(Kind.SHOP, shop), self.backend))
+
+    def add_rider(self, rider: str) -> Credential:
+        """A new rider account: writes ``riders/R/#``, ``owntracks/R/#``; reads its inbox."""
+        return self._keep(ops.run(ops.add_identity(Kind.RIDER, rider), self.backend))
+
+    def add_service(self, name: str) -> Credential:
+        """A new backbone service account (``services/N/events``, reads canonical topics)."""
+        return self._keep(ops.run(ops.add_identity(Kind.SERVICE, name), self.backend))
+
     def get(self, username: str) -> AccountInfo:
         """One account, or :class:`DynsecError` ``Client not found``."""
-        (r,) = check(self.backend.execute([{"command": "getClient", "username": username}]))
-        client = r["data"]["client"]
-        roles = tuple(str(x["rolename"]) for x in client.get("roles", []))
-        return AccountInfo(username, policy.kind_of(username, roles), roles)
+        return ops.run(ops.get_account(username), self.backend)
 
     def remove(self, username: str) -> AccountInfo:
-        """Delete an account (a connected client is disconnected at once) and its own role."""
-        check_id(username, "username")
-        info = self.get(username)
-        if info.kind in (Kind.ADMIN, Kind.PROVISIONER, Kind.OPERATOR, Kind.PERSISTER):
-            raise BrokerError(f"{username!r} is a fixed backbone identity; rotate it instead")
-        commands: list[dict[str, Any]] = [{"command": "deleteClient", "username": username}]
-        if info.kind in (Kind.SHOP, Kind.RIDER, Kind.SERVICE):
-            # Clients first: 2.0.11 leaves dangling role pointers in clients of a deleted role.
-            commands.append({"command": "deleteRole", "rolename": policy.role_name(info.kind, username)})
-        check(self.backend.execute(commands), ok={"Role not found"})
-        self._forget(username)
+        """Delete an account (a connected client is disconnected at once) and its own role; a
+        shop's or rider's device logins go with it."""
+        info, devices = ops.run(ops.remove_account(username), self.backend)
+        for name in (username, *devices):
+            self._forget(name)
         return info
 
     def rotate(self, username: str) -> Credential:
         """A new password (the plugin disconnects the client; it must log in again with it)."""
-        check_id(username, "username")
-        info = self.get(username)
-        password = policy.new_password()
-        check(
-            self.backend.execute(
-                [{"command": "setClientPassword", "username": username, "password": password}]
-            )
-        )
-        kept = None if info.kind is Kind.CUSTOMER else self._keep(username, password)
-        return Credential(username, password, info.kind or Kind.SERVICE, kept)
+        return self._keep(ops.run(ops.rotate_password(username), self.backend))
 
-    def list(self) -> list[AccountInfo]:
-        """Every account (customers included), in the broker's order."""
-        out = []
-        for client in self._all("listClients", "clients"):
-            roles = tuple(str(x["rolename"]) for x in client.get("roles", []))
-            out.append(AccountInfo(client["username"], policy.kind_of(client["username"], roles), roles))
-        return out
+    # --- device logins of shops and riders ----------------------------------------------------
 
-    def _all(self, command: str, key: str) -> Iterator[dict[str, Any]]:
-        offset = 0
-        while True:
-            (r,) = check(
-                self.backend.execute(
-                    [{"command": command, "verbose": True, "count": LIST_PAGE, "offset": offset}]
-                )
-            )
-            rows = r["data"][key]
-            yield from rows
-            offset += len(rows)
-            if not rows or offset >= int(r["data"]["totalCount"]):
-                return
+    def add_device(self, identity: str, label: str | None = None) -> Credential:
+        """A device login ``IDENTITY@LABEL`` with the shop's or rider's rights (label made up if
+        None); its password is kept like the identity's."""
+        return self._keep(ops.run(ops.add_device(identity, label), self.backend))
+
+    def devices(self, identity: str | None = None) -> list[AccountInfo]:
+        """The device logins of ``identity`` (of every shop and rider if None)."""
+        return ops.run(ops.list_devices(identity), self.backend)
+
+    def revoke_device(self, username: str) -> AccountInfo:
+        """Delete one device login (disconnected at once); the identity's others stay."""
+        info = ops.run(ops.revoke_device(username), self.backend)
+        self._forget(username)
+        return info
 
     # --- customers ------------------------------------------------------------------------------
 
     def mint_customer(
         self, shop: str, order: str, customer: str | None = None
     ) -> tuple[OrderAccess, Credential]:
-        """Create order O's customer role and its first device login (2 commands, 1 message).
+        """Order O's customer role and first device login (see :func:`operations.mint_customer`)."""
+        return ops.run(ops.mint_customer(shop, order, customer), self.backend)
 
-        Idempotent for the role (a redelivered ``created`` reuses it); every call mints a new
-        login, which the caller hands out.
-        """
-        customer = policy.customer_id(order) if customer is None else customer
-        role = policy.order_role(shop, order, customer)
-        login = Credential(policy.new_device_username(), policy.new_password(), Kind.CUSTOMER)
-        responses = self.backend.execute(
-            [
-                _create_role(role),
-                {
-                    "command": "createClient",
-                    "username": login.username,
-                    "password": login.password,
-                    "roles": _customer_roles(role.name),
-                },
-            ]
-        )
-        check(responses, ok={"Role already exists"})
-        return OrderAccess(shop, order, customer, {login.username}), login
-
-    def add_device(self, access: OrderAccess) -> Credential:
+    def add_customer_device(self, access: OrderAccess) -> Credential:
         """One more device login for an order that already has its role."""
-        login = Credential(policy.new_device_username(), policy.new_password(), Kind.CUSTOMER)
-        check(
-            self.backend.execute(
-                [
-                    {
-                        "command": "createClient",
-                        "username": login.username,
-                        "password": login.password,
-                        "roles": _customer_roles(access.role),
-                    }
-                ]
-            )
-        )
-        access.usernames.add(login.username)
-        return login
+        return ops.run(ops.add_customer_device(access), self.backend)
 
     def revoke_customer(self, access: OrderAccess) -> None:
         """Delete every device login of the order (each is disconnected at once), then its role."""
-        commands: list[dict[str, Any]] = [
-            {"command": "deleteClient", "username": u} for u in sorted(access.usernames)
-        ]
-        commands.append({"command": "deleteRole", "rolename": access.role})
-        check(self.backend.execute(commands), ok={"Client not found", "Role not found"})
-        access.usernames.clear()
+        ops.run(ops.revoke_customer(access), self.backend)
 
     def order_accesses(self) -> dict[str, OrderAccess]:
         """Every order role and its device logins, by role name (read from the broker)."""
-        found: dict[str, OrderAccess] = {}
-        for role in self._all("listRoles", "roles"):
-            info = policy.parse_order_role(str(role["rolename"]), role.get("acls", []))
-            if info is not None:
-                found[role["rolename"]] = OrderAccess(info.shop, info.order, info.customer)
-        for client in self._all("listClients", "clients"):
-            for ref in client.get("roles", []):
-                access = found.get(str(ref["rolename"]))
-                if access is not None:
-                    access.usernames.add(str(client["username"]))
-        return found
+        return ops.run(ops.order_accesses(), self.backend)
 
     def order_access(self, shop: str, order: str) -> OrderAccess | None:
         """The access of one order (scans the clients: slow with thousands; prefer an index)."""
-        name = policy.role_name(Kind.CUSTOMER, check_id(shop, "shop"), check_id(order, "order"))
-        (r,) = self.backend.execute([{"command": "getRole", "rolename": name}])
-        if r.get("error") == "Role not found":
-            return None
-        check([r])
-        info = policy.parse_order_role(name, r["data"]["role"].get("acls", []))
-        assert info is not None
-        access = OrderAccess(info.shop, info.order, info.customer)
-        for client in self._all("listClients", "clients"):
-            if any(ref["rolename"] == name for ref in client.get("roles", [])):
-                access.usernames.add(str(client["username"]))
-        return access
+        return ops.run(ops.order_access(shop, order), self.backend)
+
+    # ``list`` last: below it, ``list[...]`` in an annotation would name this method.
+    def list(self) -> list[AccountInfo]:
+        """Every account (customers and devices included), in the broker's order."""
+        return ops.run(ops.list_accounts(), self.backend)
+
+
+class AsyncAccounts:
+    """The customer-access operations over a non-blocking backend (the provisioner's own
+    connection, :class:`~bloomwire.access.dynsec.ControlChannel`)."""
+
+    def __init__(self, backend: AsyncBackend) -> None:
+        self.backend = backend
+
+    async def mint_customer(
+        self, shop: str, order: str, customer: str | None = None
+    ) -> tuple[OrderAccess, Credential]:
+        """Order O's customer role and first device login (see :func:`operations.mint_customer`)."""
+        return await ops.run_async(ops.mint_customer(shop, order, customer), self.backend)
+
+    async def add_customer_device(self, access: OrderAccess) -> Credential:
+        """One more device login for an order that already has its role."""
+        return await ops.run_async(ops.add_customer_device(access), self.backend)
+
+    async def revoke_customer(self, access: OrderAccess) -> None:
+        """Delete every device login of the order (each is disconnected at once), then its role."""
+        await ops.run_async(ops.revoke_customer(access), self.backend)
+
+    async def order_accesses(self) -> dict[str, OrderAccess]:
+        """Every order role and its device logins, by role name (read from the broker)."""
+        return await ops.run_async(ops.order_accesses(), self.backend)
 
 
 # --- bootstrap (broker stopped) -----------------------------------------------------------------
@@ -424,6 +310,7 @@ def open_accounts(settings: Settings, *, offline: bool | None = None) -> Iterato
 __all__ = [
     "AccountInfo",
     "Accounts",
+    "AsyncAccounts",
     "Bootstrap",
     "Credential",
     "OrderAccess",

@@ -1,8 +1,8 @@
-"""Two ways to run dynamic-security commands: on the plugin's JSON file, or on a live broker.
+"""Ways to run dynamic-security commands: on the plugin's JSON file, or on a live broker.
 
-Both take the plugin's own command objects (``{"command": "createClient", ...}``, see
+All take the plugin's own command objects (``{"command": "createClient", ...}``, see
 mosquitto's ``plugins/dynamic-security/README.md``) and return its response objects, so the
-code above them (:mod:`bloomwire.access.accounts`) does not care which one it talks to.
+code above them (:mod:`bloomwire.access.operations`) does not care which one it talks to.
 
 * :class:`DynsecFile` edits ``dynamic-security.json`` while the broker is STOPPED (bootstrap,
   offline ``bloomwire accounts``). The plugin reads the file only at start-up and rewrites it
@@ -11,6 +11,8 @@ code above them (:mod:`bloomwire.access.accounts`) does not care which one it ta
   on ``.../response``, matched by ``correlationData`` (every admin connection receives every
   answer). Changes apply at once; the plugin kicks a client whose password or roles change
   or who is deleted.
+* :class:`ControlChannel` does the same without blocking, over a service's own connection (the
+  provisioner's).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +41,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bloomwire.contract import topics
 from bloomwire.errors import BrokerError
+from bloomwire.runtime.mqtt import Connection
+from bloomwire.runtime.request import Requests
 
 REQUEST_TOPIC = topics.DYNSEC_CONTROL
 RESPONSE_TOPIC = topics.DYNSEC_RESPONSE
@@ -385,32 +389,81 @@ def _page(rows: list[dict[str, Any]], cmd: Command) -> list[dict[str, Any]]:
 # --- the live broker ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
-    """A message delivered to a :class:`ControlClient` on one of its extra subscriptions."""
+def request_payload(commands: Sequence[Command], key: str) -> str:
+    """One control message for ``commands``, each tagged ``correlationData`` = ``key:index``."""
+    tagged = [{**c, "correlationData": f"{key}:{i}"} for i, c in enumerate(commands)]
+    return json.dumps({"commands": tagged})
 
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    mid: int
-    generation: int
+
+def response_key(payload: bytes) -> str | None:
+    """The key (see :func:`request_payload`) a plugin answer names; None if it names none."""
+    try:
+        responses = json.loads(payload)["responses"]
+        corr = responses[0].get("correlationData")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return corr.split(":", 1)[0] if isinstance(corr, str) and corr else None
+
+
+def parse_responses(payload: bytes, expected: int) -> list[Response]:
+    """The plugin's responses in an answer to ``expected`` commands, untagged."""
+    try:
+        responses = json.loads(payload)["responses"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BrokerError(f"unreadable dynamic-security answer: {exc}") from None
+    if not isinstance(responses, list) or len(responses) != expected:
+        got = len(responses) if isinstance(responses, list) else "no"
+        raise BrokerError(f"dynamic-security answered {got} of {expected} commands")
+    out: list[Response] = []
+    for r in responses:
+        if not isinstance(r, dict):
+            raise BrokerError(f"unreadable dynamic-security response: {str(r)[:100]}")
+        r.pop("correlationData", None)
+        out.append(r)
+    return out
+
+
+class AsyncBackend(Protocol):
+    """Runs a list of dynamic-security commands without blocking the event loop."""
+
+    async def execute(self, commands: Sequence[Command]) -> list[Response]:
+        """Run ``commands`` in order; each response has ``command`` and maybe ``error``/``data``."""
+        ...
+
+
+class ControlChannel:
+    """Dynamic-security commands over a service's own connection (an :class:`AsyncBackend`).
+
+    Create it in a service's start-up hook on :attr:`Service.conn
+    <bloomwire.runtime.mqtt.Service.conn>`: answers on ``.../response`` go straight to the
+    waiting command (:class:`~bloomwire.runtime.request.Requests`), never to the handlers.
+    """
+
+    def __init__(self, conn: Connection, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.requests = Requests(conn, RESPONSE_TOPIC, response_key, timeout=timeout)
+
+    async def execute(self, commands: Sequence[Command]) -> list[Response]:
+        """Send ``commands`` in ONE control message and return the plugin's responses."""
+        if not commands:
+            return []
+        key = uuid.uuid4().hex
+        answer = await self.requests.request(REQUEST_TOPIC, request_payload(commands, key), key)
+        return parse_responses(answer, len(commands))
 
 
 @dataclass
 class _Waiter:
     event: threading.Event = field(default_factory=threading.Event)
-    responses: list[Response] | None = None
-    generation: int = 0
+    payload: bytes | None = None
 
 
 class ControlClient:
-    """An MQTT 5 admin connection that runs dynamic-security commands (thread-safe).
+    """A blocking MQTT 5 admin connection that runs dynamic-security commands (thread-safe).
 
-    It can also carry a service's own traffic: a retained ``online``/``offline`` status with a
-    Last Will, a persistent session with extra subscriptions handed to ``on_message`` (manual
-    acknowledgement with ``manual_ack``), and checked publishes. paho reconnects by itself after
-    a connection that once worked is lost.
+    For ``bloomwire accounts``, the benchmark and tests; a service uses :class:`ControlChannel`
+    on its own connection. Every admin connection receives every answer; each caller gets the
+    one naming its commands. paho reconnects by itself after a connection that once worked is
+    lost.
     """
 
     def __init__(
@@ -424,22 +477,10 @@ class ControlClient:
         ca_file: Path | None = None,
         transport: str = "tcp",
         timeout: float = DEFAULT_TIMEOUT_S,
-        status_topic: str | None = None,
-        persistent: bool = False,
-        session_expiry_s: int = 7 * 24 * 3600,
-        subscriptions: Mapping[str, int] | None = None,
-        on_message: Callable[[Received], None] | None = None,
-        manual_ack: bool = False,
         keepalive: int = 30,
     ) -> None:
         self.host, self.port, self.username = host, port, username
         self.timeout = timeout
-        self.status_topic = status_topic
-        self.persistent = persistent
-        self.session_expiry_s = session_expiry_s
-        self.subscriptions = dict(subscriptions or {})
-        self.on_message = on_message
-        self.manual_ack = manual_ack
         self.keepalive = keepalive
         self.connected = threading.Event()
         self.generation = 0
@@ -448,19 +489,15 @@ class ControlClient:
         self._waiters: dict[str, _Waiter] = {}
         self._pubacks: dict[int, ReasonCode | None] = {}
         self._puback_cv = threading.Condition()
-        self._closing = False
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=username,  # the broker makes it the username anyway (use_username_as_clientid)
             protocol=MQTTProtocolVersion.MQTTv5,
             transport="websockets" if transport == "websockets" else "tcp",
-            manual_ack=manual_ack,
         )
         client.username_pw_set(username, password)
         if tls:
             client.tls_set(ca_certs=str(ca_file) if ca_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        if status_topic:
-            client.will_set(status_topic, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -485,17 +522,13 @@ class ControlClient:
                 self.generation += 1
                 self.last_error = None
                 client.subscribe(RESPONSE_TOPIC, qos=0)
-                for topic_filter, qos in self.subscriptions.items():
-                    client.subscribe(topic_filter, qos)
-                if self.status_topic:
-                    client.publish(self.status_topic, b"online", qos=1, retain=True)
                 self.connected.set()
         except Exception:  # pragma: no cover - defensive
             pass
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
         self.connected.clear()
-        if reason.value != 0 and not self._closing:
+        if reason.value != 0:
             self.last_error = f"disconnected: {reason}"
         with self._lock:
             for waiter in self._waiters.values():
@@ -503,31 +536,15 @@ class ControlClient:
         with self._puback_cv:
             self._puback_cv.notify_all()
 
-    def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        try:
-            if msg.topic == RESPONSE_TOPIC:
-                self._on_response(bytes(msg.payload))
-                return
-            if self.on_message is not None:
-                self.on_message(
-                    Received(msg.topic, bytes(msg.payload), msg.qos, msg.retain, msg.mid, self.generation)
-                )
-            elif self.manual_ack and msg.qos > 0:
-                client.ack(msg.mid, msg.qos)
-        except Exception:  # pragma: no cover - defensive
-            pass
-
-    def _on_response(self, payload: bytes) -> None:
-        try:
-            responses = json.loads(payload)["responses"]
-            corr = str(responses[0].get("correlationData", ""))
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+    def _on_message(self, _client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic != RESPONSE_TOPIC:
             return
-        key = corr.split(":", 1)[0]
+        payload = bytes(msg.payload)
+        key = response_key(payload)
         with self._lock:
-            waiter = self._waiters.get(key)
+            waiter = self._waiters.get(key) if key is not None else None
         if waiter is not None:
-            waiter.responses = responses
+            waiter.payload = payload
             waiter.event.set()
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
@@ -542,14 +559,10 @@ class ControlClient:
     def connect(self, timeout: float = 10.0) -> ControlClient:
         """Connect (waiting for CONNACK); raise :class:`BrokerError` if refused or unreachable."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.session_expiry_s if self.persistent else 0
+        props.SessionExpiryInterval = 0
         try:
             self.client.connect_async(
-                self.host,
-                self.port,
-                keepalive=self.keepalive,
-                clean_start=not self.persistent,
-                properties=props,
+                self.host, self.port, keepalive=self.keepalive, clean_start=True, properties=props
             )
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot reach the broker at {self.host}:{self.port}: {exc}") from exc
@@ -572,38 +585,34 @@ class ControlClient:
         """Send ``commands`` in ONE control message and return the plugin's responses."""
         if not commands:
             return []
+        limit = timeout or self.timeout
         key = uuid.uuid4().hex
-        tagged = [{**c, "correlationData": f"{key}:{i}"} for i, c in enumerate(commands)]
-        waiter = _Waiter(generation=self.generation)
+        waiter = _Waiter()
         with self._lock:
             self._waiters[key] = waiter
         try:
-            if not self.connected.wait(timeout or self.timeout):
+            if not self.connected.wait(limit):
                 raise BrokerError(f"not connected to the broker ({self.last_error or 'no answer'})")
-            info = self.client.publish(REQUEST_TOPIC, json.dumps({"commands": tagged}), qos=1)
+            info = self.client.publish(REQUEST_TOPIC, request_payload(commands, key), qos=1)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise BrokerError(f"could not send dynamic-security commands: {paho.error_string(info.rc)}")
-            deadline = time.monotonic() + (timeout or self.timeout)
-            while waiter.responses is None:
+            deadline = time.monotonic() + limit
+            while waiter.payload is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise BrokerError(f"no dynamic-security answer within {timeout or self.timeout:.0f} s")
+                    raise BrokerError(f"no dynamic-security answer within {limit:.0f} s")
                 waiter.event.wait(left)
                 waiter.event.clear()
-                if waiter.responses is None and not self.connected.is_set():
+                if waiter.payload is None and not self.connected.is_set():
                     raise BrokerError(
                         "lost the broker connection while waiting for a dynamic-security answer; "
                         "the commands may or may not have been applied"
                     )
-            responses = waiter.responses
+            payload = waiter.payload
         finally:
             with self._lock:
                 self._waiters.pop(key, None)
-        if len(responses) != len(commands):
-            raise BrokerError(f"dynamic-security answered {len(responses)} of {len(commands)} commands")
-        for r in responses:
-            r.pop("correlationData", None)
-        return responses
+        return parse_responses(payload, len(commands))
 
     def publish(
         self,
@@ -631,17 +640,8 @@ class ControlClient:
         if reason is not None and reason.is_failure:
             raise BrokerError(f"broker refused the publish to {topic!r}: {reason}")
 
-    def ack(self, message: Received) -> None:
-        """Acknowledge a QoS 1 message (manual-ack clients), if its connection is still the same."""
-        if self.manual_ack and message.qos > 0 and message.generation == self.generation:
-            self.client.ack(message.mid, message.qos)
-
-    def close(self, *, announce_offline: bool = True) -> None:
-        """Say ``offline`` (a clean disconnect sends no Will), disconnect, stop the thread."""
-        if self.status_topic and announce_offline and self.connected.is_set():
-            with contextlib.suppress(BrokerError):
-                self.publish(self.status_topic, b"offline", retain=True, timeout=2.0)
-        self._closing = True
+    def close(self) -> None:
+        """Disconnect and stop the network thread."""
         with contextlib.suppress(Exception):
             self.client.disconnect()
         self.client.loop_stop()

@@ -59,6 +59,9 @@ RESERVED = frozenset({ADMIN, PROVISIONER, OPERATOR, PERSISTER})
 
 #: Minted customer device usernames start with this (``@`` keeps them apart from typed ids).
 DEVICE_PREFIX = "cust@"
+#: A shop's or rider's device login is ``<identity>@<label>`` (``s1@till-2``, ``r7@owntracks``):
+#: its own username (one MQTT session each) holding its identity's role.
+DEVICE_SEPARATOR = "@"
 #: The persister's default customer id for order O (``c-O`` cut to the id length limit).
 CUSTOMER_PREFIX = "c-"
 
@@ -95,11 +98,43 @@ def new_password() -> str:
 
 
 def check_account_name(name: str, what: str = "username") -> str:
-    """``check_id`` plus the rules of the account namespace (reserved names, device prefix)."""
+    """``check_id`` plus the rules of the account namespace (device prefix and separator)."""
     check_id(name, what)
     if name.startswith(DEVICE_PREFIX):
         raise TopicError(f"{what} {name!r} starts with {DEVICE_PREFIX!r}, which is kept for customer devices")
+    if name == DEVICE_PREFIX.removesuffix(DEVICE_SEPARATOR):  # its devices would look like customers
+        raise TopicError(f"{what} {name!r} is kept for customer devices ({DEVICE_PREFIX}...)")
+    if DEVICE_SEPARATOR in name:
+        raise TopicError(f"{what} {name!r} contains {DEVICE_SEPARATOR!r}, which separates a device's label")
     return name
+
+
+# --- device logins of shops and riders ----------------------------------------------------------
+
+#: Kinds of identity that may have device logins.
+DEVICE_KINDS: tuple[Kind, ...] = (Kind.SHOP, Kind.RIDER)
+
+
+def new_device_label() -> str:
+    """A label for a device nobody named (``d-`` + 24 random bits)."""
+    return f"d-{secrets.token_hex(3)}"
+
+
+def device_username(identity: str, label: str) -> str:
+    """``s1`` + ``till-2`` -> ``s1@till-2``; :class:`TopicError` for a bad identity or label."""
+    check_account_name(identity, "identity")
+    check_id(label, "device label")
+    if DEVICE_SEPARATOR in label:
+        raise TopicError(f"device label {label!r} contains {DEVICE_SEPARATOR!r}")
+    return check_id(f"{identity}{DEVICE_SEPARATOR}{label}", "device username")
+
+
+def split_device(username: str) -> tuple[str, str] | None:
+    """``s1@till-2`` -> ``("s1", "till-2")``; None for any other username (customers included)."""
+    if username.startswith(DEVICE_PREFIX):
+        return None
+    identity, sep, label = username.partition(DEVICE_SEPARATOR)
+    return (identity, label) if sep and identity and label else None
 
 
 # --- ACLs and roles -----------------------------------------------------------------------------
@@ -314,7 +349,8 @@ def parse_order_role(name: str, acls: Iterable[dict[str, Any]] = ()) -> OrderRol
 
 
 def kind_of(username: str, roles: Iterable[str]) -> Kind | None:
-    """The kind of account from its username and role names (None if not one of ours)."""
+    """The kind of account from its username and role names (None if not one of ours); a
+    shop's or rider's device login is of its identity's kind."""
     names = set(roles)
     if username.startswith(DEVICE_PREFIX):
         return Kind.CUSTOMER
@@ -324,6 +360,11 @@ def kind_of(username: str, roles: Iterable[str]) -> Kind | None:
     for kind in (Kind.SERVICE, Kind.SHOP, Kind.RIDER):
         if role_name(kind, username) in names:
             return kind
+    device = split_device(username)
+    if device is not None:
+        for kind in DEVICE_KINDS:
+            if role_name(kind, device[0]) in names:
+                return kind
     return None
 
 

@@ -16,14 +16,40 @@ from rich.table import Table
 
 from bloomwire.access import policy
 from bloomwire.access.accounts import Accounts, Credential, open_accounts
+from bloomwire.access.dynsec import DynsecFile
 from bloomwire.access.policy import Kind
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime.settings import Settings
 
 accounts_app = typer.Typer(
-    help="Broker accounts: add shops, riders and services; list, remove, rotate passwords.",
+    help=(
+        "Broker accounts: add shops, riders and services; device logins of shops and riders; "
+        "list, remove, rotate passwords."
+    ),
     no_args_is_help=True,
 )
+DEVICE_HELP = (
+    "Device logins of shops and riders: one per terminal, dashboard, phone app or OwnTracks."
+    "\n\n"
+    "The broker uses a login's username as its MQTT client id, so two devices sharing the shop's "
+    "(or rider's) login would keep disconnecting each other. A device login is IDENTITY@LABEL "
+    "(s1@till-2, r7@owntracks): a username and password of its own, with exactly the rights of "
+    "its shop or rider. Every device of a shop sees everything the shop sees, live; every device "
+    "of a rider gets the rider's offers, acks and chat. Revoking one disconnects it at once and "
+    "leaves the others connected."
+    "\n\n"
+    "Use it where a login is asked for; the password is in DATA_DIR/secrets/IDENTITY@LABEL (or "
+    "printed with --show-password): `bloomwire shop watch --shop s1 --device till-2`; "
+    "`bloomwire rider run r7 --device phone`; the shop dashboard and the rider web app take "
+    "username s1@till-2 and its password; OwnTracks takes username r7@owntracks, its password "
+    "and pubTopicBase owntracks/r7/%d (its default owntracks/%u/%d would name the device login, "
+    "not the rider, and is refused)."
+    "\n\n"
+    "Change a device's password with `bloomwire accounts rotate s1@till-2`; removing the shop "
+    "or rider removes its devices too."
+)
+device_app = typer.Typer(help=DEVICE_HELP, no_args_is_help=True)
+accounts_app.add_typer(device_app, name="device")
 console = Console()
 err = Console(stderr=True)
 
@@ -87,6 +113,72 @@ def add_service(ctx: typer.Context, name: Name, show_password: Show = False, off
     _add(ctx, Kind.SERVICE, name, show_password, offline)
 
 
+Identity = Annotated[str, typer.Argument(help="The shop or rider the device acts as.")]
+Label = Annotated[
+    str | None,
+    typer.Option(
+        "--label",
+        help="Names the device (letters, digits, _ . : -): the login is IDENTITY@LABEL. Default: d-<random>.",
+        show_default=False,
+    ),
+]
+
+
+@device_app.command("add")
+def device_add(
+    ctx: typer.Context,
+    identity: Identity,
+    label: Label = None,
+    show_password: Show = False,
+    offline: Offline = None,
+) -> None:
+    """A new device login IDENTITY@LABEL with the shop's or rider's rights."""
+    try:
+        with open_accounts(_settings(ctx), offline=offline) as accounts:
+            cred = accounts.add_device(identity, label)
+    except BloomwireError as exc:
+        raise _fail(str(exc)) from None
+    _report("added device login of", cred, show_password)
+
+
+@device_app.command("list")
+def device_list(
+    ctx: typer.Context,
+    identity: Annotated[
+        str | None, typer.Argument(help="A shop or rider (default: every one).", show_default=False)
+    ] = None,
+    offline: Offline = None,
+) -> None:
+    """The device logins of a shop or rider (of all of them without IDENTITY)."""
+    try:
+        with open_accounts(_settings(ctx), offline=offline) as accounts:
+            rows = accounts.devices(identity)
+    except BloomwireError as exc:
+        raise _fail(str(exc)) from None
+    table = Table("username", "of", "label", title="Device logins")
+    for row in rows:
+        kind = row.kind.value if row.kind else "?"
+        table.add_row(row.username, f"{kind} {row.identity}", row.device or "")
+    console.print(table)
+    console.print(f"{len(rows)} device login(s)")
+
+
+@device_app.command("revoke")
+def device_revoke(
+    ctx: typer.Context,
+    username: Annotated[str, typer.Argument(help="The device login, IDENTITY@LABEL.")],
+    offline: Offline = None,
+) -> None:
+    """Delete one device login: disconnected at once, refused afterwards; the others stay."""
+    try:
+        with open_accounts(_settings(ctx), offline=offline) as accounts:
+            info = accounts.revoke_device(username)
+    except BloomwireError as exc:
+        raise _fail(str(exc)) from None
+    kind = info.kind.value if info.kind else "account"
+    console.print(f"revoked device login {username} of {kind} {info.identity}")
+
+
 @accounts_app.command("list")
 def list_accounts(
     ctx: typer.Context,
@@ -105,7 +197,8 @@ def list_accounts(
         if row.kind is Kind.CUSTOMER and not customers:
             hidden += 1
             continue
-        table.add_row(row.username, row.kind.value if row.kind else "?", ", ".join(row.roles))
+        kind = row.kind.value if row.kind else "?"
+        table.add_row(row.username, f"{kind} device" if row.device else kind, ", ".join(row.roles))
     console.print(table)
     if hidden:
         console.print(f"and {hidden} customer device logins (--customers to list them)")
@@ -113,13 +206,16 @@ def list_accounts(
 
 @accounts_app.command("remove")
 def remove(ctx: typer.Context, username: Name, offline: Offline = None) -> None:
-    """Delete an account and its role; a connected client is disconnected at once."""
+    """Delete an account and its role (a shop's or rider's device logins too); a connected
+    client is disconnected at once."""
     try:
         with open_accounts(_settings(ctx), offline=offline) as accounts:
+            devices = accounts.devices(username) if "@" not in username else []
             info = accounts.remove(username)
     except BloomwireError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"removed {info.kind.value if info.kind else 'account'} {username}")
+    also = f" and its {len(devices)} device login(s)" if devices else ""
+    console.print(f"removed {info.kind.value if info.kind else 'account'} {username}{also}")
 
 
 @accounts_app.command("rotate")
@@ -132,7 +228,7 @@ def rotate(ctx: typer.Context, username: Name, show_password: Show = False, offl
     settings = _settings(ctx)
     try:
         with open_accounts(settings, offline=offline) as accounts:
-            if username == policy.ADMIN and not isinstance(accounts.backend, _file_type()):
+            if username == policy.ADMIN and not isinstance(accounts.backend, DynsecFile):
                 raise _fail("rotate admin with the broker stopped: bloomwire accounts rotate admin --offline")
             cred = accounts.rotate(username)
     except BloomwireError as exc:
@@ -140,9 +236,3 @@ def rotate(ctx: typer.Context, username: Name, show_password: Show = False, offl
     _report("rotated", cred, show_password)
     if cred.kind in (Kind.SERVICE, Kind.PROVISIONER, Kind.PERSISTER, Kind.OPERATOR):
         console.print("restart that service (it reads its password when it starts)")
-
-
-def _file_type() -> type:
-    from bloomwire.access.dynsec import DynsecFile
-
-    return DynsecFile

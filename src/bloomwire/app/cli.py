@@ -18,6 +18,7 @@ from bloomwire.app.clients.commands import register as register_client_commands
 from bloomwire.app.supervisor import DEFAULT_RIDERS, DEFAULT_SHOPS
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime import log
+from bloomwire.runtime.mqtt import Service
 from bloomwire.runtime.settings import Settings
 
 app = typer.Typer(
@@ -206,7 +207,16 @@ def service_run(
         service = module.build(settings)
     except BloomwireError as exc:  # e.g. a broken alert rules file: say where, no traceback
         raise fail(str(exc)) from None
-    asyncio.run(service.run(settings))
+    asyncio.run(_run_until_signalled(service, settings))
+
+
+async def _run_until_signalled(service: Service, settings: Settings) -> None:
+    """Run ``service`` until SIGINT or SIGTERM: the process's signals are the entry point's."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await service.run(settings, stop=stop, install_signals=False)
 
 
 @app.command()

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bloomwire.access import Kind, bootstrap, open_accounts
+from bloomwire.access.dynsec import DynsecError
 from bloomwire.contract import topics
 from bloomwire.errors import BrokerError
 from bloomwire.runtime.broker import Mosquitto, ensure_secret, free_port
@@ -139,8 +141,6 @@ class Stack:
         if self.settings.external_broker:
             return self.settings
         if self.access:
-            from bloomwire.access import bootstrap
-
             services = [n for n in self.services if n not in _FIXED_IDENTITIES]
             boot = bootstrap(data_dir, shops=self.shops, riders=self.riders, services=services)
             self.broker = Mosquitto(
@@ -182,9 +182,6 @@ class Stack:
             return self._add_account(name, kind)
 
     def _add_account(self, name: str, kind: str) -> str:
-        from bloomwire.access import Kind, open_accounts
-        from bloomwire.access.dynsec import DynsecError
-
         wanted = Kind(kind)
         if self.broker is None and not self.settings.external_broker:  # bootstrapped at start
             if wanted is Kind.SHOP and name not in self.shops:

@@ -112,6 +112,7 @@ class Connection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting = False
         self._on_connect_hooks: list[Callable[[], None]] = []
+        self._diverts: list[tuple[str, Callable[[Message], None]]] = []
 
         client = TunedClient(
             CallbackAPIVersion.VERSION2,
@@ -216,18 +217,44 @@ class Connection:
                 text = topic.decode("utf-8")
             except UnicodeDecodeError:  # the broker should refuse these; keep the message anyway
                 text = topic.decode("utf-8", errors="replace")
-            self._inbox.append(Message(text, payload, qos, retain, mid, time.time(), self.generation))
+            msg = Message(text, payload, qos, retain, mid, time.time(), self.generation)
+            if self._diverts and self._divert(msg):
+                return
+            self._inbox.append(msg)
             if self._waiting and self._loop is not None and self._wakeup is not None:
                 self._waiting = False
                 self._loop.call_soon_threadsafe(self._wakeup.set)
         except Exception:  # pragma: no cover - defensive
             log.exception("dropping message in network thread", mid=mid)
 
+    def _divert(self, msg: Message) -> bool:
+        """Hand ``msg`` to the callback of the first diverted filter it matches; False if none."""
+        for topic_filter, callback in self._diverts:
+            if topics.matches(topic_filter, msg.topic):
+                try:
+                    callback(msg)
+                except Exception:
+                    log.exception("diverted message callback failed", client_id=self.client_id)
+                if msg.qos and self.manual_ack:
+                    self.client.ack(msg.mid, msg.qos)
+                return True
+        return False
+
     # --- public API --------------------------------------------------------------------------
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` in the network thread after every (re)connection."""
         self._on_connect_hooks.append(hook)
+
+    def divert(self, topic_filter: str, callback: Callable[[Message], None], qos: int = 0) -> None:
+        """Subscribe to ``topic_filter`` and hand its messages to ``callback`` in the network
+        thread, never to the queue :meth:`drain` empties.
+
+        For answers someone awaits (:mod:`bloomwire.runtime.request`): queued, an answer would
+        wait behind the very handler awaiting it. ``callback`` must be quick; it may not block.
+        """
+        self._diverts.append((topic_filter, callback))
+        self.subscribe(topic_filter, qos)
 
     def start(self) -> None:
         """Connect in the background; paho retries with backoff until the broker answers."""

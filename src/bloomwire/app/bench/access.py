@@ -2,7 +2,15 @@
 
 The broker runs in access-controlled mode with ``orders`` customer accesses already provisioned
 (written into the plugin's JSON before it starts: the same roles and logins the provisioner
-mints live). Then, ``repeat`` times, it times what the provisioner does for one order:
+mints live). Then, ``repeat`` times, it times what the provisioner does for one order, once on
+each path in turn (which goes first alternates):
+
+* ``service``: the provisioner's own -- plugin commands on a runtime
+  :class:`~bloomwire.runtime.mqtt.Connection` (:class:`~bloomwire.access.dynsec.ControlChannel`,
+  :class:`~bloomwire.access.accounts.AsyncAccounts`), as in the running service;
+* ``client``: the blocking :class:`~bloomwire.access.dynsec.ControlClient` of ``bloomwire accounts``.
+
+What is timed:
 
 * mint: ``createRole`` + ``createClient`` in one control message, then the retained access
   publish (PUBACK awaited);
@@ -16,6 +24,7 @@ costs time proportional to the number of provisioned accounts; the figures show 
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import tempfile
 import threading
@@ -23,19 +32,33 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from bloomwire.access import policy
-from bloomwire.access.accounts import Accounts, bootstrap, connect_admin
-from bloomwire.access.dynsec import DynsecFile, hash_password
+from bloomwire.access.accounts import Accounts, AsyncAccounts, OrderAccess, bootstrap, connect_admin
+from bloomwire.access.dynsec import ControlChannel, ControlClient, DynsecFile, hash_password
+from bloomwire.access.operations import Credential
 from bloomwire.contract import topics
-from bloomwire.runtime.broker import Mosquitto
+from bloomwire.runtime.broker import Mosquitto, ensure_secret
+from bloomwire.runtime.mqtt import Connection
 from bloomwire.runtime.settings import Settings
 
 SHOPS = 20
+#: The service path's login: the provisioner's roles under a name of its own (one username is
+#: one session, and the client path logs in as ``provisioner``).
+BENCH_SERVICE = "bench-provisioner"
+
+
+@dataclass
+class Timings:
+    """What one path took per round (milliseconds)."""
+
+    mint_ms: list[float] = field(default_factory=list)
+    revoke_ms: list[float] = field(default_factory=list)
+    cutoff_ms: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -46,9 +69,10 @@ class AccessBench:
     repeat: int
     file_bytes: int = 0
     save_ms: list[float] = field(default_factory=list)
-    mint_ms: list[float] = field(default_factory=list)
-    revoke_ms: list[float] = field(default_factory=list)
-    cutoff_ms: list[float] = field(default_factory=list)
+    #: The provisioner service's path: commands on its own runtime connection.
+    service: Timings = field(default_factory=Timings)
+    #: ``bloomwire accounts``' path: the blocking ControlClient.
+    client: Timings = field(default_factory=Timings)
 
     @staticmethod
     def summary(values: list[float]) -> str:
@@ -61,14 +85,19 @@ class AccessBench:
 
     def lines(self) -> list[str]:
         """The figures as printable lines."""
-        return [
+        out = [
             f"customer accesses provisioned: {self.orders} (dynamic-security file "
-            f"{self.file_bytes / 1e6:.1f} MB), {self.repeat} rounds",
+            f"{self.file_bytes / 1e6:.1f} MB), {self.repeat} rounds per path, paths in turn",
             f"one plugin write (setDefaultACLAccess): {self.summary(self.save_ms)}",
-            f"mint one customer access (role + login + retained access): {self.summary(self.mint_ms)}",
-            f"revoke it (logins + role + clear access): {self.summary(self.revoke_ms)}",
-            f"connected device cut off after the revocation is sent: {self.summary(self.cutoff_ms)}",
         ]
+        for what, attr in (
+            ("mint one customer access (role + login + retained access)", "mint_ms"),
+            ("revoke it (logins + role + clear access)", "revoke_ms"),
+            ("connected device cut off after the revocation is sent", "cutoff_ms"),
+        ):
+            for path, timings in (("provisioner service", self.service), ("ControlClient", self.client)):
+                out.append(f"{what}, {path}: {self.summary(getattr(timings, attr))}")
+        return out
 
 
 def populate(path: Path, orders: int) -> None:
@@ -93,9 +122,17 @@ def populate(path: Path, orders: int) -> None:
     store.save()
 
 
-def _device(broker: Mosquitto, username: str, password: str) -> tuple[paho.Client, list[float]]:
-    """A connected device; the list receives the ``perf_counter`` of its disconnection."""
-    gone: list[float] = []
+@dataclass
+class _Gone:
+    """Set when a bench device is disconnected, with the ``perf_counter`` of that moment."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    at: float = 0.0
+
+
+def _device(broker: Mosquitto, username: str, password: str) -> tuple[paho.Client, _Gone]:
+    """A connected device and what tells of its disconnection."""
+    gone = _Gone()
     up = threading.Event()
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
@@ -109,7 +146,9 @@ def _device(broker: Mosquitto, username: str, password: str) -> tuple[paho.Clien
         up.set()
 
     def on_disconnect(*_a: Any) -> None:
-        gone.append(time.perf_counter())
+        if not gone.event.is_set():
+            gone.at = time.perf_counter()
+            gone.event.set()
 
     client.on_connect, client.on_disconnect = on_connect, on_disconnect
     client.connect(broker.host, broker.port, keepalive=30)
@@ -117,6 +156,94 @@ def _device(broker: Mosquitto, username: str, password: str) -> tuple[paho.Clien
     if not up.wait(5):
         raise TimeoutError("bench device could not connect")
     return client, gone
+
+
+class _Path(Protocol):
+    """One way of sending the provisioner's commands and publishes."""
+
+    async def mint(self, shop: str, order: str) -> tuple[OrderAccess, Credential]: ...
+    async def revoke(self, access: OrderAccess) -> None: ...
+    async def publish(self, topic: str, payload: bytes) -> None: ...
+
+
+class _ServicePath:
+    """The running provisioner's: commands on a runtime Connection, nothing blocks the loop."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.accounts = AsyncAccounts(ControlChannel(conn))
+
+    async def mint(self, shop: str, order: str) -> tuple[OrderAccess, Credential]:
+        return await self.accounts.mint_customer(shop, order)
+
+    async def revoke(self, access: OrderAccess) -> None:
+        await self.accounts.revoke_customer(access)
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        info = self.conn.publish(topic, payload, qos=1, retain=True)
+        await asyncio.to_thread(info.wait_for_publish, 5.0)
+
+
+class _ClientPath:
+    """``bloomwire accounts``': the blocking ControlClient (blocking this loop, on purpose)."""
+
+    def __init__(self, ctl: ControlClient) -> None:
+        self.ctl = ctl
+        self.accounts = Accounts(ctl)
+
+    async def mint(self, shop: str, order: str) -> tuple[OrderAccess, Credential]:
+        return self.accounts.mint_customer(shop, order)
+
+    async def revoke(self, access: OrderAccess) -> None:
+        self.accounts.revoke_customer(access)
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        self.ctl.publish(topic, payload, retain=True)
+
+
+async def _round(path: _Path, broker: Mosquitto, order: str, timings: Timings) -> None:
+    """Mint, connect a device, revoke: time each step on ``path``."""
+    shop = "bench-shop-live"
+    access_topic = topics.access_topic(shop, order)
+    t0 = time.perf_counter()
+    access, login = await path.mint(shop, order)
+    await path.publish(access_topic, b"{}")
+    timings.mint_ms.append((time.perf_counter() - t0) * 1000)
+    device, gone = await asyncio.to_thread(_device, broker, login.username, login.password)
+    try:
+        t0 = time.perf_counter()
+        await path.revoke(access)
+        await path.publish(access_topic, b"")
+        timings.revoke_ms.append((time.perf_counter() - t0) * 1000)
+        if await asyncio.to_thread(gone.event.wait, 5.0):
+            timings.cutoff_ms.append((gone.at - t0) * 1000)
+    finally:
+        device.loop_stop()
+        device.disconnect()
+
+
+async def _measure(result: AccessBench, broker: Mosquitto, root: Path) -> None:
+    settings = Settings(data_dir=root, broker_host=broker.host, broker_port=broker.port)
+    password = ensure_secret(root, BENCH_SERVICE)
+    conn = Connection(settings.as_identity(BENCH_SERVICE, password), BENCH_SERVICE)
+    conn.start()
+    try:
+        await conn.wait_connected(10)
+        with connect_admin(settings, broker.host, broker.port, policy.PROVISIONER) as ctl:
+            default = [{"acltype": k, "allow": v} for k, v in policy.DEFAULT_ACL_ACCESS.items()]
+            for _ in range(3):
+                t0 = time.perf_counter()
+                ctl.execute([{"command": "setDefaultACLAccess", "acls": default}])
+                result.save_ms.append((time.perf_counter() - t0) * 1000)
+            paths: list[tuple[str, _Path, Timings]] = [
+                ("service", _ServicePath(conn), result.service),
+                ("client", _ClientPath(ctl), result.client),
+            ]
+            for i in range(result.repeat):
+                for name, path, timings in paths if i % 2 == 0 else paths[::-1]:
+                    await _round(path, broker, f"bench-live-{name}-{i}", timings)
+    finally:
+        await conn.stop(announce_offline=False)
 
 
 def bench_access(
@@ -132,38 +259,15 @@ def bench_access(
         root = Path(data_dir) if data_dir is not None else Path(tmp)
         boot = bootstrap(root)
         populate(boot.config_path, orders)
+        store = DynsecFile(boot.config_path)
+        roles = [{"rolename": r.name} for r in policy.roles_for(policy.Kind.PROVISIONER, BENCH_SERVICE)]
+        store.put_client(BENCH_SERVICE, ensure_secret(root, BENCH_SERVICE), roles)
+        store.save()
         result.file_bytes = boot.config_path.stat().st_size
         broker = Mosquitto(root / "broker", dynsec_config=boot.config_path)
         broker.start()
         try:
-            settings = Settings(data_dir=root, broker_host=broker.host, broker_port=broker.port)
-            with connect_admin(settings, broker.host, broker.port, policy.PROVISIONER) as ctl:
-                accounts = Accounts(ctl)
-                default = [{"acltype": k, "allow": v} for k, v in policy.DEFAULT_ACL_ACCESS.items()]
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    ctl.execute([{"command": "setDefaultACLAccess", "acls": default}])
-                    result.save_ms.append((time.perf_counter() - t0) * 1000)
-                for i in range(repeat):
-                    shop, order = "bench-shop-live", f"bench-live-{i}"
-                    t0 = time.perf_counter()
-                    access, login = accounts.mint_customer(shop, order)
-                    ctl.publish(topics.access_topic(shop, order), b"{}", retain=True)
-                    result.mint_ms.append((time.perf_counter() - t0) * 1000)
-                    device, gone = _device(broker, login.username, login.password)
-                    try:
-                        t0 = time.perf_counter()
-                        accounts.revoke_customer(access)
-                        ctl.publish(topics.access_topic(shop, order), b"", retain=True)
-                        result.revoke_ms.append((time.perf_counter() - t0) * 1000)
-                        deadline = time.monotonic() + 5
-                        while not gone and time.monotonic() < deadline:
-                            time.sleep(0.005)
-                        if gone:
-                            result.cutoff_ms.append((gone[0] - t0) * 1000)
-                    finally:
-                        device.loop_stop()
-                        device.disconnect()
+            asyncio.run(_measure(result, broker, root))
         finally:
             broker.stop()
     if echo is not None:

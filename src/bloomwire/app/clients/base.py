@@ -2,7 +2,8 @@
 
 A client is one MQTT identity (rider ``R``, shop ``S``, customer ``c-O``) on one
 :class:`~bloomwire.runtime.mqtt.Connection`. The broker uses the username as the client id, so two
-connections with the same username take each other over: one identity, one live connection.
+connections with the same username take each other over: one login, one live connection. A shop's
+or rider's device login (``S@LABEL``, ``--device``) is another login with the identity's rights.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from bloomwire.access.policy import device_username
 from bloomwire.contract import events as ev
 from bloomwire.contract.topics import check_id
 from bloomwire.errors import BloomwireError, BrokerError, TopicError
@@ -116,6 +118,19 @@ def resolve_password(settings: Settings, username: str, password: str | None, wh
         f"no password for {what} {username!r}: pass --password, set BLOOMWIRE_BROKER_PASSWORD, "
         f"or provision the account (its password file would be {path})"
     )
+
+
+def login_name(identity: str, device: str | None, username: str | None = None) -> str:
+    """The username to log in with: the device login ``IDENTITY@LABEL`` for ``--device``, else
+    ``--username``, else the identity itself."""
+    if device is not None and username is not None:
+        raise UsageError("give --device or --username, not both")
+    if device is None:
+        return username or identity
+    try:
+        return device_username(identity, device)
+    except TopicError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def client_settings(settings: Settings, username: str, password: str) -> Settings:

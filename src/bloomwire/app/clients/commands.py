@@ -64,9 +64,24 @@ Username = Annotated[
     str | None,
     typer.Option("--username", help="MQTT username, if not the id itself (one connection per username)."),
 ]
+Device = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help=(
+            "Log in as this device of the shop or rider (username ID@LABEL, made with "
+            "`bloomwire accounts device add ID --label LABEL`): a session of its own, so it runs "
+            "beside the identity's other terminals and apps instead of taking over theirs."
+        ),
+        show_default=False,
+    ),
+]
 OutboxOpt = Annotated[
     Path | None,
-    typer.Option("--outbox", help="The rider's outbox file (default DATA_DIR/clients/riders/R/outbox.db)."),
+    typer.Option(
+        "--outbox",
+        help="The rider's outbox file (default DATA_DIR/clients/riders/R/outbox.db; R@LABEL/ with --device).",
+    ),
 ]
 
 
@@ -139,11 +154,12 @@ def _stop_on_signals(stop: asyncio.Event) -> Callable[[], None]:
 # --- rider --------------------------------------------------------------------------------------
 
 
-def _outbox_path(settings: Settings, rider: str, outbox: Path | None) -> Path:
-    from bloomwire.app.clients.base import check_name
+def _outbox_path(settings: Settings, rider: str, outbox: Path | None, device: str | None = None) -> Path:
+    from bloomwire.app.clients.base import check_name, login_name
     from bloomwire.app.clients.rider import outbox_path
 
-    return outbox or outbox_path(settings, check_name(rider, "rider"))
+    login_name(check_name(rider, "rider"), device)  # a bad label is a UsageError
+    return outbox or outbox_path(settings, rider, device)
 
 
 @rider_app.command("run")
@@ -161,9 +177,10 @@ def rider_run(
     interval: Annotated[float, typer.Option(help="Seconds between positions.", min=0.2)] = 5.0,
     offers: Annotated[str, typer.Option(help="Answer offers: ask, accept or decline.")] = "ask",
     seed: Annotated[int | None, typer.Option(help="Seed of the --simulate route.")] = None,
+    device: Device = None,
 ) -> None:
     """Run the rider app: online until Ctrl-C; type commands (help) to report status and chat."""
-    from bloomwire.app.clients.base import UsageError, parse_point, resolve_password
+    from bloomwire.app.clients.base import UsageError, login_name, parse_point, resolve_password
     from bloomwire.app.clients.outbox import Outbox
     from bloomwire.app.clients.rider import FixedPosition, RiderApp, RiderDevice, load_route, random_ride
 
@@ -183,28 +200,31 @@ def rider_run(
             source = FixedPosition(*parse_point(at, "--at"))
         elif simulate:
             source = random_ride((52.5200, 13.4050), seed, speed)
-        box = Outbox(_outbox_path(settings, rider, outbox))
+        username = login_name(rider, device)
+        box = Outbox(_outbox_path(settings, rider, outbox, device))
         try:
             if not box.lock():
-                raise UsageError(f"rider {rider}'s app already runs (pid {box.holder()}): one app per rider")
-            pw = resolve_password(settings, rider, password, "rider")
-            device = RiderDevice(settings, rider, pw, box)
+                raise UsageError(
+                    f"{username}'s rider app already runs (pid {box.holder()}): one app per login"
+                )
+            pw = resolve_password(settings, username, password, "rider")
+            phone = RiderDevice(settings, rider, pw, box, username=username)
             app = RiderApp(
-                device,
+                phone,
                 console,
                 source=source,
                 interval=interval,
                 offers=offers,  # type: ignore[arg-type]
                 read_commands=True,
             )
-            await device.start(on_retry=_retry_note)
+            await phone.start(on_retry=_retry_note)
             try:
                 await app.run()
             finally:
-                await device.stop()
+                await phone.stop()
                 left = box.count(records_only=True)
                 console.print(
-                    f"rider {rider} offline; "
+                    f"rider {username} offline; "
                     + (f"{left} event(s) wait in the outbox for the next start" if left else "outbox empty")
                 )
         finally:
@@ -217,19 +237,21 @@ def _rider_once(
     settings: Settings,
     rider: str,
     password: str | None,
+    device: str | None,
     outbox: Path | None,
     build: Callable[[], Outgoing] | None,
     wait: float,
 ) -> None:
     """Send one event (and whatever the outbox still holds), wait for the acks, report."""
-    from bloomwire.app.clients.base import UsageError, check_name, resolve_password
+    from bloomwire.app.clients.base import UsageError, check_name, login_name, resolve_password
     from bloomwire.app.clients.outbox import LOCATION, Outbox
     from bloomwire.app.clients.rider import RiderDevice
 
     async def main() -> int:
         check_name(rider, "rider")
+        username = login_name(rider, device)
         out = build() if build is not None else None
-        box = Outbox(_outbox_path(settings, rider, outbox))
+        box = Outbox(_outbox_path(settings, rider, outbox, device))
         try:
             if not box.lock():
                 if out is None:
@@ -241,16 +263,16 @@ def _rider_once(
                     f"queued {out.kind} {out.id}; the running rider app (pid {box.holder()}) sends it"
                 )
                 return 0
-            pw = resolve_password(settings, rider, password, "rider")
-            device = RiderDevice(settings, rider, pw, box, presence=False)
+            pw = resolve_password(settings, username, password, "rider")
+            phone = RiderDevice(settings, rider, pw, box, presence=False, username=username)
             earlier = [e for e in box.pending() if e.kind != LOCATION]
-            futures = {e.id: (f"earlier {e.kind}", device.expect(e.id)) for e in earlier}
+            futures = {e.id: (f"earlier {e.kind}", phone.expect(e.id)) for e in earlier}
             if out is not None:
-                futures[out.id] = (out.kind, device.expect(out.id))
-            await device.start(on_retry=_retry_note)
+                futures[out.id] = (out.kind, phone.expect(out.id))
+            await phone.start(on_retry=_retry_note)
             try:
                 if out is not None:
-                    device.send(out)
+                    phone.send(out)
                 code = 0
                 for event_id, (what, fut) in futures.items():
                     from bloomwire.app.clients.base import wait_outcome
@@ -266,7 +288,7 @@ def _rider_once(
                     console.print("outbox empty: nothing to send")
                 return code
             finally:
-                await device.stop()
+                await phone.stop()
         finally:
             box.close()
 
@@ -285,6 +307,7 @@ def rider_status(
     ],
     note: Annotated[str, typer.Option(help="A note for the shop.")] = "",
     password: Password = None,
+    device: Device = None,
     outbox: OutboxOpt = None,
     wait: Wait = 10.0,
 ) -> None:
@@ -292,7 +315,13 @@ def rider_status(
     from bloomwire.app.clients.rider import status_event
 
     _rider_once(
-        _settings(ctx), rider, password, outbox, lambda: status_event(rider, order, status, note=note), wait
+        _settings(ctx),
+        rider,
+        password,
+        device,
+        outbox,
+        lambda: status_event(rider, order, status, note=note),
+        wait,
     )
 
 
@@ -306,6 +335,7 @@ def rider_fail(
     ],
     note: Annotated[str, typer.Option(help="What happened.")] = "",
     password: Password = None,
+    device: Device = None,
     outbox: OutboxOpt = None,
     wait: Wait = 10.0,
 ) -> None:
@@ -316,6 +346,7 @@ def rider_fail(
         _settings(ctx),
         rider,
         password,
+        device,
         outbox,
         lambda: status_event(rider, order, "failed", note=note, reason=reason),
         wait,
@@ -331,6 +362,7 @@ def rider_incident(
     eta_min: Annotated[float | None, typer.Option(help="New ETA, minutes from now.", min=0)] = None,
     note: Annotated[str, typer.Option(help="A note for the shop and customer.")] = "",
     password: Password = None,
+    device: Device = None,
     outbox: OutboxOpt = None,
     wait: Wait = 10.0,
 ) -> None:
@@ -344,7 +376,7 @@ def rider_incident(
         eta = ev.now() + timedelta(minutes=eta_min) if eta_min is not None else None
         return incident_event(rider, order, reason, eta=eta, note=note)
 
-    _rider_once(_settings(ctx), rider, password, outbox, build, wait)
+    _rider_once(_settings(ctx), rider, password, device, outbox, build, wait)
 
 
 @rider_app.command("chat")
@@ -354,13 +386,14 @@ def rider_chat(
     order: OrderArg,
     text: Annotated[str, typer.Argument(help="The chat line.")],
     password: Password = None,
+    device: Device = None,
     outbox: OutboxOpt = None,
     wait: Wait = 10.0,
 ) -> None:
     """Send a chat line on an order (to the shop and the customer)."""
     from bloomwire.app.clients.rider import chat_event
 
-    _rider_once(_settings(ctx), rider, password, outbox, lambda: chat_event(rider, order, text), wait)
+    _rider_once(_settings(ctx), rider, password, device, outbox, lambda: chat_event(rider, order, text), wait)
 
 
 @rider_app.command("reply")
@@ -372,6 +405,7 @@ def rider_reply(
     accept: Annotated[bool, typer.Option("--accept/--decline", help="Accept or decline.")] = True,
     reason: Annotated[str, typer.Option(help="Why (declines).")] = "",
     password: Password = None,
+    device: Device = None,
     outbox: OutboxOpt = None,
     wait: Wait = 10.0,
 ) -> None:
@@ -382,6 +416,7 @@ def rider_reply(
         _settings(ctx),
         rider,
         password,
+        device,
         outbox,
         lambda: reply_event(rider, offer, order, accept, reason),
         wait,
@@ -393,17 +428,19 @@ def rider_flush(
     ctx: typer.Context,
     rider: RiderArg,
     password: Password = None,
+    device: Device = None,
     outbox: OutboxOpt = None,
     wait: Wait = 10.0,
 ) -> None:
     """Send whatever the outbox still holds and wait for the acks."""
-    _rider_once(_settings(ctx), rider, password, outbox, None, wait)
+    _rider_once(_settings(ctx), rider, password, device, outbox, None, wait)
 
 
 @rider_app.command("outbox")
 def rider_outbox(
     ctx: typer.Context,
     rider: RiderArg,
+    device: Device = None,
     outbox: OutboxOpt = None,
 ) -> None:
     """List the events waiting for an ack, and the refused ones (no connection needed)."""
@@ -411,7 +448,7 @@ def rider_outbox(
     from bloomwire.app.clients.outbox import Outbox
 
     try:
-        box = Outbox(_outbox_path(_settings(ctx), rider, outbox))
+        box = Outbox(_outbox_path(_settings(ctx), rider, outbox, device))
     except UsageError as exc:
         raise _fail(str(exc), 2) from None
     try:
@@ -433,11 +470,12 @@ def _shop(
     shop: str,
     password: str | None,
     username: str | None,
+    device: str | None,
     action: Callable[[ShopTerminal], Awaitable[int]],
     *,
     need_orders: tuple[str, ...] = (),
 ) -> None:
-    from bloomwire.app.clients.base import UsageError, check_name, resolve_password
+    from bloomwire.app.clients.base import UsageError, check_name, login_name, resolve_password
     from bloomwire.app.clients.shop import ShopTerminal
 
     settings = _settings(ctx)
@@ -446,9 +484,9 @@ def _shop(
         check_name(shop, "shop")
         for order in need_orders:
             check_name(order, "order")
-        name = username or shop
+        name = login_name(shop, device, username)
         pw = resolve_password(settings, name, password, "shop")
-        terminal = ShopTerminal(settings, shop, pw, username=username)
+        terminal = ShopTerminal(settings, shop, pw, username=name)
         await terminal.start(on_retry=_retry_note)
         try:
             if need_orders:
@@ -488,6 +526,7 @@ def shop_order_create(
     ] = 2.0,
     password: Password = None,
     username: Username = None,
+    device: Device = None,
     wait: Wait = 10.0,
 ) -> None:
     """Create an order; prints its id and the customer's tracking access once the backbone has it."""
@@ -528,7 +567,7 @@ def shop_order_create(
             _print_tracking_link(_settings(ctx), created.access)
         return 0
 
-    _shop(ctx, shop, password, username, action)
+    _shop(ctx, shop, password, username, device, action)
 
 
 def _print_tracking_link(settings: Settings, access: CustomerAccess) -> None:
@@ -552,6 +591,7 @@ def shop_watch(
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
     password: Password = None,
     username: Username = None,
+    device: Device = None,
 ) -> None:
     """Every order of the shop, live: status, rider, ETA vs promise, last update, alerts."""
 
@@ -584,7 +624,7 @@ def shop_watch(
             undo()
         return 0
 
-    _shop(ctx, shop, password, username, action)
+    _shop(ctx, shop, password, username, device, action)
 
 
 @shop_app.command("chat")
@@ -595,6 +635,7 @@ def shop_chat(
     shop: ShopOpt,
     password: Password = None,
     username: Username = None,
+    device: Device = None,
     wait: Wait = 10.0,
 ) -> None:
     """Send a chat line on an order (to its rider and customer)."""
@@ -602,7 +643,7 @@ def shop_chat(
     async def action(terminal: ShopTerminal) -> int:
         return _report(await terminal.chat(order, text, timeout=wait), f"chat on {order}")
 
-    _shop(ctx, shop, password, username, action, need_orders=(order,))
+    _shop(ctx, shop, password, username, device, action, need_orders=(order,))
 
 
 @shop_app.command("assign")
@@ -614,6 +655,7 @@ def shop_assign(
     note: Annotated[str, typer.Option(help="A note for the rider.")] = "",
     password: Password = None,
     username: Username = None,
+    device: Device = None,
     wait: Wait = 10.0,
 ) -> None:
     """Assign (or reassign) an order to a rider; the rider gets an offer to accept."""
@@ -628,7 +670,7 @@ def shop_assign(
         outcome = await terminal.assign(order, rider, note=note, timeout=wait)
         return _report(outcome, f"{order} offered to {rider}")
 
-    _shop(ctx, shop, password, username, action, need_orders=(order,))
+    _shop(ctx, shop, password, username, device, action, need_orders=(order,))
 
 
 @shop_app.command("cancel")
@@ -639,6 +681,7 @@ def shop_cancel(
     reason: Annotated[str, typer.Option(help="Why.")] = "",
     password: Password = None,
     username: Username = None,
+    device: Device = None,
     wait: Wait = 10.0,
 ) -> None:
     """Cancel an order (before it is picked up)."""
@@ -646,7 +689,7 @@ def shop_cancel(
     async def action(terminal: ShopTerminal) -> int:
         return _report(await terminal.cancel(order, reason=reason, timeout=wait), f"cancelling {order}")
 
-    _shop(ctx, shop, password, username, action, need_orders=(order,))
+    _shop(ctx, shop, password, username, device, action, need_orders=(order,))
 
 
 @shop_app.command("ack")
@@ -657,6 +700,7 @@ def shop_ack(
     by: Annotated[str, typer.Option(help="Who is on it.")] = "",
     password: Password = None,
     username: Username = None,
+    device: Device = None,
     wait: Wait = 10.0,
 ) -> None:
     """Acknowledge an alert: someone is on it."""
@@ -664,7 +708,7 @@ def shop_ack(
     async def action(terminal: ShopTerminal) -> int:
         return _report(await terminal.ack_alert(alert, by=by, timeout=wait), f"acknowledging {alert}")
 
-    _shop(ctx, shop, password, username, action)
+    _shop(ctx, shop, password, username, device, action)
 
 
 # --- customer -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Literal, Protocol
 from pydantic import ValidationError
 from rich.console import Console
 
+from bloomwire.access.policy import device_username
 from bloomwire.app.clients.base import (
     DEFAULT_ANSWER_TIMEOUT_S,
     Client,
@@ -67,9 +68,11 @@ MAX_VEL_KMH = 400.0
 OfferPolicy = Literal["accept", "decline", "ask"]
 
 
-def outbox_path(settings: Settings, rider: str) -> Path:
-    """Where rider ``R``'s outbox lives by default: ``DATA_DIR/clients/riders/R/outbox.db``."""
-    return settings.data_dir / "clients" / "riders" / rider / "outbox.db"
+def outbox_path(settings: Settings, rider: str, device: str | None = None) -> Path:
+    """Where rider ``R``'s outbox lives by default: ``DATA_DIR/clients/riders/R/outbox.db``; a
+    device login ``R@LABEL`` keeps its own in ``.../riders/R@LABEL/outbox.db``."""
+    login = rider if device is None else device_username(rider, device)
+    return settings.data_dir / "clients" / "riders" / login / "outbox.db"
 
 
 # --- events a rider sends (pure builders) ---------------------------------------------------------
@@ -240,11 +243,12 @@ class RiderDevice(Client):
         presence: bool = True,
         resend_after_s: float = RESEND_AFTER_S,
         position_ttl_s: float = POSITION_TTL_S,
+        username: str | None = None,
     ) -> None:
         self.rider = check_name(rider, "rider")
         super().__init__(
             settings,
-            rider,
+            check_name(username or rider, "username"),
             password,
             status_topic=topics.rider_presence(rider) if presence else None,
             persistent=True,
