@@ -159,7 +159,7 @@ class Accounts:
         """Delete an account (a connected client is disconnected at once) and its own role."""
         check_id(username, "username")
         info = self.get(username)
-        if info.kind in (Kind.ADMIN, Kind.PROVISIONER, Kind.OPERATOR, Kind.PERSISTER):
+        if info.kind in policy.FIXED_KINDS:
             raise BrokerError(f"{username!r} is a fixed backbone identity; rotate it instead")
         commands: list[dict[str, Any]] = [{"command": "deleteClient", "username": username}]
         if info.kind in (Kind.SHOP, Kind.RIDER, Kind.SERVICE):
@@ -306,6 +306,7 @@ def _fixed(services: Iterable[str]) -> list[tuple[str, Kind]]:
         (policy.PROVISIONER, Kind.PROVISIONER),
         (policy.OPERATOR, Kind.OPERATOR),
         (policy.PERSISTER, Kind.PERSISTER),
+        (policy.MONITOR, Kind.MONITOR),
     ]
     for name in services:
         if name not in policy.RESERVED:
@@ -334,7 +335,9 @@ def bootstrap(
     wanted = _fixed(services)
     wanted += [(policy.check_account_name(s, "shop"), Kind.SHOP) for s in shops]
     wanted += [(policy.check_account_name(r, "rider"), Kind.RIDER) for r in riders]
-    clash = [n for n, k in wanted[4:] if n in policy.RESERVED and k is not Kind.SERVICE]
+    clash = [
+        n for n, k in wanted[len(policy.FIXED_KINDS) :] if n in policy.RESERVED and k is not Kind.SERVICE
+    ]
     if clash:
         raise TopicError(f"reserved names cannot be shops or riders: {', '.join(clash)}")
     seen: dict[str, Kind] = {}

@@ -415,6 +415,8 @@ class Mosquitto:
                 data_dir=str(self._data_dir.resolve()),
                 log_dest=f"file {self.log_path.resolve()}",
                 bind_address=self._host,
+                # libwebsockets binds an interface NAME: loopback, or every interface (template)
+                ws_interface="lo" if self._host.startswith(("127.", "localhost")) else "0.0.0.0",
                 **auth,
             ),
             encoding="utf-8",

@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +43,7 @@ from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import CLOSED, OrderStatus
 from bloomwire.errors import BloomwireError, PayloadError, TopicError
 from bloomwire.runtime.log import get_logger
+from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.settings import Settings
 
 log = get_logger("bloomwire.provisioner")
@@ -183,6 +184,15 @@ class Provisioner:
             if self._engine is not None:
                 self._engine.dispose()
 
+    def figures(self) -> Iterator[Figure]:
+        """What it did, for Prometheus (read at scrape time)."""
+        yield Figure("bloomwire_provisioner_minted", "Customer accesses minted", self.minted)
+        yield Figure("bloomwire_provisioner_revoked", "Customer accesses revoked", self.revoked)
+        yield Figure("bloomwire_provisioner_devices", "Customer device logins enrolled", self.devices)
+        yield Figure(
+            "bloomwire_provisioner_accesses", "Customer accesses live", len(self.index), counter=False
+        )
+
     def _guard(self, fn: Callable[[], object], what: str, **context: Any) -> bool:
         """Run ``fn``; log and return False on a Bloomwire error (the loop must go on)."""
         try:
@@ -237,8 +247,11 @@ class Provisioner:
         self.index[role] = access
         self.by_customer[access.customer] = role
         s = self.settings
-        endpoint = ev.BrokerEndpoint(
-            host=s.broker_host, port=s.broker_port, ws_port=s.broker_ws_port or None, tls=s.broker_tls
+        endpoint = ev.BrokerEndpoint(  # what devices are told (BLOOMWIRE_PUBLIC_*), not our own view
+            host=s.public_broker_host,
+            port=s.public_broker_port,
+            ws_port=s.public_broker_ws_port,
+            tls=s.broker_tls,
         )
         data = ev.CustomerAccess(
             shop=shop,
@@ -402,13 +415,17 @@ class Provisioner:
                 self.schedule(role, at + self.grace_s)
 
 
-def build(settings: Settings) -> Provisioner:
+def build(settings: Settings, *, metrics: ServiceMetrics | None = None) -> Provisioner:
     """The provisioner service for ``bloomwire service run provisioner``."""
-    return Provisioner(
+    provisioner = Provisioner(
         settings,
         grace_s=settings.customer_access_grace_s,
         max_devices=settings.customer_max_devices,
     )
+    if metrics is not None:
+        metrics.registry.register(FiguresCollector(provisioner.figures))
+        metrics.watch(queued=provisioner._inbox.qsize, oldest=lambda: None, ready=provisioner.ready.is_set)
+    return provisioner
 
 
 __all__ = ["NAME", "Provisioner", "build"]
