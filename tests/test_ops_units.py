@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from bloomwire.app.restarts import RestartPolicy, Restarts
 from bloomwire.app.status import ServiceView, StatusReport, scrape, total
+from bloomwire.contract.asyncapi import build_document
 from bloomwire.contract.events import ServiceState, ServiceStatus
 from bloomwire.errors import BrokerError
 from bloomwire.runtime import ports
@@ -214,3 +215,11 @@ def test_status_report_is_online_only_when_every_service_is() -> None:
     assert not report.all_online
     report.services["b"] = ServiceView("b", ServiceStatus(state=ServiceState.DEGRADED, reason="store down"))
     assert not report.all_online
+
+
+def test_the_asyncapi_server_entries_name_the_default_listen_ports() -> None:
+    servers = build_document()["servers"]
+    fields = Settings.model_fields
+    assert servers["mosquitto"]["variables"]["port"]["default"] == str(fields["broker_listen_port"].default)
+    websockets = servers["mosquitto-websockets"]["variables"]["port"]["default"]
+    assert websockets == str(fields["broker_listen_ws_port"].default)

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import MqttTestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from bloomwire.app.restarts import RestartPolicy
 from bloomwire.app.status import total
@@ -70,8 +71,6 @@ def _secret(data_dir: Path, name: str) -> str:
 
 def _scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """``curl`` the metrics page (as an operator would) and parse it."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     url = f"http://127.0.0.1:{port}/metrics"
     curl = shutil.which("curl")
     if curl:

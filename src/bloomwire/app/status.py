@@ -60,7 +60,8 @@ def total(samples: Samples, name: str, **match: str) -> float:
 
 
 def metrics_url(host: str, port: int) -> str:
-    """``http://host:port/metrics``."""
+    """``http://host:port/metrics`` (an exporter on every interface is asked on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     where = f"[{host}]" if ":" in host else host
     return f"http://{where}:{port}/metrics"
 
