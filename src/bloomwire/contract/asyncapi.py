@@ -379,7 +379,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "send",
             "Retained online/offline of each service; offline is its Last Will.",
             (PRESENCE_WORD,),
-            "every service",
+            "every service; `bloomwire up`'s supervisor when one is in a crash loop",
             "operators, monitoring",
             retain=True,
         ),
