@@ -3,6 +3,7 @@ book, $SYS parsing, refusal labels, the metrics hook of :class:`Service`."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 from collections.abc import Iterator
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from rich.console import Console
 
+from bloomwire.app.bench import metrics as bench_metrics
 from bloomwire.app.restarts import RestartPolicy, Restarts
 from bloomwire.app.status import ServiceView, StatusReport, scrape, total
 from bloomwire.contract.asyncapi import build_document
@@ -223,3 +226,9 @@ def test_the_asyncapi_server_entries_name_the_default_listen_ports() -> None:
     assert servers["mosquitto"]["variables"]["port"]["default"] == str(fields["broker_listen_port"].default)
     websockets = servers["mosquitto-websockets"]["variables"]["port"]["default"]
     assert websockets == str(fields["broker_listen_ws_port"].default)
+
+
+def test_bench_metrics_prints_a_row_per_batch_size() -> None:
+    (report,) = bench_metrics.main(events=2_000, console=Console(file=io.StringIO()))
+    assert [row[0] for row in report.rows] == [str(n) for n in bench_metrics.BATCH_SIZES]
+    assert all(float(cell) >= 0 for row in report.rows for cell in row[1:])

@@ -502,6 +502,17 @@ def bench_alerts(
     _record(record, reports)
 
 
+@bench_app.command("metrics")
+def bench_metrics(
+    events: Annotated[int, typer.Option(help="Events counted per batch size.")] = 200_000,
+    record: Record = None,
+) -> None:
+    """CPU per event of the Prometheus figures (the Service hook and the persister's), no broker."""
+    from bloomwire.app.bench import metrics as bench
+
+    _record(record, bench.main(events=events, console=console))
+
+
 @bench_app.command("access")
 def bench_access(
     orders: Annotated[int, typer.Option(help="Customer accesses already live on the broker.")] = 5_000,

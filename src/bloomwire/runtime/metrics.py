@@ -91,20 +91,31 @@ class ServiceMetrics:
             registry=reg,
         )
         self._ready.labels(service).set(0)
+        # labels() looks a child up under a lock: keep the children of the hot path at hand
+        self._received_of: dict[str, Counter] = {}
+        self._handled_of: dict[str, Counter] = {}
+        self._batch_child = self._batch.labels(service)
+        self._latency_child = self._latency.labels(service)
 
     # --- the hook Service calls ----------------------------------------------------------------
 
     def received(self, routes: Mapping[str, int]) -> None:
         """``routes``: how many messages of each route were just taken from the broker."""
         for route, n in routes.items():
-            self._received.labels(self.service, route).inc(n)
+            child = self._received_of.get(route)
+            if child is None:
+                child = self._received_of[route] = self._received.labels(self.service, route)
+            child.inc(n)
 
     def handled(self, routes: Mapping[str, int], seconds: float) -> None:
         """One handler call returned after ``seconds`` for these messages."""
         for route, n in routes.items():
-            self._handled.labels(self.service, route).inc(n)
-        self._batch.labels(self.service).observe(sum(routes.values()))
-        self._latency.labels(self.service).observe(seconds)
+            child = self._handled_of.get(route)
+            if child is None:
+                child = self._handled_of[route] = self._handled.labels(self.service, route)
+            child.inc(n)
+        self._batch_child.observe(sum(routes.values()))
+        self._latency_child.observe(seconds)
 
     def failed(self, route: str) -> None:
         """A handler call raised."""

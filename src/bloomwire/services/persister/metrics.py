@@ -22,6 +22,8 @@ from bloomwire.runtime.metrics import LATENCY_BUCKETS
 from bloomwire.runtime.mqtt import Message
 from bloomwire.services.persister.projector import BatchResult
 
+#: What became of an inbound message (BatchResult's counts, in this order).
+OUTCOMES = ("stored", "duplicate", "refused", "ignored")
 #: Distinct refusal reasons kept as labels; later new ones count as ``other`` (bounded series).
 MAX_REASONS = 100
 REASON_CHARS = 80
@@ -96,19 +98,16 @@ class PersisterMetrics:
             registry=registry,
         )
         self._reasons: set[str] = set()
+        self._outcomes = {name: self.events.labels(name) for name in OUTCOMES}
 
     def observe(self, batch: Sequence[Message], result: BatchResult, started: float) -> None:
         """Count one committed batch; ``started`` is ``time.perf_counter()`` before it was applied."""
         now = time.time()
         self.batch_seconds.observe(time.perf_counter() - started)
-        for name, n in (
-            ("stored", result.stored),
-            ("duplicate", result.duplicates),
-            ("refused", result.refused),
-            ("ignored", result.ignored),
-        ):
+        counts = (result.stored, result.duplicates, result.refused, result.ignored)
+        for name, n in zip(OUTCOMES, counts, strict=True):
             if n:
-                self.events.labels(name).inc(n)
+                self._outcomes[name].inc(n)
         for out in result.outbound:
             if out.topic == topics.DEADLETTER:
                 self._refusal(out.payload)
