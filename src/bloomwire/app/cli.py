@@ -502,6 +502,22 @@ def bench_alerts(
     _record(record, reports)
 
 
+@bench_app.command("restart")
+def bench_restart(
+    ctx: typer.Context,
+    kills: Annotated[int, typer.Option(help="kill -9 of each service, one after the other.")] = 2,
+    record: Record = None,
+) -> None:
+    """Seconds a service killed under a supervised stack is away (new process, online again)."""
+    from bloomwire.app.bench import restart as bench
+
+    try:
+        reports = bench.main(make_settings(ctx), kills=kills, console=console)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    _record(record, reports)
+
+
 @bench_app.command("metrics")
 def bench_metrics(
     events: Annotated[int, typer.Option(help="Events counted per batch size.")] = 200_000,
