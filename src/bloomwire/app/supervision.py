@@ -40,6 +40,8 @@ POLL_S = 0.1
 #: A crash loop's status is published this long after the exit, after the Last Will's ``offline``.
 REPORT_AFTER_S = 0.3
 LOOP_PREFIX = "crash loop"
+#: Seconds between tries at starting a broker that died and would not start again.
+BROKER_RETRY_S = 5.0
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Supervision:
     report: Callable[[str, str], None] = lambda _name, _reason: None
     clock: Callable[[], float] = time.monotonic
     broker_restarts: int = 0
+    #: No new try at starting a dead broker before this (clock time).
+    broker_retry_at: float = 0.0
     #: Service -> when to start it again.
     _pending: dict[str, float] = field(default_factory=dict)
     _reports: dict[str, tuple[float, str]] = field(default_factory=dict)
@@ -127,13 +131,14 @@ class Supervision:
 
     def _watch_broker(self) -> None:
         broker = self.hooks.broker()
-        if broker is None or broker.running:
+        if broker is None or broker.running or self.clock() < self.broker_retry_at:
             return
         log.error("broker exited; starting it again on the same ports")
         try:
             broker.start()
         except BloomwireError as exc:
-            log.error("broker restart failed; retrying", error=str(exc))
+            self.broker_retry_at = self.clock() + BROKER_RETRY_S
+            log.error("broker restart failed; retrying", error=str(exc), retry_s=BROKER_RETRY_S)
             return
         self.broker_restarts += 1
         log.info("broker restarted", pid=broker.pid, restarts=self.broker_restarts)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,11 +162,11 @@ class Stack:
 
             services = [n for n in self.services if n not in _FIXED_IDENTITIES]
             boot = bootstrap(data_dir, shops=self.shops, riders=self.riders, services=services)
-            self.broker = self._launch_broker(lambda p, ws: {"dynsec_config": boot.config_path})
+            self.broker = self._launch_broker({"dynsec_config": boot.config_path})
         else:
             names = [*self.services, OPERATOR, MONITOR, *self.extra_users]
             users = {n: ensure_secret(data_dir, n) for n in names}
-            self.broker = self._launch_broker(lambda p, ws: {"users": users})
+            self.broker = self._launch_broker({"users": users})
         self.settings = self.settings.with_broker(self.broker.host, self.broker.port).model_copy(
             update={"broker_ws_port": self.broker.ws_port}
         )
@@ -177,7 +177,7 @@ class Stack:
             self.book = ports.PortBook(self.settings.data_dir, self.settings.broker_listen_host)
         return self.book
 
-    def _launch_broker(self, auth: Callable[[int, int], dict[str, Any]]) -> Mosquitto:
+    def _launch_broker(self, auth: dict[str, Any]) -> Mosquitto:
         """Start Mosquitto on the recorded ports (chosen now at the first start); a port chosen just
         now and taken before Mosquitto bound it is chosen again (a recorded one is an error)."""
         book, s = self._ports(), self.settings
@@ -193,7 +193,7 @@ class Stack:
                 port=port,
                 ws_port=ws_port,
                 host=s.broker_listen_host,
-                **auth(port, ws_port),
+                **auth,
             )
             try:
                 broker.start()
