@@ -340,7 +340,7 @@ def _connect_hint(settings: Settings, metrics: int | None = None) -> str:
         "In another terminal:",
         f"  export BLOOMWIRE_DATA_DIR={data} BLOOMWIRE_BROKER_HOST={settings.broker_host} "
         f"BLOOMWIRE_BROKER_PORT={settings.broker_port}",
-        "  bloomwire shop watch s1          # a shop terminal (passwords in DATA_DIR/secrets)",
+        "  bloomwire shop watch --shop s1   # a shop terminal (passwords in DATA_DIR/secrets)",
         "  bloomwire status                 # services, rates, lag, alerts at a glance",
         f"  mosquitto_sub -h {settings.broker_host} -p {settings.broker_port} -u operator "
         f"-P \"$(cat {data / 'secrets' / 'operator'})\" -t 'services/+/status' -v",
