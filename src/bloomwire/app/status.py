@@ -104,6 +104,8 @@ class StatusReport:
     services: dict[str, ServiceView] = field(default_factory=dict)
     sys: dict[str, str] = field(default_factory=dict)
     alerts_open: dict[str, float] = field(default_factory=dict)
+    #: True when the alerts service's metrics answered (so no open alert means none).
+    alerts_reporting: bool = False
     persister: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -222,6 +224,7 @@ def gather(settings: Settings, interval: float = 1.0) -> StatusReport:
         view = report.services.setdefault(name, ServiceView(name))
         _fill_from_metrics(view, first.get(name, {}), samples, seconds)
     alerts = second.get("alerts", {})
+    report.alerts_reporting = "alerts" in second
     for labels, value in alerts.get("bloomwire_alerts_open", {}).items():
         rule = dict(labels)["rule"]
         report.alerts_open[rule] = report.alerts_open.get(rule, 0) + value
@@ -268,7 +271,7 @@ def render(report: StatusReport, console: Console) -> None:
         )
     console.print(table)
     console.print(_broker_line(report))
-    console.print(_alerts_line(report.alerts_open))
+    console.print(_alerts_line(report.alerts_open, report.alerts_reporting))
     if report.persister:
         parts = [f"{k} {v:,.0f}" for k, v in sorted(report.persister.items())]
         console.print("persister events: " + " · ".join(parts))
@@ -300,8 +303,10 @@ def _broker_line(report: StatusReport) -> str:
     )
 
 
-def _alerts_line(open_by_rule: Mapping[str, float]) -> str:
+def _alerts_line(open_by_rule: Mapping[str, float], reporting: bool) -> str:
     if not open_by_rule:
-        return "alerts open: none (or the alerts service is not reporting)"
+        return (
+            "alerts open: none" if reporting else "alerts open: unknown (no metrics from the alerts service)"
+        )
     parts: Iterable[str] = (f"{rule} {n:,.0f}" for rule, n in sorted(open_by_rule.items()))
     return f"alerts open ({sum(open_by_rule.values()):,.0f}): " + " · ".join(parts)
