@@ -123,8 +123,11 @@ bench-web: setup ## web benchmark: dashboard with 500 orders and 200 riders, N c
 broker/mosquitto.docker.conf: broker/mosquitto.conf.template src/bloomwire/runtime/broker.py | $(STAMP) ## regenerate the compose broker config
 	$(BIN)/python -m bloomwire.runtime.broker docker-config > $@
 
-compose-secrets: $(STAMP) ## create docker/secrets/ passwords for compose.yaml (kept if present)
-	$(BIN)/python -m bloomwire.runtime.broker compose-secrets docker/secrets
+SHOPS ?= s1,s2,s3
+RIDERS ?= r1,r2,r3,r4,r5,r6,r7,r8,r9,r10
+
+compose-secrets: $(STAMP) ## passwords in docker/secrets/ for compose.yaml's accounts (SHOPS=.. RIDERS=..; kept if present)
+	$(BIN)/python -m bloomwire.app.compose secrets docker/secrets --shops $(SHOPS) --riders $(RIDERS)
 
 clean: ## remove runtime data (var/) and tool caches; keeps .venv
 	rm -rf var/ .pytest_cache/ .mypy_cache/ .ruff_cache/

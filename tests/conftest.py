@@ -44,6 +44,12 @@ POSTGRES_ADMIN_URL = os.environ.get(
 REQUIRE_POSTGRES = os.environ.get("BLOOMWIRE_REQUIRE_POSTGRES") == "1"
 MQTT_TIMEOUT = 5.0
 
+# Other test runs share this machine: every port a stack listens on (broker, websockets, web,
+# metrics) is a free one, chosen at its first start and recorded in its data dir as usual. The
+# defaults (18830, 19001, ...) are for people, not for tests. Children inherit these.
+for _port_setting in ("BROKER_LISTEN_PORT", "BROKER_LISTEN_WS_PORT", "WEB_LISTEN_PORT", "METRICS_PORT"):
+    os.environ.setdefault(f"BLOOMWIRE_{_port_setting}", "0")
+
 
 # --- brokers ----------------------------------------------------------------------------------
 

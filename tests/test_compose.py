@@ -1,20 +1,37 @@
-"""compose.yaml and docker/ stay consistent with the repository (no Docker engine needed)."""
+"""compose.yaml and docker/ stay consistent with the repository (no Docker engine needed).
+
+Access control as ``bloomwire up`` runs it: the ``access`` step bootstraps the broker's
+dynamic-security file (checked here with a real Mosquitto and the same code), every service has a
+healthcheck, and what customers are told matches what the broker publishes on the host.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import MqttTestClient
 
-from bloomwire.runtime.broker import COMPOSE_SERVICES, DOCKER_CONFIG_PATH, render_docker_config
+from bloomwire.access import policy
+from bloomwire.app.compose import COMPOSE_SERVICES, bootstrap_volume, identities, main, make_secrets
+from bloomwire.errors import BrokerError
+from bloomwire.runtime.broker import (
+    DOCKER_CONFIG_PATH,
+    DOCKER_DYNSEC_CONFIG,
+    Mosquitto,
+    find_dynsec_plugin,
+    find_mosquitto,
+    render_docker_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
-SERVICE_NAMES = frozenset({"persister", "dispatch", "alerts"})
+SERVICE_NAMES = frozenset({"persister", "dispatch", "alerts", "provisioner"})
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +70,13 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
     return {key: str(value) for key, value in env.items()}
 
 
+def _default(value: str) -> str:
+    """``${VAR:-default}`` -> ``default`` (compose's interpolation of an unset variable)."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
 def test_expected_services(compose: dict[str, Any]) -> None:
-    assert set(_services(compose)) == {"broker", "postgres"} | SERVICE_NAMES
+    assert set(_services(compose)) == {"access", "broker", "postgres"} | SERVICE_NAMES
     assert set(COMPOSE_SERVICES) == SERVICE_NAMES
 
 
@@ -97,6 +119,7 @@ def test_service_environment(compose: dict[str, Any]) -> None:
         assert env["BLOOMWIRE_BROKER_HOST"] == "broker"
         assert env["BLOOMWIRE_BROKER_PORT"] == "1883"
         assert env["BLOOMWIRE_BROKER_USERNAME"] == name
+        assert env["BLOOMWIRE_METRICS_HOST"] == "0.0.0.0"  # scraped from the compose network
         assert env["BLOOMWIRE_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert "@postgres:5432/" in env["BLOOMWIRE_DATABASE_URL"]
         secret_dirs = [t for s, t in _mounts(services[name]) if s == "./docker/secrets"]
@@ -105,7 +128,62 @@ def test_service_environment(compose: dict[str, Any]) -> None:
         assert env["PGPASSWORD_FILE"].startswith(secret_dirs[0] + "/")
         depends = services[name]["depends_on"]
         assert depends["postgres"]["condition"] == "service_healthy"
-        assert "broker" in depends
+        assert depends["broker"]["condition"] == "service_healthy"
+
+
+def test_every_service_has_a_healthcheck_on_its_metrics(compose: dict[str, Any]) -> None:
+    for name, service in _services(compose).items():
+        if name == "access":
+            continue  # a one-shot step
+        assert "test" in service.get("healthcheck", {}), f"{name} has no healthcheck"
+    for name in SERVICE_NAMES:
+        service = _services(compose)[name]
+        assert service["healthcheck"]["test"] == ["CMD", "bloomwire", "service", "health"]
+        assert str(_env(service)["BLOOMWIRE_METRICS_PORT"]) in [str(p) for p in service["expose"]]
+
+
+def test_customers_are_told_the_published_ports(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    published = {}
+    for entry in services["broker"]["ports"]:
+        host_side, container = _default(str(entry)).rsplit(":", 1)
+        published[int(container)] = int(host_side.rsplit(":", 1)[1])
+    for name in SERVICE_NAMES:
+        env = {k: _default(v) for k, v in _env(services[name]).items()}
+        assert int(env["BLOOMWIRE_PUBLIC_MQTT_PORT"]) == published[int(env["BLOOMWIRE_BROKER_PORT"])]
+        assert int(env["BLOOMWIRE_PUBLIC_WS_PORT"]) == published[int(env["BLOOMWIRE_BROKER_WS_PORT"])]
+        assert env["BLOOMWIRE_PUBLIC_HOST"] == "127.0.0.1"  # what the ports are bound to by default
+
+
+def test_access_runs_before_the_broker_on_its_volume(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    access, broker = services["access"], services["broker"]
+    assert broker["depends_on"]["access"]["condition"] == "service_completed_successfully"
+    command = access["command"]
+    assert command[:4] == ["python", "-m", "bloomwire.app.compose", "bootstrap"]
+    args = dict(zip(command[4::2], command[5::2], strict=True))
+    assert args["--config"] == DOCKER_DYNSEC_CONFIG
+    assert f"plugin_opt_config_file {DOCKER_DYNSEC_CONFIG}" in render_docker_config()
+    volume_of = {t: s for s, t in _mounts(access)}
+    broker_volume = {t: s for s, t in _mounts(broker)}
+    data = str(Path(DOCKER_DYNSEC_CONFIG).parent)
+    assert volume_of[data] == broker_volume[data], "access must write the broker's own volume"
+    assert args["--broker"] == "broker:1883"
+    shops, riders = _default(args["--shops"]).split(","), _default(args["--riders"]).split(",")
+    assert (shops, riders) == (["s1", "s2", "s3"], [f"r{i}" for i in range(1, 11)])
+    assert "chown mosquitto:mosquitto" in " ".join(broker["command"]) and DOCKER_DYNSEC_CONFIG in " ".join(
+        broker["command"]
+    )
+
+
+def test_the_broker_healthcheck_logs_in_as_an_identity_that_may_read_sys(compose: dict[str, Any]) -> None:
+    test = " ".join(_services(compose)["broker"]["healthcheck"]["test"])
+    user = re.search(r"-u (\S+)", test)
+    assert user is not None and user.group(1) == policy.MONITOR
+    assert f"/run/secrets/bloomwire/{policy.MONITOR}" in test
+    assert "$$SYS/broker/" in test  # $$: compose would interpolate a single $
+    role = policy.monitor_role()
+    assert any(a.acltype == policy.SUBSCRIBE and a.topic == "$SYS/#" for a in role.acls)
 
 
 def test_docker_broker_config_is_current() -> None:
@@ -117,10 +195,78 @@ def test_broker_container_uses_the_committed_config(compose: dict[str, Any]) -> 
     broker = _services(compose)["broker"]
     mounts = dict(_mounts(broker))
     assert mounts["./broker/mosquitto.docker.conf"] == "/mosquitto/config/mosquitto.conf"
-    match = re.search(r"^password_file (\S+)$", render_docker_config(), re.MULTILINE)
-    assert match is not None
-    command = " ".join(broker["command"])
-    assert match.group(1) in command, "the broker command must install the password file"
+    config = render_docker_config()
+    assert re.search(r"^plugin /usr/lib/mosquitto_dynamic_security\.so$", config, re.MULTILINE)
+    assert not re.search(r"^password_file ", config, re.MULTILINE)
     for published in broker["ports"]:
         host_side = str(published).rsplit(":", 1)[0]
         assert not re.search(r"(^|[:-])1883}?$", host_side), f"{published}: host 1883 is taken"
+
+
+# --- the two steps, run here with the same code and a real Mosquitto -------------------------------
+
+
+def test_compose_secrets_cover_every_password_the_stack_reads(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    folder = tmp_path / "secrets"
+    assert main(["secrets", str(folder), "--shops", "s1", "--riders", "r1,r2"]) == 0
+    made = {p.name for p in folder.iterdir()}
+    assert made == {*identities(["s1"], ["r1", "r2"]), "postgres"}
+    assert all((folder / n).stat().st_mode & 0o777 == 0o600 for n in made)
+    for name, service in _services(compose).items():
+        for value in _env(service).values():
+            if value.startswith("/run/secrets/bloomwire/"):
+                assert value.rsplit("/", 1)[1] in made, f"{name} reads {value}, which nobody creates"
+    before = {n: (folder / n).read_text() for n in made}
+    make_secrets(folder, ["s1"], ["r1", "r2"])
+    assert {n: (folder / n).read_text() for n in made} == before  # kept
+    with pytest.raises(BrokerError, match="named 'secrets'"):
+        make_secrets(tmp_path / "elsewhere", [], [])
+
+
+def test_access_bootstrap_makes_a_file_the_broker_runs_with(tmp_path: Path, mqtt_client: Any) -> None:
+    try:
+        find_mosquitto()
+        find_dynsec_plugin()
+    except BrokerError as exc:
+        pytest.skip(str(exc))
+    secrets = tmp_path / "host" / "secrets"
+    make_secrets(secrets, ["s1"], ["r1"])
+    secrets.chmod(0o500)  # mounted read-only in the container
+    config = tmp_path / "volume" / "dynamic-security.json"
+    config.parent.mkdir()
+    try:
+        assert "bootstrapped" in bootstrap_volume(config, secrets, ["s1"], ["r1"], broker=None)
+        again = bootstrap_volume(config, secrets, ["s1"], ["r1"], broker=None)  # idempotent
+    finally:
+        secrets.chmod(0o700)
+    assert "bootstrapped" in again and {p.name for p in secrets.iterdir()} == {
+        *identities(["s1"], ["r1"]),
+        "postgres",
+    }
+    broker = Mosquitto(tmp_path / "broker", dynsec_config=config)
+    with broker:
+        for name in ("persister", "provisioner", "dispatch", "monitor", "s1"):
+            client = mqtt_client(name, (secrets / name).read_text().strip(), broker=broker, connect=False)
+            assert not client.connect().is_failure, f"{name} cannot log in"
+            client.close()
+        wrong: MqttTestClient = mqtt_client("persister", "not-its-password", broker=broker, connect=False)
+        assert wrong.connect().is_failure
+        # with the broker running, the file is left alone
+        before = config.read_bytes()
+        note = bootstrap_volume(config, secrets, ["s1", "s9"], ["r1"], broker=f"{broker.host}:{broker.port}")
+        assert "left alone" in note and config.read_bytes() == before
+
+
+def test_access_bootstrap_refuses_missing_secrets(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    make_secrets(secrets, ["s1"], [])
+    with pytest.raises(BrokerError, match=r"no password in .* for s2, r1: run `make compose-secrets`"):
+        bootstrap_volume(tmp_path / "dynsec.json", secrets, ["s1", "s2"], ["r1"])
+    assert not (tmp_path / "dynsec.json").exists()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert main(["bootstrap", "--config", str(tmp_path / "d.json"), "--secrets", str(secrets),
+                 "--broker", f"127.0.0.1:{port}", "--shops", "s1", "--riders", ""]) == 0  # fmt: skip

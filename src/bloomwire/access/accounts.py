@@ -192,6 +192,7 @@ def _fixed(services: Iterable[str]) -> list[tuple[str, Kind]]:
         (policy.PROVISIONER, Kind.PROVISIONER),
         (policy.OPERATOR, Kind.OPERATOR),
         (policy.PERSISTER, Kind.PERSISTER),
+        (policy.MONITOR, Kind.MONITOR),
     ]
     for name in services:
         if name not in policy.RESERVED:
@@ -220,7 +221,9 @@ def bootstrap(
     wanted = _fixed(services)
     wanted += [(policy.check_account_name(s, "shop"), Kind.SHOP) for s in shops]
     wanted += [(policy.check_account_name(r, "rider"), Kind.RIDER) for r in riders]
-    clash = [n for n, k in wanted[4:] if n in policy.RESERVED and k is not Kind.SERVICE]
+    clash = [
+        n for n, k in wanted[len(policy.FIXED_KINDS) :] if n in policy.RESERVED and k is not Kind.SERVICE
+    ]
     if clash:
         raise TopicError(f"reserved names cannot be shops or riders: {', '.join(clash)}")
     seen: dict[str, Kind] = {}

@@ -171,7 +171,7 @@ def remove_account(username: str) -> Plan[tuple[AccountInfo, list[str]]]:
     shop or rider, its device logins; returns the account and the device usernames deleted."""
     check_id(username, "username")
     info = yield from get_account(username)
-    if info.kind in (Kind.ADMIN, Kind.PROVISIONER, Kind.OPERATOR, Kind.PERSISTER):
+    if info.kind in policy.FIXED_KINDS:
         raise BrokerError(f"{username!r} is a fixed backbone identity; rotate it instead")
     devices: list[str] = []
     commands: list[Command] = [{"command": "deleteClient", "username": username}]

@@ -52,10 +52,12 @@ PROVISIONER = "provisioner"
 OPERATOR = "operator"
 #: The only writer of canonical topics.
 PERSISTER = "persister"
+#: ``bloomwire up``'s own login: reads ``$SYS`` and the services' status, reports crash loops there.
+MONITOR = "monitor"
 #: Backbone services that get a ``service/N`` role by default.
 DEFAULT_SERVICES: tuple[str, ...] = ("dispatch", "alerts")
 #: Usernames no rider, shop or service may take.
-RESERVED = frozenset({ADMIN, PROVISIONER, OPERATOR, PERSISTER})
+RESERVED = frozenset({ADMIN, PROVISIONER, OPERATOR, PERSISTER, MONITOR})
 
 #: Minted customer device usernames start with this (``@`` keeps them apart from typed ids).
 DEVICE_PREFIX = "cust@"
@@ -76,10 +78,15 @@ class Kind(StrEnum):
     PROVISIONER = "provisioner"
     OPERATOR = "operator"
     PERSISTER = "persister"
+    MONITOR = "monitor"
     SERVICE = "service"
     SHOP = "shop"
     RIDER = "rider"
     CUSTOMER = "customer"
+
+
+#: Kinds with exactly one account, named like the kind (``admin``, ..., ``monitor``).
+FIXED_KINDS: tuple[Kind, ...] = (Kind.ADMIN, Kind.PROVISIONER, Kind.OPERATOR, Kind.PERSISTER, Kind.MONITOR)
 
 
 def customer_id(order: str) -> str:
@@ -230,6 +237,13 @@ def operator_role() -> Role:
     return Role(role_name(Kind.OPERATOR), tuple(_read("#", topics.SYS_FILTER)))
 
 
+def monitor_role() -> Role:
+    """The supervisor: reads ``$SYS`` (exported as metrics) and every service's status, and writes
+    a service's retained status when that service is in a crash loop (it cannot say so itself)."""
+    status = topics.ALL_SERVICE_STATUS_FILTER
+    return Role(role_name(Kind.MONITOR), (*_read(topics.SYS_FILTER, status), *_write(status)))
+
+
 def persister_role() -> Role:
     """Reads every inbound topic and the dead letters; writes the canonical topics, inboxes,
     dead letters."""
@@ -354,7 +368,7 @@ def kind_of(username: str, roles: Iterable[str]) -> Kind | None:
     names = set(roles)
     if username.startswith(DEVICE_PREFIX):
         return Kind.CUSTOMER
-    for kind in (Kind.ADMIN, Kind.PROVISIONER, Kind.OPERATOR, Kind.PERSISTER):
+    for kind in FIXED_KINDS:
         if role_name(kind) in names and username == kind.value:
             return kind
     for kind in (Kind.SERVICE, Kind.SHOP, Kind.RIDER):
@@ -378,6 +392,8 @@ def roles_for(kind: Kind, name: str) -> list[Role]:
         return [operator_role()]
     if kind is Kind.PERSISTER:
         return [persister_role()]
+    if kind is Kind.MONITOR:
+        return [monitor_role()]
     if kind is Kind.SERVICE:
         return [service_role(name)]
     if kind is Kind.SHOP:

@@ -234,5 +234,5 @@ def rotate(ctx: typer.Context, username: Name, show_password: Show = False, offl
     except BloomwireError as exc:
         raise _fail(str(exc)) from None
     _report("rotated", cred, show_password)
-    if cred.kind in (Kind.SERVICE, Kind.PROVISIONER, Kind.PERSISTER, Kind.OPERATOR):
+    if cred.kind in (Kind.SERVICE, Kind.PROVISIONER, Kind.PERSISTER, Kind.OPERATOR, Kind.MONITOR):
         console.print("restart that service (it reads its password when it starts)")

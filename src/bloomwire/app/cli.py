@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import signal
-import time
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,9 +17,11 @@ from rich.console import Console
 from bloomwire.app.accounts_cli import accounts_app
 from bloomwire.app.bench.report import Report, record
 from bloomwire.app.clients.commands import register as register_client_commands
-from bloomwire.app.supervisor import DEFAULT_RIDERS, DEFAULT_SHOPS
+from bloomwire.app.supervision import EXIT_PORT_IN_USE
+from bloomwire.app.supervisor import DEFAULT_RIDERS, DEFAULT_SHOPS, SERVICES, WEB, Stack
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime import log
+from bloomwire.runtime.metrics import Exporter, PortInUseError, ServiceMetrics, serve
 from bloomwire.runtime.mqtt import Service
 from bloomwire.runtime.settings import Settings
 
@@ -121,8 +125,18 @@ def _names(value: str) -> list[str]:
 @broker_app.command("run")
 def broker_run(
     ctx: typer.Context,
-    port: Annotated[int, typer.Option(help="TCP port (0 = a free one).")] = 0,
-    ws_port: Annotated[int, typer.Option(help="Websockets port (0 = a free one).")] = 0,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="MQTT port (default: the recorded one, else BLOOMWIRE_BROKER_LISTEN_PORT; 0 = free)."
+        ),
+    ] = None,
+    ws_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Websockets port (default: recorded, else BLOOMWIRE_BROKER_LISTEN_WS_PORT; 0 = free)."
+        ),
+    ] = None,
     access: Annotated[
         bool,
         typer.Option(
@@ -135,48 +149,54 @@ def broker_run(
     shops: Shops = SHOPS_DEFAULT,
     riders: Riders = RIDERS_DEFAULT,
 ) -> None:
-    """Run Mosquitto from broker/ in the foreground (with the service accounts) until Ctrl-C."""
-    from bloomwire.app.supervisor import OPERATOR, SERVICES
-    from bloomwire.runtime.broker import Mosquitto, ensure_secret
+    """Run Mosquitto from broker/ in the foreground (with the service accounts) until Ctrl-C.
 
+    Listens on the ports recorded in DATA_DIR/ports.json (chosen at the first start, as
+    `bloomwire up` does), so `up` and `broker run` of one data dir share their addresses.
+    """
     settings = make_settings(ctx)
+    listen: dict[str, Any] = {}
+    if port is not None:
+        listen["broker_listen_port"] = port
+    if ws_port is not None:
+        listen["broker_listen_ws_port"] = ws_port
     try:
-        if access:
-            from bloomwire.access import bootstrap
-
-            services = [n for n in SERVICES if n != "persister"]
-            boot = bootstrap(settings.data_dir, shops=_names(shops), riders=_names(riders), services=services)
-            broker = Mosquitto(
-                settings.data_dir / "broker", port=port, ws_port=ws_port, dynsec_config=boot.config_path
-            )
-        else:
-            users = {n: ensure_secret(settings.data_dir, n) for n in [*SERVICES, OPERATOR]}
-            broker = Mosquitto(settings.data_dir / "broker", port=port, ws_port=ws_port, users=users)
-        broker.start()
+        stack = Stack(
+            settings.model_copy(update=listen), access=access, shops=_names(shops), riders=_names(riders)
+        )
+        stack.start_broker()
     except BloomwireError as exc:
         raise fail(str(exc)) from None
+    broker = stack.broker
+    if broker is None:
+        raise fail("BLOOMWIRE_BROKER_PORT names a broker already: unset it to run our own")
     console.print(
         f"Mosquitto running: mqtt://{broker.host}:{broker.port}, ws://{broker.host}:{broker.ws_port} "
         f"(pid {broker.pid}); passwords in {settings.data_dir / 'secrets'}. Ctrl-C stops it."
     )
+    console.print(_connect_hint(stack.settings))
     _wait_for_signal(lambda: broker.running)
     broker.stop()
     console.print("Broker stopped cleanly.")
 
 
-def _wait_for_signal(alive: Any) -> None:
-    stopping = {"now": False}
-
-    def on_signal(*_: object) -> None:
-        stopping["now"] = True
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[threading.Event]:
+    """Inside: SIGINT (Ctrl-C) and SIGTERM set the event instead of interrupting, so a stop that
+    has begun is never cut short by a second Ctrl-C."""
+    stopping = threading.Event()
+    old = {s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stopping["now"] and alive():
-            time.sleep(0.2)
+        yield stopping
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _wait_for_signal(alive: Any) -> None:
+    with _stop_signals() as stopping:
+        while not stopping.is_set() and alive():
+            stopping.wait(0.2)
 
 
 # --- services -------------------------------------------------------------------------------------
@@ -192,8 +212,18 @@ def service_run(
             "provisioner (access control only)."
         ),
     ],
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Serve Prometheus metrics on exactly this port, exit {EXIT_PORT_IN_USE} if it is taken "
+            "(what `bloomwire up` passes). Default: BLOOMWIRE_METRICS_PORT, or a free port if that is taken.",
+        ),
+    ] = None,
 ) -> None:
-    """Run one service against the broker named by BLOOMWIRE_BROKER_HOST/PORT."""
+    """Run one service against the broker named by BLOOMWIRE_BROKER_HOST/PORT.
+
+    Its metrics are at http://BLOOMWIRE_METRICS_HOST:PORT/metrics (the port is logged).
+    """
     from bloomwire.app.supervisor import ALL_SERVICES, service_settings
 
     settings = make_settings(ctx)
@@ -203,11 +233,16 @@ def service_run(
         raise fail("set BLOOMWIRE_BROKER_PORT to the broker's port (or use `bloomwire up`)")
     settings = service_settings(settings, settings.broker_username or name)
     module = importlib.import_module(ALL_SERVICES[name])
+    metrics = ServiceMetrics(name)
     try:
-        service = module.build(settings)
+        service = module.build(settings, metrics=metrics)
     except BloomwireError as exc:  # e.g. a broken alert rules file: say where, no traceback
         raise fail(str(exc)) from None
-    asyncio.run(_run_until_signalled(service, settings))
+    exporter = _serve_metrics(metrics, settings, metrics_port)
+    try:
+        asyncio.run(_run_until_signalled(service, settings))
+    finally:
+        exporter.close()
 
 
 async def _run_until_signalled(service: Service, settings: Settings) -> None:
@@ -217,6 +252,38 @@ async def _run_until_signalled(service: Service, settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await service.run(settings, stop=stop, install_signals=False)
+
+
+def _serve_metrics(metrics: ServiceMetrics, settings: Settings, exact: int | None) -> Exporter:
+    """The service's exporter: on ``exact`` (exit 75 if taken), else the setting or a free port."""
+    host = settings.metrics_host
+    try:
+        exporter = serve(metrics.registry, host, settings.metrics_port if exact is None else exact)
+    except PortInUseError as exc:
+        if exact is not None:
+            err.print(f"[bold red]error:[/bold red] {exc}")
+            raise typer.Exit(EXIT_PORT_IN_USE) from None
+        exporter = serve(metrics.registry, host, 0)
+        log.get_logger("bloomwire.cli").warning(
+            "metrics port taken; serving on a free one", wanted=settings.metrics_port, port=exporter.port
+        )
+    log.get_logger("bloomwire.cli").info("metrics", url=f"http://{host}:{exporter.port}/metrics")
+    return exporter
+
+
+@service_app.command("health")
+def service_health(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Metrics port (default: BLOOMWIRE_METRICS_PORT).")] = None,
+) -> None:
+    """Exit 0 if the service on this machine's metrics port is started and connected (healthchecks)."""
+    from bloomwire.app.status import healthy, metrics_url
+
+    settings = make_settings(ctx)
+    ok, why = healthy(metrics_url(settings.metrics_host, port or settings.metrics_port))
+    console.print(why)
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -233,16 +300,26 @@ def up(
     accounts, passwords in DATA_DIR/secrets/<name>; later starts keep them.
     Each order's customer login goes to its shop on shops/S/orders/O/access.
     """
-    from bloomwire.app.supervisor import SERVICES, WEB, Stack
-
     settings = make_settings(ctx)
     try:
         stack = Stack(
             settings, services=(*SERVICES, WEB), access=access, shops=_names(shops), riders=_names(riders)
         )
-        settings = stack.start()
+        settings = stack.start()  # stops what it started if it fails or is interrupted
     except BloomwireError as exc:
         raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        console.print("Interrupted while starting; stopped cleanly: services, then broker.")
+        raise typer.Exit(130) from None
+    try:
+        with _stop_signals() as stopping:
+            _run_until_stopped(stack, settings, access, stopping)
+    except KeyboardInterrupt:  # Ctrl-C in the instant before the handlers above took over
+        _stop_stack(stack)
+
+
+def _run_until_stopped(stack: Stack, settings: Settings, access: bool, stopping: threading.Event) -> None:
+    """Say what runs where, wait for Ctrl-C (or SIGTERM), then stop everything and say so."""
     mode = (
         f"access control ({len(stack.shops)} shops, {len(stack.riders)} riders)"
         if access
@@ -251,9 +328,9 @@ def up(
     console.print(
         f"Bloomwire up: broker mqtt://{settings.broker_host}:{settings.broker_port} "
         f"(ws {settings.broker_ws_port}, {mode}); services "
-        f"{', '.join(stack.children)} online; store {settings.database_url}; passwords in "
-        f"{settings.data_dir / 'secrets'}; logs in {settings.data_dir / 'logs'}. "
-        "Ctrl-C stops everything."
+        f"{', '.join(stack.children)} online and supervised; store {settings.database_url}; passwords in "
+        f"{settings.data_dir / 'secrets'}; logs in {settings.data_dir / 'logs'}; ports kept in "
+        f"{settings.data_dir / 'ports.json'}. Ctrl-C stops everything."
     )
     console.print(
         f"Shop dashboard: {settings.web_url}/shop (log in as a shop, password in "
@@ -261,12 +338,57 @@ def up(
         "`bloomwire shop order create` prints.",
         soft_wrap=True,
     )
-    _wait_for_signal(lambda: not stack.check())
-    dead = stack.check()
+    console.print(_connect_hint(settings, metrics=stack.supervisor_metrics_port))
+    while not stopping.wait(0.5):
+        pass
+    _stop_stack(stack)
+
+
+def _stop_stack(stack: Stack) -> None:
+    console.print("Stopping: services, then broker …")
+    looping = stack.check()
+    restarts = {n: c for n, c in stack.restarts().items() if c}
     stack.stop()
-    if dead:
-        raise fail(f"service(s) exited unexpectedly: {', '.join(dead)}; see their logs")
-    console.print("Stopped cleanly: services, then broker.")
+    note = ", ".join(f"{n} restarted {c}x" for n, c in restarts.items())
+    console.print("Stopped cleanly: services, then broker" + (f" ({note})." if note else "."))
+    if looping:
+        raise fail(f"service(s) in a crash loop at the end: {', '.join(looping)}; see their logs")
+
+
+def _connect_hint(settings: Settings, metrics: int | None = None) -> str:
+    """Commands with this stack's real addresses, for another terminal."""
+    data = settings.data_dir
+    lines = [
+        "In another terminal:",
+        f"  export BLOOMWIRE_DATA_DIR={data} BLOOMWIRE_BROKER_HOST={settings.broker_host} "
+        f"BLOOMWIRE_BROKER_PORT={settings.broker_port}",
+        "  bloomwire shop watch --shop s1   # a shop terminal (passwords in DATA_DIR/secrets)",
+        "  bloomwire status                 # services, rates, lag, alerts at a glance",
+        f"  mosquitto_sub -h {settings.broker_host} -p {settings.broker_port} -u operator "
+        f"-P \"$(cat {data / 'secrets' / 'operator'})\" -t 'services/+/status' -v",
+    ]
+    if metrics is not None:
+        lines.append(f"  curl -s http://{settings.metrics_host}:{metrics}/metrics   # supervisor, $SYS")
+    return "\n".join(lines)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    interval: Annotated[float, typer.Option(help="Seconds between the two metric scrapes (rates).")] = 1.0,
+) -> None:
+    """Services online/degraded/offline, rates, lag, restarts, open alerts and the broker's figures.
+
+    Reads the services' retained status and $SYS as `operator` from the broker of this data dir
+    (or BLOOMWIRE_BROKER_PORT), and scrapes the metrics ports `bloomwire up` recorded in
+    DATA_DIR/ports.json. Exit code 0 when every service is online, 1 otherwise.
+    """
+    from bloomwire.app.status import gather, render
+
+    report = gather(make_settings(ctx), interval=max(0.1, interval))
+    render(report, console)
+    if not report.all_online:
+        raise typer.Exit(1)
 
 
 # --- store ----------------------------------------------------------------------------------------
@@ -422,6 +544,33 @@ def bench_web(
         bench.main(make_settings(ctx), console, orders=orders, riders=riders, seconds=seconds, pages=pages)
     except BloomwireError as exc:
         raise fail(str(exc)) from None
+
+
+@bench_app.command("restart")
+def bench_restart(
+    ctx: typer.Context,
+    kills: Annotated[int, typer.Option(help="kill -9 of each service, one after the other.")] = 2,
+    record: Record = None,
+) -> None:
+    """Seconds a service killed under a supervised stack is away (new process, online again)."""
+    from bloomwire.app.bench import restart as bench
+
+    try:
+        reports = bench.main(make_settings(ctx), kills=kills, console=console)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    _record(record, reports)
+
+
+@bench_app.command("metrics")
+def bench_metrics(
+    events: Annotated[int, typer.Option(help="Events counted per batch size.")] = 200_000,
+    record: Record = None,
+) -> None:
+    """CPU per event of the Prometheus figures (the Service hook and the persister's), no broker."""
+    from bloomwire.app.bench import metrics as bench
+
+    _record(record, bench.main(events=events, console=console))
 
 
 @bench_app.command("access")

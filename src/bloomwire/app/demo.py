@@ -407,6 +407,11 @@ def run_demo(
             "database_url": f"sqlite:///{(root / 'bloomwire.db').resolve()}",
             "broker_port": 0,
             "broker_ws_port": 0,
+            # a fresh data dir every run: free ports, never the ones `up` keeps for var/
+            "broker_listen_port": 0,
+            "broker_listen_ws_port": 0,
+            "web_listen_port": 0,
+            "metrics_port": 0,
             "broker_username": None,
             "broker_password": None,
         }

@@ -379,7 +379,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "send",
             "Retained online/offline of each service; offline is its Last Will.",
             (PRESENCE_WORD,),
-            "every service",
+            "every service; `bloomwire up`'s supervisor when one is in a crash loop",
             "operators, monitoring",
             retain=True,
         ),
@@ -502,6 +502,12 @@ def operation_id(spec: ChannelSpec) -> str:
     return spec.action + spec.key[0].upper() + spec.key[1:]
 
 
+#: The listen ports ``bloomwire up`` tries first (runtime.settings ``broker_listen_port`` and
+#: ``broker_listen_ws_port``; a test checks they agree).
+DEFAULT_MQTT_PORT = 18830
+DEFAULT_WS_PORT = 19001
+
+
 def build_document() -> dict[str, Any]:
     """The AsyncAPI 3.0 document of the contract, from the backbone's point of view."""
     return {
@@ -525,13 +531,27 @@ def build_document() -> dict[str, Any]:
                 "protocol": "mqtt",
                 "protocolVersion": "5",
                 "description": "The project's Mosquitto (or any MQTT 5 broker with the same "
-                "topics); anonymous access is refused.",
+                "topics); anonymous access is refused. `bloomwire up` listens on 18830 unless it "
+                "was taken at the first start: the ports in use are in DATA_DIR/ports.json, printed "
+                "at start and sent in each customer's access message (BLOOMWIRE_PUBLIC_HOST/"
+                "_MQTT_PORT override what devices are told).",
                 "variables": {
                     "host": {"default": "127.0.0.1"},
-                    "port": {"default": "1883"},
+                    "port": {"default": str(DEFAULT_MQTT_PORT)},
                 },
                 "security": [{"$ref": "#/components/securitySchemes/userPassword"}],
-            }
+            },
+            "mosquitto-websockets": {
+                "host": "{host}:{port}",
+                "protocol": "ws",
+                "description": "The same broker over MQTT-over-websockets (19001 by default; "
+                "see DATA_DIR/ports.json).",
+                "variables": {
+                    "host": {"default": "127.0.0.1"},
+                    "port": {"default": str(DEFAULT_WS_PORT)},
+                },
+                "security": [{"$ref": "#/components/securitySchemes/userPassword"}],
+            },
         },
         "channels": {spec.key: _channel(spec) for spec in CHANNELS},
         "operations": {operation_id(spec): _operation(spec) for spec in CHANNELS},

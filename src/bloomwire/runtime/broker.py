@@ -42,8 +42,13 @@ DOCKER_CONFIG_PATH = TEMPLATE_PATH.parent / "mosquitto.docker.conf"
 DOCKER_CONFIG_HEADER = (
     "# GENERATED from mosquitto.conf.template by `make broker/mosquitto.docker.conf`\n"
     "# (python -m bloomwire.runtime.broker docker-config). Do not edit; tests check it is current.\n"
-    "# compose.yaml's broker copies the password file into /mosquitto/data at start.\n\n"
+    "# Access control as `bloomwire up` runs it: compose.yaml's `access` step bootstraps the\n"
+    "# dynamic-security file in the broker's volume before the broker starts.\n\n"
 )
+#: Where the compose broker keeps its dynamic-security file (in its data volume) ...
+DOCKER_DYNSEC_CONFIG = "/mosquitto/data/dynamic-security.json"
+#: ... and where the eclipse-mosquitto:2.0 image has the plugin.
+DOCKER_DYNSEC_PLUGIN = "/usr/lib/mosquitto_dynamic_security.so"
 
 #: Mosquitto 2.0 ``$7$`` hashes: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt, 64-byte key.
 HASH_ITERATIONS = 101
@@ -51,9 +56,6 @@ SALT_BYTES = 12
 
 #: Well-known MQTT ports (plain, TLS, websockets) that :func:`free_port` never returns.
 RESERVED_PORTS = frozenset({1883, 8883, 9001})
-
-#: Service identities that run in their own container in ``compose.yaml``.
-COMPOSE_SERVICES = ("persister", "dispatch", "alerts")
 
 #: Where Debian and source installs put the broker; /usr/sbin is often not on a user's PATH.
 _FALLBACK_PATHS = (Path("/usr/sbin/mosquitto"), Path("/usr/local/sbin/mosquitto"))
@@ -253,7 +255,8 @@ def render_docker_config() -> str:
         port=1883,
         ws_port=9001,
         data_dir="/mosquitto/data",
-        password_file="/mosquitto/data/mosquitto.passwd",
+        dynsec_config=DOCKER_DYNSEC_CONFIG,
+        dynsec_plugin=DOCKER_DYNSEC_PLUGIN,
         log_dest="stdout",
         bind_address="0.0.0.0",  # inside the container; compose decides what is exposed
         ws_interface="0.0.0.0",  # an address makes libwebsockets bind every interface
@@ -415,6 +418,8 @@ class Mosquitto:
                 data_dir=str(self._data_dir.resolve()),
                 log_dest=f"file {self.log_path.resolve()}",
                 bind_address=self._host,
+                # libwebsockets binds an interface NAME: loopback, or every interface (template)
+                ws_interface="lo" if self._host.startswith(("127.", "localhost")) else "0.0.0.0",
                 **auth,
             ),
             encoding="utf-8",
@@ -570,32 +575,13 @@ def _accepts(host: str, port: int) -> bool:
         return False
 
 
-def compose_secrets(folder: Path) -> Path:
-    """Create the compose stack's secrets in ``folder``: one password per service and postgres.
-
-    Also writes ``folder/mosquitto.passwd`` for the broker container. Existing passwords are kept.
-    """
-    if folder.name != SECRETS_DIR:
-        raise BrokerError(f"compose secrets must live in a directory named {SECRETS_DIR!r}")
-    users = {name: ensure_secret(folder.parent, name) for name in COMPOSE_SERVICES}
-    ensure_secret(folder.parent, "postgres")
-    path = folder / PASSWORD_NAME
-    write_password_file(path, users)
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bloomwire.runtime.broker``: provisioning helpers used by the Makefile."""
+    """``python -m bloomwire.runtime.broker docker-config``: the compose broker's config (Makefile)."""
     parser = argparse.ArgumentParser(prog="python -m bloomwire.runtime.broker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sec = sub.add_parser("compose-secrets", help="create the compose stack's passwords")
-    sec.add_argument("folder", type=Path, help="e.g. docker/secrets")
     sub.add_parser("docker-config", help="print the compose broker config")
-    args = parser.parse_args(argv)
-    if args.command == "compose-secrets":
-        print(f"wrote {compose_secrets(args.folder)}")
-    else:
-        print(render_docker_config(), end="")
+    parser.parse_args(argv)
+    print(render_docker_config(), end="")
     return 0
 
 

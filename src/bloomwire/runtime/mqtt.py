@@ -34,6 +34,7 @@ from bloomwire.contract import topics
 from bloomwire.contract.events import Refusal, encode, payload_text
 from bloomwire.errors import BrokerError
 from bloomwire.runtime.log import get_logger
+from bloomwire.runtime.metrics import NO_ROUTE, ServiceMetrics
 from bloomwire.runtime.pahoclient import TunedClient, expiry_properties
 from bloomwire.runtime.settings import Settings
 
@@ -439,8 +440,11 @@ class Service:
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         max_batch: int = 500,
         linger_s: float = 0.0,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.name = topics.check_id(name, "service")
+        #: Told what is received, handled, failed and dead-lettered (None: nothing is counted).
+        self.metrics = metrics
         self.persistent = persistent
         self.session_expiry_s = session_expiry_s
         self.max_batch = max_batch
@@ -527,6 +531,8 @@ class Service:
             payload=payload_text(msg.payload, DEAD_PAYLOAD_LIMIT),
         )
         self.publish(topics.DEADLETTER, encode(refusal), qos=1)
+        if self.metrics is not None:
+            self.metrics.dead_lettered(self._route_name(msg.topic))
 
     def _route(self, topic: str) -> _Route | None:
         if topic in self._routes_by_topic:
@@ -536,6 +542,37 @@ class Service:
             self._routes_by_topic.clear()
         self._routes_by_topic[topic] = found
         return found
+
+    # --- metrics (only when a ServiceMetrics was given) ----------------------------------------
+
+    def _route_name(self, topic: str) -> str:
+        route = self._route(topic)
+        return route.topic_filter if route is not None else NO_ROUTE
+
+    def _routes_of(self, msgs: Sequence[Message]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for m in msgs:
+            name = self._route_name(m.topic)
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def _watch(self, conn: Connection) -> None:
+        if self.metrics is not None:
+            ready = self.ready
+            self.metrics.watch(
+                queued=conn.queued,
+                oldest=conn.oldest_received_at,
+                ready=lambda: ready.is_set() and conn.connected.is_set(),
+            )
+            conn.on_connect(self.metrics.connected)
+
+    def _observe(self, msgs: Sequence[Message], started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.handled(self._routes_of(msgs), time.perf_counter() - started)
+
+    def _observe_failure(self, msg: Message) -> None:
+        if self.metrics is not None:
+            self.metrics.failed(self._route_name(msg.topic))
 
     async def run(
         self, settings: Settings, *, stop: asyncio.Event | None = None, install_signals: bool = True
@@ -557,6 +594,7 @@ class Service:
         )
         conn.announce_online = False
         self.connection = conn
+        self._watch(conn)
         for route in self.routes:
             conn.subscriptions[route.topic_filter] = route.qos
         conn.start()
@@ -591,6 +629,8 @@ class Service:
                         loop.remove_signal_handler(sig)
             self.connection = None
             self.ready.clear()
+            if self.metrics is not None:
+                self.metrics.stopped()
             log.info("service stopped", service=self.name, handled=self.handled, failed=self.failed)
 
     async def _wait_connected(self, conn: Connection, stop: asyncio.Event) -> None:
@@ -614,6 +654,8 @@ class Service:
             if self.linger_s:
                 await self._linger(conn)
             pending = conn.drain(self.max_batch)
+            if self.metrics is not None:
+                self.metrics.received(self._routes_of(pending))
             while pending and not stop.is_set():
                 pending = await self._dispatch(conn, pending, stop)
 
@@ -644,11 +686,13 @@ class Service:
         batch, rest = pending[:n], pending[n:]
         delay = 0.2
         while True:
+            started = time.perf_counter()
             try:
                 await handler(batch)
                 break
             except Exception:
                 self.failed += 1
+                self._observe_failure(first)
                 log.exception("batch handler failed; retrying", service=self.name, size=len(batch))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
@@ -658,16 +702,20 @@ class Service:
                 delay = min(delay * 2, 10.0)
         conn.ack_all(batch)
         self.handled += len(batch)
+        self._observe(batch, started)
         return rest
 
     async def _handle_one(self, conn: Connection, route: _Route | None, msg: Message) -> None:
+        started = time.perf_counter()
         try:
             if route is None or route.handler is None:
                 raise LookupError(f"no handler for topic {msg.topic!r}")
             await route.handler(msg)
             self.handled += 1
+            self._observe((msg,), started)
         except Exception as exc:
             self.failed += 1
+            self._observe_failure(msg)
             log.exception("handler failed", service=self.name, topic=msg.topic, payload=msg.preview())
             with contextlib.suppress(Exception):
                 self.dead_letter(msg, f"{type(exc).__name__}: {exc}")

@@ -28,11 +28,51 @@ class Settings(BaseSettings):
         le=65535,
         description="MQTT broker TCP port; 0 = start a local Mosquitto on a free port",
     )
-    broker_ws_port: int = Field(default=0, ge=0, le=65535, description="Websockets port (0 = free)")
+    broker_ws_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Websockets port of the broker (told to customers; 0 = none known). `bloomwire up` "
+        "sets it to its own broker's",
+    )
     broker_username: str | None = Field(default=None, description="MQTT username of this process")
     broker_password: SecretStr | None = Field(default=None, description="MQTT password")
     broker_tls: bool = Field(default=False, description="Use TLS to reach the broker")
     broker_ca_file: Path | None = Field(default=None, description="CA bundle for TLS")
+    # --- addresses of what Bloomwire itself listens on (`bloomwire up`, `broker run`) ---------------
+    # The first start takes these ports, or free ones when they are taken, and records what it took
+    # in DATA_DIR/ports.json; later starts reuse the recorded ports (runtime.ports).
+    broker_listen_host: str = Field(
+        default="127.0.0.1",
+        description="Address our own broker listens on (0.0.0.0: every interface, to reach phones)",
+    )
+    broker_listen_port: int = Field(
+        default=18830, ge=0, le=65535, description="MQTT port of our own broker (0 = a free one)"
+    )
+    broker_listen_ws_port: int = Field(
+        default=19001, ge=0, le=65535, description="Websockets port of our own broker (0 = a free one)"
+    )
+    web_listen_port: int = Field(
+        default=18080, ge=0, le=65535, description="Port of the web service under `up` (0 = a free one)"
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Address the Prometheus exporters listen on")
+    metrics_port: int = Field(
+        default=19100,
+        ge=0,
+        le=65535,
+        description="Prometheus metrics port: `up`'s own, its services the next ones (runtime.ports); "
+        "`service run` alone: this one, or a free one if it is taken (0 = a free one)",
+    )
+    public_host: str = Field(
+        default="",
+        description="Host name customers and devices are told to connect to (empty = broker_host)",
+    )
+    public_mqtt_port: int = Field(
+        default=0, ge=0, le=65535, description="MQTT port devices are told (0 = the broker's own)"
+    )
+    public_ws_port: int = Field(
+        default=0, ge=0, le=65535, description="Websockets port devices are told (0 = the broker's own)"
+    )
     database_url: str = Field(
         default="",
         description="SQLAlchemy URL of the store; empty = SQLite file under data_dir",
@@ -96,6 +136,21 @@ class Settings(BaseSettings):
     def external_broker(self) -> bool:
         """True when settings point at an already running broker."""
         return self.broker_port != 0
+
+    @property
+    def public_broker_host(self) -> str:
+        """The broker host customers and devices are told: ``public_host``, else ``broker_host``."""
+        return self.public_host or self.broker_host
+
+    @property
+    def public_broker_port(self) -> int:
+        """The MQTT port devices are told: ``public_mqtt_port``, else ``broker_port``."""
+        return self.public_mqtt_port or self.broker_port
+
+    @property
+    def public_broker_ws_port(self) -> int | None:
+        """The websockets port devices are told (``public_ws_port``, else ``broker_ws_port``), or None."""
+        return self.public_ws_port or self.broker_ws_port or None
 
     def with_broker(self, host: str, port: int) -> Settings:
         """A copy pointing at the given broker."""

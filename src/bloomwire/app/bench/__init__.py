@@ -25,6 +25,9 @@ def private_stack(settings: Settings, users: Sequence[str], *, name: str) -> Ite
                 "data_dir": Path(tmp),
                 "database_url": f"sqlite:///{tmp}/bench.db",
                 "broker_port": 0,
+                "broker_listen_port": 0,  # a temporary stack: free ports, nothing kept
+                "broker_listen_ws_port": 0,
+                "metrics_port": 0,
                 "broker_username": None,
                 "broker_password": None,
             }

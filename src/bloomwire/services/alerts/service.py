@@ -31,7 +31,8 @@ import gc
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,6 +47,7 @@ from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import CLOSED, OrderStatus
 from bloomwire.errors import PayloadError
 from bloomwire.runtime.log import get_logger
+from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.alerts.config import RulesConfig, Thresholds, load_rules
@@ -857,6 +859,26 @@ class AlertsService(Service):
 
     engine: AlertEngine | None = None
 
+    def figures(self) -> Iterator[Figure]:
+        """Open alerts by rule and status, and what the engine did, for Prometheus (at scrape time)."""
+        core = self.engine
+        if core is None:
+            return
+        open_now = Counter((t.key[0].value, t.status) for t in list(core.book.values()))
+        for (rule, status), n in sorted(open_now.items()):
+            yield Figure(
+                "bloomwire_alerts_open",
+                "Alerts not resolved, by rule and status",
+                n,
+                {"rule": rule, "status": status},
+                counter=False,
+            )
+        stats = core.stats
+        yield Figure("bloomwire_alerts_raised", "Alerts raised", stats.raised)
+        yield Figure("bloomwire_alerts_escalated", "Alert escalations", stats.escalated)
+        yield Figure("bloomwire_alerts_resolved", "Alerts resolved", stats.resolved)
+        yield Figure("bloomwire_alerts_tick_errors", "Ticks that failed", stats.tick_errors)
+
 
 def _readonly_engine(url: str) -> Engine:
     engine = make_engine(url, readonly=True)
@@ -874,6 +896,7 @@ def build(
     tick_s: float = TICK_S,
     followup_s: float = FOLLOWUP_S,
     grace_s: float = GRACE_S,
+    metrics: ServiceMetrics | None = None,
 ) -> AlertsService:
     """Declare the alerts service.
 
@@ -881,7 +904,9 @@ def build(
     the file, line and key, before anything connects.
     """
     config = load_rules(rules_path if rules_path is not None else settings.alerts_rules)
-    service = AlertsService(NAME)
+    service = AlertsService(NAME, metrics=metrics)
+    if metrics is not None:
+        metrics.registry.register(FiguresCollector(service.figures))
     tasks: set[asyncio.Task[Any]] = set()
     stop_worker = asyncio.Event()
     scheduler: list[AsyncIOScheduler] = []

@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -42,6 +42,7 @@ from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import UNASSIGNED, OrderStatus
 from bloomwire.runtime.aio import cancel_and_wait
 from bloomwire.runtime.log import get_logger
+from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.dispatch.planner import (
@@ -569,13 +570,23 @@ class DispatchStats:
     expired: int = 0
     failures: int = 0
     recent: deque[PassResult] = field(default_factory=lambda: deque(maxlen=1000))
+    #: Passes by what they decided: idle (nothing to do), single or batch planning.
+    modes: Counter[str] = field(default_factory=Counter)
+
+    def figures(self) -> Iterator[Figure]:
+        """These counters for Prometheus (read at scrape time)."""
+        yield Figure("bloomwire_dispatch_offers", "Offers made to riders", self.offers)
+        yield Figure("bloomwire_dispatch_expired", "Offers that timed out unanswered", self.expired)
+        yield Figure("bloomwire_dispatch_pass_failures", "Passes that failed and were retried", self.failures)
+        for mode, n in list(self.modes.items()):
+            yield Figure("bloomwire_dispatch_passes", "Dispatch passes by mode", n, {"mode": mode})
 
 
 class DispatchService(Service):
     """A :class:`Service` that also exposes its :class:`Dispatcher` and statistics."""
 
-    def __init__(self, config: DispatchConfig) -> None:
-        super().__init__(NAME)
+    def __init__(self, config: DispatchConfig, metrics: ServiceMetrics | None = None) -> None:
+        super().__init__(NAME, metrics=metrics)
         self.config = config
         self.dispatcher: Dispatcher | None = None
         self.stats = DispatchStats()
@@ -638,6 +649,7 @@ class DispatchService(Service):
             self.stats.passes += 1
             self.stats.offers += len(result.offers)
             self.stats.expired += len(result.expired)
+            self.stats.modes[result.mode] += 1
             self.stats.recent.append(result)
 
     def stop_passes(self) -> None:
@@ -657,6 +669,7 @@ def build(
     weights: Weights = DEFAULT_WEIGHTS,
     top: int = 10,
     config: DispatchConfig | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> DispatchService:
     """Declare the dispatch service. ``config`` (if given) overrides the individual options."""
     cfg = config or DispatchConfig(
@@ -668,7 +681,9 @@ def build(
     )
     if cfg.offer_timeout_s <= 0 or cfg.tick_s <= 0 or cfg.batch_threshold < 1:
         raise ValueError("offer_timeout_s and tick_s must be > 0 and batch_threshold >= 1")
-    service = DispatchService(cfg)
+    service = DispatchService(cfg, metrics)
+    if metrics is not None:
+        metrics.registry.register(FiguresCollector(service.stats.figures))
     state: dict[str, Any] = {}
 
     @service.handle(topics.all_orders_filter(topics.OrderChannel.STATUS))

@@ -8,14 +8,17 @@ and device acks published, and only then is each message acknowledged to the bro
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.runtime.log import get_logger
+from bloomwire.runtime.metrics import ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
 from bloomwire.runtime.settings import Settings
+from bloomwire.services.persister.metrics import PersisterMetrics
 from bloomwire.services.persister.projector import Inbound, Outbound, Projector
 from bloomwire.store import open_store
 
@@ -23,11 +26,22 @@ NAME = "persister"
 log = get_logger("bloomwire.persister")
 
 
-def build(settings: Settings, *, clock: Callable[[], datetime] = ev.now, max_batch: int = 2000) -> Service:
+def build(
+    settings: Settings,
+    *,
+    clock: Callable[[], datetime] = ev.now,
+    max_batch: int = 2000,
+    metrics: ServiceMetrics | None = None,
+) -> Service:
     """Declare the persister: one batch handler over all inbound topics, start-up and shutdown."""
     service = Service(
-        NAME, persistent=True, max_batch=max_batch, linger_s=settings.persister_window_ms / 1000
+        NAME,
+        persistent=True,
+        max_batch=max_batch,
+        linger_s=settings.persister_window_ms / 1000,
+        metrics=metrics,
     )
+    figures = PersisterMetrics(metrics.registry) if metrics is not None else None
     state: dict[str, Projector] = {}
 
     def publish(out: Sequence[Outbound]) -> None:
@@ -48,7 +62,10 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = ev.now, max_bat
     @service.handle_batch(*topics.INBOUND_FILTERS)
     async def persist(batch: Sequence[Message]) -> None:
         projector = state["projector"]
+        started = time.perf_counter()
         result = projector.apply([Inbound(m.topic, m.payload, m.received_at) for m in batch])
+        if figures is not None:
+            figures.observe(batch, result, started)
         publish(result.outbound)
 
     @service.handle(topics.DEADLETTER)

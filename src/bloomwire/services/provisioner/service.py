@@ -23,7 +23,7 @@ access``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +36,7 @@ from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.errors import BloomwireError, PayloadError, TopicError
 from bloomwire.runtime.log import get_logger
+from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.provisioner.orders import OrderReader
@@ -57,17 +58,29 @@ class ProvisionerService(Service):
 
     provisioner: Provisioner | None = None
 
-    def __init__(self, config: ProvisionerConfig) -> None:
-        super().__init__(NAME, persistent=True)
+    def __init__(self, config: ProvisionerConfig, metrics: ServiceMetrics | None = None) -> None:
+        super().__init__(NAME, persistent=True, metrics=metrics)
         self.config = config
+
+    def figures(self) -> Iterator[Figure]:
+        """What it did, for Prometheus (read at scrape time; nothing before it started)."""
+        core = self.provisioner
+        if core is None:
+            return
+        yield Figure("bloomwire_provisioner_minted", "Customer accesses minted", core.minted)
+        yield Figure("bloomwire_provisioner_revoked", "Customer accesses revoked", core.revoked)
+        yield Figure("bloomwire_provisioner_devices", "Customer device logins enrolled", core.devices)
+        yield Figure(
+            "bloomwire_provisioner_accesses", "Customer accesses live", len(core.index), counter=False
+        )
 
 
 def endpoint(settings: Settings) -> ev.BrokerEndpoint:
     """Where customer devices connect, as the access message tells them."""
     return ev.BrokerEndpoint(
-        host=settings.broker_host,
-        port=settings.broker_port,
-        ws_port=settings.broker_ws_port or None,
+        host=settings.public_broker_host,
+        port=settings.public_broker_port,
+        ws_port=settings.public_broker_ws_port,
         tls=settings.broker_tls,
     )
 
@@ -88,6 +101,7 @@ def build(
     max_devices: int | None = None,
     reconcile_s: float = DEFAULT_RECONCILE_S,
     use_store: bool = True,
+    metrics: ServiceMetrics | None = None,
 ) -> ProvisionerService:
     """Declare the provisioner (grace and devices per order default to the settings')."""
     config = ProvisionerConfig(
@@ -96,7 +110,9 @@ def build(
         reconcile_s=reconcile_s,
         use_store=use_store,
     )
-    service = ProvisionerService(config)
+    service = ProvisionerService(config, metrics)
+    if metrics is not None:
+        metrics.registry.register(FiguresCollector(service.figures))
     scheduler: list[AsyncIOScheduler] = []
 
     def running() -> Provisioner:

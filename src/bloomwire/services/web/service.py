@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import signal
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 
 from bloomwire.contract import topics
 from bloomwire.runtime.log import get_logger
+from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.mqtt import Connection
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.web.app import create_app
@@ -49,6 +51,15 @@ class WebService:
     """The web service: ``await WebService(settings).run(settings)``."""
 
     name = NAME
+
+    def figures(self) -> Iterator[Figure]:
+        """The bridge's counters, for Prometheus (read at scrape time)."""
+        stats = self.stats
+        yield Figure(
+            "bloomwire_web_pages_open", "Pages connected through /mqtt now", stats.open, counter=False
+        )
+        yield Figure("bloomwire_web_pages_opened", "Pages connected through /mqtt", stats.opened)
+        yield Figure("bloomwire_web_pages_refused", "Pages refused: broker unreachable", stats.refused)
 
     def __init__(self, settings: Settings) -> None:
         self.root = web_root(settings.web_root)  # a missing `npm ci` fails here, clearly
@@ -122,6 +133,9 @@ class WebService:
         server.should_exit = True
 
 
-def build(settings: Settings) -> WebService:
+def build(settings: Settings, *, metrics: ServiceMetrics | None = None) -> WebService:
     """Declare the web service (checks that the pages and npm packages are there)."""
-    return WebService(settings)
+    service = WebService(settings)
+    if metrics is not None:
+        metrics.registry.register(FiguresCollector(service.figures))
+    return service
