@@ -483,12 +483,13 @@ def test_pages_survive_the_broker_restarting(web: WebStack, browser: Any) -> Non
         board = dashboard(browser, settings, "s3", viewport=PHONE)
         board_errors = page_errors(board)
 
-        stack.broker.stop()
+        stack.broker.stop()  # the stack's supervision starts it again on the same ports
         wait_for(lambda: conn_state(page) == "reconnecting", 20, "the customer page to say reconnecting")
         wait_for(lambda: conn_state(board) == "reconnecting", 20, "the dashboard to say reconnecting")
         assert page.inner_text("#conn") == "Reconnecting…"
         screenshot(page, "track-reconnecting-phone")
-        stack.broker.start()  # same ports, same data dir: logins and retained states kept
+        # same ports, same data dir: logins and retained states kept
+        wait_for(lambda: stack.broker is not None and stack.broker.running, 30, "the broker to be back")
 
         wait_online(page, timeout=40)
         wait_online(board, timeout=40)

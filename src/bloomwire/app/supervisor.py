@@ -314,6 +314,10 @@ class Stack:
     def start(self, timeout: float = 60.0) -> Settings:
         """Broker, then every service, then supervision; returns once all services say online."""
         self.start_broker()
+        if WEB in self.services:  # its recorded port, known before it starts: `up` prints the address
+            self.settings = self.settings.model_copy(
+                update={"web_port": self._claim(ports.WEB, "web_listen_port")}
+            )
         try:
             for name in self.services:
                 self.start_service(name)
