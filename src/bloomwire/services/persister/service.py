@@ -26,7 +26,7 @@ log = get_logger("bloomwire.persister")
 def build(settings: Settings, *, clock: Callable[[], datetime] = ev.now, max_batch: int = 2000) -> Service:
     """Declare the persister: one batch handler over all inbound topics, start-up and shutdown."""
     service = Service(
-        NAME, persistent=True, max_batch=max_batch, linger_s=settings.persister_window_ms / 1000
+        NAME, persistent=True, max_batch=max_batch, linger_s=settings.persister_window_ms / 1000, tuned=True
     )
     state: dict[str, Projector] = {}
 
