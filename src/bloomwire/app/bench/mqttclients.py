@@ -147,7 +147,8 @@ def run_one(setup: Setup, client: str, command: Sequence[str], user: str, round_
     broker = setup.broker
     args = [
         *("--host", broker.host, "--port", str(broker.port)),
-        *("--user", user, "--password", broker.users[user]),
+        f"--user={user}",
+        f"--password={broker.users[user]}",  # with "=": a password may start with "-"
         *("--events", str(setup.events), "--persist-us", str(setup.persist_us)),
         *("--max-batch", str(setup.max_batch)),
     ]
