@@ -332,9 +332,9 @@ class Connection:
         with self.corked():
             if isinstance(client, TunedClient):
                 client.ack_many([m.mid for m in mine if m.qos == 1])
+                mine = [m for m in mine if m.qos == 2]
             for m in mine:
-                if m.qos == 2 or not isinstance(client, TunedClient):
-                    client.ack(m.mid, m.qos)
+                client.ack(m.mid, m.qos)
 
     def queued(self) -> int:
         """How many received messages wait to be drained."""
