@@ -2,7 +2,8 @@
 
 Services run in the test's own event loop (``asyncio.run`` inside each test, the service as a task)
 or, where a process must die, as a child ``python -c`` process killed with SIGKILL. Every check is
-on what the broker actually delivered: handled messages, retained status, dead letters.
+on what the broker actually delivered: handled messages, retained status, dead letters. Tests that
+connect run twice: on paho's own client and on the tuned one (``tuned``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,15 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(coro)
 
 
+@pytest.fixture(params=[False, True], ids=["plain", "tuned"])
+def tuned(request: pytest.FixtureRequest) -> bool:
+    """Each connecting test on paho's own client, then on the tuned one (``Connection(tuned=…)``)."""
+    wanted: bool = request.param
+    if wanted:
+        assert pahoclient.tuning_refusal() is None, "the pinned paho must take the tuning"
+    return wanted
+
+
 @pytest.fixture
 def watcher(mqtt_client: Callable[..., Any], mqtt_user: Callable[..., tuple[str, str]]) -> Callable[..., Any]:
     """Factory: a connected test client of its own user, subscribed to ``filters``."""
@@ -151,8 +161,8 @@ import asyncio, sys
 from bloomwire.runtime.mqtt import Service
 from bloomwire.runtime.settings import Settings
 
-mode, name, topic_filter = sys.argv[1:4]
-service = Service(name, persistent=True, session_expiry_s=300)
+mode, name, topic_filter, tuned = sys.argv[1:5]
+service = Service(name, persistent=True, session_expiry_s=300, tuned=tuned == "tuned")
 
 def say(*parts):
     print(*parts, flush=True)
@@ -228,8 +238,9 @@ class Child:
 
 
 @pytest.fixture
-def child_service(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """Factory: ``child_service(settings, mode, name, topic_filter)``; all killed at teardown."""
+def child_service(tmp_path: Path, tuned: bool) -> Iterator[Callable[..., Child]]:
+    """Factory: ``child_service(settings, mode, name, topic_filter)`` (plain or tuned, as the test
+    is); all killed at teardown."""
     children: list[Child] = []
 
     def start(settings: Settings, mode: str, name: str, topic_filter: str) -> Child:
@@ -239,7 +250,8 @@ def child_service(tmp_path: Path) -> Iterator[Callable[..., Child]]:
             **settings.to_env(),
             "BLOOMWIRE_BROKER_PASSWORD": settings.broker_password.get_secret_value(),
         }
-        child = Child([mode, name, topic_filter], env, tmp_path / f"child-{len(children)}.log")
+        args = [mode, name, topic_filter, "tuned" if tuned else "plain"]
+        child = Child(args, env, tmp_path / f"child-{len(children)}.log")
         children.append(child)
         return child
 
@@ -251,10 +263,10 @@ def child_service(tmp_path: Path) -> Iterator[Callable[..., Child]]:
 # --- publish / subscribe ----------------------------------------------------------------------
 
 
-def test_async_handler_receives_and_publishes(make_settings: Any, watcher: Any) -> None:
+def test_async_handler_receives_and_publishes(make_settings: Any, watcher: Any, tuned: bool) -> None:
     name = unique()
     inbound, outbound = f"test/{name}/in/a", f"test/{name}/out"
-    service = Service(name)
+    service = Service(name, tuned=tuned)
     seen: list[Message] = []
 
     @service.handle(f"test/{name}/in/+")
@@ -279,10 +291,10 @@ def test_async_handler_receives_and_publishes(make_settings: Any, watcher: Any) 
 
 
 def test_status_is_retained_online_while_running_and_offline_after_clean_stop(
-    make_settings: Any, watcher: Any
+    make_settings: Any, watcher: Any, tuned: bool
 ) -> None:
     name = unique()
-    service = Service(name)
+    service = Service(name, tuned=tuned)
     service.handle(f"test/{name}")(Recorder())
     status = topics.service_status(name)
 
@@ -322,11 +334,11 @@ def test_last_will_says_offline_when_the_process_is_killed(
 
 
 def test_reconnects_after_broker_restart_and_restores_subscriptions(
-    fresh_broker: Any, make_settings: Any, watcher: Any
+    fresh_broker: Any, make_settings: Any, watcher: Any, tuned: bool
 ) -> None:
     name = unique()
     topic = f"test/{name}/in"
-    service = Service(name)  # clean session: only the runtime can bring the subscription back
+    service = Service(name, tuned=tuned)  # clean session: only the runtime brings the subscription back
     got = Recorder()
     service.handle(topic)(got)
     settings = make_settings(broker=fresh_broker)
@@ -365,11 +377,11 @@ def test_reconnects_after_broker_restart_and_restores_subscriptions(
 
 
 def test_failing_handler_is_dead_lettered_logged_and_the_next_message_handled(
-    make_settings: Any, watcher: Any, captured_logs: list[MutableMapping[str, Any]]
+    make_settings: Any, watcher: Any, captured_logs: list[MutableMapping[str, Any]], tuned: bool
 ) -> None:
     name = unique()
     topic = f"test/{name}/in"
-    service = Service(name)
+    service = Service(name, tuned=tuned)
     handled: list[bytes] = []
 
     @service.handle(topic)
@@ -402,10 +414,10 @@ def test_failing_handler_is_dead_lettered_logged_and_the_next_message_handled(
     run(body())
 
 
-def test_bad_input_never_escapes_the_runtime(make_settings: Any, watcher: Any) -> None:
+def test_bad_input_never_escapes_the_runtime(make_settings: Any, watcher: Any, tuned: bool) -> None:
     name = unique()
     topic = f"test/{name}/in"
-    service = Service(name)
+    service = Service(name, tuned=tuned)
     handled: list[bytes] = []
     binary = bytes(range(256)) * 4
     huge = b"\xff" + b"x" * 250_000  # within the broker's 256 KiB packet limit, far over the app's
@@ -440,11 +452,11 @@ def test_bad_input_never_escapes_the_runtime(make_settings: Any, watcher: Any) -
 
 
 def test_long_error_reason_is_cut_so_the_dead_letter_still_goes_through(
-    make_settings: Any, watcher: Any
+    make_settings: Any, watcher: Any, tuned: bool
 ) -> None:
     name = unique()
     topic = f"test/{name}/in"
-    service = Service(name)
+    service = Service(name, tuned=tuned)
     handled: list[bytes] = []
     huge = b"\x01" * 100_000  # its repr is 400 kB: a dead letter quoting it would be over the limit
 
@@ -472,11 +484,11 @@ def test_long_error_reason_is_cut_so_the_dead_letter_still_goes_through(
 
 
 def test_oversized_publish_is_refused_before_the_broker_kicks_the_client(
-    make_settings: Any, watcher: Any
+    make_settings: Any, watcher: Any, tuned: bool
 ) -> None:
     name = unique()
     topic, out = f"test/{name}/in", f"test/{name}/out"
-    service = Service(name)
+    service = Service(name, tuned=tuned)
 
     @service.handle(topic)
     async def amplify(msg: Message) -> None:
@@ -503,9 +515,11 @@ def test_oversized_publish_is_refused_before_the_broker_kicks_the_client(
 # --- batch handlers ---------------------------------------------------------------------------
 
 
-def test_batch_handler_failure_is_retried_then_delivered(make_settings: Any, watcher: Any) -> None:
+def test_batch_handler_failure_is_retried_then_delivered(
+    make_settings: Any, watcher: Any, tuned: bool
+) -> None:
     name = unique()
-    service = Service(name)
+    service = Service(name, tuned=tuned)
     batches: list[list[bytes]] = []
     fail_once = [True]
 
@@ -532,11 +546,11 @@ def test_batch_handler_failure_is_retried_then_delivered(make_settings: Any, wat
 
 
 def test_thousands_of_messages_and_a_large_one_cross_buffered_reads_and_corked_writes_intact(
-    make_settings: Any, watcher: Any
+    make_settings: Any, watcher: Any, tuned: bool
 ) -> None:
     name = unique()
     inbound, outbound = f"test/{name}/in", f"test/{name}/out"
-    service = Service(name, persistent=True, session_expiry_s=60)
+    service = Service(name, persistent=True, session_expiry_s=60, tuned=tuned)
     received: list[bytes] = []
 
     @service.handle_batch(inbound)
@@ -553,8 +567,9 @@ def test_thousands_of_messages_and_a_large_one_cross_buffered_reads_and_corked_w
     async def body() -> None:
         async with running(service, make_settings()):
             await expect_status(client, name, b"online")
-            # The guard that paho still reads and writes through the buffered socket.
-            assert isinstance(service.conn.client.socket(), pahoclient.BufferedSocket)
+            # The guard that a tuned paho still reads and writes through the buffered socket.
+            assert service.conn.tuned is tuned
+            assert isinstance(service.conn.client.socket(), pahoclient.BufferedSocket) is tuned
             infos = [client.paho.publish(inbound, p, qos=1) for p in sent]
             echoed: list[bytes] = []
             while len(echoed) < len(sent):
@@ -568,7 +583,7 @@ def test_thousands_of_messages_and_a_large_one_cross_buffered_reads_and_corked_w
 
 
 def test_received_messages_keep_topic_payload_qos_and_retain_whatever_their_properties(
-    make_settings: Any, watcher: Any
+    make_settings: Any, watcher: Any, tuned: bool
 ) -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -576,7 +591,7 @@ def test_received_messages_keep_topic_payload_qos_and_retain_whatever_their_prop
     name = unique()
     settings = make_settings()
     assert settings.broker_username is not None
-    conn = mqtt.Connection(settings, settings.broker_username)
+    conn = mqtt.Connection(settings, settings.broker_username, tuned=tuned)
     publisher = watcher()
     publisher.paho.publish(f"test/{name}/kept", b"retained", qos=1, retain=True).wait_for_publish(WAIT)
     props = Properties(PacketTypes.PUBLISH)
@@ -626,10 +641,12 @@ def test_received_messages_keep_topic_payload_qos_and_retain_whatever_their_prop
     run(body())
 
 
-def test_a_linger_window_gathers_messages_into_one_batch(make_settings: Any, watcher: Any) -> None:
+def test_a_linger_window_gathers_messages_into_one_batch(
+    make_settings: Any, watcher: Any, tuned: bool
+) -> None:
     name = unique()
     topic = f"test/{name}/in"
-    service = Service(name, linger_s=2.0)  # wide: a slow machine still gets all three in
+    service = Service(name, linger_s=2.0, tuned=tuned)  # wide: a slow machine still gets all three in
     batches: list[list[bytes]] = []
 
     @service.handle_batch(topic)
@@ -650,9 +667,11 @@ def test_a_linger_window_gathers_messages_into_one_batch(make_settings: Any, wat
     run(body())
 
 
-def test_stop_is_honoured_while_a_batch_handler_keeps_failing(make_settings: Any, watcher: Any) -> None:
+def test_stop_is_honoured_while_a_batch_handler_keeps_failing(
+    make_settings: Any, watcher: Any, tuned: bool
+) -> None:
     name = unique()
-    service = Service(name)
+    service = Service(name, tuned=tuned)
     calls: list[int] = []
 
     @service.handle_batch(f"test/{name}/a")
@@ -679,7 +698,7 @@ def test_stop_is_honoured_while_a_batch_handler_keeps_failing(make_settings: Any
 
 
 def test_persistent_service_receives_what_was_published_while_it_was_stopped(
-    make_settings: Any, watcher: Any
+    make_settings: Any, watcher: Any, tuned: bool
 ) -> None:
     name = unique()
     kept, dropped = f"test/{name}/kept", f"test/{name}/dropped"
@@ -687,7 +706,7 @@ def test_persistent_service_receives_what_was_published_while_it_was_stopped(
     client = watcher(topics.DEADLETTER, topics.service_status(name))
 
     async def body() -> None:
-        first = Service(name, persistent=True, session_expiry_s=300)
+        first = Service(name, persistent=True, session_expiry_s=300, tuned=tuned)
         first.handle(kept)(Recorder())
         first.handle(dropped)(Recorder())  # this route is gone in the next version
         async with running(first, settings):
@@ -698,7 +717,7 @@ def test_persistent_service_receives_what_was_published_while_it_was_stopped(
         client.publish(dropped, b"no-route", qos=1)
         client.publish(kept, b"while-down-2", qos=1)
 
-        second = Service(name, persistent=True, session_expiry_s=300)
+        second = Service(name, persistent=True, session_expiry_s=300, tuned=tuned)
         got = Recorder()
         second.handle(kept)(got)
         async with running(second, settings):
@@ -744,12 +763,12 @@ def test_service_not_running_has_no_connection() -> None:
 
 
 def test_connection_survives_a_failing_on_connect_hook_and_subscribes_later(
-    make_settings: Any, watcher: Any
+    make_settings: Any, watcher: Any, tuned: bool
 ) -> None:
     name = unique()
     settings = make_settings()
     assert settings.broker_username is not None
-    conn = mqtt.Connection(settings, settings.broker_username)
+    conn = mqtt.Connection(settings, settings.broker_username, tuned=tuned)
     calls: list[int] = []
 
     def broken_hook() -> None:
@@ -778,217 +797,3 @@ def test_connection_survives_a_failing_on_connect_hook_and_subscribes_later(
             await conn.stop()
 
     run(body())
-
-
-# --- the buffered socket under paho -----------------------------------------------------------
-
-
-@pytest.fixture
-def socket_pair() -> Iterator[tuple[Any, Any]]:
-    import socket
-
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
-
-
-def test_buffered_socket_hands_out_exactly_the_bytes_asked_for(socket_pair: tuple[Any, Any]) -> None:
-    a, b = socket_pair
-    buffered = pahoclient.BufferedSocket(a)
-    with pytest.raises(BlockingIOError):
-        buffered.recv(1)  # nothing there yet: paho sees "would block", as with a plain socket
-    b.sendall(b"\x30\x05hello\x30\x02hi")
-    assert buffered.recv(1) == b"\x30"
-    assert buffered.pending() == 10, "the rest waits in the buffer, so paho skips select"
-    assert buffered.recv(1) == b"\x05"
-    assert buffered.recv(5) == b"hello"
-    assert buffered.recv(100) == b"\x30\x02hi", "never more than what was read"
-    assert buffered.pending() == 0
-    b.close()
-    assert buffered.recv(1) == b"", "end of stream reaches paho as an empty read"
-
-
-def test_buffered_socket_hands_out_whole_packets_and_leaves_partial_ones(
-    socket_pair: tuple[Any, Any],
-) -> None:
-    a, b = socket_pair
-    buffered = pahoclient.BufferedSocket(a)
-    long_body = bytes(range(200))  # a two-byte remaining length
-    b.sendall(b"\x40\x02\x00\x07" + b"\x30\xc8\x01" + long_body + b"\x30\x05hel")
-    assert buffered.next_packet() is None, "nothing read yet: paho's reader fills the buffer"
-    assert buffered.recv(1) == b"\x40"
-    assert buffered.recv(3) == b"\x02\x00\x07"
-    assert buffered.next_packet() == (0x30, long_body)
-    assert buffered.next_packet() is None, "a partial packet stays for paho's reader"
-    assert buffered.recv(100) == b"\x30\x05hel"
-    b.sendall(b"\x40\x02\x00\x08" + b"\xe0\x80\x80\x80\x80\x01")  # a remaining length of 5 bytes
-    assert buffered.recv(4) == b"\x40\x02\x00\x08"
-    assert buffered.next_packet() is None, "paho's reader reports a malformed length, not this"
-    assert buffered.pending() == 6
-
-
-def test_buffered_socket_fill_reads_a_chunk_and_leaves_errors_to_paho(socket_pair: tuple[Any, Any]) -> None:
-    a, b = socket_pair
-    buffered = pahoclient.BufferedSocket(a)
-    assert not buffered.fill(), "nothing to read: no exception, paho's own read sees would-block"
-    b.sendall(b"\x30\x02hi\x30\x01")
-    assert buffered.fill()
-    assert buffered.next_packet() == (0x30, b"hi")
-    assert buffered.fill(), "bytes still buffered: no read"
-    assert buffered.next_packet() is None and buffered.recv(10) == b"\x30\x01"
-    b.close()
-    assert not buffered.fill()
-    assert buffered.recv(1) == b"", "the end of the stream still reaches paho"
-
-
-def test_buffered_socket_keeps_what_the_kernel_would_not_take_and_sends_it_later(
-    socket_pair: tuple[Any, Any],
-) -> None:
-    import socket
-
-    a, b = socket_pair
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    buffered = pahoclient.BufferedSocket(a)
-    data = bytes(range(256)) * 4096  # 1 MiB: far more than the socket buffers hold
-    assert buffered.send(data) == len(data)
-    buffered.flush()
-    assert buffered.wants_flush(), "the rest is kept, not dropped"
-    got = bytearray()
-    b.settimeout(5)
-    while len(got) < len(data):
-        got += b.recv(65536)
-        buffered.flush()
-    assert bytes(got) == data
-    assert not buffered.wants_flush()
-
-
-def test_buffered_socket_reports_a_dead_peer_on_the_next_read(socket_pair: tuple[Any, Any]) -> None:
-    a, b = socket_pair
-    buffered = pahoclient.BufferedSocket(a)
-    b.close()
-    buffered.send(b"x" * 100_000)
-    with pytest.raises(OSError):
-        buffered.flush()
-    with pytest.raises(OSError):
-        buffered.recv(1)
-    with pytest.raises(OSError):
-        buffered.send(b"more")
-
-
-def test_ack_many_queues_the_bytes_of_one_ack_each_in_one_write() -> None:
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
-    def client(*, manual_ack: bool) -> pahoclient.TunedClient:
-        v5 = MQTTProtocolVersion.MQTTv5
-        return pahoclient.TunedClient(CallbackAPIVersion.VERSION2, protocol=v5, manual_ack=manual_ack)
-
-    one_by_one, many = client(manual_ack=True), client(manual_ack=True)
-    mids = [1, 258, 65535]
-    for mid in mids:
-        one_by_one.ack(mid, 1)
-    many.ack_many(mids)
-    expected = b"".join(bytes(p["packet"]) for p in one_by_one._out_packet)
-    assert expected == b"\x40\x02\x00\x01\x40\x02\x01\x02\x40\x02\xff\xff"
-    assert [bytes(p["packet"]) for p in many._out_packet] == [expected]
-    automatic = client(manual_ack=False)
-    automatic.ack_many(mids)
-    assert not automatic._out_packet, "paho acks by itself without manual_ack"
-
-
-def test_lean_publish_queues_what_paho_queues_and_reports_publication(
-    socket_pair: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    assert pahoclient.LEAN_PUBLISH, "paho changed its message classes: the lean publish is off"
-    props = Properties(PacketTypes.PUBLISH)
-    props.MessageExpiryInterval = 60
-    cases = [
-        ("shops/s1/orders/o1/chat", b'{"x": 1}', False, None),
-        ("shops/s1/orders/\u00f61/state", b"y" * 20_000, True, props),  # 3-byte remaining length
-        ("t", b"", False, props),
-    ]
-
-    def queued(lean: bool) -> tuple[list[bytes], list[tuple[Any, ...]], list[Any]]:
-        monkeypatch.setattr(pahoclient, "LEAN_PUBLISH", lean)
-        client = pahoclient.TunedClient(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-        client.max_inflight_messages_set(0)  # as Connection does
-        client._sock = pahoclient.BufferedSocket(socket_pair[0])
-        client._thread = threading.current_thread()  # queue only: no network thread here
-        with client.corked():
-            infos = [client.publish(t, p, qos=1, retain=r, properties=pr) for t, p, r, pr in cases]
-        packets = [bytes(p["packet"]) for p in client._out_packet]
-        kept = [
-            (m.mid, m.topic, m.payload, m.qos, m.retain, m.dup, m.state, m.properties)
-            for m in client._out_messages.values()
-        ]
-        for info in infos:  # the broker's PUBACKs
-            client._plain_puback(info.mid.to_bytes(2, "big"))
-        client._sock = None
-        return packets, kept, infos
-
-    ours, ours_kept, ours_infos = queued(lean=True)
-    theirs, theirs_kept, theirs_infos = queued(lean=False)
-    assert all(type(i) is not type(t) for i, t in zip(ours_infos, theirs_infos, strict=True)), "lean path"
-    assert ours == theirs, "the same PUBLISH packets on the wire"
-    assert ours_kept == theirs_kept, "the same messages kept for re-sending after a reconnect"
-    assert all(i.is_published() and i.rc == 0 for i in ours_infos)
-    waited = threading.Thread(target=ours_infos[0].wait_for_publish, args=(5,))
-    waited.start()
-    waited.join(6)
-    assert not waited.is_alive(), "a published message does not keep its waiter"
-
-
-def test_expiry_properties_are_packed_once_as_paho_packs_them() -> None:
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    theirs = Properties(PacketTypes.PUBLISH)
-    theirs.MessageExpiryInterval = 60
-    ours = pahoclient.expiry_properties(60)
-    assert ours.pack() == theirs.pack() == b"\x05\x02\x00\x00\x00\x3c"
-    assert ours is pahoclient.expiry_properties(60), "one object per value"
-    assert ours.MessageExpiryInterval == 60 and not vars(ours).keys() - {*vars(theirs)}
-    assert pahoclient.expiry_properties(1).pack() != ours.pack()
-
-
-def test_paho_properties_share_their_tables_and_behave_as_before() -> None:
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import MQTTException, Properties
-
-    assert pahoclient.PROPERTIES_SHARED, "paho changed Properties: the shared tables are off"
-    a, b = Properties(PacketTypes.PUBLISH), Properties(PacketTypes.PUBACK)
-    assert a.names is b.names, "tables shared, not rebuilt"
-    a.MessageExpiryInterval = 30
-    a.UserProperty = ("k", "v")
-    assert a.pack() == b"\x0c\x02\x00\x00\x00\x1e\x26\x00\x01k\x00\x01v"
-    back = Properties(PacketTypes.PUBLISH)
-    back.unpack(a.pack())
-    assert (back.MessageExpiryInterval, back.UserProperty) == (30, [("k", "v")])
-    assert not hasattr(b, "MessageExpiryInterval"), "one packet's properties never leak into another's"
-    with pytest.raises(MQTTException):
-        b.MessageExpiryInterval = 30  # not a PUBACK property
-    back.clear()
-    assert not hasattr(back, "MessageExpiryInterval") and back.pack() == b"\x00"
-    assert back.names is a.names, "clear() keeps the shared tables"
-
-
-def test_paho_reason_codes_are_cached_and_behave_as_before() -> None:
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.reasoncodes import ReasonCode
-
-    assert pahoclient.REASON_CODES_CACHED, "paho changed ReasonCode: the cache is off"
-    ok = ReasonCode(PacketTypes.PUBACK)
-    assert (ok.value, ok.getName(), ok.is_failure) == (0, "Success", False)
-    refused = ReasonCode(PacketTypes.PUBACK, identifier=0x87)
-    assert (refused.getName(), refused.is_failure) == ("Not authorized", True)
-    assert ReasonCode(PacketTypes.PUBACK, "Not authorized") == refused
-    assert ReasonCode(PacketTypes.DISCONNECT).getName() == "Normal disconnection"
-    with pytest.raises(KeyError):
-        ReasonCode(PacketTypes.PUBACK, "No such reason")
-    with pytest.raises(KeyError):
-        ReasonCode(PacketTypes.PUBACK, identifier=0x03)

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from bloomwire.app.accounts_cli import accounts_app
+from bloomwire.app.bench import mqttclients as bench_clients
 from bloomwire.app.bench.report import Report, record
 from bloomwire.app.clients.commands import register as register_client_commands
 from bloomwire.app.supervision import EXIT_PORT_IN_USE
@@ -590,6 +591,37 @@ def bench_access(
     except BloomwireError as exc:
         raise fail(str(exc)) from None
     _record(record, [Report("bloomwire bench access", ("figure",), [(line,) for line in result.lines()])])
+
+
+@bench_app.command("mqtt-clients")
+def bench_mqtt_clients(
+    clients: Annotated[
+        str, typer.Option(help="Comma-separated: tuned (paho tuned), paho (plain paho), mqtt5 (prototype).")
+    ] = "tuned,paho,mqtt5",
+    events: Annotated[int, typer.Option(help="Events per run.")] = 30_000,
+    runs: Annotated[int, typer.Option(help="Runs per client, interleaved.")] = 3,
+    rate: Annotated[int, typer.Option(help="Load rate, events/s (0 = as fast as possible).")] = 0,
+    persist_us: Annotated[float, typer.Option(help="Busy 'persist' cost per batch, µs.")] = 0.0,
+    record: Record = None,
+) -> None:
+    """paho plain, paho tuned and an mqtt5-codec prototype on one persist-and-republish pipeline.
+
+    Each run is a child process receiving QoS 1 events on a persistent session from a private
+    Mosquitto, republishing each at QoS 1 and acking after; printed: its CPU µs per event and
+    events/s, per client (median and range of the interleaved runs), and the host's load.
+    """
+    try:
+        reports = bench_clients.main(
+            clients=[c.strip() for c in clients.split(",") if c.strip()],
+            events=events,
+            runs=runs,
+            rate=rate,
+            persist_us=persist_us,
+            console=console,
+        )
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    _record(record, reports)
 
 
 def main() -> None:

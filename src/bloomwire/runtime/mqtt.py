@@ -1,8 +1,9 @@
 """The small MQTT runtime every Bloomwire process uses.
 
-:class:`Connection` wraps one paho-mqtt client (:mod:`bloomwire.runtime.pahoclient`: MQTT 5, TCP_NODELAY,
-credentials, Last Will, reconnect with backoff, subscriptions restored, optional manual acks) and
-hands messages to asyncio.
+:class:`Connection` wraps one paho-mqtt client (MQTT 5, TCP_NODELAY, credentials, Last Will,
+reconnect with backoff, subscriptions restored, optional manual acks) and hands messages to
+asyncio. A connection that asks (``tuned=True``) gets :mod:`bloomwire.runtime.pahoclient`'s client
+instead of paho's own, unless the installed paho was not checked for it (then a warning says so).
 :class:`Service` declares a service in one place: its handlers, start-up and shutdown hooks. A
 handler is a plain ``async def f(msg: Message) -> None``; one that raises is logged with the topic
 and payload, the message is dead-lettered, and the loop goes on.
@@ -35,7 +36,7 @@ from bloomwire.contract.events import Refusal, encode, payload_text
 from bloomwire.errors import BrokerError
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import NO_ROUTE, ServiceMetrics
-from bloomwire.runtime.pahoclient import TunedClient, expiry_properties
+from bloomwire.runtime.pahoclient import TunedClient, expiry_properties, tuning_refusal
 from bloomwire.runtime.settings import Settings
 
 log = get_logger("bloomwire.runtime.mqtt")
@@ -89,6 +90,7 @@ class Connection:
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         manual_ack: bool = False,
         keepalive: int = 15,
+        tuned: bool = False,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -115,7 +117,12 @@ class Connection:
         self._on_connect_hooks: list[Callable[[], None]] = []
         self._diverts: list[tuple[str, Callable[[Message], None]]] = []
 
-        client = TunedClient(
+        refusal = tuning_refusal() if tuned else None
+        if refusal is not None:
+            log.warning("paho tuning refused; using plain paho", client_id=client_id, reason=refusal)
+        #: Whether this connection runs on :class:`TunedClient` (asked for, and not refused).
+        self.tuned = tuned and refusal is None
+        client = (TunedClient if self.tuned else paho.Client)(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
@@ -139,7 +146,8 @@ class Connection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.on_raw_message = self._on_raw_message
+        if isinstance(client, TunedClient):
+            client.on_raw_message = self._on_raw_message
         client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
         self.client = client
@@ -208,17 +216,24 @@ class Connection:
             log.warning("broker refused a publish", client_id=self.client_id, mid=mid, reason=str(reason))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        # QoS 2 only: QoS 0/1 arrive through _on_raw_message.
-        self._on_raw_message(bytes(msg._topic), bytes(msg.payload), msg.qos, msg.retain, msg.mid)
+        # Every message of a plain client; QoS 2 only on a tuned one (QoS 0/1: _on_raw_message).
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError as exc:  # the broker should refuse these; keep the message anyway
+            topic = bytes(exc.object).decode("utf-8", errors="replace")
+        self._enqueue(topic, bytes(msg.payload), msg.qos, msg.retain, msg.mid)
 
     def _on_raw_message(self, topic: bytes, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        try:
+            text = topic.decode("utf-8")
+        except UnicodeDecodeError:  # the broker should refuse these; keep the message anyway
+            text = topic.decode("utf-8", errors="replace")
+        self._enqueue(text, payload, qos, retain, mid)
+
+    def _enqueue(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
         # Never raise here: an exception in a paho callback kills its network thread silently.
         try:
-            try:
-                text = topic.decode("utf-8")
-            except UnicodeDecodeError:  # the broker should refuse these; keep the message anyway
-                text = topic.decode("utf-8", errors="replace")
-            msg = Message(text, payload, qos, retain, mid, time.time(), self.generation)
+            msg = Message(topic, payload, qos, retain, mid, time.time(), self.generation)
             if self._diverts and self._divert(msg):
                 return
             self._inbox.append(msg)
@@ -306,7 +321,7 @@ class Connection:
         Raises :class:`BrokerError` for a message over the broker's Maximum Packet Size: sent, it
         would get this connection closed, and re-sent after every reconnect, closed again.
         """
-        props = None if expiry_s is None else expiry_properties(max(1, int(expiry_s)))
+        props = None if expiry_s is None else self._expiry_properties(max(1, int(expiry_s)))
         limit = self.max_packet_size
         if limit is not None:
             size = _publish_packet_size(topic, payload, qos, props)
@@ -317,9 +332,18 @@ class Connection:
                 )
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
+    def _expiry_properties(self, seconds: int) -> Properties:
+        if isinstance(self.client, TunedClient):
+            return expiry_properties(seconds)  # packed once, shared: only the tuned client's
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.MessageExpiryInterval = seconds
+        return props
+
     def corked(self) -> contextlib.AbstractContextManager[None]:
-        """Publishes and acks inside go out in one round of the network thread (see TunedClient)."""
-        return self.client.corked()
+        """Publishes and acks inside go out in one round of the network thread (tuned only)."""
+        if isinstance(self.client, TunedClient):
+            return self.client.corked()
+        return contextlib.nullcontext()
 
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS 1/2 message to the broker (manual-ack connections only)."""
@@ -332,11 +356,13 @@ class Connection:
             return
         generation = self.generation
         mine = [m for m in messages if m.qos and m.generation == generation]
+        client = self.client
         with self.corked():
-            self.client.ack_many([m.mid for m in mine if m.qos == 1])
+            if isinstance(client, TunedClient):
+                client.ack_many([m.mid for m in mine if m.qos == 1])
+                mine = [m for m in mine if m.qos == 2]
             for m in mine:
-                if m.qos == 2:
-                    self.client.ack(m.mid, 2)
+                client.ack(m.mid, m.qos)
 
     def queued(self) -> int:
         """How many received messages wait to be drained."""
@@ -382,6 +408,18 @@ class Connection:
         with contextlib.suppress(Exception):
             self.client.disconnect()
         await asyncio.to_thread(self.client.loop_stop)
+        self._release_client()
+
+    def _release_client(self) -> None:
+        # paho closes its wake-up socket pair only in Client.__del__. Our callbacks make a cycle
+        # (client -> bound method -> self -> client) that only the garbage collector frees, in an
+        # order that may finalize those sockets first (a ResourceWarning): without the cycle the
+        # client goes, sockets closed, with this connection.
+        client = self.client
+        client.on_connect = client.on_disconnect = client.on_message = None
+        client.on_publish = client.on_socket_open = None
+        if isinstance(client, TunedClient):
+            client.on_raw_message = None
 
 
 def _varint_size(n: int) -> int:
@@ -441,6 +479,7 @@ class Service:
         max_batch: int = 500,
         linger_s: float = 0.0,
         metrics: ServiceMetrics | None = None,
+        tuned: bool = False,
     ) -> None:
         self.name = topics.check_id(name, "service")
         #: Told what is received, handled, failed and dead-lettered (None: nothing is counted).
@@ -449,6 +488,7 @@ class Service:
         self.session_expiry_s = session_expiry_s
         self.max_batch = max_batch
         self.linger_s = linger_s
+        self.tuned = tuned
         self.routes: list[_Route] = []
         self._routes_by_topic: dict[str, _Route | None] = {}
         self.startup: list[Hook] = []
@@ -591,6 +631,7 @@ class Service:
             persistent=self.persistent,
             session_expiry_s=self.session_expiry_s,
             manual_ack=self.persistent,
+            tuned=self.tuned,
         )
         conn.announce_online = False
         self.connection = conn

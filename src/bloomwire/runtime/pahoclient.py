@@ -1,18 +1,22 @@
-"""paho-mqtt's client tuned for thousands of messages per second.
+"""paho-mqtt's client tuned for thousands of messages per second, for the connections that ask.
 
 Measured costs of paho 2.x at that rate, each removed here without changing what goes on the
 wire: a ``recv`` per packet part and a ``send`` per packet (:class:`BufferedSocket`), a ``select``
 round and a full decode into an ``MQTTMessage`` per received message
-(:attr:`TunedClient.on_raw_message`), a wake-up of the network thread per queued packet
-(:meth:`TunedClient.corked`), and lookup tables rebuilt for every packet's properties and reason
-code (:func:`share_property_tables`, :func:`cache_reason_codes`). ``docs/performance.md`` has the
-figures.
+(:attr:`TunedClient.on_raw_message`), a decoded ``ReasonCode`` and ``Properties`` per PUBACK
+(shared instances instead), a wake-up of the network thread per queued packet
+(:meth:`TunedClient.corked`). ``docs/performance.md`` has the figures.
+
+:class:`TunedClient` overrides private paths of paho's ``Client``: it is checked against the paho
+releases in :data:`CHECKED_PAHO_VERSIONS` only, and :func:`tuning_refusal` says why not on any
+other. Nothing here changes paho for other clients of the process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import ssl
 import struct
 import threading
@@ -21,99 +25,31 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt import MQTTException
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-
-def share_property_tables() -> bool:
-    """Make paho's ``Properties()`` cheap by sharing its lookup tables (True if applied).
-
-    paho rebuilds three lookup tables in every ``Properties.__init__`` (about 5 µs) and makes a
-    Properties for every PUBLISH and PUBACK it decodes: a tenth of the network thread at
-    thousands of messages per second. paho only ever reads those tables. Applied only while
-    ``__init__`` sets exactly these attributes, so a paho release that changes them keeps its own.
-    """
-    if getattr(Properties.__init__, "_bloomwire_shared", False):
-        return True
-    probe = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if set(vars(probe)) != {"packetType", "types", "names", "properties"}:
-        return False
-    shared = {"types": probe.types, "names": probe.names, "properties": probe.properties}
-
-    private = frozenset(shared) | {"packetType"}
-
-    def init(self: Properties, packetType: int) -> None:  # noqa: N803 - paho's name
-        self.__dict__.update(shared, packetType=packetType)
-
-    def clear(self: Properties) -> None:
-        # paho's clear() tries all 27 property names; only set properties are in __dict__.
-        for name in [n for n in self.__dict__ if n not in private]:
-            del self.__dict__[name]
-
-    init._bloomwire_shared = True  # type: ignore[attr-defined]
-    Properties.__init__ = init  # type: ignore[method-assign]
-    Properties.clear = clear  # type: ignore[method-assign]
-    return True
+#: The paho-mqtt releases whose private names and layouts :class:`TunedClient` was checked
+#: against (``tests/test_pahoclient.py``); pyproject.toml pins the same. 2.1.0 differs (no
+#: ``_last_bytes_received``: its keepalive would not see the packets read here).
+CHECKED_PAHO_VERSIONS = frozenset({"2.2.0"})
 
 
-def cache_reason_codes() -> bool:
-    """Make paho's ``ReasonCode()`` cheap: share its table, remember name → code (True if applied).
-
-    Every ``ReasonCode.__init__`` copies a table of ~50 codes and scans it for the code's name;
-    paho makes one for every PUBACK it decodes. Applied only while an instance holds exactly
-    ``names``, ``packetType`` and ``value`` and the cached answers match paho's own.
-    """
-    if getattr(ReasonCode.__init__, "_bloomwire_cached", False):
-        return True
-    original = ReasonCode.__init__
-    probe = ReasonCode(PacketTypes.PUBACK)
-    if set(vars(probe)) != {"names", "packetType", "value"}:
-        return False
-    table = type(probe).names
-    ids: dict[tuple[int, str], int] = {}
-    disconnect = PacketTypes.DISCONNECT
-
-    def init(self: ReasonCode, packetType: int, aName: str = "Success", identifier: int = -1) -> None:  # noqa: N803
-        self.names = table
-        self.packetType = packetType
-        if identifier == -1:
-            if packetType == disconnect and aName == "Success":
-                aName = "Normal disconnection"  # noqa: N806 - paho's rule, paho's name
-            value = ids.get((packetType, aName))
-            if value is None:
-                value = ids[(packetType, aName)] = self.getId(aName)  # KeyError as paho's
-            self.value = value
-        else:
-            self.value = identifier
-            self.getName()  # paho's check that the code exists for this packet type
-
-    samples = [
-        (PacketTypes.PUBACK, "Success"),
-        (PacketTypes.PUBACK, "Not authorized"),
-        (PacketTypes.CONNACK, "Success"),
-        (PacketTypes.SUBACK, "Granted QoS 1"),
-        (PacketTypes.DISCONNECT, "Success"),
-    ]
-    try:
-        for packet_type, name in samples:
-            theirs, ours = ReasonCode.__new__(ReasonCode), ReasonCode.__new__(ReasonCode)
-            original(theirs, packet_type, name)
-            init(ours, packet_type, name)
-            if (theirs.value, theirs.getName()) != (ours.value, ours.getName()):
-                return False
-    except (KeyError, ValueError):  # paho's names changed: keep paho's constructor
-        return False
-    init._bloomwire_cached = True  # type: ignore[attr-defined]
-    ReasonCode.__init__ = init  # type: ignore[method-assign]
-    return True
-
-
-#: Whether this paho release took :func:`share_property_tables` and :func:`cache_reason_codes`.
-PROPERTIES_SHARED = share_property_tables()
-REASON_CODES_CACHED = cache_reason_codes()
+def tuning_refusal(version: str | None = None) -> str | None:
+    """Why :class:`TunedClient` must not run on this paho (``version``: the installed one), or None."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("paho-mqtt")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+    if version not in CHECKED_PAHO_VERSIONS:
+        checked = ", ".join(sorted(CHECKED_PAHO_VERSIONS))
+        return f"paho-mqtt {version} is installed; the tuned client was checked against {checked} only"
+    if not _lean_messages():
+        return f"paho-mqtt {version}'s message classes are not the ones the tuned client fills"
+    return None
 
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -257,22 +193,19 @@ def expiry_properties(seconds: int) -> Properties:
     return props
 
 
-_SHARED_CONDITION = threading.Condition()
-
-
 class _Info(paho.MQTTMessageInfo):
-    """paho's message info without a ``Condition`` of its own (one shared, notified to all).
+    """paho's message info without a ``Condition`` of its own (its client's, notified to all).
 
     paho makes a ``Condition`` (and its lock) for every QoS 1 message, though hardly any is ever
-    waited for; waiters here share one and re-check their own message when woken.
+    waited for; waiters here share their client's and re-check their own message when woken.
     """
 
     __slots__ = ()
 
-    def __init__(self, mid: int) -> None:
+    def __init__(self, mid: int, condition: threading.Condition) -> None:
         self.mid = mid
         self._published = False
-        self._condition = _SHARED_CONDITION
+        self._condition = condition
         self.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         self._iterpos = 0
 
@@ -295,9 +228,6 @@ def _lean_messages() -> bool:
     )
 
 
-#: Whether this paho release takes :meth:`TunedClient.publish`'s lean QoS 1 path.
-LEAN_PUBLISH = _lean_messages()
-
 #: ``on_raw_message(topic, payload, qos, retain, mid)``: a received QoS 0/1 PUBLISH, undecoded.
 RawMessageCallback = Callable[[bytes, bytes, int, bool, int], None]
 
@@ -305,8 +235,6 @@ _PUBLISH = 0x30
 _PUBACK = 0x40
 _PUBACK_HEAD = 0x40020000
 _DISCONNECT = 0xE0
-#: Shared by every plain PUBACK: paho's callbacks only read a reason code.
-_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 
 
 def _in_packet(command: int = 0, body: bytes = b"") -> dict[str, Any]:
@@ -330,13 +258,22 @@ class TunedClient(paho.Client):
     per packet). With :attr:`on_raw_message` set, a QoS 0/1 PUBLISH goes straight to it as
     bytes: no ``MQTTMessage``, no decoded properties, no topic-filter matching. Such a client
     takes no ``message_callback_add`` filters.
+
+    Raises RuntimeError on a paho release it was not checked against (:func:`tuning_refusal`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # first: paho's __del__ needs what it sets up
+        refusal = tuning_refusal()
+        if refusal is not None:
+            raise RuntimeError(refusal)
         self._corked = 0
         self._wake = False
         self.on_raw_message: RawMessageCallback | None = None
+        # Shared by this client's lean paths only: paho's callbacks read them, never change them.
+        self._info_condition = threading.Condition()
+        self._puback_properties = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+        self._puback_reasons: dict[int, ReasonCode] = {}
 
     def message_callback_add(self, sub: str, callback: Any) -> None:
         if self.on_raw_message is not None:
@@ -385,22 +322,36 @@ class TunedClient(paho.Client):
         self._in_packet = _in_packet(command, body)  # type: ignore[assignment]
         try:
             return self._packet_handle()
-        except MalformedPacket:
+        except MQTTException:  # paho's MalformedPacket, as its own reader treats it
             return MQTTErrorCode.MQTT_ERR_PROTOCOL
         finally:
             self._in_packet = _in_packet()  # type: ignore[assignment]
 
     def _plain_puback(self, body: bytes) -> MQTTErrorCode | None:
-        """A PUBACK saying plain success (no reason string, no properties), handled as paho does
-        without decoding it; None leaves any other PUBACK to paho."""
+        """A PUBACK without properties (any reason code), handled as paho handles it but with this
+        client's shared ``ReasonCode`` and ``Properties``; None leaves any other PUBACK to paho."""
         size = len(body)
-        if size < 2 or size > 4 or (size > 2 and body[2]) or (size == 4 and body[3]):
+        if size < 2 or size > 4 or (size == 4 and body[3]):
+            return None
+        reason = self._puback_reason(body[2] if size > 2 else 0)
+        if reason is None:
             return None
         mid = (body[0] << 8) | body[1]
         with self._out_message_mutex:
             if mid in self._out_messages:
-                return self._do_on_publish(mid, _PUBACK_SUCCESS, Properties(PacketTypes.PUBACK))  # type: ignore[no-untyped-call]
+                return self._do_on_publish(mid, reason, self._puback_properties)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _puback_reason(self, code: int) -> ReasonCode | None:
+        """This client's one ``ReasonCode`` for PUBACK ``code``; None for a code paho refuses."""
+        reason = self._puback_reasons.get(code)
+        if reason is None:
+            try:
+                reason = ReasonCode(PacketTypes.PUBACK, identifier=code)
+            except (KeyError, ValueError):  # paho's decoder reports it its own way
+                return None
+            self._puback_reasons[code] = reason
+        return reason
 
     def _raw_publish(self, command: int, body: bytes) -> MQTTErrorCode | None:
         """Hand a QoS 0/1 PUBLISH to :attr:`on_raw_message`; None leaves the packet to paho."""
@@ -497,7 +448,6 @@ class TunedClient(paho.Client):
         to the same packet and the same bookkeeping (kept for re-sending after a reconnect)."""
         if (
             qos != 1
-            or not LEAN_PUBLISH
             or self._sock is None
             or self._protocol != MQTTProtocolVersion.MQTTv5
             or self._max_queued_messages
@@ -523,7 +473,7 @@ class TunedClient(paho.Client):
         message.qos = 1
         message.retain = retain
         message.properties = properties
-        message.info = info = _Info(mid)
+        message.info = info = _Info(mid, self._info_condition)
         header = self._pack_remaining_length(bytearray((_PUBLISH | 2 | (1 if retain else 0),)), remaining)
         size, packet_id = len(topic_bytes).to_bytes(2, "big"), mid.to_bytes(2, "big")
         packet = b"".join((header, size, topic_bytes, packet_id, packed, payload))

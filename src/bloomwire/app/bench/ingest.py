@@ -94,7 +94,7 @@ class Figures:
 
 async def _setup_orders(settings: Settings, riders: int) -> list[tuple[str, str]]:
     """One accepted order per rider, created through the real MQTT path."""
-    conn = Connection(service_settings(settings, BENCH_USER), BENCH_USER)
+    conn = Connection(service_settings(settings, BENCH_USER), BENCH_USER, tuned=True)
     conn.subscribe(topics.all_orders_filter(topics.OrderChannel.STATE), qos=1)
     conn.start()
     await conn.wait_connected()

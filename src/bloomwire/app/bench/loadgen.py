@@ -80,11 +80,12 @@ class LoadPublisher:
         self.sent += count
 
     def _read(self) -> None:
-        assert self._sock is not None
+        sock = self._sock  # close() sets self._sock to None while this thread may be reading
+        assert sock is not None
         pending = 0
         while True:
             try:
-                data = self._sock.recv(65536)
+                data = sock.recv(65536)
             except OSError:
                 return
             if not data:

@@ -40,6 +40,7 @@ def build(
         max_batch=max_batch,
         linger_s=settings.persister_window_ms / 1000,
         metrics=metrics,
+        tuned=True,
     )
     figures = PersisterMetrics(metrics.registry) if metrics is not None else None
     state: dict[str, Projector] = {}
