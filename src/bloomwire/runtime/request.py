@@ -101,11 +101,12 @@ class Requests:
         if answer is None:
             self.unclaimed += 1
             return
+        # Counted before the waiter is woken: whoever it wakes sees the count include its answer.
+        self.answered += 1
         try:
             self.loop.call_soon_threadsafe(_resolve, answer, msg.payload)
         except RuntimeError:  # the loop is closed: nobody waits any more
-            return
-        self.answered += 1
+            self.answered -= 1
 
 
 def _resolve(answer: asyncio.Future[bytes], payload: bytes) -> None:
