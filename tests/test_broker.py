@@ -1,4 +1,4 @@
-"""The project's Mosquitto for real: authentication, live users, persistence, limits (DESIGN §5)."""
+"""The project's Mosquitto for real: authentication, live users, persistence, limits (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Customer devices: trade the order's login for a login of this device's own.
 
-``use_username_as_clientid`` is on for every listener (DESIGN.md §5), so one username is one
+``use_username_as_clientid`` is on for every listener (docs/design.md §5), so one username is one
 MQTT session: two devices logged in with the same login would keep disconnecting each other.
 The order's access therefore starts with ONE login, used only to enrol: a device connects with
 it for a moment, asks on ``customers/C/devices``, gets its own login on

@@ -1,4 +1,4 @@
-"""The alerts service (DESIGN.md §4): rules on every event and on a tick, follow-ups after delivery.
+"""The alerts service (docs/design.md §4): rules on every event and on a tick, follow-ups after delivery.
 
 Two triggers feed the same decision step:
 

@@ -1,4 +1,4 @@
-"""The dispatch service: offers waiting orders to riders (DESIGN.md §4).
+"""The dispatch service: offers waiting orders to riders (docs/design.md §4).
 
 Dispatch only reads: the store (read-only engine; the persister creates and migrates it) and the
 canonical topics. Its decisions go out as events on ``services/dispatch/events`` and become real
