@@ -180,7 +180,6 @@ def _stop_on_signals(stop: asyncio.Event) -> Callable[[], None]:
 
 
 def _outbox_path(settings: Settings, rider: str, outbox: Path | None, device: str | None = None) -> Path:
-
     login_name(check_name(rider, "rider"), device)  # a bad label is a UsageError
     return outbox or outbox_path(settings, rider, device)
 
@@ -472,7 +471,6 @@ def _shop(
     *,
     need_orders: tuple[str, ...] = (),
 ) -> None:
-
     settings = _settings(ctx)
 
     async def main() -> int:
