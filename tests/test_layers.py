@@ -24,7 +24,10 @@ module named in a string (``"bloomwire.services.persister"`` in the supervisor's
 from __future__ import annotations
 
 import ast
+import json
 import re
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -209,6 +212,31 @@ def test_the_wheel_holds_only_bloomwire() -> None:
     assert set(config.get("package-data", {})) <= {"bloomwire"}
     tops = sorted(p.name for p in SRC.iterdir() if p.is_dir() and not p.name.endswith(".egg-info"))
     assert tops in (["bloomwire"], ["__pycache__", "bloomwire"]), f"top-level packages in src/: {tops}"
+
+
+#: What the CLI module must not import by itself: each service process (``bloomwire service run
+#: NAME``) loads the CLI, then its own service only (``LazyGroup``, ``ALL_SERVICES``).
+_NOT_IN_THE_CLI = ("bloomwire.services", "bloomwire.app.bench", "bloomwire.app.clients", "bloomwire.store")
+_HEAVY = ("scipy", "numpy", "starlette", "uvicorn", "sqlalchemy", "alembic", "playwright")
+
+
+def test_the_cli_module_leaves_services_benches_and_clients_unloaded() -> None:
+    probe = "import sys, json, bloomwire.app.cli; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = json.loads(out.stdout)
+    unwanted = [m for m in loaded if m.startswith(_NOT_IN_THE_CLI) or m.split(".")[0] in _HEAVY]
+    assert not unwanted, f"importing bloomwire.app.cli loaded: {unwanted}"
+
+
+def test_the_lazy_commands_are_listed_and_load() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bloomwire", "--help"], capture_output=True, text=True, check=True, timeout=60
+    )
+    listed = set(re.findall(r"^[│|]\s+([a-z][a-z-]*)\s", out.stdout, re.MULTILINE))
+    lazy = {"db", "history", "bench", "rider", "shop", "track", "simulate", "demo"}
+    assert lazy <= listed, f"missing from --help: {sorted(lazy - listed)}"
 
 
 #: Third-party packages only a dev extra installs, imported where they are used (``bloomwire bench
