@@ -191,6 +191,7 @@ export class RiderApp {
   renderOutbox() {
     const el = $('#outbox');
     el.dataset.pending = String(this.outbox.size);
+    el.dataset.positions = String(this.outbox.positions);
     el.textContent = this.outbox.size ? t('rider.pending', { count: this.outbox.size }) : t('rider.pending.none');
   }
 

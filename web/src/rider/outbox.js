@@ -13,6 +13,7 @@ export class Outbox extends EventTarget {
     this.store = store;
     this.connection = connection;
     this.size = 0;
+    this.positions = 0;
     this.chain = Promise.resolve(); // one step at a time: publishing order is the outbox's order
   }
 
@@ -69,8 +70,11 @@ export class Outbox extends EventTarget {
     });
   }
 
+  /** Recount: `size` is what the rider reported and waits (positions are counted apart). */
   async changed() {
-    this.size = await this.store.count();
+    const entries = await this.store.pending();
+    this.positions = entries.filter((e) => e.kind === LOCATION).length;
+    this.size = entries.length - this.positions;
     this.dispatchEvent(new CustomEvent('size', { detail: this.size }));
   }
 }

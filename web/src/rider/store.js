@@ -47,10 +47,6 @@ export class RiderStore {
     return done(this.tx('outbox').getAll());
   }
 
-  count() {
-    return done(this.tx('outbox').count());
-  }
-
   /** Remove the event with this id; resolves to the removed entry, or null if it was not ours. */
   async settle(id) {
     const store = this.tx('outbox', 'readwrite');

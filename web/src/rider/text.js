@@ -50,7 +50,7 @@ addText({
     'rider.fail.note': 'Note (optional)',
     'rider.remove': 'Remove from the list',
     'rider.refused': 'Refused: {reason}',
-    'rider.pending': '{count} waiting to be sent',
+    'rider.pending': 'Waiting to be sent: {count}',
     'rider.pending.none': 'Everything sent',
     'rider.chat.placeholder': 'Write to the shop and the customer',
     'rider.chat.send': 'Send',
