@@ -30,6 +30,7 @@ from bloomwire.app.supervisor import Stack
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.runtime.settings import Settings
+from bloomwire.services.web.contract_doc import contract_document
 from bloomwire.store import make_engine
 from bloomwire.store import models as m
 
@@ -84,12 +85,16 @@ def rider_page(browser: Any, settings: Settings, locale: str = "en-GB") -> Any:
     return page
 
 
-def sign_in(page: Any, login: tuple[str, str], *, remember: bool = False) -> None:
+def sign_in_form(page: Any, login: tuple[str, str], *, remember: bool = False) -> None:
     page.fill("#login-user", login[0])
     page.fill("#login-pass", login[1])
     if remember:
         page.check("#login-remember")
     page.click("#login-submit")
+
+
+def sign_in(page: Any, login: tuple[str, str], *, remember: bool = False) -> None:
+    sign_in_form(page, login, remember=remember)
     page.wait_for_selector("#app:not([hidden])")
     page.wait_for_selector("#conn[data-state=online]")
 
@@ -149,9 +154,7 @@ def shop_chat(shop: ScriptedShop, order: str, text: str) -> None:
 # --- the web service without a browser ------------------------------------------------------------
 
 
-def test_contract_carries_the_riders_topics_and_transitions(web: WebStack) -> None:
-    from bloomwire.services.web.contract_doc import contract_document
-
+def test_contract_carries_the_riders_topics_and_transitions() -> None:
     doc = contract_document()
     assert doc["topics"]["rider_order_status"] == "riders/{rider}/orders/{order}/status"
     assert doc["topics"]["rider_acks"] == "riders/{rider}/inbox/acks"
@@ -165,6 +168,33 @@ def test_contract_carries_the_riders_topics_and_transitions(web: WebStack) -> No
 # --- the page ------------------------------------------------------------------------------------
 
 
+def test_an_unreachable_broker_says_reconnecting(web: WebStack, browser: Any) -> None:
+    """The bridge closes the page's socket (1013) when the broker is down: no stack trace, a retry."""
+    _stack, settings = web
+    context = browser.new_context(viewport=PHONE, locale="en-GB")
+    page = context.new_page()
+    errors = page_errors(page)
+    attempts: list[str] = []
+
+    def broker_down(ws: Any) -> None:
+        attempts.append(ws.url)
+        ws.close(code=1013, reason="broker unavailable")
+
+    try:
+        page.route_web_socket("**/mqtt", broker_down)
+        page.goto(settings.web_url + "/rider")
+        sign_in_form(page, (f"{RIDER}@web-x", "whatever"))
+        page.wait_for_selector("#login-msg[data-msg='rider.login.unreachable']")
+        assert page.inner_text("#login-msg") == "Cannot reach the server. Reconnecting…"
+        page.wait_for_selector("#conn[data-state=reconnecting]")
+        # Playwright runs the route handler only while it is called: evaluate() lets it
+        wait_for(lambda: page.evaluate("() => 0") == 0 and len(attempts) >= 2, 20, "another attempt")
+        screenshot(page, "rider-unreachable-phone")
+        assert errors == []
+    finally:
+        context.close()
+
+
 def test_rider_accepts_a_dispatch_offer_and_delivers(web: WebStack, browser: Any, engine: sa.Engine) -> None:
     stack, settings = web
     shop = ScriptedShop(stack, settings, "s1")
@@ -173,9 +203,7 @@ def test_rider_accepts_a_dispatch_offer_and_delivers(web: WebStack, browser: Any
     errors = page_errors(page)
     try:
         screenshot(page, "rider-login-phone")
-        page.fill("#login-user", RIDER + "@nobody")
-        page.fill("#login-pass", "wrong")
-        page.click("#login-submit")
+        sign_in_form(page, (RIDER + "@nobody", "wrong"))
         page.wait_for_selector("#login-msg[data-msg='rider.login.wrong']")
         assert page.inner_text("#login-msg") == "Wrong login or password."
         assert page.is_hidden("#app")
@@ -183,11 +211,14 @@ def test_rider_accepts_a_dispatch_offer_and_delivers(web: WebStack, browser: Any
         sign_in(page, device(settings, "web-a"))
         assert page.inner_text("#who") == f"{RIDER}@web-a"
         go_on_duty(page)
-        wait_for(lambda: _rider_at(engine, NEAR_PICKUP["latitude"]), 20, "the browser's position in the store")
+        wait_for(
+            lambda: _rider_at(engine, NEAR_PICKUP["latitude"]), 20, "the browser's position in the store"
+        )
 
         shop.create(order, items=("12 red roses",))
         page.wait_for_selector(f".offer[data-order='{order}'] .countdown", timeout=60_000)
         assert "Answer within" in page.inner_text(f".offer[data-order='{order}'] .countdown")
+        assert "null" not in page.inner_text(f".offer[data-order='{order}']")
         screenshot(page, "rider-offer-phone")
         accept_offer(page, order)
         assert next_buttons(page, order) == ["declined", "picked_up"]  # only the legal moves
@@ -208,6 +239,8 @@ def test_rider_accepts_a_dispatch_offer_and_delivers(web: WebStack, browser: Any
         page.click(f".order[data-order='{order}'] .chat-form button")
         chat = topics.order_topic("s1", order, topics.OrderChannel.CHAT)
         shop.inbox.find(lambda t, p: t == chat and b"Five minutes away" in p, 20, "the rider's chat")
+        card = page.inner_text(f".order[data-order='{order}']")
+        assert "On the way" in card and "null" not in card
         screenshot(page, "rider-en-route-phone")
 
         report(page, order, "arrived")
@@ -221,7 +254,9 @@ def test_rider_accepts_a_dispatch_offer_and_delivers(web: WebStack, browser: Any
         o = m.ORDERS
         assert scalar(engine, sa.select(o.c.status).where(o.c.id == order)) == "delivered"
         assert scalar(engine, sa.select(o.c.rider).where(o.c.id == order)) == RIDER
-        incidents = sa.select(sa.func.count()).where(m.EVENTS.c.order_id == order, m.EVENTS.c.type == "order.incident")
+        incidents = sa.select(sa.func.count()).where(
+            m.EVENTS.c.order_id == order, m.EVENTS.c.type == "order.incident"
+        )
         assert scalar(engine, incidents) == 1
         assert page.evaluate("() => document.querySelectorAll('.chat b').length") == 0
         assert errors == []

@@ -18,6 +18,9 @@ export function nextStatuses(status) {
   return statuses.filter((s) => s !== FAILED && reportable.includes(s) && canMove(status, s));
 }
 
+/** replaceChildren's arguments without the absent parts (it would write "null"). */
+const present = (...parts) => parts.flat().filter((p) => p != null && p !== false);
+
 function secondsLeft(deadline) {
   return Math.max(0, Math.ceil((new Date(deadline).getTime() - Date.now()) / 1000));
 }
@@ -48,7 +51,7 @@ export class OfferList {
   render(offer) {
     const { data, el } = this.offers.get(offer);
     const left = secondsLeft(data.deadline);
-    el.replaceChildren(
+    el.replaceChildren(...present(
       h('div', { class: 'offer-head' },
         h('strong', {}, t('rider.offer.title', { order: data.order })),
         h('span', { class: `countdown${left <= 10 ? ' urgent' : ''}` },
@@ -59,7 +62,7 @@ export class OfferList {
       h('div', { class: 'actions' },
         h('button', { type: 'button', class: 'accept', disabled: left <= 0, onclick: () => this.answer(data, true) }, t('rider.accept')),
         h('button', { type: 'button', class: 'secondary decline', disabled: left <= 0, onclick: () => this.answer(data, false) }, t('rider.decline'))),
-    );
+    ));
     el.classList.toggle('expired', left <= 0);
     $('#offers-none').hidden = this.offers.size > 0;
   }
@@ -126,10 +129,10 @@ export class OrderList {
     const o = card.order;
     card.el.dataset.status = o.status;
     const closed = nextStatuses(o.status).length === 0 && !canMove(o.status, FAILED);
-    card.state.replaceChildren(
+    card.state.replaceChildren(...present(
       h('div', { class: 'offer-head' },
         h('strong', {}, t('rider.offer.title', { order: o.order })),
-        h('span', { class: 'badge badge-info status' }, t(`status.${o.status}`))),
+        h('span', { class: 'badge badge-info status' }, t(`rider.status.${o.status}`))),
       o.pickup ? h('p', { class: 'small' }, t('rider.pickup', { place: place(o.pickup) })) : null,
       o.dropoff ? h('p', { class: 'small' }, t('rider.dropoff', { place: place(o.dropoff) })) : null,
       o.refused ? h('p', { class: 'error-text small refused' }, t('rider.refused', { reason: o.refused })) : null,
@@ -142,7 +145,7 @@ export class OrderList {
       }, t(`rider.next.${s}`)))),
       closed ? h('button', { type: 'button', class: 'link-button', onclick: () => this.actions.remove(o.order) }, t('rider.remove'))
         : this.trouble(o),
-    );
+    ));
     card.input.placeholder = t('rider.chat.placeholder');
     setText(card.form.querySelector('button'), t('rider.chat.send'));
     this.renderChat(card);
