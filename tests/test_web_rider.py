@@ -141,6 +141,15 @@ def stored_statuses(engine: sa.Engine, order: str) -> list[tuple[str, str]]:
         return [(row.id, row.data["status"]) for row in conn.execute(query)]
 
 
+def _status_event(engine: sa.Engine, order: str, status: str) -> dict[str, Any]:
+    e = m.EVENTS
+    query = sa.select(e.c.data).where(e.c.order_id == order, e.c.type == "order.status")
+    with engine.connect() as conn:
+        found = [r.data for r in conn.execute(query) if r.data["status"] == status]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def scalar(engine: sa.Engine, query: Any) -> Any:
     with engine.connect() as conn:
         return conn.execute(query).scalar()
@@ -291,6 +300,7 @@ def test_statuses_reported_offline_are_stored_once_in_order(
         report(page, order, "picked_up")
         report(page, order, "en_route")
         wait_pending(page, 2)
+        assert page.is_visible(f".order[data-order='{order}'] .unsent")
         screenshot(page, "rider-offline-phone")
         assert stored_statuses(engine, order) == []  # nothing got through
 
@@ -340,6 +350,18 @@ def test_a_reload_resends_what_the_outbox_kept(web: WebStack, browser: Any, engi
         assert next_buttons(page, order) == ["arrived", "en_route", "returned"]
         page.click("#lang")
         page.wait_for_selector(f".order[data-order='{order}'] .next button:text-is('On my way')")
+
+        # A failed delivery with its reason; then only "returned" is left.
+        page.click(f".order[data-order='{order}'] .trouble summary")
+        page.select_option(f".order[data-order='{order}'] .fail-reason", "customer_unreachable")
+        page.fill(f".order[data-order='{order}'] .fail-note", "nobody at the door")
+        page.click(f".order[data-order='{order}'] .fail")
+        page.wait_for_selector(f".order[data-order='{order}'][data-status=failed]")
+        assert next_buttons(page, order) == ["returned"]
+        wait_pending(page, 0)
+        page.wait_for_selector(f".order[data-order='{order}'] .unsent", state="detached")
+        failed = _status_event(engine, order, "failed")
+        assert (failed["reason"], failed["note"]) == ("customer_unreachable", "nobody at the door")
         assert errors == []
     finally:
         context.close()

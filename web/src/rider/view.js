@@ -136,6 +136,7 @@ export class OrderList {
       o.pickup ? h('p', { class: 'small' }, t('rider.pickup', { place: place(o.pickup) })) : null,
       o.dropoff ? h('p', { class: 'small' }, t('rider.dropoff', { place: place(o.dropoff) })) : null,
       o.refused ? h('p', { class: 'error-text small refused' }, t('rider.refused', { reason: o.refused })) : null,
+      !o.refused && o.status !== o.confirmed ? h('p', { class: 'muted small unsent' }, t('rider.unsent')) : null,
       o.incidentEta ? h('p', { class: 'notice small' }, t('rider.incident.sent', { time: clock(o.incidentEta) })) : null,
       h('div', { class: 'actions next' }, nextStatuses(o.status).map((s) => h('button', {
         type: 'button',
