@@ -362,6 +362,11 @@ def test_a_reload_resends_what_the_outbox_kept(web: WebStack, browser: Any, engi
         page.wait_for_selector(f".order[data-order='{order}'] .unsent", state="detached")
         failed = _status_event(engine, order, "failed")
         assert (failed["reason"], failed["note"]) == ("customer_unreachable", "nobody at the door")
+
+        with open_accounts(settings, offline=False) as accounts:  # the phone is lost: revoke it
+            accounts.revoke_device(f"{RIDER}@web-c")
+        page.wait_for_selector("#login-msg[data-msg='rider.login.wrong']", timeout=30_000)
+        assert page.is_hidden("#app") and page.input_value("#login-pass") == ""
         assert errors == []
     finally:
         context.close()

@@ -35,7 +35,6 @@ export class RiderApp {
       status: (state) => this.onGeo(state),
     });
     this.outbox.addEventListener('size', () => this.renderOutbox());
-    $('#duty').addEventListener('click', () => this.setDuty(!this.duty));
   }
 
   /** The orders and outbox this phone kept; positions start if the rider was on duty. */

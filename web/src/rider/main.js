@@ -10,10 +10,11 @@ import { RiderApp } from './app.js';
 import { RiderStore } from './store.js';
 
 const SAVED = 'bloomwire.rider.login';
+const REFUSED = 'bloomwire.rider.refused';
 /** Offers and acks wait this long at the broker while the phone is away (a persistent session). */
 const SESSION_EXPIRY_S = 24 * 3600;
 
-const ui = { conn: 'stopped', message: '', app: null, connection: null };
+const ui = { conn: 'stopped', message: '', app: null, connection: null, ready: null };
 
 function setConn(state) {
   ui.conn = state;
@@ -53,9 +54,14 @@ function showLogin(message) {
   setMessage(message);
 }
 
-/** The login was refused: forget it and ask again. */
+/** The login was refused: forget it and ask again (a running app starts afresh). */
 function refused() {
   localStorage.removeItem(SAVED);
+  if (ui.app) {
+    sessionStorage.setItem(REFUSED, '1');
+    location.reload();
+    return;
+  }
   if (ui.connection) ui.connection.stop();
   ui.connection = null;
   ui.app = null;
@@ -72,7 +78,8 @@ function connect(login, remember) {
     subscriptions: [topic('rider_inbox_all', { rider })],
     onMessage: (name, payload) => {
       // one message at a time, in arrival order (acks settle the outbox in order)
-      messages.chain = messages.chain.then(() => ui.app && ui.app.onMessage(name, payload)).catch((err) => console.warn(err));
+      // (queued acks and offers of a persistent session may come before the app has started)
+      messages.chain = messages.chain.then(() => ui.ready).then(() => ui.app.onMessage(name, payload)).catch((err) => console.warn(err));
     },
     will: { topic: topic('rider_presence', { rider }), payload: 'offline', qos: 1, retain: true },
     sessionExpiry: SESSION_EXPIRY_S,
@@ -102,10 +109,12 @@ async function startApp(login, rider, connection) {
   window.bloomwireRider = ui.app; // for the tests and for debugging
   showApp(login);
   await ui.app.load();
+  ui.started();
 }
 
 /** Sign in; a remembered login opens the app at once (its outbox works offline). */
 async function signIn(login, { remember, remembered = false }) {
+  ui.ready = new Promise((resolve) => { ui.started = resolve; });
   const session = connect(login, remember);
   if (remembered) await startApp(login, session.rider, session.connection);
   else setMessage('rider.login.checking');
@@ -132,6 +141,7 @@ function wireLogin() {
       showLogin('rider.login.unreachable');
     });
   });
+  $('#duty').addEventListener('click', () => ui.app && ui.app.setDuty(!ui.app.duty));
   $('#signout').addEventListener('click', () => {
     if (ui.app) ui.app.setDuty(false);
     localStorage.removeItem(SAVED);
@@ -159,6 +169,10 @@ async function main() {
   setConn('stopped');
   await loadContract();
   wireLogin();
+  if (sessionStorage.getItem(REFUSED)) {
+    sessionStorage.removeItem(REFUSED);
+    setMessage('rider.login.wrong'); // revoked or changed while the app was open
+  }
   const saved = savedLogin();
   if (saved) {
     $('#login-user').value = saved.username;

@@ -48,30 +48,40 @@ export class OfferList {
     $('#offers-none').hidden = this.offers.size > 0;
   }
 
+  /** Build the card (on arrival and when the language changes). */
   render(offer) {
     const { data, el } = this.offers.get(offer);
-    const left = secondsLeft(data.deadline);
     el.replaceChildren(...present(
       h('div', { class: 'offer-head' },
         h('strong', {}, t('rider.offer.title', { order: data.order })),
-        h('span', { class: `countdown${left <= 10 ? ' urgent' : ''}` },
-          left > 0 ? t('rider.offer.left', { seconds: left }) : t('rider.offer.expired'))),
+        h('span', { class: 'countdown' })),
       data.mode === 'manual' ? h('p', { class: 'muted small' }, t('rider.offer.manual')) : null,
       data.pickup ? h('p', { class: 'small' }, t('rider.pickup', { place: place(data.pickup) })) : null,
       data.dropoff ? h('p', { class: 'small' }, t('rider.dropoff', { place: place(data.dropoff) })) : null,
       h('div', { class: 'actions' },
-        h('button', { type: 'button', class: 'accept', disabled: left <= 0, onclick: () => this.answer(data, true) }, t('rider.accept')),
-        h('button', { type: 'button', class: 'secondary decline', disabled: left <= 0, onclick: () => this.answer(data, false) }, t('rider.decline'))),
+        h('button', { type: 'button', class: 'accept', onclick: () => this.answer(data, true) }, t('rider.accept')),
+        h('button', { type: 'button', class: 'secondary decline', onclick: () => this.answer(data, false) }, t('rider.decline'))),
     ));
-    el.classList.toggle('expired', left <= 0);
+    this.count(offer);
     $('#offers-none').hidden = this.offers.size > 0;
+  }
+
+  /** Update only the countdown, so a tap on a button is never lost to a re-render. */
+  count(offer) {
+    const { data, el } = this.offers.get(offer);
+    const left = secondsLeft(data.deadline);
+    const countdown = el.querySelector('.countdown');
+    setText(countdown, left > 0 ? t('rider.offer.left', { seconds: left }) : t('rider.offer.expired'));
+    countdown.classList.toggle('urgent', left <= 10);
+    el.classList.toggle('expired', left <= 0);
+    el.querySelectorAll('button').forEach((button) => { button.disabled = left <= 0; });
   }
 
   tick() {
     for (const [offer, { data }] of this.offers) {
       // an expired offer stays a few seconds so the rider sees what happened
-      if (secondsLeft(data.deadline) <= 0 && Date.now() - new Date(data.deadline).getTime() > 5000) this.remove(offer);
-      else this.render(offer);
+      if (Date.now() - new Date(data.deadline).getTime() > 5000) this.remove(offer);
+      else this.count(offer);
     }
   }
 
