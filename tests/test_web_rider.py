@@ -212,12 +212,13 @@ def test_rider_accepts_a_dispatch_offer_and_delivers(web: WebStack, browser: Any
     errors = page_errors(page)
     try:
         screenshot(page, "rider-login-phone")
-        sign_in_form(page, (RIDER + "@nobody", "wrong"))
+        login = device(settings, "web-a")
+        sign_in_form(page, (login[0], "wrong"))
         page.wait_for_selector("#login-msg[data-msg='rider.login.wrong']")
         assert page.inner_text("#login-msg") == "Wrong login or password."
         assert page.is_hidden("#app")
 
-        sign_in(page, device(settings, "web-a"))
+        sign_in(page, login)  # the same login again, now with its password
         assert page.inner_text("#who") == f"{RIDER}@web-a"
         go_on_duty(page)
         wait_for(
@@ -350,6 +351,11 @@ def test_a_reload_resends_what_the_outbox_kept(web: WebStack, browser: Any, engi
         assert next_buttons(page, order) == ["arrived", "en_route", "returned"]
         page.click("#lang")
         page.wait_for_selector(f".order[data-order='{order}'] .next button:text-is('On my way')")
+        other = context.new_page()  # a second tab of the same login would throw this one out
+        other.goto(settings.web_url + "/rider")
+        other.wait_for_selector("#login-msg[data-msg='rider.login.other_tab']")
+        other.close()
+        assert page.get_attribute("#conn", "data-state") == "online"
 
         # A failed delivery with its reason; then only "returned" is left.
         page.click(f".order[data-order='{order}'] .trouble summary")

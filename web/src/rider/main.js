@@ -14,7 +14,7 @@ const REFUSED = 'bloomwire.rider.refused';
 /** Offers and acks wait this long at the broker while the phone is away (a persistent session). */
 const SESSION_EXPIRY_S = 24 * 3600;
 
-const ui = { conn: 'stopped', message: '', app: null, connection: null, ready: null };
+const ui = { conn: 'stopped', message: '', app: null, connection: null, ready: null, held: new Set() };
 
 function setConn(state) {
   ui.conn = state;
@@ -29,7 +29,7 @@ function setMessage(key) {
   const el = $('#login-msg');
   el.dataset.msg = key;
   el.textContent = key ? t(key) : '';
-  el.classList.toggle('error-text', key === 'rider.login.wrong' || key === 'rider.login.missing');
+  el.classList.toggle('error-text', ['rider.login.wrong', 'rider.login.missing', 'rider.login.other_tab'].includes(key));
 }
 
 function savedLogin() {
@@ -112,8 +112,27 @@ async function startApp(login, rider, connection) {
   ui.started();
 }
 
+/**
+ * Hold this login for this tab: one login is one MQTT session, so two tabs of it would throw each
+ * other out. Resolves to false when another tab holds it.
+ */
+function holdLogin(username) {
+  if (!navigator.locks || ui.held.has(username)) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    navigator.locks.request(`bloomwire.rider.${username}`, { ifAvailable: true }, (lock) => {
+      if (lock) ui.held.add(username);
+      resolve(lock !== null);
+      return lock ? new Promise(() => {}) : undefined; // kept until the tab closes
+    });
+  });
+}
+
 /** Sign in; a remembered login opens the app at once (its outbox works offline). */
 async function signIn(login, { remember, remembered = false }) {
+  if (!(await holdLogin(login.username))) {
+    showLogin('rider.login.other_tab');
+    return;
+  }
   ui.ready = new Promise((resolve) => { ui.started = resolve; });
   const session = connect(login, remember);
   if (remembered) await startApp(login, session.rider, session.connection);
