@@ -184,7 +184,7 @@ export class RiderApp {
     if (!this.duty) el.textContent = '';
     else if (this.geoState === 'sent') el.textContent = t('rider.geo.sent', { time: clock(this.geoAt) });
     else el.textContent = this.geoState ? t(`rider.geo.${this.geoState}`) : '';
-    el.classList.toggle('error-text', this.geoState === 'denied' || this.geoState === 'unsupported');
+    el.classList.toggle('error-text', ['denied', 'unsupported', 'insecure'].includes(this.geoState));
   }
 
   renderOutbox() {

@@ -38,6 +38,10 @@ export class PositionWatch {
 
   start() {
     if (this.watchId !== null) return;
+    if (!window.isSecureContext) { // browsers share positions only with https:// (and localhost)
+      this.status('insecure');
+      return;
+    }
     if (!navigator.geolocation) {
       this.status('unsupported');
       return;
