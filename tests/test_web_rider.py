@@ -109,8 +109,7 @@ def accept_offer(page: Any, order: str) -> None:
     """Wait for dispatch's offer of ``order``, accept it and wait for the store's ack."""
     page.wait_for_selector(f".offer[data-order='{order}'] .accept:not([disabled])", timeout=60_000)
     page.click(f".offer[data-order='{order}'] .accept")
-    page.wait_for_selector(f".order[data-order='{order}'][data-status=accepted]")
-    wait_pending(page, 0)
+    page.wait_for_selector(f".order[data-order='{order}'][data-status=accepted][data-stored=true]")
 
 
 def wait_pending(page: Any, count: int, timeout: float = 30.0) -> None:
@@ -256,6 +255,7 @@ def test_rider_accepts_a_dispatch_offer_and_delivers(web: WebStack, browser: Any
         report(page, order, "arrived")
         report(page, order, "delivered")
         assert next_buttons(page, order) == []
+        page.wait_for_selector(f".order[data-order='{order}'][data-stored=true]")
         wait_pending(page, 0)
         screenshot(page, "rider-delivered-phone")
 
@@ -308,6 +308,7 @@ def test_statuses_reported_offline_are_stored_once_in_order(
         page.context.set_offline(False)
         page.wait_for_selector("#conn[data-state=online]", timeout=60_000)
         wait_pending(page, 0)
+        page.wait_for_selector(f".order[data-order='{order}'][data-stored=true]")
         stored = stored_statuses(engine, order)
         assert [s for _, s in stored] == ["picked_up", "en_route"]  # each once, in order
         assert len({i for i, _ in stored}) == 2
@@ -346,6 +347,7 @@ def test_a_reload_resends_what_the_outbox_kept(web: WebStack, browser: Any, engi
         page.goto(settings.web_url + "/rider")  # the remembered login opens the app at once
         page.wait_for_selector(f".order[data-order='{order}'][data-status=picked_up]")
         page.wait_for_selector("#conn[data-state=online]")
+        page.wait_for_selector(f".order[data-order='{order}'][data-stored=true]")
         wait_pending(page, 0)
         assert [s for _, s in stored_statuses(engine, order)] == ["picked_up"]
         assert next_buttons(page, order) == ["arrived", "en_route", "returned"]
@@ -364,8 +366,8 @@ def test_a_reload_resends_what_the_outbox_kept(web: WebStack, browser: Any, engi
         page.click(f".order[data-order='{order}'] .fail")
         page.wait_for_selector(f".order[data-order='{order}'][data-status=failed]")
         assert next_buttons(page, order) == ["returned"]
-        wait_pending(page, 0)
-        page.wait_for_selector(f".order[data-order='{order}'] .unsent", state="detached")
+        page.wait_for_selector(f".order[data-order='{order}'][data-stored=true]")
+        assert page.query_selector(f".order[data-order='{order}'] .unsent") is None
         failed = _status_event(engine, order, "failed")
         assert (failed["reason"], failed["note"]) == ("customer_unreachable", "nobody at the door")
 

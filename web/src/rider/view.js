@@ -138,6 +138,7 @@ export class OrderList {
   render(card) {
     const o = card.order;
     card.el.dataset.status = o.status;
+    card.el.dataset.stored = String(o.status === o.confirmed); // its last report is in the store
     const closed = nextStatuses(o.status).length === 0 && !canMove(o.status, FAILED);
     card.state.replaceChildren(...present(
       h('div', { class: 'offer-head' },
