@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from playwright.sync_api import sync_playwright
 from webkit import (
     PHONE,
     ScriptedShop,
@@ -54,8 +55,6 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
 
 @pytest.fixture(scope="module")
 def browser(web: WebStack) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as playwright:
         browser = launch_browser(playwright)
         yield browser
