@@ -143,11 +143,15 @@ def test_control_characters_are_refused_in_every_text_field_tried() -> None:
     assert refusal(chat() | {"source": "customers/\x00"}).startswith("source: text contains")
 
 
+#: Patterns that keep control characters out: the text guard's, and the event id's (ASCII).
+GUARD_PATTERNS = {v.TEXT_PATTERN, get_args(ev.EventId)[1].pattern}
+
+
 def _guarded(metadata: list[Any]) -> bool:
     for m in metadata:
-        if m is v.TEXT_GUARD or (isinstance(m, AfterValidator) and m.func is check_id):
+        if isinstance(m, AfterValidator) and m.func is check_id:
             return True
-        if isinstance(m, StringConstraints) and m.pattern:
+        if isinstance(m, StringConstraints) and m.pattern in GUARD_PATTERNS:
             return True
     return False
 

@@ -26,12 +26,15 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from bloomwire.contract.lifecycle import RIDER_REPORTABLE, FailureReason, OrderStatus
 from bloomwire.contract.topics import Command, Identity, InboundKind, InboundTopic, check_id
 from bloomwire.contract.validate import (
     MAX_DEPTH,
     TEXT_GUARD,
+    TEXT_PATTERN,
+    UTC_LIMITS,
     Count,
     Instant,
     Number,
@@ -40,6 +43,8 @@ from bloomwire.contract.validate import (
     check_epoch,
     check_eta,
     check_time,
+    text_problem,
+    utc_problem,
 )
 from bloomwire.errors import PayloadError
 
@@ -535,9 +540,20 @@ def describe_validation_error(exc: ValidationError) -> str:
         # The first level of a union error is the discriminator tag; the field path follows it.
         path = [str(p) for p in err["loc"] if str(p) not in EVENT_TYPES]
         loc = ".".join(path) or "payload"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {_error_message(err)}")
     return "; ".join(parts)
+
+
+def _error_message(err: ErrorDetails) -> str:
+    """pydantic's message, or the contract's rule where pydantic's would not name it."""
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == TEXT_PATTERN:
+        return text_problem(str(err["input"])) or err["msg"]
+    if kind == "string_unicode":
+        return "text contains a lone surrogate (not valid Unicode)"
+    if kind in ("greater_than_equal", "less_than_equal") and any(str(v) in UTC_LIMITS for v in ctx.values()):
+        return utc_problem(err["input"])
+    return err["msg"].removeprefix("Value error, ")
 
 
 def _reject_constant(name: str) -> Any:
