@@ -23,6 +23,7 @@ from bloomwire.contract import events as ev
 from bloomwire.contract import validate as v
 from bloomwire.contract.topics import check_id
 from bloomwire.errors import PayloadError
+from bloomwire.runtime.settings import Settings
 from bloomwire.services.persister.projector import Inbound, Projector
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -427,3 +428,9 @@ def test_bare_presence_words_are_still_accepted(projector: Projector, word: byte
 def test_deep_json_on_a_customer_topic_is_refused_by_the_persister(projector: Projector) -> None:
     _, _, event_id, reason = projector._decode(Inbound("customers/c-o1/chat", nested(1000).encode()))
     assert (event_id, reason) == (None, "payload nests deeper than 16 levels of JSON arrays/objects")
+
+
+def test_settings_give_the_persister_its_time_bounds() -> None:
+    settings = Settings(event_future_skew_s=10, event_max_age_s=60)
+    assert settings.time_bounds == v.TimeBounds(future_skew_s=10, max_age_s=60)
+    assert Settings().time_bounds == v.DEFAULT_TIME_BOUNDS
