@@ -209,7 +209,7 @@ class Candidate(_Data):
     cost: Number
     travel_s: Number = 0.0
     load: Count = 0
-    note: ShortText = ""
+    note: Annotated[str, TEXT_GUARD] = ""
 
 
 class DispatchOffer(_Data):
