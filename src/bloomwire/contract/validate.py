@@ -2,8 +2,10 @@
 
 Each guard refuses one kind of impossible input with a reason that names the rule: JSON nested too
 deep, control characters in text, numbers that are strings, booleans or not finite, times that
-cannot be put in UTC or are outside :class:`TimeBounds`. They raise :class:`PayloadError` (or
-``ValueError`` inside a pydantic model, which :func:`bloomwire.contract.events.decode` turns into one).
+cannot be put in UTC or are outside :class:`TimeBounds`. The field types are checked by pydantic
+in Rust (no Python call per field); :func:`bloomwire.contract.events.describe_validation_error`
+words their errors with :func:`text_problem` and :func:`utc_problem`. The functions raise
+:class:`PayloadError`.
 """
 
 from __future__ import annotations
