@@ -434,3 +434,14 @@ def test_settings_give_the_persister_its_time_bounds() -> None:
     settings = Settings(event_future_skew_s=10, event_max_age_s=60)
     assert settings.time_bounds == v.TimeBounds(future_skew_s=10, max_age_s=60)
     assert Settings().time_bounds == v.DEFAULT_TIME_BOUNDS
+
+
+def test_a_missing_id_is_named_with_the_other_problems() -> None:
+    obj = envelope("dispatch.reply", "riders/r1", {})
+    del obj["id"], obj["time"]
+    reason = refusal(obj)
+    assert reason.startswith(
+        "missing field id: every event carries the sender's id so a retry is deduplicated"
+    )
+    assert "; missing field time: " in reason
+    assert "; data.offer: Field required" in reason

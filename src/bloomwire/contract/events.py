@@ -595,10 +595,15 @@ REQUIRED_ON_WIRE: dict[str, str] = {
 }
 
 
+def _missing(present: Any) -> list[str]:
+    """One reason per field of :data:`REQUIRED_ON_WIRE` not in ``present``."""
+    return [f"missing field {name}: {why}" for name, why in REQUIRED_ON_WIRE.items() if name not in present]
+
+
 def _check_required(present: Any) -> None:
-    for name, why in REQUIRED_ON_WIRE.items():
-        if name not in present:
-            raise PayloadError(f"missing field {name}: {why}")
+    missing = _missing(present)
+    if missing:
+        raise PayloadError("; ".join(missing))
 
 
 def decode(raw: bytes | str) -> Event:
@@ -633,11 +638,12 @@ def _decode(data: bytes) -> Event:
     if not isinstance(kind, str) or kind not in EVENT_TYPES:
         known = ", ".join(sorted(EVENT_TYPES))
         raise PayloadError(f"type: unknown event type {kind!r} (known: {known})")
-    _check_required(obj)
     try:
-        return _ADAPTER.validate_python(obj)
-    except ValidationError as exc:
-        raise PayloadError(describe_validation_error(exc)) from None
+        event = _ADAPTER.validate_python(obj)
+    except ValidationError as exc:  # every problem at once, the missing id and time first
+        raise PayloadError("; ".join([*_missing(obj), describe_validation_error(exc)])) from None
+    _check_required(obj)
+    return event
 
 
 def check_received(event: _Envelope, now: datetime, bounds: TimeBounds) -> None:
