@@ -445,3 +445,12 @@ def test_a_missing_id_is_named_with_the_other_problems() -> None:
     )
     assert "; missing field time: " in reason
     assert "; data.offer: Field required" in reason
+
+
+def test_a_refused_payload_echoes_only_a_well_formed_id(projector: Projector) -> None:
+    bad = chat("hi\u0000")
+    assert projector._decode(Inbound("customers/c-o1/chat", json.dumps(bad).encode()))[2] == bad["id"]
+    bad["id"] = "id\u0000with a NUL"
+    _, _, event_id, reason = projector._decode(Inbound("customers/c-o1/chat", json.dumps(bad).encode()))
+    assert event_id is None
+    assert reason is not None and reason.startswith("id: ")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -53,9 +54,16 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 SPECVERSION: Final = "1.0"
 
 Id = Annotated[str, AfterValidator(check_id)]
-EventId = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-]
+EVENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=EVENT_ID_PATTERN)]
+_EVENT_ID = re.compile(EVENT_ID_PATTERN.replace("*$", "{0,127}"))
+
+
+def is_event_id(value: object) -> bool:
+    """Whether ``value`` is a well-formed event id (safe to echo in a refusal and to store)."""
+    return isinstance(value, str) and _EVENT_ID.fullmatch(value) is not None
+
+
 # Every inbound text field ends with TEXT_GUARD (no control characters but \n and \t, no lone
 # surrogates): tests/test_contract_guards.py checks that no model forgets it.
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), TEXT_GUARD]
