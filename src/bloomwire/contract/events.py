@@ -608,10 +608,12 @@ def _missing(present: Any) -> list[str]:
     return [f"missing field {name}: {why}" for name, why in REQUIRED_ON_WIRE.items() if name not in present]
 
 
+_REQUIRED_NAMES = frozenset(REQUIRED_ON_WIRE)
+
+
 def _check_required(present: Any) -> None:
-    missing = _missing(present)
-    if missing:
-        raise PayloadError("; ".join(missing))
+    if not _REQUIRED_NAMES.issubset(present):  # the usual case in one set operation
+        raise PayloadError("; ".join(_missing(present)))
 
 
 def decode(raw: bytes | str) -> Event:
