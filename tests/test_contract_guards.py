@@ -454,3 +454,38 @@ def test_a_refused_payload_echoes_only_a_well_formed_id(projector: Projector) ->
     _, _, event_id, reason = projector._decode(Inbound("customers/c-o1/chat", json.dumps(bad).encode()))
     assert event_id is None
     assert reason is not None and reason.startswith("id: ")
+
+
+#: For the property test (hypothesis refuses function-scoped fixtures); decoding touches no store.
+SHARED_PROJECTOR = Projector(sa.create_engine("sqlite://"), clock=lambda: NOW)
+INBOUND = [
+    "customers/c-o1/chat",
+    "riders/r1/location",
+    "riders/r1/presence",
+    "riders/r1/orders/o1/status",
+    "riders/r1/replies",
+    "owntracks/r1/phone",
+    "shops/s1/commands/create-order",
+    "services/dispatch/events",
+]
+
+
+@FUZZ
+@given(
+    st.sampled_from(INBOUND),
+    st.one_of(
+        st.binary(max_size=200),
+        json_values().map(lambda value: json.dumps(value).encode()),
+        st.builds(
+            lambda fields: json.dumps({"_type": "location", **fields}).encode(),
+            st.dictionaries(st.sampled_from(["lat", "lon", "tst", "acc", "vel", "batt"]), json_values()),
+        ),
+    ),
+)
+def test_the_persister_decode_step_is_total(topic: str, payload: bytes) -> None:
+    msg, where, event, reason = SHARED_PROJECTOR._decode(Inbound(topic, payload))
+    assert msg.payload == payload and where is not None
+    if reason is None:
+        assert event is None or isinstance(event, ev._Envelope)
+    else:
+        assert reason and (event is None or ev.is_event_id(event))
