@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
+import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from psycopg import sql
 
 from bloomwire.errors import BrokerError
 from bloomwire.runtime.broker import Mosquitto, find_mosquitto, render_config, write_password_file
@@ -102,8 +104,9 @@ class ContainerMosquitto:
         return dict(self._users)
 
     def start(self) -> None:
-        from testcontainers.core.container import DockerContainer
-        from testcontainers.core.wait_strategies import LogMessageWaitStrategy
+        # testcontainers is optional: only a machine without a mosquitto binary needs it.
+        from testcontainers.core.container import DockerContainer  # noqa: PLC0415
+        from testcontainers.core.wait_strategies import LogMessageWaitStrategy  # noqa: PLC0415
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Mounted outside /mosquitto, which the image's entrypoint chowns; runs as root so it
@@ -460,8 +463,6 @@ def make_settings(
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> str:
     """The PostgreSQL maintenance URL, once checked reachable (skip or fail otherwise)."""
-    import psycopg
-
     try:
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
             conn.execute("SELECT 1")
@@ -479,9 +480,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    import psycopg
-    from psycopg import sql
-
     admin_url: str = request.getfixturevalue("postgres_admin_url")
     name = f"bloomwire_test_{secrets.token_hex(6)}"
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:

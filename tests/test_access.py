@@ -42,8 +42,11 @@ from bloomwire.runtime.broker import (
     render_config,
 )
 from bloomwire.runtime.settings import Settings
+from bloomwire.services.persister.projector import Inbound, Projector
 from bloomwire.services.provisioner import Provisioner
 from bloomwire.services.provisioner import build as build_provisioner
+from bloomwire.store import open_store
+from bloomwire.store.models import ORDERS
 
 MakeClient = Callable[..., MqttTestClient]
 NOT_AUTHORIZED = 0x87
@@ -548,9 +551,6 @@ def test_role_change_kicks_a_connected_client(stack: Stack, login: Callable[...,
 def test_forged_source_is_refused_by_the_persister(
     stack: Stack, login: Callable[..., MqttTestClient], tmp_path: Path
 ) -> None:
-    from bloomwire.services.persister.projector import Inbound, Projector
-    from bloomwire.store import open_store
-
     persister = login("persister")
     for f in topics.INBOUND_FILTERS:
         persister.subscribe(f)
@@ -787,9 +787,6 @@ def test_provisioner_reconciles_with_the_store(
 ) -> None:
     """Open orders without access get one (customer id from the store); the accesses of closed
     orders and of orders the store does not know are revoked once their grace is over."""
-    from bloomwire.store import open_store
-    from bloomwire.store.models import ORDERS
-
     url = f"sqlite:///{tmp_path / 'store.db'}"
     opened, closed, orphan = uid("o-open-"), uid("o-closed-"), uid("o-orphan-")
     now = ev.now()

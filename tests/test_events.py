@@ -1,8 +1,10 @@
-"""Payloads of DESIGN.md §2: CloudEvents envelopes, one pydantic model per ``type``."""
+"""Payloads of docs/design.md §2: CloudEvents envelopes, one pydantic model per ``type``."""
 
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -402,9 +404,6 @@ def test_parse_owntracks_rejects_bad_locations(payload: bytes, needle: str) -> N
 
 
 def test_new_ids_are_uuid7_ordered_by_creation_time() -> None:
-    import time
-    import uuid
-
     first = [ev.new_id() for _ in range(1000)]
     time.sleep(0.002)
     later = ev.new_id()

@@ -1,4 +1,4 @@
-"""Every payload of the contract (DESIGN.md §2): one pydantic model per event ``type``.
+"""Every payload of the contract (docs/design.md §2): one pydantic model per event ``type``.
 
 Messages are CloudEvents in structured mode. :data:`Event` is the discriminated union on ``type``;
 :func:`decode` and :func:`encode` are the only JSON entry and exit points.
