@@ -89,6 +89,14 @@ class Settings(BaseSettings):
             "(fewer, larger commits at moderate load; 0 = commit whatever has arrived)"
         ),
     )
+    persister_degraded_alert_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "How long the persister may be degraded (its store unavailable) before it raises an "
+            "operator alert (an error in its log and an ALERT reason on services/persister/status)"
+        ),
+    )
     alerts_rules: Path | None = Field(
         default=None, description="TOML file of alert thresholds (built-in defaults when unset)"
     )

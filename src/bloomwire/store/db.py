@@ -48,6 +48,25 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", readonly: bool = 
     return engine
 
 
+def probe(engine: Engine) -> str | None:
+    """Whether the database answers a fresh connection's ``SELECT 1`` (no pooled connection, which
+    may be stale): None if it does, else the error's first line."""
+    dialect = engine.dialect
+    try:
+        cargs, cparams = dialect.create_connect_args(engine.url)
+        conn = dialect.connect(*cargs, **cparams)
+        try:
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            cur.fetchall()
+        finally:
+            conn.close()
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return None
+
+
 def alembic_config(url: str) -> Config:
     """An Alembic config pointing at the packaged migrations and at ``url``."""
     cfg = Config()
