@@ -89,6 +89,14 @@ class Settings(BaseSettings):
             "(fewer, larger commits at moderate load; 0 = commit whatever has arrived)"
         ),
     )
+    sqlite_busy_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "How long a SQLite writer waits for a lock held by another process before the write "
+            "fails (the persister then reports itself degraded and retries)"
+        ),
+    )
     persister_degraded_alert_s: float = Field(
         default=30.0,
         gt=0,

@@ -60,7 +60,10 @@ def build(
     @service.on_startup
     async def open_projections() -> None:
         engine = await asyncio.to_thread(
-            open_store, settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
+            open_store,
+            settings.database_url,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            sqlite_busy_timeout_s=settings.sqlite_busy_timeout_s,
         )
         projector = Projector(engine, clock=clock)
         await asyncio.to_thread(projector.load)
