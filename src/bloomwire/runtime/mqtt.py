@@ -34,7 +34,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bloomwire.contract import topics
 from bloomwire.contract.events import Refusal, ServiceState, ServiceStatus, encode, now, payload_text
-from bloomwire.errors import BrokerError
+from bloomwire.errors import BloomwireError, BrokerError
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import NO_ROUTE, ServiceMetrics
 from bloomwire.runtime.pahoclient import TunedClient, expiry_properties, tuning_refusal
@@ -447,9 +447,13 @@ def _subscribe(client: paho.Client, topic_filter: str, how: Subscription) -> Non
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message``: a reason short enough for a status or a log line."""
+    """``Type: first line of the message`` (our own errors: the message alone): a reason short
+    enough for a status or a log line."""
     text = str(exc).strip().splitlines()
-    return _shorten(f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": "), limit)
+    line = text[0] if text else ""
+    if isinstance(exc, BloomwireError) and line:
+        return _shorten(line, limit)
+    return _shorten(f"{type(exc).__name__}: {line}".rstrip(": "), limit)
 
 
 def _varint_size(n: int) -> int:
@@ -835,7 +839,7 @@ class Service:
         lasted = time.monotonic() - health.since
         if not health.alerted and lasted >= self.degraded_alert_s:
             health.alerted = True
-            reason = f"ALERT: degraded for over {self.degraded_alert_s:g} s: {health.reason}"
+            reason = f"ALERT: degraded for over {self.degraded_alert_s:.3g} s: {health.reason}"
             log.error("alert raised", service=self.name, degraded_s=round(lasted, 1), reason=health.reason)
             self._announce(conn, ServiceState.DEGRADED, reason)
 
