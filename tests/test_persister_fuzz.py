@@ -202,5 +202,6 @@ def test_random_and_broken_messages_never_stop_the_persister(
     assert persister.alive()
     log = persister.log_path.read_text()
     assert "degraded; retrying" not in log, "a bad message was taken for an unavailable store"
-    assert [s.payload for s in said.log] == [b"online"]
+    said.settle(0.5)
+    assert [s.payload for s in said.log] == [b"online"], "never degraded"
     print(f"{sent['bad']} random messages, {len(letters)} refused; {2 * sent['good']} good events stored")
