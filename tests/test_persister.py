@@ -660,7 +660,7 @@ def refusal_cases() -> list[Case]:
              offer("o-free2", "r4", offer_id="of-late", deadline=ev.now() - timedelta(seconds=5)),
              "has already passed", None, service_chat("followup", "o1", "How were the flowers?")),
         Case("customer without an order", customer_chat("nobody", "hello?"),
-             "customer 'nobody' has no open order",
+             "customer 'nobody' has no order",
              topics.customer_inbox("nobody", "errors"), customer_chat("c-o1", "hello from o1's customer")),
         Case("customer names another order", customer_chat("c-o1", "sneaky", order="o7"),
              "customer 'c-o1' may only chat on its own order", topics.customer_inbox("c-o1", "errors"),

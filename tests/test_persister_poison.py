@@ -19,10 +19,12 @@ from test_persister import (
     Clock,
     Desk,
     Devices,
+    Msg,
     Spy,
     accepted_order,
     chat,
     count,
+    customer_chat,
     on,
     refusals,
     rows,
@@ -30,6 +32,7 @@ from test_persister import (
 )
 from test_persister_reliability import PersisterProcess, wait_until
 
+from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.services.persister.poison import apply_isolating
 from bloomwire.services.persister.projector import BatchResult, Inbound, Outbound
@@ -203,6 +206,22 @@ def test_a_rider_reporting_on_its_own_closed_order_is_told_it_is_closed(desk: De
     assert refusals(r) == ["order 'o1' is delivered; it is closed"]
     r = desk.send(status("r2", "o1", "picked_up"))
     assert refusals(r) == ["order 'o1' is not assigned to rider 'r2'"]
+
+
+def test_other_refusals_name_their_rule(desk: Desk) -> None:
+    desk.ok_each(accepted_order(SHOP, "o1", "r1"))
+    r = desk.send(customer_chat("nobody", "hello?"))
+    assert refusals(r) == ["customer 'nobody' has no order"]
+    expired = ev.DispatchExpiredEvent(
+        source="services/dispatch", data=ev.DispatchExpired(offer="of-none", order="o1", rider="r1")
+    )
+    r = desk.send(Msg(topics.service_events("dispatch"), ev.encode(expired), expired.id))
+    assert refusals(r) == ["unknown offer 'of-none'"]
+    expired = expired.model_copy(
+        update={"id": "ev-x", "data": expired.data.model_copy(update={"offer": "of-o1"})}
+    )
+    r = desk.send(Msg(topics.service_events("dispatch"), ev.encode(expired), expired.id))
+    assert refusals(r) == ["offer 'of-o1' is already accepted"]
 
 
 # --- over MQTT: the persister process, a real broker ---------------------------------------------

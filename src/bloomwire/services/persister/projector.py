@@ -912,8 +912,10 @@ class Projector:
         order = self._order(order_id)
         if order["rider"] != where.sender:
             raise _RefusedError(f"order {order_id!r} is not assigned to rider {where.sender!r}")
-        if order["status"] not in RIDER_BOUND | {S.FAILED}:  # its rider, but no longer in its hands
-            raise _RefusedError(f"order {order_id!r} is {order['status']}; it is closed")
+        status = S(order["status"])
+        if status not in RIDER_BOUND | {S.FAILED}:  # its rider, but no longer in its hands
+            why = "it is closed" if status in CLOSED else f"rider {where.sender!r} no longer holds it"
+            raise _RefusedError(f"order {order_id!r} is {status.value}; {why}")
         return order
 
     def _created(
@@ -995,7 +997,7 @@ class Projector:
         if where.identity is Identity.CUSTOMER:
             order_id = self._customer_order(where.sender)
             if order_id is None:
-                raise _RefusedError(f"customer {where.sender!r} has no open order")
+                raise _RefusedError(f"customer {where.sender!r} has no order")
             if d.order not in (None, order_id):
                 raise _RefusedError(f"customer {where.sender!r} may only chat on its own order")
             order = self._order(order_id)
@@ -1203,8 +1205,10 @@ class Projector:
     def _expired(self, pending: _Pending, event: ev.DispatchExpiredEvent, now: datetime) -> None:
         d = event.data
         offer = self.offers.get(d.offer)
-        if offer is None or offer["status"] != "pending":
-            raise _RefusedError(f"offer {d.offer!r} is not pending")
+        if offer is None:
+            raise _RefusedError(f"unknown offer {d.offer!r}")
+        if offer["status"] != "pending":
+            raise _RefusedError(f"offer {d.offer!r} is already {offer['status']}")
         if now < offer["deadline"]:
             raise _RefusedError(f"offer {d.offer!r} runs until {offer['deadline'].isoformat()}")
         offer["status"] = "expired"
