@@ -45,6 +45,8 @@ EVENTS_T, ORDERS_T, RIDERS_T, OFFERS_T = m.EVENTS, m.ORDERS, m.RIDERS, m.OFFERS
 ALERTS_T, CHAT_T, TRAIL_T, DEAD_T = m.ALERTS, m.CHAT, m.TRAIL, m.DEAD_LETTERS
 
 LOCATION_KINDS = frozenset({InboundKind.LOCATION, InboundKind.OWNTRACKS})
+#: The statuses in which an order's rider may report on it (after failed: returned).
+RIDER_HOLDS = RIDER_BOUND | {S.FAILED}
 
 #: Trail spacing: a point when the rider moved this far or this long since the last one. 50 m is
 #: about one city block (enough to redraw the route on a map); 30 s bounds gaps when crawling.
@@ -912,10 +914,10 @@ class Projector:
         order = self._order(order_id)
         if order["rider"] != where.sender:
             raise _RefusedError(f"order {order_id!r} is not assigned to rider {where.sender!r}")
-        status = S(order["status"])
-        if status not in RIDER_BOUND | {S.FAILED}:  # its rider, but no longer in its hands
+        status = order["status"]
+        if status not in RIDER_HOLDS:  # its rider, but no longer in its hands
             why = "it is closed" if status in CLOSED else f"rider {where.sender!r} no longer holds it"
-            raise _RefusedError(f"order {order_id!r} is {status.value}; {why}")
+            raise _RefusedError(f"order {order_id!r} is {status}; {why}")
         return order
 
     def _created(
