@@ -6,7 +6,10 @@ asyncio. A connection that asks (``tuned=True``) gets :mod:`bloomwire.runtime.pa
 instead of paho's own, unless the installed paho was not checked for it (then a warning says so).
 :class:`Service` declares a service in one place: its handlers, start-up and shutdown hooks. A
 handler is a plain ``async def f(msg: Message) -> None``; one that raises is logged with the topic
-and payload, the message is dead-lettered, and the loop goes on.
+and payload, the message is dead-lettered, and the loop goes on. A batch handler (or a handler
+declared with ``retry``) that raises is retried with capped backoff, nothing acknowledged: the
+service says ``degraded`` (with the reason) on its status topic meanwhile, logs it once, raises an
+operator alert when it lasts, and says ``online`` again once the handler succeeds.
 """
 
 from __future__ import annotations
