@@ -660,7 +660,7 @@ def refusal_cases() -> list[Case]:
              offer("o-free2", "r4", offer_id="of-late", deadline=ev.now() - timedelta(seconds=5)),
              "has already passed", None, service_chat("followup", "o1", "How were the flowers?")),
         Case("customer without an order", customer_chat("nobody", "hello?"),
-             "customer 'nobody' has no open order",
+             "customer 'nobody' has no order",
              topics.customer_inbox("nobody", "errors"), customer_chat("c-o1", "hello from o1's customer")),
         Case("customer names another order", customer_chat("c-o1", "sneaky", order="o7"),
              "customer 'c-o1' may only chat on its own order", topics.customer_inbox("c-o1", "errors"),
@@ -798,7 +798,7 @@ def test_projections_reload_after_restart(desk: Desk, engine: Engine) -> None:
     r = desk.ok(location("r1", BASE_LAT, BASE_LON, tst_now()))
     assert len(on(r, topics.order_topic(SHOP, "o1", "location"))) == 1
     r = desk.send(status("r3", "o3", "returned"))
-    assert r.refused == 1 and "not assigned" in refusals(r)[0]
+    assert r.refused == 1 and "'o3' is delivered; it is closed" in refusals(r)[0]
     assert order_row(engine, "o1")["status"] == "en_route"
     assert order_row(engine, "o2")["status"] == "accepted"
 
