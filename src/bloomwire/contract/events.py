@@ -173,6 +173,25 @@ class RiderLocation(_Data):
     batt: int | None = Field(default=None, ge=0, le=100)
 
 
+class RiderRegionChanged(_Data):
+    """A rider's phone entered or left one of its regions (an OwnTracks ``transition``)."""
+
+    event: Literal["enter", "leave"]
+    #: The region's name on the phone (OwnTracks ``desc``) and its id (``rid``), when given.
+    region: ShortText = ""
+    region_id: Annotated[str, StringConstraints(max_length=100)] | None = None
+    #: The device that saw it (the last level of ``owntracks/R/DEVICE``).
+    device: Id
+    #: Where the phone was, and how sure it was (metres).
+    lat: Latitude
+    lon: Longitude
+    acc: float | None = Field(default=None, ge=0)
+    #: OwnTracks ``t``: ``c`` a circular region, ``b`` a beacon, ``l`` from a location.
+    trigger: Annotated[str, StringConstraints(max_length=10)] | None = None
+    #: Filled in by the backbone: the carried order whose destination the region is.
+    order: Id | None = None
+
+
 class Presence(StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
@@ -311,6 +330,11 @@ class RiderLocationEvent(_Envelope):
     data: RiderLocation
 
 
+class RiderRegionChangedEvent(_Envelope):
+    type: Literal["rider.region_changed"] = "rider.region_changed"
+    data: RiderRegionChanged
+
+
 class RiderPresenceEvent(_Envelope):
     type: Literal["rider.presence"] = "rider.presence"
     data: RiderPresence
@@ -435,6 +459,7 @@ Event: TypeAlias = Annotated[
     | OrderAssignedEvent
     | RiderLocationEvent
     | RiderPresenceEvent
+    | RiderRegionChangedEvent
     | DispatchOfferEvent
     | DispatchReplyEvent
     | DispatchExpiredEvent
@@ -459,6 +484,7 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
         OrderAssignedEvent,
         RiderLocationEvent,
         RiderPresenceEvent,
+        RiderRegionChangedEvent,
         DispatchOfferEvent,
         DispatchReplyEvent,
         DispatchExpiredEvent,
@@ -473,7 +499,13 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
 #: Which event types each inbound topic accepts, by (sender identity, topic kind).
 ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
     (Identity.RIDER, InboundKind.LOCATION): (RiderLocationEvent,),
-    (Identity.RIDER, InboundKind.OWNTRACKS): (RiderLocationEvent,),
+    # What an OwnTracks payload becomes (contract/owntracks.py): a position, the app's Last Will
+    # (offline) or a region transition.
+    (Identity.RIDER, InboundKind.OWNTRACKS): (
+        RiderLocationEvent,
+        RiderPresenceEvent,
+        RiderRegionChangedEvent,
+    ),
     (Identity.RIDER, InboundKind.STATUS): (OrderStatusEvent, OrderIncidentEvent),
     (Identity.RIDER, InboundKind.CHAT): (OrderChatEvent,),
     (Identity.RIDER, InboundKind.REPLY): (DispatchReplyEvent,),
@@ -570,24 +602,6 @@ def decode(raw: bytes | str) -> Event:
 def encode(event: BaseModel) -> bytes:
     """Serialise an event (or any payload model) to compact UTF-8 JSON."""
     return event.model_dump_json(exclude_none=True).encode()
-
-
-def parse_owntracks(raw: bytes | str) -> RiderLocation | None:
-    """Read an unmodified OwnTracks payload; None for non-location ``_type``\\ s (waypoints, ...)."""
-    obj = load_json(raw)
-    if not isinstance(obj, dict):
-        raise PayloadError("OwnTracks payload must be a JSON object")
-    if obj.get("_type") != "location":
-        return None
-    return parse_location_fields(obj)
-
-
-def parse_location_fields(obj: dict[str, Any]) -> RiderLocation:
-    """Validate a bare position object with OwnTracks field names."""
-    try:
-        return RiderLocation.model_validate(obj)
-    except ValidationError as exc:
-        raise PayloadError(describe_validation_error(exc)) from None
 
 
 def check_rider_status(data: OrderStatusChanged) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 
 from bloomwire.contract import events as ev
 from bloomwire.contract import geo, topics
+from bloomwire.contract import owntracks as ot
 from bloomwire.contract.lifecycle import (
     CLOSED,
     OUT_FOR_DELIVERY,
@@ -53,6 +54,10 @@ LOCATION_EXPIRY_S = 60
 #: The retained order state is refreshed from positions at most this often (status changes: always).
 STATE_REFRESH_FROM_LOCATION_S = 10.0
 RECENT_IDS = 200_000
+#: A transition this close to a carried order's destination is about that order (a region a rider
+#: draws around a door is ~100 m; the phone's own uncertainty widens it, up to the second figure).
+DESTINATION_RADIUS_M = 150.0
+DESTINATION_RADIUS_MAX_M = 500.0
 DEAD_PAYLOAD_LIMIT = 65_536
 #: How the persister signs its refusals on ``services/deadletter`` (it stores them itself).
 SERVICE_NAME = "persister"
@@ -74,6 +79,8 @@ class Inbound:
     topic: str
     payload: bytes
     received_at: float = 0.0
+    #: Replayed by the broker from its retained store (as the MQTT RETAIN flag says).
+    retain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +103,8 @@ class BatchResult:
     duplicates: int = 0
     refused: int = 0
     ignored: int = 0
+    #: OwnTracks messages acknowledged as ignored, by (``_type`` label, reason).
+    owntracks_ignored: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
 
 class _IgnoredError(BloomwireError):
@@ -222,8 +231,10 @@ class Projector:
                 self._refuse(pending, msg, where, event, error, now)
                 result.refused += 1
                 continue
-            if event is None:
+            if event is None or isinstance(event, ot.Ignored):
                 result.ignored += 1
+                if isinstance(event, ot.Ignored):
+                    result.owntracks_ignored[event.kind, event.why] += 1
                 continue
             assert where is not None
             if isinstance(event, ev.RiderLocationEvent) and where.kind in LOCATION_KINDS:
@@ -268,10 +279,7 @@ class Projector:
             return msg, None, None, str(exc)
         try:
             if where.kind is InboundKind.OWNTRACKS:
-                loc = ev.parse_owntracks(msg.payload)
-                if loc is None:
-                    return msg, where, None, None
-                return msg, where, ev.RiderLocationEvent(source=where.source, data=loc), None
+                return msg, where, self._decode_owntracks(msg, where), None
             if where.kind is InboundKind.PRESENCE and msg.payload.strip() in (
                 b"online",
                 b"offline",
@@ -286,7 +294,7 @@ class Projector:
             if where.kind is InboundKind.LOCATION:
                 obj = ev.load_json(msg.payload)
                 if isinstance(obj, dict) and "type" not in obj:  # bare OwnTracks-style fields
-                    loc = ev.parse_location_fields(obj)
+                    loc = ot.parse_location_fields(obj, self.clock())
                     return msg, where, ev.RiderLocationEvent(source=where.source, data=loc), None
             return msg, where, ev.decode(msg.payload), None
         except PayloadError as exc:
@@ -298,6 +306,41 @@ class Projector:
             except PayloadError:
                 pass
             return msg, where, event_id, str(exc)
+
+    def _decode_owntracks(self, msg: Inbound, where: InboundTopic) -> ev.Event | ot.Ignored:
+        """What an OwnTracks payload is (raises :class:`PayloadError` when it is malformed)."""
+        now = self.clock()
+        parsed = ot.parse(msg.payload, now, retained=msg.retain)
+        match parsed:
+            case ot.Ignored():
+                log.info("owntracks message ignored", topic=msg.topic[:200], type=parsed.kind, why=parsed.why)
+                return parsed
+            case ot.Lwt():
+                # The app's own Last Will: the same as a bare ``offline`` on riders/R/presence.
+                offline = ev.RiderPresence(status=ev.Presence.OFFLINE)
+                return ev.RiderPresenceEvent(source=where.source, time=now, data=offline)
+            case ot.Transition():
+                device = where.device or "unknown"
+                order = self._destination_order(where.sender, parsed)
+                return ot.transition_event(where.sender, device, parsed, order)
+            case _:
+                return ev.RiderLocationEvent(source=where.source, data=parsed)
+
+    def _destination_order(self, rider: str, t: ot.Transition) -> str | None:
+        """The order ``rider`` carries whose destination the transition's region is, if any: the
+        region is named after the order (``desc`` or ``rid``), or the phone was near its address."""
+        nearest: tuple[float, str] | None = None
+        for order_id in sorted(self.rider_orders.get(rider, ())):
+            order = self.orders.rows.get(order_id)
+            if order is None:
+                continue
+            if order_id in (t.desc, t.rid):
+                return order_id
+            metres = geo.distance_m(t.lat, t.lon, order["lat"], order["lon"])
+            near = metres <= max(DESTINATION_RADIUS_M, min(t.acc or 0.0, DESTINATION_RADIUS_MAX_M))
+            if near and (nearest is None or metres < nearest[0]):
+                nearest = (metres, order_id)
+        return nearest[1] if nearest else None
 
     def _check_and_locate(
         self,
@@ -727,6 +770,8 @@ class Projector:
                 self._manual_assign(pending, where, event, now)
             case ev.RiderPresenceEvent():
                 self._presence(pending, where, event, now)
+            case ev.RiderRegionChangedEvent():
+                self._region_changed(pending, where, event)
             case ev.DispatchOfferEvent():
                 self._offer(pending, event, now)
             case ev.DispatchReplyEvent():
@@ -910,6 +955,29 @@ class Projector:
         rider["updated_at"] = now
         self.riders.touch(where.sender)
         pending.rider_states.setdefault(where.sender, set())
+
+    def _region_changed(
+        self, pending: _Pending, where: InboundTopic, event: ev.RiderRegionChangedEvent
+    ) -> None:
+        """A transition is stored as it is; entering an order's destination asks "arrived?"."""
+        d = event.data
+        order = self.orders.rows.get(d.order) if d.order else None
+        if d.event != "enter" or order is None or order["rider"] != where.sender:
+            return
+        if order["status"] not in (S.PICKED_UP, S.EN_ROUTE):
+            return
+        text = (
+            f"You have reached the destination of order {order['id']}"
+            f"{f' ({d.region})' if d.region else ''}. Report 'arrived'?"
+        )
+        prompt = ev.OrderChatEvent(
+            id=_uuid5("arrival-prompt", event.id),
+            source=f"{topics.SERVICES}/{SERVICE_NAME}",
+            time=event.time,
+            data=ev.OrderChat(order=order["id"], text=text, author=f"service:{SERVICE_NAME}"),
+        )
+        inbox = topics.rider_inbox(where.sender, topics.Inbox.CHAT)
+        pending.canonical.append(Outbound(inbox, ev.encode(prompt)))
 
     def _location(
         self, pending: _Pending, where: InboundTopic, event: ev.RiderLocationEvent, now: datetime

@@ -64,7 +64,7 @@ def build(
     async def persist(batch: Sequence[Message]) -> None:
         projector = state["projector"]
         started = time.perf_counter()
-        result = projector.apply([Inbound(m.topic, m.payload, m.received_at) for m in batch])
+        result = projector.apply([Inbound(m.topic, m.payload, m.received_at, m.retain) for m in batch])
         if figures is not None:
             figures.observe(batch, result, started)
         publish(result.outbound)
