@@ -459,7 +459,6 @@ Event: TypeAlias = Annotated[
     | OrderAssignedEvent
     | RiderLocationEvent
     | RiderPresenceEvent
-    | RiderRegionChangedEvent
     | DispatchOfferEvent
     | DispatchReplyEvent
     | DispatchExpiredEvent
@@ -484,7 +483,6 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
         OrderAssignedEvent,
         RiderLocationEvent,
         RiderPresenceEvent,
-        RiderRegionChangedEvent,
         DispatchOfferEvent,
         DispatchReplyEvent,
         DispatchExpiredEvent,
@@ -493,6 +491,12 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
         AlertResolvedEvent,
         AlertAcknowledgedEvent,
     )
+}
+
+#: Events the backbone records from payloads that are not CloudEvents (OwnTracks transitions,
+#: contract/owntracks.py): stored and shown in history, never decoded from the wire by :func:`decode`.
+RECORDED_EVENT_TYPES: dict[str, type[_Envelope]] = {
+    cls.model_fields["type"].default: cls for cls in (RiderRegionChangedEvent,)
 }
 
 

@@ -307,7 +307,9 @@ class Projector:
                 pass
             return msg, where, event_id, str(exc)
 
-    def _decode_owntracks(self, msg: Inbound, where: InboundTopic) -> ev.Event | ot.Ignored:
+    def _decode_owntracks(
+        self, msg: Inbound, where: InboundTopic
+    ) -> ev.Event | ev.RiderRegionChangedEvent | ot.Ignored:
         """What an OwnTracks payload is (raises :class:`PayloadError` when it is malformed)."""
         now = self.clock()
         parsed = ot.parse(msg.payload, now, retained=msg.retain)
