@@ -448,6 +448,8 @@ def _schemas() -> dict[str, Any]:
     ]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=SCHEMA_REF)
     schemas: dict[str, Any] = dict(sorted(top["$defs"].items()))
+    for cls in (*ev.EVENT_TYPES.values(), *ev.ACCESS_EVENT_TYPES.values()):
+        _require_on_wire(schemas[cls.__name__])
     schemas.update(_owntracks_schemas())
     schemas[PRESENCE_WORD] = {
         "title": PRESENCE_WORD,
@@ -505,6 +507,28 @@ def _owntracks_schemas() -> dict[str, Any]:
             "required": ["_type"],
         },
     }
+
+
+#: What the envelope schemas say of their fields (the models' defaults serve producers only).
+ENVELOPE_FIELD_HELP: dict[str, str] = {
+    "id": "Required. The sender's id of this event, its idempotency key: a retry carries the same "
+    "id and is stored once. 1-128 ASCII letters, digits and _ . : -, starting with a letter or "
+    "digit; a UUID (v7 preferred) is the usual choice.",
+    "time": "Required. When it happened, RFC 3339 with a UTC offset. The persister refuses times "
+    "more than event_future_skew_s (default 300 s) ahead of its clock or more than event_max_age_s "
+    "(default 7 days) old.",
+    "source": "The sender, exactly its own topic prefix: riders/{rider}, shops/{shop}, "
+    "customers/{customer} or services/{service}; anything else is refused.",
+}
+
+
+def _require_on_wire(schema: dict[str, Any]) -> None:
+    """Mark ``id`` and ``time`` of an envelope schema required and describe the envelope fields."""
+    props = schema["properties"]
+    for name, help_text in ENVELOPE_FIELD_HELP.items():
+        props[name]["description"] = help_text
+    wanted = {*schema.get("required", ()), *ev.REQUIRED_ON_WIRE}
+    schema["required"] = [name for name in props if name in wanted]
 
 
 def _first_line(doc: str | None) -> str:
@@ -702,6 +726,23 @@ reason. Retained: the Recorder ignores retained messages unless started with `--
 (default no). A subscriber sees the RETAIN flag only on messages the broker replays when it
 (re)subscribes, so the Recorder -- and the persister -- ignore those replays (counted as ignored)
 and use every live message, including those the app publishes retained (its default).
+
+Every inbound CloudEvent carries `id` and `time` (a message without either is refused: the `id`
+is the sender's promise that a retry is the same event, deduplicated by it). `id` is 1-128 ASCII
+letters, digits and `_ . : -`, starting with a letter or digit (a UUIDv7 is the usual choice).
+`source` is the sender's own topic prefix: `riders/{rider}`, `shops/{shop}`,
+`customers/{customer}` or `services/{service}`; any other source is refused. Only the bare
+presence words (`online`, `offline`: a Last Will), OwnTracks payloads and bare position objects
+on `riders/{rider}/location` come without them (a position is not an event of record; its `tst`
+is its time).
+
+What an inbound payload may hold (bloomwire.contract.validate; a refusal names the rule): at most
+64 KiB, UTF-8 JSON nested at most 16 levels; text without control characters (newline and tab
+excepted, NUL never) or lone surrogates; numbers as JSON numbers, finite (never strings or
+booleans), latitudes in -90..90 and longitudes in -180..180, accuracy >= 0; times that can be
+put in UTC, at most `event_future_skew_s` (default 300 s) ahead of the persister's clock and at
+most `event_max_age_s` (default 7 days) old, `time` and an OwnTracks `tst` (epoch seconds)
+alike; an incident's ETA at most 2 days ahead.
 
 Where this differs from DESIGN.md §1, the code is followed:
 

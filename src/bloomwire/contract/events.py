@@ -17,10 +17,10 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 
 from pydantic import (
     AfterValidator,
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     TypeAdapter,
     ValidationError,
@@ -29,6 +29,18 @@ from pydantic import (
 
 from bloomwire.contract.lifecycle import RIDER_REPORTABLE, FailureReason, OrderStatus
 from bloomwire.contract.topics import Command, Identity, InboundKind, InboundTopic, check_id
+from bloomwire.contract.validate import (
+    MAX_DEPTH,
+    TEXT_GUARD,
+    Count,
+    Instant,
+    Number,
+    TimeBounds,
+    check_depth,
+    check_epoch,
+    check_eta,
+    check_time,
+)
 from bloomwire.errors import PayloadError
 
 #: Largest payload accepted anywhere (the broker's ``max_packet_size`` is a little above it).
@@ -39,10 +51,15 @@ Id = Annotated[str, AfterValidator(check_id)]
 EventId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 ]
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
-ShortText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)]
-Latitude = Annotated[float, Field(ge=-90, le=90)]
-Longitude = Annotated[float, Field(ge=-180, le=180)]
+# Every inbound text field ends with TEXT_GUARD (no control characters but \n and \t, no lone
+# surrogates): tests/test_contract_guards.py checks that no model forgets it.
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), TEXT_GUARD]
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500), TEXT_GUARD]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), TEXT_GUARD]
+Label = Annotated[str, StringConstraints(max_length=200), TEXT_GUARD]
+Latitude = Annotated[Number, Field(ge=-90, le=90)]
+Longitude = Annotated[Number, Field(ge=-180, le=180)]
+Flag = Annotated[bool, Strict()]
 
 
 def now() -> datetime:
@@ -71,9 +88,9 @@ class _Data(BaseModel):
 
 
 class Customer(_Data):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-    phone: Annotated[str, StringConstraints(max_length=40)] = ""
-    address: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] = ""
+    name: Name
+    phone: Annotated[str, StringConstraints(max_length=40), TEXT_GUARD] = ""
+    address: ShortText = ""
     lat: Latitude
     lon: Longitude
 
@@ -83,14 +100,14 @@ class Place(_Data):
 
     lat: Latitude
     lon: Longitude
-    address: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] = ""
+    address: ShortText = ""
 
 
 class Window(_Data):
     """The promised delivery window."""
 
-    start: AwareDatetime
-    end: AwareDatetime
+    start: Instant
+    end: Instant
 
     @model_validator(mode="after")
     def _ordered(self) -> Window:
@@ -105,9 +122,7 @@ class OrderCreated(_Data):
     order: Id
     customer: Customer
     window: Window
-    items: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
-        default_factory=list, max_length=50
-    )
+    items: list[Label] = Field(default_factory=list, max_length=50)
     note: ShortText = ""
     pickup_lat: Latitude | None = None
     pickup_lon: Longitude | None = None
@@ -139,8 +154,8 @@ class OrderIncident(_Data):
     """Something slowed the delivery down (flat tyre, traffic); not a status."""
 
     order: Id
-    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-    eta: AwareDatetime | None = None
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), TEXT_GUARD]
+    eta: Instant | None = None
     note: ShortText = ""
 
 
@@ -148,7 +163,7 @@ class OrderChat(_Data):
     order: Id | None = None
     text: Text
     #: Set by the backbone from the topic: rider, shop, customer or service.
-    author: Annotated[str, StringConstraints(max_length=200)] = ""
+    author: Label = ""
 
 
 class OrderAssigned(_Data):
@@ -166,11 +181,11 @@ class RiderLocation(_Data):
 
     lat: Latitude
     lon: Longitude
-    tst: int = Field(ge=0)
-    acc: float | None = Field(default=None, ge=0)
-    vel: float | None = Field(default=None, ge=0, le=400)
-    cog: float | None = Field(default=None, ge=0, le=360)
-    batt: int | None = Field(default=None, ge=0, le=100)
+    tst: Count = Field(ge=0)
+    acc: Number | None = Field(default=None, ge=0)
+    vel: Number | None = Field(default=None, ge=0, le=400)
+    cog: Number | None = Field(default=None, ge=0, le=360)
+    batt: Count | None = Field(default=None, ge=0, le=100)
 
 
 class RiderRegionChanged(_Data):
@@ -199,24 +214,24 @@ class Presence(StrEnum):
 
 class RiderPresence(_Data):
     status: Presence
-    on_duty: bool | None = None
-    capacity: int | None = Field(default=None, ge=1, le=20)
+    on_duty: Flag | None = None
+    capacity: Count | None = Field(default=None, ge=1, le=20)
 
 
 class Candidate(_Data):
     rider: Id
-    cost: float
-    travel_s: float = 0.0
-    load: int = 0
-    note: str = ""
+    cost: Number
+    travel_s: Number = 0.0
+    load: Count = 0
+    note: ShortText = ""
 
 
 class DispatchOffer(_Data):
     offer: Id
     order: Id
     rider: Id
-    deadline: AwareDatetime
-    cost: float = 0.0
+    deadline: Instant
+    cost: Number = 0.0
     mode: Literal["single", "batch", "manual"] = "single"
     candidates: list[Candidate] = Field(default_factory=list, max_length=50)
     #: Where to collect the order (absent when the shop gave no pickup point).
@@ -228,7 +243,7 @@ class DispatchOffer(_Data):
 class DispatchReply(_Data):
     offer: Id
     order: Id
-    accept: bool
+    accept: Flag
     reason: ShortText = ""
 
 
@@ -267,7 +282,7 @@ class AlertRaised(_Data):
 
 class AlertEscalated(_Data):
     alert: Id
-    level: int = Field(ge=1)
+    level: Count = Field(ge=1)
     message: ShortText = ""
 
 
@@ -278,7 +293,7 @@ class AlertResolved(_Data):
 
 class AlertAcknowledged(_Data):
     alert: Id
-    by: Annotated[str, StringConstraints(max_length=200)] = ""
+    by: Label = ""
 
 
 # --- envelopes --------------------------------------------------------------------------------
@@ -289,9 +304,11 @@ class _Envelope(BaseModel):
 
     specversion: Literal["1.0"] = SPECVERSION
     id: EventId = Field(default_factory=new_id)
-    source: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    time: AwareDatetime = Field(default_factory=now)
-    subject: Annotated[str, StringConstraints(max_length=200)] | None = None
+    #: Who sent it: ``riders/R``, ``shops/S``, ``customers/C`` or ``services/N`` (the topic's sender).
+    source: Annotated[str, StringConstraints(min_length=1, max_length=200), TEXT_GUARD]
+    #: Required on the wire (:func:`decode`); the defaults serve producers building a model.
+    time: Instant = Field(default_factory=now)
+    subject: Label | None = None
     datacontenttype: Literal["application/json"] | None = None
 
 
@@ -421,7 +438,7 @@ class CustomerAccessEvent(_Envelope):
 class DeviceRequest(_Data):
     """A device asks for a login of its own; the topic names the customer, the login proves it."""
 
-    label: Annotated[str, StringConstraints(max_length=100)] = ""
+    label: Annotated[str, StringConstraints(max_length=100), TEXT_GUARD] = ""
 
 
 class DeviceRequestEvent(_Envelope):
@@ -563,44 +580,97 @@ def _reject_constant(name: str) -> Any:
     raise PayloadError(f"payload is not JSON: {name} is not a JSON number")
 
 
+def _as_bytes(raw: bytes | str) -> bytes:
+    """``raw`` as bytes, refused when larger than :data:`MAX_PAYLOAD_BYTES`."""
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"payload is {len(data)} bytes (max {MAX_PAYLOAD_BYTES})")
+    return data
+
+
 def load_json(raw: bytes | str) -> Any:
     """Parse a payload as UTF-8 JSON, raising :class:`PayloadError` that says what is wrong."""
-    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
-    if size > MAX_PAYLOAD_BYTES:
-        raise PayloadError(f"payload is {size} bytes (max {MAX_PAYLOAD_BYTES})")
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PayloadError(f"payload is not UTF-8 text (byte {exc.start})") from None
+    data = _as_bytes(raw)
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError(f"payload is not UTF-8 text (byte {exc.start})") from None
+    check_depth(data)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise PayloadError(
             f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:  # check_depth should have caught it; never let it escape
+        raise PayloadError(f"payload nests deeper than {MAX_DEPTH} levels of JSON arrays/objects") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise PayloadError(f"payload is not usable JSON: {exc}") from None
+
+
+#: Envelope fields a sender must give (the models' defaults serve producers, not the wire).
+REQUIRED_ON_WIRE: dict[str, str] = {
+    "id": "every event carries the sender's id so a retry is deduplicated",
+    "time": "every event carries the time it happened (RFC 3339 with a UTC offset)",
+}
+
+
+def _check_required(present: Any) -> None:
+    for name, why in REQUIRED_ON_WIRE.items():
+        if name not in present:
+            raise PayloadError(f"missing field {name}: {why}")
 
 
 def decode(raw: bytes | str) -> Event:
-    """Decode and validate one CloudEvent; raise :class:`PayloadError` naming the bad field."""
-    if isinstance(raw, bytes) and len(raw) <= MAX_PAYLOAD_BYTES:
-        # Fast path (pydantic's own JSON parser, ~2x json.loads + validate_python); anything it
-        # rejects takes the slow path below, which explains the problem precisely.
-        try:
-            return _ADAPTER.validate_json(raw)
-        except ValidationError:
-            pass
-    obj = load_json(raw)
+    """Decode and validate one inbound CloudEvent; raise :class:`PayloadError` naming the bad field.
+
+    Total: whatever the input, the answer is an event or a :class:`PayloadError` (an unexpected
+    exception becomes one, "undecodable payload: ..."), so one message can never stop a batch.
+    """
+    try:
+        return _decode(_as_bytes(raw))
+    except PayloadError:
+        raise
+    except Exception as exc:
+        raise PayloadError(f"undecodable payload: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(data: bytes) -> Event:
+    check_depth(data)
+    # Fast path (pydantic's own JSON parser, ~2x json.loads + validate_python); anything it
+    # rejects takes the slow path below, which explains the problem precisely.
+    try:
+        event = _ADAPTER.validate_json(data)
+    except ValidationError:
+        pass
+    else:
+        _check_required(event.model_fields_set)
+        return event
+    obj = load_json(data)
     if not isinstance(obj, dict):
         raise PayloadError(f"payload must be a JSON object, not {type(obj).__name__}")
     kind = obj.get("type")
     if not isinstance(kind, str) or kind not in EVENT_TYPES:
         known = ", ".join(sorted(EVENT_TYPES))
         raise PayloadError(f"type: unknown event type {kind!r} (known: {known})")
+    _check_required(obj)
     try:
         return _ADAPTER.validate_python(obj)
     except ValidationError as exc:
         raise PayloadError(describe_validation_error(exc)) from None
+
+
+def check_received(event: _Envelope, now: datetime, bounds: TimeBounds) -> None:
+    """Raise :class:`PayloadError` if the times of an inbound event are implausible at ``now``.
+
+    The event's ``time`` and a position's ``tst`` must lie between ``bounds.max_age_s`` ago and
+    ``bounds.future_skew_s`` ahead; an incident's ETA at most ``bounds.eta_horizon_s`` ahead.
+    """
+    check_time("time", event.time, now, bounds)
+    if isinstance(event, RiderLocationEvent):
+        check_epoch("data.tst", event.data.tst, now, bounds)
+    elif isinstance(event, OrderIncidentEvent) and event.data.eta is not None:
+        check_eta("data.eta", event.data.eta, now, bounds)
 
 
 def encode(event: BaseModel) -> bytes:
@@ -679,10 +749,15 @@ class Ack(BaseModel):
 
 
 def payload_text(payload: bytes, limit: int) -> str:
-    """A payload as text for a dead letter: UTF-8, else ``base64:`` and its bytes; cut to ``limit``."""
+    """A payload as text for a dead letter: UTF-8, else ``base64:`` and its bytes; cut to ``limit``.
+
+    Text with a NUL character is kept as bytes too: PostgreSQL refuses NUL in text.
+    """
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
+        text = "\x00"
+    if "\x00" in text:
         text = "base64:" + base64.b64encode(payload[: limit * 3 // 4]).decode()
     return text[:limit]
 

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
+from bloomwire.contract.validate import DEFAULT_TIME_BOUNDS, TimeBounds, check_epoch
 from bloomwire.errors import PayloadError
 
 LOCATION: Final = "location"
@@ -53,21 +54,6 @@ MILLISECONDS_ABOVE: Final = 100_000_000_000
 NUMBER_FIELDS: Final = ("lat", "lon", "tst", "acc", "vel", "alt", "cog", "batt", "vac", "rad", "wtst")
 #: Transition fields the backbone keeps (text), with their longest accepted length.
 TEXT_FIELDS: Final = {"desc": 500, "rid": 100, "t": 10}
-
-
-@dataclass(frozen=True, slots=True)
-class FixBounds:
-    """How far a fix time may lie from the persister's clock.
-
-    5 minutes ahead absorbs a phone clock that runs fast; 7 days back lets a phone that was offline
-    for a week still upload what it queued, while a ``tst`` of 0 or in the 1970s is refused.
-    """
-
-    future_skew_s: float = 300.0
-    max_age_s: float = 7 * 24 * 3600.0
-
-
-DEFAULT_BOUNDS: Final = FixBounds()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +88,9 @@ class Ignored:
 Parsed = ev.RiderLocation | Lwt | Transition | Ignored
 
 
-def parse(raw: bytes, now: datetime, *, retained: bool = False, bounds: FixBounds = DEFAULT_BOUNDS) -> Parsed:
+def parse(
+    raw: bytes, now: datetime, *, retained: bool = False, bounds: TimeBounds = DEFAULT_TIME_BOUNDS
+) -> Parsed:
     """Read one unmodified OwnTracks payload; raise :class:`PayloadError` when it is malformed."""
     if not raw.strip():
         return Ignored("empty", "empty payload (a retained message being cleared)")
@@ -128,7 +116,7 @@ def parse(raw: bytes, now: datetime, *, retained: bool = False, bounds: FixBound
 
 
 def parse_location_fields(
-    obj: dict[str, Any], now: datetime, bounds: FixBounds = DEFAULT_BOUNDS
+    obj: dict[str, Any], now: datetime, bounds: TimeBounds = DEFAULT_TIME_BOUNDS
 ) -> ev.RiderLocation:
     """Validate a position with OwnTracks field names (also bare on ``riders/R/location``)."""
     check_numbers(obj)
@@ -141,7 +129,9 @@ def parse_location_fields(
         raise PayloadError(ev.describe_validation_error(exc)) from None
 
 
-def parse_transition(obj: dict[str, Any], now: datetime, bounds: FixBounds = DEFAULT_BOUNDS) -> Transition:
+def parse_transition(
+    obj: dict[str, Any], now: datetime, bounds: TimeBounds = DEFAULT_TIME_BOUNDS
+) -> Transition:
     """Validate a ``transition`` (``event`` enter/leave, ``tst``, ``lat``/``lon``; ``desc``, ...)."""
     check_numbers(obj)
     event = obj.get("event")
@@ -184,23 +174,14 @@ def check_numbers(obj: dict[str, Any]) -> None:
         raise PayloadError("tst: must be whole epoch seconds")
 
 
-def check_tst(tst: int, now: datetime, bounds: FixBounds = DEFAULT_BOUNDS) -> None:
-    """Refuse a fix time in milliseconds, at or before the epoch, too far ahead or too old."""
+def check_tst(tst: int, now: datetime, bounds: TimeBounds = DEFAULT_TIME_BOUNDS) -> None:
+    """Refuse a fix time in milliseconds or at/before the epoch, then the contract's time bounds
+    (``bounds.future_skew_s`` ahead, ``bounds.max_age_s`` old: the same as every event's time)."""
     if tst > MILLISECONDS_ABOVE:
         raise PayloadError(f"tst: {tst} looks like milliseconds; OwnTracks sends epoch seconds")
     if tst <= 0:
         raise PayloadError(f"tst: {tst} is not a time; OwnTracks sends epoch seconds")
-    ahead = tst - now.timestamp()
-    if ahead > bounds.future_skew_s:
-        raise PayloadError(
-            f"tst: {tst} ({_iso(tst)}) is {ahead:.0f} s in the future"
-            f" (at most {bounds.future_skew_s:.0f} s allowed)"
-        )
-    if -ahead > bounds.max_age_s:
-        days = bounds.max_age_s / 86400
-        raise PayloadError(
-            f"tst: {tst} ({_iso(tst)}) is older than {days:g} days (too old to be a fix of now)"
-        )
+    check_epoch("tst", tst, now, bounds)
 
 
 def transition_id(rider: str, device: str, t: Transition) -> str:
@@ -245,10 +226,3 @@ def _text(obj: dict[str, Any], name: str, limit: int) -> str | None:
     if any(ord(c) < 32 and c not in "\n\t" for c in value):
         raise PayloadError(f"{name}: contains control characters")
     return value.strip()
-
-
-def _iso(tst: int) -> str:
-    try:
-        return datetime.fromtimestamp(tst, tz=UTC).isoformat()
-    except (OverflowError, OSError, ValueError):
-        return str(tst)

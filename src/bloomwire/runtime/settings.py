@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bloomwire.contract.validate import TimeBounds
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -89,6 +91,22 @@ class Settings(BaseSettings):
             "(fewer, larger commits at moderate load; 0 = commit whatever has arrived)"
         ),
     )
+    event_future_skew_s: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "How far ahead of the persister's clock an inbound event time (or OwnTracks tst) may "
+            "be: 5 minutes covers phone clocks set by hand or drifting; later is refused"
+        ),
+    )
+    event_max_age_s: float = Field(
+        default=7 * 86_400.0,
+        gt=0,
+        description=(
+            "How old an inbound event time (or OwnTracks tst) may be: 7 days lets a device's "
+            "outbox re-send after a week offline; older is refused as implausible"
+        ),
+    )
     alerts_rules: Path | None = Field(
         default=None, description="TOML file of alert thresholds (built-in defaults when unset)"
     )
@@ -131,6 +149,11 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'bloomwire.db').resolve()}"
         return self
+
+    @property
+    def time_bounds(self) -> TimeBounds:
+        """How far inbound times may lie from the persister's clock (``event_*`` fields)."""
+        return TimeBounds(future_skew_s=self.event_future_skew_s, max_age_s=self.event_max_age_s)
 
     @property
     def external_broker(self) -> bool:

@@ -31,6 +31,7 @@ from bloomwire.contract.lifecycle import (
     check_transition,
 )
 from bloomwire.contract.topics import Identity, InboundKind, InboundTopic
+from bloomwire.contract.validate import DEFAULT_TIME_BOUNDS, TimeBounds
 from bloomwire.errors import BloomwireError, PayloadError, TopicError
 from bloomwire.runtime.log import get_logger
 from bloomwire.services.persister.tables import CachedTable, Row
@@ -141,6 +142,17 @@ def _uuid5(*parts: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "/".join(parts)))
 
 
+def _event_id(payload: bytes) -> str | None:
+    """The ``id`` of a refused payload, if it has a readable one (for the sender's refusal)."""
+    try:
+        obj = ev.load_json(payload)
+    except Exception:  # unreadable: the refusal goes without an id
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("id"), str):
+        return str(obj["id"])[:128]
+    return None
+
+
 class Projector:
     """The persister's authoritative in-memory projections over the store."""
 
@@ -150,8 +162,11 @@ class Projector:
         *,
         clock: Callable[[], datetime] = ev.now,
         manual_offer_timeout_s: int = 90,
+        bounds: TimeBounds = DEFAULT_TIME_BOUNDS,
     ) -> None:
         self.engine = engine
+        #: How far inbound times may lie from ``clock`` (refused beyond, in :meth:`_decode`).
+        self.bounds = bounds
         self.clock = clock
         self.manual_offer_timeout_s = manual_offer_timeout_s
         self.orders = CachedTable(ORDERS_T, self._load_one(ORDERS_T))
@@ -273,46 +288,48 @@ class Projector:
         return result
 
     def _decode(self, msg: Inbound) -> tuple[Inbound, InboundTopic | None, Any, str | None]:
+        """``(msg, where, event or None, None)``, or ``(msg, where, id or None, reason)`` if refused.
+
+        Total: no exception escapes, so one message can never fail its batch.
+        """
         try:
             where = topics.parse_inbound(msg.topic)
         except TopicError as exc:
             return msg, None, None, str(exc)
         try:
-            if where.kind is InboundKind.OWNTRACKS:
-                return msg, where, self._decode_owntracks(msg, where), None
-            if where.kind is InboundKind.PRESENCE and msg.payload.strip() in (
-                b"online",
-                b"offline",
-            ):
-                status = ev.Presence(msg.payload.strip().decode())
-                data = ev.RiderPresence(status=status)
-                # A bare word (e.g. the Last Will) has no time of its own: it happens now.
-                event = ev.RiderPresenceEvent(source=where.source, time=self.clock(), data=data)
-                return msg, where, event, None
-            if where.kind is InboundKind.PRESENCE and msg.payload == b"":
-                return msg, where, None, None  # a retained presence being cleared
-            if where.kind is InboundKind.LOCATION:
-                obj = ev.load_json(msg.payload)
-                if isinstance(obj, dict) and "type" not in obj:  # bare OwnTracks-style fields
-                    loc = ot.parse_location_fields(obj, self.clock())
-                    return msg, where, ev.RiderLocationEvent(source=where.source, data=loc), None
-            return msg, where, ev.decode(msg.payload), None
+            event = self._decode_payload(msg, where)
+            if isinstance(event, ev._Envelope):
+                ev.check_received(event, self.clock(), self.bounds)
+            return msg, where, event, None
         except PayloadError as exc:
-            event_id = None
-            try:
-                obj = ev.load_json(msg.payload)
-                if isinstance(obj, dict) and isinstance(obj.get("id"), str):
-                    event_id = obj["id"][:128]
-            except PayloadError:
-                pass
-            return msg, where, event_id, str(exc)
+            return msg, where, _event_id(msg.payload), str(exc)
+        except Exception as exc:  # a bug in a validator must not fail the batch: refuse this one
+            log.exception("internal error decoding", topic=msg.topic)
+            return msg, where, _event_id(msg.payload), f"undecodable payload: {type(exc).__name__}: {exc}"
+
+    def _decode_payload(self, msg: Inbound, where: InboundTopic) -> ev._Envelope | ot.Ignored | None:
+        if where.kind is InboundKind.OWNTRACKS:
+            return self._decode_owntracks(msg, where)
+        if where.kind is InboundKind.PRESENCE and msg.payload.strip() in (b"online", b"offline"):
+            status = ev.Presence(msg.payload.strip().decode())
+            data = ev.RiderPresence(status=status)
+            # A bare word (e.g. the Last Will) has no time of its own: it happens now.
+            return ev.RiderPresenceEvent(source=where.source, time=self.clock(), data=data)
+        if where.kind is InboundKind.PRESENCE and msg.payload == b"":
+            return None  # a retained presence being cleared
+        if where.kind is InboundKind.LOCATION:
+            obj = ev.load_json(msg.payload)
+            if isinstance(obj, dict) and "type" not in obj:  # bare OwnTracks-style fields
+                loc = ot.parse_location_fields(obj, self.clock(), self.bounds)
+                return ev.RiderLocationEvent(source=where.source, data=loc)
+        return ev.decode(msg.payload)
 
     def _decode_owntracks(
         self, msg: Inbound, where: InboundTopic
     ) -> ev.Event | ev.RiderRegionChangedEvent | ot.Ignored:
         """What an OwnTracks payload is (raises :class:`PayloadError` when it is malformed)."""
         now = self.clock()
-        parsed = ot.parse(msg.payload, now, retained=msg.retain)
+        parsed = ot.parse(msg.payload, now, retained=msg.retain, bounds=self.bounds)
         match parsed:
             case ot.Ignored():
                 log.info("owntracks message ignored", topic=msg.topic[:200], type=parsed.kind, why=parsed.why)

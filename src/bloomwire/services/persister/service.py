@@ -55,7 +55,7 @@ def build(
         engine = await asyncio.to_thread(
             open_store, settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
         )
-        projector = Projector(engine, clock=clock)
+        projector = Projector(engine, clock=clock, bounds=settings.time_bounds)
         await asyncio.to_thread(projector.load)
         state["projector"] = projector
         publish(projector.snapshot_messages())
