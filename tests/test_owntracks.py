@@ -2,10 +2,11 @@
 
 * Units: :func:`owntracks.parse` on each ``_type``, with the refusal reasons asserted.
 * The projector over a real store (both backends): lwt, transitions (stored once, linked to the
-  order whose destination they are, the "arrived?" prompt), ignored types counted, retained replays.
+  order whose destination they are, the "arrived?" prompt), ignored types counted, retained publishes.
 * Over MQTT with the persister running (both backends): lwt -> offline in the retained rider
   state; a transition sent twice stored once; a waypoint counted and not stored; a fix in
-  milliseconds dead-lettered and the good fix after it stored; retained replays ignored.
+  milliseconds dead-lettered and the good fix (published retained) after it stored; a retained
+  fix left before the persister subscribed is never replayed to it.
 """
 
 from __future__ import annotations
@@ -203,18 +204,6 @@ def test_other_types_are_ignored_with_a_label(raw: bytes, kind: str) -> None:
     assert isinstance(got, ot.Ignored) and got.kind == kind and got.why
 
 
-def test_a_retained_replay_is_ignored_whatever_it_is() -> None:
-    for raw, kind in (
-        (fix(now_tst()), "location"),
-        (b'{"_type":"lwt"}', "lwt"),
-        (b'{"_type":"x"}', "unknown"),
-    ):
-        got = ot.parse(raw, ev.now(), retained=True)
-        assert got == ot.Ignored(
-            kind, "retained message replayed by the broker (the Recorder ignores them too)"
-        )
-
-
 def test_transition_ids_are_derived_from_rider_device_time_and_event() -> None:
     t = ot.Transition("enter", 1_700_000_000, 1.0, 2.0, None, "", None, None)
     same = ot.Transition("enter", 1_700_000_000, 1.5, 2.5, 9.0, "x", None, None)
@@ -351,13 +340,17 @@ def test_ignored_types_are_logged_once_not_stored_and_bad_ones_dead_lettered(
     assert count(engine, DEAD_LETTERS, DEAD_LETTERS.c.topic == base()) == 1
 
 
-def test_retained_replays_are_ignored_live_messages_are_used(desk: Desk, engine: Engine) -> None:
+def test_a_location_published_retained_is_used_not_refused(desk: Desk, engine: Engine) -> None:
+    """The app publishes retained by default; the persister's refusal of retained inbound
+    publishes (presence aside) has OwnTracks as its other exception."""
     t = now_tst()
-    replay = desk.projector.apply([Inbound(base("r2"), fix(t - 60), retain=True)])
-    assert (replay.stored, replay.ignored) == (0, 1)
-    assert count(engine, RIDERS, RIDERS.c.id == "r2") == 0
-    live = desk.projector.apply([Inbound(base("r2"), fix(t, lat=BASE_LAT + 0.002))])
-    assert live.stored == 1 and rider_row(engine, "r2")["lat"] == BASE_LAT + 0.002
+    result = desk.projector.apply([Inbound(base("r2"), fix(t, lat=BASE_LAT + 0.002), retain=True)])
+    assert (result.stored, result.refused) == (1, 0), refusals(result)
+    assert not [o for o in result.outbound if o.topic == base("r2")]  # not cleared either
+    assert rider_row(engine, "r2")["lat"] == BASE_LAT + 0.002
+    desk.ok(Msg(topics.rider_presence("r2"), b"online"))
+    lwt = desk.projector.apply([Inbound(base("r2"), b'{"_type":"lwt"}', retain=True)])
+    assert (lwt.stored, lwt.refused) == (1, 0) and rider_row(engine, "r2")["presence"] == "offline"
 
 
 def _events(engine: Engine) -> list[dict[str, Any]]:
@@ -440,7 +433,7 @@ def test_owntracks_over_mqtt(
     phone = dev.client
     registry = CollectorRegistry()
     t = now_tst()
-    # Left retained by r2's app before the persister ever subscribed: replayed to it, ignored.
+    # Left retained by r2's app before the persister ever subscribed: never replayed to it.
     phone.publish(base("r2"), fix(t - 30), qos=1, retain=True).wait_for_publish(5)
     with persister_with_metrics(settings, registry):
         dev.wait_for_persister()
@@ -494,7 +487,9 @@ def test_owntracks_over_mqtt(
         )
         wait_until(lambda: rider_row(engine, "r1")["lat"] == good_lat, "the good fix after the bad one")
         wait_until(lambda: ignored_count(registry, "waypoint") == 1, "the waypoint counted")
-        assert ignored_count(registry, "location") == 1  # r2's retained replay
+        # the retained fix stays on the broker for the rider's other OwnTracks devices
+        [kept] = Spy(client(), (base(),)).wait(lambda s: s.topic == base(), what="retained fix")
+        assert kept.retain and json.loads(kept.payload)["lat"] == good_lat
     assert count(engine, DEAD_LETTERS) == 1
     with engine.connect() as conn:
         [dead] = [dict(r) for r in conn.execute(sa.select(DEAD_LETTERS)).mappings()]

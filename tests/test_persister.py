@@ -798,7 +798,7 @@ def test_projections_reload_after_restart(desk: Desk, engine: Engine) -> None:
     r = desk.ok(location("r1", BASE_LAT, BASE_LON, tst_now()))
     assert len(on(r, topics.order_topic(SHOP, "o1", "location"))) == 1
     r = desk.send(status("r3", "o3", "returned"))
-    assert r.refused == 1 and "not assigned" in refusals(r)[0]
+    assert r.refused == 1 and "'o3' is delivered; it is closed" in refusals(r)[0]
     assert order_row(engine, "o1")["status"] == "en_route"
     assert order_row(engine, "o2")["status"] == "accepted"
 

@@ -246,7 +246,7 @@ def monitor_role() -> Role:
 
 def persister_role() -> Role:
     """Reads every inbound topic and the dead letters; writes the canonical topics, inboxes,
-    dead letters."""
+    dead letters, and empty retained messages on the inbound topics (presence aside)."""
     writes = (
         *_CANONICAL_ORDER,
         *_SHOP_FEEDS,
@@ -255,6 +255,8 @@ def persister_role() -> Role:
         f"{topics.CUSTOMERS}/+/inbox/#",
         topics.DEADLETTER,
         topics.service_status(PERSISTER),
+        # to clear a retained publish left on an inbound topic (presence stays retained)
+        *(f for f in INBOUND_FILTERS if f != topics.ALL_PRESENCE_FILTER),
     )
     reads = (*INBOUND_FILTERS, topics.DEADLETTER)  # the other services' refusals, to store them
     return Role(role_name(Kind.PERSISTER), (*_read(*reads), *_write(*writes)))

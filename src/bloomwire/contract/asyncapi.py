@@ -50,8 +50,9 @@ OWNTRACKS_TRANSITION = "OwnTracksTransition"
 OWNTRACKS_IGNORED = "OwnTracksIgnored"
 #: What the backbone does with each OwnTracks subtopic's payloads besides ``event``.
 _OWNTRACKS_RETAINED = (
-    " Retained messages are handled as the OwnTracks Recorder does by default: one the broker "
-    "replays on (re)subscription is ignored; one the app publishes retained (its default) is used."
+    " Retained as the OwnTracks Recorder has it by default: what the broker replays on "
+    "(re)subscription is not used (the persister asks for no replays); a live message the app "
+    "publishes retained (its default) is used, neither refused nor cleared."
 )
 
 #: Pydantic models of events.py carried by some topic, besides the CloudEvents envelopes.
@@ -174,7 +175,8 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.owntracks, "{rider}", "{device}"),
             "receive",
             "An unmodified OwnTracks app payload: _type location is the rider's position (tst in "
-            "epoch seconds, not milliseconds, within 5 minutes ahead and 7 days back); _type lwt, "
+            "epoch seconds, not milliseconds, within event_future_skew_s ahead and event_max_age_s "
+            "back); _type lwt, "
             "the app's Last Will, marks the rider offline as a bare offline on its presence topic "
             "does; any other _type is acknowledged as ignored (logged, counted)." + _OWNTRACKS_RETAINED,
             (OWNTRACKS_LOCATION, OWNTRACKS_LWT),
@@ -714,7 +716,7 @@ app's own JSON; `PresenceWord` is the bare text `online` or `offline`.
 
 OwnTracks (contract/owntracks.py), as the OwnTracks Recorder treats the app's messages where it
 has a rule: `_type` `location` is a position (`tst` whole epoch seconds: a value above 1e11 is
-refused as milliseconds, and so are 0, more than 5 minutes ahead or more than 7 days old; numbers
+refused as milliseconds, and so are 0 and times outside the contract's time bounds; numbers
 must be finite JSON numbers); `lwt` marks the rider offline like a bare `offline` on its presence
 topic; `transition` on `.../event` is stored as a `rider.region_changed` event with an id derived
 from rider, device, `tst` and `event` (a re-send is a duplicate), tied to the carried order whose
@@ -723,9 +725,11 @@ entering that destination while out for delivery sends an "arrived?" chat line t
 inbox. Every other `_type` is acknowledged as ignored: one log line (topic, `_type`) and
 `bloomwire_owntracks_ignored_total{type,reason}`; a malformed payload is dead-lettered with its
 reason. Retained: the Recorder ignores retained messages unless started with `--useretained`
-(default no). A subscriber sees the RETAIN flag only on messages the broker replays when it
-(re)subscribes, so the Recorder -- and the persister -- ignore those replays (counted as ignored)
-and use every live message, including those the app publishes retained (its default).
+(default no); without Retain As Published a subscriber sees the RETAIN flag only on what the
+broker replays when it (re)subscribes, so the Recorder ignores those replays and uses every live
+message, including those the app publishes retained (its default). The persister does the same:
+its subscriptions ask for no replays (Retain Handling 2), and OwnTracks topics are, with
+presence, the exception to its refusal of retained inbound publishes.
 
 Every inbound CloudEvent carries `id` and `time` (a message without either is refused: the `id`
 is the sender's promise that a retry is the same event, deduplicated by it). `id` is 1-128 ASCII

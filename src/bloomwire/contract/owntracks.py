@@ -6,9 +6,10 @@ The apps publish on ``owntracks/R/DEVICE`` (``location``; ``lwt``, their Last Wi
 store, or :class:`Ignored` (acknowledged, logged and counted by the persister) -- or raises
 :class:`PayloadError` with the reason, which dead-letters it.
 
-Retained messages follow the OwnTracks Recorder's default (``--useretained``: "process retained
-messages (default: no)"): one replayed by the broker on (re)subscription is ignored. A message the
-app *published* retained (its default) reaches a live subscriber as an ordinary one and is used.
+Retained messages as the OwnTracks Recorder has them by default (``--useretained``: "process
+retained messages (default: no)"): what the broker replays on (re)subscription is not used (the
+persister's subscriptions ask for no replays), while a live message the app publishes retained
+(its default) is an ordinary location and is used.
 """
 
 from __future__ import annotations
@@ -88,9 +89,7 @@ class Ignored:
 Parsed = ev.RiderLocation | Lwt | Transition | Ignored
 
 
-def parse(
-    raw: bytes, now: datetime, *, retained: bool = False, bounds: TimeBounds = DEFAULT_TIME_BOUNDS
-) -> Parsed:
+def parse(raw: bytes, now: datetime, *, bounds: TimeBounds = DEFAULT_TIME_BOUNDS) -> Parsed:
     """Read one unmodified OwnTracks payload; raise :class:`PayloadError` when it is malformed."""
     if not raw.strip():
         return Ignored("empty", "empty payload (a retained message being cleared)")
@@ -100,9 +99,6 @@ def parse(
     kind = obj.get("_type")
     if not isinstance(kind, str):
         raise PayloadError("_type: missing; every OwnTracks payload names its _type")
-    if retained:
-        label = kind if kind in IGNORED_TYPES or kind in (LOCATION, LWT, TRANSITION) else UNKNOWN
-        return Ignored(label, "retained message replayed by the broker (the Recorder ignores them too)")
     if kind == LOCATION:
         return parse_location_fields(obj, now, bounds)
     if kind == LWT:

@@ -30,10 +30,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bloomwire.contract import topics
-from bloomwire.contract.events import Refusal, encode, payload_text
-from bloomwire.errors import BrokerError
+from bloomwire.contract.events import Refusal, ServiceState, ServiceStatus, encode, now, payload_text
+from bloomwire.errors import BloomwireError, BrokerError
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import NO_ROUTE, ServiceMetrics
 from bloomwire.runtime.pahoclient import TunedClient, expiry_properties, tuning_refusal
@@ -50,6 +51,22 @@ REASON_LIMIT = 1000
 #: A dead letter carries the refused payload up to this many characters (the store keeps it).
 DEAD_PAYLOAD_LIMIT = 16_384
 EVENT_ID_LIMIT = 200
+#: A failing batch is retried after this pause, doubled each time up to the cap.
+RETRY_FIRST_S = 0.2
+RETRY_CAP_S = 10.0
+#: A degraded service raises an operator alert after this long (``Service(degraded_alert_s=)``).
+DEGRADED_ALERT_S = 30.0
+#: How a subscription is asked for: a QoS, or MQTT 5 subscription options.
+Subscription = int | SubscribeOptions
+
+
+def live_only(qos: int) -> SubscribeOptions:
+    """Subscription options for topics that carry events, not state: retained messages are never
+    sent on (re)subscription (Retain Handling 2), and live ones keep their retain flag
+    (Retain As Published), so the receiver can refuse them."""
+    return SubscribeOptions(
+        qos=qos, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +120,7 @@ class Connection:
         self.session_expiry_s = session_expiry_s
         self.manual_ack = manual_ack
         self.keepalive = keepalive
-        self.subscriptions: dict[str, int] = {}
+        self.subscriptions: dict[str, Subscription] = {}
         self.generation = 0
         self.connected = threading.Event()
         self.last_error: str | None = None
@@ -179,8 +196,8 @@ class Connection:
             with self._subscribe_lock:  # subscribe() must not slip in between the two
                 # Subscribe BEFORE saying online: the broker handles one client's packets in
                 # order, so whoever sees "online" knows the subscriptions are in place.
-                for topic_filter, qos in list(self.subscriptions.items()):
-                    client.subscribe(topic_filter, qos)
+                for topic_filter, how in list(self.subscriptions.items()):
+                    _subscribe(client, topic_filter, how)
                 self.connected.set()
             if self.status_topic and self.announce_online:
                 client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
@@ -300,12 +317,12 @@ class Connection:
                 )
             await asyncio.sleep(0.02)
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now (if connected) and after every reconnection."""
+    def subscribe(self, topic_filter: str, qos: Subscription = 1) -> None:
+        """Subscribe now (if connected) and after every reconnection (``qos`` may be options)."""
         with self._subscribe_lock:
             self.subscriptions[topic_filter] = qos
             if self.connected.is_set():
-                self.client.subscribe(topic_filter, qos)
+                _subscribe(self.client, topic_filter, qos)
 
     def publish(
         self,
@@ -422,6 +439,23 @@ class Connection:
             client.on_raw_message = None
 
 
+def _subscribe(client: paho.Client, topic_filter: str, how: Subscription) -> None:
+    if isinstance(how, SubscribeOptions):
+        client.subscribe(topic_filter, options=how)
+    else:
+        client.subscribe(topic_filter, how)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (our own errors: the message alone): a reason short
+    enough for a status or a log line."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    if isinstance(exc, BloomwireError) and line:
+        return _shorten(line, limit)
+    return _shorten(f"{type(exc).__name__}: {line}".rstrip(": "), limit)
+
+
 def _varint_size(n: int) -> int:
     size = 1
     while n >= 128:
@@ -460,6 +494,22 @@ class _Route:
     qos: int
     handler: Handler | None = None
     batch_handler: BatchHandler | None = None
+    #: A single handler that raises is retried like a batch (never dead-lettered and acked).
+    retry: bool = False
+    #: Subscribed with :func:`live_only` options (no retained messages sent on subscription).
+    live: bool = False
+
+    def subscription(self) -> Subscription:
+        return live_only(self.qos) if self.live else self.qos
+
+
+@dataclass
+class _Health:
+    """Whether a service can do its job: ``degraded`` while a batch keeps failing."""
+
+    since: float | None = None
+    reason: str = ""
+    alerted: bool = False
 
 
 class Service:
@@ -480,8 +530,12 @@ class Service:
         linger_s: float = 0.0,
         metrics: ServiceMetrics | None = None,
         tuned: bool = False,
+        degraded_alert_s: float = DEGRADED_ALERT_S,
     ) -> None:
         self.name = topics.check_id(name, "service")
+        #: Degraded this long, the service raises an operator alert (log error + status reason).
+        self.degraded_alert_s = degraded_alert_s
+        self.health = _Health()
         #: Told what is received, handled, failed and dead-lettered (None: nothing is counted).
         self.metrics = metrics
         self.persistent = persistent
@@ -500,25 +554,32 @@ class Service:
 
     # --- declaration -------------------------------------------------------------------------
 
-    def handle(self, topic_filter: str, qos: int = 1) -> Callable[[Handler], Handler]:
-        """Decorator: ``handler(msg)`` for every message matching ``topic_filter``."""
+    def handle(self, topic_filter: str, qos: int = 1, *, retry: bool = False) -> Callable[[Handler], Handler]:
+        """Decorator: ``handler(msg)`` for every message matching ``topic_filter``.
+
+        A handler that raises gets its message dead-lettered and acknowledged; with ``retry`` it is
+        retried instead, like a batch (for messages that must not be lost: the store's refusals).
+        """
 
         def register(fn: Handler) -> Handler:
-            self.routes.append(_Route(topic_filter, qos, handler=fn))
+            self.routes.append(_Route(topic_filter, qos, handler=fn, retry=retry))
             return fn
 
         return register
 
-    def handle_batch(self, *filters: str, qos: int = 1) -> Callable[[BatchHandler], BatchHandler]:
+    def handle_batch(
+        self, *filters: str, qos: int = 1, live: bool = False
+    ) -> Callable[[BatchHandler], BatchHandler]:
         """Decorator: ``handler(msgs)`` for runs of consecutive messages matching ``filters``.
 
         The handler must deal with each bad message itself; if it raises, the whole batch is
-        retried (it was not acknowledged) after a pause.
+        retried (it was not acknowledged) after a pause, the service ``degraded`` meanwhile.
+        ``live``: subscribed with :func:`live_only` (retained messages not replayed, retain flag kept).
         """
 
         def register(fn: BatchHandler) -> BatchHandler:
             for f in filters:
-                self.routes.append(_Route(f, qos, batch_handler=fn))
+                self.routes.append(_Route(f, qos, batch_handler=fn, live=live))
             return fn
 
         return register
@@ -637,7 +698,7 @@ class Service:
         self.connection = conn
         self._watch(conn)
         for route in self.routes:
-            conn.subscriptions[route.topic_filter] = route.qos
+            conn.subscriptions[route.topic_filter] = route.subscription()
         conn.start()
         try:
             await self._wait_connected(conn, stop)
@@ -713,6 +774,11 @@ class Service:
         """Handle the head of ``pending``; return what is left."""
         first = pending[0]
         route = self._route(first.topic)
+        if route is not None and route.handler is not None and route.retry:
+            one = route.handler
+            if await self._until_handled(conn, lambda b: one(b[0]), pending[:1], stop):
+                return pending[1:]
+            return []
         if route is None or route.handler is not None:
             await self._handle_one(conn, route, first)
             return pending[1:]
@@ -724,27 +790,79 @@ class Service:
             if nxt is None or nxt.batch_handler is not handler:
                 break
             n += 1
-        batch, rest = pending[:n], pending[n:]
-        delay = 0.2
+        if await self._until_handled(conn, handler, pending[:n], stop):
+            return pending[n:]
+        return []
+
+    async def _until_handled(
+        self, conn: Connection, handler: BatchHandler, batch: list[Message], stop: asyncio.Event
+    ) -> bool:
+        """Call ``handler(batch)`` until it returns, then acknowledge the batch; False if stopped first.
+
+        While it fails the service is degraded: nothing more is read (the broker holds the rest,
+        bounded by its in-flight window), the pause doubles up to :data:`RETRY_CAP_S`.
+        """
+        delay = RETRY_FIRST_S
         while True:
             started = time.perf_counter()
             try:
                 await handler(batch)
                 break
-            except Exception:
+            except Exception as exc:
                 self.failed += 1
-                self._observe_failure(first)
-                log.exception("batch handler failed; retrying", service=self.name, size=len(batch))
+                self._observe_failure(batch[0])
+                self._degraded(conn, exc, len(batch))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 if stop.is_set():  # not acknowledged: a persistent session gets it again
                     log.warning("stopping with an unhandled batch", service=self.name, size=len(batch))
-                    return []
-                delay = min(delay * 2, 10.0)
+                    return False
+                delay = min(delay * 2, RETRY_CAP_S)
         conn.ack_all(batch)
         self.handled += len(batch)
         self._observe(batch, started)
-        return rest
+        self._recovered(conn)
+        return True
+
+    # --- health: online / degraded on the status topic --------------------------------------------
+
+    def _degraded(self, conn: Connection, exc: Exception, size: int) -> None:
+        """A batch failed: say so once (log and status), and raise the alert once it lasts."""
+        health = self.health
+        if health.since is None:
+            health.since = time.monotonic()
+            health.reason = first_line(exc)
+            log.warning("degraded; retrying", service=self.name, size=size, reason=health.reason)
+            self._announce(conn, ServiceState.DEGRADED, health.reason)
+            return
+        log.debug("retry failed", service=self.name, size=size, reason=first_line(exc))
+        lasted = time.monotonic() - health.since
+        if not health.alerted and lasted >= self.degraded_alert_s:
+            health.alerted = True
+            reason = f"ALERT: degraded for over {self.degraded_alert_s:.3g} s: {health.reason}"
+            log.error("alert raised", service=self.name, degraded_s=round(lasted, 1), reason=health.reason)
+            self._announce(conn, ServiceState.DEGRADED, reason)
+
+    def _recovered(self, conn: Connection) -> None:
+        health = self.health
+        if health.since is None:
+            return
+        lasted = time.monotonic() - health.since
+        if health.alerted:
+            log.info("alert resolved", service=self.name)
+        log.info("recovered", service=self.name, degraded_s=round(lasted, 1), reason=health.reason)
+        self.health = _Health()
+        self._announce(conn, ServiceState.ONLINE, "")
+
+    def _announce(self, conn: Connection, state: ServiceState, reason: str) -> None:
+        """Publish the retained status; a reconnection repeats it (never a stale ``online``)."""
+        if state is ServiceState.ONLINE:
+            payload = b"online"
+        else:
+            payload = ServiceStatus(state=state, reason=reason, since=now()).model_dump_json().encode()
+        conn.online_payload = payload
+        with contextlib.suppress(Exception):  # disconnected: the reconnection says it
+            conn.publish(conn.status_topic or topics.service_status(self.name), payload, retain=True)
 
     async def _handle_one(self, conn: Connection, route: _Route | None, msg: Message) -> None:
         started = time.perf_counter()

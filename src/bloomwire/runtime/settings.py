@@ -107,6 +107,22 @@ class Settings(BaseSettings):
             "outbox re-send after a week offline; older is refused as implausible"
         ),
     )
+    sqlite_busy_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "How long a SQLite writer waits for a lock held by another process before the write "
+            "fails (the persister then reports itself degraded and retries)"
+        ),
+    )
+    persister_degraded_alert_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "How long the persister may be degraded (its store unavailable) before it raises an "
+            "operator alert (an error in its log and an ALERT reason on services/persister/status)"
+        ),
+    )
     alerts_rules: Path | None = Field(
         default=None, description="TOML file of alert thresholds (built-in defaults when unset)"
     )

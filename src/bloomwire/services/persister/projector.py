@@ -8,6 +8,7 @@ returns the messages to publish after the commit. Nothing here touches MQTT.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ from bloomwire.contract.topics import Identity, InboundKind, InboundTopic
 from bloomwire.contract.validate import DEFAULT_TIME_BOUNDS, TimeBounds
 from bloomwire.errors import BloomwireError, PayloadError, TopicError
 from bloomwire.runtime.log import get_logger
+from bloomwire.runtime.mqtt import event_id_of
 from bloomwire.services.persister.tables import CachedTable, Row
 from bloomwire.store import models as m
 from bloomwire.store.bulk import BulkInsert, KeyLookup
@@ -45,6 +47,10 @@ EVENTS_T, ORDERS_T, RIDERS_T, OFFERS_T = m.EVENTS, m.ORDERS, m.RIDERS, m.OFFERS
 ALERTS_T, CHAT_T, TRAIL_T, DEAD_T = m.ALERTS, m.CHAT, m.TRAIL, m.DEAD_LETTERS
 
 LOCATION_KINDS = frozenset({InboundKind.LOCATION, InboundKind.OWNTRACKS})
+#: Inbound kinds whose retained publishes are used: presence is state, and the OwnTracks app
+#: publishes retained by default (the Recorder uses such live messages; the broker's replays on
+#: subscription never reach the persister: its subscriptions ask for none).
+RETAINED_ALLOWED = frozenset({InboundKind.PRESENCE, InboundKind.OWNTRACKS})
 
 #: Trail spacing: a point when the rider moved this far or this long since the last one. 50 m is
 #: about one city block (enough to redraw the route on a map); 30 s bounds gaps when crawling.
@@ -80,7 +86,8 @@ class Inbound:
     topic: str
     payload: bytes
     received_at: float = 0.0
-    #: Replayed by the broker from its retained store (as the MQTT RETAIN flag says).
+    #: Published retained (the broker says so with Retain As Published): not an event, except
+    #: on presence and OwnTracks topics (see :data:`RETAINED_ALLOWED`).
     retain: bool = False
 
 
@@ -131,11 +138,33 @@ class _Pending:
     states: dict[str, None] = field(default_factory=dict)
     #: rider -> shops to tell besides those of its current orders (one it just stopped carrying for)
     rider_states: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    seen: set[str] = field(default_factory=set)
+    #: event id -> content digest of the events this batch stores
+    seen: dict[str, int] = field(default_factory=dict)
 
 
 class _Keep(Enum):
     KEEP = 0
+
+
+#: What is known of a stored event id: its content digest (recent ids), or the stored
+#: (type, source, time, data) read back from the store.
+Known = int | tuple[str, str, datetime, Any]
+
+
+def _digest(event: Any, data_json: str) -> int:
+    """The content of an event, to tell a repeated event from a reused id (this process only)."""
+    return hash((event.type, event.source, event.time, data_json))
+
+
+def _storable(text: str) -> str:
+    """``text`` without NUL characters (PostgreSQL text cannot hold them; a refusal must store)."""
+    return text.replace("\x00", "\\u0000") if "\x00" in text else text
+
+
+def _payload_id(payload: bytes) -> str | None:
+    """The ``id`` of a JSON object payload (for a dead letter), or None; never raises."""
+    found = event_id_of(payload)
+    return found[:128] if found else None
 
 
 def _uuid5(*parts: str) -> str:
@@ -179,7 +208,8 @@ class Projector:
         self._insert[EVENTS_T] = BulkInsert(EVENTS_T, engine.dialect, serialized=("data",))
         self._event_ids = KeyLookup(EVENTS_T.c.id, engine.dialect)
         self._conn: sa.Connection | None = None
-        self.recent_ids: OrderedDict[str, None] = OrderedDict()
+        #: Recently stored event ids and their content digests (older ones: read from the store).
+        self.recent_ids: OrderedDict[str, int] = OrderedDict()
         self.rider_orders: dict[str, set[str]] = defaultdict(set)
         self.customer_orders: dict[str, str] = {}
         self.fixes: dict[str, deque[geo.Fix]] = defaultdict(lambda: deque(maxlen=6))
@@ -230,9 +260,19 @@ class Projector:
     # --- the batch --------------------------------------------------------------------------------
 
     def apply(self, batch: Sequence[Inbound]) -> BatchResult:
-        """Validate and apply ``batch`` in order, commit once, and return what to publish."""
+        """Validate and apply ``batch`` in order, commit once, and return what to publish.
+
+        If it raises, nothing was committed and the projections are reloaded before the next batch.
+        """
         if self._stale:
             self._reload()  # raises while the store is still unreachable: the batch is retried
+        try:
+            return self._apply(batch)
+        except BaseException:
+            self._stale = True  # memory may hold changes the store never took
+            raise
+
+    def _apply(self, batch: Sequence[Inbound]) -> BatchResult:
         now = self.clock()
         result = BatchResult()
         pending = _Pending()
@@ -242,6 +282,9 @@ class Projector:
         ids = [e.id for _, _, e, _ in decoded if isinstance(e, ev._Envelope)]
         known = self._known_ids(ids)
         for msg, where, event, error in decoded:
+            if msg.retain and where is not None and where.kind not in RETAINED_ALLOWED:
+                self._retained(pending, msg, where, event, now, result)
+                continue
             if error is not None:
                 self._refuse(pending, msg, where, event, error, now)
                 result.refused += 1
@@ -256,35 +299,118 @@ class Projector:
                 # Positions are not events of record: latest position + trail, no dedupe needed.
                 self._check_and_locate(pending, msg, where, event, now, result)
                 continue
-            if event.id in known or event.id in pending.seen:
-                self._ack(pending, where, event.id)
-                result.duplicates += 1
+            seen = pending.seen.get(event.id, known.get(event.id))
+            if seen is not None:
+                self._repeated(pending, msg, where, event, seen, now, result)
                 continue
-            try:
-                self._check_source(where, event)
-                self._apply_event(pending, where, event, now)
-            except _IgnoredError:
-                self._ack(pending, where, event.id)
-                result.ignored += 1
-                continue
-            except _RefusedError as exc:
-                self._refuse(pending, msg, where, event, exc.reason, now)
-                result.refused += 1
-                continue
-            except Exception as exc:  # a bug must not stop the stream: refuse and carry on
-                log.exception("internal error applying event", topic=msg.topic, id=event.id)
-                self._refuse(pending, msg, where, event, f"internal error: {exc}", now)
-                result.refused += 1
-                continue
-            pending.seen.add(event.id)
-            pending.events.append(self._event_row(where, event, msg.topic, now))
-            self._ack(pending, where, event.id)
-            result.stored += 1
+            self._one(pending, msg, where, event, now, result)
         self._commit(pending)
-        for eid in pending.seen:
-            self._remember(eid)
+        for eid, digest in pending.seen.items():
+            self._remember(eid, digest)
         result.outbound = self._outbound(pending, now)
         self._evict_closed()
+        return result
+
+    def _one(
+        self,
+        pending: _Pending,
+        msg: Inbound,
+        where: InboundTopic,
+        event: Any,
+        now: datetime,
+        result: BatchResult,
+    ) -> None:
+        """Apply one new event: stored, ignored or refused."""
+        try:
+            self._check_source(where, event)
+            self._apply_event(pending, where, event, now)
+        except _IgnoredError:
+            self._ack(pending, where, event.id)
+            result.ignored += 1
+            return
+        except _RefusedError as exc:
+            self._refuse(pending, msg, where, event, exc.reason, now)
+            result.refused += 1
+            return
+        except Exception as exc:  # a bug must not stop the stream: refuse and carry on
+            log.exception("internal error applying event", topic=msg.topic, id=event.id)
+            self._refuse(pending, msg, where, event, f"internal error: {exc}", now)
+            result.refused += 1
+            return
+        row = self._event_row(where, event, msg.topic, now)
+        pending.seen[event.id] = _digest(event, row["data"])
+        pending.events.append(row)
+        self._ack(pending, where, event.id)
+        result.stored += 1
+
+    def _repeated(
+        self,
+        pending: _Pending,
+        msg: Inbound,
+        where: InboundTopic,
+        event: Any,
+        known: Known,
+        now: datetime,
+        result: BatchResult,
+    ) -> None:
+        """A known id: the same event again is a duplicate (acknowledged); other content, a conflict."""
+        data_json = event.data.model_dump_json(exclude_none=True)
+        if isinstance(known, int):
+            same = known == _digest(event, data_json)
+        else:
+            kind, source, at, data = known
+            same = (kind, source, at) == (event.type, event.source, event.time) and data == json.loads(
+                data_json
+            )
+        if same:
+            self._ack(pending, where, event.id)
+            result.duplicates += 1
+            return
+        self._refuse(pending, msg, where, event, f"id {event.id!r} already used for a different event", now)
+        result.refused += 1
+
+    def _retained(
+        self,
+        pending: _Pending,
+        msg: Inbound,
+        where: InboundTopic,
+        event: Any,
+        now: datetime,
+        result: BatchResult,
+    ) -> None:
+        """A retained publish on an inbound topic (presence aside): refused, and cleared from the
+        broker (else it is handed to every new subscriber). Its clearing comes back: ignored."""
+        if not msg.payload:
+            result.ignored += 1
+            return
+        self._refuse(pending, msg, where, event, f"retained publishes are not events on {msg.topic}", now)
+        pending.canonical.append(Outbound(msg.topic, b"", retain=True))
+        result.refused += 1
+
+    def refuse(self, msg: Inbound, reason: str, check: Callable[[Projector, Exception], None]) -> BatchResult:
+        """Refuse ``msg`` alone (the store would not take it): dead-letter it, tell its sender.
+
+        ``check(self, exc)`` raises if a failure to store the refusal means the store is down;
+        otherwise the refusal is published without its row (logged: it cannot be stored).
+        """
+        if self._stale:
+            self._reload()
+        now = self.clock()
+        pending = _Pending()
+        try:
+            where: InboundTopic | None = topics.parse_inbound(msg.topic)
+        except TopicError:
+            where = None
+        self._refuse(pending, msg, where, _payload_id(msg.payload), reason, now)
+        try:
+            self._commit(pending)
+        except Exception as exc:
+            check(self, exc)
+            log.error(
+                "a refusal could not be stored", topic=msg.topic[:200], reason=reason, error=str(exc)[:300]
+            )
+        result = BatchResult(refused=1)
+        result.outbound = self._outbound(pending, now)
         return result
 
     def _decode(self, msg: Inbound) -> tuple[Inbound, InboundTopic | None, Any, str | None]:
@@ -329,7 +455,7 @@ class Projector:
     ) -> ev.Event | ev.RiderRegionChangedEvent | ot.Ignored:
         """What an OwnTracks payload is (raises :class:`PayloadError` when it is malformed)."""
         now = self.clock()
-        parsed = ot.parse(msg.payload, now, retained=msg.retain, bounds=self.bounds)
+        parsed = ot.parse(msg.payload, now, bounds=self.bounds)
         match parsed:
             case ot.Ignored():
                 log.info("owntracks message ignored", topic=msg.topic[:200], type=parsed.kind, why=parsed.why)
@@ -405,21 +531,33 @@ class Projector:
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def _known_ids(self, ids: list[str]) -> set[str]:
-        known = {i for i in ids if i in self.recent_ids}
+    def _known_ids(self, ids: list[str]) -> dict[str, Known]:
+        """What is known of the ids already stored (recent ones from memory, others read back)."""
+        recent = self.recent_ids
+        known: dict[str, Known] = {i: recent[i] for i in ids if i in recent}
         unknown = [i for i in ids if i not in known]
         if unknown:
             conn = self._connection()
             try:
-                known |= self._event_ids.existing(conn, unknown)
+                stored = self._event_ids.existing(conn, unknown)
+                if stored:  # rare (a redelivery after a restart): read them to compare contents
+                    cols = (
+                        EVENTS_T.c.id,
+                        EVENTS_T.c.type,
+                        EVENTS_T.c.source,
+                        EVENTS_T.c.time,
+                        EVENTS_T.c.data,
+                    )
+                    for r in conn.execute(sa.select(*cols).where(EVENTS_T.c.id.in_(sorted(stored)))):
+                        known[r[0]] = (r[1], r[2], r[3], r[4])
                 conn.rollback()  # the read ends here; the batch's writes are a transaction of their own
             except Exception:
                 self.close()
                 raise
         return known
 
-    def _remember(self, event_id: str) -> None:
-        self.recent_ids[event_id] = None
+    def _remember(self, event_id: str, digest: int) -> None:
+        self.recent_ids[event_id] = digest
         if len(self.recent_ids) > RECENT_IDS:
             self.recent_ids.popitem(last=False)
 
@@ -488,11 +626,13 @@ class Projector:
                 return False
             row = {
                 "received_at": now,
-                "topic": refusal.topic[:1024],
-                "event_id": refusal.id[:128] if refusal.id else None,
-                "sender": f"{topics.SERVICES}/{refusal.service}"[:200] if refusal.service else None,
-                "reason": refusal.reason,
-                "payload": (refusal.payload or "")[:DEAD_PAYLOAD_LIMIT],
+                "topic": _storable(refusal.topic[:1024]),
+                "event_id": _storable(refusal.id[:128]) if refusal.id else None,
+                "sender": _storable(f"{topics.SERVICES}/{refusal.service}"[:200])
+                if refusal.service
+                else None,
+                "reason": _storable(refusal.reason),
+                "payload": _storable((refusal.payload or "")[:DEAD_PAYLOAD_LIMIT]),
             }
         with self._transaction() as conn:
             self._insert[DEAD_T].execute(conn, [row])
@@ -519,11 +659,11 @@ class Projector:
         pending.dead.append(
             {
                 "received_at": now,
-                "topic": msg.topic[:1024],
-                "event_id": event_id,
+                "topic": _storable(msg.topic[:1024]),
+                "event_id": _storable(event_id) if event_id else None,
                 "sender": where.source if where else None,
-                "reason": reason,
-                "payload": text,
+                "reason": _storable(reason),
+                "payload": _storable(text),
             }
         )
         refusal = ev.encode(
@@ -825,8 +965,10 @@ class Projector:
 
     def _rider_order(self, where: InboundTopic, order_id: str) -> Row:
         order = self._order(order_id)
-        if order["rider"] != where.sender or order["status"] not in RIDER_BOUND | {S.FAILED}:
+        if order["rider"] != where.sender:
             raise _RefusedError(f"order {order_id!r} is not assigned to rider {where.sender!r}")
+        if order["status"] not in RIDER_BOUND | {S.FAILED}:  # its rider, but no longer in its hands
+            raise _RefusedError(f"order {order_id!r} is {order['status']}; it is closed")
         return order
 
     def _created(

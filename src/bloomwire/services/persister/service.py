@@ -3,6 +3,11 @@
 Consumes every inbound topic on a persistent session with manual acks. A batch of messages is
 validated and committed in one transaction; only then are the canonical events, retained snapshots
 and device acks published, and only then is each message acknowledged to the broker.
+
+A batch the store refuses is split to find the message(s) it will not take (:mod:`.poison`); a
+store that is unavailable leaves the batch unacknowledged and retried, the service ``degraded``
+meanwhile (:class:`~bloomwire.runtime.mqtt.Service`). Inbound topics are subscribed without their
+retained messages, and a retained publish on one (presence aside) is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from bloomwire.runtime.metrics import ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.persister.metrics import PersisterMetrics
+from bloomwire.services.persister.poison import StoreUnavailableError, apply_isolating, unavailable
 from bloomwire.services.persister.projector import Inbound, Outbound, Projector
 from bloomwire.store import open_store
 
@@ -41,6 +47,7 @@ def build(
         linger_s=settings.persister_window_ms / 1000,
         metrics=metrics,
         tuned=True,
+        degraded_alert_s=settings.persister_degraded_alert_s,
     )
     figures = PersisterMetrics(metrics.registry) if metrics is not None else None
     state: dict[str, Projector] = {}
@@ -53,25 +60,36 @@ def build(
     @service.on_startup
     async def open_projections() -> None:
         engine = await asyncio.to_thread(
-            open_store, settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
+            open_store,
+            settings.database_url,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            sqlite_busy_timeout_s=settings.sqlite_busy_timeout_s,
         )
         projector = Projector(engine, clock=clock, bounds=settings.time_bounds)
         await asyncio.to_thread(projector.load)
         state["projector"] = projector
         publish(projector.snapshot_messages())
 
-    @service.handle_batch(*topics.INBOUND_FILTERS)
+    @service.handle_batch(*topics.INBOUND_FILTERS, live=True)
     async def persist(batch: Sequence[Message]) -> None:
         projector = state["projector"]
         started = time.perf_counter()
-        result = projector.apply([Inbound(m.topic, m.payload, m.received_at, m.retain) for m in batch])
+        inbound = [Inbound(m.topic, m.payload, m.received_at, m.retain) for m in batch]
+        result = apply_isolating(projector, inbound, publish)
         if figures is not None:
             figures.observe(batch, result, started)
-        publish(result.outbound)
 
-    @service.handle(topics.DEADLETTER)
+    @service.handle(topics.DEADLETTER, retry=True)
     async def store_refusal(msg: Message) -> None:
-        state["projector"].record_refusal(msg.payload)
+        """Another service's refusal, acknowledged once stored: retried while the store is down."""
+        projector = state["projector"]
+        try:
+            projector.record_refusal(msg.payload)
+        except Exception as exc:
+            why = unavailable(projector.engine, exc)
+            if why is not None:
+                raise StoreUnavailableError(f"store unavailable: {why}") from exc
+            log.error("a dead letter could not be stored", topic=msg.topic, error=str(exc)[:300])
 
     @service.on_shutdown
     async def close_store() -> None:
