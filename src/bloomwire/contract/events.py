@@ -203,8 +203,6 @@ class RiderRegionChanged(_Data):
     acc: float | None = Field(default=None, ge=0)
     #: OwnTracks ``t``: ``c`` a circular region, ``b`` a beacon, ``l`` from a location.
     trigger: Annotated[str, StringConstraints(max_length=10)] | None = None
-    #: Filled in by the backbone: the carried order whose destination the region is.
-    order: Id | None = None
 
 
 class Presence(StrEnum):
@@ -348,6 +346,9 @@ class RiderLocationEvent(_Envelope):
 
 
 class RiderRegionChangedEvent(_Envelope):
+    """``subject``: the carried order whose destination the region is, when the backbone finds one
+    (kept out of ``data``, which is the phone's own report: a re-send is the same event)."""
+
     type: Literal["rider.region_changed"] = "rider.region_changed"
     data: RiderRegionChanged
 

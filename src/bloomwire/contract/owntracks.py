@@ -188,7 +188,7 @@ def transition_id(rider: str, device: str, t: Transition) -> str:
 def transition_event(
     rider: str, device: str, t: Transition, order: str | None = None
 ) -> ev.RiderRegionChangedEvent:
-    """The ``rider.region_changed`` event of rider ``rider``'s transition (``order``: see the model)."""
+    """The ``rider.region_changed`` event of ``rider``'s transition; ``order`` becomes its subject."""
     try:
         data = ev.RiderRegionChanged(
             event="enter" if t.event == "enter" else "leave",
@@ -199,7 +199,6 @@ def transition_event(
             lon=t.lon,
             acc=t.acc,
             trigger=t.trigger,
-            order=order,
         )
     except ValidationError as exc:
         raise PayloadError(ev.describe_validation_error(exc)) from None
@@ -207,6 +206,7 @@ def transition_event(
         id=transition_id(rider, device, t),
         source=f"{topics.RIDERS}/{rider}",
         time=datetime.fromtimestamp(t.tst, tz=UTC),
+        subject=order,
         data=data,
     )
 

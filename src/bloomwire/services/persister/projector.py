@@ -700,6 +700,8 @@ class Projector:
     def _event_row(self, where: InboundTopic, event: Any, topic: str, now: datetime) -> Row:
         data = event.data
         order_id = getattr(data, "order", None) or where.order
+        if isinstance(event, ev.RiderRegionChangedEvent):
+            order_id = event.subject  # the order the transition is about, if any
         order = self.orders.rows.get(order_id) if order_id else None
         rider = getattr(data, "rider", None) or (where.sender if where.identity is Identity.RIDER else None)
         return {
@@ -1122,7 +1124,7 @@ class Projector:
     ) -> None:
         """A transition is stored as it is; entering an order's destination asks "arrived?"."""
         d = event.data
-        order = self.orders.rows.get(d.order) if d.order else None
+        order = self.orders.rows.get(event.subject) if event.subject else None
         if d.event != "enter" or order is None or order["rider"] != where.sender:
             return
         if order["status"] not in (S.PICKED_UP, S.EN_ROUTE):
