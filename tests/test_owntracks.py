@@ -311,19 +311,22 @@ def test_transition_into_the_destination_is_stored_once_and_prompts_arrival(
     ]
 
 
-def test_transition_elsewhere_is_stored_without_an_order_or_prompt(desk: Desk, engine: Engine) -> None:
+def test_transition_elsewhere_belongs_to_the_only_carried_order_without_a_prompt(
+    desk: Desk, engine: Engine
+) -> None:
     desk.ok_each([*accepted_order(SHOP, "o1", "r1"), status("r1", "o1", "picked_up")])
     t = now_tst()
     far = desk.send(ot_msg(event_topic(), transition("enter", t, lat=DEST_LAT + 0.05)))  # 5.5 km away
-    leave = desk.send(ot_msg(event_topic(), transition("leave", t + 1, desc="o1")))  # named after the order
-    assert (far.stored, leave.stored) == (1, 1)
-    for result in (far, leave):
-        assert not [o for o in result.outbound if o.topic == topics.rider_inbox("r1", "chat")]
-    assert [
-        (r["data"]["event"], r["order_id"]) for r in _events(engine) if r["type"] == "rider.region_changed"
-    ] == [
-        ("enter", None),
-        ("leave", "o1"),
+    leave = desk.send(ot_msg(event_topic(), transition("leave", t + 1, desc="o1")))  # named after o1
+    idle = desk.send(ot_msg(event_topic("r2"), transition("enter", t)))  # r2 carries nothing
+    assert (far.stored, leave.stored, idle.stored) == (1, 1, 1)
+    for result in (far, leave, idle):
+        assert not [o for o in result.outbound if "/inbox/chat" in o.topic]
+    stored = [r for r in _events(engine) if r["type"] == "rider.region_changed"]
+    assert [(r["rider"], r["data"]["event"], r["order_id"]) for r in stored] == [
+        ("r1", "enter", "o1"),
+        ("r1", "leave", "o1"),
+        ("r2", "enter", None),
     ]
 
 

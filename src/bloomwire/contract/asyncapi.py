@@ -720,7 +720,8 @@ refused as milliseconds, and so are 0 and times outside the contract's time boun
 must be finite JSON numbers); `lwt` marks the rider offline like a bare `offline` on its presence
 topic; `transition` on `.../event` is stored as a `rider.region_changed` event with an id derived
 from rider, device, `tst` and `event` (a re-send is a duplicate), tied to the carried order whose
-destination it is (its `desc`/`rid` names the order, or it happened within 150 m of it), and
+destination it is (its `desc`/`rid` names the order, or it happened within 150 m of it), else
+to the rider's only carried order (the event's `subject`, so a re-send is the same event), and
 entering that destination while out for delivery sends an "arrived?" chat line to the rider's
 inbox. Every other `_type` is acknowledged as ignored: one log line (topic, `_type`) and
 `bloomwire_owntracks_ignored_total{type,reason}`; a malformed payload is dead-lettered with its

@@ -346,8 +346,9 @@ class RiderLocationEvent(_Envelope):
 
 
 class RiderRegionChangedEvent(_Envelope):
-    """``subject``: the carried order whose destination the region is, when the backbone finds one
-    (kept out of ``data``, which is the phone's own report: a re-send is the same event)."""
+    """``subject``: the order it is about, set by the backbone: the carried order whose destination
+    the region is, else the rider's only carried order (kept out of ``data``, the phone's own
+    report, so that a re-send is the same event)."""
 
     type: Literal["rider.region_changed"] = "rider.region_changed"
     data: RiderRegionChanged

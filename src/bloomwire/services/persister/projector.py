@@ -466,23 +466,33 @@ class Projector:
                 return ev.RiderPresenceEvent(source=where.source, time=now, data=offline)
             case ot.Transition():
                 device = where.device or "unknown"
-                order = self._destination_order(where.sender, parsed)
-                return ot.transition_event(where.sender, device, parsed, order)
+                return ot.transition_event(
+                    where.sender, device, parsed, self._transition_order(where, parsed)
+                )
             case _:
                 return ev.RiderLocationEvent(source=where.source, data=parsed)
 
-    def _destination_order(self, rider: str, t: ot.Transition) -> str | None:
-        """The order ``rider`` carries whose destination the transition's region is, if any: the
-        region is named after the order (``desc`` or ``rid``), or the phone was near its address."""
+    def _transition_order(self, where: InboundTopic, t: ot.Transition) -> str | None:
+        """The order a transition is about: the carried order whose destination its region is, else
+        the rider's only carried order (part of that delivery's story), else none."""
+        carried = sorted(self.rider_orders.get(where.sender, ()))
+        found = self._destination_order(where.sender, t.lat, t.lon, t.acc, (t.desc, t.rid))
+        return found or (carried[0] if len(carried) == 1 else None)
+
+    def _destination_order(
+        self, rider: str, lat: float, lon: float, acc: float | None, names: tuple[str | None, ...]
+    ) -> str | None:
+        """The order ``rider`` carries whose destination a region is, if any: the region is named
+        after the order (its ``desc`` or ``rid``), or the phone was near the order's address."""
         nearest: tuple[float, str] | None = None
         for order_id in sorted(self.rider_orders.get(rider, ())):
             order = self.orders.rows.get(order_id)
             if order is None:
                 continue
-            if order_id in (t.desc, t.rid):
+            if order_id in names:
                 return order_id
-            metres = geo.distance_m(t.lat, t.lon, order["lat"], order["lon"])
-            near = metres <= max(DESTINATION_RADIUS_M, min(t.acc or 0.0, DESTINATION_RADIUS_MAX_M))
+            metres = geo.distance_m(lat, lon, order["lat"], order["lon"])
+            near = metres <= max(DESTINATION_RADIUS_M, min(acc or 0.0, DESTINATION_RADIUS_MAX_M))
             if near and (nearest is None or metres < nearest[0]):
                 nearest = (metres, order_id)
         return nearest[1] if nearest else None
@@ -1124,8 +1134,12 @@ class Projector:
     ) -> None:
         """A transition is stored as it is; entering an order's destination asks "arrived?"."""
         d = event.data
-        order = self.orders.rows.get(event.subject) if event.subject else None
-        if d.event != "enter" or order is None or order["rider"] != where.sender:
+        if d.event != "enter":
+            return
+        names = (d.region, d.region_id)
+        order_id = self._destination_order(where.sender, d.lat, d.lon, d.acc, names)
+        order = self.orders.rows.get(order_id) if order_id else None
+        if order is None:
             return
         if order["status"] not in (S.PICKED_UP, S.EN_ROUTE):
             return
