@@ -3,6 +3,7 @@
 Outcomes by result, refusals by inbound topic kind and reason, the duration of one batch
 (validation and commit), receive→commit per batch, and publish→commit sampled once per batch from
 the first message's own ``time`` (or OwnTracks ``tst``): one JSON parse per batch, not per event.
+OwnTracks messages acknowledged as ignored (waypoints, cards, ...) are counted by ``_type``.
 """
 
 from __future__ import annotations
