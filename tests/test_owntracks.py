@@ -361,6 +361,15 @@ def test_a_location_published_retained_is_used_not_refused(desk: Desk, engine: E
     assert (lwt.stored, lwt.refused) == (1, 0) and rider_row(engine, "r2")["presence"] == "offline"
 
 
+def test_bare_fields_on_the_location_topic_get_the_same_tst_rules(desk: Desk, engine: Engine) -> None:
+    t = now_tst()
+    bare = topics.rider_location("r3")
+    bad = desk.send(Msg(bare, payload(lat=BASE_LAT, lon=BASE_LON, tst=t * 1000)))
+    assert refusals(bad) == [f"tst: {t * 1000} looks like milliseconds; OwnTracks sends epoch seconds"]
+    desk.ok(Msg(bare, payload(lat=BASE_LAT, lon=BASE_LON, tst=t)))
+    assert rider_row(engine, "r3")["position_at"] == datetime.fromtimestamp(t, tz=UTC)
+
+
 def _events(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(sa.select(EVENTS).order_by(EVENTS.c.seq))]
