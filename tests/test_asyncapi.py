@@ -62,9 +62,13 @@ def test_event_schemas_come_from_the_models(kind: str) -> None:
     cls = ev.EVENT_TYPES[kind]
     schema = DOC["components"]["schemas"][cls.__name__]
     assert schema["properties"]["type"]["const"] == kind
+    # The models default id and time for producers; the wire requires them (ev.decode does).
     assert set(schema["required"]) == {
         name for name, field in cls.model_fields.items() if field.is_required()
-    }
+    } | {"id", "time"}
+    assert "Required." in schema["properties"]["id"]["description"]
+    assert "Required." in schema["properties"]["time"]["description"]
+    assert "riders/{rider}" in schema["properties"]["source"]["description"]
 
 
 def _refs(node: Any) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -26,12 +27,15 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from bloomwire.contract.lifecycle import RIDER_REPORTABLE, FailureReason, OrderStatus
 from bloomwire.contract.topics import Command, Identity, InboundKind, InboundTopic, check_id
 from bloomwire.contract.validate import (
     MAX_DEPTH,
     TEXT_GUARD,
+    TEXT_PATTERN,
+    UTC_LIMITS,
     Count,
     Instant,
     Number,
@@ -40,6 +44,8 @@ from bloomwire.contract.validate import (
     check_epoch,
     check_eta,
     check_time,
+    text_problem,
+    utc_problem,
 )
 from bloomwire.errors import PayloadError
 
@@ -48,9 +54,16 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 SPECVERSION: Final = "1.0"
 
 Id = Annotated[str, AfterValidator(check_id)]
-EventId = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-]
+EVENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=EVENT_ID_PATTERN)]
+_EVENT_ID = re.compile(EVENT_ID_PATTERN.replace("*$", "{0,127}"))
+
+
+def is_event_id(value: object) -> bool:
+    """Whether ``value`` is a well-formed event id (safe to echo in a refusal and to store)."""
+    return isinstance(value, str) and _EVENT_ID.fullmatch(value) is not None
+
+
 # Every inbound text field ends with TEXT_GUARD (no control characters but \n and \t, no lone
 # surrogates): tests/test_contract_guards.py checks that no model forgets it.
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), TEXT_GUARD]
@@ -221,7 +234,7 @@ class Candidate(_Data):
     cost: Number
     travel_s: Number = 0.0
     load: Count = 0
-    note: ShortText = ""
+    note: Annotated[str, TEXT_GUARD] = ""
 
 
 class DispatchOffer(_Data):
@@ -573,9 +586,20 @@ def describe_validation_error(exc: ValidationError) -> str:
         # The first level of a union error is the discriminator tag; the field path follows it.
         path = [str(p) for p in err["loc"] if str(p) not in EVENT_TYPES]
         loc = ".".join(path) or "payload"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {_error_message(err)}")
     return "; ".join(parts)
+
+
+def _error_message(err: ErrorDetails) -> str:
+    """pydantic's message, or the contract's rule where pydantic's would not name it."""
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == TEXT_PATTERN:
+        return text_problem(str(err["input"])) or err["msg"]
+    if kind == "string_unicode":
+        return "text contains a lone surrogate (not valid Unicode)"
+    if kind in ("greater_than_equal", "less_than_equal") and any(str(v) in UTC_LIMITS for v in ctx.values()):
+        return utc_problem(err["input"])
+    return err["msg"].removeprefix("Value error, ")
 
 
 def _reject_constant(name: str) -> Any:
@@ -617,10 +641,15 @@ REQUIRED_ON_WIRE: dict[str, str] = {
 }
 
 
+def _missing(present: Any) -> list[str]:
+    """One reason per field of :data:`REQUIRED_ON_WIRE` not in ``present``."""
+    return [f"missing field {name}: {why}" for name, why in REQUIRED_ON_WIRE.items() if name not in present]
+
+
 def _check_required(present: Any) -> None:
-    for name, why in REQUIRED_ON_WIRE.items():
-        if name not in present:
-            raise PayloadError(f"missing field {name}: {why}")
+    missing = _missing(present)
+    if missing:
+        raise PayloadError("; ".join(missing))
 
 
 def decode(raw: bytes | str) -> Event:
@@ -655,11 +684,12 @@ def _decode(data: bytes) -> Event:
     if not isinstance(kind, str) or kind not in EVENT_TYPES:
         known = ", ".join(sorted(EVENT_TYPES))
         raise PayloadError(f"type: unknown event type {kind!r} (known: {known})")
-    _check_required(obj)
     try:
-        return _ADAPTER.validate_python(obj)
-    except ValidationError as exc:
-        raise PayloadError(describe_validation_error(exc)) from None
+        event = _ADAPTER.validate_python(obj)
+    except ValidationError as exc:  # every problem at once, the missing id and time first
+        raise PayloadError("; ".join([*_missing(obj), describe_validation_error(exc)])) from None
+    _check_required(obj)
+    return event
 
 
 def check_received(event: _Envelope, now: datetime, bounds: TimeBounds) -> None:

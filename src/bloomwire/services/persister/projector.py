@@ -177,8 +177,9 @@ def _event_id(payload: bytes) -> str | None:
         obj = ev.load_json(payload)
     except Exception:  # unreadable: the refusal goes without an id
         return None
-    if isinstance(obj, dict) and isinstance(obj.get("id"), str):
-        return str(obj["id"])[:128]
+    # Only a well-formed id: a refused one may hold anything (a NUL, which PostgreSQL refuses).
+    if isinstance(obj, dict) and ev.is_event_id(obj.get("id")):
+        return str(obj["id"])
     return None
 
 
