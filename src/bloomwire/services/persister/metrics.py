@@ -47,19 +47,22 @@ def kind_label(topic: str) -> str:
 
 
 def sent_at(payload: bytes) -> float | None:
-    """When the sender says it sent ``payload`` (epoch s): CloudEvents ``time``, OwnTracks ``tst``."""
+    """When the sender says it sent ``payload`` (epoch s): CloudEvents ``time``, OwnTracks ``tst``.
+
+    Never raises: any payload reaches it (nested too deep, times out of range...)."""
     try:
-        obj = json.loads(payload)
-    except ValueError:
+        return _sent_at(payload)
+    except Exception:
         return None
+
+
+def _sent_at(payload: bytes) -> float | None:
+    obj = json.loads(payload)
     if not isinstance(obj, dict):
         return None
     when = obj.get("time")
     if isinstance(when, str):
-        try:
-            return datetime.fromisoformat(when).timestamp()
-        except ValueError:
-            return None
+        return datetime.fromisoformat(when).timestamp()
     tst = obj.get("tst")
     return float(tst) if isinstance(tst, int | float) and not isinstance(tst, bool) else None
 

@@ -35,7 +35,7 @@ from bloomwire.contract.topics import Identity, InboundKind, InboundTopic
 from bloomwire.contract.validate import DEFAULT_TIME_BOUNDS, TimeBounds
 from bloomwire.errors import BloomwireError, PayloadError, TopicError
 from bloomwire.runtime.log import get_logger
-from bloomwire.runtime.mqtt import event_id_of
+from bloomwire.runtime.mqtt import event_id_of, first_line
 from bloomwire.services.persister.tables import CachedTable, Row
 from bloomwire.store import models as m
 from bloomwire.store.bulk import BulkInsert, KeyLookup
@@ -279,7 +279,7 @@ class Projector:
         pending = _Pending()
         decoded: list[tuple[Inbound, InboundTopic | None, Any, str | None]] = []
         for msg in batch:
-            decoded.append(self._decode(msg))
+            decoded.append(self._decode_total(msg))
         ids = [e.id for _, _, e, _ in decoded if isinstance(e, ev._Envelope)]
         known = self._known_ids(ids)
         for msg, where, event, error in decoded:
@@ -413,6 +413,18 @@ class Projector:
         result = BatchResult(refused=1)
         result.outbound = self._outbound(pending, now)
         return result
+
+    def _decode_total(self, msg: Inbound) -> tuple[Inbound, InboundTopic | None, Any, str | None]:
+        """:meth:`_decode`, and whatever it raises (nested too deep, a value out of range) a
+        refusal of that message alone: one message never fails its batch."""
+        try:
+            return self._decode(msg)
+        except Exception as exc:
+            try:
+                where: InboundTopic | None = topics.parse_inbound(msg.topic)
+            except TopicError:
+                where = None
+            return msg, where, _payload_id(msg.payload), f"unreadable payload: {first_line(exc)}"
 
     def _decode(self, msg: Inbound) -> tuple[Inbound, InboundTopic | None, Any, str | None]:
         """``(msg, where, event or None, None)``, or ``(msg, where, id or None, reason)`` if refused.

@@ -21,7 +21,7 @@ from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import ServiceMetrics
-from bloomwire.runtime.mqtt import Message, Service
+from bloomwire.runtime.mqtt import Message, Service, first_line
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.persister.metrics import PersisterMetrics
 from bloomwire.services.persister.poison import StoreUnavailableError, apply_isolating, unavailable
@@ -77,7 +77,10 @@ def build(
         inbound = [Inbound(m.topic, m.payload, m.received_at, m.retain) for m in batch]
         result = apply_isolating(projector, inbound, publish)
         if figures is not None:
-            figures.observe(batch, result, started)
+            try:
+                figures.observe(batch, result, started)
+            except Exception as exc:  # committed and published: raising would run it again
+                log.warning("persister figures not updated", error=first_line(exc))
 
     @service.handle(topics.DEADLETTER, retry=True)
     async def store_refusal(msg: Message) -> None:
