@@ -345,64 +345,6 @@ def test_rider_may_not_report_backbone_statuses(status: str) -> None:
         ev.check_rider_status(ev.OrderStatusChanged(order="o1", status=OrderStatus(status)))
 
 
-# --- OwnTracks -----------------------------------------------------------------------------------
-
-#: As the OwnTracks iOS app publishes it on owntracks/USER/DEVICE (values made up).
-OWNTRACKS_LOCATION = (
-    b'{"_type":"location","acc":10,"alt":394,"batt":75,"bs":1,"cog":136,"conn":"m",'
-    b'"lat":47.72337962412063,"lon":9.227956132971894,"m":1,"t":"u","tid":"r7",'
-    b'"topic":"owntracks/r7/iphone","tst":1494851972,"vac":4,"vel":18}'
-)
-
-
-def test_parse_owntracks_location() -> None:
-    loc = ev.parse_owntracks(OWNTRACKS_LOCATION)
-    assert loc == ev.RiderLocation(
-        lat=47.72337962412063,
-        lon=9.227956132971894,
-        tst=1494851972,
-        acc=10,
-        vel=18,
-        cog=136,
-        batt=75,
-    )
-
-
-def test_parse_owntracks_minimal_android_payload() -> None:
-    payload = '{"_type":"location","lat":-42.89,"lon":147.33,"tst":1420860181,"acc":30.0,"batt":93}'
-    loc = ev.parse_owntracks(payload)
-    assert loc is not None and loc.vel is None and loc.acc == 30.0
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        b'{"_type":"transition","event":"enter","desc":"Shop","tst":1494851972,"lat":47.7,"lon":9.2}',
-        b'{"_type":"waypoints","waypoints":[]}',
-        b'{"_type":"lwt","tst":1494851972}',
-        b'{"lat":47.7,"lon":9.2,"tst":1494851972}',
-    ],
-    ids=["transition", "waypoints", "lwt", "no-type"],
-)
-def test_parse_owntracks_ignores_non_location_types(payload: bytes) -> None:
-    assert ev.parse_owntracks(payload) is None
-
-
-@pytest.mark.parametrize(
-    ("payload", "needle"),
-    [
-        (b'{"_type":"location","lat":95,"lon":9.2,"tst":1}', "^lat: "),
-        (b'{"_type":"location","lon":9.2,"tst":1}', "^lat: Field required"),
-        (b'{"_type":"location","lat":1,"lon":9.2,"tst":1,"batt":-3}', "^batt: "),
-        (b"[1, 2]", "OwnTracks payload must be a JSON object"),
-        (b"\xc3", "not UTF-8"),
-    ],
-)
-def test_parse_owntracks_rejects_bad_locations(payload: bytes, needle: str) -> None:
-    with pytest.raises(PayloadError, match=needle):
-        ev.parse_owntracks(payload)
-
-
 def test_new_ids_are_uuid7_ordered_by_creation_time() -> None:
     first = [ev.new_id() for _ in range(1000)]
     time.sleep(0.002)

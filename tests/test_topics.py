@@ -209,6 +209,10 @@ INBOUND: list[tuple[str, t.InboundTopic]] = [
         t.InboundTopic(Identity.RIDER, "r7", InboundKind.OWNTRACKS, device="pixel-8"),
     ),
     (
+        t.owntracks("r7", "pixel-8", "event"),
+        t.InboundTopic(Identity.RIDER, "r7", InboundKind.OWNTRACKS, device="pixel-8"),
+    ),
+    (
         t.customer_chat("c9"),
         t.InboundTopic(Identity.CUSTOMER, "c9", InboundKind.CHAT),
     ),
@@ -266,7 +270,8 @@ def test_inbound_source_and_error_topic(topic: str, source: str, error_topic: st
         ("riders/r1/orders/o1", "not an inbound topic"),
         ("riders/r1/location/extra", "not an inbound topic"),
         ("owntracks/r1", "not an inbound topic"),
-        ("owntracks/r1/phone/event", "not an inbound topic"),
+        ("owntracks/r1/phone/teleport", "not an inbound topic"),
+        ("owntracks/r1/phone/event/x", "not an inbound topic"),
         ("shops/s1/commands", "not an inbound topic"),
         ("shops/s1/commands/assign/now", "not an inbound topic"),
         ("customers/c1/chat/x", "not an inbound topic"),

@@ -68,6 +68,10 @@ def _describe(event: Any) -> tuple[str, str]:
             return "offer", f"offer to {d['rider']} timed out"
         case "order.assigned":
             return "assign", f"shop assigned {d['rider']}"
+        case "rider.region_changed":
+            region = d.get("region") or d.get("region_id") or f"{d['lat']:.5f},{d['lon']:.5f}"
+            verb = "entered" if d["event"] == "enter" else "left"
+            return "region", f"{verb} {region} ({d['device']})"
         case _:
             return event.type, ""
 

@@ -45,6 +45,15 @@ ID_RULE = (
 #: Payloads that are not pydantic models of events.py.
 PRESENCE_WORD = "PresenceWord"
 OWNTRACKS_LOCATION = "OwnTracksLocation"
+OWNTRACKS_LWT = "OwnTracksLwt"
+OWNTRACKS_TRANSITION = "OwnTracksTransition"
+OWNTRACKS_IGNORED = "OwnTracksIgnored"
+#: What the backbone does with each OwnTracks subtopic's payloads besides ``event``.
+_OWNTRACKS_RETAINED = (
+    " Retained as the OwnTracks Recorder has it by default: what the broker replays on "
+    "(re)subscription is not used (the persister asks for no replays); a live message the app "
+    "publishes retained (its default) is used, neither refused nor cleared."
+)
 
 #: Pydantic models of events.py carried by some topic, besides the CloudEvents envelopes.
 SNAPSHOT_MODELS: tuple[type[BaseModel], ...] = (
@@ -109,6 +118,7 @@ _RIDER_DEVICE = "rider's device"
 _PERSISTER = "persister"
 _PROVISIONER = "provisioner (access-control mode)"
 _CUSTOMER = "customer client"
+_OWNTRACKS_APP = "rider's OwnTracks app"
 
 
 def _channels() -> tuple[ChannelSpec, ...]:
@@ -164,11 +174,38 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "owntracks",
             _addr(t.owntracks, "{rider}", "{device}"),
             "receive",
-            "An unmodified OwnTracks app payload, taken as the rider's location; other _type "
-            "values (transition, waypoints, lwt, ...) are ignored.",
-            (OWNTRACKS_LOCATION,),
-            "rider's OwnTracks app",
+            "An unmodified OwnTracks app payload: _type location is the rider's position (tst in "
+            "epoch seconds, not milliseconds, within event_future_skew_s ahead and event_max_age_s "
+            "back); _type lwt, "
+            "the app's Last Will, marks the rider offline as a bare offline on its presence topic "
+            "does; any other _type is acknowledged as ignored (logged, counted)." + _OWNTRACKS_RETAINED,
+            (OWNTRACKS_LOCATION, OWNTRACKS_LWT),
+            _OWNTRACKS_APP,
             _PERSISTER,
+        ),
+        ChannelSpec(
+            "owntracksEvent",
+            _addr(t.owntracks, "{rider}", "{device}", "event"),
+            "receive",
+            "An OwnTracks region transition (enter/leave), stored once as a rider.region_changed "
+            "event (its id derived from rider, device, tst and event); entering the destination of "
+            "an order out for delivery prompts 'arrived?' on the rider's chat inbox.",
+            (OWNTRACKS_TRANSITION,),
+            _OWNTRACKS_APP,
+            _PERSISTER,
+        ),
+        *(
+            ChannelSpec(
+                "owntracks" + sub.title(),
+                _addr(t.owntracks, "{rider}", "{device}", sub),
+                "receive",
+                f"What the OwnTracks app publishes on .../{sub}: acknowledged as ignored (one log "
+                "line, counted in bloomwire_owntracks_ignored_total); a malformed one is dead-lettered.",
+                (OWNTRACKS_IGNORED,),
+                _OWNTRACKS_APP,
+                _PERSISTER,
+            )
+            for sub in sorted(t.OWNTRACKS_SUBTOPICS - {"event"})
         ),
         *(
             ChannelSpec(
@@ -405,20 +442,17 @@ CHANNELS: tuple[ChannelSpec, ...] = _channels()
 
 
 def _schemas() -> dict[str, Any]:
-    models = [*ev.EVENT_TYPES.values(), *ev.ACCESS_EVENT_TYPES.values(), *SNAPSHOT_MODELS]
+    models = [
+        *ev.EVENT_TYPES.values(),
+        *ev.ACCESS_EVENT_TYPES.values(),
+        *ev.RECORDED_EVENT_TYPES.values(),  # the stored form of an OwnTracks transition
+        *SNAPSHOT_MODELS,
+    ]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=SCHEMA_REF)
     schemas: dict[str, Any] = dict(sorted(top["$defs"].items()))
     for cls in (*ev.EVENT_TYPES.values(), *ev.ACCESS_EVENT_TYPES.values()):
         _require_on_wire(schemas[cls.__name__])
-    schemas[OWNTRACKS_LOCATION] = {
-        "title": OWNTRACKS_LOCATION,
-        "description": "An OwnTracks app payload (any extra field is ignored); only _type "
-        "'location' is read, any other _type is skipped.",
-        "type": "object",
-        "allOf": [{"$ref": SCHEMA_REF.format(model=ev.RiderLocation.__name__)}],
-        "properties": {"_type": {"type": "string", "const": "location"}},
-        "required": ["_type"],
-    }
+    schemas.update(_owntracks_schemas())
     schemas[PRESENCE_WORD] = {
         "title": PRESENCE_WORD,
         "description": "A bare UTF-8 word, not JSON.",
@@ -426,6 +460,55 @@ def _schemas() -> dict[str, Any]:
         "enum": [t.PRESENCE_ONLINE, t.PRESENCE_OFFLINE],
     }
     return schemas
+
+
+def _owntracks_schemas() -> dict[str, Any]:
+    """The OwnTracks app's own payloads (the booklet's JSON page), as far as the backbone reads them."""
+    number = {"type": "number"}
+    return {
+        OWNTRACKS_LOCATION: {
+            "title": OWNTRACKS_LOCATION,
+            "description": "An OwnTracks location (any extra field is ignored). Numbers are JSON "
+            "numbers and finite; tst is whole epoch seconds.",
+            "type": "object",
+            "allOf": [{"$ref": SCHEMA_REF.format(model=ev.RiderLocation.__name__)}],
+            "properties": {"_type": {"type": "string", "const": "location"}},
+            "required": ["_type"],
+        },
+        OWNTRACKS_LWT: {
+            "title": OWNTRACKS_LWT,
+            "description": "The app's Last Will; tst is when its lost connection began.",
+            "type": "object",
+            "properties": {"_type": {"type": "string", "const": "lwt"}, "tst": {"type": "integer"}},
+            "required": ["_type"],
+        },
+        OWNTRACKS_TRANSITION: {
+            "title": OWNTRACKS_TRANSITION,
+            "description": "A region entered or left; desc (the region's name) naming an order, or "
+            "lat/lon near its destination, ties it to that order.",
+            "type": "object",
+            "properties": {
+                "_type": {"type": "string", "const": "transition"},
+                "event": {"type": "string", "enum": ["enter", "leave"]},
+                "tst": {"type": "integer", "description": "When, in epoch seconds."},
+                "wtst": {"type": "integer", "description": "When the region was made."},
+                "lat": {**number, "minimum": -90, "maximum": 90},
+                "lon": {**number, "minimum": -180, "maximum": 180},
+                "acc": {**number, "minimum": 0},
+                "desc": {"type": "string", "maxLength": 500},
+                "rid": {"type": "string", "maxLength": 100},
+                "t": {"type": "string", "maxLength": 10},
+            },
+            "required": ["_type", "event", "tst", "lat", "lon"],
+        },
+        OWNTRACKS_IGNORED: {
+            "title": OWNTRACKS_IGNORED,
+            "description": "Any OwnTracks payload naming its _type; not used by the backbone.",
+            "type": "object",
+            "properties": {"_type": {"type": "string"}},
+            "required": ["_type"],
+        },
+    }
 
 
 #: What the envelope schemas say of their fields (the models' defaults serve producers only).
@@ -474,13 +557,19 @@ def _messages() -> dict[str, Any]:
             "contentType": "application/json",
             "payload": {"$ref": SCHEMA_REF.format(model=model.__name__)},
         }
-    messages[OWNTRACKS_LOCATION] = {
-        "name": OWNTRACKS_LOCATION,
-        "title": OWNTRACKS_LOCATION,
-        "summary": "An unmodified OwnTracks app payload.",
-        "contentType": "application/json",
-        "payload": {"$ref": SCHEMA_REF.format(model=OWNTRACKS_LOCATION)},
-    }
+    for name, summary in (
+        (OWNTRACKS_LOCATION, "An unmodified OwnTracks location."),
+        (OWNTRACKS_LWT, "The OwnTracks app's Last Will."),
+        (OWNTRACKS_TRANSITION, "An OwnTracks region transition (enter/leave)."),
+        (OWNTRACKS_IGNORED, "Any other OwnTracks payload (waypoints, cmd, status, ...)."),
+    ):
+        messages[name] = {
+            "name": name,
+            "title": name,
+            "summary": summary,
+            "contentType": "application/json",
+            "payload": {"$ref": SCHEMA_REF.format(model=name)},
+        }
     messages[PRESENCE_WORD] = {
         "name": PRESENCE_WORD,
         "title": PRESENCE_WORD,
@@ -622,8 +711,26 @@ enrolment). Their `customer.*` events carry passwords and are never stored.
 
 JSON payloads are CloudEvents in structured mode named by their `type` (`order.status`, ...);
 `OrderState`, `OrderLocation`, `RiderState`, `Ack` and `Refusal` are plain JSON objects of the
-models of the same name in `bloomwire.contract.events`; `OwnTracksLocation` is the OwnTracks app's own
-JSON; `PresenceWord` is the bare text `online` or `offline`.
+models of the same name in `bloomwire.contract.events`; the `OwnTracks*` payloads are the OwnTracks
+app's own JSON; `PresenceWord` is the bare text `online` or `offline`.
+
+OwnTracks (contract/owntracks.py), as the OwnTracks Recorder treats the app's messages where it
+has a rule: `_type` `location` is a position (`tst` whole epoch seconds: a value above 1e11 is
+refused as milliseconds, and so are 0 and times outside the contract's time bounds; numbers
+must be finite JSON numbers); `lwt` marks the rider offline like a bare `offline` on its presence
+topic; `transition` on `.../event` is stored as a `rider.region_changed` event with an id derived
+from rider, device, `tst` and `event` (a re-send is a duplicate), tied to the carried order whose
+destination it is (its `desc`/`rid` names the order, or it happened within 150 m of it), else
+to the rider's only carried order (the event's `subject`, so a re-send is the same event), and
+entering that destination while out for delivery sends an "arrived?" chat line to the rider's
+inbox. Every other `_type` is acknowledged as ignored: one log line (topic, `_type`) and
+`bloomwire_owntracks_ignored_total{type,reason}`; a malformed payload is dead-lettered with its
+reason. Retained: the Recorder ignores retained messages unless started with `--useretained`
+(default no); without Retain As Published a subscriber sees the RETAIN flag only on what the
+broker replays when it (re)subscribes, so the Recorder ignores those replays and uses every live
+message, including those the app publishes retained (its default). The persister does the same:
+its subscriptions ask for no replays (Retain Handling 2), and OwnTracks topics are, with
+presence, the exception to its refusal of retained inbound publishes.
 
 Every inbound CloudEvent carries `id` and `time` (a message without either is refused: the `id`
 is the sender's promise that a retry is the same event, deduplicated by it). `id` is 1-128 ASCII

@@ -201,6 +201,23 @@ class RiderLocation(_Data):
     batt: Count | None = Field(default=None, ge=0, le=100)
 
 
+class RiderRegionChanged(_Data):
+    """A rider's phone entered or left one of its regions (an OwnTracks ``transition``)."""
+
+    event: Literal["enter", "leave"]
+    #: The region's name on the phone (OwnTracks ``desc``) and its id (``rid``), when given.
+    region: ShortText = ""
+    region_id: Annotated[str, StringConstraints(max_length=100)] | None = None
+    #: The device that saw it (the last level of ``owntracks/R/DEVICE``).
+    device: Id
+    #: Where the phone was, and how sure it was (metres).
+    lat: Latitude
+    lon: Longitude
+    acc: float | None = Field(default=None, ge=0)
+    #: OwnTracks ``t``: ``c`` a circular region, ``b`` a beacon, ``l`` from a location.
+    trigger: Annotated[str, StringConstraints(max_length=10)] | None = None
+
+
 class Presence(StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
@@ -339,6 +356,15 @@ class OrderAssignedEvent(_Envelope):
 class RiderLocationEvent(_Envelope):
     type: Literal["rider.location"] = "rider.location"
     data: RiderLocation
+
+
+class RiderRegionChangedEvent(_Envelope):
+    """``subject``: the order it is about, set by the backbone: the carried order whose destination
+    the region is, else the rider's only carried order (kept out of ``data``, the phone's own
+    report, so that a re-send is the same event)."""
+
+    type: Literal["rider.region_changed"] = "rider.region_changed"
+    data: RiderRegionChanged
 
 
 class RiderPresenceEvent(_Envelope):
@@ -499,11 +525,23 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
     )
 }
 
+#: Events the backbone records from payloads that are not CloudEvents (OwnTracks transitions,
+#: contract/owntracks.py): stored and shown in history, never decoded from the wire by :func:`decode`.
+RECORDED_EVENT_TYPES: dict[str, type[_Envelope]] = {
+    cls.model_fields["type"].default: cls for cls in (RiderRegionChangedEvent,)
+}
+
 
 #: Which event types each inbound topic accepts, by (sender identity, topic kind).
 ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
     (Identity.RIDER, InboundKind.LOCATION): (RiderLocationEvent,),
-    (Identity.RIDER, InboundKind.OWNTRACKS): (RiderLocationEvent,),
+    # What an OwnTracks payload becomes (contract/owntracks.py): a position, the app's Last Will
+    # (offline) or a region transition.
+    (Identity.RIDER, InboundKind.OWNTRACKS): (
+        RiderLocationEvent,
+        RiderPresenceEvent,
+        RiderRegionChangedEvent,
+    ),
     (Identity.RIDER, InboundKind.STATUS): (OrderStatusEvent, OrderIncidentEvent),
     (Identity.RIDER, InboundKind.CHAT): (OrderChatEvent,),
     (Identity.RIDER, InboundKind.REPLY): (DispatchReplyEvent,),
@@ -672,24 +710,6 @@ def check_received(event: _Envelope, now: datetime, bounds: TimeBounds) -> None:
 def encode(event: BaseModel) -> bytes:
     """Serialise an event (or any payload model) to compact UTF-8 JSON."""
     return event.model_dump_json(exclude_none=True).encode()
-
-
-def parse_owntracks(raw: bytes | str) -> RiderLocation | None:
-    """Read an unmodified OwnTracks payload; None for non-location ``_type``\\ s (waypoints, ...)."""
-    obj = load_json(raw)
-    if not isinstance(obj, dict):
-        raise PayloadError("OwnTracks payload must be a JSON object")
-    if obj.get("_type") != "location":
-        return None
-    return parse_location_fields(obj)
-
-
-def parse_location_fields(obj: dict[str, Any]) -> RiderLocation:
-    """Validate a bare position object with OwnTracks field names."""
-    try:
-        return RiderLocation.model_validate(obj)
-    except ValidationError as exc:
-        raise PayloadError(describe_validation_error(exc)) from None
 
 
 def check_rider_status(data: OrderStatusChanged) -> None:

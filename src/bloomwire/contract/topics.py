@@ -185,9 +185,23 @@ def rider_presence(rider: str) -> str:
     return _join(RIDERS, check_id(rider, "rider"), "presence")
 
 
-def owntracks(rider: str, device: str) -> str:
-    """``owntracks/R/DEVICE``: an unmodified OwnTracks app payload."""
-    return _join(OWNTRACKS, check_id(rider, "rider"), check_id(device, "device"))
+#: What the OwnTracks apps publish below their base topic ``owntracks/R/DEVICE`` (the booklet's
+#: "Topics"): ``event`` carries region transitions; the others are acknowledged as ignored.
+OWNTRACKS_SUBTOPICS = frozenset(
+    {"event", "waypoint", "waypoints", "cmd", "status", "step", "beacon", "dump", "info"}
+)
+
+
+def owntracks(rider: str, device: str, subtopic: str | None = None) -> str:
+    """``owntracks/R/DEVICE`` (locations, lwt) or ``owntracks/R/DEVICE/SUB`` (``event``: transitions)."""
+    base = _join(OWNTRACKS, check_id(rider, "rider"), check_id(device, "device"))
+    if subtopic is None:
+        return base
+    if subtopic not in OWNTRACKS_SUBTOPICS:
+        raise TopicError(
+            f"unknown OwnTracks subtopic {subtopic!r} (known: {', '.join(sorted(OWNTRACKS_SUBTOPICS))})"
+        )
+    return _join(base, subtopic)
 
 
 def shop_command(shop: str, command: Command | str) -> str:
@@ -279,6 +293,7 @@ INBOUND_FILTERS: tuple[str, ...] = (
     f"{RIDERS}/+/replies",
     f"{RIDERS}/+/presence",
     f"{OWNTRACKS}/+/+",
+    f"{OWNTRACKS}/+/+/+",  # transitions on .../event; the rest acknowledged as ignored
     f"{SHOPS}/+/commands/+",
     f"{CUSTOMERS}/+/chat",
     f"{SERVICES}/+/events",
@@ -412,7 +427,7 @@ def parse_inbound(topic: str) -> InboundTopic:
         if n == 5 and levels[2] == "orders" and levels[4] in ("status", "chat"):
             order = check_id(levels[3], "order")
             return InboundTopic(Identity.RIDER, rider, InboundKind(levels[4]), order=order)
-    elif root == OWNTRACKS and n == 3:
+    elif root == OWNTRACKS and (n == 3 or (n == 4 and levels[3] in OWNTRACKS_SUBTOPICS)):
         rider, device = check_id(levels[1], "rider"), check_id(levels[2], "device")
         return InboundTopic(Identity.RIDER, rider, InboundKind.OWNTRACKS, device=device)
     elif root == SHOPS and n == 4 and levels[2] == "commands":

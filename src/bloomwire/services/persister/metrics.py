@@ -3,6 +3,7 @@
 Outcomes by result, refusals by inbound topic kind and reason, the duration of one batch
 (validation and commit), receive→commit per batch, and publish→commit sampled once per batch from
 the first message's own ``time`` (or OwnTracks ``tst``): one JSON parse per batch, not per event.
+OwnTracks messages acknowledged as ignored (waypoints, cards, ...) are counted by ``_type``.
 """
 
 from __future__ import annotations
@@ -100,6 +101,12 @@ class PersisterMetrics:
             buckets=(*LATENCY_BUCKETS, 60.0, 300.0),
             registry=registry,
         )
+        self.owntracks_ignored = Counter(
+            "bloomwire_owntracks_ignored",
+            "OwnTracks messages acknowledged as ignored, by _type (waypoint, cmd, ...) and reason",
+            ["type", "reason"],
+            registry=registry,
+        )
         self._reasons: set[str] = set()
         self._outcomes = {name: self.events.labels(name) for name in OUTCOMES}
 
@@ -111,6 +118,8 @@ class PersisterMetrics:
         for name, n in zip(OUTCOMES, counts, strict=True):
             if n:
                 self._outcomes[name].inc(n)
+        for (kind, why), n in result.owntracks_ignored.items():
+            self.owntracks_ignored.labels(kind, reason_label(why)).inc(n)
         for out in result.outbound:
             if out.topic == topics.DEADLETTER:
                 self._refusal(out.payload)

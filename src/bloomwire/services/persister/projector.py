@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from bloomwire.contract import events as ev
 from bloomwire.contract import geo, topics
+from bloomwire.contract import owntracks as ot
 from bloomwire.contract.lifecycle import (
     CLOSED,
     OUT_FOR_DELIVERY,
@@ -34,7 +35,6 @@ from bloomwire.contract.topics import Identity, InboundKind, InboundTopic
 from bloomwire.contract.validate import DEFAULT_TIME_BOUNDS, TimeBounds
 from bloomwire.errors import BloomwireError, PayloadError, TopicError
 from bloomwire.runtime.log import get_logger
-from bloomwire.runtime.mqtt import event_id_of, first_line
 from bloomwire.services.persister.tables import CachedTable, Row
 from bloomwire.store import models as m
 from bloomwire.store.bulk import BulkInsert, KeyLookup
@@ -48,6 +48,10 @@ ALERTS_T, CHAT_T, TRAIL_T, DEAD_T = m.ALERTS, m.CHAT, m.TRAIL, m.DEAD_LETTERS
 LOCATION_KINDS = frozenset({InboundKind.LOCATION, InboundKind.OWNTRACKS})
 #: The statuses in which an order's rider may report on it (after failed: returned).
 RIDER_HOLDS = RIDER_BOUND | {S.FAILED}
+#: Inbound kinds whose retained publishes are used: presence is state, and the OwnTracks app
+#: publishes retained by default (the Recorder uses such live messages; the broker's replays on
+#: subscription never reach the persister: its subscriptions ask for none).
+RETAINED_ALLOWED = frozenset({InboundKind.PRESENCE, InboundKind.OWNTRACKS})
 
 #: Trail spacing: a point when the rider moved this far or this long since the last one. 50 m is
 #: about one city block (enough to redraw the route on a map); 30 s bounds gaps when crawling.
@@ -58,6 +62,10 @@ LOCATION_EXPIRY_S = 60
 #: The retained order state is refreshed from positions at most this often (status changes: always).
 STATE_REFRESH_FROM_LOCATION_S = 10.0
 RECENT_IDS = 200_000
+#: A transition this close to a carried order's destination is about that order (a region a rider
+#: draws around a door is ~100 m; the phone's own uncertainty widens it, up to the second figure).
+DESTINATION_RADIUS_M = 150.0
+DESTINATION_RADIUS_MAX_M = 500.0
 DEAD_PAYLOAD_LIMIT = 65_536
 #: How the persister signs its refusals on ``services/deadletter`` (it stores them itself).
 SERVICE_NAME = "persister"
@@ -79,7 +87,8 @@ class Inbound:
     topic: str
     payload: bytes
     received_at: float = 0.0
-    #: Published retained (the broker says so with Retain As Published): not an event.
+    #: Published retained (the broker says so with Retain As Published): not an event, except
+    #: on presence and OwnTracks topics (see :data:`RETAINED_ALLOWED`).
     retain: bool = False
 
 
@@ -103,6 +112,8 @@ class BatchResult:
     duplicates: int = 0
     refused: int = 0
     ignored: int = 0
+    #: OwnTracks messages acknowledged as ignored, by (``_type`` label, reason).
+    owntracks_ignored: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
 
 class _IgnoredError(BloomwireError):
@@ -149,12 +160,6 @@ def _digest(event: Any, data_json: str) -> int:
 def _storable(text: str) -> str:
     """``text`` without NUL characters (PostgreSQL text cannot hold them; a refusal must store)."""
     return text.replace("\x00", "\\u0000") if "\x00" in text else text
-
-
-def _payload_id(payload: bytes) -> str | None:
-    """The ``id`` of a JSON object payload (for a dead letter), or None; never raises."""
-    found = event_id_of(payload)
-    return found[:128] if found else None
 
 
 def _uuid5(*parts: str) -> str:
@@ -269,19 +274,21 @@ class Projector:
         pending = _Pending()
         decoded: list[tuple[Inbound, InboundTopic | None, Any, str | None]] = []
         for msg in batch:
-            decoded.append(self._decode_total(msg))
+            decoded.append(self._decode(msg))
         ids = [e.id for _, _, e, _ in decoded if isinstance(e, ev._Envelope)]
         known = self._known_ids(ids)
         for msg, where, event, error in decoded:
-            if msg.retain and where is not None and where.kind is not InboundKind.PRESENCE:
+            if msg.retain and where is not None and where.kind not in RETAINED_ALLOWED:
                 self._retained(pending, msg, where, event, now, result)
                 continue
             if error is not None:
                 self._refuse(pending, msg, where, event, error, now)
                 result.refused += 1
                 continue
-            if event is None:
+            if event is None or isinstance(event, ot.Ignored):
                 result.ignored += 1
+                if isinstance(event, ot.Ignored):
+                    result.owntracks_ignored[event.kind, event.why] += 1
                 continue
             assert where is not None
             if isinstance(event, ev.RiderLocationEvent) and where.kind in LOCATION_KINDS:
@@ -390,7 +397,7 @@ class Projector:
             where: InboundTopic | None = topics.parse_inbound(msg.topic)
         except TopicError:
             where = None
-        self._refuse(pending, msg, where, _payload_id(msg.payload), reason, now)
+        self._refuse(pending, msg, where, _event_id(msg.payload), reason, now)
         try:
             self._commit(pending)
         except Exception as exc:
@@ -402,18 +409,6 @@ class Projector:
         result.outbound = self._outbound(pending, now)
         return result
 
-    def _decode_total(self, msg: Inbound) -> tuple[Inbound, InboundTopic | None, Any, str | None]:
-        """:meth:`_decode`, and whatever it raises (nested too deep, a value out of range) a
-        refusal of that message alone: one message never fails its batch."""
-        try:
-            return self._decode(msg)
-        except Exception as exc:
-            try:
-                where: InboundTopic | None = topics.parse_inbound(msg.topic)
-            except TopicError:
-                where = None
-            return msg, where, _payload_id(msg.payload), f"unreadable payload: {first_line(exc)}"
-
     def _decode(self, msg: Inbound) -> tuple[Inbound, InboundTopic | None, Any, str | None]:
         """``(msg, where, event or None, None)``, or ``(msg, where, id or None, reason)`` if refused.
 
@@ -421,11 +416,11 @@ class Projector:
         """
         try:
             where = topics.parse_inbound(msg.topic)
-        except TopicError as exc:
+        except Exception as exc:  # a TopicError, or anything else: this message alone is refused
             return msg, None, None, str(exc)
         try:
             event = self._decode_payload(msg, where)
-            if event is not None:
+            if isinstance(event, ev._Envelope):
                 ev.check_received(event, self.clock(), self.bounds)
             return msg, where, event, None
         except PayloadError as exc:
@@ -434,12 +429,9 @@ class Projector:
             log.exception("internal error decoding", topic=msg.topic)
             return msg, where, _event_id(msg.payload), f"undecodable payload: {type(exc).__name__}: {exc}"
 
-    def _decode_payload(self, msg: Inbound, where: InboundTopic) -> ev._Envelope | None:
+    def _decode_payload(self, msg: Inbound, where: InboundTopic) -> ev._Envelope | ot.Ignored | None:
         if where.kind is InboundKind.OWNTRACKS:
-            loc = ev.parse_owntracks(msg.payload)
-            if loc is None:
-                return None
-            return ev.RiderLocationEvent(source=where.source, data=loc)
+            return self._decode_owntracks(msg, where)
         if where.kind is InboundKind.PRESENCE and msg.payload.strip() in (b"online", b"offline"):
             status = ev.Presence(msg.payload.strip().decode())
             data = ev.RiderPresence(status=status)
@@ -450,9 +442,56 @@ class Projector:
         if where.kind is InboundKind.LOCATION:
             obj = ev.load_json(msg.payload)
             if isinstance(obj, dict) and "type" not in obj:  # bare OwnTracks-style fields
-                loc = ev.parse_location_fields(obj)
+                loc = ot.parse_location_fields(obj, self.clock(), self.bounds)
                 return ev.RiderLocationEvent(source=where.source, data=loc)
         return ev.decode(msg.payload)
+
+    def _decode_owntracks(
+        self, msg: Inbound, where: InboundTopic
+    ) -> ev.Event | ev.RiderRegionChangedEvent | ot.Ignored:
+        """What an OwnTracks payload is (raises :class:`PayloadError` when it is malformed)."""
+        now = self.clock()
+        parsed = ot.parse(msg.payload, now, bounds=self.bounds)
+        match parsed:
+            case ot.Ignored():
+                log.info("owntracks message ignored", topic=msg.topic[:200], type=parsed.kind, why=parsed.why)
+                return parsed
+            case ot.Lwt():
+                # The app's own Last Will: the same as a bare ``offline`` on riders/R/presence.
+                offline = ev.RiderPresence(status=ev.Presence.OFFLINE)
+                return ev.RiderPresenceEvent(source=where.source, time=now, data=offline)
+            case ot.Transition():
+                device = where.device or "unknown"
+                return ot.transition_event(
+                    where.sender, device, parsed, self._transition_order(where, parsed)
+                )
+            case _:
+                return ev.RiderLocationEvent(source=where.source, data=parsed)
+
+    def _transition_order(self, where: InboundTopic, t: ot.Transition) -> str | None:
+        """The order a transition is about: the carried order whose destination its region is, else
+        the rider's only carried order (part of that delivery's story), else none."""
+        carried = sorted(self.rider_orders.get(where.sender, ()))
+        found = self._destination_order(where.sender, t.lat, t.lon, t.acc, (t.desc, t.rid))
+        return found or (carried[0] if len(carried) == 1 else None)
+
+    def _destination_order(
+        self, rider: str, lat: float, lon: float, acc: float | None, names: tuple[str | None, ...]
+    ) -> str | None:
+        """The order ``rider`` carries whose destination a region is, if any: the region is named
+        after the order (its ``desc`` or ``rid``), or the phone was near the order's address."""
+        nearest: tuple[float, str] | None = None
+        for order_id in sorted(self.rider_orders.get(rider, ())):
+            order = self.orders.rows.get(order_id)
+            if order is None:
+                continue
+            if order_id in names:
+                return order_id
+            metres = geo.distance_m(lat, lon, order["lat"], order["lon"])
+            near = metres <= max(DESTINATION_RADIUS_M, min(acc or 0.0, DESTINATION_RADIUS_MAX_M))
+            if near and (nearest is None or metres < nearest[0]):
+                nearest = (metres, order_id)
+        return nearest[1] if nearest else None
 
     def _check_and_locate(
         self,
@@ -667,6 +706,8 @@ class Projector:
     def _event_row(self, where: InboundTopic, event: Any, topic: str, now: datetime) -> Row:
         data = event.data
         order_id = getattr(data, "order", None) or where.order
+        if isinstance(event, ev.RiderRegionChangedEvent):
+            order_id = event.subject  # the order the transition is about, if any
         order = self.orders.rows.get(order_id) if order_id else None
         rider = getattr(data, "rider", None) or (where.sender if where.identity is Identity.RIDER else None)
         return {
@@ -896,6 +937,8 @@ class Projector:
                 self._manual_assign(pending, where, event, now)
             case ev.RiderPresenceEvent():
                 self._presence(pending, where, event, now)
+            case ev.RiderRegionChangedEvent():
+                self._region_changed(pending, where, event)
             case ev.DispatchOfferEvent():
                 self._offer(pending, event, now)
             case ev.DispatchReplyEvent():
@@ -1083,6 +1126,33 @@ class Projector:
         rider["updated_at"] = now
         self.riders.touch(where.sender)
         pending.rider_states.setdefault(where.sender, set())
+
+    def _region_changed(
+        self, pending: _Pending, where: InboundTopic, event: ev.RiderRegionChangedEvent
+    ) -> None:
+        """A transition is stored as it is; entering an order's destination asks "arrived?"."""
+        d = event.data
+        if d.event != "enter":
+            return
+        names = (d.region, d.region_id)
+        order_id = self._destination_order(where.sender, d.lat, d.lon, d.acc, names)
+        order = self.orders.rows.get(order_id) if order_id else None
+        if order is None:
+            return
+        if order["status"] not in (S.PICKED_UP, S.EN_ROUTE):
+            return
+        text = (
+            f"You have reached the destination of order {order['id']}"
+            f"{f' ({d.region})' if d.region else ''}. Report 'arrived'?"
+        )
+        prompt = ev.OrderChatEvent(
+            id=_uuid5("arrival-prompt", event.id),
+            source=f"{topics.SERVICES}/{SERVICE_NAME}",
+            time=event.time,
+            data=ev.OrderChat(order=order["id"], text=text, author=f"service:{SERVICE_NAME}"),
+        )
+        inbox = topics.rider_inbox(where.sender, topics.Inbox.CHAT)
+        pending.canonical.append(Outbound(inbox, ev.encode(prompt)))
 
     def _location(
         self, pending: _Pending, where: InboundTopic, event: ev.RiderLocationEvent, now: datetime
