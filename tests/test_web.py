@@ -113,6 +113,8 @@ def test_web_service_serves_pages_contract_and_refuses_bad_enrolments(web: WebSt
     assert "picked_up" in contract["lifecycle"]["out_for_delivery"]
     assert http(settings, "/vendor/mqtt/mqtt.esm.js")[0] == 200
     assert http(settings, "/vendor/mqtt/../package.json")[0] == 404  # only dist folders are served
+    status, _, body = http(settings, "/healthz")  # compose's healthcheck of the web container
+    assert status == 200 and body.startswith(b"ok ")
 
     assert http(settings, "/api/enrol", {"shop": "s1"})[0] == 400
     bad = {"shop": "s1", "order": "o/../x", "customer": "c", "username": "u", "password": "p"}
