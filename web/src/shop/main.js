@@ -13,6 +13,10 @@ import { ShopStore } from './store.js';
 
 const CREDS_KEY = 'bloomwire.shop.login';
 const STALE_MS = 3 * 60 * 1000;
+// The map redraws at most this often: each redraw repaints the canvas (and riders report every
+// few seconds), so 4 a second look live and leave the frames to the board.
+const MAP_MS = 250;
+const COUNTS_MS = 500;
 const CONN_TEXT = { connecting: 'Connecting…', online: 'Live', reconnecting: 'Reconnecting…', refused: 'Not connected', stopped: 'Not connected' };
 
 /** The shop a login belongs to: a device login names it before '@' (s1@till-2), or ?shop= says it. */
@@ -50,6 +54,9 @@ class Dashboard {
       if (!$('#create-card').hidden) this.create.setPosition(lat, lon);
     });
     this.batcher = new FrameBatcher((keys) => this.flush(keys));
+    this.mapOrders = new Set(); // changed since the map last drew
+    this.mapRiders = new Set();
+    this.mapTimer = null;
     this.wire();
     setInterval(() => this.tick(), 5000);
   }
@@ -98,7 +105,7 @@ class Dashboard {
     }
     if (orders.size) this.board.update(orders);
     if (alerts.size) this.feed.update(alerts);
-    this.drawMap(orders, riders);
+    this.queueMap(orders, riders);
     if (this.selected && (orders.has(this.selected) || chat)) this.panel.render();
     for (const id of orders) this.create.seen(id);
     $('#board-empty').hidden = this.board.rows.size > 0;
@@ -110,14 +117,30 @@ class Dashboard {
     }
   }
 
+  /** Draw these orders and riders with the next map redraw (at most one per MAP_MS). */
+  queueMap(orderIds, riderIds) {
+    for (const id of orderIds) this.mapOrders.add(id);
+    for (const id of riderIds) this.mapRiders.add(id);
+    if (this.mapTimer || (!this.mapOrders.size && !this.mapRiders.size)) return;
+    this.mapTimer = setTimeout(() => {
+      this.mapTimer = null;
+      const [orders, riders] = [this.mapOrders, this.mapRiders];
+      this.mapOrders = new Set();
+      this.mapRiders = new Set();
+      this.drawMap(orders, riders);
+    }, MAP_MS);
+  }
+
+  /** The filters' counts, at most every COUNTS_MS (a steady stream of messages still updates them). */
   counts() {
-    clearTimeout(this.countTimer);
+    if (this.countTimer) return;
     this.countTimer = setTimeout(() => {
+      this.countTimer = null;
       const counts = this.board.countAll();
       document.querySelectorAll('[data-filter]').forEach((chip) => {
         setText(chip.querySelector('span'), counts[chip.dataset.filter] ?? '');
       });
-    }, 250);
+    }, COUNTS_MS);
   }
 
   drawMap(orderIds, riderIds) {
