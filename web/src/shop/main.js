@@ -46,6 +46,10 @@ class Dashboard {
     this.panel = new OrderPanel($('#order-panel'), this.store, this.commands, { baseUrl, username });
     this.feed = new AlertFeed($('#alerts'), this.store, this.commands, { username, onSelect: (id) => this.select(id) });
     this.map = new MapView($('#map'), config);
+    // Riders and trails move every few seconds; 500 destinations rarely change: two canvases,
+    // so a rider's move repaints the riders' canvas only (the first one made is drawn below).
+    this.map.canvas('places');
+    this.map.canvas('moving');
     this.create = new CreateForm($('#create-form'), this.commands, {
       onCreated: (id) => this.select(id),
       isKnown: (id) => this.store.orders.has(id),
@@ -150,7 +154,7 @@ class Dashboard {
       if (!rider || !rider.position) continue;
       const stale = rider.presence === 'offline' || now - Date.parse(rider.position.at) > STALE_MS;
       const color = stale ? COLORS.stale : COLORS.rider;
-      this.map.point(`r:${id}`, [rider.position.lat, rider.position.lon], { color, fillColor: color, radius: 6 }, id);
+      this.map.point(`r:${id}`, [rider.position.lat, rider.position.lon], { color, fillColor: color, radius: 6, canvas: 'moving' }, id);
     }
     for (const id of orderIds) {
       const order = this.store.orders.get(id);
@@ -159,15 +163,15 @@ class Dashboard {
       const closed = lifecycle().closed.includes(s.status);
       if (!closed && s.destination) {
         const big = id === this.selected;
-        this.map.point(`d:${id}`, [s.destination.lat, s.destination.lon], { color: COLORS.destination, fillColor: '#fff', radius: big ? 8 : 4, weight: big ? 3 : 2 }, id);
+        this.map.point(`d:${id}`, [s.destination.lat, s.destination.lon], { color: COLORS.destination, fillColor: '#fff', radius: big ? 8 : 4, weight: big ? 3 : 2, canvas: 'places' }, id);
       } else {
         this.map.remove(`d:${id}`);
       }
-      if (lifecycle().out_for_delivery.includes(s.status) && order.trail.length > 1) this.map.line(`t:${id}`, order.trail, { color: COLORS.trail, weight: 2 });
+      if (lifecycle().out_for_delivery.includes(s.status) && order.trail.length > 1) this.map.line(`t:${id}`, order.trail, { color: COLORS.trail, weight: 2, canvas: 'moving' });
       else this.map.remove(`t:${id}`);
     }
     const pickup = this.create.pickup();
-    if (pickup) this.map.point('shop', [pickup.lat, pickup.lon], { color: COLORS.shop, fillColor: COLORS.shop, radius: 8 }, 'shop');
+    if (pickup) this.map.point('shop', [pickup.lat, pickup.lon], { color: COLORS.shop, fillColor: COLORS.shop, radius: 8, canvas: 'places' }, 'shop');
     this.map.autoFit();
   }
 
