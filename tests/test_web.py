@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -463,6 +464,92 @@ def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) ->
         rider.close()
         customer.context.close()
         page.context.close()
+
+
+# --- the dashboard with many orders -----------------------------------------------------------------
+
+BUSY_SHOP, BUSY_PUBLISHER = "s1", "busy-pub"
+
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
+    """A password-file broker and the web service: a publisher stands in for the persister."""
+    require_browser_and_broker()
+    settings = Settings(data_dir=tmp_path_factory.mktemp("busy"), database_url="")
+    stack = Stack(settings, services=("web",), extra_users=[BUSY_SHOP, BUSY_PUBLISHER])
+    try:
+        yield stack, stack.start()
+    finally:
+        stack.stop()
+
+
+def _busy_state(order: int, status: str, rider: str | None = None) -> bytes:
+    start = ev.now() + timedelta(minutes=30 + order % 90)
+    return ev.encode(
+        ev.OrderState(
+            order=f"b{order}",
+            shop=BUSY_SHOP,
+            status=OrderStatus(status),
+            rider=rider,
+            customer=f"Customer {order}",
+            window=ev.Window(start=start, end=start + timedelta(hours=1)),
+            updated_at=ev.now(),
+            destination=ev.Place(lat=52.50 + order * 0.0002, lon=13.40 + (order % 20) * 0.001),
+        )
+    )
+
+
+def test_dashboard_shows_200_orders_and_updates_a_row_live(busy: WebStack, browser: Any) -> None:
+    stack, settings = busy
+    assert stack.broker is not None
+    pub = MqttTestClient(stack.broker, BUSY_PUBLISHER, secret(settings, BUSY_PUBLISHER))
+    assert not pub.connect().is_failure
+    page = None
+    try:
+        for i in range(1, 201):
+            pub.publish(
+                topics.order_topic(BUSY_SHOP, f"b{i}", "state"), _busy_state(i, "created"), retain=True
+            )
+        page = dashboard(browser, settings, BUSY_SHOP)
+        errors = page_errors(page)
+        rows = "() => [...document.querySelectorAll('#board-body tr')].filter((tr) => !tr.hidden).length"
+        wait_for(lambda: page.evaluate(rows) == 200, 30, "200 rows on the board")
+        wait_for(lambda: page.inner_text("[data-filter=all] span") == "200", 10, "the All count")
+        ids = page.evaluate(
+            "() => [...document.querySelectorAll('#board-body tr')].map((tr) => tr.dataset.order)"
+        )
+        assert sorted(ids) == sorted(f"b{i}" for i in range(1, 201))
+        last = page.locator("#board-body tr").last
+        last.scroll_into_view_if_needed()
+        assert last.is_visible() and last.locator(".col-customer").inner_text().startswith("Customer ")
+
+        # One order goes out with a rider: its row changes in place, the others stay put.
+        row = page.locator("tr[data-order='b150']")
+        before = page.evaluate_handle("() => document.querySelector(\"tr[data-order='b150']\")")
+        pub.publish(
+            topics.order_topic(BUSY_SHOP, "b150", "state"), _busy_state(150, "en_route", "r7"), retain=True
+        )
+        wait_for(lambda: row.locator(".col-status").inner_text().strip() == "en route", 10, "b150 en route")
+        assert row.locator(".col-rider").inner_text() == "r7"
+        location = ev.OrderLocation(
+            order="b150", rider="r7", position=ev.Position(lat=52.51, lon=13.41, at=ev.now()), eta=ev.now()
+        )
+        pub.publish(topics.order_topic(BUSY_SHOP, "b150", "location"), ev.encode(location), qos=0)
+        wait_for(
+            lambda: page.evaluate("() => window.bloomwireDashboard.map.has('r:r7')"), 10, "r7 on the map"
+        )
+        wait_for(lambda: "·" in row.locator(".col-eta").inner_text(), 10, "b150's ETA next to its promise")
+        assert page.evaluate("(el) => el === document.querySelector(\"tr[data-order='b150']\")", before)
+        assert page.evaluate(rows) == 200
+        page.click("[data-filter=out]")
+        wait_for(lambda: page.evaluate(rows) == 1, 10, "one order out")
+        wait_for(lambda: page.inner_text("[data-filter=out] span") == "1", 10, "the Out count")
+        screenshot(page, "shop-dashboard-200-orders-desktop", full_page=False)
+        assert errors == []
+    finally:
+        pub.close()
+        if page is not None:
+            page.context.close()
 
 
 # --- outages ---------------------------------------------------------------------------------------------
