@@ -457,12 +457,14 @@ def _customers_report(c: dict[str, Any]) -> Report:
     report.add("all live", f"{c['all_live_s']:.1f} s after the first was opened (each enrols, then logs in)")
     report.add(
         "shop chat → customer page",
-        f"P50 {statistics.median(chat):.0f} ms · P99 {_pct(chat, 99):.0f} ms (all {len(c['chat_ms'])} lines sent at once)",
+        f"P50 {statistics.median(chat):.0f} ms · P99 {_pct(chat, 99):.0f} ms "
+        f"(all {len(c['chat_ms'])} lines sent at once)",
     )
     report.add("renderer memory (PSS)", f"{c['rss_mb']:.0f} MB for {c['pages']} pages ({each:.0f} MB each)")
+    room = max(0.0, available - MEMORY_RESERVE * total) / max(each, 1)
     report.add(
         "memory left",
-        f"{available:.0f} of {total:.0f} MB: room for ~{max(0.0, available - MEMORY_RESERVE * total) / max(each, 1):.0f} more pages "
+        f"{available:.0f} of {total:.0f} MB: room for ~{room:.0f} more pages "
         f"above the {MEMORY_RESERVE:.0%} reserve",
     )
     return report
@@ -477,13 +479,13 @@ def _dashboard_report(d: dict[str, Any]) -> Report:
     report.add("dashboard load", f"{d['orders']} orders on the board {d['loaded_s']:.1f} s after login")
     report.add(
         "publish → DOM updated",
-        f"P50 {_pct(lat, 50):.0f} ms · P99 {_pct(lat, 99):.0f} ms · max {max(lat, default=float('nan')):.0f} ms "
-        f"(n={len(lat)} of {d['positions_sent']} positions)",
+        f"P50 {_pct(lat, 50):.0f} ms · P99 {_pct(lat, 99):.0f} ms · "
+        f"max {max(lat, default=float('nan')):.0f} ms (n={len(lat)} of {d['positions_sent']} positions)",
     )
     report.add(
         "frames",
-        f"{d['frames']} drawn, ~{d['dropped']} dropped ({d['dropped'] / max(d['frames'] + d['dropped'], 1):.1%}), "
-        f"{d['long_frames']} longer than 50 ms",
+        f"{d['frames']} drawn, ~{d['dropped']} dropped "
+        f"({d['dropped'] / max(d['frames'] + d['dropped'], 1):.1%}), {d['long_frames']} longer than 50 ms",
     )
     report.add(
         "long tasks (> 50 ms)",
@@ -517,7 +519,8 @@ def main(
     reports: list[Report] = []
     if orders:
         console.print(
-            f"dashboard: {orders} open orders, {riders} riders moving (a position every 5 s) for {seconds:.0f} s …"
+            f"dashboard: {orders} open orders, {riders} riders moving (a position every 5 s) "
+            f"for {seconds:.0f} s …"
         )
         d = bench_dashboard(settings, orders=orders, riders=riders, seconds=seconds, profile=profile)
         reports.append(_dashboard_report(d))
