@@ -1,7 +1,8 @@
-"""The project's Mosquitto for real: authentication, live users, persistence, limits (DESIGN §5)."""
+"""The project's Mosquitto for real: authentication, live users, persistence, limits (docs/design.md §5)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -55,8 +56,6 @@ def test_hash_matches_mosquitto_passwd(tmp_path: Path) -> None:
     assert HASH_RE.match(hashed), hashed
     assert verify_password("wonder land", hashed)
     salt = hashed.split("$")[3]
-    import base64
-
     assert hash_password("wonder land", salt=base64.b64decode(salt)) == hashed
 
 

@@ -34,6 +34,7 @@ from typer.testing import CliRunner
 from bloomwire.app.cli import app
 from bloomwire.app.clients.access import ProvisionedAccess, customer_username
 from bloomwire.app.clients.base import Client, Outcome, UsageError, connect, release
+from bloomwire.app.clients.commands import _refusal_code
 from bloomwire.app.clients.outbox import Outbox
 from bloomwire.app.clients.rider import RiderDevice
 from bloomwire.app.clients.shop import OrderDraft, ShopTerminal
@@ -527,8 +528,6 @@ def test_rider_command_queues_for_a_running_app(tmp_path: Path) -> None:
 
 
 def test_outcome_of_a_refused_command_names_unknown_ids() -> None:
-    from bloomwire.app.clients.commands import _refusal_code
-
     assert _refusal_code("unknown order 'x'") == 2
     assert _refusal_code("unknown rider 'r9'") == 2
     assert _refusal_code("rider 'r1' is offline") == 1

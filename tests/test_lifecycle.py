@@ -1,4 +1,4 @@
-"""The order lifecycle of DESIGN.md §3."""
+"""The order lifecycle of docs/design.md §3."""
 
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
 from bloomwire.store import make_engine, upgrade
+from bloomwire.store.bulk import BulkInsert, KeyLookup
 from bloomwire.store.db import alembic_config
-from bloomwire.store.models import CHAT
+from bloomwire.store.models import CHAT, DEAD_LETTERS, EVENTS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,9 +64,6 @@ def test_chat_lines_survive_the_move_to_order_keys_and_back(database_url: str) -
 
 
 def test_bulk_insert_stores_what_a_core_insert_stores(database_url: str) -> None:
-    from bloomwire.store.bulk import BulkInsert
-    from bloomwire.store.models import EVENTS
-
     upgrade(database_url)
     engine = make_engine(database_url)
     at = datetime(2026, 2, 14, 9, 30, 1, 5, tzinfo=UTC)
@@ -102,9 +100,6 @@ def test_bulk_insert_stores_what_a_core_insert_stores(database_url: str) -> None
 
 
 def test_key_lookup_finds_exactly_the_stored_keys_across_chunks(database_url: str) -> None:
-    from bloomwire.store.bulk import KeyLookup
-    from bloomwire.store.models import DEAD_LETTERS
-
     upgrade(database_url)
     engine = make_engine(database_url)
     at = datetime(2026, 2, 14, 9, 30, tzinfo=UTC)

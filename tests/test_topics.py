@@ -1,4 +1,4 @@
-"""The topic tree of DESIGN.md §1: builders, parsing, validation and filter matching."""
+"""The topic tree of docs/design.md §1: builders, parsing, validation and filter matching."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Access control on the broker (Mosquitto's dynamic-security plugin): who may use which topics.
 
-* :mod:`~bloomwire.access.policy` — the roles of DESIGN.md §1 as literal-topic ACLs.
+* :mod:`~bloomwire.access.policy` — the roles of docs/design.md §1 as literal-topic ACLs.
 * :mod:`~bloomwire.access.dynsec` — run plugin commands on its JSON file or on a live broker
   (blocking :class:`ControlClient`, or :class:`ControlChannel` on a service's own connection).
 * :mod:`~bloomwire.access.operations` — what each account operation sends the plugin.

@@ -1,6 +1,6 @@
 """Broker accounts: bootstrap before the broker starts, then add, remove, rotate and list.
 
-Every identity of DESIGN.md §1 is a dynamic-security *client* (username + PBKDF2 hash) holding
+Every identity of docs/design.md §1 is a dynamic-security *client* (username + PBKDF2 hash) holding
 the role(s) of :mod:`bloomwire.access.policy`; a shop or rider may have device logins
 (``s1@till-2``) holding its role too. Passwords of shops, riders, their devices, services and
 the fixed identities live in ``DATA_DIR/secrets/<username>`` (0600, directory 0700) and nowhere

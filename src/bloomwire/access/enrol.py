@@ -1,6 +1,6 @@
 """Customer devices: trade the order's login for a login of this device's own.
 
-``use_username_as_clientid`` is on for every listener (DESIGN.md §5), so one username is one
+``use_username_as_clientid`` is on for every listener (docs/design.md §5), so one username is one
 MQTT session: two devices logged in with the same login would keep disconnecting each other.
 The order's access therefore starts with ONE login, used only to enrol: a device connects with
 it for a moment, asks on ``customers/C/devices``, gets its own login on
@@ -43,10 +43,32 @@ def enrol_device(
     timeout: float = 10.0,
 ) -> Credential:
     """Log in with an order login, ask for a device login, return it (``BrokerError`` if refused)."""
-    request_topic = topics.device_request_topic(customer)
     reply_topic = topics.device_reply_topic(customer)
     request = DeviceRequestEvent(source=f"{topics.CUSTOMERS}/{customer}", data=DeviceRequest(label=label))
-    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+    client = _client(username, password, transport=transport, tls=tls, ca_file=ca_file)
+    replies = _Replies(client, customer, timeout)
+    try:
+        client.connect(host, port, keepalive=30, clean_start=True)
+    except OSError as exc:
+        raise BrokerError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
+    client.loop_start()
+    try:
+        rc = replies.wait("connack")
+        if rc.is_failure:
+            raise BrokerError(f"device enrolment for {customer!r}: login refused ({rc})")
+        result, _mid = client.subscribe(reply_topic, qos=1)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or any(r.is_failure for r in replies.wait("suback")):
+            raise BrokerError(f"device enrolment for {customer!r}: may not read {reply_topic}")
+        client.publish(topics.device_request_topic(customer), encode(request), qos=1)
+        return replies.login(request.id)
+    finally:
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        client.loop_stop()
+
+
+def _client(username: str, password: str, *, transport: str, tls: bool, ca_file: Path | None) -> paho.Client:
+    """A plain paho client for the one short enrolment session (``username`` is its client id)."""
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=username,
@@ -57,62 +79,59 @@ def enrol_device(
     client.username_pw_set(username, password)
     if tls:
         client.tls_set(ca_certs=str(ca_file) if ca_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    return client
 
-    def on_connect(_c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
-        events.put(("connack", rc))
 
-    def on_subscribe(_c: Any, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Any) -> None:
-        events.put(("suback", rcs))
+class _Replies:
+    """What paho's callbacks report (connack, suback, messages, disconnect), waited for with one deadline."""
 
-    def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        events.put(("message", bytes(msg.payload)))
+    def __init__(self, client: paho.Client, customer: str, timeout: float) -> None:
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.customer = customer
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        client.on_connect, client.on_subscribe = self._on_connect, self._on_subscribe
+        client.on_message, client.on_disconnect = self._on_message, self._on_disconnect
 
-    def on_disconnect(_c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
-        events.put(("disconnect", rc))
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        self.events.put(("connack", rc))
 
-    client.on_connect, client.on_subscribe = on_connect, on_subscribe
-    client.on_message, client.on_disconnect = on_message, on_disconnect
-    deadline = time.monotonic() + timeout
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Any) -> None:
+        self.events.put(("suback", rcs))
 
-    def wait(kind: str) -> Any:
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        self.events.put(("message", bytes(msg.payload)))
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        self.events.put(("disconnect", rc))
+
+    def wait(self, kind: str) -> Any:
+        """The next ``kind`` event's value; ``BrokerError`` on a disconnect or at the deadline."""
         while True:
-            left = deadline - time.monotonic()
+            left = self.deadline - time.monotonic()
             if left <= 0:
-                raise BrokerError(f"device enrolment for {customer!r}: no {kind} within {timeout:.0f} s")
+                raise BrokerError(
+                    f"device enrolment for {self.customer!r}: no {kind} within {self.timeout:.0f} s"
+                )
             try:
-                got, value = events.get(timeout=left)
+                got, value = self.events.get(timeout=left)
             except queue.Empty:
                 continue
             if got == "disconnect":
-                raise BrokerError(f"device enrolment for {customer!r}: disconnected ({value})")
+                raise BrokerError(f"device enrolment for {self.customer!r}: disconnected ({value})")
             if got == kind:
                 return value
 
-    try:
-        client.connect(host, port, keepalive=30, clean_start=True)
-    except OSError as exc:
-        raise BrokerError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
-    client.loop_start()
-    try:
-        rc = wait("connack")
-        if rc.is_failure:
-            raise BrokerError(f"device enrolment for {customer!r}: login refused ({rc})")
-        result, _mid = client.subscribe(reply_topic, qos=1)
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or any(r.is_failure for r in wait("suback")):
-            raise BrokerError(f"device enrolment for {customer!r}: may not read {reply_topic}")
-        client.publish(request_topic, encode(request), qos=1)
+    def login(self, request: str) -> Credential:
+        """The device login answering ``request``; ``BrokerError`` if the provisioner refused."""
         while True:
-            payload = wait("message")
+            payload = self.wait("message")
             try:
                 answer = DeviceLoginEvent.model_validate(json.loads(payload))
             except (ValueError, PayloadError):
                 continue
-            if answer.data.request != request.id:
+            if answer.data.request != request:
                 continue  # another device's answer (every device of C reads this inbox)
             if answer.data.error or not answer.data.username or not answer.data.password:
-                raise BrokerError(f"device enrolment for {customer!r} refused: {answer.data.error}")
+                raise BrokerError(f"device enrolment for {self.customer!r} refused: {answer.data.error}")
             return Credential(answer.data.username, answer.data.password, Kind.CUSTOMER)
-    finally:
-        with contextlib.suppress(Exception):
-            client.disconnect()
-        client.loop_stop()

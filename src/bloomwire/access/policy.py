@@ -1,4 +1,4 @@
-"""Who may do what on the broker (DESIGN.md §1), as dynamic-security roles over literal topics.
+"""Who may do what on the broker (docs/design.md §1), as dynamic-security roles over literal topics.
 
 Mosquitto 2.0.11's dynamic-security plugin does not substitute ``%u``/``%c`` in ACLs, so every
 identity gets a role of its own that names its topics literally (``rider/r7``, ``shop/s1``,

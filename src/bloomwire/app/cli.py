@@ -1,4 +1,11 @@
-"""``bloomwire``: the operator's command line. Settings are built here and passed down."""
+"""``bloomwire``: the operator's command line. Settings are built here and passed down.
+
+The benchmarks (:mod:`bloomwire.app.bench.commands`) and the clients' commands
+(:mod:`bloomwire.app.clients.commands`: rider, shop, track, simulate, demo) are loaded on first
+use (:class:`LazyGroup`), and each service by name from ``ALL_SERVICES``: a service process
+(``bloomwire service run NAME``) imports its own service and none of the rest (not scipy, Starlette
+or the simulator), which keeps it smaller and quicker to restart.
+"""
 
 from __future__ import annotations
 
@@ -7,56 +14,75 @@ import contextlib
 import importlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from typer.core import TyperGroup
 
 from bloomwire.app.accounts_cli import accounts_app
-from bloomwire.app.bench import mqttclients as bench_clients
-from bloomwire.app.bench.report import Report, record
-from bloomwire.app.clients.commands import register as register_client_commands
+from bloomwire.app.status import gather, healthy, metrics_url, render
 from bloomwire.app.supervision import EXIT_PORT_IN_USE
-from bloomwire.app.supervisor import DEFAULT_RIDERS, DEFAULT_SHOPS, SERVICES, WEB, Stack
+from bloomwire.app.supervisor import (
+    ALL_SERVICES,
+    DEFAULT_RIDERS,
+    DEFAULT_SHOPS,
+    SERVICES,
+    WEB,
+    Stack,
+    service_settings,
+)
+from bloomwire.app.terminal import console, err, fail, make_settings
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime import log
 from bloomwire.runtime.metrics import Exporter, PortInUseError, ServiceMetrics, serve
 from bloomwire.runtime.mqtt import Service
 from bloomwire.runtime.settings import Settings
 
+#: Commands loaded on first use -> the module whose ``register(app)`` adds them.
+LAZY_COMMANDS: dict[str, str] = {
+    "db": "bloomwire.app.store_commands",
+    "history": "bloomwire.app.store_commands",
+    "bench": "bloomwire.app.bench.commands",
+    **dict.fromkeys(("rider", "shop", "track", "simulate", "demo"), "bloomwire.app.clients.commands"),
+}
+
+
+class LazyGroup(TyperGroup):
+    """The root command group: :data:`LAZY_COMMANDS` are imported when run or listed in ``--help``."""
+
+    # ``Any``: Typer's group API takes click's types, which newer Typers vendor under a private name.
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*super().list_commands(ctx), *LAZY_COMMANDS]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        module = LAZY_COMMANDS.get(cmd_name)
+        if module is None:
+            return super().get_command(ctx, cmd_name)
+        register: Callable[[typer.Typer], None] = importlib.import_module(module).register
+        holder = typer.Typer()
+        register(holder)
+        return typer.main.get_group(holder).commands.get(cmd_name)
+
+
 app = typer.Typer(
     help="Bloomwire: MQTT delivery tracking for flower shops. Every command reads BLOOMWIRE_* "
     "environment variables (see README); options override them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=LazyGroup,
 )
 broker_app = typer.Typer(help="Run the project's Mosquitto broker.", no_args_is_help=True)
 service_app = typer.Typer(help="Run one backbone service in the foreground.", no_args_is_help=True)
-db_app = typer.Typer(help="Manage the store's schema.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
 app.add_typer(service_app, name="service")
-app.add_typer(db_app, name="db")
-app.add_typer(bench_app, name="bench")
 app.add_typer(accounts_app, name="accounts")  # broker accounts (bloomwire.app.accounts_cli)
-# rider …, shop …, track, simulate, demo: the clients' commands (bloomwire.app.clients.commands).
-register_client_commands(app)
-
-console = Console()
-err = Console(stderr=True)
 
 DataDir = Annotated[
     Path | None,
     typer.Option("--data-dir", help="Where broker data, the SQLite store and secrets live."),
 ]
-
-
-def make_settings(ctx: typer.Context) -> Settings:
-    """The settings of this invocation (environment + root options)."""
-    settings: Settings = ctx.obj
-    return settings
 
 
 @app.callback()
@@ -78,12 +104,6 @@ def root(
         raise typer.Exit(2) from None
     log.configure(settings.log_level, json=settings.log_json)
     ctx.obj = settings
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print a clear error and return the exit to raise."""
-    err.print(f"[bold red]error:[/bold red] {message}")
-    return typer.Exit(code)
 
 
 Access = Annotated[
@@ -225,8 +245,6 @@ def service_run(
 
     Its metrics are at http://BLOOMWIRE_METRICS_HOST:PORT/metrics (the port is logged).
     """
-    from bloomwire.app.supervisor import ALL_SERVICES, service_settings
-
     settings = make_settings(ctx)
     if name not in ALL_SERVICES:
         raise fail(f"unknown service {name!r} (known: {', '.join(ALL_SERVICES)})")
@@ -278,8 +296,6 @@ def service_health(
     port: Annotated[int | None, typer.Option(help="Metrics port (default: BLOOMWIRE_METRICS_PORT).")] = None,
 ) -> None:
     """Exit 0 if the service on this machine's metrics port is started and connected (healthchecks)."""
-    from bloomwire.app.status import healthy, metrics_url
-
     settings = make_settings(ctx)
     ok, why = healthy(metrics_url(settings.metrics_host, port or settings.metrics_port))
     console.print(why)
@@ -384,257 +400,10 @@ def status(
     (or BLOOMWIRE_BROKER_PORT), and scrapes the metrics ports `bloomwire up` recorded in
     DATA_DIR/ports.json. Exit code 0 when every service is online, 1 otherwise.
     """
-    from bloomwire.app.status import gather, render
-
     report = gather(make_settings(ctx), interval=max(0.1, interval))
     render(report, console)
     if not report.all_online:
         raise typer.Exit(1)
-
-
-# --- store ----------------------------------------------------------------------------------------
-
-
-@db_app.command("upgrade")
-def db_upgrade(ctx: typer.Context) -> None:
-    """Apply the store's migrations (services also do this at start)."""
-    from bloomwire.store import upgrade
-
-    settings = make_settings(ctx)
-    upgrade(settings.database_url)
-    console.print(f"Store at {settings.database_url} is up to date.")
-
-
-@app.command()
-def history(ctx: typer.Context, order: Annotated[str, typer.Argument(help="The order id.")]) -> None:
-    """Print an order's full timeline from the store: status, positions, chat, alerts."""
-    from bloomwire.app.history import load_history, render_history
-
-    settings = make_settings(ctx)
-    try:
-        found = load_history(settings.database_url, order)
-    except BloomwireError as exc:
-        raise fail(str(exc)) from None
-    render_history(found, console)
-
-
-# --- benchmarks -----------------------------------------------------------------------------------
-
-Record = Annotated[
-    str | None,
-    typer.Option(
-        "--record",
-        metavar="KEY",
-        help="Also write the figures, this command line, the date and the commit into the block "
-        "<!-- measured:KEY --> … <!-- /measured:KEY --> of README.md and docs/*.md.",
-    ),
-]
-
-
-def _record(key: str | None, reports: list[Any]) -> None:
-    """Write ``reports`` into the docs' ``key`` block, if asked; say where."""
-    if key is None:
-        return
-    try:
-        paths = record(key, reports)
-    except BloomwireError as exc:
-        raise fail(str(exc)) from None
-    console.print(f"figures recorded in {', '.join(str(p) for p in paths)}")
-
-
-@bench_app.command("ingest")
-def bench_ingest(
-    ctx: typer.Context,
-    events: Annotated[int, typer.Option(help="How many rider events to publish.")] = 20_000,
-    rate: Annotated[int, typer.Option(help="Publish rate, events/s (0 = as fast as possible).")] = 5_000,
-    riders: Annotated[int, typer.Option(help="Simulated riders publishing.")] = 50,
-    ceiling: Annotated[bool, typer.Option(help="Also measure mosquitto_pub/sub QoS 1.")] = True,
-    record: Record = None,
-) -> None:
-    """Publish rider chat events through a private broker into the persister; print figures.
-
-    One lean QoS 1 connection sends the riders' events at the set rate (one
-    write per 2 ms). Printed: events/s persisted, publish→committed (the
-    device ack) and publish→canonical P50/P99, lost and duplicated events
-    (checked in the store), and the mosquitto_pub→sub QoS 1 ceiling of the
-    same broker with the ratio. Start with --rate 5000 for latency and
-    --rate 0 for capacity.
-    """
-    from bloomwire.app.bench import ingest
-
-    reports = ingest.main(
-        make_settings(ctx),
-        events=events,
-        rate=rate,
-        riders=riders,
-        ceiling=ceiling,
-        console=console,
-    )
-    _record(record, reports)
-
-
-@bench_app.command("dispatch")
-def bench_dispatch(
-    ctx: typer.Context,
-    orders: Annotated[int, typer.Option(help="Normal mode: orders created one at a time.")] = 200,
-    riders: Annotated[int, typer.Option(help="Normal mode: riders online.")] = 50,
-    peak_orders: Annotated[int, typer.Option(help="Peak mode: orders waiting at once.")] = 1000,
-    peak_riders: Annotated[int, typer.Option(help="Peak mode: riders.")] = 500,
-    seed: Annotated[int, typer.Option(help="Random seed of the city layout.")] = 0,
-    record: Record = None,
-) -> None:
-    """Normal-mode decision latency (order created → offer) and the peak-mode batch time."""
-    from bloomwire.app.bench import dispatch as bench
-
-    reports = bench.main(
-        make_settings(ctx),
-        console=console,
-        orders=orders,
-        riders=riders,
-        peak_orders=peak_orders,
-        peak_riders=peak_riders,
-        seed=seed,
-    )
-    _record(record, reports)
-
-
-@bench_app.command("alerts")
-def bench_alerts(
-    ctx: typer.Context,
-    orders: Annotated[int, typer.Option(help="Live orders in the store.")] = 10_000,
-    riders: Annotated[int, typer.Option(help="Riders in the store.")] = 2_000,
-    ticks: Annotated[int, typer.Option(help="Ticks to time.")] = 20,
-    events: Annotated[int, typer.Option(help="Failed deliveries timed event → alert.")] = 100,
-    database_url: Annotated[
-        str | None, typer.Option(help="Store to seed (default: a temporary SQLite file).")
-    ] = None,
-    record: Record = None,
-) -> None:
-    """One alerts tick over many live orders, and event-committed → alert-raised latency."""
-    from bloomwire.app.bench import alerts as bench
-
-    reports = bench.main(
-        make_settings(ctx),
-        orders=orders,
-        riders=riders,
-        ticks=ticks,
-        events=events,
-        database_url=database_url,
-        console=console,
-    )
-    _record(record, reports)
-
-
-@bench_app.command("web")
-def bench_web(
-    ctx: typer.Context,
-    orders: Annotated[int, typer.Option(help="Open orders on the dashboard (0 = skip the dashboard).")] = 500,
-    riders: Annotated[int, typer.Option(help="Riders moving, a position every 5 s each.")] = 200,
-    seconds: Annotated[float, typer.Option(help="How long the riders move.")] = 30.0,
-    pages: Annotated[int, typer.Option(help="Most customer tracking pages to open at once (0 = skip).")] = 50,
-    profile: Annotated[bool, typer.Option(help="Also print the dashboard's CPU profile.")] = False,
-    record: Record = None,
-) -> None:
-    """The shop dashboard under load and many customer pages, measured inside Chromium.
-
-    Prints publish → DOM updated P50/P99, frames dropped, long tasks, main-thread
-    time and JS heap of the dashboard, the web service's and broker's CPU; and
-    for customer pages (opened 10 at a time until --pages, the memory reserve or
-    the CPU stops it) how many, the time until all are live, shop chat → page
-    latency and renderer memory.
-    """
-    from bloomwire.app.bench import web as bench
-
-    try:
-        reports = bench.main(
-            make_settings(ctx),
-            console,
-            orders=orders,
-            riders=riders,
-            seconds=seconds,
-            pages=pages,
-            profile=profile,
-        )
-    except BloomwireError as exc:
-        raise fail(str(exc)) from None
-    _record(record, reports)
-
-
-@bench_app.command("restart")
-def bench_restart(
-    ctx: typer.Context,
-    kills: Annotated[int, typer.Option(help="kill -9 of each service, one after the other.")] = 2,
-    record: Record = None,
-) -> None:
-    """Seconds a service killed under a supervised stack is away (new process, online again)."""
-    from bloomwire.app.bench import restart as bench
-
-    try:
-        reports = bench.main(make_settings(ctx), kills=kills, console=console)
-    except BloomwireError as exc:
-        raise fail(str(exc)) from None
-    _record(record, reports)
-
-
-@bench_app.command("metrics")
-def bench_metrics(
-    events: Annotated[int, typer.Option(help="Events counted per batch size.")] = 200_000,
-    record: Record = None,
-) -> None:
-    """CPU per event of the Prometheus figures (the Service hook and the persister's), no broker."""
-    from bloomwire.app.bench import metrics as bench
-
-    _record(record, bench.main(events=events, console=console))
-
-
-@bench_app.command("access")
-def bench_access(
-    orders: Annotated[int, typer.Option(help="Customer accesses already live on the broker.")] = 5_000,
-    repeat: Annotated[int, typer.Option(help="Mint/revoke rounds to time.")] = 15,
-    record: Record = None,
-) -> None:
-    """Time minting and revoking one customer access (and the cut-off) with N live orders."""
-    from bloomwire.app.bench.access import bench_access as run_bench
-    from bloomwire.runtime.broker import find_dynsec_plugin, find_mosquitto
-
-    try:
-        find_mosquitto()
-        find_dynsec_plugin()
-        result = run_bench(orders, repeat, echo=console.print)
-    except BloomwireError as exc:
-        raise fail(str(exc)) from None
-    _record(record, [Report("bloomwire bench access", ("figure",), [(line,) for line in result.lines()])])
-
-
-@bench_app.command("mqtt-clients")
-def bench_mqtt_clients(
-    clients: Annotated[
-        str, typer.Option(help="Comma-separated: tuned (paho tuned), paho (plain paho), mqtt5 (prototype).")
-    ] = "tuned,paho,mqtt5",
-    events: Annotated[int, typer.Option(help="Events per run.")] = 30_000,
-    runs: Annotated[int, typer.Option(help="Runs per client, interleaved.")] = 3,
-    rate: Annotated[int, typer.Option(help="Load rate, events/s (0 = as fast as possible).")] = 0,
-    persist_us: Annotated[float, typer.Option(help="Busy 'persist' cost per batch, µs.")] = 0.0,
-    record: Record = None,
-) -> None:
-    """paho plain, paho tuned and an mqtt5-codec prototype on one persist-and-republish pipeline.
-
-    Each run is a child process receiving QoS 1 events on a persistent session from a private
-    Mosquitto, republishing each at QoS 1 and acking after; printed: its CPU µs per event and
-    events/s, per client (median and range of the interleaved runs), and the host's load.
-    """
-    try:
-        reports = bench_clients.main(
-            clients=[c.strip() for c in clients.split(",") if c.strip()],
-            events=events,
-            runs=runs,
-            rate=rate,
-            persist_us=persist_us,
-            console=console,
-        )
-    except BloomwireError as exc:
-        raise fail(str(exc)) from None
-    _record(record, reports)
 
 
 def main() -> None:

@@ -34,11 +34,13 @@ from bloomwire.app.simulate.metrics import percentile
 from bloomwire.app.simulate.plan import DayPlan, Rates, outcome_of, plan_day, rename
 from bloomwire.app.simulate.runner import SimResult, Simulation
 from bloomwire.app.simulate.view import watch
+from bloomwire.app.supervisor import SERVICES, WEB, Stack
 from bloomwire.app.weblinks import announce_links, dashboard_line
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime.aio import cancel_and_wait
 from bloomwire.runtime.broker import ensure_secret
 from bloomwire.runtime.settings import Settings
+from bloomwire.services.alerts.config import load_rules
 from bloomwire.store import make_engine
 from bloomwire.store import models as m
 
@@ -328,11 +330,7 @@ def _alert_rules_file(root: Path, speed: float, console: Console) -> Path | None
     path = root / "sim-alert-rules.toml"
     path.write_text(scaled_alert_rules(speed), encoding="utf-8")
     try:
-        from bloomwire.services.alerts.config import load_rules
-
         load_rules(path)
-    except ImportError:
-        return path
     except BloomwireError as exc:
         console.print(f"[yellow]alert thresholds stay the built-in ones: {exc}[/yellow]")
         return None
@@ -392,8 +390,6 @@ def run_demo(
     ``keep_up``: after the day and its summary, the stack (web pages included) stays up until
     Ctrl-C, for a person to look around.
     """
-    from bloomwire.app.supervisor import SERVICES, WEB, Stack
-
     if not minutes > 0:
         raise UsageError(f"--minutes must be positive, not {minutes}")
     plan = make_plan(seed, orders=orders, riders=riders, shops=shops, rates=rates)
@@ -506,8 +502,6 @@ def run_simulate(
     login from the provisioner. ``shop_ids``/``rider_ids`` name the day's shops and riders (e.g.
     the accounts ``bloomwire up`` made) and set how many there are.
     """
-    from bloomwire.app.supervisor import SERVICES, Stack
-
     if not minutes > 0:
         raise UsageError(f"--minutes must be positive, not {minutes}")
     for name in (*shop_ids, *rider_ids):

@@ -601,9 +601,9 @@ JSON payloads are CloudEvents in structured mode named by their `type` (`order.s
 models of the same name in `bloomwire.contract.events`; `OwnTracksLocation` is the OwnTracks app's own
 JSON; `PresenceWord` is the bare text `online` or `offline`.
 
-Where this differs from DESIGN.md §1, the code is followed:
+Where this differs from the original design (docs/design.md §1 says why), the code is followed:
 
-- `shops/{shop}/errors` tells a shop terminal why its command was refused (DESIGN names inbox
+- `shops/{shop}/errors` tells a shop terminal why its command was refused (the original names inbox
   errors only for riders and customers).
 - `customers/{customer}/inbox/acks` carries the ids of the customer's committed events, as
   `riders/{rider}/inbox/acks` does for riders.

@@ -1,4 +1,4 @@
-"""The order lifecycle of DESIGN.md §3 as one transition table."""
+"""The order lifecycle of docs/design.md §3 as one transition table."""
 
 from __future__ import annotations
 

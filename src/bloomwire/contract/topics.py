@@ -1,4 +1,4 @@
-"""Every MQTT topic of the contract (DESIGN.md §1): built, filtered and parsed here and nowhere else.
+"""Every MQTT topic of the contract (docs/design.md §1): built, filtered and parsed here and nowhere else.
 
 Inbound topics are written by devices and services; canonical topics are written by the persister
 after the commit. :func:`parse_inbound` turns an inbound topic back into who sent it and what it is.

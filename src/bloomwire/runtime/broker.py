@@ -1,4 +1,4 @@
-"""Run and provision the project's Mosquitto broker (DESIGN.md §5).
+"""Run and provision the project's Mosquitto broker (docs/design.md §5).
 
 :class:`Mosquitto` renders ``broker/mosquitto.conf.template`` into a data directory, writes a
 password file and runs ``mosquitto -c`` as a child process. Passwords are hashed here in

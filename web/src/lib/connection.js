@@ -17,8 +17,14 @@ export function bridgeUrl() {
  * `reason` has the code; no more attempts), 'stopped'.
  */
 export class Connection extends EventTarget {
-  constructor({ username, password, subscriptions, onMessage, keepalive = 30 }) {
+  /**
+   * `will` ({topic, payload, qos, retain}) is the Last Will; `sessionExpiry` (seconds) asks for a
+   * persistent session, so QoS 1 messages wait at the broker while the page is away.
+   */
+  constructor({ username, password, subscriptions, onMessage, keepalive = 30, will = null, sessionExpiry = 0 }) {
     super();
+    this.will = will;
+    this.sessionExpiry = sessionExpiry;
     this.username = username;
     this.password = password;
     this.subscriptions = subscriptions;
@@ -48,7 +54,9 @@ export class Connection extends EventTarget {
       username: this.username,
       password: this.password,
       clientId: this.username, // the broker uses the username as client id anyway
-      clean: true,
+      clean: !this.sessionExpiry,
+      ...(this.sessionExpiry ? { properties: { sessionExpiryInterval: this.sessionExpiry } } : {}),
+      ...(this.will ? { will: this.will } : {}),
       keepalive: this.keepalive,
       reconnectPeriod: 2000,
       connectTimeout: 8000,
@@ -88,13 +96,14 @@ export class Connection extends EventTarget {
   }
 
   /** Publish at QoS 1; resolves when the broker acknowledged it, rejects if it refused it. */
-  publish(topicName, payload, { qos = 1, retain = false } = {}) {
+  publish(topicName, payload, { qos = 1, retain = false, properties = undefined } = {}) {
     return new Promise((resolve, reject) => {
       if (!this.client) {
         reject(new Error('not connected'));
         return;
       }
-      this.client.publish(topicName, payload, { qos, retain }, (err) => (err ? reject(err) : resolve()));
+      const options = properties ? { qos, retain, properties } : { qos, retain };
+      this.client.publish(topicName, payload, options, (err) => (err ? reject(err) : resolve()));
     });
   }
 

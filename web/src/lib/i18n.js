@@ -148,6 +148,11 @@ let current = initial();
 const listeners = new Set();
 
 export const lang = () => current;
+
+/** Add a page's own texts ({en: {...}, zh: {...}}) to the shared ones. */
+export function addText(texts) {
+  for (const [code, entries] of Object.entries(texts)) Object.assign(TEXT[code], entries);
+}
 export const locale = () => LOCALES[current];
 
 /** Translated text, `{name}` replaced by vars.name. */

@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from bloomwire.app.supervisor import Stack
 from bloomwire.runtime.settings import Settings
 
 
@@ -17,8 +18,6 @@ def private_stack(settings: Settings, users: Sequence[str], *, name: str) -> Ite
     Yields the running stack's settings and the directory; everything is stopped and removed on
     exit. ``users`` are the broker accounts the benchmark connects with.
     """
-    from bloomwire.app.supervisor import Stack  # the supervisor pulls in every service
-
     with tempfile.TemporaryDirectory(prefix=f"bloomwire-bench-{name}-") as tmp:
         own = settings.model_copy(
             update={

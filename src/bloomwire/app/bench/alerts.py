@@ -35,6 +35,7 @@ from rich.console import Console
 
 from bloomwire.app.bench import private_stack
 from bloomwire.app.bench.report import Report
+from bloomwire.app.supervisor import service_settings
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import FailureReason, OrderStatus
@@ -43,7 +44,7 @@ from bloomwire.runtime.mqtt import Connection
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.alerts.config import RulesConfig
 from bloomwire.services.alerts.rules import OrderView, RiderView, bench_state, evaluate
-from bloomwire.services.alerts.service import AlertEngine, alert_id, build, settle_heap
+from bloomwire.services.alerts.service import AlertEngine, _readonly_engine, alert_id, build, settle_heap
 from bloomwire.store import make_engine, open_store
 from bloomwire.store.models import ALERTS, ORDERS, RIDERS
 
@@ -189,8 +190,6 @@ def _pct(values: Sequence[float], q: float) -> float:
 def _engine_for(
     url: str, now: datetime, config: RulesConfig, sink: Callable[[str, bytes], None]
 ) -> AlertEngine:
-    from bloomwire.services.alerts.service import _readonly_engine
-
     return AlertEngine(_readonly_engine(url), config, sink, clock=lambda: now)
 
 
@@ -342,8 +341,6 @@ async def _wait_schema(url: str, timeout: float = 60.0) -> None:
 
 
 async def _latency(stack_settings: Settings, n: int, figures: LatencyFigures) -> None:
-    from bloomwire.app.supervisor import service_settings
-
     shop, now = "bench-shop", ev.now()
     await _wait_schema(stack_settings.database_url)
     alerts_settings = service_settings(stack_settings, "bench-alerts")

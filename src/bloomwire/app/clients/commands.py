@@ -14,22 +14,49 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.live import Live
 
-from bloomwire.app.clients.base import wait_event
+from bloomwire.app.clients.access import CustomerAccess, customer_username
+from bloomwire.app.clients.base import (
+    Outcome,
+    UsageError,
+    check_name,
+    check_point,
+    login_name,
+    parse_point,
+    resolve_password,
+    wait_event,
+    wait_outcome,
+)
+from bloomwire.app.clients.outbox import LOCATION, Outbox
+from bloomwire.app.clients.rider import (
+    FixedPosition,
+    Outgoing,
+    RiderApp,
+    RiderDevice,
+    RoutePlayer,
+    chat_event,
+    incident_event,
+    load_route,
+    outbox_path,
+    random_ride,
+    reply_event,
+    status_event,
+)
+from bloomwire.app.clients.shop import OrderDraft, ShopTerminal, parse_window
+from bloomwire.app.clients.track import CustomerTracker
+from bloomwire.app.demo import run_demo, run_simulate
+from bloomwire.app.simulate.plan import Rates
+from bloomwire.contract import events as ev
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime.settings import Settings
-
-if TYPE_CHECKING:
-    from bloomwire.app.clients.access import CustomerAccess
-    from bloomwire.app.clients.base import Outcome
-    from bloomwire.app.clients.rider import Outgoing
-    from bloomwire.app.clients.shop import ShopTerminal
+from bloomwire.services.web.links import tracking_link, web_url
 
 T = TypeVar("T")
 
@@ -103,8 +130,6 @@ def _retry_note(message: str) -> None:
 
 def _run(factory: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine with the clients' exit codes instead of tracebacks."""
-    from bloomwire.app.clients.base import UsageError
-
     try:
         return asyncio.run(factory())  # type: ignore[arg-type]
     except UsageError as exc:
@@ -155,9 +180,6 @@ def _stop_on_signals(stop: asyncio.Event) -> Callable[[], None]:
 
 
 def _outbox_path(settings: Settings, rider: str, outbox: Path | None, device: str | None = None) -> Path:
-    from bloomwire.app.clients.base import check_name, login_name
-    from bloomwire.app.clients.rider import outbox_path
-
     login_name(check_name(rider, "rider"), device)  # a bad label is a UsageError
     return outbox or outbox_path(settings, rider, device)
 
@@ -180,10 +202,6 @@ def rider_run(
     device: Device = None,
 ) -> None:
     """Run the rider app: online until Ctrl-C; type commands (help) to report status and chat."""
-    from bloomwire.app.clients.base import UsageError, login_name, parse_point, resolve_password
-    from bloomwire.app.clients.outbox import Outbox
-    from bloomwire.app.clients.rider import FixedPosition, RiderApp, RiderDevice, load_route, random_ride
-
     settings = _settings(ctx)
 
     async def main() -> None:
@@ -193,8 +211,6 @@ def rider_run(
             raise UsageError("give only one of --route, --at and --simulate")
         source: Any = None
         if route is not None:
-            from bloomwire.app.clients.rider import RoutePlayer
-
             source = RoutePlayer(load_route(route), speed)
         elif at is not None:
             source = FixedPosition(*parse_point(at, "--at"))
@@ -243,9 +259,6 @@ def _rider_once(
     wait: float,
 ) -> None:
     """Send one event (and whatever the outbox still holds), wait for the acks, report."""
-    from bloomwire.app.clients.base import UsageError, check_name, login_name, resolve_password
-    from bloomwire.app.clients.outbox import LOCATION, Outbox
-    from bloomwire.app.clients.rider import RiderDevice
 
     async def main() -> int:
         check_name(rider, "rider")
@@ -275,8 +288,6 @@ def _rider_once(
                     phone.send(out)
                 code = 0
                 for event_id, (what, fut) in futures.items():
-                    from bloomwire.app.clients.base import wait_outcome
-
                     try:
                         outcome = await wait_outcome(fut, wait, f"{what} {event_id}")
                     except BloomwireError as exc:
@@ -312,8 +323,6 @@ def rider_status(
     wait: Wait = 10.0,
 ) -> None:
     """Report a status transition of an order the rider holds."""
-    from bloomwire.app.clients.rider import status_event
-
     _rider_once(
         _settings(ctx),
         rider,
@@ -340,8 +349,6 @@ def rider_fail(
     wait: Wait = 10.0,
 ) -> None:
     """Report a failed delivery, with its reason."""
-    from bloomwire.app.clients.rider import status_event
-
     _rider_once(
         _settings(ctx),
         rider,
@@ -367,10 +374,6 @@ def rider_incident(
     wait: Wait = 10.0,
 ) -> None:
     """Report an incident (not a status change), optionally with a new ETA."""
-    from datetime import timedelta
-
-    from bloomwire.app.clients.rider import incident_event
-    from bloomwire.contract import events as ev
 
     def build() -> Outgoing:
         eta = ev.now() + timedelta(minutes=eta_min) if eta_min is not None else None
@@ -391,8 +394,6 @@ def rider_chat(
     wait: Wait = 10.0,
 ) -> None:
     """Send a chat line on an order (to the shop and the customer)."""
-    from bloomwire.app.clients.rider import chat_event
-
     _rider_once(_settings(ctx), rider, password, device, outbox, lambda: chat_event(rider, order, text), wait)
 
 
@@ -410,8 +411,6 @@ def rider_reply(
     wait: Wait = 10.0,
 ) -> None:
     """Accept or decline an offer."""
-    from bloomwire.app.clients.rider import reply_event
-
     _rider_once(
         _settings(ctx),
         rider,
@@ -444,9 +443,6 @@ def rider_outbox(
     outbox: OutboxOpt = None,
 ) -> None:
     """List the events waiting for an ack, and the refused ones (no connection needed)."""
-    from bloomwire.app.clients.base import UsageError
-    from bloomwire.app.clients.outbox import Outbox
-
     try:
         box = Outbox(_outbox_path(_settings(ctx), rider, outbox, device))
     except UsageError as exc:
@@ -475,9 +471,6 @@ def _shop(
     *,
     need_orders: tuple[str, ...] = (),
 ) -> None:
-    from bloomwire.app.clients.base import UsageError, check_name, login_name, resolve_password
-    from bloomwire.app.clients.shop import ShopTerminal
-
     settings = _settings(ctx)
 
     async def main() -> int:
@@ -530,9 +523,6 @@ def shop_order_create(
     wait: Wait = 10.0,
 ) -> None:
     """Create an order; prints its id and the customer's tracking access once the backbone has it."""
-    from bloomwire.app.clients.base import UsageError, check_point, parse_point
-    from bloomwire.app.clients.shop import OrderDraft, parse_window
-
     try:
         if at is not None:
             dest = parse_point(at, "--at")
@@ -572,8 +562,6 @@ def shop_order_create(
 
 def _print_tracking_link(settings: Settings, access: CustomerAccess) -> None:
     """The customer's tracking link, when the order has a login and the web service an address."""
-    from bloomwire.services.web.links import tracking_link, web_url
-
     if access.password is None:
         return
     base = web_url(settings)
@@ -659,8 +647,6 @@ def shop_assign(
     wait: Wait = 10.0,
 ) -> None:
     """Assign (or reassign) an order to a rider; the rider gets an offer to accept."""
-    from bloomwire.app.clients.base import UsageError, check_name
-
     try:
         check_name(rider, "rider")
     except UsageError as exc:
@@ -735,10 +721,6 @@ def track(
     wait: Wait = 10.0,
 ) -> None:
     """Follow one order as its customer: timeline, ETA, the rider's distance, chat."""
-    from bloomwire.app.clients.access import customer_username
-    from bloomwire.app.clients.base import UsageError, check_name, parse_point, resolve_password
-    from bloomwire.app.clients.track import CustomerTracker
-
     settings = _settings(ctx)
 
     async def main() -> int:
@@ -908,10 +890,6 @@ def simulate(
     Uses the broker in BLOOMWIRE_BROKER_HOST/PORT (its identities must exist there), or, without
     a port, starts its own broker and services on the data dir's store.
     """
-    from bloomwire.app.clients.base import UsageError
-    from bloomwire.app.demo import run_simulate
-    from bloomwire.app.simulate.plan import Rates
-
     try:
         rates = Rates(
             cancel=cancel,
@@ -979,9 +957,6 @@ def demo(
     Shows the day live (progress lines without a terminal) and ends with a summary checked
     against the store; leaves nothing running.
     """
-    from bloomwire.app.clients.base import UsageError
-    from bloomwire.app.demo import run_demo
-
     choice = _assign(assign)
     try:
         code = run_demo(

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from bloomwire.app.clients.access import customer_username
 from bloomwire.contract import geo
 
 #: South-west and north-east corners the customers live in (inner Berlin, inside the Ring-ish).
@@ -227,8 +228,6 @@ class DayPlan:
 
     def customers_tracking(self) -> list[str]:
         """Usernames of the customers that will open the tracker (they chat)."""
-        from bloomwire.app.clients.access import customer_username
-
         return [customer_username(o.id) for o in self.orders if o.customer_chat is not None]
 
 

@@ -1,4 +1,4 @@
-"""The alert rules (DESIGN.md §4): pure functions of order/rider state and the current time.
+"""The alert rules (docs/design.md §4): pure functions of order/rider state and the current time.
 
 Each order rule takes ``(order, rider, now, t)`` — ``rider`` is the view of ``order.rider`` (or
 None) and ``t`` the shop's :class:`~bloomwire.services.alerts.config.Thresholds` — and returns a

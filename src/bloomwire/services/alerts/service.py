@@ -1,4 +1,4 @@
-"""The alerts service (DESIGN.md §4): rules on every event and on a tick, follow-ups after delivery.
+"""The alerts service (docs/design.md §4): rules on every event and on a tick, follow-ups after delivery.
 
 Two triggers feed the same decision step:
 
@@ -907,68 +907,92 @@ def build(
     service = AlertsService(NAME, metrics=metrics)
     if metrics is not None:
         metrics.registry.register(FiguresCollector(service.figures))
-    tasks: set[asyncio.Task[Any]] = set()
-    stop_worker = asyncio.Event()
-    scheduler: list[AsyncIOScheduler] = []
+    run = _Run(service, settings, config, clock=clock, tick_s=tick_s, followup_s=followup_s, grace_s=grace_s)
+    service.on_startup(run.start)
+    service.handle(topics.all_orders_filter(topics.OrderChannel.STATUS))(run.on_status)
+    service.handle(RIDER_STATE_FILTER)(run.on_rider_state)
+    service.handle(topics.ALL_ALERTS_FILTER)(run.on_alert)
+    service.on_shutdown(run.stop)
+    return service
 
-    def engine() -> AlertEngine:
-        assert service.engine is not None, "alerts service not started"
-        return service.engine
 
-    def publish(topic: str, payload: bytes) -> None:
-        service.publish(topic, payload, qos=1)
+class _Run:
+    """The alerts service's hooks and handlers, and what they start: the engine, its worker and
+    the scheduler of ticks and follow-ups."""
 
-    def shielded(job: Callable[[], Any]) -> Callable[[], Any]:
+    def __init__(
+        self,
+        service: AlertsService,
+        settings: Settings,
+        config: RulesConfig,
+        *,
+        clock: Callable[[], datetime],
+        tick_s: float,
+        followup_s: float,
+        grace_s: float,
+    ) -> None:
+        self.service, self.settings, self.config, self.clock = service, settings, config, clock
+        self.tick_s, self.followup_s, self.grace_s = tick_s, followup_s, grace_s
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.stop_worker = asyncio.Event()
+        self.scheduler: list[AsyncIOScheduler] = []
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.service.publish(topic, payload, qos=1)
+
+    def _shielded(self, job: Callable[[], Any]) -> Callable[[], Any]:
         # The scheduler cancels running jobs when it shuts down; a read in a worker thread cannot
         # be cancelled, so let the job finish and wait for it in the shutdown hook.
         async def run() -> None:
             task = asyncio.ensure_future(job())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
             await asyncio.shield(task)
 
         return run
 
-    @service.on_startup
-    async def start() -> None:
-        db = await asyncio.to_thread(_readonly_engine, settings.database_url)
-        core = AlertEngine(db, config, publish, clock=clock, grace_s=grace_s)
-        service.engine = core
-        stop_worker.clear()
+    async def start(self) -> None:
+        """Open the store read-only, load it (first tick), start the worker and the scheduler."""
+        db = await asyncio.to_thread(_readonly_engine, self.settings.database_url)
+        core = AlertEngine(db, self.config, self._publish, clock=self.clock, grace_s=self.grace_s)
+        self.service.engine = core
+        self.stop_worker.clear()
         loaded = await core.tick()
         settle_heap()
         if not loaded:
             log.warning(
                 "store not readable yet (is the persister up?); retrying", url=db.url.render_as_string()
             )
-        worker = asyncio.ensure_future(core.work(stop_worker))
-        tasks.add(worker)
-        worker.add_done_callback(tasks.discard)
+        worker = asyncio.ensure_future(core.work(self.stop_worker))
+        self.tasks.add(worker)
+        worker.add_done_callback(self.tasks.discard)
+        tick_s, followup_s = self.tick_s, self.followup_s
         sched = AsyncIOScheduler(timezone=UTC)
         first = datetime.now(UTC)
         every = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         sched.add_job(
-            shielded(core.tick), "interval", seconds=tick_s, id="tick",
+            self._shielded(core.tick), "interval", seconds=tick_s, id="tick",
             next_run_time=first + timedelta(seconds=tick_s if loaded else min(tick_s, 0.5)), **every,
         )  # fmt: skip
         sched.add_job(
-            shielded(core.followups), "interval", seconds=followup_s, id="followups",
+            self._shielded(core.followups), "interval", seconds=followup_s, id="followups",
             next_run_time=first, **every,
         )  # fmt: skip
         sched.start()
-        scheduler.append(sched)
+        self.scheduler.append(sched)
         log.info(
             "alerts running",
             tick_s=tick_s,
             followup_s=followup_s,
-            rules=str(config.source or "defaults"),
+            rules=str(self.config.source or "defaults"),
             orders=core.stats.last_orders,
             open_alerts=core.stats.last_open,
         )
 
-    @service.handle(topics.all_orders_filter(topics.OrderChannel.STATUS))
-    async def on_status(msg: Message) -> None:
-        if msg.retain or service.engine is None:
+    async def on_status(self, msg: Message) -> None:
+        """An order's status changed: look at that order again."""
+        core = self.service.engine
+        if msg.retain or core is None:
             return
         try:
             event = ev.decode(msg.payload)
@@ -977,41 +1001,41 @@ def build(
             return
         order = getattr(event.data, "order", None)
         if isinstance(order, str):
-            engine().mark(("order", order))
+            core.mark(("order", order))
 
-    @service.handle(RIDER_STATE_FILTER)
-    async def on_rider_state(msg: Message) -> None:
-        if msg.retain or not msg.payload or service.engine is None:
+    async def on_rider_state(self, msg: Message) -> None:
+        """A rider's state changed: look at that rider again."""
+        core = self.service.engine
+        if msg.retain or not msg.payload or core is None:
             return
         try:
             state = ev.RiderState.model_validate_json(msg.payload)
         except ValueError as exc:
             log.warning("unreadable rider state", topic=msg.topic, error=str(exc))
             return
-        engine().mark(("rider", state.rider))
+        core.mark(("rider", state.rider))
 
-    @service.handle(topics.ALL_ALERTS_FILTER)
-    async def on_alert(msg: Message) -> None:
-        if service.engine is None:
+    async def on_alert(self, msg: Message) -> None:
+        """An alert event (ours or an acknowledgement): the engine's book learns it."""
+        core = self.service.engine
+        if core is None:
             return
         try:
             event = ev.decode(msg.payload)
         except PayloadError as exc:
             log.warning("unreadable alert event", topic=msg.topic, error=str(exc))
             return
-        engine().learn(event)
+        core.learn(event)
 
-    @service.on_shutdown
-    async def stop() -> None:
-        stop_worker.set()
-        if service.engine is not None:
-            service.engine.mark_stopping()
-        while scheduler:
-            scheduler.pop().shutdown(wait=False)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        core, service.engine = service.engine, None
+    async def stop(self) -> None:
+        """Stop the worker and the scheduler, wait for running jobs, close the store."""
+        self.stop_worker.set()
+        if self.service.engine is not None:
+            self.service.engine.mark_stopping()
+        while self.scheduler:
+            self.scheduler.pop().shutdown(wait=False)
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        core, self.service.engine = self.service.engine, None
         if core is not None:
             core.engine.dispose()
-
-    return service

@@ -1,4 +1,4 @@
-"""The dispatch service: offers waiting orders to riders (DESIGN.md §4).
+"""The dispatch service: offers waiting orders to riders (docs/design.md §4).
 
 Dispatch only reads: the store (read-only engine; the persister creates and migrates it) and the
 canonical topics. Its decisions go out as events on ``services/dispatch/events`` and become real
@@ -30,7 +30,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 import sqlalchemy as sa
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -585,9 +585,18 @@ class DispatchStats:
 class DispatchService(Service):
     """A :class:`Service` that also exposes its :class:`Dispatcher` and statistics."""
 
-    def __init__(self, config: DispatchConfig, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: DispatchConfig,
+        metrics: ServiceMetrics | None = None,
+        *,
+        database_url: str = "",
+        clock: Callable[[], datetime] = ev.now,
+    ) -> None:
         super().__init__(NAME, metrics=metrics)
         self.config = config
+        self.database_url = database_url
+        self.clock = clock
         self.dispatcher: Dispatcher | None = None
         self.stats = DispatchStats()
         self._wake: asyncio.Event | None = None
@@ -595,6 +604,8 @@ class DispatchService(Service):
         self._full = True
         self._settling = False
         self._stopping = False
+        self._passes: asyncio.Task[None] | None = None
+        self._scheduler: AsyncIOScheduler | None = None
 
     def wake(self, trigger_at: float | None = None, *, full: bool = False) -> None:
         """Ask for a pass as soon as the current one (if any) is done (``full``: also look for
@@ -658,6 +669,77 @@ class DispatchService(Service):
         if self._wake is not None:
             self._wake.set()
 
+    async def on_status(self, msg: Message) -> None:
+        """An order was created, became ready or was refused: a pass soon."""
+        try:
+            obj = json.loads(msg.payload)
+            status = obj["data"]["status"] if obj.get("type") == "order.status" else None
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return  # not ours to judge: the persister published it
+        if status in _WAKE_STATUSES:
+            self.wake(msg.received_at)
+
+    async def on_presence(self, msg: Message) -> None:
+        """A rider came or went."""
+        # The raw presence reaches us about when it reaches the persister: look now, and again
+        # once the persister has surely committed it (the tick would catch it anyway).
+        self.wake(msg.received_at)
+        if not self._settling:
+            self._settling = True
+            asyncio.get_running_loop().call_later(0.25, self.settled)
+
+    async def on_refusal(self, msg: Message) -> None:
+        """The persister refused one of our events (dead letter): the dispatcher forgets it."""
+        try:
+            obj = json.loads(msg.payload)
+        except ValueError:
+            return
+        if not isinstance(obj, dict) or obj.get("topic") != EVENTS_TOPIC or self.dispatcher is None:
+            return
+        event_id = obj.get("id")
+        log.warning("persister refused a dispatch event", id=event_id, reason=obj.get("reason"))
+        if isinstance(event_id, str):
+            self.dispatcher.refused(event_id)
+
+    async def on_start(self) -> None:
+        """Open the store read-only, start the pass loop and the tick."""
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        engine = await asyncio.to_thread(make_engine, self.database_url, readonly=True)
+        self.dispatcher = Dispatcher(engine, clock=self.clock, config=self.config)
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._passes = asyncio.create_task(self.pass_loop(), name="dispatch-passes")
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._scheduler.add_job(
+            self._tick,
+            "interval",
+            seconds=self.config.tick_s,
+            id="dispatch-tick",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.start()
+        self.wake(full=True)
+
+    async def _tick(self) -> None:
+        self.wake(full=True)
+
+    async def on_stop(self) -> None:
+        """Stop the tick, let the current pass finish (30 s at most), close the store."""
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)
+        self.stop_passes()
+        task, self._passes = self._passes, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=30)
+            except TimeoutError:
+                await cancel_and_wait(task)
+        dispatcher, self.dispatcher = self.dispatcher, None
+        if dispatcher is not None:
+            dispatcher.engine.dispose()
+
 
 def build(
     settings: Settings,
@@ -681,77 +763,12 @@ def build(
     )
     if cfg.offer_timeout_s <= 0 or cfg.tick_s <= 0 or cfg.batch_threshold < 1:
         raise ValueError("offer_timeout_s and tick_s must be > 0 and batch_threshold >= 1")
-    service = DispatchService(cfg, metrics)
+    service = DispatchService(cfg, metrics, database_url=settings.database_url, clock=clock)
     if metrics is not None:
         metrics.registry.register(FiguresCollector(service.stats.figures))
-    state: dict[str, Any] = {}
-
-    @service.handle(topics.all_orders_filter(topics.OrderChannel.STATUS))
-    async def on_status(msg: Message) -> None:
-        try:
-            obj = json.loads(msg.payload)
-            status = obj["data"]["status"] if obj.get("type") == "order.status" else None
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return  # not ours to judge: the persister published it
-        if status in _WAKE_STATUSES:
-            service.wake(msg.received_at)
-
-    @service.handle(topics.ALL_PRESENCE_FILTER)
-    async def on_presence(msg: Message) -> None:
-        # The raw presence reaches us about when it reaches the persister: look now, and again
-        # once the persister has surely committed it (the tick would catch it anyway).
-        service.wake(msg.received_at)
-        if not service._settling:
-            service._settling = True
-            asyncio.get_running_loop().call_later(0.25, service.settled)
-
-    @service.handle(topics.DEADLETTER)
-    async def on_refusal(msg: Message) -> None:
-        try:
-            obj = json.loads(msg.payload)
-        except ValueError:
-            return
-        if not isinstance(obj, dict) or obj.get("topic") != EVENTS_TOPIC or service.dispatcher is None:
-            return
-        event_id = obj.get("id")
-        log.warning("persister refused a dispatch event", id=event_id, reason=obj.get("reason"))
-        if isinstance(event_id, str):
-            service.dispatcher.refused(event_id)
-
-    @service.on_startup
-    async def start() -> None:
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
-        engine = await asyncio.to_thread(make_engine, settings.database_url, readonly=True)
-        service.dispatcher = Dispatcher(engine, clock=clock, config=cfg)
-        service._wake = asyncio.Event()
-        service._stopping = False
-        state["loop"] = asyncio.create_task(service.pass_loop(), name="dispatch-passes")
-
-        async def tick() -> None:
-            service.wake(full=True)
-
-        scheduler = AsyncIOScheduler(timezone=UTC)
-        scheduler.add_job(
-            tick, "interval", seconds=cfg.tick_s, id="dispatch-tick", max_instances=1, coalesce=True
-        )
-        scheduler.start()
-        state["scheduler"] = scheduler
-        service.wake(full=True)
-
-    @service.on_shutdown
-    async def stop() -> None:
-        scheduler: AsyncIOScheduler | None = state.pop("scheduler", None)
-        if scheduler is not None:
-            scheduler.shutdown(wait=False)
-        service.stop_passes()
-        task: asyncio.Task[None] | None = state.pop("loop", None)
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=30)
-            except TimeoutError:
-                await cancel_and_wait(task)
-        dispatcher, service.dispatcher = service.dispatcher, None
-        if dispatcher is not None:
-            dispatcher.engine.dispose()
-
+    service.handle(topics.all_orders_filter(topics.OrderChannel.STATUS))(service.on_status)
+    service.handle(topics.ALL_PRESENCE_FILTER)(service.on_presence)
+    service.handle(topics.DEADLETTER)(service.on_refusal)
+    service.on_startup(service.on_start)
+    service.on_shutdown(service.on_stop)
     return service

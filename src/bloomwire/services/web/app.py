@@ -29,7 +29,12 @@ from bloomwire.services.web.enrolment import Answer, Enroller, EnrolRequest
 from bloomwire.services.web.orders import OrderLookup
 
 #: URL path -> page file in ``web/pages``.
-PAGES: dict[str, str] = {"/": "index.html", "/shop": "shop.html", "/track": "track.html"}
+PAGES: dict[str, str] = {
+    "/": "index.html",
+    "/shop": "shop.html",
+    "/track": "track.html",
+    "/rider": "rider.html",
+}
 MAX_ENROL_BODY = 4096
 
 

@@ -44,6 +44,21 @@ def _topics() -> dict[str, str]:
         "customer_acks": template(topics.customer_inbox, "{customer}", topics.Inbox.ACKS),
         "customer_errors": template(topics.customer_inbox, "{customer}", topics.Inbox.ERRORS),
     }
+    return found | _rider_topics()
+
+
+def _rider_topics() -> dict[str, str]:
+    """What the rider's page writes (its inbound topics) and reads (its inbox)."""
+    rider, order = "{rider}", "{order}"
+    found = {
+        "rider_location": template(topics.rider_location, rider),
+        "rider_order_status": template(topics.rider_order_status, rider, order),
+        "rider_order_chat": template(topics.rider_order_chat, rider, order),
+        "rider_replies": template(topics.rider_replies, rider),
+        "rider_presence": template(topics.rider_presence, rider),
+        "rider_inbox_all": template(topics.rider_inbox_filter, rider),
+    }
+    found |= {f"rider_{box.value}": template(topics.rider_inbox, rider, box.value) for box in topics.Inbox}
     return found
 
 
@@ -61,6 +76,7 @@ def _lifecycle() -> dict[str, Any]:
         "closed": sorted(s.value for s in lifecycle.CLOSED),
         "unassigned": sorted(s.value for s in lifecycle.UNASSIGNED),
         "failure_reasons": [r.value for r in lifecycle.FailureReason],
+        "rider_reportable": sorted(s.value for s in lifecycle.RIDER_REPORTABLE),
     }
 
 
@@ -82,11 +98,13 @@ def contract_document() -> dict[str, Any]:
         "sources": {
             "shop": template(lambda s: f"{topics.SHOPS}/{topics.check_id(s)}", "{shop}"),
             "customer": template(lambda c: f"{topics.CUSTOMERS}/{topics.check_id(c)}", "{customer}"),
+            "rider": template(lambda r: f"{topics.RIDERS}/{topics.check_id(r)}", "{rider}"),
         },
         "limits": {
             "chat_text": _max_length(ev.OrderChat, "text"),
             "items": _max_length(ev.OrderCreated, "items"),
             "customer_name": _max_length(ev.Customer, "name"),
+            "incident_reason": _max_length(ev.OrderIncident, "reason"),
             "max_payload_bytes": ev.MAX_PAYLOAD_BYTES,
         },
         "presence": {"online": topics.PRESENCE_ONLINE, "offline": topics.PRESENCE_OFFLINE},

@@ -1,4 +1,4 @@
-"""Alembic environment: the URL comes from the caller's config or else from Bloomwire settings."""
+"""Alembic environment: the URL comes from the caller's config (``bloomwire.store.db`` sets it)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ config = context.config
 
 def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
-    if url:
-        return url
-    from bloomwire.runtime.settings import Settings
-
-    return Settings().database_url
+    if not url:  # the store does not read settings (layers: docs/architecture.md)
+        raise RuntimeError("no sqlalchemy.url: migrate with bloomwire.store.upgrade(url)")
+    return url
 
 
 def run_migrations_offline() -> None:

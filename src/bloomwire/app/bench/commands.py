@@ -1,0 +1,229 @@
+"""``bloomwire bench …``: the benchmarks' command line; each prints figures, ``--record KEY`` writes them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from bloomwire.app.bench import access as access_bench
+from bloomwire.app.bench import alerts as alerts_bench
+from bloomwire.app.bench import dispatch as dispatch_bench
+from bloomwire.app.bench import ingest as ingest_bench
+from bloomwire.app.bench import metrics as metrics_bench
+from bloomwire.app.bench import mqttclients
+from bloomwire.app.bench import restart as restart_bench
+from bloomwire.app.bench import web as web_bench
+from bloomwire.app.bench.report import Report, record
+from bloomwire.app.terminal import console, fail, make_settings
+from bloomwire.errors import BloomwireError
+from bloomwire.runtime.broker import find_dynsec_plugin, find_mosquitto
+
+bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bench`` to the main Typer app (loaded on first use: :mod:`bloomwire.app.cli`)."""
+    app.add_typer(bench_app, name="bench")
+
+
+Record = Annotated[
+    str | None,
+    typer.Option(
+        "--record",
+        metavar="KEY",
+        help="Also write the figures, this command line, the date and the commit into the block "
+        "<!-- measured:KEY --> … <!-- /measured:KEY --> of README.md and docs/*.md.",
+    ),
+]
+
+
+def _record(key: str | None, reports: list[Any]) -> None:
+    """Write ``reports`` into the docs' ``key`` block, if asked; say where."""
+    if key is None:
+        return
+    try:
+        paths = record(key, reports)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"figures recorded in {', '.join(str(p) for p in paths)}")
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    ctx: typer.Context,
+    events: Annotated[int, typer.Option(help="How many rider events to publish.")] = 20_000,
+    rate: Annotated[int, typer.Option(help="Publish rate, events/s (0 = as fast as possible).")] = 5_000,
+    riders: Annotated[int, typer.Option(help="Simulated riders publishing.")] = 50,
+    ceiling: Annotated[bool, typer.Option(help="Also measure mosquitto_pub/sub QoS 1.")] = True,
+    record: Record = None,
+) -> None:
+    """Publish rider chat events through a private broker into the persister; print figures.
+
+    One lean QoS 1 connection sends the riders' events at the set rate (one
+    write per 2 ms). Printed: events/s persisted, publish→committed (the
+    device ack) and publish→canonical P50/P99, lost and duplicated events
+    (checked in the store), and the mosquitto_pub→sub QoS 1 ceiling of the
+    same broker with the ratio. Start with --rate 5000 for latency and
+    --rate 0 for capacity.
+    """
+    reports = ingest_bench.main(
+        make_settings(ctx),
+        events=events,
+        rate=rate,
+        riders=riders,
+        ceiling=ceiling,
+        console=console,
+    )
+    _record(record, reports)
+
+
+@bench_app.command("dispatch")
+def bench_dispatch(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option(help="Normal mode: orders created one at a time.")] = 200,
+    riders: Annotated[int, typer.Option(help="Normal mode: riders online.")] = 50,
+    peak_orders: Annotated[int, typer.Option(help="Peak mode: orders waiting at once.")] = 1000,
+    peak_riders: Annotated[int, typer.Option(help="Peak mode: riders.")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed of the city layout.")] = 0,
+    record: Record = None,
+) -> None:
+    """Normal-mode decision latency (order created → offer) and the peak-mode batch time."""
+    reports = dispatch_bench.main(
+        make_settings(ctx),
+        console=console,
+        orders=orders,
+        riders=riders,
+        peak_orders=peak_orders,
+        peak_riders=peak_riders,
+        seed=seed,
+    )
+    _record(record, reports)
+
+
+@bench_app.command("alerts")
+def bench_alerts(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option(help="Live orders in the store.")] = 10_000,
+    riders: Annotated[int, typer.Option(help="Riders in the store.")] = 2_000,
+    ticks: Annotated[int, typer.Option(help="Ticks to time.")] = 20,
+    events: Annotated[int, typer.Option(help="Failed deliveries timed event → alert.")] = 100,
+    database_url: Annotated[
+        str | None, typer.Option(help="Store to seed (default: a temporary SQLite file).")
+    ] = None,
+    record: Record = None,
+) -> None:
+    """One alerts tick over many live orders, and event-committed → alert-raised latency."""
+    reports = alerts_bench.main(
+        make_settings(ctx),
+        orders=orders,
+        riders=riders,
+        ticks=ticks,
+        events=events,
+        database_url=database_url,
+        console=console,
+    )
+    _record(record, reports)
+
+
+@bench_app.command("web")
+def bench_web(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option(help="Open orders on the dashboard (0 = skip the dashboard).")] = 500,
+    riders: Annotated[int, typer.Option(help="Riders moving, a position every 5 s each.")] = 200,
+    seconds: Annotated[float, typer.Option(help="How long the riders move.")] = 30.0,
+    pages: Annotated[int, typer.Option(help="Most customer tracking pages to open at once (0 = skip).")] = 50,
+    profile: Annotated[bool, typer.Option(help="Also print the dashboard's CPU profile.")] = False,
+    record: Record = None,
+) -> None:
+    """The shop dashboard under load and many customer pages, measured inside Chromium.
+
+    Prints publish → DOM updated P50/P99, frames dropped, long tasks, main-thread
+    time and JS heap of the dashboard, the web service's and broker's CPU; and
+    for customer pages (opened 10 at a time until --pages, the memory reserve or
+    the CPU stops it) how many, the time until all are live, shop chat → page
+    latency and renderer memory.
+    """
+    try:
+        reports = web_bench.main(
+            make_settings(ctx),
+            console,
+            orders=orders,
+            riders=riders,
+            seconds=seconds,
+            pages=pages,
+            profile=profile,
+        )
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    _record(record, reports)
+
+
+@bench_app.command("restart")
+def bench_restart(
+    ctx: typer.Context,
+    kills: Annotated[int, typer.Option(help="kill -9 of each service, one after the other.")] = 2,
+    record: Record = None,
+) -> None:
+    """Seconds a service killed under a supervised stack is away (new process, online again)."""
+    try:
+        reports = restart_bench.main(make_settings(ctx), kills=kills, console=console)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    _record(record, reports)
+
+
+@bench_app.command("metrics")
+def bench_metrics(
+    events: Annotated[int, typer.Option(help="Events counted per batch size.")] = 200_000,
+    record: Record = None,
+) -> None:
+    """CPU per event of the Prometheus figures (the Service hook and the persister's), no broker."""
+    _record(record, metrics_bench.main(events=events, console=console))
+
+
+@bench_app.command("access")
+def bench_access(
+    orders: Annotated[int, typer.Option(help="Customer accesses already live on the broker.")] = 5_000,
+    repeat: Annotated[int, typer.Option(help="Mint/revoke rounds to time.")] = 15,
+    record: Record = None,
+) -> None:
+    """Time minting and revoking one customer access (and the cut-off) with N live orders."""
+    try:
+        find_mosquitto()
+        find_dynsec_plugin()
+        result = access_bench.bench_access(orders, repeat, echo=console.print)
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    _record(record, [Report("bloomwire bench access", ("figure",), [(line,) for line in result.lines()])])
+
+
+@bench_app.command("mqtt-clients")
+def bench_mqtt_clients(
+    clients: Annotated[
+        str, typer.Option(help="Comma-separated: tuned (paho tuned), paho (plain paho), mqtt5 (prototype).")
+    ] = "tuned,paho,mqtt5",
+    events: Annotated[int, typer.Option(help="Events per run.")] = 30_000,
+    runs: Annotated[int, typer.Option(help="Runs per client, interleaved.")] = 3,
+    rate: Annotated[int, typer.Option(help="Load rate, events/s (0 = as fast as possible).")] = 0,
+    persist_us: Annotated[float, typer.Option(help="Busy 'persist' cost per batch, µs.")] = 0.0,
+    record: Record = None,
+) -> None:
+    """paho plain, paho tuned and an mqtt5-codec prototype on one persist-and-republish pipeline.
+
+    Each run is a child process receiving QoS 1 events on a persistent session from a private
+    Mosquitto, republishing each at QoS 1 and acking after; printed: its CPU µs per event and
+    events/s, per client (median and range of the interleaved runs), and the host's load.
+    """
+    try:
+        reports = mqttclients.main(
+            clients=[c.strip() for c in clients.split(",") if c.strip()],
+            events=events,
+            runs=runs,
+            rate=rate,
+            persist_us=persist_us,
+            console=console,
+        )
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    _record(record, reports)

@@ -1,0 +1,197 @@
+// What the rider sees: offer cards with a countdown, order cards with the legal next statuses,
+// incident, failure and chat. Text always goes in as text (lib/dom.js), never as HTML.
+import { canMove, lifecycle, limits } from '../lib/contract.js';
+import { $, h, setText } from '../lib/dom.js';
+import { clock, t } from '../lib/i18n.js';
+
+const FAILED = 'failed';
+
+/** "Alexanderplatz 1", else "52.52000, 13.40500". */
+function place(p) {
+  if (!p) return '';
+  return p.address || `${Number(p.lat).toFixed(5)}, ${Number(p.lon).toFixed(5)}`;
+}
+
+/** The statuses a rider may report next from `status`, failure aside (it has its own form). */
+export function nextStatuses(status) {
+  const { statuses, rider_reportable: reportable } = lifecycle();
+  return statuses.filter((s) => s !== FAILED && reportable.includes(s) && canMove(status, s));
+}
+
+/** replaceChildren's arguments without the absent parts (it would write "null"). */
+const present = (...parts) => parts.flat().filter((p) => p != null && p !== false);
+
+function secondsLeft(deadline) {
+  return Math.max(0, Math.ceil((new Date(deadline).getTime() - Date.now()) / 1000));
+}
+
+export class OfferList {
+  /** `answer(offer, accept)` is called when a button is pressed. */
+  constructor(answer) {
+    this.answer = answer;
+    this.offers = new Map(); // offer id -> {data, el}
+    setInterval(() => this.tick(), 1000);
+  }
+
+  add(data) {
+    this.remove(data.offer);
+    const el = h('li', { class: 'offer', dataset: { offer: data.offer, order: data.order } });
+    this.offers.set(data.offer, { data, el });
+    $('#offers').prepend(el);
+    this.render(data.offer);
+  }
+
+  remove(offer) {
+    const found = this.offers.get(offer);
+    if (found) found.el.remove();
+    this.offers.delete(offer);
+    $('#offers-none').hidden = this.offers.size > 0;
+  }
+
+  /** Build the card (on arrival and when the language changes). */
+  render(offer) {
+    const { data, el } = this.offers.get(offer);
+    el.replaceChildren(...present(
+      h('div', { class: 'offer-head' },
+        h('strong', {}, t('rider.offer.title', { order: data.order })),
+        h('span', { class: 'countdown' })),
+      data.mode === 'manual' ? h('p', { class: 'muted small' }, t('rider.offer.manual')) : null,
+      data.pickup ? h('p', { class: 'small' }, t('rider.pickup', { place: place(data.pickup) })) : null,
+      data.dropoff ? h('p', { class: 'small' }, t('rider.dropoff', { place: place(data.dropoff) })) : null,
+      h('div', { class: 'actions' },
+        h('button', { type: 'button', class: 'accept', onclick: () => this.answer(data, true) }, t('rider.accept')),
+        h('button', { type: 'button', class: 'secondary decline', onclick: () => this.answer(data, false) }, t('rider.decline'))),
+    ));
+    this.count(offer);
+    $('#offers-none').hidden = this.offers.size > 0;
+  }
+
+  /** Update only the countdown, so a tap on a button is never lost to a re-render. */
+  count(offer) {
+    const { data, el } = this.offers.get(offer);
+    const left = secondsLeft(data.deadline);
+    const countdown = el.querySelector('.countdown');
+    setText(countdown, left > 0 ? t('rider.offer.left', { seconds: left }) : t('rider.offer.expired'));
+    countdown.classList.toggle('urgent', left <= 10);
+    el.classList.toggle('expired', left <= 0);
+    el.querySelectorAll('button').forEach((button) => { button.disabled = left <= 0; });
+  }
+
+  tick() {
+    for (const [offer, { data }] of this.offers) {
+      // an expired offer stays a few seconds so the rider sees what happened
+      if (Date.now() - new Date(data.deadline).getTime() > 5000) this.remove(offer);
+      else this.count(offer);
+    }
+  }
+
+  renderAll() {
+    for (const offer of this.offers.keys()) this.render(offer);
+  }
+}
+
+export class OrderList {
+  /** `actions`: {report(order, status, extra), incident(order, minutes), chat(order, text), remove(order)}. */
+  constructor(actions) {
+    this.actions = actions;
+    this.cards = new Map(); // order id -> {el, state, chat}
+  }
+
+  /** Show `order` (its whole card, or with `chatOnly` its chat: an open form keeps its input). */
+  show(order, { chatOnly = false } = {}) {
+    let card = this.cards.get(order.order);
+    if (!card) {
+      card = this.create(order.order);
+      this.cards.set(order.order, card);
+      $('#orders').prepend(card.el);
+    }
+    const fresh = card.order === null;
+    card.order = order;
+    if (chatOnly && !fresh) this.renderChat(card);
+    else this.render(card);
+    $('#orders-none').hidden = this.cards.size > 0;
+  }
+
+  drop(orderId) {
+    const card = this.cards.get(orderId);
+    if (card) card.el.remove();
+    this.cards.delete(orderId);
+    $('#orders-none').hidden = this.cards.size > 0;
+  }
+
+  create(orderId) {
+    const state = h('div', { class: 'order-state' });
+    const chat = h('ul', { class: 'chat', 'aria-live': 'polite' });
+    const input = h('input', { name: 'text', maxlength: limits().chat_text, required: true });
+    const form = h('form', { class: 'chat-form', autocomplete: 'off' }, input, h('button', { type: 'submit' }));
+    form.addEventListener('submit', (e) => {
+      e.preventDefault();
+      const text = input.value.trim();
+      if (!text) return;
+      input.value = '';
+      this.actions.chat(orderId, text);
+    });
+    const el = h('li', { class: 'order', dataset: { order: orderId } }, state, chat, form);
+    return { el, state, chat, form, input, order: null };
+  }
+
+  render(card) {
+    const o = card.order;
+    card.el.dataset.status = o.status;
+    card.el.dataset.stored = String(o.status === o.confirmed); // its last report is in the store
+    const closed = nextStatuses(o.status).length === 0 && !canMove(o.status, FAILED);
+    card.state.replaceChildren(...present(
+      h('div', { class: 'offer-head' },
+        h('strong', {}, t('rider.offer.title', { order: o.order })),
+        h('span', { class: 'badge badge-info status' }, t(`rider.status.${o.status}`))),
+      o.pickup ? h('p', { class: 'small' }, t('rider.pickup', { place: place(o.pickup) })) : null,
+      o.dropoff ? h('p', { class: 'small' }, t('rider.dropoff', { place: place(o.dropoff) })) : null,
+      o.refused ? h('p', { class: 'error-text small refused' }, t('rider.refused', { reason: o.refused })) : null,
+      !o.refused && o.status !== o.confirmed ? h('p', { class: 'muted small unsent' }, t('rider.unsent')) : null,
+      o.incidentEta ? h('p', { class: 'notice small' }, t('rider.incident.sent', { time: clock(o.incidentEta) })) : null,
+      h('div', { class: 'actions next' }, nextStatuses(o.status).map((s) => h('button', {
+        type: 'button',
+        class: s === 'declined' || s === 'returned' ? 'secondary' : '',
+        dataset: { next: s },
+        onclick: () => this.actions.report(o.order, s),
+      }, t(`rider.next.${s}`)))),
+      closed ? h('button', { type: 'button', class: 'link-button', onclick: () => this.actions.remove(o.order) }, t('rider.remove'))
+        : this.trouble(o),
+    ));
+    card.input.placeholder = t('rider.chat.placeholder');
+    setText(card.form.querySelector('button'), t('rider.chat.send'));
+    this.renderChat(card);
+  }
+
+  renderChat(card) {
+    card.chat.replaceChildren(...(card.order.chat || []).map((line) => this.chatLine(line)));
+  }
+
+  /** Flat tyre with a new ETA, and a failed delivery with its reason. */
+  trouble(o) {
+    const delay = h('input', { type: 'number', min: 1, max: 240, value: 15, class: 'delay', 'aria-label': t('rider.incident.delay') });
+    const reason = h('select', { class: 'fail-reason', 'aria-label': t('rider.fail.reason') },
+      lifecycle().failure_reasons.map((r) => h('option', { value: r }, t(`reason.${r}`))));
+    const note = h('input', { class: 'fail-note', maxlength: 500, placeholder: t('rider.fail.note') });
+    return h('details', { class: 'trouble' },
+      h('summary', {}, `${t('rider.incident')} / ${t('rider.fail')}`),
+      h('div', { class: 'actions' },
+        h('label', { class: 'small' }, t('rider.incident.delay'), delay),
+        h('button', { type: 'button', class: 'secondary incident', onclick: () => this.actions.incident(o.order, Number(delay.value) || 15) }, t('rider.incident'))),
+      canMove(o.status, FAILED) ? h('div', { class: 'actions' },
+        reason, note,
+        h('button', { type: 'button', class: 'fail', onclick: () => this.actions.report(o.order, FAILED, { reason: reason.value, note: note.value.trim() }) }, t('rider.fail'))) : null);
+  }
+
+  chatLine(line) {
+    const [role] = String(line.author || '').split(':', 1);
+    const who = line.mine ? t('rider.chat.you') : (t(`rider.chat.${role}`) || role);
+    return h('li', { class: `chat-line${line.mine ? ' mine' : ''}${line.state === 'refused' ? ' refused' : ''}` },
+      h('div', { class: 'chat-who' }, `${who} · ${clock(line.at)}`),
+      h('div', { class: 'chat-text' }, line.text));
+  }
+
+  renderAll() {
+    for (const card of this.cards.values()) this.render(card);
+  }
+}
