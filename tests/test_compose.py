@@ -31,7 +31,9 @@ from bloomwire.runtime.broker import (
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
-SERVICE_NAMES = frozenset({"persister", "dispatch", "alerts", "provisioner"})
+SERVICE_NAMES = frozenset({"persister", "dispatch", "alerts", "provisioner", "web"})
+#: Services whose healthcheck reads their metrics (``bloomwire service health``); web answers HTTP.
+METRICS_HEALTH = SERVICE_NAMES - {"web"}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,12 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
 
 
 def _default(value: str) -> str:
-    """``${VAR:-default}`` -> ``default`` (compose's interpolation of an unset variable)."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+    """``${VAR:-default}`` -> ``default`` (compose's interpolation of an unset variable; nested too)."""
+    while True:
+        done = re.sub(r"\$\{[A-Z_]+:-([^${}]*)\}", r"\1", value)
+        if done == value:
+            return done
+        value = done
 
 
 def test_expected_services(compose: dict[str, Any]) -> None:
@@ -136,10 +142,29 @@ def test_every_service_has_a_healthcheck_on_its_metrics(compose: dict[str, Any])
         if name == "access":
             continue  # a one-shot step
         assert "test" in service.get("healthcheck", {}), f"{name} has no healthcheck"
-    for name in SERVICE_NAMES:
+    for name in METRICS_HEALTH:
         service = _services(compose)[name]
         assert service["healthcheck"]["test"] == ["CMD", "bloomwire", "service", "health"]
         assert str(_env(service)["BLOOMWIRE_METRICS_PORT"]) in [str(p) for p in service["expose"]]
+
+
+def test_web_runs_as_up_runs_it_published_with_a_healthcheck_on_healthz(compose: dict[str, Any]) -> None:
+    web = _services(compose)["web"]
+    env = {k: _default(v) for k, v in _env(web).items()}
+    assert env["BLOOMWIRE_WEB_HOST"] == "0.0.0.0"  # reachable through the published port
+    (published,) = web["ports"]
+    host_side, container = _default(str(published)).rsplit(":", 1)
+    assert container == env["BLOOMWIRE_WEB_PORT"]
+    assert host_side.startswith("127.0.0.1:")
+    assert env["BLOOMWIRE_PUBLIC_URL"] == f"http://{host_side}"  # tracking links name the published port
+    test = web["healthcheck"]["test"]
+    assert test[0] == "CMD" and f"http://127.0.0.1:{env['BLOOMWIRE_WEB_PORT']}/healthz" in " ".join(test)
+    assert "web" in identities([], [])  # its broker login is bootstrapped, as `up` does
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text(encoding="utf-8")
+    root = re.search(r"BLOOMWIRE_WEB_ROOT=(\S+)", dockerfile)
+    assert root is not None
+    for folder in ("pages", "src", "node_modules"):
+        assert f"{root.group(1)}/{folder}" in dockerfile, f"the image lacks web/{folder}"
 
 
 def test_customers_are_told_the_published_ports(compose: dict[str, Any]) -> None:

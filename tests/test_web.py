@@ -13,6 +13,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -113,6 +115,8 @@ def test_web_service_serves_pages_contract_and_refuses_bad_enrolments(web: WebSt
     assert "picked_up" in contract["lifecycle"]["out_for_delivery"]
     assert http(settings, "/vendor/mqtt/mqtt.esm.js")[0] == 200
     assert http(settings, "/vendor/mqtt/../package.json")[0] == 404  # only dist folders are served
+    status, _, body = http(settings, "/healthz")  # compose's healthcheck of the web container
+    assert status == 200 and body.startswith(b"ok ")
 
     assert http(settings, "/api/enrol", {"shop": "s1"})[0] == 400
     bad = {"shop": "s1", "order": "o/../x", "customer": "c", "username": "u", "password": "p"}
@@ -344,8 +348,16 @@ def dashboard(browser: Any, settings: Settings, shop: str, viewport: dict[str, i
     return page
 
 
+def board_cell(page: Any, order: str, column: str) -> str:
+    """A board cell's text, whether or not its row is scrolled into view.
+
+    (innerText is empty for rows the browser skips while off screen: content-visibility.)
+    """
+    return str(page.text_content(f"tr[data-order='{order}'] .col-{column}") or "").strip()
+
+
 def board_status(page: Any, order: str) -> str:
-    return str(page.inner_text(f"tr[data-order='{order}'] .col-status")).strip()
+    return board_cell(page, order, "status")
 
 
 def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) -> None:
@@ -395,7 +407,7 @@ def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) ->
     page.click("#create-submit")
     page.wait_for_selector(f"tr[data-order='{order}']")
     page.wait_for_selector(f"#create-status:has-text('Order {order} created')")
-    assert page.inner_text(f"tr[data-order='{order}'] .col-customer") == "Chen <b>Jing</b>"  # text, not HTML
+    assert board_cell(page, order, "customer") == "Chen <b>Jing</b>"  # text, not HTML
 
     # No rider is online: the alerts service raises "unassigned"; acknowledge it.
     page.wait_for_selector(f"#alerts li.alert[data-status=open]:has-text('order {order}')", timeout=40_000)
@@ -420,7 +432,7 @@ def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) ->
         rider.online()
         rider.reply(rider.offer_for(order, timeout=40))
         wait_for(lambda: board_status(page, order) == "accepted", 20, "accepted on the board")
-        assert page.inner_text(f"tr[data-order='{order}'] .col-rider") == "r2"
+        assert board_cell(page, order, "rider") == "r2"
         rider.status(order, OrderStatus.PICKED_UP)
         wait_for(lambda: board_status(page, order) == "picked up", 20, "picked up on the board")
         positions = []
@@ -461,6 +473,98 @@ def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) ->
         rider.close()
         customer.context.close()
         page.context.close()
+
+
+# --- the dashboard with many orders -----------------------------------------------------------------
+
+BUSY_SHOP, BUSY_PUBLISHER = "s1", "busy-pub"
+
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
+    """A password-file broker and the web service: a publisher stands in for the persister."""
+    require_browser_and_broker()
+    settings = Settings(data_dir=tmp_path_factory.mktemp("busy"), database_url="")
+    stack = Stack(settings, services=("web",), extra_users=[BUSY_SHOP, BUSY_PUBLISHER])
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API runs an event loop in this thread
+        live = pool.submit(stack.start).result()
+    try:
+        yield stack, live
+    finally:
+        stack.stop()
+
+
+def _busy_state(order: int, status: str, rider: str | None = None) -> bytes:
+    start = ev.now() + timedelta(minutes=30 + order % 90)
+    return ev.encode(
+        ev.OrderState(
+            order=f"b{order}",
+            shop=BUSY_SHOP,
+            status=OrderStatus(status),
+            rider=rider,
+            customer=f"Customer {order}",
+            window=ev.Window(start=start, end=start + timedelta(hours=1)),
+            updated_at=ev.now(),
+            destination=ev.Place(lat=52.50 + order * 0.0002, lon=13.40 + (order % 20) * 0.001),
+        )
+    )
+
+
+def test_dashboard_shows_200_orders_and_updates_a_row_live(busy: WebStack, browser: Any) -> None:
+    stack, settings = busy
+    assert stack.broker is not None
+    pub = MqttTestClient(stack.broker, BUSY_PUBLISHER, secret(settings, BUSY_PUBLISHER))
+    assert not pub.connect().is_failure
+    page = None
+    try:
+        for i in range(1, 201):
+            pub.publish(
+                topics.order_topic(BUSY_SHOP, f"b{i}", "state"), _busy_state(i, "created"), retain=True
+            )
+        page = dashboard(browser, settings, BUSY_SHOP)
+        errors = page_errors(page)
+        rows = "() => [...document.querySelectorAll('#board-body tr')].filter((tr) => !tr.hidden).length"
+        wait_for(lambda: page.evaluate(rows) == 200, 30, "200 rows on the board")
+        wait_for(lambda: page.inner_text("[data-filter=all] span") == "200", 10, "the All count")
+        ids = page.evaluate(
+            "() => [...document.querySelectorAll('#board-body tr')].map((tr) => tr.dataset.order)"
+        )
+        assert sorted(ids) == sorted(f"b{i}" for i in range(1, 201))
+        # Rows out of view are skipped by the browser; the bottom one, scrolled to, is drawn.
+        last = page.locator(f"tr[data-order='{ids[-1]}']")
+
+        def drawn() -> bool:
+            last.scroll_into_view_if_needed()  # again: a re-sort may have moved it meanwhile
+            return last.is_visible() and last.locator(".col-customer").inner_text().startswith("Customer ")
+
+        wait_for(drawn, 10, "the bottom row drawn once scrolled to")
+
+        # One order goes out with a rider: its row changes in place, the others stay put.
+        before = page.evaluate_handle("() => document.querySelector(\"tr[data-order='b150']\")")
+        pub.publish(
+            topics.order_topic(BUSY_SHOP, "b150", "state"), _busy_state(150, "en_route", "r7"), retain=True
+        )
+        wait_for(lambda: board_status(page, "b150") == "en route", 10, "b150 en route")
+        assert board_cell(page, "b150", "rider") == "r7"
+        location = ev.OrderLocation(
+            order="b150", rider="r7", position=ev.Position(lat=52.51, lon=13.41, at=ev.now()), eta=ev.now()
+        )
+        pub.publish(topics.order_topic(BUSY_SHOP, "b150", "location"), ev.encode(location), qos=0)
+        wait_for(
+            lambda: page.evaluate("() => window.bloomwireDashboard.map.has('r:r7')"), 10, "r7 on the map"
+        )
+        wait_for(lambda: "·" in board_cell(page, "b150", "eta"), 10, "b150's ETA next to its promise")
+        assert page.evaluate("(el) => el === document.querySelector(\"tr[data-order='b150']\")", before)
+        assert page.evaluate(rows) == 200
+        page.click("[data-filter=out]")
+        wait_for(lambda: page.evaluate(rows) == 1, 10, "one order out")
+        wait_for(lambda: page.inner_text("[data-filter=out] span") == "1", 10, "the Out count")
+        screenshot(page, "shop-dashboard-200-orders-desktop", full_page=False)
+        assert errors == []
+    finally:
+        pub.close()
+        if page is not None:
+            page.context.close()
 
 
 # --- outages ---------------------------------------------------------------------------------------------

@@ -179,10 +179,18 @@ export function translate(root = document) {
   root.querySelectorAll('[data-i18n-placeholder]').forEach((el) => { el.placeholder = t(el.dataset.i18nPlaceholder); });
 }
 
+const clockFormats = new Map(); // one formatter per locale: building one costs far more than formatting
+
 /** "14:05" in the reader's language. */
 export function clock(iso) {
   if (!iso) return '–';
   const at = new Date(iso);
   if (Number.isNaN(at.getTime())) return '–';
-  return new Intl.DateTimeFormat(locale(), { hour: '2-digit', minute: '2-digit' }).format(at);
+  const lang = locale();
+  let format = clockFormats.get(lang);
+  if (!format) {
+    format = new Intl.DateTimeFormat(lang, { hour: '2-digit', minute: '2-digit' });
+    clockFormats.set(lang, format);
+  }
+  return format.format(at);
 }

@@ -27,6 +27,7 @@ export class MapView {
     }
     this.map.setView(center, zoom);
     this.layers = new Map();
+    this.canvases = new Map();
     this.fitted = false;
     this.fittedCount = 0;
     this.userMoved = false; // once the reader pans or zooms, the map stops framing by itself
@@ -42,18 +43,38 @@ export class MapView {
     this.fit(true);
   }
 
-  /** Create or move the point `key`; `style`: Leaflet path options; `text`: a tooltip. */
+  /**
+   * The canvas named `name`, made on first use (later ones draw on top). A path drawn on a canvas
+   * of its own (style `{canvas: name}`) redraws only that canvas when it changes: things that
+   * move often are kept off the canvas of the many that rarely do.
+   */
+  canvas(name) {
+    let renderer = this.canvases.get(name);
+    if (!renderer) {
+      renderer = L.canvas({ padding: 0.1 });
+      this.map.addLayer(renderer);
+      this.canvases.set(name, renderer);
+    }
+    return renderer;
+  }
+
+  options(style) {
+    const { canvas, ...look } = style;
+    return canvas ? { ...look, renderer: this.canvas(canvas) } : look;
+  }
+
+  /** Create or move the point `key`; `style`: Leaflet path options (and `canvas`); `text`: a tooltip. */
   point(key, latlng, style, text = null, permanent = false) {
     let layer = this.layers.get(key);
     if (!layer) {
-      layer = L.circleMarker(latlng, { radius: 7, weight: 2, fillOpacity: 0.9, ...style }).addTo(this.map);
+      layer = L.circleMarker(latlng, { radius: 7, weight: 2, fillOpacity: 0.9, ...this.options(style) }).addTo(this.map);
       if (text != null) layer.bindTooltip(label(text), { permanent, direction: 'top', offset: [0, -6] });
       this.layers.set(key, layer);
     } else {
       const at = layer.getLatLng();
       if (at.lat !== latlng[0] || at.lng !== latlng[1]) layer.setLatLng(latlng);
       const key = JSON.stringify(style); // a canvas redraw only when the look changed
-      if (layer.styleKey !== key) layer.setStyle(style);
+      if (layer.styleKey !== key) layer.setStyle(this.options(style));
       layer.styleKey = key;
     }
     return layer;
@@ -63,7 +84,7 @@ export class MapView {
   line(key, latlngs, style) {
     let layer = this.layers.get(key);
     if (!layer) {
-      layer = L.polyline(latlngs, { weight: 3, opacity: 0.8, ...style }).addTo(this.map);
+      layer = L.polyline(latlngs, { weight: 3, opacity: 0.8, ...this.options(style) }).addTo(this.map);
       this.layers.set(key, layer);
     } else {
       layer.setLatLngs(latlngs);

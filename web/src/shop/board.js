@@ -1,5 +1,7 @@
 // The board of today's orders: one table row per order, created once and updated in place
-// (keyed by order id), sorted at most once a second, filtered by status group.
+// (keyed by order id), sorted at most once a second, filtered by status group. Rows are fixed-
+// height grid rows that the browser skips while scrolled out of view (see shop.css), so all of
+// today's orders stay in the DOM (find-in-page, tests) at the cost of the visible ones only.
 import { lifecycle } from '../lib/contract.js';
 import { age, h, setText } from '../lib/dom.js';
 import { clock } from '../lib/i18n.js';
@@ -65,8 +67,8 @@ export class Board {
 
   makeRow(id) {
     const cells = {};
-    const td = (name) => { cells[name] = h('td', { class: `col-${name}` }); return cells[name]; };
-    const tr = h('tr', { dataset: { order: id }, tabindex: '0', onclick: () => this.onSelect(id), onkeydown: (e) => { if (e.key === 'Enter') this.onSelect(id); } },
+    const td = (name) => { cells[name] = h('td', { class: `col-${name}`, role: 'cell' }); return cells[name]; };
+    const tr = h('tr', { dataset: { order: id }, role: 'row', tabindex: '0', onclick: () => this.onSelect(id), onkeydown: (e) => { if (e.key === 'Enter') this.onSelect(id); } },
       td('order'), td('customer'), td('status'), td('rider'), td('eta'), td('updated'), td('alerts'));
     cells.statusBadge = h('span', { class: 'status-badge' });
     cells.status.append(cells.statusBadge);
@@ -132,14 +134,18 @@ export class Board {
     }, 1000);
   }
 
-  /** Reorder the rows, moving only those whose place changed. */
+  /** Reorder the rows, moving only those whose place changed (each key computed once). */
   sort() {
     const keyOf = SORTS[this.sortKey];
-    const orders = [...this.rows.keys()].map((id) => this.store.orders.get(id)).filter((o) => o && o.state);
-    orders.sort((a, b) => compare(keyOf(a), keyOf(b)));
+    const keyed = [];
+    for (const id of this.rows.keys()) {
+      const order = this.store.orders.get(id);
+      if (order && order.state) keyed.push({ id, key: keyOf(order) });
+    }
+    keyed.sort((a, b) => compare(a.key, b.key));
     const children = this.tbody.children;
-    orders.forEach((order, i) => {
-      const tr = this.rows.get(order.id).tr;
+    keyed.forEach(({ id }, i) => {
+      const tr = this.rows.get(id).tr;
       if (children[i] !== tr) this.tbody.insertBefore(tr, children[i] || null);
     });
   }

@@ -13,6 +13,10 @@ import { ShopStore } from './store.js';
 
 const CREDS_KEY = 'bloomwire.shop.login';
 const STALE_MS = 3 * 60 * 1000;
+// The map redraws at most this often: each redraw repaints the canvas (and riders report every
+// few seconds), so 4 a second look live and leave the frames to the board.
+const MAP_MS = 250;
+const COUNTS_MS = 500;
 const CONN_TEXT = { connecting: 'Connecting…', online: 'Live', reconnecting: 'Reconnecting…', refused: 'Not connected', stopped: 'Not connected' };
 
 /** The shop a login belongs to: a device login names it before '@' (s1@till-2), or ?shop= says it. */
@@ -42,6 +46,10 @@ class Dashboard {
     this.panel = new OrderPanel($('#order-panel'), this.store, this.commands, { baseUrl, username });
     this.feed = new AlertFeed($('#alerts'), this.store, this.commands, { username, onSelect: (id) => this.select(id) });
     this.map = new MapView($('#map'), config);
+    // Riders and trails move every few seconds; 500 destinations rarely change: two canvases,
+    // so a rider's move repaints the riders' canvas only (the first one made is drawn below).
+    this.map.canvas('places');
+    this.map.canvas('moving');
     this.create = new CreateForm($('#create-form'), this.commands, {
       onCreated: (id) => this.select(id),
       isKnown: (id) => this.store.orders.has(id),
@@ -50,6 +58,9 @@ class Dashboard {
       if (!$('#create-card').hidden) this.create.setPosition(lat, lon);
     });
     this.batcher = new FrameBatcher((keys) => this.flush(keys));
+    this.mapOrders = new Set(); // changed since the map last drew
+    this.mapRiders = new Set();
+    this.mapTimer = null;
     this.wire();
     setInterval(() => this.tick(), 5000);
   }
@@ -98,7 +109,7 @@ class Dashboard {
     }
     if (orders.size) this.board.update(orders);
     if (alerts.size) this.feed.update(alerts);
-    this.drawMap(orders, riders);
+    this.queueMap(orders, riders);
     if (this.selected && (orders.has(this.selected) || chat)) this.panel.render();
     for (const id of orders) this.create.seen(id);
     $('#board-empty').hidden = this.board.rows.size > 0;
@@ -110,14 +121,30 @@ class Dashboard {
     }
   }
 
+  /** Draw these orders and riders with the next map redraw (at most one per MAP_MS). */
+  queueMap(orderIds, riderIds) {
+    for (const id of orderIds) this.mapOrders.add(id);
+    for (const id of riderIds) this.mapRiders.add(id);
+    if (this.mapTimer || (!this.mapOrders.size && !this.mapRiders.size)) return;
+    this.mapTimer = setTimeout(() => {
+      this.mapTimer = null;
+      const [orders, riders] = [this.mapOrders, this.mapRiders];
+      this.mapOrders = new Set();
+      this.mapRiders = new Set();
+      this.drawMap(orders, riders);
+    }, MAP_MS);
+  }
+
+  /** The filters' counts, at most every COUNTS_MS (a steady stream of messages still updates them). */
   counts() {
-    clearTimeout(this.countTimer);
+    if (this.countTimer) return;
     this.countTimer = setTimeout(() => {
+      this.countTimer = null;
       const counts = this.board.countAll();
       document.querySelectorAll('[data-filter]').forEach((chip) => {
         setText(chip.querySelector('span'), counts[chip.dataset.filter] ?? '');
       });
-    }, 250);
+    }, COUNTS_MS);
   }
 
   drawMap(orderIds, riderIds) {
@@ -127,7 +154,7 @@ class Dashboard {
       if (!rider || !rider.position) continue;
       const stale = rider.presence === 'offline' || now - Date.parse(rider.position.at) > STALE_MS;
       const color = stale ? COLORS.stale : COLORS.rider;
-      this.map.point(`r:${id}`, [rider.position.lat, rider.position.lon], { color, fillColor: color, radius: 6 }, id);
+      this.map.point(`r:${id}`, [rider.position.lat, rider.position.lon], { color, fillColor: color, radius: 6, canvas: 'moving' }, id);
     }
     for (const id of orderIds) {
       const order = this.store.orders.get(id);
@@ -136,15 +163,15 @@ class Dashboard {
       const closed = lifecycle().closed.includes(s.status);
       if (!closed && s.destination) {
         const big = id === this.selected;
-        this.map.point(`d:${id}`, [s.destination.lat, s.destination.lon], { color: COLORS.destination, fillColor: '#fff', radius: big ? 8 : 4, weight: big ? 3 : 2 }, id);
+        this.map.point(`d:${id}`, [s.destination.lat, s.destination.lon], { color: COLORS.destination, fillColor: '#fff', radius: big ? 8 : 4, weight: big ? 3 : 2, canvas: 'places' }, id);
       } else {
         this.map.remove(`d:${id}`);
       }
-      if (lifecycle().out_for_delivery.includes(s.status) && order.trail.length > 1) this.map.line(`t:${id}`, order.trail, { color: COLORS.trail, weight: 2 });
+      if (lifecycle().out_for_delivery.includes(s.status) && order.trail.length > 1) this.map.line(`t:${id}`, order.trail, { color: COLORS.trail, weight: 2, canvas: 'moving' });
       else this.map.remove(`t:${id}`);
     }
     const pickup = this.create.pickup();
-    if (pickup) this.map.point('shop', [pickup.lat, pickup.lon], { color: COLORS.shop, fillColor: COLORS.shop, radius: 8 }, 'shop');
+    if (pickup) this.map.point('shop', [pickup.lat, pickup.lon], { color: COLORS.shop, fillColor: COLORS.shop, radius: 8, canvas: 'places' }, 'shop');
     this.map.autoFit();
   }
 

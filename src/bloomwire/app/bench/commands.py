@@ -132,20 +132,31 @@ def bench_web(
     orders: Annotated[int, typer.Option(help="Open orders on the dashboard (0 = skip the dashboard).")] = 500,
     riders: Annotated[int, typer.Option(help="Riders moving, a position every 5 s each.")] = 200,
     seconds: Annotated[float, typer.Option(help="How long the riders move.")] = 30.0,
-    pages: Annotated[int, typer.Option(help="Customer tracking pages open at once (0 = skip).")] = 50,
+    pages: Annotated[int, typer.Option(help="Most customer tracking pages to open at once (0 = skip).")] = 50,
+    profile: Annotated[bool, typer.Option(help="Also print the dashboard's CPU profile.")] = False,
+    record: Record = None,
 ) -> None:
     """The shop dashboard under load and many customer pages, measured inside Chromium.
 
-    Prints publish → DOM updated P50/P99, frames dropped and JS heap of the
-    dashboard, the web service's and broker's CPU, and for N customer pages
-    the time until all are live, shop chat → page latency and renderer memory.
+    Prints publish → DOM updated P50/P99, frames dropped, long tasks, main-thread
+    time and JS heap of the dashboard, the web service's and broker's CPU; and
+    for customer pages (opened 10 at a time until --pages, the memory reserve or
+    the CPU stops it) how many, the time until all are live, shop chat → page
+    latency and renderer memory.
     """
     try:
-        web_bench.main(
-            make_settings(ctx), console, orders=orders, riders=riders, seconds=seconds, pages=pages
+        reports = web_bench.main(
+            make_settings(ctx),
+            console,
+            orders=orders,
+            riders=riders,
+            seconds=seconds,
+            pages=pages,
+            profile=profile,
         )
     except BloomwireError as exc:
         raise fail(str(exc)) from None
+    _record(record, reports)
 
 
 @bench_app.command("restart")
