@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from structlog.testing import LogCapture
 
 from bloomwire.contract import topics
@@ -585,8 +587,6 @@ def test_thousands_of_messages_and_a_large_one_cross_buffered_reads_and_corked_w
 def test_received_messages_keep_topic_payload_qos_and_retain_whatever_their_properties(
     make_settings: Any, watcher: Any, tuned: bool
 ) -> None:
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
 
     name = unique()
     settings = make_settings()

@@ -17,8 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from conftest import MqttTestClient
+from paho.mqtt.enums import CallbackAPIVersion
+from playwright.sync_api import sync_playwright
 from webkit import (
     DESKTOP,
     PHONE,
@@ -60,7 +63,6 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
 
 @pytest.fixture(scope="module")
 def browser(web: WebStack) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = launch_browser(playwright)
@@ -161,11 +163,7 @@ def test_bridge_carries_mqtt_and_the_broker_still_decides(web: WebStack) -> None
 
 
 def _retained(settings: Settings, topic: str) -> bytes:
-    from bloomwire.contract.topics import SERVICES
-
-    assert topic.startswith(SERVICES)
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    assert topic.startswith(topics.SERVICES)
 
     got: list[bytes] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)

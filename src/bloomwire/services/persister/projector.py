@@ -178,6 +178,19 @@ def _event_id(payload: bytes) -> str | None:
     return None
 
 
+def _check_accepted(where: InboundTopic, event: ev.Event) -> None:
+    """Refuse an event of a type its topic does not take, or naming another order than the topic."""
+    expected = ev.accepted_types(where)
+    if not isinstance(event, expected):
+        names = ", ".join(ev.type_name(t) for t in expected) or "nothing"
+        raise _RefusedError(
+            f"type: {event.type!r} is not accepted on {where.kind.value} topics (expected {names})"
+        )
+    claimed = getattr(event.data, "order", None)
+    if where.order is not None and claimed not in (None, where.order):
+        raise _RefusedError(f"data.order {claimed!r} does not match the topic's order {where.order!r}")
+
+
 class Projector:
     """The persister's authoritative in-memory projections over the store."""
 
@@ -902,35 +915,16 @@ class Projector:
     # --- per event type ---------------------------------------------------------------------------
 
     def _apply_event(self, pending: _Pending, where: InboundTopic, event: ev.Event, now: datetime) -> None:
-        expected = ev.accepted_types(where)
-        if not isinstance(event, expected):
-            names = ", ".join(ev.type_name(t) for t in expected) or "nothing"
-            raise _RefusedError(
-                f"type: {event.type!r} is not accepted on {where.kind.value} topics (expected {names})"
-            )
-        claimed = getattr(event.data, "order", None)
-        if where.order is not None and claimed not in (None, where.order):
-            raise _RefusedError(f"data.order {claimed!r} does not match the topic's order {where.order!r}")
-
+        _check_accepted(where, event)
         match event:
             case ev.OrderCreatedEvent():
                 self._created(pending, where, event, now)
             case ev.OrderCancelledEvent():
-                order = self._shop_order(where, event.data.order)
-                self._set_status(pending, order, S.CANCELLED, event.time, now)
-                self._close_offer(order, "cancelled", now)
-                self._publish_status(pending, order, event, event.data.reason)
+                self._cancelled(pending, where, event, now)
             case ev.OrderStatusEvent():
                 self._rider_status(pending, where, event, now)
             case ev.OrderIncidentEvent():
-                order = self._rider_order(where, event.data.order)
-                if event.data.eta is not None:
-                    order["eta"] = event.data.eta
-                    order["updated_at"] = now
-                    self.orders.touch(order["id"])
-                    pending.states[order["id"]] = None
-                topic = topics.order_topic(order["shop"], order["id"], topics.OrderChannel.STATUS)
-                pending.canonical.append(Outbound(topic, ev.encode(event)))
+                self._incident(pending, where, event, now)
             case ev.OrderChatEvent():
                 self._chat(pending, where, event, now)
             case ev.OrderAssignedEvent():
@@ -951,6 +945,26 @@ class Projector:
                 self._alert_ack(pending, where, event, now)
             case _:  # pragma: no cover - guarded by ``expected`` above
                 raise _RefusedError(f"type: {event.type!r} is not handled")
+
+    def _cancelled(
+        self, pending: _Pending, where: InboundTopic, event: ev.OrderCancelledEvent, now: datetime
+    ) -> None:
+        order = self._shop_order(where, event.data.order)
+        self._set_status(pending, order, S.CANCELLED, event.time, now)
+        self._close_offer(order, "cancelled", now)
+        self._publish_status(pending, order, event, event.data.reason)
+
+    def _incident(
+        self, pending: _Pending, where: InboundTopic, event: ev.OrderIncidentEvent, now: datetime
+    ) -> None:
+        order = self._rider_order(where, event.data.order)
+        if event.data.eta is not None:
+            order["eta"] = event.data.eta
+            order["updated_at"] = now
+            self.orders.touch(order["id"])
+            pending.states[order["id"]] = None
+        topic = topics.order_topic(order["shop"], order["id"], topics.OrderChannel.STATUS)
+        pending.canonical.append(Outbound(topic, ev.encode(event)))
 
     def _customer_order(self, username: str) -> str | None:
         """The order a customer username belongs to: open orders from memory, closed ones (whose
