@@ -34,6 +34,8 @@ from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import SERVICES, WEB, Stack
 from bloomwire.runtime.settings import Settings
 
+__all__ = ["PeakConfig", "main", "normal_day", "reports", "run"]
+
 #: Seconds of steady load after each fault's recovery before the next fault.
 SETTLE_S = 10.0
 #: How long the SQLite database stays unwritable.
@@ -309,7 +311,7 @@ def _cells(w: dict[str, Any]) -> dict[str, str]:
             f"; {s['reconnected']}/{s['dropped_clients']} back, reconnect P50 {s['reconnect_p50_s']} s · "
             f"P99 {s['reconnect_p99_s']} s; {s['sessions_resumed']} sessions resumed"
         )
-    latency = "<br>".join(
+    latency = "; ".join(
         f"{label}: {_lat(lat[key])}"
         for label, key in (
             ("rider → customer", "rider_to_customer_ms"),

@@ -113,8 +113,8 @@ class Drill:
         )
         for shop in self.shops:
             filters = [
-                topics.access_topic(shop, "+"),
-                topics.order_topic(shop, "+", topics.OrderChannel.STATUS),
+                f"{topics.SHOPS}/{shop}/orders/+/{topics.ACCESS}",
+                topics.all_orders_filter(topics.OrderChannel.STATUS, shop=shop),
             ]
             self._connect(shop, ensure_secret(data_dir, shop), filters)
         for rider in self.riders:
