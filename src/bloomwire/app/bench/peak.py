@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
@@ -154,9 +155,15 @@ def fault_database(
     modes = {p: p.stat().st_mode for p in (path, path.parent)}
     for p in modes:
         p.chmod(0o555 if p.is_dir() else 0o444)
+    # chmod does not take write access from a connection already open (WAL: its -wal file is
+    # open too): an exclusive transaction held meanwhile is what actually keeps the writer out.
+    lock = sqlite3.connect(path, timeout=10, isolation_level=None)
     try:
+        lock.execute("BEGIN EXCLUSIVE")
         time.sleep(UNWRITABLE_S)
     finally:
+        lock.execute("ROLLBACK")
+        lock.close()
         for p, mode in modes.items():
             p.chmod(mode)
     back = time.time()
@@ -181,7 +188,7 @@ def fault_database(
 FAULTS: dict[str, Callable[[Stack, Drill, Callable[[], pf.Matched]], tuple[float, float | None]]] = {
     "broker kill -9": fault_broker,
     "persister kill -9": fault_persister,
-    "database unwritable": fault_database,
+    "database unwritable (chmod + exclusive lock)": fault_database,
 }
 
 
@@ -265,7 +272,7 @@ def _faults(
         return pf.match(drill.journal, drill.plan)
 
     for name, inject in FAULTS.items():
-        if name == "database unwritable" and not sqlite:
+        if name.startswith("database") and not sqlite:
             progress("skipping 'database unwritable': only for SQLite (PostgreSQL restart not built)")
             continue
         progress(f"fault: {name}")

@@ -208,11 +208,23 @@ def _sys_rate(samples: Sequence[tuple[float, float]], w: Window) -> float | None
 def reliability(plan: Plan, m: Matched, w: Window) -> dict[str, Any]:
     """Delivered / expected, stored / sent, lost, duplicated, refused with reasons."""
     expected = delivered = duplicated = 0
-    for eid, receiver, _role, _at in _expected(plan, m, w.t0, w.t1):
+    missing: list[dict[str, Any]] = []
+    for eid, receiver, _role, at in _expected(plan, m, w.t0, w.t1):
         expected += 1
         got = m.arrivals.get((eid, receiver), [])
         delivered += 1 if got else 0
         duplicated += max(0, len(got) - 1)
+        if not got and len(missing) < 5:
+            acked = m.acked.get(eid)
+            missing.append(
+                {
+                    "kind": m.sent[eid][1],
+                    "id": eid,
+                    "to": receiver,
+                    "sent_at": round(at, 3),
+                    "stored_after_s": None if acked is None else round(acked - at, 3),
+                }
+            )
     acked_kinds = ("position", "customer-chat")
     sent = [eid for eid, (at, kind, _) in m.sent.items() if kind in acked_kinds and w.t0 <= at < w.t1]
     stored = sum(1 for eid in sent if eid in m.acked)
@@ -230,13 +242,15 @@ def reliability(plan: Plan, m: Matched, w: Window) -> dict[str, Any]:
         "duplicated": duplicated,
         "refused": sum(reasons.values()),
         "refused_reasons": dict(reasons.most_common(5)),
+        "lost_examples": missing,
     }
 
 
 def stability(journal: Journal, w: Window, fault_at: float | None) -> dict[str, Any]:
     """Drops in the window; after a broker restart, reconnect times and sessions resumed."""
     drops = sum(1 for link in journal.links.values() for t in link.drops if w.t0 <= t < w.t1)
-    out: dict[str, Any] = {"clients": len(journal.links), "drops": drops}
+    who = sorted({n for n, link in journal.links.items() for t in link.drops if w.t0 <= t < w.t1})
+    out: dict[str, Any] = {"clients": len(journal.links), "drops": drops, "dropped": who[:5]}
     if fault_at is None:
         return out
     back: list[float] = []
