@@ -236,6 +236,10 @@ def bench_peak(
     faults: Annotated[
         bool, typer.Option(help="After the peak: broker kill -9, persister kill -9, database unwritable.")
     ] = False,
+    find_limit: Annotated[
+        bool,
+        typer.Option(help="Then double the position and order rates until customer P99 > 100 ms or a loss."),
+    ] = False,
     database_url: Annotated[
         str | None, typer.Option(help="Store to use (default: a fresh SQLite file in a temporary directory).")
     ] = None,
@@ -263,6 +267,7 @@ def bench_peak(
             console=console,
             database_url=database_url,
             faults=faults,
+            find_limit=find_limit,
             json_path=json_path,
         )
     except (BloomwireError, TimeoutError) as exc:

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,10 @@ SETTLE_S = 10.0
 UNWRITABLE_S = 20.0
 #: Longest wait for a recovery before the fault is reported as not recovered.
 RECOVERY_TIMEOUT_S = 60.0
+#: --find-limit: seconds per step, the largest rate multiplier, the customer P99 it must stay under.
+LIMIT_STEP_S = 20.0
+LIMIT_MAX_SPEED = 64.0
+LIMIT_P99_MS = 100.0
 #: After the load stops: time for the last acks and deliveries to arrive.
 DRAIN_S = 5.0
 
@@ -201,6 +205,7 @@ def run(
     *,
     database_url: str | None = None,
     faults: bool = False,
+    find_limit: bool = False,
     progress: Callable[[str], None] = lambda _s: None,
 ) -> dict[str, Any]:
     """The whole drill; its figures as plain data."""
@@ -213,21 +218,25 @@ def run(
         drill = Drill(stack.settings, config, journal)
         try:
             sampler.start()
-            return _play(stack, drill, sampler, faults, progress, sqlite=database_url is None)
+            steps = Steps(faults=faults, find_limit=find_limit, sqlite=database_url is None)
+            return _play(stack, drill, sampler, steps, progress)
         finally:
             drill.close()
             sampler.stop()
             stack.stop()
 
 
+@dataclass
+class Steps:
+    """What comes after the peak."""
+
+    faults: bool = False
+    find_limit: bool = False
+    sqlite: bool = True
+
+
 def _play(
-    stack: Stack,
-    drill: Drill,
-    sampler: Sampler,
-    faults: bool,
-    progress: Callable[[str], None],
-    *,
-    sqlite: bool,
+    stack: Stack, drill: Drill, sampler: Sampler, steps: Steps, progress: Callable[[str], None]
 ) -> dict[str, Any]:
     config = drill.config
     progress(f"connecting {config.shops} shops and {config.riders} riders")
@@ -236,18 +245,47 @@ def _play(
     progress(f"connecting {config.customers} customers ({config.ws_share:.0%} over websockets)")
     drill.connect_customers()
     windows: list[tuple[pf.Window, float | None]] = []
+    limit: list[tuple[pf.Window, float | None]] = []
     with _running(drill):
         t0 = time.time()
         _tick(progress, drill, t0, config.duration)
         windows.append((pf.Window("peak", t0, time.time()), None))
-        if faults:
-            windows += _faults(stack, drill, progress, sqlite=sqlite)
+        if steps.faults:
+            windows += _faults(stack, drill, progress, sqlite=steps.sqlite)
+        if steps.find_limit:
+            limit = _find_limit(drill, sampler, progress)
     progress("draining")
     time.sleep(DRAIN_S)
     sampler.sample()
     matched = pf.match(drill.journal, drill.plan)
     out: dict[str, Any] = {"config": asdict(config), "normal_day": normal_day(config)}
     out["windows"] = [_window(drill, sampler, matched, w, at) for w, at in windows]
+    if limit:
+        out["limit"] = [_window(drill, sampler, matched, w, at) for w, at in limit]
+    return out
+
+
+def _find_limit(
+    drill: Drill, sampler: Sampler, progress: Callable[[str], None]
+) -> list[tuple[pf.Window, float | None]]:
+    """Double the position and order rates every step until customer P99 > 100 ms or a loss."""
+    out: list[tuple[pf.Window, float | None]] = []
+    speed = 1.0
+    while speed <= LIMIT_MAX_SPEED:
+        speed *= 2
+        drill.speed = speed
+        t0 = time.time()
+        _tick(progress, drill, t0, LIMIT_STEP_S)
+        window = pf.Window(f"limit x{speed:g}", t0, time.time() - DRAIN_S)
+        time.sleep(DRAIN_S)  # still at this level: the step's last events arrive
+        out.append((window, None))
+        m = pf.match(drill.journal, drill.plan)
+        p99 = pf.latency(drill.plan, m, window)["rider_to_customer_ms"]["p99"]
+        lost = pf.reliability(drill.plan, m, window)["lost"]
+        progress(f"find-limit: x{speed:g}: customer P99 {p99} ms, lost {lost}")
+        if not p99 <= LIMIT_P99_MS or lost:
+            break
+    drill.speed = 1.0
     return out
 
 
@@ -371,7 +409,32 @@ def reports(result: dict[str, Any]) -> list[Report]:
             p = w["processes"].get(name)
             usage.append(f"{p['cpu_s']} s ({p['core_share']:.0%}) · {p['rss_peak_mb']} MB" if p else "-")
         procs.add(name, *usage)
-    return [summary, procs]
+    out = [summary, procs]
+    if result.get("limit"):
+        out.append(limit_report(result["limit"]))
+    return out
+
+
+def limit_report(steps: list[dict[str, Any]]) -> Report:
+    """One line per step of ``--find-limit``: the load, customer P99, lost, the busiest process."""
+    table = Report(
+        f"find-limit: position and order rates doubled every {LIMIT_STEP_S:g} s until customer P99 > "
+        f"{LIMIT_P99_MS:g} ms or a loss",
+        ("step", "events accepted/s", "connections", "rider → customer P99 (ms)", "lost", "busiest process"),
+    )
+    for w in steps:
+        rows = w["rows"]
+        busiest = max(w["processes"].items(), key=lambda kv: kv[1]["core_share"], default=None)
+        top = f"{busiest[0]} ({busiest[1]['core_share']:.0%} of a core)" if busiest else "-"
+        table.add(
+            w["window"],
+            rows["concurrency"]["events_accepted_per_s"],
+            rows["concurrency"]["connections_max"],
+            rows["latency"]["rider_to_customer_ms"]["p99"],
+            rows["reliability"]["lost"],
+            top,
+        )
+    return table
 
 
 def main(
@@ -381,6 +444,7 @@ def main(
     console: Console,
     database_url: str | None = None,
     faults: bool = False,
+    find_limit: bool = False,
     json_path: Path | None = None,
 ) -> list[Report]:
     """Run with a progress line, print the tables and the JSON; return the tables."""
@@ -390,6 +454,7 @@ def main(
             config,
             database_url=database_url,
             faults=faults,
+            find_limit=find_limit,
             progress=lambda s: status.update(f"bench peak: {s}"),
         )
     tables = reports(result)

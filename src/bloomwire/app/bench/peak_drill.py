@@ -82,6 +82,8 @@ class Drill:
         self._cursor = 0
         self._lock = threading.Lock()
         self.stop = threading.Event()
+        #: Multiplies the position and order rates (``--find-limit`` steps it up).
+        self.speed = 1.0
 
     # --- clients ----------------------------------------------------------------------------------
 
@@ -205,37 +207,42 @@ class Drill:
     # --- the peak ---------------------------------------------------------------------------------
 
     def play(self) -> None:
-        """Run the peak's load until :attr:`stop` is set (a thread of its own)."""
-        start = time.monotonic()
+        """Run the peak's load until :attr:`stop` is set (a thread of its own).
+
+        :attr:`speed` multiplies the position and order rates (``--find-limit`` turns it up).
+        """
+        start = last = time.monotonic()
         due = _Due(start)
-        seq = 0
+        n = len(self.riders)
+        # Rider i sends first at i/n of the interval: the load is spread evenly over it.
+        due.next_position = {r: start + POSITION_EVERY_S * i / n for i, r in enumerate(self.riders)}
         while not self.stop.is_set():
             now = time.monotonic()
-            seq = self._positions(now - start, seq, due)
-            self._new_orders(now - start, due)
+            self._positions(now, due)
+            due.order_credit += (now - last) * self.config.orders_per_s * self.speed
+            last = now
+            self._new_orders(due)
             self._chats(now - start, due)
             self.scan()
             time.sleep(TICK_S)
 
-    def _positions(self, elapsed: float, seq: int, due: _Due) -> int:
+    def _positions(self, now: float, due: _Due) -> None:
         n = len(self.riders)
+        interval = POSITION_EVERY_S / self.speed
         for i, rider in enumerate(self.riders):
-            # Rider i sends at i/n of the interval, then every interval: the load is spread evenly.
-            count = int((elapsed - POSITION_EVERY_S * i / n) // POSITION_EVERY_S) + 1
-            while due.positions.get(rider, 0) < count:
+            while due.next_position[rider] <= now:
+                due.next_position[rider] += interval
                 due.positions[rider] = due.positions.get(rider, 0) + 1
-                seq += 1
                 lat, lon = _spot(i, n, 0.01)
                 lat = round(lat + 1e-6 * due.positions[rider], 6)
                 topic, eid, body = load.position(rider, lat, lon)
                 self.plan.marks[mark(rider, lat, lon)] = eid
                 self.journal.sent_one("position", eid, rider)
                 self.clients[rider].publish(topic, body, qos=1)
-        return seq
 
-    def _new_orders(self, elapsed: float, due: _Due) -> None:
-        wanted = int(elapsed * self.config.orders_per_s)
-        while due.orders < wanted:
+    def _new_orders(self, due: _Due) -> None:
+        while due.order_credit >= 1:
+            due.order_credit -= 1
             due.orders += 1
             shop = self.shops[due.orders % len(self.shops)]
             topic, eid, body = load.create_order(shop, f"p{due.orders}", *_spot(due.orders, 97))
@@ -277,6 +284,8 @@ class _Due:
     orders: int = 0
     shop_chats: int = 0
     customer_chats: int = 0
+    order_credit: float = 0.0
 
     def __post_init__(self) -> None:
         self.positions: dict[str, int] = {}
+        self.next_position: dict[str, float] = {}
