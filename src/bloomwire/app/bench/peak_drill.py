@@ -101,11 +101,19 @@ class Drill:
 
     def _wait_connected(self, names: list[str], timeout: float, what: str) -> None:
         links = self.journal.links
-        load.wait_until(
-            lambda: all(links[n].connects for n in names if n in links) and all(n in links for n in names),
-            timeout,
-            what,
-        )
+
+        def waiting() -> list[str]:
+            return [n for n in names if n not in links or not links[n].connects]
+
+        try:
+            load.wait_until(lambda: not waiting(), timeout, what)
+        except TimeoutError as exc:
+            left = waiting()
+            refused = {n: self.journal.refused[n] for n in left if n in self.journal.refused}
+            raise TimeoutError(
+                f"{exc}: {len(left)} of {len(names)} not connected (e.g. {', '.join(left[:3])}); "
+                f"refused by the broker: {len(refused)} ({', '.join(sorted(set(refused.values())))})"
+            ) from None
 
     def connect_staff(self) -> None:
         """The operator (``$SYS``, dead letters), every shop and rider; riders go on duty."""

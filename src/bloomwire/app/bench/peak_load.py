@@ -57,6 +57,8 @@ class Journal:
         self.sent: list[tuple[float, str, str, str]] = []  # (at, kind, key, who)
         self.links: dict[str, Link] = defaultdict(Link)
         self.stopping = False
+        #: Logins the broker refused at CONNECT, and why.
+        self.refused: dict[str, str] = {}
 
     def got(self, who: str, topic: str, payload: bytes) -> None:
         """A client received a message."""
@@ -106,6 +108,7 @@ def make_client(
 
     def on_connect(c: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
+            journal.refused[who] = str(reason)
             return
         journal.connected(who, bool(flags.session_present))
         if filters:
