@@ -82,6 +82,7 @@ class Drill:
         self._cursor = 0
         self._lock = threading.Lock()
         self.stop = threading.Event()
+        self.hub = load.Hub(journal)
         #: Multiplies the position and order rates (``--find-limit`` steps it up).
         self.speed = 1.0
 
@@ -97,7 +98,7 @@ class Drill:
             if ws
             else (self.settings.broker_host, self.settings.broker_port)
         )
-        load.start(client, host, port)
+        self.hub.add(client, host, port)
 
     def _wait_connected(self, names: list[str], timeout: float, what: str) -> None:
         links = self.journal.links
@@ -281,7 +282,7 @@ class Drill:
 
     def close(self) -> None:
         """Everyone disconnects."""
-        load.stop_all(self.journal, list(self.clients.values()))
+        self.hub.stop()
 
 
 @dataclass

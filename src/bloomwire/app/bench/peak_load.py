@@ -1,14 +1,20 @@
 """The people of ``bloomwire bench peak``: plain paho clients for shops, riders, customers, an operator.
 
 Every client is a real MQTT connection with its own login (the broker uses the username as the
-client id), a persistent session (``clean_session`` off, QoS 1 subscriptions) and paho's own
-reconnect. Callbacks only append ``(time, topic, payload)`` to a :class:`Journal`; everything is
-decoded and matched after the run (:mod:`bloomwire.app.bench.peak_figures`), so the load generator
-spends its CPU on the wire, not on bookkeeping.
+client id) and a persistent session (``clean_session`` off, QoS 1 subscriptions). One
+:class:`Hub` thread drives all their sockets with epoll and reconnects a dropped client after
+:data:`RECONNECT_S`: paho's own loop uses ``select()``, which cannot watch a descriptor above
+1023, and each paho client holds three (its socket and a wake-up pair), so ``loop_start`` stops
+connecting at a few hundred clients in one process. Callbacks only append
+``(time, topic, payload)`` to a :class:`Journal`; everything is decoded and matched after the
+run (:mod:`bloomwire.app.bench.peak_figures`), so the load generator spends its CPU on the wire,
+not on bookkeeping.
 """
 
 from __future__ import annotations
 
+import contextlib
+import selectors
 import threading
 import time
 from collections import defaultdict
@@ -25,8 +31,8 @@ from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.runtime.settings import Settings
 
-#: paho's reconnect back-off (s): quick first tries, as a phone app would make after a blip.
-RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 4
+#: Seconds before a dropped client tries again (paho's own first back-off is 1 s too).
+RECONNECT_S = 1.0
 KEEPALIVE_S = 30
 
 
@@ -102,7 +108,6 @@ def make_client(
     if ws:
         client.ws_set_options(path="/mqtt")
     client.username_pw_set(who, password)
-    client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
 
@@ -126,19 +131,99 @@ def make_client(
     return client
 
 
-def start(client: paho.Client, host: str, port: int) -> None:
-    """Connect in the background (paho's thread retries until the broker answers)."""
-    client.connect_async(host, port, KEEPALIVE_S)
-    client.loop_start()
+class Hub:
+    """One thread with epoll under every client: reads, leftover writes, keepalive, reconnects.
 
+    Publishing needs no hub: a client without a loop thread writes in ``publish()`` itself.
+    """
 
-def stop_all(journal: Journal, clients: Sequence[paho.Client]) -> None:
-    """Disconnect everyone (drops from now on are ours, not the broker's)."""
-    journal.stopping = True
-    for c in clients:
-        c.disconnect()
-    for c in clients:
-        c.loop_stop()
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.sel = selectors.DefaultSelector()
+        self.clients: list[paho.Client] = []
+        self.due: dict[paho.Client, float] = {}  # client -> (re)connect at (monotonic)
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-hub", daemon=True)
+        self._thread.start()
+
+    def add(self, client: paho.Client, host: str, port: int) -> None:
+        """Connect ``client`` from the hub's thread (and again whenever it drops)."""
+        client.connect_async(host, port, KEEPALIVE_S)
+        client.on_socket_open = self._opened
+        client.on_socket_close = self._closed
+        with self.lock:
+            self.clients.append(client)
+            self.due[client] = 0.0
+
+    def _opened(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        stale = self.sel.get_map().get(sock.fileno())
+        if stale is not None:  # a closed socket's number, reused
+            self.sel.unregister(stale.fileobj)
+        self.sel.register(sock, selectors.EVENT_READ, client)
+
+    def _closed(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.sel.unregister(sock)
+        if not self.journal.stopping:
+            with self.lock:
+                self.due[client] = time.monotonic() + RECONNECT_S
+
+    def _connect_due(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            ready = [c for c, at in self.due.items() if at <= now]
+            for c in ready:
+                del self.due[c]
+        for c in ready:
+            try:
+                c.reconnect()
+            except (OSError, ValueError):
+                with self.lock:
+                    self.due[c] = time.monotonic() + RECONNECT_S
+
+    def _run(self) -> None:
+        last_misc = time.monotonic()
+        while not self._stop.is_set():
+            self._connect_due()
+            if not self.sel.get_map():
+                time.sleep(0.01)
+                continue
+            try:
+                events = self.sel.select(0.01)
+            except (OSError, ValueError, KeyError):
+                events = []
+            for key, _mask in events:
+                self._read(key.data, key.fileobj)
+            with self.lock:
+                clients = list(self.clients)
+            for c in clients:
+                if c.want_write():
+                    c.loop_write()
+            if time.monotonic() - last_misc >= 0.5:
+                last_misc = time.monotonic()
+                for c in clients:
+                    c.loop_misc()
+
+    @staticmethod
+    def _read(client: paho.Client, sock: Any) -> None:
+        client.loop_read()
+        pending = getattr(sock, "pending", None)  # a websocket frame may hold several packets
+        while pending is not None and pending() > 0 and client.socket() is sock:
+            client.loop_read()
+
+    def stop(self) -> None:
+        """Disconnect everyone and stop the thread."""
+        self.journal.stopping = True
+        with self.lock:
+            clients = list(self.clients)
+            self.due.clear()
+        for c in clients:
+            with contextlib.suppress(Exception):
+                c.disconnect()
+        self._stop.set()
+        self._thread.join(5)
+        self.sel.close()
 
 
 def wait_until(condition: Any, timeout: float, what: str, step: float = 0.1) -> None:
