@@ -51,3 +51,39 @@ def test_bench_peak_reports_the_four_rows_and_loses_nothing(tmp_path: Path) -> N
         peak["processes"]
     )
     assert "connection stability" in done.stdout.decode(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_peak_faults_get_a_column_each_and_everyone_comes_back(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOOMWIRE_")}
+    env["BLOOMWIRE_DATA_DIR"] = str(tmp_path / "var")
+    out_json = tmp_path / "peak.json"
+    tiny = ["--shops", "1", "--riders", "3", "--customers", "4", "--ws-share", "0.5", "--duration", "5"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bloomwire", "bench", "peak", *tiny, "--faults", "--json", str(out_json)],
+        check=False,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=290,
+    )
+    assert done.returncode == 0, done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+    windows = {w["window"]: w for w in json.loads(out_json.read_text())["windows"]}
+    assert set(windows) == {
+        "peak",
+        "broker kill -9",
+        "persister kill -9",
+        "database unwritable (chmod + exclusive lock)",
+    }
+    for w in windows.values():
+        assert set(w["rows"]) == ROWS
+    broker = windows["broker kill -9"]
+    stability = broker["rows"]["connection_stability"]
+    assert stability["dropped_clients"] == stability["clients"] == 1 + 1 + 3 + 4
+    assert stability["reconnected"] == stability["dropped_clients"]
+    assert broker["recovery_s"] is not None
+    assert windows["persister kill -9"]["recovery_s"] is not None
+    assert windows["persister kill -9"]["processes"]["persister"]["pids"] == 2  # killed, started again
+    database = windows["database unwritable (chmod + exclusive lock)"]["rows"]["reliability"]
+    assert database["stored"] == database["sent"] > 0  # the positions sent meanwhile, stored after

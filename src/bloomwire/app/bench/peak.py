@@ -260,6 +260,7 @@ def _play(
     matched = pf.match(drill.journal, drill.plan)
     out: dict[str, Any] = {"config": asdict(config), "normal_day": normal_day(config)}
     out["windows"] = [_window(drill, sampler, matched, w, at) for w, at in windows]
+    out["drop_reasons"] = dict(drill.journal.drop_reasons)
     if limit:
         out["limit"] = [_window(drill, sampler, matched, w, at) for w, at in limit]
     return out

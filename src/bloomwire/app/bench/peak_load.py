@@ -17,7 +17,7 @@ import contextlib
 import selectors
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -63,6 +63,7 @@ class Journal:
         self.sent: list[tuple[float, str, str, str]] = []  # (at, kind, key, who)
         self.links: dict[str, Link] = defaultdict(Link)
         self.stopping = False
+        self.drop_reasons: Counter[str] = Counter()
         #: Logins the broker refused at CONNECT, and why.
         self.refused: dict[str, str] = {}
 
@@ -78,10 +79,11 @@ class Journal:
         with self.lock:
             self.links[who].connects.append((time.time(), session_present))
 
-    def dropped(self, who: str) -> None:
+    def dropped(self, who: str, reason: str) -> None:
         if not self.stopping:
             with self.lock:
                 self.links[who].drops.append(time.time())
+                self.drop_reasons[reason] += 1
 
     def count(self, kind: str) -> int:
         """How many ``kind`` events were sent so far (progress)."""
@@ -119,8 +121,8 @@ def make_client(
         if filters:
             c.subscribe([(f, 1) for f in filters])
 
-    def on_disconnect(_c: paho.Client, _u: Any, _f: Any, _r: Any, _p: Any) -> None:
-        journal.dropped(who)
+    def on_disconnect(_c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        journal.dropped(who, str(reason))
 
     def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         journal.got(who, msg.topic, bytes(msg.payload))
