@@ -250,7 +250,10 @@ def stability(journal: Journal, w: Window, fault_at: float | None) -> dict[str, 
     """Drops in the window; after a broker restart, reconnect times and sessions resumed."""
     drops = sum(1 for link in journal.links.values() for t in link.drops if w.t0 <= t < w.t1)
     who = sorted({n for n, link in journal.links.items() for t in link.drops if w.t0 <= t < w.t1})
+    times = sorted(t - w.t0 for link in journal.links.values() for t in link.drops if w.t0 <= t < w.t1)
     out: dict[str, Any] = {"clients": len(journal.links), "drops": drops, "dropped": who[:5]}
+    if times:
+        out["drops_between_s"] = [round(times[0], 1), round(times[-1], 1)]
     if fault_at is None:
         return out
     back: list[float] = []
