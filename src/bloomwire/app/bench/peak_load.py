@@ -133,6 +133,21 @@ def make_client(
     return client
 
 
+def mask_every_frame(wrapper: Any) -> None:
+    """Make this websocket mask its control frames too (this connection only).
+
+    paho 2.2.0 answers the server's ping with an UNMASKED pong (``_create_frame(..., 0)``);
+    RFC 6455 5.1 has the server close a connection on an unmasked client frame, and the web
+    service's uvicorn pings every 20 s: without this every websocket client drops every 20 s.
+    """
+    create = type(wrapper)._create_frame
+
+    def masked(opcode: int, data: bytearray, do_masking: int = 1) -> bytearray:
+        return bytearray(create(wrapper, opcode, data, 1))
+
+    wrapper._create_frame = masked
+
+
 class Hub:
     """One thread with epoll under every client: reads, leftover writes, keepalive, reconnects.
 
@@ -163,6 +178,8 @@ class Hub:
         if stale is not None:  # a closed socket's number, reused
             self.sel.unregister(stale.fileobj)
         self.sel.register(sock, selectors.EVENT_READ, client)
+        if hasattr(sock, "_create_frame"):
+            mask_every_frame(sock)
 
     def _closed(self, client: paho.Client, _u: Any, sock: Any) -> None:
         with contextlib.suppress(KeyError, ValueError, OSError):
