@@ -188,10 +188,16 @@ def concurrency(m: Matched, w: Window) -> dict[str, Any]:
         "events_accepted_per_s": round(len(acks) / seconds, 1),
         "events_accepted_peak_per_s": max(per_second.values(), default=0),
         "broker_delivered_per_s": _sys_rate(m.sys.get(SYS_SENT, []), w),
-        "connections_max": int(
-            max((v for t, v in m.sys.get(SYS_CONNECTED, []) if w.t0 <= t <= w.t1), default=0)
-        ),
+        "connections_max": _connections(m.sys.get(SYS_CONNECTED, []), w),
     }
+
+
+def _connections(samples: Sequence[tuple[float, float]], w: Window) -> int:
+    """Most clients connected in the window (``$SYS`` says so only on a change: the last value
+    before the window counts too)."""
+    before = [v for t, v in samples if t < w.t0]
+    inside = [v for t, v in samples if w.t0 <= t <= w.t1]
+    return int(max([*before[-1:], *inside], default=0))
 
 
 def _sys_rate(samples: Sequence[tuple[float, float]], w: Window) -> float | None:
