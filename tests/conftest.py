@@ -370,6 +370,10 @@ class MqttTestClient:
         if self.paho.is_connected():
             self.paho.disconnect()
         self.paho.loop_stop()
+        # paho closes its wake-up socket pair only in Client.__del__; the bound callbacks make a
+        # cycle that the garbage collector may finalize sockets-first (a ResourceWarning).
+        self.paho.on_connect = self.paho.on_disconnect = self.paho.on_message = None
+        self.paho.on_subscribe = None
 
     close = disconnect
 

@@ -344,6 +344,7 @@ class Persister:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.client.on_message = None  # no cycle left for the garbage collector (see conftest)
 
 
 def test_a_riders_second_app_gets_the_acks_of_what_it_sent(

@@ -646,6 +646,11 @@ class ControlClient:
             self.client.disconnect()
         self.client.loop_stop()
         self.connected.clear()
+        # paho closes its wake-up socket pair only in Client.__del__; without this cycle
+        # (client -> bound method -> self) the client goes, sockets closed, with this object.
+        client = self.client
+        client.on_connect = client.on_disconnect = client.on_message = None
+        client.on_publish = client.on_socket_open = None
 
     def __enter__(self) -> ControlClient:
         return self
