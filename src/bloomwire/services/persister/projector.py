@@ -221,6 +221,8 @@ class Projector:
         self.recent_ids: OrderedDict[str, int] = OrderedDict()
         self.rider_orders: dict[str, set[str]] = defaultdict(set)
         self.customer_orders: dict[str, str] = {}
+        #: order id -> ids of its open alerts: a snapshot counts them without a scan of every alert.
+        self.open_alerts: dict[str, set[str]] = {}
         self.fixes: dict[str, deque[geo.Fix]] = defaultdict(lambda: deque(maxlen=6))
         self.last_trail: dict[str, tuple[float, float, datetime]] = {}
         self.state_sent_at: dict[str, datetime] = {}
@@ -253,6 +255,8 @@ class Projector:
                 self.rider_orders[order["rider"]].add(order["id"])
             if order["customer_username"]:
                 self.customer_orders[order["customer_username"]] = order["id"]
+        for alert in self.alerts.values():
+            self._index_alert(alert)
         log.info("projections loaded", orders=len(self.orders.rows), riders=len(self.riders.rows))
 
     def snapshot_messages(self) -> list[Outbound]:
@@ -600,11 +604,24 @@ class Projector:
     def _evict_closed(self) -> None:
         """Let closed orders go from memory once the batch is committed and its snapshots built
         (evicted earlier, building a snapshot would read them straight back from the store).
-        Only orders this batch read or changed can have closed: no scan of every open order."""
+        Only orders this batch read or changed can have closed: no scan of every open order.
+        Resolved alerts go too (read back from the store if named again), and so does what was
+        kept per order for positions: memory follows the open work, not the history."""
         for order_id in self.orders.take_recent():
             order = self.orders.rows.get(order_id)
             if order is not None and order["status"] in CLOSED and order["closed_at"] is not None:
                 self.orders.evict(order_id)
+                self.last_trail.pop(order_id, None)
+                self.state_sent_at.pop(order_id, None)
+        for alert_id in self.alerts.take_recent():
+            alert = self.alerts.rows.get(alert_id)
+            if alert is not None and alert["status"] == "resolved":
+                self.alerts.evict(alert_id)
+        for offer_id in self.offers.take_recent():
+            offer = self.offers.rows.get(offer_id)
+            if offer is not None and offer["status"] != "pending":
+                self.offers.evict(offer_id)
+        self.riders.take_recent()  # riders stay (one row each); only the set of recent keys goes
 
     def _reload(self) -> None:
         """Forget every projection and read them again from the store (after a failed commit).
@@ -618,6 +635,7 @@ class Projector:
             table.committed()
         self.rider_orders.clear()
         self.customer_orders.clear()
+        self.open_alerts.clear()
         self.last_trail.clear()
         self.load()
         self._stale = False
@@ -752,16 +770,17 @@ class Projector:
         timeline.sort(key=lambda t: t.at)
         position = None
         rider = self.riders.rows.get(order["rider"]) if order["rider"] else None
-        if order["status"] in OUT_FOR_DELIVERY and rider and rider["lat"] is not None:
+        # A rider row may hold a position without its time (older stores, `bench alerts` seeds):
+        # no time, no position in the snapshot.
+        located = rider is not None and rider["lat"] is not None and rider["position_at"] is not None
+        if order["status"] in OUT_FOR_DELIVERY and rider is not None and located:
             position = ev.Position(
                 lat=rider["lat"],
                 lon=rider["lon"],
                 at=rider["position_at"],
                 speed_kmh=rider["speed_kmh"],
             )
-        open_alerts = sum(
-            1 for a in self.alerts.values() if a["order_id"] == order["id"] and a["status"] == "open"
-        )
+        open_alerts = len(self.open_alerts.get(order["id"], ()))
         return ev.OrderState(
             order=order["id"],
             shop=order["shop"],
@@ -1394,7 +1413,22 @@ class Projector:
                 alert["status"] = "resolved"
                 alert["resolved_at"] = event.time
             self.alerts.touch(alert["id"])
+        self._index_alert(alert)
         self._publish_alert(pending, alert, event)
+
+    def _index_alert(self, alert: Row) -> None:
+        """Keep :attr:`open_alerts` in step with ``alert``'s status."""
+        order_id = alert["order_id"]
+        if not order_id:
+            return
+        if alert["status"] == "open":
+            self.open_alerts.setdefault(order_id, set()).add(alert["id"])
+            return
+        ids = self.open_alerts.get(order_id)
+        if ids is not None:
+            ids.discard(alert["id"])
+            if not ids:
+                del self.open_alerts[order_id]
 
     def _alert_ack(
         self,
@@ -1415,6 +1449,7 @@ class Projector:
         alert["acknowledged_at"] = event.time
         alert["acknowledged_by"] = d.by or where.sender
         self.alerts.touch(alert["id"])
+        self._index_alert(alert)
         self._publish_alert(pending, alert, event)
 
     def _publish_alert(self, pending: _Pending, alert: Row, event: Any) -> None:
