@@ -149,3 +149,30 @@ def test_closed_orders_leave_their_per_order_memory(seeded: tuple[Engine, dateti
     assert "o0" not in projector.orders.rows
     assert "o0" not in projector.last_trail and "o0" not in projector.state_sent_at
     projector.close()
+
+
+def test_a_closed_orders_state_expires_with_its_grace_and_is_dated_again_after_a_restart(
+    seeded: tuple[Engine, datetime],
+) -> None:
+    engine, _ = seeded
+    projector = Projector(engine, state_grace_s=600)
+    projector.load()
+    order = projector.orders.rows[f"o{N - 1}"]
+    shop = order["shop"]
+    event = ev.OrderCancelledEvent(source=f"shops/{shop}", data=ev.OrderCancelled(order=order["id"]))
+    result = projector.apply([Inbound(topics.shop_command(shop, "cancel-order"), ev.encode(event))])
+    state_topic = topics.order_topic(shop, order["id"], topics.OrderChannel.STATE)
+    (state,) = [o for o in result.outbound if o.topic == state_topic]
+    assert state.retain and state.payload and state.expiry_s is not None and 590 <= state.expiry_s <= 600
+    assert projector.due_clearings() == []
+    later = datetime.now(UTC) + timedelta(seconds=601)
+    assert [(o.topic, o.payload, o.retain) for o in projector.due_clearings(later)] == [
+        (state_topic, b"", True)
+    ]
+    assert projector.due_clearings(later) == []  # once
+
+    again = Projector(engine, state_grace_s=600)
+    again.load()  # closed within the grace: its clearing is dated again
+    assert [o.topic for o in again.due_clearings(later)] == [state_topic]
+    projector.close()
+    again.close()

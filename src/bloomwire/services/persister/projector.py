@@ -8,7 +8,9 @@ returns the messages to publish after the commit. Nothing here touches MQTT.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
+import math
 import uuid
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -201,8 +203,16 @@ class Projector:
         clock: Callable[[], datetime] = ev.now,
         manual_offer_timeout_s: int = 90,
         bounds: TimeBounds = DEFAULT_TIME_BOUNDS,
+        state_grace_s: float | None = None,
     ) -> None:
         self.engine = engine
+        #: How long a closed order's retained state outlives its close (its customer's access
+        #: grace); then it is cleared from the broker. None: kept (as before).
+        self.state_grace_s = state_grace_s
+        #: (due, order id) of closed orders' retained states to clear; ``clear_due`` is the truth
+        #: (an order that closes again gets a later date; the older heap entry is skipped).
+        self.clear_heap: list[tuple[datetime, str]] = []
+        self.clear_due: dict[str, tuple[datetime, str]] = {}
         #: How far inbound times may lie from ``clock`` (refused beyond, in :meth:`_decode`).
         self.bounds = bounds
         self.clock = clock
@@ -257,7 +267,43 @@ class Projector:
                 self.customer_orders[order["customer_username"]] = order["id"]
         for alert in self.alerts.values():
             self._index_alert(alert)
+        self._load_clearings()
         log.info("projections loaded", orders=len(self.orders.rows), riders=len(self.riders.rows))
+
+    def _load_clearings(self) -> None:
+        """Date the clearing of orders closed within the grace (older ones were published with
+        a message expiry, so the broker drops them even if this process was down when due)."""
+        if self.state_grace_s is None:
+            return
+        since = self.clock() - timedelta(seconds=self.state_grace_s)
+        cols = (ORDERS_T.c.id, ORDERS_T.c.shop, ORDERS_T.c.closed_at)
+        closed = [s.value for s in CLOSED]
+        query = sa.select(*cols).where(ORDERS_T.c.status.in_(closed), ORDERS_T.c.closed_at >= since)
+        with self.engine.connect() as conn:
+            for order_id, shop, closed_at in conn.execute(query):
+                self._date_clearing(order_id, shop, closed_at)
+
+    def _date_clearing(self, order_id: str, shop: str, closed_at: datetime) -> datetime:
+        assert self.state_grace_s is not None
+        due = closed_at + timedelta(seconds=self.state_grace_s)
+        self.clear_due[order_id] = (due, shop)
+        heapq.heappush(self.clear_heap, (due, order_id))
+        return due
+
+    def due_clearings(self, now: datetime | None = None) -> list[Outbound]:
+        """Empty retained publishes for the closed orders whose grace has ended (each once)."""
+        now = now or self.clock()
+        out: list[Outbound] = []
+        heap = self.clear_heap
+        while heap and heap[0][0] <= now:
+            due, order_id = heapq.heappop(heap)
+            entry = self.clear_due.get(order_id)
+            if entry is None or entry[0] != due:
+                continue  # re-dated since
+            del self.clear_due[order_id]
+            topic = topics.order_topic(entry[1], order_id, topics.OrderChannel.STATE)
+            out.append(Outbound(topic, b"", qos=1, retain=True))
+        return out
 
     def snapshot_messages(self) -> list[Outbound]:
         """Retained state of every live order and rider, republished at start-up.
@@ -636,6 +682,8 @@ class Projector:
         self.rider_orders.clear()
         self.customer_orders.clear()
         self.open_alerts.clear()
+        self.clear_heap.clear()
+        self.clear_due.clear()
         self.last_trail.clear()
         self.load()
         self._stale = False
@@ -797,8 +845,16 @@ class Projector:
         )
 
     def _order_state_msg(self, order: Row) -> Outbound:
+        """The retained state; a closed order's expires with its grace (or is cleared, past it)."""
         topic = topics.order_topic(order["shop"], order["id"], topics.OrderChannel.STATE)
-        return Outbound(topic, ev.encode(self.order_state(order)), qos=1, retain=True)
+        expiry: int | None = None
+        if self.state_grace_s is not None and order["status"] in CLOSED and order["closed_at"] is not None:
+            due = self._date_clearing(order["id"], order["shop"], order["closed_at"])
+            left = (due - self.clock()).total_seconds()
+            if left <= 0:
+                return Outbound(topic, b"", qos=1, retain=True)
+            expiry = math.ceil(left)
+        return Outbound(topic, ev.encode(self.order_state(order)), qos=1, retain=True, expiry_s=expiry)
 
     def _rider_state_msgs(self, rider: Row, also: set[str] | None = None) -> list[Outbound]:
         """Retained rider state for each shop it carries for (and ``also``: shops it just left)."""
