@@ -148,6 +148,8 @@ def test_closed_orders_leave_their_per_order_memory(seeded: tuple[Engine, dateti
         )
     assert "o0" not in projector.orders.rows
     assert "o0" not in projector.last_trail and "o0" not in projector.state_sent_at
+    assert "c-o0" not in projector.customer_orders
+    assert projector._customer_order("c-o0") == "o0"  # still known: from the store
     projector.close()
 
 

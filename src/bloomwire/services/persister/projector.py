@@ -277,8 +277,7 @@ class Projector:
             return
         since = self.clock() - timedelta(seconds=self.state_grace_s)
         cols = (ORDERS_T.c.id, ORDERS_T.c.shop, ORDERS_T.c.closed_at)
-        closed = [s.value for s in CLOSED]
-        query = sa.select(*cols).where(ORDERS_T.c.status.in_(closed), ORDERS_T.c.closed_at >= since)
+        query = sa.select(*cols).where(ORDERS_T.c.closed_at >= since)  # set only when closed
         with self.engine.connect() as conn:
             for order_id, shop, closed_at in conn.execute(query):
                 self._date_clearing(order_id, shop, closed_at)
@@ -657,6 +656,8 @@ class Projector:
             order = self.orders.rows.get(order_id)
             if order is not None and order["status"] in CLOSED and order["closed_at"] is not None:
                 self.orders.evict(order_id)
+                if self.customer_orders.get(order["customer_username"]) == order_id:
+                    del self.customer_orders[order["customer_username"]]  # the store answers now
                 self.last_trail.pop(order_id, None)
                 self.state_sent_at.pop(order_id, None)
         for alert_id in self.alerts.take_recent():
