@@ -22,10 +22,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
 from conftest import Broker, MqttTestClient
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
-from structlog.testing import capture_logs
+from structlog.testing import LogCapture
 from test_persister import (
     BASE_LAT,
     BASE_LON,
@@ -50,7 +51,7 @@ from bloomwire.errors import PayloadError, TopicError
 from bloomwire.runtime.metrics import ServiceMetrics
 from bloomwire.runtime.mqtt import Service
 from bloomwire.runtime.settings import Settings
-from bloomwire.services.persister import build
+from bloomwire.services.persister import build, projector
 from bloomwire.services.persister.metrics import PersisterMetrics
 from bloomwire.services.persister.projector import BatchResult, Inbound
 from bloomwire.store import open_store
@@ -331,12 +332,15 @@ def test_transition_elsewhere_belongs_to_the_only_carried_order_without_a_prompt
 
 
 def test_ignored_types_are_logged_once_not_stored_and_bad_ones_dead_lettered(
-    desk: Desk, engine: Engine
+    desk: Desk, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     waypoint = ot_msg(topics.owntracks("r1", "phone", "waypoint"), b'{"_type":"waypoint","desc":"Home"}')
     ms_fix = ot_msg(base(), fix(now_tst() * 1000))
-    with capture_logs() as logs:
-        result = desk.send(waypoint, ms_fix, ot_msg(base(), fix(now_tst())))
+    # The projector's own logger, not the global configuration (which other tests change).
+    capture = LogCapture()
+    monkeypatch.setattr(projector, "log", structlog.wrap_logger(None, processors=[capture]))
+    result = desk.send(waypoint, ms_fix, ot_msg(base(), fix(now_tst())))
+    logs = capture.entries
     assert (result.stored, result.refused, result.ignored) == (1, 1, 1)
     assert dict(result.owntracks_ignored) == {("waypoint", "_type 'waypoint' is not used by Bloomwire"): 1}
     ignored = [entry for entry in logs if entry["event"] == "owntracks message ignored"]

@@ -1219,3 +1219,94 @@ def test_restart_reloads_projections_and_republishes_snapshots(rig: Rig) -> None
         dev.confirm(status("r1", "o1", "arrived"), status("r1", "o1", "delivered"))
     assert order_row(rig.engine, "o1")["status"] == "delivered"
     assert spy.on(topics.DEADLETTER) == []
+
+
+# --- #11: each impossible message alone, over MQTT ------------------------------------------------
+
+
+def _edit(msg: Msg, change: Callable[[dict[str, Any]], None], *, new_id: bool = True) -> Msg:
+    """``msg`` with its JSON changed by ``change`` (and a fresh id unless told otherwise)."""
+    obj = json.loads(msg.payload)
+    if new_id:
+        obj["id"] = ev.new_id()
+    change(obj)
+    return raw(msg.topic, json.dumps(obj).encode(), obj.get("id"))
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(obj: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            obj = obj[key]
+        obj[last] = value
+
+    return change
+
+
+def _drop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda obj: obj.pop(key)
+
+
+def _impossible(now: int, first: Msg) -> list[tuple[str, Msg, str]]:
+    """(what, message, a fragment of the reason it must be refused with): the issue's list.
+
+    ``first``: a chat line already stored, whose id is then reused with other content.
+    """
+    line = chat("r1", "o1", "hello")
+    fix = location("r1", BASE_LAT, BASE_LON, now)
+    slow = ev.OrderIncidentEvent(source="riders/r1", data=ev.OrderIncident(order="o1", reason="flat tyre"))
+    incident = _event(topics.rider_order_status("r1", "o1"), slow)
+    owntracks = json.dumps({"_type": "location", "lat": BASE_LAT, "lon": BASE_LON, "tst": now * 1000})
+    deep = b'{"specversion":"1.0","data":' + b'{"a":' * 1000 + b"1" + b"}" * 1001
+    return [
+        ("JSON nested 1,000 deep", raw(topics.customer_chat("c-o1"), deep), "deeper than 16"),
+        ("OwnTracks tst in ms", raw(topics.owntracks("r1", "phone"), owntracks.encode()), "milliseconds"),
+        ("time not in UTC", _edit(line, _set("time", "0001-01-01T00:00:00+05:00")), "cannot be expressed"),
+        ("time past UTC", _edit(line, _set("time", "9999-12-31T23:59:59-05:00")), "cannot be expressed"),
+        ("NUL in chat", _edit(line, _set("data.text", "hi\u0000there")), "control character"),
+        ("fix in 5138", _edit(fix, _set("data.tst", 99999999999)), "in the future"),
+        ("time in 2999", _edit(line, _set("time", "2999-01-01T00:00:00+00:00")), "in the future"),
+        ("time in 1970", _edit(line, _set("time", "1970-01-01T00:00:00+00:00")), "old"),
+        ("ETA in 2999", _edit(incident, _set("data.eta", "2999-01-01T00:00:00+00:00")), "ETA horizon"),
+        ('lat "52.5"', _edit(fix, _set("data.lat", "52.5")), "valid number"),
+        ("lat true", _edit(fix, _set("data.lat", True)), "valid number"),
+        ("acc 1e400", raw(fix.topic, fix.payload.replace(b'"tst"', b'"acc":1e400,"tst"')), "finite"),
+        ("tst 0", _edit(fix, _set("data.tst", 0)), "old"),
+        ("no id", _edit(line, _drop("id"), new_id=False), "missing field id"),
+        ("an id reused", _edit(first, _set("data.text", "other"), new_id=False), "already used"),
+        ("retained", first, "retained publishes are not events"),
+    ]
+
+
+def test_each_impossible_message_is_refused_alone_and_never_replayed(rig: Rig) -> None:
+    """Issue #11's messages one by one: each refused with its reason, dead-lettered, its sender
+    told; a good event after each is stored; a restart of the persister replays nothing bad."""
+    spy, dev = rig.spy, rig.devices
+    errors = Spy(rig.client(), (topics.rider_inbox("r1", "errors"), topics.customer_inbox("c-o1", "errors")))
+    with rig.persister():
+        dev.confirm(*accepted_order(SHOP, "o1", "r1"))
+        first = chat("r1", "o1", "hello")
+        dev.confirm(first)
+        cases = _impossible(tst_now(), first)
+        for k, (what, bad, _) in enumerate(cases):
+            if what == "retained":
+                left = chat("r1", "o1", "left on the broker")
+                dev.client.publish(left.topic, left.payload, qos=1, retain=True)
+            else:
+                dev.send(bad)
+            dev.confirm(chat("r1", "o1", f"good after {what}"))
+            errors.wait(lambda s: True, n=k + 1, what=f"the refusal of {what}")
+    letters = sorted(rows(rig.engine, DEAD_LETTERS), key=lambda r: r["id"])
+    reasons = [r["reason"] for r in letters]
+    assert len(reasons) == len(cases), reasons
+    for (what, _, fragment), reason in zip(cases, reasons, strict=True):
+        assert fragment in reason, f"{what}: {reason}"
+    told = [e.json()["reason"] for e in errors.log]
+    assert told == reasons, "each sender's error inbox is told, in order"
+    chats = EVENTS.c.type == "order.chat"
+    stored = count(rig.engine, EVENTS, chats)
+    with rig.persister():  # a restart: nothing bad comes back
+        dev.confirm(chat("r1", "o1", "after the restart"))
+        spy.settle(1.0)
+    assert [r["reason"] for r in rows(rig.engine, DEAD_LETTERS)] == reasons
+    assert count(rig.engine, EVENTS, chats) == stored + 1

@@ -147,16 +147,17 @@ def summary_table(
     table = Table(title=title, show_header=False, expand=False)
     table.add_column("what", style="bold")
     table.add_column("figure")
-    rows = [
-        *_outcome_rows(result, figures),
-        _events_row(result, figures),
-        *_run_rows(result),
-    ]
+    rows = summary_rows(result, figures)
     if store_hint:
         rows.append(("store", store_hint))
     for what, figure in rows:
         table.add_row(what, figure)
     return table
+
+
+def summary_rows(result: SimResult, figures: StoreFigures | None) -> list[Row]:
+    """The summary's rows, as (what, figure)."""
+    return [*_outcome_rows(result, figures), _events_row(result, figures), *_run_rows(result)]
 
 
 Row = tuple[str, str]
@@ -382,13 +383,15 @@ def run_demo(
     live: bool | None = None,
     access: bool = True,
     keep_up: bool = False,
+    summary: Callable[[str, list[Row]], None] | None = None,
 ) -> int:
     """The whole demo; returns the exit code (0, or 1 if an event was lost or a service died).
 
     ``access``: the broker runs with access control (every identity only its own topics; each
     customer's login issued by the provisioner), as ``bloomwire up`` does by default.
     ``keep_up``: after the day and its summary, the stack (web pages included) stays up until
-    Ctrl-C, for a person to look around.
+    Ctrl-C, for a person to look around. ``summary``: also given the summary's title and rows
+    (``bloomwire demo --record`` writes them into the docs).
     """
     if not minutes > 0:
         raise UsageError(f"--minutes must be positive, not {minutes}")
@@ -467,6 +470,8 @@ def run_demo(
     if result.stopped_early:
         title += " (interrupted)"
     console.print(summary_table(result, figures, title=title, store_hint=hint))
+    if summary is not None:
+        summary(title, summary_rows(result, figures))
     if figures.lost:
         console.print(
             f"[bold red]LOST events (sent, neither stored nor refused): {', '.join(figures.lost[:10])}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -12,6 +13,7 @@ from bloomwire.app.bench import dispatch as dispatch_bench
 from bloomwire.app.bench import ingest as ingest_bench
 from bloomwire.app.bench import metrics as metrics_bench
 from bloomwire.app.bench import mqttclients
+from bloomwire.app.bench import peak as peak_bench
 from bloomwire.app.bench import restart as restart_bench
 from bloomwire.app.bench import scale as scale_bench
 from bloomwire.app.bench import web as web_bench
@@ -237,5 +239,60 @@ def bench_mqtt_clients(
             console=console,
         )
     except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    _record(record, reports)
+
+
+@bench_app.command("peak")
+def bench_peak(
+    ctx: typer.Context,
+    shops: Annotated[int, typer.Option(help="Shops taking orders.")] = 20,
+    riders: Annotated[int, typer.Option(help="Riders on duty, a position every 5 s each.")] = 200,
+    multiplier: Annotated[
+        float, typer.Option(help="Orders at K x a normal day (40 orders per shop per 10-hour day).")
+    ] = 20.0,
+    customers: Annotated[int, typer.Option(help="Customers following their own order.")] = 500,
+    ws_share: Annotated[
+        float, typer.Option(help="Share of customers over websockets (the web service's /mqtt).")
+    ] = 0.2,
+    duration: Annotated[float, typer.Option(help="Seconds of peak load (faults come after).")] = 90.0,
+    faults: Annotated[
+        bool, typer.Option(help="After the peak: broker kill -9, persister kill -9, database unwritable.")
+    ] = False,
+    find_limit: Annotated[
+        bool,
+        typer.Option(help="Then double the position and order rates until customer P99 > 100 ms or a loss."),
+    ] = False,
+    database_url: Annotated[
+        str | None, typer.Option(help="Store to use (default: a fresh SQLite file in a temporary directory).")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures' JSON here.")] = None,
+    record: Record = None,
+) -> None:
+    """The Valentine's Day drill: the whole stack at K x a normal day, with customers watching.
+
+    Prints the buyer's four rows -- connection stability, latency (rider → customer, rider →
+    stored, shop command → rider inbox), concurrency and reliability -- and every process's CPU
+    and peak RSS; with --faults the same per fault, with its recovery time.
+    """
+    config = peak_bench.PeakConfig(
+        shops=shops,
+        riders=riders,
+        multiplier=multiplier,
+        customers=customers,
+        ws_share=ws_share,
+        duration=duration,
+    )
+    try:
+        reports = peak_bench.main(
+            make_settings(ctx),
+            config,
+            console=console,
+            database_url=database_url,
+            faults=faults,
+            find_limit=find_limit,
+            json_path=json_path,
+        )
+    except (BloomwireError, TimeoutError) as exc:
         raise fail(str(exc)) from None
     _record(record, reports)

@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 
+from bloomwire.app.bench.report import Report, record
 from bloomwire.app.clients.access import CustomerAccess, customer_username
 from bloomwire.app.clients.base import (
     Outcome,
@@ -951,6 +952,15 @@ def demo(
             help="After the day and its summary, keep the stack and its web pages up until Ctrl-C.",
         ),
     ] = False,
+    record_key: Annotated[
+        str | None,
+        typer.Option(
+            "--record",
+            metavar="KEY",
+            help="Also write the summary into the `<!-- measured:KEY -->` block of README.md and "
+            "docs/*.md (with the command, date and commit).",
+        ),
+    ] = None,
 ) -> None:
     """The main job: broker, services and a simulated Berlin shop day on a fresh SQLite store.
 
@@ -970,6 +980,7 @@ def demo(
             assign=choice,
             access=access,
             keep_up=keep_up,
+            summary=_recorder(record_key) if record_key else None,
         )
     except UsageError as exc:
         raise _fail(str(exc), 2) from None
@@ -980,6 +991,19 @@ def demo(
         raise typer.Exit(130) from None
     if code:
         raise typer.Exit(code)
+
+
+def _recorder(key: str) -> Callable[[str, list[tuple[str, str]]], None]:
+    """Write a demo's summary into the docs' ``key`` block."""
+
+    def write(title: str, rows: list[tuple[str, str]]) -> None:
+        report = Report(title)
+        for what, figure in rows:
+            report.add(what, figure)
+        for path in record(key, [report]):
+            console.print(f"recorded in {path}")
+
+    return write
 
 
 def register(app: typer.Typer) -> None:
