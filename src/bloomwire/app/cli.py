@@ -44,6 +44,7 @@ from bloomwire.runtime.settings import Settings
 LAZY_COMMANDS: dict[str, str] = {
     "db": "bloomwire.app.store_commands",
     "history": "bloomwire.app.store_commands",
+    "store": "bloomwire.app.store_commands",
     "bench": "bloomwire.app.bench.commands",
     **dict.fromkeys(("rider", "shop", "track", "simulate", "demo"), "bloomwire.app.clients.commands"),
 }

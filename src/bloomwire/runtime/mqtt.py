@@ -59,6 +59,13 @@ RETRY_FIRST_S = 0.2
 RETRY_CAP_S = 10.0
 #: A degraded service raises an operator alert after this long (``Service(degraded_alert_s=)``).
 DEGRADED_ALERT_S = 30.0
+#: QoS 1/2 messages one connection keeps in flight (queued or sent, PUBACK not yet in), at most:
+#: half the 16-bit packet-id space, so an id is never handed out again while its message still
+#: waits (a reused id lost the older message without a word), and no more than the broker's
+#: Receive Maximum. Past it a publish waits for acknowledgements (backpressure), then fails loudly.
+MAX_INFLIGHT = 32_768
+#: How long a publish waits for room in flight before it raises :class:`BrokerError`.
+INFLIGHT_WAIT_S = 30.0
 #: How a subscription is asked for: a QoS, or MQTT 5 subscription options.
 Subscription = int | SubscribeOptions
 
@@ -119,6 +126,11 @@ class Connection:
         #: Say ``online`` on every (re)connection; a Service turns this on once it is started.
         self.announce_online = True
         self.refused_publishes = 0
+        #: QoS 0 publishes paho could not send (no connection): gone, and counted here.
+        self.unsent_publishes = 0
+        #: Bound on QoS 1/2 messages in flight (lowered to the broker's Receive Maximum).
+        self.max_inflight = MAX_INFLIGHT
+        self._room = threading.Condition()
         self.persistent = persistent
         self.session_expiry_s = session_expiry_s
         self.manual_ack = manual_ack
@@ -194,6 +206,8 @@ class Connection:
         self.generation += 1
         self.last_error = None
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        receive_max = getattr(properties, "ReceiveMaximum", None)
+        self.max_inflight = min(MAX_INFLIGHT, receive_max) if receive_max else MAX_INFLIGHT
         # Never raise here either: an exception in a paho callback kills the network thread.
         try:
             with self._subscribe_lock:  # subscribe() must not slip in between the two
@@ -234,6 +248,8 @@ class Connection:
         if reason.is_failure:
             self.refused_publishes += 1
             log.warning("broker refused a publish", client_id=self.client_id, mid=mid, reason=str(reason))
+        with self._room:
+            self._room.notify_all()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         # Every message of a plain client; QoS 2 only on a tuned one (QoS 0/1: _on_raw_message).
@@ -339,7 +355,9 @@ class Connection:
         """Queue a publish (thread-safe, non-blocking); paho re-sends QoS 1 after a reconnect.
 
         Raises :class:`BrokerError` for a message over the broker's Maximum Packet Size: sent, it
-        would get this connection closed, and re-sent after every reconnect, closed again.
+        would get this connection closed, and re-sent after every reconnect, closed again. A QoS
+        1/2 publish waits while :attr:`max_inflight` messages await their acknowledgement, and
+        raises if none comes within :data:`INFLIGHT_WAIT_S`, or if paho would not take it.
         """
         props = None if expiry_s is None else self._expiry_properties(max(1, int(expiry_s)))
         limit = self.max_packet_size
@@ -350,7 +368,46 @@ class Connection:
                     f"publish to {topic[:100]!r} would be a {size}-byte packet, over the broker's "
                     f"maximum packet size of {limit} bytes"
                 )
-        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if qos > 0:
+            self._wait_for_room(topic)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        self._check_taken(info, topic, qos)
+        return info
+
+    def in_flight(self) -> int:
+        """QoS 1/2 messages paho holds until the broker acknowledges them."""
+        return len(self.client._out_messages)
+
+    def _wait_for_room(self, topic: str) -> None:
+        """Block until fewer than :attr:`max_inflight` messages are in flight (not on paho's own
+        thread: it is the one that reads the acknowledgements)."""
+        if self.in_flight() < self.max_inflight or threading.current_thread() is self.client._thread:
+            return
+        if isinstance(self.client, TunedClient):
+            self.client.wake()  # a corked batch's packets: out now, so their PUBACKs can come
+        deadline = time.monotonic() + INFLIGHT_WAIT_S
+        with self._room:
+            while self.in_flight() >= self.max_inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerError(
+                        f"publish to {topic[:100]!r}: {self.in_flight()} messages unacknowledged "
+                        f"for {INFLIGHT_WAIT_S:.0f} s (at most {self.max_inflight} in flight)"
+                    )
+                self._room.wait(min(left, 0.05))
+
+    def _check_taken(self, info: paho.MQTTMessageInfo, topic: str, qos: int) -> None:
+        """Raise if paho did not take the publish; a QoS 0 one without a connection is counted."""
+        rc = info.rc
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            if qos > 0:
+                return  # kept by paho, sent again once reconnected
+            self.unsent_publishes += 1  # QoS 0 is at most once: not sent, but not unseen either
+            log.debug("qos 0 publish not sent: no connection", client_id=self.client_id, topic=topic[:100])
+            return
+        raise BrokerError(f"publish to {topic[:100]!r} not taken: {paho.error_string(rc)}")
 
     def _expiry_properties(self, seconds: int) -> Properties:
         if isinstance(self.client, TunedClient):

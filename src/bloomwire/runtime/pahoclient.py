@@ -405,6 +405,13 @@ class TunedClient(paho.Client):
                     with contextlib.suppress(OSError):
                         wake.send(b"0")
 
+    def wake(self) -> None:
+        """Wake the network thread now (a corked batch's packets go out without waiting)."""
+        wake = self._sockpairW
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake.send(b"0")
+
     def _packet_queue(
         self,
         command: int,

@@ -107,6 +107,23 @@ class Settings(BaseSettings):
             "outbox re-send after a week offline; older is refused as implausible"
         ),
     )
+    position_retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Trail points (delivery positions) older than this are thinned by `bloomwire store "
+            "prune`: a month covers complaints, chargebacks and monthly reviews at full detail; "
+            "older trails keep their shape (see position_keep_every_s), not every fix"
+        ),
+    )
+    position_keep_every_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "What thinning keeps of an old trail: one point per this many seconds per order, plus "
+            "each order's first and last point (a delivered order's route stays drawable)"
+        ),
+    )
     sqlite_busy_timeout_s: float = Field(
         default=30.0,
         gt=0,

@@ -94,7 +94,7 @@ class OrderRow(SQLModel, table=True):
     en_route_at: datetime | None = _ts()
     arrived_at: datetime | None = _ts()
     delivered_at: datetime | None = _ts()
-    closed_at: datetime | None = _ts()
+    closed_at: datetime | None = _ts(index=True)
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 

@@ -15,6 +15,7 @@ from bloomwire.app.bench import metrics as metrics_bench
 from bloomwire.app.bench import mqttclients
 from bloomwire.app.bench import peak as peak_bench
 from bloomwire.app.bench import restart as restart_bench
+from bloomwire.app.bench import scale as scale_bench
 from bloomwire.app.bench import web as web_bench
 from bloomwire.app.bench.report import Report, record
 from bloomwire.app.terminal import console, fail, make_settings
@@ -173,6 +174,17 @@ def bench_restart(
     except BloomwireError as exc:
         raise fail(str(exc)) from None
     _record(record, reports)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    steps: Annotated[
+        list[int] | None, typer.Option("--orders", help="Open orders per step (repeat the option).")
+    ] = None,
+    record: Record = None,
+) -> None:
+    """Persister start-up over N open orders and N/5 open alerts, with the growth exponent."""
+    _record(record, scale_bench.main(steps or [10_000, 20_000, 40_000], console=console))
 
 
 @bench_app.command("metrics")

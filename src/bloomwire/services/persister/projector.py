@@ -8,7 +8,9 @@ returns the messages to publish after the commit. Nothing here touches MQTT.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
+import math
 import uuid
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -201,8 +203,16 @@ class Projector:
         clock: Callable[[], datetime] = ev.now,
         manual_offer_timeout_s: int = 90,
         bounds: TimeBounds = DEFAULT_TIME_BOUNDS,
+        state_grace_s: float | None = None,
     ) -> None:
         self.engine = engine
+        #: How long a closed order's retained state outlives its close (its customer's access
+        #: grace); then it is cleared from the broker. None: kept (as before).
+        self.state_grace_s = state_grace_s
+        #: (due, order id) of closed orders' retained states to clear; ``clear_due`` is the truth
+        #: (an order that closes again gets a later date; the older heap entry is skipped).
+        self.clear_heap: list[tuple[datetime, str]] = []
+        self.clear_due: dict[str, tuple[datetime, str]] = {}
         #: How far inbound times may lie from ``clock`` (refused beyond, in :meth:`_decode`).
         self.bounds = bounds
         self.clock = clock
@@ -221,6 +231,8 @@ class Projector:
         self.recent_ids: OrderedDict[str, int] = OrderedDict()
         self.rider_orders: dict[str, set[str]] = defaultdict(set)
         self.customer_orders: dict[str, str] = {}
+        #: order id -> ids of its open alerts: a snapshot counts them without a scan of every alert.
+        self.open_alerts: dict[str, set[str]] = {}
         self.fixes: dict[str, deque[geo.Fix]] = defaultdict(lambda: deque(maxlen=6))
         self.last_trail: dict[str, tuple[float, float, datetime]] = {}
         self.state_sent_at: dict[str, datetime] = {}
@@ -253,7 +265,44 @@ class Projector:
                 self.rider_orders[order["rider"]].add(order["id"])
             if order["customer_username"]:
                 self.customer_orders[order["customer_username"]] = order["id"]
+        for alert in self.alerts.values():
+            self._index_alert(alert)
+        self._load_clearings()
         log.info("projections loaded", orders=len(self.orders.rows), riders=len(self.riders.rows))
+
+    def _load_clearings(self) -> None:
+        """Date the clearing of orders closed within the grace (older ones were published with
+        a message expiry, so the broker drops them even if this process was down when due)."""
+        if self.state_grace_s is None:
+            return
+        since = self.clock() - timedelta(seconds=self.state_grace_s)
+        cols = (ORDERS_T.c.id, ORDERS_T.c.shop, ORDERS_T.c.closed_at)
+        query = sa.select(*cols).where(ORDERS_T.c.closed_at >= since)  # set only when closed
+        with self.engine.connect() as conn:
+            for order_id, shop, closed_at in conn.execute(query):
+                self._date_clearing(order_id, shop, closed_at)
+
+    def _date_clearing(self, order_id: str, shop: str, closed_at: datetime) -> datetime:
+        assert self.state_grace_s is not None
+        due = closed_at + timedelta(seconds=self.state_grace_s)
+        self.clear_due[order_id] = (due, shop)
+        heapq.heappush(self.clear_heap, (due, order_id))
+        return due
+
+    def due_clearings(self, now: datetime | None = None) -> list[Outbound]:
+        """Empty retained publishes for the closed orders whose grace has ended (each once)."""
+        now = now or self.clock()
+        out: list[Outbound] = []
+        heap = self.clear_heap
+        while heap and heap[0][0] <= now:
+            due, order_id = heapq.heappop(heap)
+            entry = self.clear_due.get(order_id)
+            if entry is None or entry[0] != due:
+                continue  # re-dated since
+            del self.clear_due[order_id]
+            topic = topics.order_topic(entry[1], order_id, topics.OrderChannel.STATE)
+            out.append(Outbound(topic, b"", qos=1, retain=True))
+        return out
 
     def snapshot_messages(self) -> list[Outbound]:
         """Retained state of every live order and rider, republished at start-up.
@@ -600,11 +649,26 @@ class Projector:
     def _evict_closed(self) -> None:
         """Let closed orders go from memory once the batch is committed and its snapshots built
         (evicted earlier, building a snapshot would read them straight back from the store).
-        Only orders this batch read or changed can have closed: no scan of every open order."""
+        Only orders this batch read or changed can have closed: no scan of every open order.
+        Resolved alerts go too (read back from the store if named again), and so does what was
+        kept per order for positions: memory follows the open work, not the history."""
         for order_id in self.orders.take_recent():
             order = self.orders.rows.get(order_id)
             if order is not None and order["status"] in CLOSED and order["closed_at"] is not None:
                 self.orders.evict(order_id)
+                if self.customer_orders.get(order["customer_username"]) == order_id:
+                    del self.customer_orders[order["customer_username"]]  # the store answers now
+                self.last_trail.pop(order_id, None)
+                self.state_sent_at.pop(order_id, None)
+        for alert_id in self.alerts.take_recent():
+            alert = self.alerts.rows.get(alert_id)
+            if alert is not None and alert["status"] == "resolved":
+                self.alerts.evict(alert_id)
+        for offer_id in self.offers.take_recent():
+            offer = self.offers.rows.get(offer_id)
+            if offer is not None and offer["status"] != "pending":
+                self.offers.evict(offer_id)
+        self.riders.take_recent()  # riders stay (one row each); only the set of recent keys goes
 
     def _reload(self) -> None:
         """Forget every projection and read them again from the store (after a failed commit).
@@ -618,6 +682,9 @@ class Projector:
             table.committed()
         self.rider_orders.clear()
         self.customer_orders.clear()
+        self.open_alerts.clear()
+        self.clear_heap.clear()
+        self.clear_due.clear()
         self.last_trail.clear()
         self.load()
         self._stale = False
@@ -752,16 +819,17 @@ class Projector:
         timeline.sort(key=lambda t: t.at)
         position = None
         rider = self.riders.rows.get(order["rider"]) if order["rider"] else None
-        if order["status"] in OUT_FOR_DELIVERY and rider and rider["lat"] is not None:
+        # A rider row may hold a position without its time (older stores, `bench alerts` seeds):
+        # no time, no position in the snapshot.
+        located = rider is not None and rider["lat"] is not None and rider["position_at"] is not None
+        if order["status"] in OUT_FOR_DELIVERY and rider is not None and located:
             position = ev.Position(
                 lat=rider["lat"],
                 lon=rider["lon"],
                 at=rider["position_at"],
                 speed_kmh=rider["speed_kmh"],
             )
-        open_alerts = sum(
-            1 for a in self.alerts.values() if a["order_id"] == order["id"] and a["status"] == "open"
-        )
+        open_alerts = len(self.open_alerts.get(order["id"], ()))
         return ev.OrderState(
             order=order["id"],
             shop=order["shop"],
@@ -778,8 +846,16 @@ class Projector:
         )
 
     def _order_state_msg(self, order: Row) -> Outbound:
+        """The retained state; a closed order's expires with its grace (or is cleared, past it)."""
         topic = topics.order_topic(order["shop"], order["id"], topics.OrderChannel.STATE)
-        return Outbound(topic, ev.encode(self.order_state(order)), qos=1, retain=True)
+        expiry: int | None = None
+        if self.state_grace_s is not None and order["status"] in CLOSED and order["closed_at"] is not None:
+            due = self._date_clearing(order["id"], order["shop"], order["closed_at"])
+            left = (due - self.clock()).total_seconds()
+            if left <= 0:
+                return Outbound(topic, b"", qos=1, retain=True)
+            expiry = math.ceil(left)
+        return Outbound(topic, ev.encode(self.order_state(order)), qos=1, retain=True, expiry_s=expiry)
 
     def _rider_state_msgs(self, rider: Row, also: set[str] | None = None) -> list[Outbound]:
         """Retained rider state for each shop it carries for (and ``also``: shops it just left)."""
@@ -1394,7 +1470,22 @@ class Projector:
                 alert["status"] = "resolved"
                 alert["resolved_at"] = event.time
             self.alerts.touch(alert["id"])
+        self._index_alert(alert)
         self._publish_alert(pending, alert, event)
+
+    def _index_alert(self, alert: Row) -> None:
+        """Keep :attr:`open_alerts` in step with ``alert``'s status."""
+        order_id = alert["order_id"]
+        if not order_id:
+            return
+        if alert["status"] == "open":
+            self.open_alerts.setdefault(order_id, set()).add(alert["id"])
+            return
+        ids = self.open_alerts.get(order_id)
+        if ids is not None:
+            ids.discard(alert["id"])
+            if not ids:
+                del self.open_alerts[order_id]
 
     def _alert_ack(
         self,
@@ -1415,6 +1506,7 @@ class Projector:
         alert["acknowledged_at"] = event.time
         alert["acknowledged_by"] = d.by or where.sender
         self.alerts.touch(alert["id"])
+        self._index_alert(alert)
         self._publish_alert(pending, alert, event)
 
     def _publish_alert(self, pending: _Pending, alert: Row, event: Any) -> None:

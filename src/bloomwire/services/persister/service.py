@@ -29,7 +29,20 @@ from bloomwire.services.persister.projector import Inbound, Outbound, Projector
 from bloomwire.store import open_store
 
 NAME = "persister"
+#: How often closed orders' retained states are checked for the end of their grace.
+CLEAR_EVERY_S = 1.0
 log = get_logger("bloomwire.persister")
+
+
+async def clear_states(projector: Projector, publish: Callable[[Sequence[Outbound]], None]) -> None:
+    """Clear closed orders' retained states as their grace ends: the broker holds open orders
+    plus a constant, whatever the history (the same grace as the customer's access)."""
+    while True:
+        await asyncio.sleep(CLEAR_EVERY_S)
+        try:
+            publish(projector.due_clearings())
+        except Exception as exc:  # disconnected: the next round (or the message expiry) does it
+            log.warning("retained states not cleared", error=first_line(exc))
 
 
 def build(
@@ -51,6 +64,7 @@ def build(
     )
     figures = PersisterMetrics(metrics.registry) if metrics is not None else None
     state: dict[str, Projector] = {}
+    tasks: list[asyncio.Task[None]] = []
 
     def publish(out: Sequence[Outbound]) -> None:
         with service.corked():
@@ -65,10 +79,16 @@ def build(
             sqlite_synchronous=settings.sqlite_synchronous,
             sqlite_busy_timeout_s=settings.sqlite_busy_timeout_s,
         )
-        projector = Projector(engine, clock=clock, bounds=settings.time_bounds)
+        projector = Projector(
+            engine,
+            clock=clock,
+            bounds=settings.time_bounds,
+            state_grace_s=settings.customer_access_grace_s,
+        )
         await asyncio.to_thread(projector.load)
         state["projector"] = projector
         publish(projector.snapshot_messages())
+        tasks.append(asyncio.create_task(clear_states(projector, publish)))
 
     @service.handle_batch(*topics.INBOUND_FILTERS, live=True)
     async def persist(batch: Sequence[Message]) -> None:
@@ -96,6 +116,8 @@ def build(
 
     @service.on_shutdown
     async def close_store() -> None:
+        while tasks:
+            tasks.pop().cancel()
         projector = state.pop("projector", None)
         if projector is not None:
             projector.close()
