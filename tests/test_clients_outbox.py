@@ -4,25 +4,32 @@ A shop terminal and a customer tracker send chat lines in a stream while the bro
 (whatever it held since its last autosave is gone) and restarted on the same port. Every line is
 stored exactly once (rows counted by event id), no client reported a line as refused or "not
 sent", and the outboxes drain. Real processes: Mosquitto and ``bloomwire service run persister``.
+
+At the command line, a line the backbone does not confirm in time is reported "queued, will be
+re-sent (id …)" (exit 3), never "not sent"; the next command re-sends it with the same id.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from conftest import Broker
 from test_clients import SHOP, Backbone, Persister, draft, eventually, run
+from typer.testing import CliRunner
 
-from bloomwire.app.clients.access import ProvisionedAccess
+from bloomwire.app.cli import app
+from bloomwire.app.clients.access import ProvisionedAccess, customer_username
 from bloomwire.app.clients.base import Outcome
 from bloomwire.app.clients.outbox import Outbox
-from bloomwire.app.clients.sender import QueuedError
+from bloomwire.app.clients.sender import QueuedError, client_outbox_path
 from bloomwire.app.clients.shop import ShopTerminal
 from bloomwire.app.clients.track import CustomerTracker
+from bloomwire.contract import events as ev
 from bloomwire.store import open_store
 from bloomwire.store.models import EVENTS
 
@@ -134,3 +141,59 @@ def test_shop_and_customer_lines_survive_a_broker_kill(stack: Backbone, tmp_path
     assert not missing and not twice, (missing, twice, said.outcomes)
     queued = sum(v.endswith(":queued") for v in said.outcomes.values())
     assert shop_resends + customer_resends + queued > 0, "the kill did not touch the stream"
+
+
+def queued_id(output: str) -> str:
+    """The event id of a "queued, will be re-sent (id …)" message."""
+    flat = " ".join(output.split())
+    assert "queued, will be re-sent (id " in flat, output
+    return flat.split("queued, will be re-sent (id ", 1)[1].split(")", 1)[0]
+
+
+@pytest.mark.timeout(180)
+def test_cli_reports_queued_and_the_next_command_resends(stack: Backbone) -> None:
+    bb = stack
+    runner = CliRunner()
+    bb.user(SHOP)
+    bb.user(customer_username("o-q"))
+    args = ["shop", "order", "create", "--shop", SHOP, "--name", "Mia Wolf", "--at", "52.53,13.42"]
+    hours = f"{(ev.now() + timedelta(hours=1)).isoformat()}/{(ev.now() + timedelta(hours=2)).isoformat()}"
+    window = ["--window", hours, "--order-id", "o-q"]
+    created = runner.invoke(app, [*args, *window], env=bb.env)
+    assert created.exit_code == 0, created.output
+
+    bb.persister.stop()  # nothing is confirmed from here on
+    chat = runner.invoke(
+        app, ["shop", "chat", "o-q", "are you home?", "--shop", SHOP, "--wait", "1"], env=bb.env
+    )
+    assert chat.exit_code == 3, chat.output
+    assert "not sent" not in chat.output
+    shop_line = queued_id(chat.output)
+    said = runner.invoke(
+        app, ["track", "o-q", "--shop", SHOP, "--once", "--chat", "ring twice", "--wait", "1"], env=bb.env
+    )
+    assert said.exit_code == 3, said.output
+    assert "not sent" not in said.output
+    customer_line = queued_id(said.output)
+    for role, login, event_id in (("shops", SHOP, shop_line), ("customers", "c-o-q", customer_line)):
+        box = Outbox(client_outbox_path(bb.settings, role, login))
+        try:
+            assert [e.id for e in box.pending()] == [event_id]
+        finally:
+            box.close()
+
+    bb.start_persister()
+    watched = runner.invoke(app, ["shop", "watch", "--shop", SHOP, "--once"], env=bb.env)
+    assert watched.exit_code == 0, watched.output
+    assert "1 command(s) queued earlier: confirmed" in watched.output
+    tracked = runner.invoke(app, ["track", "o-q", "--shop", SHOP, "--once"], env=bb.env)
+    assert tracked.exit_code == 0, tracked.output
+
+    async def drained() -> None:
+        await eventually(
+            lambda: rows_by_id(bb, [shop_line, customer_line]) == {shop_line: 1, customer_line: 1},
+            30,
+            "both lines stored",
+        )
+
+    run(drained())

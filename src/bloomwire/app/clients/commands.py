@@ -133,6 +133,8 @@ def _retry_note(message: str) -> None:
 
 #: Exit code of a command whose event is queued in the outbox, not yet confirmed.
 QUEUED_EXIT = 3
+#: Seconds a shop command waits for the confirmation of commands an earlier run queued.
+EARLIER_WAIT_S = 3.0
 
 
 def _queued(exc: QueuedError) -> None:
@@ -497,7 +499,7 @@ def _shop(
         pw = resolve_password(settings, name, password, "shop")
         box = Outbox(client_outbox_path(settings, "shops", name))
         try:
-            terminal = ShopTerminal(settings, shop, pw, username=name, outbox=box)
+            terminal = ShopTerminal(settings, shop, pw, username=name, outbox=box, persistent=True)
             return await _shop_session(terminal, shop, need_orders, action)
         finally:
             box.close()
@@ -514,6 +516,7 @@ async def _shop_session(
     action: Callable[[ShopTerminal], Awaitable[int]],
 ) -> int:
     """Connect (re-sending what the outbox holds), check the orders, run ``action``."""
+    earlier = {e.id for e in terminal.outbox.pending()}
     await terminal.start(on_retry=_retry_note)
     try:
         if need_orders:
@@ -523,7 +526,26 @@ async def _shop_session(
                     raise UsageError(f"unknown order {order!r}: shop {shop!r} has no such order")
         return await action(terminal)
     finally:
+        await _report_earlier(terminal, earlier)
         await terminal.stop()
+
+
+async def _report_earlier(terminal: ShopTerminal, earlier: set[str]) -> None:
+    """Give commands queued by an earlier run a moment to be confirmed; say which still wait."""
+    if not earlier:
+        return
+
+    def left() -> set[str]:
+        return earlier & {e.id for e in terminal.outbox.pending()}
+
+    await _wait_until(lambda: not left(), EARLIER_WAIT_S)
+    done = len(earlier) - len(left())
+    if done:
+        console.print(f"{done} command(s) queued earlier: confirmed")
+    for event_id in sorted(left()):
+        err.print(
+            f"[yellow]command {event_id} queued earlier: still not confirmed, kept in the outbox[/yellow]"
+        )
 
 
 @order_app.command("create")

@@ -161,9 +161,13 @@ class ShopTerminal(Client):
         on_message: Callable[[str, object], None] | None = None,
         outbox: Outbox | None = None,
         resend_after_s: float = RESEND_AFTER_S,
+        persistent: bool = False,
     ) -> None:
         self.shop = check_name(shop, "shop")
-        super().__init__(settings, check_name(username or shop, "username"), password)
+        # A persistent session (with an on-disk outbox) lets the broker keep the canonical echo
+        # of a command stored while this terminal was gone: the persister does not echo a
+        # re-sent duplicate, so that queued echo is the only confirmation the terminal can get.
+        super().__init__(settings, check_name(username or shop, "username"), password, persistent=persistent)
         self.view = ShopView(self.shop)
         self.observer: Observer = observer or NullObserver()
         #: None: take the access the provisioner publishes (waiting up to ``access_wait_s``),
