@@ -1,8 +1,9 @@
 """Publishing an :class:`~bloomwire.app.clients.outbox.Outbox` until every event is confirmed.
 
-Shared by the shop terminal and the customer tracker: an event is kept in the outbox first, then
-published; everything still unconfirmed is published again (same id) after every reconnection and
-when it has waited ``resend_after_s``. The persister dedupes by id, so a re-send never stores twice.
+Shared by the rider app, the shop terminal and the customer tracker: an event is kept in the
+outbox first, then published; everything still unconfirmed is published again (same id) after
+every reconnection and when it has waited ``resend_after_s``. The persister dedupes by id, so a
+re-send never stores twice.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bloomwire.app.clients.base import ClientError, Outcome, check_name, wait_event
-from bloomwire.app.clients.outbox import Entry, Outbox
+from bloomwire.app.clients.outbox import LOCATION, Entry, Outbox
 from bloomwire.runtime.aio import cancel_and_wait
 from bloomwire.runtime.mqtt import Connection
 from bloomwire.runtime.settings import Settings
@@ -59,11 +60,14 @@ class OutboxSender:
         *,
         resend_after_s: float = RESEND_AFTER_S,
         on_sent: Callable[[Entry, float], None] | None = None,
+        position_ttl_s: float | None = None,
     ) -> None:
         self.conn = conn
         self.outbox = outbox
         self.resend_after_s = resend_after_s
         self.on_sent = on_sent
+        #: Positions (the rider's) expire at the broker and are dropped from the outbox after this.
+        self.position_ttl_s = position_ttl_s
         self.resends = 0
         self._kick = asyncio.Event()
         self._resend_all = asyncio.Event()
@@ -105,7 +109,10 @@ class OutboxSender:
             return
         now = time.time()
         for e in entries:
-            self.conn.publish(e.topic, e.payload, qos=1)
+            if e.kind == LOCATION and self.position_ttl_s is not None:
+                self.conn.publish(e.topic, e.payload, qos=1, expiry_s=int(self.position_ttl_s))
+            else:
+                self.conn.publish(e.topic, e.payload, qos=1)
             if e.sent_at is not None:
                 self.resends += 1
             if self.on_sent is not None:
@@ -124,10 +131,16 @@ class OutboxSender:
                 continue
             if self._resend_all.is_set():
                 self._resend_all.clear()
+                self._drop_stale()
                 self._publish(self.outbox.pending())
                 last_due = time.monotonic()
                 continue
             self._publish(self.outbox.unsent())
             if time.monotonic() - last_due >= pace:
                 last_due = time.monotonic()
+                self._drop_stale()
                 self._publish(self.outbox.due(self.resend_after_s))
+
+    def _drop_stale(self) -> None:
+        if self.position_ttl_s is not None:
+            self.outbox.drop_stale_positions(self.position_ttl_s)
