@@ -97,6 +97,7 @@ def test_shop_and_customer_lines_survive_a_broker_kill(stack: Backbone, tmp_path
             access=ProvisionedAccess(bb.user),
             outbox=shop_box,
             resend_after_s=3,
+            persistent=True,  # as the shop command line runs it
         )
         await terminal.start()
         created = await terminal.create_order(draft(ORDER))
