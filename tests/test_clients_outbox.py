@@ -68,6 +68,19 @@ async def crash_broker(bb: Backbone) -> None:
     await asyncio.to_thread(bb.broker.start)
 
 
+def settled(bb: Backbone, said: Said, shop_box: Outbox, customer_box: Outbox) -> bool:
+    """Every line stored, the customer's outbox empty, the shop's holding only stored lines.
+
+    The persister acknowledges a re-sent duplicate to riders and customers, but a shop's only
+    confirmation is the canonical echo, which it does not publish again for a duplicate: when the
+    crash swallows an echo, that line is stored yet stays in the shop's outbox (issue #15 note).
+    """
+    if customer_box.count() or len(said.outcomes) < 2 * LINES:
+        return False
+    stored = rows_by_id(bb, list(said.outcomes))
+    return len(stored) == 2 * LINES and all(e.id in stored for e in shop_box.pending())
+
+
 class Said:
     """What each client told its user about each line: stored, queued or refused."""
 
@@ -120,8 +133,11 @@ def test_shop_and_customer_lines_survive_a_broker_kill(stack: Backbone, tmp_path
             assert crash is not None
             await crash
             await asyncio.gather(*sends)
-            drained = lambda: shop_box.count() == 0 and customer_box.count() == 0  # noqa: E731
-            await eventually(drained, 60, "both outboxes drained")
+            try:
+                await eventually(lambda: settled(bb, said, shop_box, customer_box), 60, "outboxes drained")
+            except AssertionError:
+                left = [e.id for e in shop_box.pending()], [e.id for e in customer_box.pending()]
+                raise AssertionError(f"left in the outboxes (shop, customer): {left}") from None
             return said, terminal.sender.resends, tracker.sender.resends
         finally:
             await tracker.stop()
