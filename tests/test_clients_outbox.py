@@ -26,10 +26,11 @@ from bloomwire.app.cli import app
 from bloomwire.app.clients.access import ProvisionedAccess, customer_username
 from bloomwire.app.clients.base import Outcome
 from bloomwire.app.clients.outbox import Outbox
-from bloomwire.app.clients.sender import QueuedError, client_outbox_path
+from bloomwire.app.clients.sender import QueuedError, client_outbox_path, memory_outbox
 from bloomwire.app.clients.shop import ShopTerminal
 from bloomwire.app.clients.track import CustomerTracker
 from bloomwire.contract import events as ev
+from bloomwire.runtime.settings import Settings
 from bloomwire.store import open_store
 from bloomwire.store.models import EVENTS
 
@@ -214,3 +215,17 @@ def test_cli_reports_queued_and_the_next_command_resends(stack: Backbone) -> Non
         )
 
     run(drained())
+
+
+def test_queued_message_names_the_id_and_outboxes_live_per_login(tmp_path: Path) -> None:
+    queued = QueuedError("01a2-id", "chat on o-1")
+    assert str(queued) == "chat on o-1: queued, will be re-sent (id 01a2-id)" and queued.event_id == "01a2-id"
+    settings = Settings(data_dir=tmp_path)
+    assert client_outbox_path(settings, "shops", "s1@till") == tmp_path / "clients/shops/s1@till/outbox.db"
+    box = memory_outbox()
+    try:
+        box.add("e1", "create-order", "shops/s1/commands/create-order", b"{}")
+        box.add("e1", "create-order", "shops/s1/commands/create-order", b"{}")  # the same id once
+        assert [e.id for e in box.pending()] == ["e1"]
+    finally:
+        box.close()
