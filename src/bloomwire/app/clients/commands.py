@@ -2,7 +2,8 @@
 
 :func:`register` adds them to the main Typer app (``bloomwire.app.cli``). Exit codes: 0 done, 1 the
 broker or backbone said no (or could not be reached), 2 bad input (unknown ids, a missing
-credential, an invalid window or coordinates), 130 interrupted.
+credential, an invalid window or coordinates), 3 queued: no confirmation in time, the event stays in
+the sender's outbox and is re-sent with the same id (do not send it again), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from bloomwire.app.clients.rider import (
     reply_event,
     status_event,
 )
+from bloomwire.app.clients.sender import QueuedError, client_outbox_path
 from bloomwire.app.clients.shop import OrderDraft, ShopTerminal, parse_window
 from bloomwire.app.clients.track import CustomerTracker
 from bloomwire.app.demo import run_demo, run_simulate
@@ -129,10 +131,25 @@ def _retry_note(message: str) -> None:
     err.print(f"[yellow]{message}[/yellow]")
 
 
+#: Exit code of a command whose event is queued in the outbox, not yet confirmed.
+QUEUED_EXIT = 3
+#: Seconds a shop command waits for the confirmation of commands an earlier run queued.
+EARLIER_WAIT_S = 3.0
+
+
+def _queued(exc: QueuedError) -> None:
+    err.print(
+        f"[yellow]{exc}[/yellow]; it stays in the outbox, the next start re-sends it: do not send it again"
+    )
+
+
 def _run(factory: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine with the clients' exit codes instead of tracebacks."""
     try:
         return asyncio.run(factory())  # type: ignore[arg-type]
+    except QueuedError as exc:
+        _queued(exc)
+        raise typer.Exit(QUEUED_EXIT) from None
     except UsageError as exc:
         raise _fail(str(exc), 2) from None
     except BloomwireError as exc:
@@ -480,21 +497,55 @@ def _shop(
             check_name(order, "order")
         name = login_name(shop, device, username)
         pw = resolve_password(settings, name, password, "shop")
-        terminal = ShopTerminal(settings, shop, pw, username=name)
-        await terminal.start(on_retry=_retry_note)
+        box = Outbox(client_outbox_path(settings, "shops", name))
         try:
-            if need_orders:
-                await terminal.settle()
-                for order in need_orders:
-                    if not await _wait_until(lambda o=order: terminal.knows_order(o), 1.0):  # type: ignore[misc]
-                        raise UsageError(f"unknown order {order!r}: shop {shop!r} has no such order")
-            return await action(terminal)
+            terminal = ShopTerminal(settings, shop, pw, username=name, outbox=box, persistent=True)
+            return await _shop_session(terminal, shop, need_orders, action)
         finally:
-            await terminal.stop()
+            box.close()
 
     code = _run(main)
     if code:
         raise typer.Exit(code)
+
+
+async def _shop_session(
+    terminal: ShopTerminal,
+    shop: str,
+    need_orders: tuple[str, ...],
+    action: Callable[[ShopTerminal], Awaitable[int]],
+) -> int:
+    """Connect (re-sending what the outbox holds), check the orders, run ``action``."""
+    earlier = {e.id for e in terminal.outbox.pending()}
+    await terminal.start(on_retry=_retry_note)
+    try:
+        if need_orders:
+            await terminal.settle()
+            for order in need_orders:
+                if not await _wait_until(lambda o=order: terminal.knows_order(o), 1.0):  # type: ignore[misc]
+                    raise UsageError(f"unknown order {order!r}: shop {shop!r} has no such order")
+        return await action(terminal)
+    finally:
+        await _report_earlier(terminal, earlier)
+        await terminal.stop()
+
+
+async def _report_earlier(terminal: ShopTerminal, earlier: set[str]) -> None:
+    """Give commands queued by an earlier run a moment to be confirmed; say which still wait."""
+    if not earlier:
+        return
+
+    def left() -> set[str]:
+        return earlier & {e.id for e in terminal.outbox.pending()}
+
+    await _wait_until(lambda: not left(), EARLIER_WAIT_S)
+    done = len(earlier) - len(left())
+    if done:
+        console.print(f"{done} command(s) queued earlier: confirmed")
+    for event_id in sorted(left()):
+        err.print(
+            f"[yellow]command {event_id} queued earlier: still not confirmed, kept in the outbox[/yellow]"
+        )
 
 
 @order_app.command("create")
@@ -731,51 +782,62 @@ def track(
         cid = check_name(customer, "customer") if customer else customer_username(order)
         name = username or cid
         pw = resolve_password(settings, name, password, "customer")
-        tracker = CustomerTracker(
-            settings, shop, order, pw, username=name, customer=cid, destination=destination
-        )
-        await tracker.start(on_retry=_retry_note)
+        box = Outbox(client_outbox_path(settings, "customers", name))
         try:
-            if not await _wait_until(lambda: tracker.view.state is not None, 2.0):
-                raise UsageError(
-                    f"unknown order {order!r} of shop {shop!r}: nothing was published about it "
-                    "(check the order id and --shop)"
-                )
-            code = 0
-            if chat:
-                code = _report(await tracker.chat(chat, timeout=wait), "chat line")
-            if once:
-                console.print(tracker.view.render())
-                return code
-            stop = asyncio.Event()
-            undo = _stop_on_signals(stop)
-            typed = _read_lines(lambda line: _chat_line(tracker, line, wait))
-            try:
-                if console.is_terminal:
-                    console.print("type a line and Enter to chat with the shop and rider; Ctrl-C stops")
-                    with Live(tracker.view.render(), console=console, refresh_per_second=2) as live:
-                        while not stop.is_set():
-                            live.update(tracker.view.render())
-                            await wait_event(stop, 0.5)
-                else:
-                    console.print(tracker.view.render())
-                    shown = len(tracker.view.timeline) + len(tracker.view.chat)
-                    while not stop.is_set():
-                        await wait_event(stop, 0.5)
-                        now = len(tracker.view.timeline) + len(tracker.view.chat)
-                        if now != shown:
-                            shown = now
-                            console.print(tracker.view.render())
-            finally:
-                typed()
-                undo()
-            return code
+            tracker = CustomerTracker(
+                settings, shop, order, pw, username=name, customer=cid, destination=destination, outbox=box
+            )
+            return await _track_session(tracker, order, shop, chat, once, wait)
         finally:
-            await tracker.stop()
+            box.close()
 
     code = _run(main)
     if code:
         raise typer.Exit(code)
+
+
+async def _track_session(
+    tracker: CustomerTracker, order: str, shop: str, chat: str | None, once: bool, wait: float
+) -> int:
+    """Connect (re-sending what the outbox holds), send ``chat``, then follow the order."""
+    await tracker.start(on_retry=_retry_note)
+    try:
+        if not await _wait_until(lambda: tracker.view.state is not None, 2.0):
+            raise UsageError(
+                f"unknown order {order!r} of shop {shop!r}: nothing was published about it "
+                "(check the order id and --shop)"
+            )
+        code = 0
+        if chat:
+            code = await _send_chat(tracker, chat, wait)
+        if once:
+            console.print(tracker.view.render())
+            return code
+        stop = asyncio.Event()
+        undo = _stop_on_signals(stop)
+        typed = _read_lines(lambda line: _chat_line(tracker, line, wait))
+        try:
+            if console.is_terminal:
+                console.print("type a line and Enter to chat with the shop and rider; Ctrl-C stops")
+                with Live(tracker.view.render(), console=console, refresh_per_second=2) as live:
+                    while not stop.is_set():
+                        live.update(tracker.view.render())
+                        await wait_event(stop, 0.5)
+            else:
+                console.print(tracker.view.render())
+                shown = len(tracker.view.timeline) + len(tracker.view.chat)
+                while not stop.is_set():
+                    await wait_event(stop, 0.5)
+                    now = len(tracker.view.timeline) + len(tracker.view.chat)
+                    if now != shown:
+                        shown = now
+                        console.print(tracker.view.render())
+        finally:
+            typed()
+            undo()
+        return code
+    finally:
+        await tracker.stop()
 
 
 def _read_lines(on_line: Callable[[str], None]) -> Callable[[], None]:
@@ -816,12 +878,21 @@ def _read_lines(on_line: Callable[[str], None]) -> Callable[[], None]:
     return undo
 
 
-def _chat_line(tracker: Any, text: str, wait: float) -> None:
+async def _send_chat(tracker: CustomerTracker, text: str, wait: float) -> int:
+    """Send a chat line; report it stored, refused, queued (kept and re-sent) or not sent."""
+    try:
+        return _report(await tracker.chat(text, timeout=wait), "chat line")
+    except QueuedError as exc:
+        _queued(exc)
+        return QUEUED_EXIT
+    except UsageError as exc:  # refused before anything was kept or sent (e.g. too long)
+        err.print(f"[red]chat line not sent:[/red] {exc}")
+        return 2
+
+
+def _chat_line(tracker: CustomerTracker, text: str, wait: float) -> None:
     async def send() -> None:
-        try:
-            _report(await tracker.chat(text, timeout=wait), "chat line")
-        except BloomwireError as exc:
-            err.print(f"[red]chat line not sent:[/red] {exc}")
+        await _send_chat(tracker, text, wait)
 
     task = asyncio.get_running_loop().create_task(send())
     _sending.add(task)

@@ -1,4 +1,4 @@
-"""The rider app's on-disk outbox: every event stays here until the persister acknowledges it.
+"""A sender's on-disk outbox: every event stays here until the backbone confirms it.
 
 One SQLite file per rider (WAL, ``synchronous=NORMAL``: a committed row survives the app being
 killed; only an OS crash or power cut can lose the last few). An event is written here *before*
@@ -9,6 +9,9 @@ event id, so a re-send can never store an event twice.
 
 Positions are the exception: only the newest one is kept, and it is dropped once stale.
 Status changes, incidents, chat and offer replies are never dropped.
+
+Shop terminals and customer trackers keep one too (their confirmation is the canonical echo or
+the ack on ``customers/C/inbox/acks``; see :mod:`bloomwire.app.clients.sender`).
 
 Several processes may open the same outbox (the running ``rider run`` app and a one-shot
 ``rider status`` command); :meth:`Outbox.lock` tells them apart.
@@ -27,8 +30,19 @@ from pathlib import Path
 from typing import IO
 
 LOCATION = "location"
-#: Kinds of event the outbox holds; every kind but ``location`` is an event of record.
-KINDS = ("status", "incident", "chat", "reply", LOCATION)
+#: Kinds of event the outbox holds; every kind but ``location`` is an event of record. Shop
+#: terminals keep their commands under the command's name (``create-order``, ``assign`` …).
+KINDS = (
+    "status",
+    "incident",
+    "chat",
+    "reply",
+    LOCATION,
+    "create-order",
+    "cancel-order",
+    "assign",
+    "ack-alert",
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -66,7 +80,7 @@ class Entry:
 
 
 class Outbox:
-    """A rider's outbox file."""
+    """One sender's outbox file (``:memory:`` for one that lives as long as the process)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -4,7 +4,8 @@
 
 - connects as rider ``R`` (username ``R``) with a retained ``online`` on ``riders/R/presence`` and
   the Last Will ``offline`` (a persistent session, so offers and acks wait while the phone is off);
-- writes every event to its :class:`~bloomwire.app.clients.outbox.Outbox` first, then publishes it;
+- writes every event to its :class:`~bloomwire.app.clients.outbox.Outbox` first, then publishes it
+  (:class:`~bloomwire.app.clients.sender.OutboxSender`, shared with the shop and customer clients);
   the persister's ack deletes it, a refusal moves it aside and is shown; whatever is left is sent
   again after every (re)connection and at the next app start;
 - receives offers (``riders/R/inbox/offers``), chat, acks and errors from ``riders/R/inbox/#``.
@@ -46,10 +47,10 @@ from bloomwire.app.clients.base import (
     Waiters,
     check_name,
     parse_point,
-    wait_event,
     wait_outcome,
 )
 from bloomwire.app.clients.outbox import LOCATION, Entry, Outbox
+from bloomwire.app.clients.sender import RESEND_AFTER_S, OutboxSender
 from bloomwire.contract import events as ev
 from bloomwire.contract import geo, topics
 from bloomwire.contract.lifecycle import FailureReason, OrderStatus
@@ -58,8 +59,6 @@ from bloomwire.runtime.aio import cancel_and_wait
 from bloomwire.runtime.mqtt import Message
 from bloomwire.runtime.settings import Settings
 
-#: Unacknowledged events are published again after this long (besides after every reconnect).
-RESEND_AFTER_S = 20.0
 #: A position older than this is not worth sending any more.
 POSITION_TTL_S = 60.0
 #: The largest speed a position may report (the ``vel`` field's limit in the payload model).
@@ -256,96 +255,51 @@ class RiderDevice(Client):
         self.outbox = outbox
         self.listener: RiderListener = listener or QuietListener()
         self.observer: Observer = observer or NullObserver()
-        self.resend_after_s = resend_after_s
-        self.position_ttl_s = position_ttl_s
         self.waiters = Waiters()
         self.offers: dict[str, ev.DispatchOfferEvent] = {}
-        self.resends = 0
         self._reported: set[str] = set()
-        self._kick = asyncio.Event()
-        self._resend_all = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._sender: asyncio.Task[None] | None = None
+        self.sender = OutboxSender(
+            self.conn,
+            outbox,
+            resend_after_s=resend_after_s,
+            on_sent=self._sent,
+            position_ttl_s=position_ttl_s,
+        )
         self.subscribe([topics.rider_inbox_filter(rider)])
-        self.conn.on_connect(self._on_connect)
 
-    def _on_connect(self) -> None:  # paho's network thread
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._connected_again)
-
-    def _connected_again(self) -> None:
-        self._resend_all.set()
-        self._kick.set()
+    @property
+    def resends(self) -> int:
+        """How many events were published again (after a reconnection or when overdue)."""
+        return self.sender.resends
 
     async def start(self, timeout: float = 20.0, on_retry: Callable[[str], None] | None = None) -> None:
         """Connect, then publish whatever the outbox still holds, and keep sending."""
-        self._loop = asyncio.get_running_loop()
         await super().start(timeout, on_retry)
-        self._sender = asyncio.create_task(self._send_loop(), name=f"outbox-{self.rider}")
-        self._connected_again()
+        self.sender.start()
 
     async def stop(self, *, announce_offline: bool = True) -> None:
         """Stop sending and disconnect (unacknowledged events stay in the outbox)."""
-        await self._stop_sender()
+        await self.sender.stop()
         self.waiters.cancel_all()
         await super().stop(announce_offline=announce_offline)
 
     async def crash(self) -> None:
         """Die like a killed app: no clean disconnect (Last Will), outbox left as it is."""
-        await self._stop_sender()
+        await self.sender.stop()
         self.waiters.cancel_all()
         await super().crash()
-
-    async def _stop_sender(self) -> None:
-        await cancel_and_wait(self._sender)
-        self._sender = None
 
     # --- sending ----------------------------------------------------------------------------
 
     def send(self, out: Outgoing) -> str:
         """Keep ``out`` in the outbox, then publish it if connected; return its event id."""
-        self.outbox.add(out.id, out.kind, out.topic, out.payload)
-        if self.conn.connected.is_set() and self._sender is not None:
-            self._publish([Entry(0, out.id, out.kind, out.topic, out.payload, time.time(), None, 0)])
-        else:
-            self._kick.set()
+        self.sender.send(out.id, out.kind, out.topic, out.payload)
         return out.id
 
-    def _publish(self, entries: Sequence[Entry]) -> None:
-        if not entries:
-            return
-        now = time.time()
-        for e in entries:
-            if e.kind == LOCATION:
-                self.conn.publish(e.topic, e.payload, qos=1, expiry_s=int(self.position_ttl_s))
-            else:
-                self.conn.publish(e.topic, e.payload, qos=1)
-                if e.id not in self._reported:
-                    self._reported.add(e.id)
-                    self.observer.sent(e.id, e.kind, now)
-            if e.sent_at is not None:
-                self.resends += 1
-        self.outbox.mark_sent([e.id for e in entries], now=now)
-
-    async def _send_loop(self) -> None:
-        last_due = time.monotonic()
-        while not self._stopped:
-            await wait_event(self._kick, 0.5)
-            self._kick.clear()
-            if not self.conn.connected.is_set():
-                continue
-            if self._resend_all.is_set():
-                self._resend_all.clear()
-                self.outbox.drop_stale_positions(self.position_ttl_s)
-                self._publish(self.outbox.pending())
-                last_due = time.monotonic()
-                continue
-            self._publish(self.outbox.unsent())
-            if time.monotonic() - last_due > min(5.0, self.resend_after_s):
-                last_due = time.monotonic()
-                self.outbox.drop_stale_positions(self.position_ttl_s)
-                self._publish(self.outbox.due(self.resend_after_s))
+    def _sent(self, entry: Entry, at: float) -> None:
+        if entry.kind != LOCATION and entry.id not in self._reported:
+            self._reported.add(entry.id)
+            self.observer.sent(entry.id, entry.kind, at)
 
     def status(
         self,

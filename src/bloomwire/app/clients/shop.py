@@ -2,8 +2,9 @@
 
 A command is one CloudEvent published on ``shops/S/commands/…``. The terminal knows it worked when
 its canonical echo (same event id) arrives under ``shops/S/orders/…`` or ``shops/S/alerts``, and
-that it was refused when ``shops/S/errors`` names its id. Until then it is re-published after
-every reconnection (the persister dedupes by id, so that can never do it twice).
+that it was refused when ``shops/S/errors`` names its id. Until then it stays in the terminal's
+:class:`~bloomwire.app.clients.outbox.Outbox` and is re-published (same id) after every
+reconnection and when overdue (the persister dedupes by id, so that can never do it twice).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from pydantic import BaseModel, ValidationError
@@ -31,8 +32,9 @@ from bloomwire.app.clients.base import (
     check_name,
     check_point,
     wait_event,
-    wait_outcome,
 )
+from bloomwire.app.clients.outbox import Entry, Outbox
+from bloomwire.app.clients.sender import RESEND_AFTER_S, OutboxSender, memory_outbox, wait_confirmed
 from bloomwire.app.clients.views import ShopView
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
@@ -141,13 +143,6 @@ class Created:
     access: CustomerAccess | None = None
 
 
-@dataclass
-class _Pending:
-    topic: str
-    payload: bytes
-    sent_at: float = field(default_factory=time.time)
-
-
 class ShopTerminal(Client):
     """Shop ``S``'s terminal on MQTT: commands out, everything under ``shops/S/#`` in."""
 
@@ -164,9 +159,15 @@ class ShopTerminal(Client):
         access: AccessIssuer | None = None,
         access_wait_s: float = 2.0,
         on_message: Callable[[str, object], None] | None = None,
+        outbox: Outbox | None = None,
+        resend_after_s: float = RESEND_AFTER_S,
+        persistent: bool = False,
     ) -> None:
         self.shop = check_name(shop, "shop")
-        super().__init__(settings, check_name(username or shop, "username"), password)
+        # A persistent session (with an on-disk outbox) lets the broker keep the canonical echo
+        # of a command stored while this terminal was gone: the persister does not echo a
+        # re-sent duplicate, so that queued echo is the only confirmation the terminal can get.
+        super().__init__(settings, check_name(username or shop, "username"), password, persistent=persistent)
         self.view = ShopView(self.shop)
         self.observer: Observer = observer or NullObserver()
         #: None: take the access the provisioner publishes (waiting up to ``access_wait_s``),
@@ -175,14 +176,30 @@ class ShopTerminal(Client):
         self.access_wait_s = access_wait_s
         self.on_message = on_message
         self.waiters = Waiters()
-        self._pending: dict[str, _Pending] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Commands not yet confirmed (None: one in memory, kept as long as the process).
+        self.outbox = outbox if outbox is not None else memory_outbox()
+        self.sender = OutboxSender(self.conn, self.outbox, resend_after_s=resend_after_s)
+        #: Ids in the outbox: most canonical messages are other senders' events, not worth a lookup.
+        self._open = {e.id for e in self.outbox.pending()}
         self.subscribe([topics.shop_filter(self.shop)])
-        self.conn.on_connect(self._on_connect)
 
-    def _on_connect(self) -> None:  # network thread: re-send commands still unanswered
-        for pending in list(self._pending.values()):
-            self.conn.publish(pending.topic, pending.payload, qos=1)
+    async def start(self, timeout: float = 20.0, on_retry: Callable[[str], None] | None = None) -> None:
+        """Connect, then publish whatever the outbox still holds, and keep sending."""
+        await super().start(timeout, on_retry)
+        self.sender.start()
+
+    def _settled(self, event_id: str, stored: bool, reason: str = "") -> None:
+        if event_id not in self._open:
+            return
+        self._open.discard(event_id)
+        entry: Entry | None
+        if stored:
+            found = self.outbox.ack([event_id])
+            entry = found[0] if found else None
+        else:
+            entry = self.outbox.refuse(event_id, reason)
+        if entry is not None:
+            self.observer.settled(event_id, stored, reason)
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -190,14 +207,13 @@ class ShopTerminal(Client):
         """Fold the message into the view; settle commands by their canonical echo or refusal."""
         result = self.view.apply(msg.topic, msg.payload)
         if isinstance(result, ev.Refusal):
-            if result.id is not None and self._pending.pop(result.id, None) is not None:
-                self.observer.settled(result.id, False, result.reason)
+            if result.id is not None:
+                self._settled(result.id, False, result.reason)
             self.waiters.resolve(result.id, False, result.reason)
         elif isinstance(result, BaseModel) and hasattr(result, "id") and not msg.retain:
             event_id = str(result.id)
             self.observer.canonical(event_id, msg.received_at)
-            if self._pending.pop(event_id, None) is not None:
-                self.observer.settled(event_id, True)
+            self._settled(event_id, True)
             self.waiters.resolve(event_id, True)
         if self.on_message is not None:
             self.on_message(msg.topic, result)
@@ -210,13 +226,15 @@ class ShopTerminal(Client):
         topic = topics.shop_command(self.shop, command)
         payload = ev.encode(event)
         fut = self.waiters.expect(event_id)
-        self._pending[event_id] = _Pending(topic, payload)
-        self.conn.publish(topic, payload, qos=1)
+        self._open.add(event_id)
+        self.sender.send(event_id, command.value, topic, payload)
         self.observer.sent(event_id, f"shop:{command.value}", time.time())
         return fut
 
     async def _run(self, command: Command, event: BaseModel, timeout: float, what: str) -> Outcome:
-        return await wait_outcome(self.publish_command(command, event), timeout, what)
+        """The answer, or :class:`~bloomwire.app.clients.sender.QueuedError` (kept, re-sent)."""
+        fut = self.publish_command(command, event)
+        return await wait_confirmed(fut, timeout, str(getattr(event, "id")), what)  # noqa: B009
 
     def _source(self) -> str:
         return f"{topics.SHOPS}/{self.shop}"
@@ -284,6 +302,7 @@ class ShopTerminal(Client):
         return order in self.view.orders
 
     async def stop(self, *, announce_offline: bool = True) -> None:
-        """Disconnect (unanswered commands are forgotten)."""
+        """Disconnect (unanswered commands stay in the outbox for the next start)."""
+        await self.sender.stop()
         self.waiters.cancel_all()
         await super().stop(announce_offline=announce_offline)

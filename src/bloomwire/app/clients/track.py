@@ -4,12 +4,14 @@ Connects with the order's customer login (``c-<order>``, or the login the access
 provisioner issued) and subscribes exactly the four channels a customer may read,
 ``shops/S/orders/O/{status,location,chat,state}``, plus its own inbox for acks and refusals.
 Chat lines go out on ``customers/C/chat``; the persister files them under the order it knows
-this customer by.
+this customer by. Each line stays in the tracker's outbox until its ack on
+``customers/C/inbox/acks`` (or refusal) and is re-sent with the same id after a reconnection.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from bloomwire.app.clients.access import customer_username
 from bloomwire.app.clients.base import (
@@ -21,8 +23,9 @@ from bloomwire.app.clients.base import (
     Waiters,
     build_data,
     check_name,
-    wait_outcome,
 )
+from bloomwire.app.clients.outbox import Outbox
+from bloomwire.app.clients.sender import RESEND_AFTER_S, OutboxSender, memory_outbox, wait_confirmed
 from bloomwire.app.clients.views import TrackView
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
@@ -52,6 +55,8 @@ class CustomerTracker(Client):
         customer: str | None = None,
         destination: tuple[float, float] | None = None,
         observer: Observer | None = None,
+        outbox: Outbox | None = None,
+        resend_after_s: float = RESEND_AFTER_S,
     ) -> None:
         self.shop = check_name(shop, "shop")
         self.order = check_name(order, "order")
@@ -62,33 +67,47 @@ class CustomerTracker(Client):
         self.view = TrackView(self.shop, self.order, destination)
         self.observer: Observer = observer or NullObserver()
         self.waiters = Waiters()
+        #: Chat lines not yet acknowledged (None: one in memory, kept as long as the process).
+        self.outbox = outbox if outbox is not None else memory_outbox()
+        self.sender = OutboxSender(self.conn, self.outbox, resend_after_s=resend_after_s)
         self.subscribe(customer_filters(self.shop, self.order, self.customer))
+
+    async def start(self, timeout: float = 20.0, on_retry: Callable[[str], None] | None = None) -> None:
+        """Connect, then publish whatever the outbox still holds, and keep sending."""
+        await super().start(timeout, on_retry)
+        self.sender.start()
 
     def handle(self, msg: Message) -> None:
         """Fold the order's messages into the view; settle chat lines by ack or refusal."""
         if msg.topic == topics.customer_inbox(self.customer, topics.Inbox.ACKS):
-            for i in ev.Ack.model_validate_json(msg.payload).ids:
-                if self.waiters.resolve(i, True):
-                    self.observer.settled(i, True)
+            ids = [str(i) for i in ev.Ack.model_validate_json(msg.payload).ids]
+            for e in self.outbox.ack(ids):
+                self.observer.settled(e.id, True)
+            for i in ids:
+                self.waiters.resolve(i, True)
             return
         if msg.topic == topics.customer_inbox(self.customer, topics.Inbox.ERRORS):
             refusal = ev.Refusal.model_validate_json(msg.payload)
-            if self.waiters.resolve(refusal.id, False, refusal.reason) and refusal.id:
-                self.observer.settled(refusal.id, False, refusal.reason)
+            entry = self.outbox.refuse(refusal.id, refusal.reason) if refusal.id else None
+            if entry is not None:
+                self.observer.settled(entry.id, False, refusal.reason)
+            self.waiters.resolve(refusal.id, False, refusal.reason)
         event = self.view.apply(msg.topic, msg.payload)
         if event is not None and not msg.retain:
             self.observer.canonical(event.id, msg.received_at)
 
     async def chat(self, text: str, *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S) -> Outcome:
-        """Send a chat line about the order and wait until it is stored (or refused)."""
+        """Send a chat line about the order and wait until it is stored (or refused); without an
+        answer in time, :class:`~bloomwire.app.clients.sender.QueuedError` (kept and re-sent)."""
         data = build_data(ev.OrderChat, order=self.order, text=text)
         event = ev.OrderChatEvent(source=f"{topics.CUSTOMERS}/{self.customer}", data=data)
         fut = self.waiters.expect(event.id)
-        self.conn.publish(topics.customer_chat(self.customer), ev.encode(event), qos=1)
+        self.sender.send(event.id, "chat", topics.customer_chat(self.customer), ev.encode(event))
         self.observer.sent(event.id, "customer:chat", time.time())
-        return await wait_outcome(fut, timeout, "the chat line")
+        return await wait_confirmed(fut, timeout, event.id, "the chat line")
 
     async def stop(self, *, announce_offline: bool = True) -> None:
-        """Disconnect."""
+        """Disconnect (unacknowledged lines stay in the outbox for the next start)."""
+        await self.sender.stop()
         self.waiters.cancel_all()
         await super().stop(announce_offline=announce_offline)
