@@ -15,6 +15,7 @@ reachable; otherwise broker tests are skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import secrets
@@ -484,11 +485,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    admin_url: str = request.getfixturevalue("postgres_admin_url")
+    with postgres_database(request.getfixturevalue("postgres_admin_url")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database of the test's own (its store URL), dropped afterwards."""
     name = f"bloomwire_test_{secrets.token_hex(6)}"
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     parts = urllib.parse.urlsplit(admin_url)
-    yield urllib.parse.urlunsplit(parts._replace(scheme="postgresql+psycopg", path=f"/{name}"))
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    try:
+        yield urllib.parse.urlunsplit(parts._replace(scheme="postgresql+psycopg", path=f"/{name}"))
+    finally:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -17,15 +17,30 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Broker, MqttTestClient
+from conftest import Broker, MqttTestClient, postgres_database
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
-from test_persister import SHOP, Devices, Spy, accepted_order, chat, count, customer_chat, rows, tst_now
+from test_persister import (
+    SHOP,
+    Clock,
+    Desk,
+    Devices,
+    Spy,
+    accepted_order,
+    chat,
+    count,
+    customer_chat,
+    refusals,
+    rows,
+    tst_now,
+)
 from test_persister_reliability import PersisterProcess, all_acknowledged
 
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
+from bloomwire.services.persister.poison import apply_isolating
+from bloomwire.services.persister.projector import Inbound, Outbound
 from bloomwire.store import open_store
 from bloomwire.store.models import DEAD_LETTERS, EVENTS
 
@@ -205,3 +220,38 @@ def test_random_and_broken_messages_never_stop_the_persister(
     said.settle(0.5)
     assert [s.payload for s in said.log] == [b"online"], "never degraded"
     print(f"{sent['bad']} random messages, {len(letters)} refused; {2 * sent['good']} good events stored")
+
+
+def _verdict(desk: Desk, batch: list[tuple[str, bytes]]) -> tuple[int, int, int, int, list[str]]:
+    """How one backend judged ``batch``, applied as the service does (poison isolated)."""
+    published: list[Outbound] = []
+    result = apply_isolating(desk.projector, [Inbound(t, p) for t, p in batch], published.extend)
+    return result.stored, result.refused, result.ignored, result.duplicates, refusals(result)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
+def test_the_same_input_gets_the_same_verdict_on_sqlite_and_postgresql(
+    tmp_path: Path, postgres_admin_url: str
+) -> None:
+    """Hypothesis-drawn batches through the persister on both backends: the same verdicts, the
+    same reasons (PostgreSQL refuses what SQLite stores, e.g. a NUL, unless the contract does)."""
+    with postgres_database(postgres_admin_url) as pg_url:
+        engines = [open_store(f"sqlite:///{tmp_path / 'store.db'}"), open_store(pg_url)]
+        try:
+            desks = [Desk(engine, Clock()) for engine in engines]
+            for desk in desks:
+                desk.ok_each(accepted_order(SHOP, "o1", "r1"))
+
+            @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @given(st.lists(messages, min_size=1, max_size=40))
+            def same_verdict(batch: list[tuple[str, bytes]]) -> None:
+                sqlite, postgresql = (_verdict(desk, batch) for desk in desks)
+                assert sqlite == postgresql
+
+            same_verdict()
+            stored = [count(engine, EVENTS) for engine in engines]
+            assert stored[0] == stored[1]
+        finally:
+            for engine in engines:
+                engine.dispose()
