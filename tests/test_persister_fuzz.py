@@ -238,8 +238,8 @@ def test_the_same_input_gets_the_same_verdict_on_sqlite_and_postgresql(
     same reasons (PostgreSQL refuses what SQLite stores, e.g. a NUL, unless the contract does)."""
     with postgres_database(postgres_admin_url) as pg_url:
         engines = [open_store(f"sqlite:///{tmp_path / 'store.db'}"), open_store(pg_url)]
+        desks = [Desk(engine, Clock()) for engine in engines]
         try:
-            desks = [Desk(engine, Clock()) for engine in engines]
             for desk in desks:
                 desk.ok_each(accepted_order(SHOP, "o1", "r1"))
 
@@ -253,5 +253,6 @@ def test_the_same_input_gets_the_same_verdict_on_sqlite_and_postgresql(
             stored = [count(engine, EVENTS) for engine in engines]
             assert stored[0] == stored[1]
         finally:
-            for engine in engines:
-                engine.dispose()
+            for desk in desks:  # the projector keeps a connection of its own
+                desk.projector.close()
+                desk.engine.dispose()
