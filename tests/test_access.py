@@ -604,10 +604,8 @@ class Provisioners:
         thread.start()
         loop, stop = started.get(timeout=5)
         self.running.append((loop, stop, thread))
-        deadline = time.monotonic() + 10
-        while not service.ready.is_set():
-            assert thread.is_alive() and time.monotonic() < deadline, "provisioner did not start"
-            time.sleep(0.01)
+        _until(lambda: service.ready.is_set() or not thread.is_alive(), "the provisioner to start", 10)
+        assert service.ready.is_set(), "provisioner did not start"
         assert service.provisioner is not None
         return service.provisioner
 
@@ -817,10 +815,7 @@ def test_provisioner_reconciles_with_the_store(
     prov = provisioner(use_store=True, database_url=url, grace_s=1.0)
     access = _wait_access(shop, opened).data
     assert access.customer == "c-custom"
-    deadline = time.monotonic() + 10
-    while not all(d.disconnects for d in devices) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert all(d.disconnects for d in devices), "closed and orphaned accesses were not revoked"
+    _until(lambda: all(d.disconnects for d in devices), "the closed and orphaned accesses to be revoked", 10)
     roles = {policy.role_name(policy.Kind.CUSTOMER, "s1", o) for o in (closed, orphan)}
     _until(lambda: not roles & set(prov.index), "the revoked accesses to leave the index")
     assert prov.revoked >= 2  # other tests leave orphans too
