@@ -458,6 +458,13 @@ def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) ->
         page.click("#new-order")  # close the form: the board, map, order and alerts in view
         screenshot(page, "shop-dashboard-desktop", full_page=False)
         page.set_viewport_size(PHONE)
+        # On a phone the board fits its card: no sideways scrolling, the status still shown.
+        widths = page.evaluate(
+            "() => { const s = document.querySelector('.board-scroll');"
+            " return [s.scrollWidth, s.clientWidth, document.documentElement.scrollWidth, innerWidth]; }"
+        )
+        assert widths[0] <= widths[1] and widths[2] <= widths[3], widths
+        assert page.is_visible(f"#board-body tr[data-order='{order}'] .col-status")
         screenshot(page, "shop-dashboard-phone", full_page=False)
         page.set_viewport_size(DESKTOP)
         screenshot(customer, "track-chat-from-shop-phone")
