@@ -55,12 +55,14 @@ _WORD = re.compile(r"[a-z0-9']+")
 
 #: English keywords a typo may stand for (one edit away, for words of 4 letters or more).
 _VOCAB: Final = frozenset(
-    """where status update track tracking left sent shop way picked delivery deliver delivered
+    str.split(
+        """where status update track tracking left sent shop way picked delivery deliver delivered
     arrive arrival coming long minutes time when expect estimated soon late later earlier
     rider driver courier deliverer name bringing delivering call phone ring number
     change update postpone reschedule instead move address office different moved tomorrow
     wilted damaged broken rude refund terrible unhappy unacceptable disappointed complaint dead
-    wrong missing falling awful angry thanks thank hello cheers great order flowers bouquet""".split()
+    wrong missing falling awful angry thanks thank hello cheers great order flowers bouquet"""
+    )
 )
 
 
@@ -72,7 +74,8 @@ def _edit1(a: str, b: str) -> bool:
         diff = [i for i in range(len(a)) if a[i] != b[i]]
         if len(diff) == 1:
             return True
-        return len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+        i, j = diff if len(diff) == 2 else (0, 0)
+        return j == i + 1 and a[i] == b[j] and a[j] == b[i]
     short, long_ = (a, b) if len(a) < len(b) else (b, a)
     return any(long_[:i] + long_[i + 1 :] == short for i in range(len(long_)))
 
