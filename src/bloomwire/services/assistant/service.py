@@ -1,8 +1,9 @@
 """The assistant service: answers customers' questions in the order chat from the store's facts.
 
 It reads the canonical ``shops/S/orders/O/chat`` (a line is there only once the persister stored
-it). A customer's line is classified (:mod:`.intents`), the order is read from the store
-(read-only, like dispatch and alerts), and the answer (:mod:`.answers`) goes out as an
+it) in a persistent session, so lines said while it restarts are answered (unless stale). A
+customer's line is classified (:mod:`.intents`), the order is read from the store (read-only,
+like dispatch and alerts), and the answer (:mod:`.answers`) goes out as an
 ``order.chat`` on ``services/assistant/events``: the persister stores it and publishes it marked
 ``assistant:S``. What it cannot answer, a complaint, or a change only the shop can grant, it hands
 over: an ``alert.raised`` of rule ``needs_person`` (one open per order), and the customer is told a
@@ -179,6 +180,13 @@ class Assistant:
             self.publish(EVENTS_TOPIC, ev.encode(resolved))
 
 
+def _readonly_engine(url: str) -> Engine:
+    engine = make_engine(url, readonly=True)
+    if engine.dialect.name == "postgresql":  # the server refuses any write
+        return engine.execution_options(postgresql_readonly=True)
+    return engine
+
+
 class AssistantService(Service):
     """The assistant :class:`~bloomwire.runtime.mqtt.Service`; :attr:`core` while running."""
 
@@ -193,10 +201,11 @@ def build(
     tz: tzinfo = UTC,
 ) -> AssistantService:
     """Declare the assistant: one handler over every order's canonical chat."""
-    service = AssistantService(NAME, metrics=metrics)
+    # Persistent: a line asked while the assistant restarts waits in its session (MAX_AGE aside).
+    service = AssistantService(NAME, persistent=True, metrics=metrics)
 
     async def start() -> None:
-        engine = await asyncio.to_thread(make_engine, settings.database_url, readonly=True)
+        engine = await asyncio.to_thread(_readonly_engine, settings.database_url)
         publish = lambda topic, payload: service.publish(topic, payload, qos=1)  # noqa: E731
         service.core = Assistant(Store(engine), publish, clock=clock, tz=tz)
 
