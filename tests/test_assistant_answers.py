@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from bloomwire.contract.lifecycle import OrderStatus
+from bloomwire.services.assistant import dataset
 from bloomwire.services.assistant.answers import OrderFacts, answer, sentences
 from bloomwire.services.assistant.intents import Intent, Lang, Reading
 
@@ -82,3 +83,12 @@ def test_hand_overs_raise_one_alert_per_open_conversation(intent: Intent) -> Non
     assert again is None
     if intent in (Intent.COMPLAINT, Intent.OTHER):
         assert text == sentences()["en"]["handover_again"]
+
+
+def test_the_held_out_part_is_a_fixed_30_percent() -> None:
+    examples = dataset.load()
+    tuning, held = dataset.split(examples)
+    assert len(examples) >= 150 and len(held) == round(0.3 * len(examples))
+    assert {e.text for e in tuning}.isdisjoint(e.text for e in held)
+    assert dataset.split(examples) == (tuning, held)
+    assert {e.group for e in held} == {"en", "zh", "mixed"}

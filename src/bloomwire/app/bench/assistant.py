@@ -100,8 +100,11 @@ def _order(i: int, now: datetime) -> ev.OrderCreatedEvent:
     return ev.OrderCreatedEvent(source=f"{topics.SHOPS}/{SHOP}", data=data)
 
 
-async def _answer_times(settings: Settings, lines: list[str], orders: int, rate: float) -> list[float]:
-    """Seconds from each customer line's publish to the assistant's answer on the canonical chat."""
+async def _answer_times(
+    settings: Settings, lines: list[str], orders: int, rate: float
+) -> tuple[list[float], list[float]]:
+    """Seconds from each customer line's publish to the assistant's answer on the canonical chat, and
+    (the same-run reference) to the customer's own line there, stored by the persister."""
     conn = Connection(service_settings(settings, CLIENT), CLIENT)
     conn.subscribe(topics.all_orders_filter(topics.OrderChannel.STATUS, shop=SHOP), qos=1)
     conn.subscribe(topics.all_orders_filter(topics.OrderChannel.CHAT, shop=SHOP), qos=1)
@@ -116,10 +119,12 @@ async def _answer_times(settings: Settings, lines: list[str], orders: int, rate:
         await _until(conn, lambda topic: topic.endswith("/status"), orders)
         sent: dict[str, float] = {}
         got: dict[str, float] = {}
+        answers: dict[str, str] = {}
         for n, text in enumerate(lines):
             customer = topics.customer_for_order(f"ba-{n % orders}")
             line = ev.OrderChatEvent(source=f"{topics.CUSTOMERS}/{customer}", data=ev.OrderChat(text=text))
-            sent[answer_id(line.id)] = time.time()
+            sent[answer_id(line.id)] = sent[line.id] = time.time()
+            answers[answer_id(line.id)] = line.id
             conn.publish(topics.customer_chat(customer), ev.encode(line), qos=1)
             _collect(conn, got)
             await asyncio.sleep(1 / rate)
@@ -131,7 +136,7 @@ async def _answer_times(settings: Settings, lines: list[str], orders: int, rate:
                 )
             await conn.wait_message(0.05)
             _collect(conn, got)
-        return [got[k] - sent[k] for k in sent]
+        return [got[a] - sent[a] for a in answers], [got[q] - sent[q] for q in answers.values()]
     finally:
         await conn.stop()
 
@@ -168,28 +173,24 @@ def _stack(settings: Settings, root: Path) -> Stack:
     return Stack(own, services=("persister", ASSISTANT), extra_users=[CLIENT])
 
 
-def answering_report(
-    times: list[float], *, lines: int, orders: int, rate: float, load: tuple[float, float]
-) -> Report:
-    """Answer time percentiles of one run."""
+def _row(name: str, times: list[float]) -> tuple[str, float, float, float]:
     ms = sorted(t * 1000 for t in times)
-    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+    return name, statistics.median(ms), ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))], ms[-1]
+
+
+def answering_report(
+    times: list[float], stored: list[float], *, orders: int, rate: float, load: tuple[float, float]
+) -> Report:
+    """Answer time percentiles of one run, beside the customer's own line's (same run)."""
     report = Report(
-        "assistant: customer line → answer on the canonical chat (real broker, persister, assistant)",
-        (
-            "lines",
-            "orders",
-            "rate (lines/s)",
-            "P50 (ms)",
-            "P99 (ms)",
-            "max (ms)",
-            "load avg 1 min before / after",
-        ),
+        f"assistant: customer line → on the canonical chat, {len(times)} lines of {orders} customers "
+        f"at {rate:g}/s (real broker, persister, assistant; load avg 1 min {load[0]:.2f} → {load[1]:.2f})",
+        ("what arrives", "P50 (ms)", "P99 (ms)", "max (ms)"),
     )
-    report.add(
-        lines, orders, f"{rate:g}", f"{statistics.median(ms):.1f}", f"{p99:.1f}", f"{ms[-1]:.1f}",
-        f"{load[0]:.2f} / {load[1]:.2f}",
-    )  # fmt: skip
+    answer, line = _row("the assistant's answer", times), _row("the customer's line (reference)", stored)
+    for name, p50, p99, top in (answer, line):
+        report.add(name, f"{p50:.1f}", f"{p99:.1f}", f"{top:.1f}")
+    report.add("answer / reference", f"{answer[1] / line[1]:.2f}", f"{answer[2] / line[2]:.2f}", "")
     return report
 
 
@@ -206,10 +207,10 @@ def main(settings: Settings, *, orders: int, repeat: int, rate: float, console: 
         live = stack.start()
         try:
             before = os.getloadavg()[0]
-            times = asyncio.run(_answer_times(live, lines, orders, rate))
+            times, stored = asyncio.run(_answer_times(live, lines, orders, rate))
             after = os.getloadavg()[0]
         finally:
             stack.stop()
-    reports.append(answering_report(times, lines=len(lines), orders=orders, rate=rate, load=(before, after)))
+    reports.append(answering_report(times, stored, orders=orders, rate=rate, load=(before, after)))
     console.print(reports[1].rich())
     return reports
