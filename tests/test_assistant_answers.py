@@ -65,16 +65,18 @@ def test_no_rider_yet_is_said_not_invented() -> None:
 def test_call_without_a_phone_number_is_handed_over() -> None:
     text, alert = _say(Intent.CALL, replace(OUT, phone=""))
     assert text.startswith(sentences()["en"]["call_no_phone"])
-    assert alert is not None and "phone number" in alert
+    assert alert is not None and "no phone number" in alert
 
 
-def test_call_says_only_the_last_two_digits() -> None:
+def test_a_call_is_for_the_shop_to_arrange_and_only_two_digits_are_said() -> None:
     text, alert = _say(Intent.CALL)
-    assert "78" in text and "5678" not in text and alert is None
+    # riders are never given the number: the answer must not say they have it
+    assert text == sentences()["en"]["call_rider"].format(rider="r7", phone_tail="78")
+    assert "5678" not in text and alert is not None and "called by the rider" in alert
 
 
 @pytest.mark.parametrize(
-    "intent", [Intent.COMPLAINT, Intent.OTHER, Intent.CHANGE_TIME, Intent.CHANGE_ADDRESS]
+    "intent", [Intent.COMPLAINT, Intent.OTHER, Intent.CHANGE_TIME, Intent.CHANGE_ADDRESS, Intent.CALL]
 )
 def test_hand_overs_raise_one_alert_per_open_conversation(intent: Intent) -> None:
     _, first = _say(intent)
@@ -92,3 +94,8 @@ def test_the_held_out_part_is_a_fixed_30_percent() -> None:
     assert {e.text for e in tuning}.isdisjoint(e.text for e in held)
     assert dataset.split(examples) == (tuning, held)
     assert {e.group for e in held} == {"en", "zh", "mixed"}
+
+
+def test_an_offered_order_is_not_said_to_be_with_the_rider() -> None:
+    text, _ = _say(Intent.RIDER, replace(OUT, status=OrderStatus.ASSIGNED, eta=None))
+    assert text == "Your order o42 is at the shop; rider r7 has been asked to take it."

@@ -16,7 +16,7 @@ from functools import cache
 from importlib import resources
 from typing import Final
 
-from bloomwire.contract.lifecycle import OrderStatus
+from bloomwire.contract.lifecycle import RIDER_BOUND, OrderStatus
 from bloomwire.services.assistant.intents import FORWARDED, HANDOVER, Intent, Lang, Reading
 
 S = OrderStatus
@@ -36,7 +36,7 @@ _ASKS: Final = {
     Intent.CHANGE_TIME: "asks to change the delivery time",
     Intent.CHANGE_ADDRESS: "asks to change the delivery address",
     Intent.COMPLAINT: "complains",
-    Intent.CALL: "asks to be called, but the order has no phone number",
+    Intent.CALL: "asks to be called by the rider",
 }
 
 
@@ -121,11 +121,13 @@ def _keys(reading: Reading, facts: OrderFacts, now: datetime) -> list[str]:
         case Intent.ETA:
             return [eta_key(facts, now)]
         case Intent.RIDER:
-            return ["rider_known" if facts.rider and facts.status not in _WAITING else "rider_none"]
+            if facts.status is S.ASSIGNED or facts.status not in RIDER_BOUND:
+                return [status_key(facts) if facts.rider else "rider_none"]
+            return ["rider_known"]
         case Intent.CALL:
             if not any(c.isdigit() for c in facts.phone):
                 return ["call_no_phone"]
-            return ["call_yes" if facts.rider and facts.status not in _WAITING else "call_no_rider"]
+            return ["call_rider" if facts.rider and facts.status in RIDER_BOUND else "call_no_rider"]
         case Intent.CHANGE_TIME:
             return ["forwarded_time"]
         case Intent.CHANGE_ADDRESS:
@@ -142,16 +144,18 @@ def answer(
     """The reply to the customer's ``text``; ``handed_over``: a person already has this order's chat."""
     said = sentences()[reading.lang.value]
     keys = _keys(reading, facts, now)
-    needs_person = reading.intent in HANDOVER | FORWARDED or keys == ["call_no_phone"]
-    if needs_person and reading.intent in HANDOVER and handed_over:
+    no_phone = keys == ["call_no_phone"]
+    if reading.intent in HANDOVER and handed_over:
         keys = ["handover_again"]
-    elif keys == ["call_no_phone"]:
+    elif no_phone:
         keys.append("handover_again" if handed_over else "handover")
     values = _fields(facts, reading.lang, now, tz)
     line = "" if reading.lang is Lang.ZH else " "
     reply = line.join(said[k].format(**values) for k in keys)
-    if not needs_person or handed_over:  # one open hand-over per order: the person reads the chat
+    if reading.intent not in HANDOVER | FORWARDED or handed_over:  # one open hand-over per order
         return Reply(reply)
     asks = _ASKS.get(reading.intent, "asked something the assistant cannot answer")
+    if no_phone:
+        asks = "asks to be called, but the order has no phone number"
     quoted = text if len(text) <= 300 else text[:299] + "…"
     return Reply(reply, f"The customer of order {facts.order} {asks}: “{quoted}”")

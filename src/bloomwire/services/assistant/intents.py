@@ -38,8 +38,9 @@ class Lang(StrEnum):
 
 #: Intents the assistant does not answer itself: a person at the shop does.
 HANDOVER: Final = frozenset({Intent.COMPLAINT, Intent.OTHER})
-#: Intents it answers and also forwards to the shop (a request only the shop can grant).
-FORWARDED: Final = frozenset({Intent.CHANGE_TIME, Intent.CHANGE_ADDRESS})
+#: Intents it answers and also forwards to the shop (a request only the shop can grant; riders
+#: are never given the customer's phone number, so a call is the shop's to arrange).
+FORWARDED: Final = frozenset({Intent.CHANGE_TIME, Intent.CHANGE_ADDRESS, Intent.CALL})
 
 
 @dataclass(frozen=True, slots=True)
