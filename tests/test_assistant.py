@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
+from bloomwire.runtime.mqtt import Message
 from bloomwire.runtime.settings import Settings
 from bloomwire.services import assistant, persister
 from bloomwire.services.assistant import answers
@@ -236,3 +237,38 @@ def test_every_sentence_exists_in_every_language() -> None:
     said = answers.sentences()
     assert set(said) == {lang.value for lang in Lang}
     assert set(said["en"]) == set(said["zh-CN"])
+
+
+def test_a_redelivered_line_gives_the_very_same_events(
+    wired: tuple[Any, Watch], make_settings: Callable[..., Settings]
+) -> None:
+    """After a crash before the ack the broker delivers the line again: the same bytes go out, so
+    the persister takes them as duplicates (a different time or text would be a conflict)."""
+    client, watch = wired
+    _order_out_for_delivery(client, watch)
+    complaint = _ask(client, watch, "the flowers are dead")
+    assert complaint["data"]["text"] == answers.sentences()["en"]["handover"]
+    watch.until(lambda t, b: t == topics.shop_alerts(SHOP) and b["type"] == "alert.raised", "alert stored")
+    line = next(
+        (t, b)
+        for t, b in watch.seen
+        if t.endswith(f"{ORDER}/chat") and b["data"]["author"].startswith("customer:")
+    )
+    engine = make_engine(make_settings().database_url, readonly=True)
+    sent: list[tuple[str, bytes]] = []
+    core = assistant.service.Assistant(
+        assistant.service.Store(engine), lambda t, p: sent.append((t, p)), clock=ev.now, tz=UTC
+    )
+    msg = Message(line[0], json.dumps(line[1]).encode())
+    try:
+        asyncio.run(core.on_chat(msg))
+        first = list(sent)
+        core.handed.clear()  # a restarted process remembers nothing
+        sent.clear()
+        asyncio.run(core.on_chat(msg))
+    finally:
+        engine.dispose()
+    said = [json.loads(p) for _, p in first]
+    assert [e["type"] for e in said] == ["order.chat", "alert.raised"]
+    assert said[0]["id"] == complaint["id"] and said[0]["data"]["text"] == complaint["data"]["text"]
+    assert sent == first

@@ -9,7 +9,9 @@ like dispatch and alerts), and the answer (:mod:`.answers`) goes out as an
 over: an ``alert.raised`` of rule ``needs_person`` (one open per order), and the customer is told a
 person will reply. When a person of the shop writes in that chat, the alert is resolved.
 
-Ids derive from the customer's line (uuid5), so a redelivered line is answered once.
+Ids derive from the customer's line (uuid5) and times from its time (plus :data:`AFTER`, so the
+answer sorts after it): a line redelivered after a restart gives the very same events, which the
+persister acknowledges as duplicates.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ EVENTS_TOPIC: Final = topics.service_events(NAME)
 SOURCE: Final = topics.parse_inbound(EVENTS_TOPIC).source
 #: A customer's line older than this (the service was down) gets no answer: it is stale.
 MAX_AGE: Final = timedelta(minutes=10)
+#: What the assistant says is dated this much after the line it answers.
+AFTER: Final = timedelta(milliseconds=1)
 ACTION: Final = "Reply to the customer in the order's chat."
 _NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://bloomwire.invalid/assistant")
 _UNRESOLVED: Final = ("open", "acknowledged")
@@ -135,14 +139,15 @@ class Assistant:
             log.warning("customer line on an unknown order", order=order, line=event.id)
             return
         reading = classify(event.data.text)
-        handed = bool(open_ids) or order in self.handed
+        own = handover_id(event.id)  # raised for this very line: it is redelivered, say the same again
+        handed = any(a != own for a in open_ids) or self.handed.get(order, own) != own
         reply = answer(reading, event.data.text, facts, now, self.tz, handed_over=handed)
-        self._send(facts, event.id, reply, now)
+        self._send(facts, event.id, reply, event.time + AFTER)
         log.debug("answered", order=order, intent=reading.intent.value, lang=reading.lang.value)
 
-    def _send(self, facts: OrderFacts, line: str, reply: Reply, now: datetime) -> None:
+    def _send(self, facts: OrderFacts, line: str, reply: Reply, at: datetime) -> None:
         chat = ev.OrderChatEvent(
-            id=answer_id(line), source=SOURCE, time=now, data=ev.OrderChat(order=facts.order, text=reply.text)
+            id=answer_id(line), source=SOURCE, time=at, data=ev.OrderChat(order=facts.order, text=reply.text)
         )
         self.publish(EVENTS_TOPIC, ev.encode(chat))
         self.answered += 1
@@ -152,7 +157,7 @@ class Assistant:
         raised = ev.AlertRaisedEvent(
             id=_uuid("alert.raised", alert),
             source=SOURCE,
-            time=now,
+            time=at,
             data=ev.AlertRaised(
                 alert=alert,
                 rule=ev.AlertRule.NEEDS_PERSON,
@@ -174,7 +179,7 @@ class Assistant:
             resolved = ev.AlertResolvedEvent(
                 id=_uuid("alert.resolved", alert),
                 source=SOURCE,
-                time=self.clock(),
+                time=event.time + AFTER,
                 data=ev.AlertResolved(alert=alert, reason="a person of the shop replied in the chat"),
             )
             self.publish(EVENTS_TOPIC, ev.encode(resolved))
