@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from bloomwire.contract.lifecycle import OrderStatus
-from bloomwire.services.assistant import dataset
+from bloomwire.errors import ConfigError
+from bloomwire.runtime.settings import Settings
+from bloomwire.services.assistant import build, dataset
 from bloomwire.services.assistant.answers import OrderFacts, answer, sentences
 from bloomwire.services.assistant.intents import Intent, Lang, Reading
 
@@ -99,3 +102,15 @@ def test_the_held_out_part_is_a_fixed_30_percent() -> None:
 def test_an_offered_order_is_not_said_to_be_with_the_rider() -> None:
     text, _ = _say(Intent.RIDER, replace(OUT, status=OrderStatus.ASSIGNED, eta=None))
     assert text == "Your order o42 is at the shop; rider r7 has been asked to take it."
+
+
+def test_clock_times_are_said_in_the_configured_zone() -> None:
+    reply = answer(
+        Reading(Intent.ETA, Lang.EN), "when?", OUT, NOW, ZoneInfo("Asia/Shanghai"), handed_over=False
+    )
+    assert "around 17:12 CST" in reply.text
+
+
+def test_an_unknown_zone_is_refused_before_connecting() -> None:
+    with pytest.raises(ConfigError, match="Mars/Olympus"):
+        build(Settings(assistant_timezone="Mars/Olympus"))

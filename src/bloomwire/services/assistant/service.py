@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from typing import Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
@@ -28,7 +29,7 @@ from sqlalchemy import Engine
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
-from bloomwire.errors import PayloadError, TopicError
+from bloomwire.errors import ConfigError, PayloadError, TopicError
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
@@ -203,16 +204,28 @@ def build(
     *,
     metrics: ServiceMetrics | None = None,
     clock: Callable[[], datetime] = ev.now,
-    tz: tzinfo = UTC,
+    tz: tzinfo | None = None,
 ) -> AssistantService:
-    """Declare the assistant: one handler over every order's canonical chat."""
+    """Declare the assistant: one handler over every order's canonical chat.
+
+    ``tz`` (default: ``settings.assistant_timezone``) is where the clock times it says are read;
+    an unknown zone raises :class:`~bloomwire.errors.ConfigError` before anything connects.
+    """
+    if tz is None:
+        try:
+            tz = ZoneInfo(settings.assistant_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"assistant_timezone: unknown time zone {settings.assistant_timezone!r}"
+            ) from None
+    zone = tz
     # Persistent: a line asked while the assistant restarts waits in its session (MAX_AGE aside).
     service = AssistantService(NAME, persistent=True, metrics=metrics)
 
     async def start() -> None:
         engine = await asyncio.to_thread(_readonly_engine, settings.database_url)
         publish = lambda topic, payload: service.publish(topic, payload, qos=1)  # noqa: E731
-        service.core = Assistant(Store(engine), publish, clock=clock, tz=tz)
+        service.core = Assistant(Store(engine), publish, clock=clock, tz=zone)
 
     async def stop() -> None:
         core, service.core = service.core, None
