@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, tzinfo
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -31,7 +31,7 @@ from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.errors import ConfigError, PayloadError, TopicError
 from bloomwire.runtime.log import get_logger
-from bloomwire.runtime.metrics import ServiceMetrics
+from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.assistant.answers import OrderFacts, Reply, answer
@@ -198,6 +198,13 @@ class AssistantService(Service):
 
     core: Assistant | None = None
 
+    def figures(self) -> Iterator[Figure]:
+        """Lines answered and handed over, for Prometheus (at scrape time)."""
+        core = self.core
+        if core is not None:
+            yield Figure("bloomwire_assistant_answered", "Customer lines answered", core.answered)
+            yield Figure("bloomwire_assistant_handovers", "Conversations handed to the shop", core.handovers)
+
 
 def build(
     settings: Settings,
@@ -221,6 +228,8 @@ def build(
     zone = tz
     # Persistent: a line asked while the assistant restarts waits in its session (MAX_AGE aside).
     service = AssistantService(NAME, persistent=True, metrics=metrics)
+    if metrics is not None:
+        metrics.registry.register(FiguresCollector(service.figures))
 
     async def start() -> None:
         engine = await asyncio.to_thread(_readonly_engine, settings.database_url)
