@@ -17,6 +17,7 @@ persister acknowledges as duplicates.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, tzinfo
@@ -48,6 +49,8 @@ SOURCE: Final = topics.parse_inbound(EVENTS_TOPIC).source
 MAX_AGE: Final = timedelta(minutes=10)
 #: What the assistant says is dated this much after the line it answers.
 AFTER: Final = timedelta(milliseconds=1)
+#: Seconds a hand-over sent is remembered: by then the store shows it (it is the truth after).
+GRACE_S: Final = 30.0
 ACTION: Final = "Reply to the customer in the order's chat."
 _NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://bloomwire.invalid/assistant")
 _UNRESOLVED: Final = ("open", "acknowledged")
@@ -109,8 +112,8 @@ class Assistant:
         tz: tzinfo,
     ) -> None:
         self.store, self.publish, self.clock, self.tz = store, publish, clock, tz
-        #: Hand-overs sent that the store may not show yet: order -> alert id.
-        self.handed: dict[str, str] = {}
+        #: Hand-overs sent that the store may not show yet: order -> (alert id, time.monotonic()).
+        self.handed: dict[str, tuple[str, float]] = {}
         self.answered = 0
         self.handovers = 0
 
@@ -141,10 +144,17 @@ class Assistant:
             return
         reading = classify(event.data.text)
         own = handover_id(event.id)  # raised for this very line: it is redelivered, say the same again
-        handed = any(a != own for a in open_ids) or self.handed.get(order, own) != own
+        handed = any(a != own for a in open_ids) or self._recent(order) not in (None, own)
         reply = answer(reading, event.data.text, facts, now, self.tz, handed_over=handed)
         self._send(facts, event.id, reply, event.time + AFTER)
         log.debug("answered", order=order, intent=reading.intent.value, lang=reading.lang.value)
+
+    def _recent(self, order: str) -> str | None:
+        """The hand-over sent for ``order`` in the last :data:`GRACE_S` seconds (forgets older ones)."""
+        mono = time.monotonic()
+        self.handed = {o: h for o, h in self.handed.items() if mono - h[1] <= GRACE_S}
+        sent = self.handed.get(order)
+        return sent[0] if sent else None
 
     def _send(self, facts: OrderFacts, line: str, reply: Reply, at: datetime) -> None:
         chat = ev.OrderChatEvent(
@@ -170,12 +180,13 @@ class Assistant:
             ),
         )
         self.publish(EVENTS_TOPIC, ev.encode(raised))
-        self.handed[facts.order] = alert
+        self.handed[facts.order] = (alert, time.monotonic())
         self.handovers += 1
 
     async def _person_replied(self, order: str, event: ev.OrderChatEvent) -> None:
         _facts, open_ids = await asyncio.to_thread(self.store.facts, order)
-        sent = self.handed.pop(order, None)
+        sent = self._recent(order)
+        self.handed.pop(order, None)
         for alert in sorted({*open_ids, *([sent] if sent else [])}):
             resolved = ev.AlertResolvedEvent(
                 id=_uuid("alert.resolved", alert),
