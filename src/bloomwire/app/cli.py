@@ -26,6 +26,7 @@ from bloomwire.app.status import gather, healthy, metrics_url, render
 from bloomwire.app.supervision import EXIT_PORT_IN_USE
 from bloomwire.app.supervisor import (
     ALL_SERVICES,
+    ASSISTANT,
     DEFAULT_RIDERS,
     DEFAULT_SHOPS,
     SERVICES,
@@ -320,9 +321,8 @@ def up(
     """
     settings = make_settings(ctx)
     try:
-        stack = Stack(
-            settings, services=(*SERVICES, WEB), access=access, shops=_names(shops), riders=_names(riders)
-        )
+        services = (*SERVICES, ASSISTANT, WEB)
+        stack = Stack(settings, services=services, access=access, shops=_names(shops), riders=_names(riders))
         settings = stack.start()  # stops what it started if it fails or is interrupted
     except BloomwireError as exc:
         raise fail(str(exc)) from None

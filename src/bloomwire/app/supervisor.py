@@ -61,8 +61,11 @@ ACCESS_SERVICES: dict[str, str] = {
 #: add it; other stacks (most tests) run without it.
 WEB = "web"
 WEB_SERVICES: dict[str, str] = {WEB: "bloomwire.services.web"}
+#: The customers' chat assistant: ``bloomwire up`` and the demo add it; other stacks run without it.
+ASSISTANT = "assistant"
+ASSISTANT_SERVICES: dict[str, str] = {ASSISTANT: "bloomwire.services.assistant"}
 #: Every service ``bloomwire service run`` knows.
-ALL_SERVICES: dict[str, str] = {**SERVICES, **ACCESS_SERVICES, **WEB_SERVICES}
+ALL_SERVICES: dict[str, str] = {**SERVICES, **ACCESS_SERVICES, **WEB_SERVICES, **ASSISTANT_SERVICES}
 PROVISIONER = "provisioner"
 OPERATOR = "operator"
 #: The supervisor's own login ($SYS, the services' status; bloomwire.access.policy.monitor_role).

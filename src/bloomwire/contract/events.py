@@ -272,6 +272,12 @@ class AlertRule(StrEnum):
     UNASSIGNED = "unassigned"
     CUSTOMER_UNREACHABLE = "customer_unreachable"
     DELIVERY_FAILED = "delivery_failed"
+    #: The customer's chat needs a person at the shop (raised by the assistant service).
+    NEEDS_PERSON = "needs_person"
+
+
+#: Rules the assistant raises and resolves; the alerts service leaves their alerts alone.
+ASSISTANT_RULES: Final = frozenset({AlertRule.NEEDS_PERSON})
 
 
 class Severity(StrEnum):

@@ -26,6 +26,8 @@ CUSTOMERS = "customers"
 SERVICES = "services"
 OWNTRACKS = "owntracks"
 DEADLETTER = f"{SERVICES}/deadletter"
+#: The service that answers customers in the order chat: its lines are marked ``assistant:``.
+ASSISTANT = "assistant"
 
 PRESENCE_ONLINE = "online"
 PRESENCE_OFFLINE = "offline"

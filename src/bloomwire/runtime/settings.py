@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     alerts_rules: Path | None = Field(
         default=None, description="TOML file of alert thresholds (built-in defaults when unset)"
     )
+    assistant_timezone: str = Field(
+        default="UTC", description="IANA time zone of the clock times the chat assistant says (Europe/Berlin)"
+    )
     customer_access_grace_s: float = Field(
         default=3600,
         ge=0,

@@ -111,7 +111,8 @@ export class OrderPanel {
     this.chatList.replaceChildren(
       ...(order.chat.length ? order.chat.map((line) => {
         const [role, ...rest] = line.author.split(':');
-        return h('li', { class: `chat-line from-${role}` }, h('div', { class: 'chat-who' }, `${rest.join(':') || role} · ${clock(line.at)}`), h('div', { class: 'chat-text' }, line.text));
+        const who = role === 'assistant' ? 'assistant (automatic)' : rest.join(':') || role;
+        return h('li', { class: `chat-line from-${role}` }, h('div', { class: 'chat-who' }, `${who} · ${clock(line.at)}`), h('div', { class: 'chat-text' }, line.text));
       }) : [h('li', { class: 'muted small' }, 'No messages yet.')]),
     );
     this.chatList.scrollTop = this.chatList.scrollHeight;

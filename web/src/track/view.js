@@ -247,7 +247,8 @@ export class TrackView {
 
   chatLine(line) {
     const [role] = line.author.split(':', 1);
-    const who = role === 'customer' ? t('chat.you') : role === 'rider' ? t('chat.rider') : t('chat.shop');
+    const names = { customer: 'chat.you', rider: 'chat.rider', assistant: 'chat.assistant' };
+    const who = t(names[role] || 'chat.shop');
     const meta = [clock(line.at)];
     if (line.state === 'sending') meta.push(t('chat.sending'));
     if (line.state === 'refused') meta.push(t('chat.refused', { reason: line.reason }));

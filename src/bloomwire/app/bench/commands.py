@@ -9,6 +9,7 @@ import typer
 
 from bloomwire.app.bench import access as access_bench
 from bloomwire.app.bench import alerts as alerts_bench
+from bloomwire.app.bench import assistant as assistant_bench
 from bloomwire.app.bench import dispatch as dispatch_bench
 from bloomwire.app.bench import ingest as ingest_bench
 from bloomwire.app.bench import metrics as metrics_bench
@@ -156,6 +157,24 @@ def bench_web(
             seconds=seconds,
             pages=pages,
             profile=profile,
+        )
+    except BloomwireError as exc:
+        raise fail(str(exc)) from None
+    _record(record, reports)
+
+
+@bench_app.command("assistant")
+def bench_assistant(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option(help="Orders whose customers ask.")] = 20,
+    repeat: Annotated[int, typer.Option(help="Times the held-out lines are sent.")] = 4,
+    rate: Annotated[float, typer.Option(help="Customer lines per second.")] = 20.0,
+    record: Record = None,
+) -> None:
+    """Intent accuracy (held-out 30 % apart), hand-over rate, and answer time P50/P99."""
+    try:
+        reports = assistant_bench.main(
+            make_settings(ctx), orders=orders, repeat=repeat, rate=rate, console=console
         )
     except BloomwireError as exc:
         raise fail(str(exc)) from None

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from bloomwire.contract.events import AlertRule, Severity
+from bloomwire.contract.events import ASSISTANT_RULES, AlertRule, Severity
 from bloomwire.contract.topics import check_id
 from bloomwire.errors import ConfigError, TopicError
 
@@ -132,7 +132,8 @@ _NON_NEGATIVE = frozenset({"overdue_grace_min", "eta_slip_min", "rider_offline_m
 _POSITIVE = frozenset({"stale_position_min", "unassigned_min", "escalate_after_min", "followup_after_h"})
 _KEYS = tuple(f.name for f in fields(Thresholds))
 _TOP_KEYS = ("defaults", "shops")
-_RULE_NAMES = tuple(r.value for r in AlertRule)
+#: The rules this service evaluates (the assistant's hand-over rule is not one).
+_RULE_NAMES = tuple(r.value for r in AlertRule if r not in ASSISTANT_RULES)
 _SEVERITY_NAMES = tuple(s.value for s in Severity)
 _TOML_POS = re.compile(r"\(at line (\d+), column (\d+)\)")
 _TOML_LINE = re.compile(r"\(at line (\d+)")

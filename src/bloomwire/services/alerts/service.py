@@ -434,7 +434,10 @@ class AlertEngine:
         self._orders = _RowCache(sa.select(*_ORDER_COLUMNS).where(_O.status.in_(_ACTIVE)), _order_from_raw)
         self._riders = _RowCache(sa.select(*_RIDER_COLUMNS), _rider_from_raw)
         self._alerts = _RowCache(
-            sa.select(*_ALERT_COLUMNS).where(_A.status.in_((_OPEN, _ACKNOWLEDGED))), _alert_from_raw
+            sa.select(*_ALERT_COLUMNS).where(
+                _A.status.in_((_OPEN, _ACKNOWLEDGED)), _A.rule.not_in([r.value for r in ev.ASSISTANT_RULES])
+            ),
+            _alert_from_raw,
         )
         self._dirty: set[Subject] = set()
         self._wake = asyncio.Event()

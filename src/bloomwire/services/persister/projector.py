@@ -1165,11 +1165,13 @@ class Projector:
                 raise _RefusedError("data.order: required")
             order = self._shop_order(where, d.order)
             author_role, author = "shop", where.sender
-        else:  # a service writing as the shop (follow-ups)
+        else:  # a service writing as the shop (follow-ups), or the shop's assistant
             if d.order is None:
                 raise _RefusedError("data.order: required")
             order = self._order(d.order)
             author_role, author = "shop", f"{order['shop']} ({where.sender})"
+            if where.sender == topics.ASSISTANT:
+                author_role, author = "assistant", order["shop"]
         pending.chat.append(
             {
                 "id": event.id,
