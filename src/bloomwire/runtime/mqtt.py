@@ -991,7 +991,9 @@ class Service(Generic[StateT]):
         """Dead-letter ``msg``, whose payload did not decode (never reaches a handler)."""
         self.refused += 1
         reason = f"undecodable payload: {type(exc).__name__}: {exc}"
-        log.warning("payload refused", service=self.name, topic=msg.topic[:200], reason=first_line(exc))
+        # One line, but whole: a validation error names the field only after its first line.
+        brief = _shorten(" ".join(reason.split()), 300)
+        log.warning("payload refused", service=self.name, topic=msg.topic[:200], reason=brief)
         with contextlib.suppress(Exception):
             self.dead_letter(msg, reason)
 
