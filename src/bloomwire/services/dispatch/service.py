@@ -443,10 +443,11 @@ class Dispatcher:
             f"{len(riders)} online riders ({free} free slots), total {total:.0f} s"
         )
         explain = len(assignments) <= cfg.explain_batch_max
+        loads = {r.id: r.load for r in riders}
         out = []
         for a in assignments:
             o = by_id[a.order]
-            candidates = [_batch_candidate(a, riders, summary, offline)]
+            candidates = [_batch_candidate(a, loads.get(a.rider, 0), summary, offline)]
             if explain:
                 decision = rank(o.request(), riders, now, cfg.weights)
                 candidates += [_candidate(c) for c in _eligible(decision, exclude=a.rider)]
@@ -544,10 +545,7 @@ def _decision_note(decision: Decision, offline: int) -> str:
     return f"{note}; not offered: {skipped}" if skipped else note
 
 
-def _batch_candidate(
-    a: Assignment, riders: Sequence[RiderCandidate], summary: str, offline: int
-) -> ev.Candidate:
-    load = next((r.load for r in riders if r.id == a.rider), 0)
+def _batch_candidate(a: Assignment, load: int, summary: str, offline: int) -> ev.Candidate:
     note = f"{a.rider}: {a.travel_s:.0f} s travel, cost {a.cost:.0f} s; {summary}"
     if offline:
         note += f"; {offline} offline riders not considered"
