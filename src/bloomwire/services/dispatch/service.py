@@ -77,6 +77,8 @@ _WAKE_STATUSES = frozenset(
     )
 )
 _ID_NAMESPACE = uuid.NAMESPACE_URL
+#: Order ids named in the "no rider for orders yet" line (the rest are counted).
+UNSERVED_SAMPLE = 10
 Mode = Literal["single", "batch"]
 
 
@@ -390,13 +392,14 @@ class Dispatcher:
     def _note_unserved(
         self, todo: Sequence[WaitingOrder], offers: Sequence[ev.DispatchOfferEvent], riders: int
     ) -> None:
-        """Log once per order and attempt that no rider could take it."""
+        """Log once per order and attempt that no rider could take it: one line per pass (a
+        line per order cost more than the pass itself at a peak of thousands)."""
         served = {o.data.order for o in offers}
-        for o in todo:
-            key = (o.id, o.attempt)
-            if o.id not in served and key not in self._unserved:
-                self._unserved.add(key)
-                log.info("no rider for order yet", order=o.id, attempt=o.attempt, riders=riders)
+        fresh = [o for o in todo if o.id not in served and (o.id, o.attempt) not in self._unserved]
+        if fresh:
+            self._unserved.update((o.id, o.attempt) for o in fresh)
+            sample = [o.id for o in fresh[:UNSERVED_SAMPLE]]
+            log.info("no rider for orders yet", orders=len(fresh), first=sample, riders=riders)
         if len(self._unserved) > 4 * self.config.max_waiting:
             self._unserved.clear()
 
