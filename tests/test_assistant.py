@@ -21,7 +21,6 @@ import sqlalchemy as sa
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
-from bloomwire.runtime.mqtt import Message
 from bloomwire.runtime.settings import Settings
 from bloomwire.services import assistant, persister
 from bloomwire.services.assistant import answers
@@ -259,13 +258,13 @@ def test_a_redelivered_line_gives_the_very_same_events(
     core = assistant.service.Assistant(
         assistant.service.Store(engine), lambda t, p: sent.append((t, p)), clock=ev.now, tz=UTC
     )
-    msg = Message(line[0], json.dumps(line[1]).encode())
+    event = ev.decode(json.dumps(line[1]).encode())
     try:
-        asyncio.run(core.on_chat(msg))
+        asyncio.run(core.on_chat(ORDER, event))
         first = list(sent)
         core.handed.clear()  # a restarted process remembers nothing
         sent.clear()
-        asyncio.run(core.on_chat(msg))
+        asyncio.run(core.on_chat(ORDER, event))
     finally:
         engine.dispose()
     said = [json.loads(p) for _, p in first]

@@ -30,7 +30,7 @@ from sqlalchemy import Engine
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
-from bloomwire.errors import ConfigError, PayloadError, TopicError
+from bloomwire.errors import ConfigError, TopicError
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
@@ -117,21 +117,15 @@ class Assistant:
         self.answered = 0
         self.handovers = 0
 
-    async def on_chat(self, msg: Message) -> None:
-        """A stored chat line: answer the customer's, note a person's reply."""
-        try:
-            where = topics.parse_order_topic(msg.topic)
-            event = ev.decode(msg.payload)
-        except (TopicError, PayloadError) as exc:
-            log.warning("unreadable chat line", topic=msg.topic, error=str(exc))
-            return
+    async def on_chat(self, order: str, event: ev.Event) -> None:
+        """A stored chat line of ``order``: answer the customer's, note a person's reply."""
         if not isinstance(event, ev.OrderChatEvent):
             return
         role = event.data.author.split(":", 1)[0]
         if role == "customer":
-            await self._answer(where.order, event)
+            await self._answer(order, event)
         elif role == "shop" and event.source.startswith(f"{topics.SHOPS}/"):
-            await self._person_replied(where.order, event)
+            await self._person_replied(order, event)
 
     async def _answer(self, order: str, event: ev.OrderChatEvent) -> None:
         now = self.clock()
@@ -204,15 +198,13 @@ def _readonly_engine(url: str) -> Engine:
     return engine
 
 
-class AssistantService(Service):
-    """The assistant :class:`~bloomwire.runtime.mqtt.Service`; :attr:`core` while running."""
-
-    core: Assistant | None = None
+class AssistantService(Service[Assistant]):
+    """The assistant :class:`~bloomwire.runtime.mqtt.Service`: its state is the :class:`Assistant`."""
 
     def figures(self) -> Iterator[Figure]:
         """Lines answered and handed over, for Prometheus (at scrape time)."""
-        core = self.core
-        if core is not None:
+        if self.has_state:
+            core = self.state
             yield Figure("bloomwire_assistant_answered", "Customer lines answered", core.answered)
             yield Figure("bloomwire_assistant_handovers", "Conversations handed to the shop", core.handovers)
 
@@ -242,21 +234,24 @@ def build(
     if metrics is not None:
         metrics.registry.register(FiguresCollector(service.figures))
 
-    async def start() -> None:
+    @service.on_startup
+    async def start() -> Assistant:
         engine = await asyncio.to_thread(_readonly_engine, settings.database_url)
         publish = lambda topic, payload: service.publish(topic, payload, qos=1)  # noqa: E731
-        service.core = Assistant(Store(engine), publish, clock=clock, tz=zone)
+        return Assistant(Store(engine), publish, clock=clock, tz=zone)
 
+    @service.handle(topics.all_orders_filter(topics.OrderChannel.CHAT), retry=True, model=ev.decode)
+    async def on_chat(event: ev.Event, msg: Message) -> None:
+        try:
+            order = topics.parse_order_topic(msg.topic).order
+        except TopicError as exc:
+            log.warning("chat line on a topic of no order", topic=msg.topic, error=str(exc))
+            return
+        await service.state.on_chat(order, event)
+
+    @service.on_shutdown
     async def stop() -> None:
-        core, service.core = service.core, None
-        if core is not None:
-            core.store.engine.dispose()
+        if service.has_state:
+            service.state.store.engine.dispose()
 
-    async def on_chat(msg: Message) -> None:
-        if service.core is not None:
-            await service.core.on_chat(msg)
-
-    service.on_startup(start)
-    service.on_shutdown(stop)
-    service.handle(topics.all_orders_filter(topics.OrderChannel.CHAT), retry=True)(on_chat)
     return service
