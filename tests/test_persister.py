@@ -39,15 +39,12 @@ from bloomwire.errors import TopicError
 from bloomwire.runtime.mqtt import Service
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.persister import build
-from bloomwire.services.persister.projector import (
+from bloomwire.services.persister.projector import BatchResult, Inbound, Outbound, Projector
+from bloomwire.services.persister.riders import (
     LOCATION_EXPIRY_S,
     STATE_REFRESH_FROM_LOCATION_S,
     TRAIL_MIN_DISTANCE_M,
     TRAIL_MIN_INTERVAL_S,
-    BatchResult,
-    Inbound,
-    Outbound,
-    Projector,
 )
 from bloomwire.store import open_store
 from bloomwire.store.models import CHAT, DEAD_LETTERS, EVENTS, OFFERS, ORDERS, RIDERS, TRAIL

@@ -32,12 +32,6 @@ from bloomwire.services.persister import alerts, chat, offers, orders, riders, s
 from bloomwire.services.persister.decode import Decoded, Undecodable, decode, event_id
 from bloomwire.services.persister.messages import BatchResult, Inbound, Outbound
 from bloomwire.services.persister.projections import Projections
-from bloomwire.services.persister.riders import (
-    LOCATION_EXPIRY_S,
-    STATE_REFRESH_FROM_LOCATION_S,
-    TRAIL_MIN_DISTANCE_M,
-    TRAIL_MIN_INTERVAL_S,
-)
 from bloomwire.services.persister.rows import Order
 from bloomwire.services.persister.snapshots import Clearings
 from bloomwire.services.persister.work import (
@@ -53,16 +47,7 @@ from bloomwire.services.persister.work import (
 from bloomwire.store import models as m
 from bloomwire.store.bulk import KeyLookup
 
-__all__ = [
-    "LOCATION_EXPIRY_S",
-    "STATE_REFRESH_FROM_LOCATION_S",
-    "TRAIL_MIN_DISTANCE_M",
-    "TRAIL_MIN_INTERVAL_S",
-    "BatchResult",
-    "Inbound",
-    "Outbound",
-    "Projector",
-]
+__all__ = ["BatchResult", "Inbound", "Outbound", "Projector"]
 
 log = get_logger("bloomwire.persister")
 
