@@ -205,7 +205,7 @@ class Projector:
         result = BatchResult()
         work = UnitOfWork(now)
         decoded = [self._decode(msg, now) for msg in batch]
-        known = self._known_ids([i for d in decoded if (i := d.event_id) is not None])
+        known = self._known_ids([i for d in decoded if isinstance(d, Decoded) and (i := d.event_id)])
         for d in decoded:
             self._step(work, d, known, result)
         self._commit(work)
