@@ -222,10 +222,12 @@ class Projector:
             if d.bug is not None:
                 log.error("internal error decoding", topic=msg.topic, exc_info=d.bug)
             return d
-        if isinstance(d.event, ot.Ignored):
-            ignored = d.event
-            log.info("owntracks message ignored", topic=msg.topic[:200], type=ignored.kind, why=ignored.why)
-        return riders.with_subject(self.projections, d)
+        event = d.event
+        if isinstance(event, ev.RiderRegionChangedEvent):
+            return riders.with_subject(self.projections, d)
+        if isinstance(event, ot.Ignored):
+            log.info("owntracks message ignored", topic=msg.topic[:200], type=event.kind, why=event.why)
+        return d
 
     def _step(
         self, work: UnitOfWork, d: Decoded | Undecodable, known: dict[str, Known], result: BatchResult
