@@ -26,7 +26,7 @@ class CachedTable(Generic[R]):
     """Rows of one table keyed by ``id``, as instances of ``row_type``.
 
     The persister is the store's only writer, so the cache is authoritative while it runs. Rows
-    missing from memory are read on demand when ``lazy``.
+    missing from memory are read on demand from ``engine``, when given.
     """
 
     def __init__(self, table: sa.Table, row_type: Callable[..., R], engine: sa.Engine | None = None) -> None:
