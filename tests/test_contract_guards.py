@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import pytest
-import sqlalchemy as sa
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import AfterValidator, BaseModel, StringConstraints
@@ -25,7 +24,8 @@ from bloomwire.contract import validate as v
 from bloomwire.contract.topics import check_id
 from bloomwire.errors import PayloadError
 from bloomwire.runtime.settings import Settings
-from bloomwire.services.persister.projector import Inbound, Projector
+from bloomwire.services.persister.decode import Decoded, Undecodable, decode
+from bloomwire.services.persister.projector import Inbound
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -391,44 +391,51 @@ def test_any_nesting_depth_is_decoded_or_refused(depth: int, opener: str) -> Non
 # --- the persister's decode step --------------------------------------------------------------------
 
 
-@pytest.fixture
-def projector() -> Projector:
-    return Projector(sa.create_engine("sqlite://"), clock=lambda: NOW)
+def refused(msg: Inbound, bounds: v.TimeBounds = v.DEFAULT_TIME_BOUNDS) -> Undecodable:
+    """The persister's decode step at ``NOW``, expected to refuse ``msg``."""
+    result = decode(msg, NOW, bounds)
+    assert isinstance(result, Undecodable), result
+    return result
 
 
-def test_projector_decode_never_raises(projector: Projector, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_projector_decode_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(raw: bytes | str) -> ev.Event:
         raise RuntimeError("validator bug")
 
     monkeypatch.setattr(ev, "decode", broken)
-    _, _, _, reason = projector._decode(Inbound("customers/c-o1/chat", json.dumps(chat()).encode()))
+    reason = refused(Inbound("customers/c-o1/chat", json.dumps(chat()).encode())).reason
     assert reason == "undecodable payload: RuntimeError: validator bug"
 
 
-def test_projector_decode_applies_the_time_bounds(projector: Projector) -> None:
-    _, _, event_id, reason = projector._decode(
+def test_projector_decode_applies_the_time_bounds() -> None:
+    future = refused(
         Inbound("customers/c-o1/chat", json.dumps(chat(time="2999-01-01T00:00:00+00:00")).encode())
     )
+    event_id, reason = future.event_id, future.reason
     assert event_id == chat()["id"]
     assert reason is not None and reason.startswith("time: 2999-01-01T00:00:00+00:00 is more than 300 s")
-    strict = Projector(sa.create_engine("sqlite://"), clock=lambda: NOW, bounds=v.TimeBounds(max_age_s=30))
+    strict = v.TimeBounds(max_age_s=30)
     old = chat(time=(NOW - timedelta(seconds=31)).isoformat())
     assert "more than 30 s old" in str(
-        strict._decode(Inbound("customers/c-o1/chat", json.dumps(old).encode()))[3]
+        refused(Inbound("customers/c-o1/chat", json.dumps(old).encode()), strict).reason
     )
 
 
 @pytest.mark.parametrize("word", [b"online", b"offline"])
-def test_bare_presence_words_are_still_accepted(projector: Projector, word: bytes) -> None:
-    _, _, event, reason = projector._decode(Inbound("riders/r1/presence", word))
-    assert reason is None
+def test_bare_presence_words_are_still_accepted(word: bytes) -> None:
+    decoded = decode(Inbound("riders/r1/presence", word), NOW, v.DEFAULT_TIME_BOUNDS)
+    assert isinstance(decoded, Decoded)
+    event = decoded.event
     assert isinstance(event, ev.RiderPresenceEvent)
     assert event.time == NOW
 
 
-def test_deep_json_on_a_customer_topic_is_refused_by_the_persister(projector: Projector) -> None:
-    _, _, event_id, reason = projector._decode(Inbound("customers/c-o1/chat", nested(1000).encode()))
-    assert (event_id, reason) == (None, "payload nests deeper than 16 levels of JSON arrays/objects")
+def test_deep_json_on_a_customer_topic_is_refused_by_the_persister() -> None:
+    deep = refused(Inbound("customers/c-o1/chat", nested(1000).encode()))
+    assert (deep.event_id, deep.reason) == (
+        None,
+        "payload nests deeper than 16 levels of JSON arrays/objects",
+    )
 
 
 def test_settings_give_the_persister_its_time_bounds() -> None:
@@ -448,17 +455,16 @@ def test_a_missing_id_is_named_with_the_other_problems() -> None:
     assert "; data.offer: Field required" in reason
 
 
-def test_a_refused_payload_echoes_only_a_well_formed_id(projector: Projector) -> None:
+def test_a_refused_payload_echoes_only_a_well_formed_id() -> None:
     bad = chat("hi\u0000")
-    assert projector._decode(Inbound("customers/c-o1/chat", json.dumps(bad).encode()))[2] == bad["id"]
+    assert refused(Inbound("customers/c-o1/chat", json.dumps(bad).encode())).event_id == bad["id"]
     bad["id"] = "id\u0000with a NUL"
-    _, _, event_id, reason = projector._decode(Inbound("customers/c-o1/chat", json.dumps(bad).encode()))
+    nul = refused(Inbound("customers/c-o1/chat", json.dumps(bad).encode()))
+    event_id, reason = nul.event_id, nul.reason
     assert event_id is None
     assert reason is not None and reason.startswith("id: ")
 
 
-#: For the property test (hypothesis refuses function-scoped fixtures); decoding touches no store.
-SHARED_PROJECTOR = Projector(sa.create_engine("sqlite://"), clock=lambda: NOW)
 INBOUND = [
     "customers/c-o1/chat",
     "riders/r1/location",
@@ -485,9 +491,9 @@ INBOUND = [
 )
 @example("owntracks/r1/phone", b"")  # an ignored OwnTracks message: neither an event nor refused
 def test_the_persister_decode_step_is_total(topic: str, payload: bytes) -> None:
-    msg, where, event, reason = SHARED_PROJECTOR._decode(Inbound(topic, payload))
-    assert msg.payload == payload and where is not None
-    if reason is None:
-        assert event is None or isinstance(event, (ev._Envelope, ot.Ignored))
+    result = decode(Inbound(topic, payload), NOW, v.DEFAULT_TIME_BOUNDS)
+    assert result.msg.payload == payload and result.where is not None
+    if isinstance(result, Decoded):
+        assert result.event is None or isinstance(result.event, (ev._Envelope, ot.Ignored))
     else:
-        assert reason and (event is None or ev.is_event_id(event))
+        assert result.reason and (result.event_id is None or ev.is_event_id(result.event_id))

@@ -64,11 +64,11 @@ def test_open_alerts_are_indexed_by_order_through_raise_ack_resolve_and_load(
     engine, _ = seeded
     projector = Projector(engine)
     projector.load()
-    assert len(projector.open_alerts) == N // 5
-    o1 = projector.orders.rows["o1"]
-    shop = o1["shop"]
+    assert len(projector.projections.open_alerts) == N // 5
+    o1 = projector.projections.orders.rows["o1"]
+    shop = o1.shop
     assert projector.order_state(o1).open_alerts == 1
-    assert projector.order_state(projector.orders.rows[f"o{N - 1}"]).open_alerts == 0
+    assert projector.order_state(projector.projections.orders.rows[f"o{N - 1}"]).open_alerts == 0
 
     result = projector.apply([_raised("x1", "o1", shop), _raised("x2", "o1", shop)])
     assert result.stored == 2
@@ -77,21 +77,21 @@ def test_open_alerts_are_indexed_by_order_through_raise_ack_resolve_and_load(
     assert projector.order_state(o1).open_alerts == 2
     projector.apply([_resolved("x2"), _resolved("a1")])
     assert projector.order_state(o1).open_alerts == 0
-    assert "o1" not in projector.open_alerts
+    assert "o1" not in projector.projections.open_alerts
     # Resolved alerts leave memory; named again, they are read back and refused as resolved.
-    assert "x2" not in projector.alerts.rows and "a1" not in projector.alerts.rows
+    assert "x2" not in projector.projections.alerts.rows and "a1" not in projector.projections.alerts.rows
     assert projector.apply([_resolved("x2")]).refused == 1
 
     # The index is rebuilt from the store after a restart: the same counts.
     again = Projector(engine)
     again.load()
-    assert again.order_state(again.orders.rows["o1"]).open_alerts == 0
-    assert again.order_state(again.orders.rows["o2"]).open_alerts == 1
+    assert again.order_state(again.projections.orders.rows["o1"]).open_alerts == 0
+    assert again.order_state(again.projections.orders.rows["o2"]).open_alerts == 1
     with engine.connect() as conn:
         still_open = conn.execute(
             sa.select(sa.func.count()).select_from(ALERTS).where(ALERTS.c.status == "open")
         ).scalar()
-    assert sum(len(ids) for ids in again.open_alerts.values()) == still_open
+    assert sum(len(ids) for ids in again.projections.open_alerts.values()) == still_open
     projector.close()
     again.close()
 
@@ -136,20 +136,21 @@ def test_closed_orders_leave_their_per_order_memory(seeded: tuple[Engine, dateti
     engine, now = seeded
     projector = Projector(engine)
     projector.load()
-    order = projector.orders.rows["o0"]
-    rider = order["rider"]
-    projector.last_trail["o0"] = (52.5, 13.4, now)
-    projector.state_sent_at["o0"] = now
+    order = projector.projections.orders.rows["o0"]
+    rider = order.rider
+    assert rider is not None
+    projector.projections.last_trail["o0"] = (52.5, 13.4, now)
+    projector.projections.state_sent_at["o0"] = now
     for step in ("arrived", "delivered"):
         data = ev.OrderStatusChanged.model_validate({"order": "o0", "status": step})
         event = ev.OrderStatusEvent(source=f"riders/{rider}", data=data, time=now + timedelta(seconds=1))
         assert (
             projector.apply([Inbound(topics.rider_order_status(rider, "o0"), ev.encode(event))]).stored == 1
         )
-    assert "o0" not in projector.orders.rows
-    assert "o0" not in projector.last_trail and "o0" not in projector.state_sent_at
-    assert "c-o0" not in projector.customer_orders
-    assert projector._customer_order("c-o0") == "o0"  # still known: from the store
+    assert "o0" not in projector.projections.orders.rows
+    assert "o0" not in projector.projections.last_trail and "o0" not in projector.projections.state_sent_at
+    assert "c-o0" not in projector.projections.customer_orders
+    assert projector.projections.customer_order("c-o0") == "o0"  # still known: from the store
     projector.close()
 
 
@@ -159,11 +160,11 @@ def test_a_closed_orders_state_expires_with_its_grace_and_is_dated_again_after_a
     engine, _ = seeded
     projector = Projector(engine, state_grace_s=600)
     projector.load()
-    order = projector.orders.rows[f"o{N - 1}"]
-    shop = order["shop"]
-    event = ev.OrderCancelledEvent(source=f"shops/{shop}", data=ev.OrderCancelled(order=order["id"]))
+    order = projector.projections.orders.rows[f"o{N - 1}"]
+    shop = order.shop
+    event = ev.OrderCancelledEvent(source=f"shops/{shop}", data=ev.OrderCancelled(order=order.id))
     result = projector.apply([Inbound(topics.shop_command(shop, "cancel-order"), ev.encode(event))])
-    state_topic = topics.order_topic(shop, order["id"], topics.OrderChannel.STATE)
+    state_topic = topics.order_topic(shop, order.id, topics.OrderChannel.STATE)
     (state,) = [o for o in result.outbound if o.topic == state_topic]
     assert state.retain and state.payload and state.expiry_s is not None and 590 <= state.expiry_s <= 600
     assert projector.due_clearings() == []

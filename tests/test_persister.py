@@ -39,15 +39,12 @@ from bloomwire.errors import TopicError
 from bloomwire.runtime.mqtt import Service
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.persister import build
-from bloomwire.services.persister.projector import (
+from bloomwire.services.persister.projector import BatchResult, Inbound, Outbound, Projector
+from bloomwire.services.persister.riders import (
     LOCATION_EXPIRY_S,
     STATE_REFRESH_FROM_LOCATION_S,
     TRAIL_MIN_DISTANCE_M,
     TRAIL_MIN_INTERVAL_S,
-    BatchResult,
-    Inbound,
-    Outbound,
-    Projector,
 )
 from bloomwire.store import open_store
 from bloomwire.store.models import CHAT, DEAD_LETTERS, EVENTS, OFFERS, ORDERS, RIDERS, TRAIL
@@ -403,14 +400,14 @@ def test_lifecycle_is_stored_and_published_canonically(desk: Desk, engine: Engin
 def test_a_closed_order_leaves_memory_once_committed_and_is_read_back_on_demand(desk: Desk) -> None:
     desk.ok(create_order(SHOP, "o1"))
     desk.ok(create_order(SHOP, "o2"))
-    assert {"o1", "o2"} <= set(desk.projector.orders.rows)
+    assert {"o1", "o2"} <= set(desk.projector.projections.orders.rows)
     desk.ok(cancel_order(SHOP, "o1"))
-    assert "o1" not in desk.projector.orders.rows, "a closed order is not kept in memory"
-    assert "o2" in desk.projector.orders.rows, "an open one is"
-    closed = desk.projector.orders.get("o1")  # read back from the store when asked for
-    assert closed is not None and closed["status"] == "cancelled"
+    assert "o1" not in desk.projector.projections.orders.rows, "a closed order is not kept in memory"
+    assert "o2" in desk.projector.projections.orders.rows, "an open one is"
+    closed = desk.projector.projections.orders.get("o1")  # read back from the store when asked for
+    assert closed is not None and closed.status == "cancelled"
     desk.ok(create_order(SHOP, "o3"))
-    assert "o1" not in desk.projector.orders.rows, "and let go again after the next commit"
+    assert "o1" not in desk.projector.projections.orders.rows, "and let go again after the next commit"
 
 
 def test_rider_state_follows_load_to_every_shop(desk: Desk) -> None:

@@ -1,4 +1,4 @@
-"""The persister service: the only writer of the store (DESIGN.md §4).
+"""The persister service: the only writer of the store (docs/design.md §4).
 
 Consumes every inbound topic on a persistent session with manual acks. A batch of messages is
 validated and committed in one transaction; only then are the canonical events, retained snapshots

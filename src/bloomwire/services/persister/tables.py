@@ -1,108 +1,110 @@
-"""Write-behind row caches: the persister keeps its projections in memory and flushes per batch."""
+"""Row caches: the persister keeps its projections in memory, one :class:`CachedTable` per table.
+
+Which rows a batch added or changed is the unit of work's business (:mod:`.work`); a table only
+holds rows, reads missing ones on demand and writes the ones it is given.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-Row = dict[str, Any]
+
+class Keyed(Protocol):
+    """A row class of the persister's: its primary key is ``id``."""
+
+    id: str
 
 
-class CachedTable:
-    """Rows of one table keyed by primary key; new and changed rows are written on :meth:`flush`.
+R = TypeVar("R", bound=Keyed)
+
+
+class CachedTable(Generic[R]):
+    """Rows of one table keyed by ``id``, as instances of ``row_type``.
 
     The persister is the store's only writer, so the cache is authoritative while it runs. Rows
-    missing from memory are read on demand with ``loader``.
+    missing from memory are read on demand from ``engine``, when given.
     """
 
-    def __init__(self, table: sa.Table, loader: Callable[[str], Row | None] | None = None) -> None:
+    def __init__(self, table: sa.Table, row_type: Callable[..., R], engine: sa.Engine | None = None) -> None:
         self.table = table
-        self.key = next(iter(table.primary_key.columns)).name
-        self.rows: dict[str, Row] = {}
-        self.new: set[str] = set()
-        self.dirty: set[str] = set()
+        self.row_type = row_type
+        self.rows: dict[str, R] = {}
         #: Rows read, added or changed since :meth:`take_recent` last ran.
         self.recent: set[str] = set()
-        self._loader = loader
+        self._engine = engine
         self._columns = [c.name for c in table.columns]
-        updatable = [c for c in self._columns if c != self.key]
+        self._updatable = [c for c in self._columns if c != "id"]
+        self._select = sa.select(table).where(table.c.id == sa.bindparam("id"))
         self._update = (
             table.update()
-            .where(table.c[self.key] == sa.bindparam("k_" + self.key))
-            .values({c: sa.bindparam("v_" + c) for c in updatable})
+            .where(table.c.id == sa.bindparam("k_id"))
+            .values({c: sa.bindparam("v_" + c) for c in self._updatable})
         )
 
-    def get(self, key: str) -> Row | None:
+    def get(self, key: str) -> R | None:
         """The row for ``key`` from memory, else from the store, else None."""
         row = self.rows.get(key)
-        if row is None and self._loader is not None:
-            row = self._loader(key)
-            if row is not None:
-                self.rows[key] = row
+        if row is None and self._engine is not None:
+            with self._engine.connect() as conn:
+                found = conn.execute(self._select, {"id": key}).first()
+            if found is not None:
+                row = self.rows[key] = self.row_type(**found._mapping)
                 self.recent.add(key)
         return row
 
-    def add(self, row: Row) -> Row:
-        """Remember a new row (inserted on flush)."""
-        key = row[self.key]
-        self.rows[key] = row
-        self.new.add(key)
-        self.recent.add(key)
+    def put(self, row: R) -> R:
+        """Hold ``row`` (a new one: the unit of work that made it inserts it)."""
+        self.rows[row.id] = row
+        self.recent.add(row.id)
         return row
-
-    def touch(self, key: str) -> None:
-        """Mark a row as changed."""
-        if key not in self.new:
-            self.dirty.add(key)
-        self.recent.add(key)
 
     def load(self, rows: Iterable[Any]) -> None:
         """Fill the cache from query results."""
+        make = self.row_type
         for r in rows:
-            row = dict(r._mapping)
-            self.rows[row[self.key]] = row
+            row = make(**r._mapping)
+            self.rows[row.id] = row
 
-    def values(self) -> Iterator[Row]:
+    def values(self) -> Iterator[R]:
         """Every cached row."""
         return iter(self.rows.values())
 
-    def flush(self, conn: Connection) -> None:
-        """Insert new rows and update changed ones."""
-        if self.new:
-            conn.execute(self.table.insert(), [self._full(self.rows[k]) for k in self.new])
-        if self.dirty:
-            params = []
-            for k in self.dirty:
-                row = self.rows[k]
-                p = {"v_" + c: row.get(c) for c in self._columns if c != self.key}
-                p["k_" + self.key] = k
-                params.append(p)
-            conn.execute(self._update, params)
+    def insert(self, conn: Connection, keys: Iterable[str]) -> None:
+        """Insert the rows of ``keys``."""
+        rows = [{c: getattr(self.rows[k], c) for c in self._columns} for k in keys]
+        if rows:
+            conn.execute(self.table.insert(), rows)
 
-    def committed(self) -> None:
-        """Forget what was flushed (after a successful commit)."""
-        self.new.clear()
-        self.dirty.clear()
+    def update(self, conn: Connection, keys: Iterable[str]) -> None:
+        """Write every column of the rows of ``keys``."""
+        params = []
+        for k in keys:
+            row = self.rows[k]
+            p = {"v_" + c: getattr(row, c) for c in self._updatable}
+            p["k_id"] = k
+            params.append(p)
+        if params:
+            conn.execute(self._update, params)
 
     def take_recent(self) -> set[str]:
         """The keys of the rows read, added or changed since the last call."""
         recent, self.recent = self.recent, set()
         return recent
 
-    def rolled_back(self) -> None:
-        """Drop rows whose changes were not committed; they are re-read on demand."""
-        for k in self.new | self.dirty:
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop rows from memory (changes never committed: they are re-read on demand)."""
+        for k in keys:
             self.rows.pop(k, None)
-        self.committed()
-        self.recent.clear()
 
     def evict(self, key: str) -> None:
-        """Drop a clean row from memory (e.g. a closed order)."""
-        if key not in self.new and key not in self.dirty:
-            self.rows.pop(key, None)
+        """Let a row go from memory (a closed order, a resolved alert): read back if named again."""
+        self.rows.pop(key, None)
 
-    def _full(self, row: Row) -> Row:
-        return {c: row.get(c) for c in self._columns}
+    def clear(self) -> None:
+        """Drop every row (before a reload)."""
+        self.rows.clear()
+        self.recent.clear()
