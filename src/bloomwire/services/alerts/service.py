@@ -61,6 +61,7 @@ from bloomwire.services.alerts.rules import (
     evaluate_by_key,
     followup_due,
 )
+from bloomwire.services.alerts.watch import Watch
 from bloomwire.store import make_engine
 from bloomwire.store.models import ALERTS, EVENTS, ORDERS, RIDERS
 
@@ -184,7 +185,9 @@ class Snapshot:
     now: datetime
     #: Subjects fully evaluated (None: everything, a tick).
     scope: frozenset[Subject] | None
-    findings: dict[AlertKey, Finding]
+    #: The keys whose condition holds: to their finding (edge reads) or to their subject (ticks,
+    #: worded on demand by ``describe``: only new and escalated alerts need a sentence).
+    findings: Mapping[AlertKey, Finding | Subject]
     #: Non-resolved alerts in the store (ticks only).
     alerts: list[Tracked] | None
     #: key -> number of alerts the store holds for it, for the keys that may need a new alert.
@@ -197,6 +200,16 @@ class Snapshot:
     evaluate_s: float = 0.0
     #: CPU seconds the reading thread spent (read + rules), whatever else ran on the machine.
     cpu_s: float = 0.0
+    #: Subjects the rules looked at (ticks: changed or due).
+    visited: int = 0
+    describe: Callable[[AlertKey], Finding | None] | None = None
+
+    def finding(self, key: AlertKey) -> Finding | None:
+        """The finding of ``key`` if its condition holds."""
+        found = self.findings.get(key)
+        if found is None or isinstance(found, Finding):
+            return found
+        return self.describe(key) if self.describe is not None else None
 
 
 @dataclass
@@ -357,6 +370,28 @@ class _RowCache(Generic[V]):
         return {k: v for k, (_, v) in fresh.items()}
 
 
+class _ViewCache(Generic[V]):
+    """Views of the rows of a query that changes (a time bound, a list of ids): unchanged rows
+    keep their view object, which tells the :class:`~bloomwire.services.alerts.watch.Watch` they
+    did not change."""
+
+    def __init__(self, build: Callable[[Sequence[Any]], V]) -> None:
+        self.build = build
+        self.rows: dict[str, tuple[tuple[Any, ...], V]] = {}
+        self._fresh: dict[str, tuple[tuple[Any, ...], V]] = {}
+
+    def start(self) -> None:
+        self.rows, self._fresh = self._fresh, {}
+
+    def view(self, row: Sequence[Any]) -> V:
+        raw = tuple(row)
+        hit = self._fresh.get(raw[0]) or self.rows.get(raw[0])
+        if hit is None or hit[0] != raw:
+            hit = (raw, self.build(raw))
+        self._fresh[raw[0]] = hit
+        return hit[1]
+
+
 def _read_order_rows(conn: Connection, order_ids: list[str], rider_ids: list[str]) -> dict[str, Any]:
     """Rows of the given orders and of every live order the given riders carry, by id."""
     rows: dict[str, Any] = {}
@@ -436,6 +471,8 @@ class AlertEngine:
         self._alerts = _RowCache(
             sa.select(*_ALERT_COLUMNS).where(_A.status.in_((_OPEN, _ACKNOWLEDGED))), _alert_from_raw
         )
+        self._closed = _ViewCache(_order_from_raw)
+        self.watch = Watch(config.for_shop)
         self._dirty: set[Subject] = set()
         self._wake = asyncio.Event()
         self._tick_lock = asyncio.Lock()
@@ -455,16 +492,20 @@ class AlertEngine:
             recent_failed = sa.select(*_RAW_ORDER_COLUMNS).where(
                 _O.status.in_(_FAILED_OUTCOME), _O.closed_at >= since
             )
+            closed = self._closed
+            closed.start()
             for r in conn.execute(recent_failed):
-                orders[r[0]] = _order_from_raw(r)
+                orders[r[0]] = closed.view(r)
             alerts = self._alerts.read(conn)
             missing = sorted({a.key[2] for a in alerts.values() if a.key[2]} - orders.keys())
             for part in _chunks(missing):
                 for r in conn.execute(sa.select(*_RAW_ORDER_COLUMNS).where(_O.id.in_(part))):
-                    orders[r[0]] = _order_from_raw(r)
+                    orders[r[0]] = closed.view(r)
             riders = self._riders.read(conn)
             read_s = time.perf_counter() - start
-            findings = evaluate_by_key(orders.values(), riders, now, self.config.for_shop)
+            watch = self.watch
+            watch.update(orders, riders, now)
+            findings = watch.found
             evaluate_s = time.perf_counter() - start - read_s
             known = {a.key for a in alerts.values()}
             counts = _count_alerts(conn, findings.keys() - known)
@@ -481,6 +522,8 @@ class AlertEngine:
             read_s=read_s,
             evaluate_s=evaluate_s,
             cpu_s=time.thread_time() - cpu,
+            visited=watch.visited,
+            describe=lambda key: watch.finding(key, now),
         )
 
     def read_subjects(self, subjects: Iterable[Subject]) -> Snapshot:
@@ -559,8 +602,8 @@ class AlertEngine:
         # Steady state: nearly every finding already has its alert. Set differences (in C) find
         # what is new and what is gone; only those and the escalation candidates are visited.
         for key in found.keys() - book.keys():
-            if wanted(key):
-                self._raise(found[key], snap, mono)
+            if wanted(key) and (finding := snap.finding(key)) is not None:
+                self._raise(finding, snap, mono)
         for key in self._gone(snap):
             if wanted(key):
                 self._resolve(book[key], snap, mono)
@@ -600,7 +643,7 @@ class AlertEngine:
         }
 
     def _escalations(
-        self, found: Mapping[AlertKey, Finding], skip: set[Subject], snap: Snapshot, mono: float
+        self, found: Mapping[AlertKey, object], skip: set[Subject], snap: Snapshot, mono: float
     ) -> None:
         """Re-notify open alerts unacknowledged for longer than their shop's ``escalate_after``."""
         shops = [self.config.defaults, *self.config.shops.values()]
@@ -610,15 +653,13 @@ class AlertEngine:
         for tracked in list(self.book.values()):
             if tracked.status != _OPEN or tracked.notified_at >= surely_not_due:
                 continue
-            finding = found.get(tracked.key)
-            if finding is None or (skip and _subject(tracked.key) in skip):
+            if tracked.key not in found or (skip and _subject(tracked.key) in skip):
                 continue
-            limit = due_before.get(finding.shop)
+            shop = tracked.key[1]
+            limit = due_before.get(shop)
             if limit is None:  # escalation_due(notified_at, now, t) <=> notified_at < now - t.escalate_after
-                limit = due_before[finding.shop] = (
-                    snap.now - self.config.for_shop(finding.shop).escalate_after
-                )
-            if tracked.notified_at < limit:
+                limit = due_before[shop] = snap.now - self.config.for_shop(shop).escalate_after
+            if tracked.notified_at < limit and (finding := snap.finding(tracked.key)) is not None:
                 self._escalate(tracked, finding, snap.now, mono)
 
     def _rebuild(self, alerts: list[Tracked], mono: float) -> list[tuple[Tracked, Tracked]]:
