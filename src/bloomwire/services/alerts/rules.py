@@ -570,33 +570,37 @@ _RULES_BY_STATUS: dict[OrderStatus, tuple[tuple[AlertRule, OrderRule], ...]] = {
 #: rule -> its order rule function (what the alerts service words a finding with).
 ORDER_RULE: dict[AlertRule, OrderRule] = {rule: fn for rule, fn, _ in _ORDER_RULES}
 
-SpanOf: TypeAlias = Callable[[OrderView, RiderView | None, Thresholds], Span | None]
-_SPANS: dict[AlertRule, SpanOf] = {
-    AlertRule.OVERDUE: lambda o, r, t: overdue_span(o, t),
-    AlertRule.ETA_SLIP: lambda o, r, t: eta_slip_span(o, t),
-    AlertRule.STALE_POSITION: stale_position_span,
-    AlertRule.UNASSIGNED: lambda o, r, t: unassigned_span(o, t),
-    AlertRule.CUSTOMER_UNREACHABLE: lambda o, r, t: customer_unreachable_span(o),
-    AlertRule.DELIVERY_FAILED: lambda o, r, t: delivery_failed_span(o, t),
-}
-_SPANS_BY_STATUS: dict[OrderStatus, tuple[tuple[AlertRule, SpanOf], ...]] = {
-    status: tuple((rule, _SPANS[rule]) for rule, _ in rules) for status, rules in _RULES_BY_STATUS.items()
+_RULES_OF_STATUS: dict[OrderStatus, frozenset[AlertRule]] = {
+    status: frozenset(rule for rule, _ in rules) for status, rules in _RULES_BY_STATUS.items()
 }
 
 
 def order_spans(order: OrderView, rider: RiderView | None, t: Thresholds) -> list[tuple[AlertKey, Span]]:
     """The order rules of ``order`` that hold at some time, keyed like their findings, with when
     they hold: :func:`evaluate` finds exactly the keys whose span holds at ``now``."""
-    spans: list[tuple[AlertKey, Span]] = []
-    disabled = t.disabled
-    for rule, span_of in _SPANS_BY_STATUS[order.status]:
-        if rule in disabled:
-            continue
-        span = span_of(order, rider, t)
-        if span is not None:
-            who = order.rider if rule is AlertRule.STALE_POSITION else None
-            spans.append(((rule, order.shop, order.id, who), span))
-    return spans
+    rules = _RULES_OF_STATUS[order.status] - t.disabled if t.disabled else _RULES_OF_STATUS[order.status]
+    shop, oid = order.shop, order.id
+    candidates = (
+        (AlertRule.OVERDUE, None, overdue_span(order, t) if AlertRule.OVERDUE in rules else None),
+        (AlertRule.ETA_SLIP, None, eta_slip_span(order, t) if AlertRule.ETA_SLIP in rules else None),
+        (
+            AlertRule.STALE_POSITION,
+            order.rider,
+            stale_position_span(order, rider, t) if AlertRule.STALE_POSITION in rules else None,
+        ),
+        (AlertRule.UNASSIGNED, None, unassigned_span(order, t) if AlertRule.UNASSIGNED in rules else None),
+        (
+            AlertRule.CUSTOMER_UNREACHABLE,
+            None,
+            customer_unreachable_span(order) if AlertRule.CUSTOMER_UNREACHABLE in rules else None,
+        ),
+        (
+            AlertRule.DELIVERY_FAILED,
+            None,
+            delivery_failed_span(order, t) if AlertRule.DELIVERY_FAILED in rules else None,
+        ),
+    )
+    return [((rule, shop, oid, who), span) for rule, who, span in candidates if span is not None]
 
 
 def rider_offline_spans(

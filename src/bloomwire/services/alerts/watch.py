@@ -10,11 +10,11 @@ re-evaluates the subjects whose rows changed and the subjects that are due, not 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Final, TypeAlias
 
-from bloomwire.contract.events import AlertRule
+from bloomwire.contract.events import AlertRule, Presence
 from bloomwire.services.alerts.config import Thresholds
 from bloomwire.services.alerts.rules import (
     ON_THE_WAY,
@@ -105,24 +105,29 @@ class Watch:
         subjects: set[Subject] = {(ORDER, i) for i in changed_orders}
         touched = set(changed_riders)
         for oid in changed_orders:
-            touched.update(self._move(oid, old_orders.get(oid), orders.get(oid)))
+            old, new = old_orders.get(oid), orders.get(oid)
+            # rider_offline reads the rider, shop and status of the orders a rider carries
+            if old is None or new is None or (old.rider, old.status, old.shop) != (new.rider, new.status, new.shop):
+                touched.update(self._move(oid, old, new))
         for rid in changed_riders:  # of the order rules, only stale_position reads the rider
             subjects.update((ORDER, oid) for oid in self._carried.get(rid, ()) if orders[oid].status in ON_THE_WAY)
         subjects.update((RIDER, rid) for rid in touched)
         return subjects
 
-    def _move(self, oid: str, old: OrderView | None, new: OrderView | None) -> Iterable[str]:
+    def _move(self, oid: str, old: OrderView | None, new: OrderView | None) -> list[str]:
         """Re-file order ``oid`` under its rider; the riders whose carried orders changed."""
+        riders: list[str] = []
         if old is not None and old.rider is not None:
             held = self._carried.get(old.rider)
             if held is not None:
                 held.discard(oid)
                 if not held:
                     del self._carried[old.rider]
-            yield old.rider
+            riders.append(old.rider)
         if new is not None and new.rider is not None:
             self._carried.setdefault(new.rider, set()).add(oid)
-            yield new.rider
+            riders.append(new.rider)
+        return riders
 
     def _carried_orders(self, rider: str) -> list[OrderView]:
         orders = self.orders
@@ -137,8 +142,8 @@ class Watch:
             rider = self.riders.get(order.rider) if order.rider is not None else None
             return order_spans(order, rider, self.thresholds_for(order.shop))
         rider_view = self.riders.get(ident)
-        if rider_view is None:
-            return []
+        if rider_view is None or rider_view.presence is not Presence.OFFLINE:
+            return []  # rider_offline_spans would say so, after listing the orders it carries
         return rider_offline_spans(rider_view, self._carried_orders(ident), self.thresholds_for)
 
     # --- what holds, and when to look again -------------------------------------------------------
@@ -146,16 +151,21 @@ class Watch:
     def _hold(self, subject: Subject, now: datetime) -> None:
         """Bring :attr:`found` in line with ``subject``'s spans at ``now``; schedule its next look."""
         spans = self._spans.get(subject, [])
-        found = self.found
-        for key in self._held.pop(subject, ()):
-            found.pop(key, None)
         holding = [key for key, span in spans if span.holds(now)]
-        for key in holding:
-            found.setdefault(key, subject)
-        if holding:
-            self._held[subject] = holding
+        held = self._held.get(subject, [])
+        if holding != held:
+            found = self.found
+            for key in held:
+                found.pop(key, None)
+            for key in holding:
+                found.setdefault(key, subject)
+            if holding:
+                self._held[subject] = holding
+            else:
+                del self._held[subject]
         if not spans:
             self._spans.pop(subject, None)
+            return
         changes = [at for _, span in spans if (at := span.next_change(now)) is not None]
         if changes:
             self._schedule(subject, min(changes))
