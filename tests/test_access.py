@@ -598,7 +598,7 @@ class Provisioners:
         async def main() -> None:
             stop = asyncio.Event()
             started.put((asyncio.get_running_loop(), stop))
-            await service.run(settings, stop=stop, install_signals=False)
+            await service.run(settings, stop=stop)
 
         thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
         thread.start()
@@ -772,7 +772,9 @@ def test_a_malformed_device_request_is_dead_lettered_and_the_next_one_answered(
     assert puback(customer, access.enrol_topic, b'{"no": "id"}') < 0x80
     letters = [json.loads(p) for t, p in received(operator, 2.0) if t == topics.DEADLETTER]
     ours = [d for d in letters if d.get("topic") == access.enrol_topic]
-    assert ours and ours[0]["service"] == policy.PROVISIONER and "not a device request" in ours[0]["reason"]
+    assert ours and ours[0]["service"] == policy.PROVISIONER
+    assert ours[0]["reason"].startswith("undecodable payload: ValidationError"), "the runtime decodes"
+    assert "\nsource\n" in ours[0]["reason"], "the decode error names the missing field"
     customer.disconnect()
     device = enrol_device(
         stack.broker.host, stack.broker.port, access.username, access.password, access.customer

@@ -102,7 +102,7 @@ class ServiceLoop:
     def start(self, service: Service, settings: Settings) -> Running:
         async def launch() -> Running:
             stop = asyncio.Event()
-            task = asyncio.create_task(service.run(settings, stop=stop, install_signals=False))
+            task = asyncio.create_task(service.run(settings, stop=stop))
             return Running(service, stop, task)
 
         running: Running = self.call(launch())

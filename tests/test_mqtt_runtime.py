@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import queue
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,10 @@ import pytest
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from pydantic import BaseModel
 from structlog.testing import LogCapture
 
+from bloomwire.app import entry
 from bloomwire.contract import topics
 from bloomwire.errors import BrokerError
 from bloomwire.runtime import mqtt, pahoclient
@@ -73,7 +77,7 @@ class Recorder:
 async def running(service: Service, settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
     """Run ``service`` as a task of this loop until the block ends, then stop it cleanly."""
     stop = asyncio.Event()
-    task = asyncio.create_task(service.run(settings, stop=stop, install_signals=False))
+    task = asyncio.create_task(service.run(settings, stop=stop))
     try:
         await eventually(lambda: service.ready.is_set() or task.done(), f"service {service.name} ready")
         if task.done():
@@ -517,6 +521,166 @@ def test_oversized_publish_is_refused_before_the_broker_kicks_the_client(
 # --- batch handlers ---------------------------------------------------------------------------
 
 
+# --- typed handlers, state, the entry point ---------------------------------------------------
+
+
+class Reading(BaseModel):
+    """A payload model for the typed-handler tests."""
+
+    id: str
+    value: int
+
+
+@dataclass
+class Counted:
+    """A start-up state: one object the handlers read as ``service.state``."""
+
+    label: str
+    seen: list[int] = field(default_factory=list)
+
+
+def test_typed_handler_gets_the_decoded_model_and_an_undecodable_payload_is_dead_lettered(
+    make_settings: Any, watcher: Any, captured_logs: list[MutableMapping[str, Any]], tuned: bool
+) -> None:
+    name = unique()
+    topic = f"test/{name}/in"
+    service: Service[Counted] = Service(name, tuned=tuned)
+    calls: list[tuple[Reading, str]] = []
+
+    @service.on_startup
+    async def start() -> Counted:
+        return Counted(label="warm")
+
+    @service.handle(topic, model=Reading)
+    async def on_reading(reading: Reading, msg: Message) -> None:
+        calls.append((reading, msg.topic))
+        service.state.seen.append(reading.value)
+
+    dl = watcher(topics.DEADLETTER, topics.service_status(name))
+    bad = json.dumps({"id": "ev-bad-1", "value": "not a number"}).encode()
+
+    async def body() -> None:
+        async with running(service, make_settings()):
+            await expect_status(dl, name, b"online")
+            assert service.state.label == "warm"
+            dl.publish(topic, bad, qos=1)
+            dl.publish(topic, b"{not json", qos=1)
+            dl.publish(topic, json.dumps({"id": "ev-ok", "value": 7}).encode(), qos=1)
+            refusals = [await expect_deadletter(dl, topic), await expect_deadletter(dl, topic)]
+            await eventually(lambda: len(calls) == 1, "the good reading")
+            state = service.state
+        assert calls == [(Reading(id="ev-ok", value=7), topic)]
+        assert state.seen == [7], "the handler reached the start-up state"
+        assert refusals[0]["id"] == "ev-bad-1"
+        assert refusals[0]["reason"].startswith("undecodable payload: ValidationError:")
+        assert "value" in refusals[0]["reason"], "the decode error names the field"
+        assert refusals[1]["reason"].startswith("undecodable payload: ValidationError:")
+        assert (refusals[1]["service"], refusals[1]["payload"]) == (name, "{not json")
+        assert (service.handled, service.failed, service.refused) == (1, 0, 2)
+        assert [e["topic"] for e in captured_logs if e["event"] == "payload refused"] == [topic, topic]
+        assert not service.has_state
+        with pytest.raises(BrokerError, match="not running"):
+            _ = service.state
+
+    run(body())
+
+
+def test_typed_batch_handler_gets_models_and_messages_in_step_without_the_undecodable(
+    make_settings: Any, watcher: Any, tuned: bool
+) -> None:
+    name = unique()
+    service = Service(name, persistent=True, session_expiry_s=60, tuned=tuned, linger_s=0.3)
+    batches: list[list[tuple[int, bytes]]] = []
+    fail_once = [True]
+
+    def decode(payload: bytes) -> int:
+        return int(payload)
+
+    @service.handle_batch(f"test/{name}/a", f"test/{name}/b", model=decode)
+    async def store(values: Sequence[int], msgs: Sequence[Message]) -> None:
+        if fail_once[0]:  # retried with the same decoded values: decoded once, before the first try
+            fail_once[0] = False
+            raise RuntimeError("store unavailable")
+        batches.append([(v, m.payload) for v, m in zip(values, msgs, strict=True)])
+
+    client = watcher(topics.DEADLETTER, topics.service_status(name))
+
+    async def body() -> None:
+        async with running(service, make_settings()):
+            await expect_status(client, name, b"online")
+            for topic, payload in [("a", b"1"), ("b", b"two"), ("a", b"3")]:
+                client.publish(f"test/{name}/{topic}", payload, qos=1)
+            refusal = await expect_deadletter(client, f"test/{name}/b")
+            await eventually(lambda: sum(map(len, batches)) == 2, "the decodable ones")
+        assert [pair for b in batches for pair in b] == [(1, b"1"), (3, b"3")]
+        assert refusal["reason"].startswith("undecodable payload: ValueError: invalid literal")
+        assert (service.refused, service.failed) == (1, 1)
+
+    run(body())
+
+
+def test_retried_typed_handler_is_never_retried_for_an_undecodable_payload(
+    make_settings: Any, watcher: Any, tuned: bool
+) -> None:
+    name = unique()
+    topic = f"test/{name}/in"
+    service = Service(name, tuned=tuned)
+    got: list[int] = []
+
+    @service.handle(topic, model=Reading, retry=True)
+    async def keep(reading: Reading, msg: Message) -> None:
+        got.append(reading.value)
+
+    client = watcher(topics.DEADLETTER, topics.service_status(name))
+
+    async def body() -> None:
+        async with running(service, make_settings()):
+            await expect_status(client, name, b"online")
+            client.publish(topic, b"[]", qos=1)
+            client.publish(topic, json.dumps({"id": "x", "value": 2}).encode(), qos=1)
+            await expect_deadletter(client, topic)
+            await eventually(lambda: got == [2], "the message after the undecodable one")
+        assert (service.refused, service.failed, service.health.since) == (1, 0, None), "never degraded"
+
+    run(body())
+
+
+def test_the_library_leaves_signals_and_the_collector_alone(make_settings: Any) -> None:
+    name = unique()
+    service = Service(name)
+    service.handle(f"test/{name}")(Recorder())
+    frozen = gc.get_freeze_count()
+
+    async def body() -> None:
+        with pytest.raises(TypeError, match="entry point"):
+            await service.run(make_settings(), install_signals=True)  # type: ignore[arg-type]
+        handler = signal.getsignal(signal.SIGTERM)
+        async with running(service, make_settings()):
+            assert signal.getsignal(signal.SIGTERM) is handler
+        assert gc.get_freeze_count() == frozen
+
+    run(body())
+
+
+def test_the_entry_point_stops_on_sigterm_and_settles_the_heap_once_ready(make_settings: Any) -> None:
+    name = unique()
+    service = Service(name)
+    service.handle(f"test/{name}")(Recorder())
+
+    async def body() -> None:
+        task = asyncio.create_task(entry.run_service(service, make_settings()))
+        await eventually(lambda: service.ready.is_set() or task.done(), "the service ready")
+        await eventually(lambda: gc.get_freeze_count() > 0, "the heap frozen")
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(task, WAIT)
+        assert not service.ready.is_set()
+
+    try:
+        run(body())
+    finally:
+        gc.unfreeze()
+
+
 def test_batch_handler_failure_is_retried_then_delivered(
     make_settings: Any, watcher: Any, tuned: bool
 ) -> None:
@@ -683,7 +847,7 @@ def test_stop_is_honoured_while_a_batch_handler_keeps_failing(
 
     async def body() -> None:
         stop = asyncio.Event()
-        task = asyncio.create_task(service.run(make_settings(), stop=stop, install_signals=False))
+        task = asyncio.create_task(service.run(make_settings(), stop=stop))
         await expect_status(client, name, b"online")
         client.publish(f"test/{name}/a", b"1", qos=1)
         await eventually(lambda: len(calls) >= 2, "the batch to be retried")

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bloomwire.contract.geo import EARTH_RADIUS_M
+from bloomwire.contract.geo import EARTH_RADIUS_M, distance_m
+from bloomwire.services.dispatch import planner
 from bloomwire.services.dispatch.planner import (
     Assignment,
     CandidateCost,
@@ -378,6 +379,39 @@ def test_random_city_instance_is_consistent() -> None:
             o = next(o for o in orders if o.id == a.order)
             assert eligibility(by_id[a.rider], o, NOW, W) is None
     assert len(joint) == len(greedy)
+
+
+@pytest.mark.parametrize(("per_order", "per_rider"), [(8, 100), (1, 1)], ids=["default", "repaired"])
+def test_sparse_joint_assignment_serves_as_many_orders_at_about_the_dense_cost(
+    monkeypatch: pytest.MonkeyPatch, per_order: int, per_rider: int
+) -> None:
+    orders, riders = random_instance(600, 200, seed=7, now=NOW)
+    dense = assign_joint(orders, riders, NOW, W)
+    monkeypatch.setattr(planner, "DENSE_PAIRS_MAX", 0)
+    monkeypatch.setattr(planner, "SPARSE_RIDERS_PER_ORDER", per_order)
+    monkeypatch.setattr(planner, "SPARSE_ORDERS_PER_RIDER", per_rider)
+    sparse = assign_joint(orders, riders, NOW, W)
+    by_id = {r.id: r for r in riders}
+    assert len({a.order for a in sparse}) == len(sparse) == len(dense), "as many orders served"
+    for rid, n in _per_rider(sparse).items():
+        assert by_id[rid].load + n <= by_id[rid].capacity
+    for a in sparse:
+        o = next(o for o in orders if o.id == a.order)
+        assert eligibility(by_id[a.rider], o, NOW, W) is None
+    assert total_cost(sparse) == pytest.approx(total_cost(dense), rel=0.02)
+
+
+def test_orders_sharing_a_pickup_point_get_the_same_distances() -> None:
+    orders = [order("o1", 0), order("o2", 0), order("o3", 1500)]
+    riders = [rider("a", 300), rider("b", -900)]
+    fleet = planner._Fleet.build(riders, NOW, W)
+    got = fleet.distances(orders)
+    assert got.shape == (3, 2)
+    assert list(got[0]) == list(got[1])
+    for i, o in enumerate(orders):
+        for j, r in enumerate(fleet.riders):
+            assert r.lat is not None and r.lon is not None
+            assert got[i, j] == pytest.approx(distance_m(o.pickup_lat, o.pickup_lon, r.lat, r.lon), rel=1e-9)
 
 
 def test_total_cost() -> None:

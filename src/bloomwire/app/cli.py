@@ -22,6 +22,7 @@ import typer
 from typer.core import TyperGroup
 
 from bloomwire.app.accounts_cli import accounts_app
+from bloomwire.app.entry import run_service
 from bloomwire.app.status import gather, healthy, metrics_url, render
 from bloomwire.app.supervision import EXIT_PORT_IN_USE
 from bloomwire.app.supervisor import (
@@ -37,7 +38,6 @@ from bloomwire.app.terminal import console, err, fail, make_settings
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime import log
 from bloomwire.runtime.metrics import Exporter, PortInUseError, ServiceMetrics, serve
-from bloomwire.runtime.mqtt import Service
 from bloomwire.runtime.settings import Settings
 
 #: Commands loaded on first use -> the module whose ``register(app)`` adds them.
@@ -260,18 +260,9 @@ def service_run(
         raise fail(str(exc)) from None
     exporter = _serve_metrics(metrics, settings, metrics_port)
     try:
-        asyncio.run(_run_until_signalled(service, settings))
+        asyncio.run(run_service(service, settings))
     finally:
         exporter.close()
-
-
-async def _run_until_signalled(service: Service, settings: Settings) -> None:
-    """Run ``service`` until SIGINT or SIGTERM: the process's signals are the entry point's."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await service.run(settings, stop=stop, install_signals=False)
 
 
 def _serve_metrics(metrics: ServiceMetrics, settings: Settings, exact: int | None) -> Exporter:

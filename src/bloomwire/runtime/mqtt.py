@@ -4,21 +4,25 @@
 reconnect with backoff, subscriptions restored, optional manual acks) and hands messages to
 asyncio. A connection that asks (``tuned=True``) gets :mod:`bloomwire.runtime.pahoclient`'s client
 instead of paho's own, unless the installed paho was not checked for it (then a warning says so).
-:class:`Service` declares a service in one place: its handlers, start-up and shutdown hooks. A
-handler is a plain ``async def f(msg: Message) -> None``; one that raises is logged with the topic
-and payload, the message is dead-lettered, and the loop goes on. A batch handler (or a handler
-declared with ``retry``) that raises is retried with capped backoff, nothing acknowledged: the
-service says ``degraded`` (with the reason) on its status topic meanwhile, logs it once, raises an
-operator alert when it lasts, and says ``online`` again once the handler succeeds.
+:class:`Service` declares a service in one place: its handlers, start-up and shutdown hooks, and
+its state (what the start-up hook returns, typed: ``Service[MyState]``, read as ``service.state``).
+A handler declared with ``model=`` gets its payload decoded once by the runtime
+(``async def f(event: X, msg: Message) -> None``; a batch handler ``f(events, msgs)``); a payload
+that does not decode is dead-lettered with the decode error and never reaches the handler. A
+handler declared without one gets the raw :class:`Message` (``async def f(msg: Message) -> None``).
+A handler that raises is logged with the topic and payload, the message is dead-lettered, and the
+loop goes on. A batch handler (or a handler declared with ``retry``) that raises is retried with
+capped backoff, nothing acknowledged: the service says ``degraded`` (with the reason) on its status
+topic meanwhile, logs it once, raises an operator alert when it lasts, and says ``online`` again
+once the handler succeeds. Signals and the garbage collector are the process's: its entry point
+(:mod:`bloomwire.app.entry`) sets them, never this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
-import signal
 import socket
 import ssl
 import threading
@@ -26,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Literal, overload
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -34,6 +38,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import BaseModel
+from typing_extensions import TypeVar
 
 from bloomwire.contract import topics
 from bloomwire.contract.events import Refusal, ServiceState, ServiceStatus, encode, now, payload_text
@@ -100,6 +106,19 @@ class Message:
 Handler = Callable[[Message], Awaitable[None]]
 BatchHandler = Callable[[Sequence[Message]], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
+
+ModelT = TypeVar("ModelT")
+PydanticT = TypeVar("PydanticT", bound=BaseModel)
+#: What a service's start-up hook returns and its handlers read (``service.state``).
+StateT = TypeVar("StateT", default=None)
+#: ``handler(model, msg)``: the payload decoded by the runtime, and the message it came in.
+TypedHandler = Callable[[ModelT, Message], Awaitable[None]]
+#: ``handler(models, msgs)``: a run of decoded payloads and their messages, in the same order.
+TypedBatchHandler = Callable[[Sequence[ModelT], Sequence[Message]], Awaitable[None]]
+#: ``decode(payload)``: raises on a payload it refuses.
+Decoder = Callable[[bytes], ModelT]
+_Call = Callable[[Any, Message], Awaitable[None]]
+_BatchCall = Callable[[Sequence[Any], Sequence[Message]], Awaitable[None]]
 
 
 class Connection:
@@ -552,8 +571,12 @@ def event_id_of(payload: bytes) -> str | None:
 class _Route:
     topic_filter: str
     qos: int
-    handler: Handler | None = None
-    batch_handler: BatchHandler | None = None
+    #: ``call(model, msg)`` for one message (model: the decoded payload, or the message itself).
+    call: _Call | None = None
+    #: ``call_batch(models, msgs)`` for a run of messages; one object per declaration.
+    call_batch: _BatchCall | None = None
+    #: Decodes the payload before the call; None: the handler takes the raw message.
+    decode: Callable[[bytes], Any] | None = None
     #: A single handler that raises is retried like a batch (never dead-lettered and acked).
     retry: bool = False
     #: Subscribed with :func:`live_only` options (no retained messages sent on subscription).
@@ -561,6 +584,27 @@ class _Route:
 
     def subscription(self) -> Subscription:
         return live_only(self.qos) if self.live else self.qos
+
+
+def _decoder(model: type[BaseModel] | Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A pydantic model's JSON validator, or the decode callable as given."""
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return model.model_validate_json
+    return model
+
+
+def _raw(fn: Handler) -> _Call:
+    async def call(_: Any, msg: Message) -> None:
+        await fn(msg)
+
+    return call
+
+
+def _raw_batch(fn: BatchHandler) -> _BatchCall:
+    async def call(_: Sequence[Any], msgs: Sequence[Message]) -> None:
+        await fn(msgs)
+
+    return call
 
 
 @dataclass
@@ -572,12 +616,13 @@ class _Health:
     alerted: bool = False
 
 
-class Service:
+class Service(Generic[StateT]):
     """A named service: declare its handlers and hooks, then :meth:`run` it.
 
-    ``persistent`` services keep their broker session (clean_start false, session expiry) and
-    acknowledge each message only after its handler returned, so nothing is lost while they are
-    down or when they crash mid-message.
+    ``Service[S]``: a start-up hook returns the service's state, an ``S`` its handlers read as
+    :attr:`state` while it runs. ``persistent`` services keep their broker session (clean_start
+    false, session expiry) and acknowledge each message only after its handler returned, so
+    nothing is lost while they are down or when they crash mid-message.
     """
 
     def __init__(
@@ -605,54 +650,123 @@ class Service:
         self.tuned = tuned
         self.routes: list[_Route] = []
         self._routes_by_topic: dict[str, _Route | None] = {}
-        self.startup: list[Hook] = []
+        self.startup: list[Callable[[], Awaitable[StateT | None]]] = []
         self.shutdown: list[Hook] = []
         self.connection: Connection | None = None
         self.ready = asyncio.Event()
         self.handled = 0
         self.failed = 0
+        #: Messages whose payload did not decode (dead-lettered, never handed to a handler).
+        self.refused = 0
+        self._state: tuple[StateT] | tuple[()] = ()
 
     # --- declaration -------------------------------------------------------------------------
 
-    def handle(self, topic_filter: str, qos: int = 1, *, retry: bool = False) -> Callable[[Handler], Handler]:
-        """Decorator: ``handler(msg)`` for every message matching ``topic_filter``.
+    @overload
+    def handle(
+        self, topic_filter: str, qos: int = 1, *, retry: bool = False, model: None = None
+    ) -> Callable[[Handler], Handler]: ...
 
-        A handler that raises gets its message dead-lettered and acknowledged; with ``retry`` it is
-        retried instead, like a batch (for messages that must not be lost: the store's refusals).
+    @overload
+    def handle(
+        self, topic_filter: str, qos: int = 1, *, retry: bool = False, model: Decoder[ModelT]
+    ) -> Callable[[TypedHandler[ModelT]], TypedHandler[ModelT]]: ...
+
+    @overload
+    def handle(
+        self, topic_filter: str, qos: int = 1, *, retry: bool = False, model: type[PydanticT]
+    ) -> Callable[[TypedHandler[PydanticT]], TypedHandler[PydanticT]]: ...
+
+    def handle(
+        self,
+        topic_filter: str,
+        qos: int = 1,
+        *,
+        retry: bool = False,
+        model: type[BaseModel] | Decoder[Any] | None = None,
+    ) -> Callable[[Any], Any]:
+        """Decorator: a handler for every message matching ``topic_filter``.
+
+        With ``model`` (a pydantic model, or a callable decoding the payload bytes) the handler is
+        ``handler(decoded, msg)``; a payload that does not decode is dead-lettered with the decode
+        error and acknowledged. Without, it is ``handler(msg)``. A handler that raises gets its
+        message dead-lettered and acknowledged; with ``retry`` it is retried instead, like a batch
+        (for messages that must not be lost: the store's refusals).
         """
+        decode = _decoder(model)
 
-        def register(fn: Handler) -> Handler:
-            self.routes.append(_Route(topic_filter, qos, handler=fn, retry=retry))
+        def register(fn: Any) -> Any:
+            call = fn if decode is not None else _raw(fn)
+            self.routes.append(_Route(topic_filter, qos, call=call, decode=decode, retry=retry))
             return fn
 
         return register
+
+    @overload
+    def handle_batch(
+        self, *filters: str, qos: int = 1, live: bool = False, model: None = None
+    ) -> Callable[[BatchHandler], BatchHandler]: ...
+
+    @overload
+    def handle_batch(
+        self, *filters: str, qos: int = 1, live: bool = False, model: Decoder[ModelT]
+    ) -> Callable[[TypedBatchHandler[ModelT]], TypedBatchHandler[ModelT]]: ...
+
+    @overload
+    def handle_batch(
+        self, *filters: str, qos: int = 1, live: bool = False, model: type[PydanticT]
+    ) -> Callable[[TypedBatchHandler[PydanticT]], TypedBatchHandler[PydanticT]]: ...
 
     def handle_batch(
-        self, *filters: str, qos: int = 1, live: bool = False
-    ) -> Callable[[BatchHandler], BatchHandler]:
-        """Decorator: ``handler(msgs)`` for runs of consecutive messages matching ``filters``.
+        self,
+        *filters: str,
+        qos: int = 1,
+        live: bool = False,
+        model: type[BaseModel] | Decoder[Any] | None = None,
+    ) -> Callable[[Any], Any]:
+        """Decorator: a handler for runs of consecutive messages matching ``filters``.
 
-        The handler must deal with each bad message itself; if it raises, the whole batch is
-        retried (it was not acknowledged) after a pause, the service ``degraded`` meanwhile.
-        ``live``: subscribed with :func:`live_only` (retained messages not replayed, retain flag kept).
+        With ``model`` it is ``handler(decoded, msgs)`` (same order, same length): each payload is
+        decoded once, before the first attempt, and one that does not decode is dead-lettered and
+        acknowledged on its own. Without, it is ``handler(msgs)`` and must deal with each bad
+        message itself. If it raises, the whole batch is retried (it was not acknowledged) after a
+        pause, the service ``degraded`` meanwhile. ``live``: subscribed with :func:`live_only`
+        (retained messages not replayed, retain flag kept).
         """
+        decode = _decoder(model)
 
-        def register(fn: BatchHandler) -> BatchHandler:
+        def register(fn: Any) -> Any:
+            call = fn if decode is not None else _raw_batch(fn)
             for f in filters:
-                self.routes.append(_Route(f, qos, batch_handler=fn, live=live))
+                self.routes.append(_Route(f, qos, call_batch=call, decode=decode, live=live))
             return fn
 
         return register
 
-    def on_startup(self, fn: Hook) -> Hook:
-        """Decorator: run ``fn`` after connecting, before handling messages."""
+    def on_startup(
+        self, fn: Callable[[], Awaitable[StateT | None]]
+    ) -> Callable[[], Awaitable[StateT | None]]:
+        """Decorator: run ``fn`` after connecting, before handling messages. What it returns (if
+        not None) becomes :attr:`state` until the service has stopped."""
         self.startup.append(fn)
         return fn
 
     def on_shutdown(self, fn: Hook) -> Hook:
-        """Decorator: run ``fn`` when stopping, before disconnecting."""
+        """Decorator: run ``fn`` when stopping, before disconnecting (:attr:`state` still set)."""
         self.shutdown.append(fn)
         return fn
+
+    @property
+    def state(self) -> StateT:
+        """What the start-up hook returned; raises :class:`BrokerError` before or after."""
+        if not self._state:
+            raise BrokerError(f"service {self.name} has no state: it is not running")
+        return self._state[0]
+
+    @property
+    def has_state(self) -> bool:
+        """Whether :attr:`state` is set (a shutdown hook after a failed start-up: not)."""
+        return bool(self._state)
 
     # --- runtime -----------------------------------------------------------------------------
 
@@ -736,15 +850,20 @@ class Service:
             self.metrics.failed(self._route_name(msg.topic))
 
     async def run(
-        self, settings: Settings, *, stop: asyncio.Event | None = None, install_signals: bool = True
+        self,
+        settings: Settings,
+        *,
+        stop: asyncio.Event | None = None,
+        install_signals: Literal[False] = False,
     ) -> None:
-        """Connect, run start-up hooks, handle messages until ``stop`` (or SIGINT/SIGTERM)."""
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
+        """Connect, run start-up hooks, handle messages until ``stop`` is set.
+
+        Signals are the process's entry point's (:mod:`bloomwire.app.entry`): ``install_signals``
+        is accepted (False only) for callers written before they moved there.
+        """
         if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, stop.set)
+            raise TypeError("Service.run installs no signal handlers: the entry point does")
+        stop = stop or asyncio.Event()
         conn = Connection(
             settings,
             client_id=settings.broker_username or self.name,
@@ -764,12 +883,7 @@ class Service:
             await self._wait_connected(conn, stop)
             if stop.is_set():  # stopped before the broker ever answered
                 return
-            for hook in self.startup:
-                await hook()
-            # A full collection walks every tracked object: the ~100k made by imports and start-up
-            # would turn each one into a pause of tens of milliseconds for every queued message.
-            gc.collect()
-            gc.freeze()
+            await self._start()
             # "online" means ready: subscribed AND started (e.g. the store migrated).
             conn.announce_online = True
             conn.publish(
@@ -785,15 +899,19 @@ class Service:
                 except Exception:
                     log.exception("shutdown hook failed", service=self.name)
             await conn.stop()
-            if install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    with contextlib.suppress(NotImplementedError, RuntimeError):
-                        loop.remove_signal_handler(sig)
+            self._state = ()
             self.connection = None
             self.ready.clear()
             if self.metrics is not None:
                 self.metrics.stopped()
             log.info("service stopped", service=self.name, handled=self.handled, failed=self.failed)
+
+    async def _start(self) -> None:
+        """Run the start-up hooks; the last one that returns something sets :attr:`state`."""
+        for hook in self.startup:
+            state = await hook()
+            if state is not None:
+                self._state = (state,)
 
     async def _wait_connected(self, conn: Connection, stop: asyncio.Event) -> None:
         warned = False
@@ -831,28 +949,53 @@ class Service:
             await asyncio.sleep(wait)
 
     async def _dispatch(self, conn: Connection, pending: list[Message], stop: asyncio.Event) -> list[Message]:
-        """Handle the head of ``pending``; return what is left."""
+        """Handle the head of ``pending``; return what is left ([] if stopped first)."""
         first = pending[0]
         route = self._route(first.topic)
-        if route is not None and route.handler is not None and route.retry:
-            one = route.handler
-            if await self._until_handled(conn, lambda b: one(b[0]), pending[:1], stop):
-                return pending[1:]
-            return []
-        if route is None or route.handler is not None:
-            await self._handle_one(conn, route, first)
-            return pending[1:]
-        handler = route.batch_handler
-        assert handler is not None
+        if route is None or route.call_batch is None:
+            return pending[1:] if await self._handle_one(conn, route, first, stop) else []
+        call = route.call_batch
         n = 1
         while n < len(pending):
             nxt = self._route(pending[n].topic)
-            if nxt is None or nxt.batch_handler is not handler:
+            if nxt is None or nxt.call_batch is not call:
                 break
             n += 1
-        if await self._until_handled(conn, handler, pending[:n], stop):
-            return pending[n:]
-        return []
+        batch = pending[:n]
+        models: list[Any] = batch
+        if route.decode is not None:
+            models, batch = self._decode_all(conn, route.decode, batch)
+        if batch and not await self._until_handled(conn, lambda b: call(models, b), batch, stop):
+            return []
+        return pending[n:]
+
+    def _decode_all(
+        self, conn: Connection, decode: Callable[[bytes], Any], batch: list[Message]
+    ) -> tuple[list[Any], list[Message]]:
+        """The decoded payloads of ``batch`` and their messages; the rest dead-lettered, acked."""
+        models: list[Any] = []
+        kept: list[Message] = []
+        refused: list[Message] = []
+        for msg in batch:
+            try:
+                models.append(decode(msg.payload))
+            except Exception as exc:
+                self._refuse(msg, exc)
+                refused.append(msg)
+            else:
+                kept.append(msg)
+        conn.ack_all(refused)
+        return models, kept
+
+    def _refuse(self, msg: Message, exc: Exception) -> None:
+        """Dead-letter ``msg``, whose payload did not decode (never reaches a handler)."""
+        self.refused += 1
+        reason = f"undecodable payload: {type(exc).__name__}: {exc}"
+        # One line, but whole: a validation error names the field only after its first line.
+        brief = _shorten(" ".join(reason.split()), 300)
+        log.warning("payload refused", service=self.name, topic=msg.topic[:200], reason=brief)
+        with contextlib.suppress(Exception):
+            self.dead_letter(msg, reason)
 
     async def _until_handled(
         self, conn: Connection, handler: BatchHandler, batch: list[Message], stop: asyncio.Event
@@ -924,12 +1067,26 @@ class Service:
         with contextlib.suppress(Exception):  # disconnected: the reconnection says it
             conn.publish(conn.status_topic or topics.service_status(self.name), payload, retain=True)
 
-    async def _handle_one(self, conn: Connection, route: _Route | None, msg: Message) -> None:
+    async def _handle_one(
+        self, conn: Connection, route: _Route | None, msg: Message, stop: asyncio.Event
+    ) -> bool:
+        """Decode and handle ``msg`` (acknowledged after); False if stopped before it was handled."""
+        model: Any = msg
+        if route is not None and route.decode is not None:
+            try:
+                model = route.decode(msg.payload)
+            except Exception as exc:
+                self._refuse(msg, exc)
+                conn.ack(msg)
+                return True
+        if route is not None and route.call is not None and route.retry:
+            call = route.call
+            return await self._until_handled(conn, lambda b: call(model, b[0]), [msg], stop)
         started = time.perf_counter()
         try:
-            if route is None or route.handler is None:
+            if route is None or route.call is None:
                 raise LookupError(f"no handler for topic {msg.topic!r}")
-            await route.handler(msg)
+            await route.call(model, msg)
             self.handled += 1
             self._observe((msg,), started)
         except Exception as exc:
@@ -940,6 +1097,7 @@ class Service:
                 self.dead_letter(msg, f"{type(exc).__name__}: {exc}")
         finally:
             conn.ack(msg)
+        return True
 
 
 def check_rc(info: paho.MQTTMessageInfo) -> None:

@@ -37,6 +37,7 @@ from rich.console import Console
 
 from bloomwire.app.bench import private_stack
 from bloomwire.app.bench.report import Report
+from bloomwire.app.entry import settle_heap
 from bloomwire.app.supervisor import service_settings
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
@@ -153,7 +154,7 @@ async def _start_dispatch(settings: Settings) -> tuple[DispatchService, asyncio.
     creds = service_settings(settings, NAME)
     service = build(creds)
     stop = asyncio.Event()
-    task = asyncio.create_task(service.run(creds, stop=stop, install_signals=False))
+    task = asyncio.create_task(service.run(creds, stop=stop))
     deadline = time.monotonic() + 30
     while not service.ready.is_set():
         if task.done() or time.monotonic() > deadline:
@@ -161,6 +162,7 @@ async def _start_dispatch(settings: Settings) -> tuple[DispatchService, asyncio.
             await task
             raise RuntimeError("dispatch did not start")
         await asyncio.sleep(0.01)
+    settle_heap()  # as `bloomwire service run` does once the service is ready
     return service, stop, task
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from bloomwire.contract.geo import (
     DEFAULT_ROAD_FACTOR,
@@ -352,10 +354,16 @@ class _Fleet:
         )
 
     def distances(self, orders: Sequence[OrderRequest]) -> FloatArray:
-        """Straight-line metres, shape ``(len(orders), len(riders))``."""
-        return distance_matrix_m(
-            [o.pickup_lat for o in orders], [o.pickup_lon for o in orders], self.lat, self.lon
-        )
+        """Straight-line metres, shape ``(len(orders), len(riders))``.
+
+        Computed once per distinct pickup point: a shop's waiting orders share theirs, so at a
+        peak there are far fewer points than orders.
+        """
+        points = np.array([(o.pickup_lat, o.pickup_lon) for o in orders], dtype=np.float64).reshape(-1, 2)
+        unique, back = np.unique(points, axis=0, return_inverse=True)
+        by_point = distance_matrix_m(unique[:, 0], unique[:, 1], self.lat, self.lon)
+        out: FloatArray = by_point[back.reshape(-1)]
+        return out
 
     def declined(self, orders: Sequence[OrderRequest]) -> BoolArray:
         """``[i, j]`` True if rider j declined order i before."""
@@ -458,6 +466,36 @@ def assign_greedy(
     return out
 
 
+#: A joint assignment with more order x slot pairs than this solves a sparse candidate graph
+#: (:func:`_solve_sparse`) instead of the dense matrix: the dense solver grows with the
+#: product, and at a peak (thousands of orders and slots) takes seconds.
+DENSE_PAIRS_MAX = 250_000
+#: Sparse candidates: each order's cheapest riders, and each rider's cheapest orders.
+SPARSE_RIDERS_PER_ORDER = 8
+SPARSE_ORDERS_PER_RIDER = 100
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """Rider slots (columns): a rider with load L and capacity C has C - L of them, the k-th
+    costing ``load_penalty_s x (L + k)``."""
+
+    rider: IntArray  # the rider (fleet index) of each slot
+    first: IntArray  # each rider's first slot
+    free: IntArray  # each rider's slots
+    load_pen: FloatArray  # each slot's load penalty
+
+    @classmethod
+    def of(cls, fleet: _Fleet, w: Weights) -> _Slots:
+        free = np.where(fleet.ok, np.maximum(fleet.capacity - fleet.load, 0), 0)
+        n = int(free.sum())
+        rider = np.repeat(np.arange(len(fleet.riders)), free)
+        first = np.cumsum(free) - free
+        k = np.arange(n) - np.repeat(first, free)
+        load_pen = w.load_penalty_s * (fleet.load[rider] + k).astype(np.float64)
+        return cls(rider=rider, first=first, free=free, load_pen=load_pen)
+
+
 def assign_joint(
     orders: Sequence[OrderRequest],
     riders: Sequence[RiderCandidate],
@@ -466,47 +504,114 @@ def assign_joint(
 ) -> list[Assignment]:
     """Peak mode: assign all waiting orders at once with minimum total cost.
 
-    Columns are rider slots: a rider with load L and capacity C appears C - L times, its k-th
-    slot costing ``load_penalty_s x (L + k)``, so the matrix is rectangular. Pairs that may not
+    Columns are rider slots (:class:`_Slots`), so the matrix is rectangular. Pairs that may not
     happen get one large finite cost (larger than any set of real pairs can add up to, so the
     solver first maximises the number of real pairs) and are dropped afterwards. Orders that
-    get no rider are simply absent from the result.
+    get no rider are simply absent from the result. Above :data:`DENSE_PAIRS_MAX` pairs, the
+    minimum is over each order's cheapest riders and each rider's cheapest orders
+    (:func:`_solve_sparse`), not over every pair.
     """
     w = weights
     todo = _by_age(orders)
     fleet = _Fleet.build(riders, now, w)
-    free = np.where(fleet.ok, np.maximum(fleet.capacity - fleet.load, 0), 0)
-    n_cols = int(free.sum())
+    slots = _Slots.of(fleet, w)
+    n_cols = len(slots.rider)
     if not todo or n_cols == 0:
         return []
     travel, base, feasible = _base_matrix(todo, fleet, w)
-
-    col_rider = np.repeat(np.arange(len(fleet.riders)), free)
-    starts = np.cumsum(free) - free
-    col_k = np.arange(n_cols) - np.repeat(starts, free)
-    col_load_pen = w.load_penalty_s * (fleet.load[col_rider] + col_k).astype(np.float64)
-    real = base[:, col_rider] + col_load_pen  # (orders, slots)
-    ok = feasible[:, col_rider]
-    if not ok.any():
+    feasible &= slots.free > 0
+    if not feasible.any():
         return []
-
-    solve = real
+    credit = np.zeros(len(todo))
     if len(todo) > n_cols and w.wait_credit_s_per_min:
         waited_min = np.array([max((now - o.created_at).total_seconds(), 0.0) for o in todo]) / 60
-        solve = real - (w.wait_credit_s_per_min * waited_min)[:, None]
-    lo, hi = float(solve[ok].min()), float(solve[ok].max())
-    k = min(len(todo), n_cols)
-    big = hi + (k + 1) * (hi - lo + 1.0)
-    solve = np.where(ok, solve, big)
-
-    rows, cols = linear_sum_assignment(solve)
+        credit = w.wait_credit_s_per_min * waited_min
+    solve = _solve_dense if len(todo) * n_cols <= DENSE_PAIRS_MAX else _solve_sparse
     out: list[Assignment] = []
-    for i, c in zip(rows.tolist(), cols.tolist(), strict=True):
-        if not ok[i, c]:
-            continue
-        j = int(col_rider[c])
-        out.append(Assignment(todo[i].id, fleet.riders[j].id, float(real[i, c]), float(travel[i, j])))
+    for i, c in solve(base, feasible, credit, slots):
+        j = int(slots.rider[c])
+        cost = float(base[i, j] + slots.load_pen[c])
+        out.append(Assignment(todo[i].id, fleet.riders[j].id, cost, float(travel[i, j])))
     return out
+
+
+def _big(costs: FloatArray, k: int) -> float:
+    """A cost larger than any ``k`` real pairs (of ``costs``) can add up to."""
+    lo, hi = float(costs.min()), float(costs.max())
+    return hi + (k + 1) * (hi - lo + 1.0)
+
+
+def _solve_dense(
+    base: FloatArray, feasible: BoolArray, credit: FloatArray, slots: _Slots
+) -> list[tuple[int, int]]:
+    """(order, slot) pairs of the exact minimum over the whole (orders, slots) matrix."""
+    ok = feasible[:, slots.rider]
+    solve = base[:, slots.rider] + slots.load_pen - credit[:, None]
+    big = _big(solve[ok], min(len(base), len(slots.rider)))
+    rows, cols = linear_sum_assignment(np.where(ok, solve, big))
+    return [(i, c) for i, c in zip(rows.tolist(), cols.tolist(), strict=True) if ok[i, c]]
+
+
+def _solve_sparse(
+    base: FloatArray, feasible: BoolArray, credit: FloatArray, slots: _Slots
+) -> list[tuple[int, int]]:
+    """(order, slot) pairs of the minimum over a candidate graph: each order's
+    :data:`SPARSE_RIDERS_PER_ORDER` cheapest riders, each rider's :data:`SPARSE_ORDERS_PER_RIDER`
+    cheapest orders (all their slots). Every slot also has a dummy order at the large cost, so a
+    full matching of the slots always exists; a rider left with a dummy while orders it could
+    take went unserved gets every one of its pairs, and the graph is solved once more."""
+    cost = np.where(feasible, base, np.inf)
+    n_orders, n_riders = cost.shape
+    per_order = min(SPARSE_RIDERS_PER_ORDER, n_riders - 1)
+    per_rider = min(SPARSE_ORDERS_PER_RIDER, n_orders - 1)
+    orders = [
+        np.repeat(np.arange(n_orders), per_order + 1),
+        # Along rows of the transpose, made contiguous: along axis 0 the strides cost seconds.
+        np.argpartition(np.ascontiguousarray(cost.T), per_rider, axis=1)[:, : per_rider + 1].ravel(),
+    ]
+    riders = [
+        np.argpartition(cost, per_order, axis=1)[:, : per_order + 1].ravel(),
+        np.repeat(np.arange(n_riders), per_rider + 1),
+    ]
+    pairs = _match(cost, credit, slots, np.concatenate(orders), np.concatenate(riders))
+    unserved = np.ones(n_orders, dtype=np.bool_)
+    used = np.zeros(len(slots.rider), dtype=np.bool_)
+    for i, c in pairs:
+        unserved[i], used[c] = False, True
+    short = np.unique(slots.rider[~used])
+    wanted = short[np.isfinite(cost[np.ix_(unserved, short)]).any(axis=0)] if unserved.any() else short[:0]
+    if not len(wanted):
+        return pairs
+    orders.append(np.tile(np.arange(n_orders), len(wanted)))
+    riders.append(np.repeat(wanted, n_orders))
+    return _match(cost, credit, slots, np.concatenate(orders), np.concatenate(riders))
+
+
+def _match(
+    cost: FloatArray, credit: FloatArray, slots: _Slots, orders: IntArray, riders: IntArray
+) -> list[tuple[int, int]]:
+    """Minimum-cost full matching of the slots over the (order, rider) candidate pairs given."""
+    n_orders = len(cost)
+    candidate = np.zeros(cost.shape, dtype=np.bool_)
+    candidate[orders, riders] = True  # each pair once, however many lists named it
+    o, r = np.nonzero(candidate & np.isfinite(cost))
+    per = slots.free[r]
+    rows = np.repeat(o, per)
+    cols = np.repeat(slots.first[r], per) + (np.arange(int(per.sum())) - np.repeat(np.cumsum(per) - per, per))
+    values = cost[rows, slots.rider[cols]] + slots.load_pen[cols] - credit[rows]
+    n_cols = len(slots.rider)
+    big = _big(values, min(n_orders, n_cols))
+    lo = float(values.min())
+    # Weights must be positive (an explicit zero is no edge): shifted by the same constant for all.
+    graph = csr_array(
+        (
+            np.concatenate([values - lo + 1.0, np.full(n_cols, big - lo + 1.0)]),
+            (np.concatenate([rows, n_orders + np.arange(n_cols)]), np.concatenate([cols, np.arange(n_cols)])),
+        ),
+        shape=(n_orders + n_cols, n_cols),
+    )
+    matched_rows, matched_cols = min_weight_full_bipartite_matching(graph)
+    return [(i, c) for i, c in zip(matched_rows.tolist(), matched_cols.tolist(), strict=True) if i < n_orders]
 
 
 def total_cost(assignments: Sequence[Assignment]) -> float:

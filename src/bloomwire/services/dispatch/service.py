@@ -22,7 +22,6 @@ re-sends a decision produces the same event id, which the persister stores only 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -68,8 +67,7 @@ ORDERS, RIDERS, OFFERS = m.ORDERS, m.RIDERS, m.OFFERS
 _WAITING = sorted(s.value for s in UNASSIGNED)
 #: Canonical statuses after which a pass may find work: an order waiting, or a rider freed.
 _WAKE_STATUSES = frozenset(
-    s.value
-    for s in (
+    (
         OrderStatus.CREATED,
         OrderStatus.DECLINED,
         OrderStatus.DELIVERED,
@@ -445,10 +443,11 @@ class Dispatcher:
             f"{len(riders)} online riders ({free} free slots), total {total:.0f} s"
         )
         explain = len(assignments) <= cfg.explain_batch_max
+        loads = {r.id: r.load for r in riders}
         out = []
         for a in assignments:
             o = by_id[a.order]
-            candidates = [_batch_candidate(a, riders, summary, offline)]
+            candidates = [_batch_candidate(a, loads.get(a.rider, 0), summary, offline)]
             if explain:
                 decision = rank(o.request(), riders, now, cfg.weights)
                 candidates += [_candidate(c) for c in _eligible(decision, exclude=a.rider)]
@@ -546,10 +545,7 @@ def _decision_note(decision: Decision, offline: int) -> str:
     return f"{note}; not offered: {skipped}" if skipped else note
 
 
-def _batch_candidate(
-    a: Assignment, riders: Sequence[RiderCandidate], summary: str, offline: int
-) -> ev.Candidate:
-    load = next((r.load for r in riders if r.id == a.rider), 0)
+def _batch_candidate(a: Assignment, load: int, summary: str, offline: int) -> ev.Candidate:
     note = f"{a.rider}: {a.travel_s:.0f} s travel, cost {a.cost:.0f} s; {summary}"
     if offline:
         note += f"; {offline} offline riders not considered"
@@ -582,8 +578,103 @@ class DispatchStats:
             yield Figure("bloomwire_dispatch_passes", "Dispatch passes by mode", n, {"mode": mode})
 
 
-class DispatchService(Service):
-    """A :class:`Service` that also exposes its :class:`Dispatcher` and statistics."""
+class PassLoop:
+    """Runs the dispatcher's passes one at a time, in a worker thread, whenever woken.
+
+    Woken by the tick (a ``full`` pass: overdue offers too) and by events; wake-ups that come
+    during a pass fold into the next one, which carries the earliest trigger time.
+    """
+
+    def __init__(
+        self, dispatcher: Dispatcher, publish: Callable[[str, bytes], None], stats: DispatchStats
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.publish = publish
+        self.stats = stats
+        self._wake = asyncio.Event()
+        self._trigger_at: float | None = None
+        self._full = True
+        self._settling = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self, trigger_at: float | None = None, *, full: bool = False) -> None:
+        """Ask for a pass as soon as the current one (if any) is done (``full``: also look for
+        overdue offers, as every tick does)."""
+        self._full = self._full or full
+        if trigger_at is not None and (self._trigger_at is None or trigger_at < self._trigger_at):
+            self._trigger_at = trigger_at
+        self._wake.set()
+
+    def presence_changed(self, received_at: float) -> None:
+        """A rider came or went: a pass now, and another once the persister has surely stored it."""
+        self.wake(received_at)
+        if not self._settling:
+            self._settling = True
+            asyncio.get_running_loop().call_later(0.25, self._settled)
+
+    def _settled(self) -> None:
+        self._settling = False
+        self.wake()
+
+    def start(self) -> None:
+        """Start the loop, with a full pass first."""
+        self._task = asyncio.create_task(self._run(), name="dispatch-passes")
+        self.wake(full=True)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Let the current pass finish (``timeout`` at most, then cancel it) and end the loop."""
+        self._stopping = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=timeout)
+        except TimeoutError:
+            await cancel_and_wait(task)
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                break
+            trigger, self._trigger_at = self._trigger_at, None
+            full, self._full = self._full, False
+            try:
+                result = await asyncio.to_thread(self.dispatcher.run_pass, self.publish, full=full)
+            except Exception as exc:
+                self._full = self._full or full
+                self.stats.failures += 1
+                if isinstance(exc, SQLAlchemyError):  # e.g. no schema yet: the next tick retries
+                    log.warning("store not readable; retrying", error=(str(exc).splitlines() or [""])[0])
+                else:
+                    log.exception("dispatch pass failed; retrying")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            delay = 0.2
+            result.trigger_at = trigger
+            self.stats.passes += 1
+            self.stats.offers += len(result.offers)
+            self.stats.expired += len(result.expired)
+            self.stats.modes[result.mode] += 1
+            self.stats.recent.append(result)
+
+
+@dataclass
+class DispatchState:
+    """What the dispatch service holds while it runs (its start-up state)."""
+
+    dispatcher: Dispatcher
+    passes: PassLoop
+    scheduler: AsyncIOScheduler
+
+
+class DispatchService(Service[DispatchState]):
+    """The dispatch :class:`Service`: its handlers, start-up and shutdown, and its statistics."""
 
     def __init__(
         self,
@@ -597,148 +688,68 @@ class DispatchService(Service):
         self.config = config
         self.database_url = database_url
         self.clock = clock
-        self.dispatcher: Dispatcher | None = None
         self.stats = DispatchStats()
-        self._wake: asyncio.Event | None = None
-        self._trigger_at: float | None = None
-        self._full = True
-        self._settling = False
-        self._stopping = False
-        self._passes: asyncio.Task[None] | None = None
-        self._scheduler: AsyncIOScheduler | None = None
 
-    def wake(self, trigger_at: float | None = None, *, full: bool = False) -> None:
-        """Ask for a pass as soon as the current one (if any) is done (``full``: also look for
-        overdue offers, as every tick does)."""
-        self._full = self._full or full
-        if trigger_at is not None and (self._trigger_at is None or trigger_at < self._trigger_at):
-            self._trigger_at = trigger_at
-        if self._wake is not None:
-            self._wake.set()
-
-    def settled(self) -> None:
-        """The delayed second look after rider presence changes."""
-        self._settling = False
-        self.wake()
+    @property
+    def dispatcher(self) -> Dispatcher | None:
+        """The running dispatcher (None unless running)."""
+        return self.state.dispatcher if self.has_state else None
 
     def _publish(self, topic: str, payload: bytes) -> None:
         self.publish(topic, payload, qos=1)
 
-    async def pass_loop(self) -> None:
-        """Run passes one at a time whenever woken, until stopped."""
-        assert self._wake is not None
-        delay = 0.2
-        while not self._stopping:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._stopping:
-                break
-            dispatcher = self.dispatcher
-            if dispatcher is None:
-                break
-            trigger, self._trigger_at = self._trigger_at, None
-            full, self._full = self._full, False
-            try:
-                result = await asyncio.to_thread(dispatcher.run_pass, self._publish, full=full)
-            except SQLAlchemyError as exc:
-                # E.g. the persister has not created the schema yet: the next tick retries.
-                self._full = self._full or full
-                self.stats.failures += 1
-                log.warning("store not readable; retrying", error=(str(exc).splitlines() or [""])[0])
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            except Exception:
-                self._full = self._full or full
-                self.stats.failures += 1
-                log.exception("dispatch pass failed; retrying")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            delay = 0.2
-            result.trigger_at = trigger
-            self.stats.passes += 1
-            self.stats.offers += len(result.offers)
-            self.stats.expired += len(result.expired)
-            self.stats.modes[result.mode] += 1
-            self.stats.recent.append(result)
-
-    def stop_passes(self) -> None:
-        """Let the pass loop finish its current pass and end."""
-        self._stopping = True
-        if self._wake is not None:
-            self._wake.set()
-
-    async def on_status(self, msg: Message) -> None:
-        """An order was created, became ready or was refused: a pass soon."""
-        try:
-            obj = json.loads(msg.payload)
-            status = obj["data"]["status"] if obj.get("type") == "order.status" else None
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return  # not ours to judge: the persister published it
-        if status in _WAKE_STATUSES:
-            self.wake(msg.received_at)
+    async def on_status(self, event: ev.Event, msg: Message) -> None:
+        """An order was created, became ready again or closed (a rider freed): a pass soon."""
+        if isinstance(event, ev.OrderStatusEvent) and event.data.status in _WAKE_STATUSES:
+            self.state.passes.wake(msg.received_at)
 
     async def on_presence(self, msg: Message) -> None:
-        """A rider came or went."""
+        """A rider came or went (the payload does not matter: the store says which)."""
         # The raw presence reaches us about when it reaches the persister: look now, and again
         # once the persister has surely committed it (the tick would catch it anyway).
-        self.wake(msg.received_at)
-        if not self._settling:
-            self._settling = True
-            asyncio.get_running_loop().call_later(0.25, self.settled)
+        self.state.passes.presence_changed(msg.received_at)
 
-    async def on_refusal(self, msg: Message) -> None:
+    async def on_refusal(self, refusal: ev.Refusal, msg: Message) -> None:
         """The persister refused one of our events (dead letter): the dispatcher forgets it."""
-        try:
-            obj = json.loads(msg.payload)
-        except ValueError:
+        if refusal.topic != EVENTS_TOPIC:
             return
-        if not isinstance(obj, dict) or obj.get("topic") != EVENTS_TOPIC or self.dispatcher is None:
-            return
-        event_id = obj.get("id")
-        log.warning("persister refused a dispatch event", id=event_id, reason=obj.get("reason"))
-        if isinstance(event_id, str):
-            self.dispatcher.refused(event_id)
+        log.warning("persister refused a dispatch event", id=refusal.id, reason=refusal.reason)
+        if refusal.id is not None:
+            self.state.dispatcher.refused(refusal.id)
 
-    async def on_start(self) -> None:
+    async def on_start(self) -> DispatchState:
         """Open the store read-only, start the pass loop and the tick."""
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         engine = await asyncio.to_thread(make_engine, self.database_url, readonly=True)
-        self.dispatcher = Dispatcher(engine, clock=self.clock, config=self.config)
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._passes = asyncio.create_task(self.pass_loop(), name="dispatch-passes")
-        self._scheduler = AsyncIOScheduler(timezone=UTC)
-        self._scheduler.add_job(
-            self._tick,
+        dispatcher = Dispatcher(engine, clock=self.clock, config=self.config)
+        passes = PassLoop(dispatcher, self._publish, self.stats)
+        scheduler = AsyncIOScheduler(timezone=UTC)
+        scheduler.add_job(
+            _tick,
             "interval",
+            args=(passes,),
             seconds=self.config.tick_s,
             id="dispatch-tick",
             max_instances=1,
             coalesce=True,
         )
-        self._scheduler.start()
-        self.wake(full=True)
-
-    async def _tick(self) -> None:
-        self.wake(full=True)
+        passes.start()
+        scheduler.start()
+        return DispatchState(dispatcher, passes, scheduler)
 
     async def on_stop(self) -> None:
         """Stop the tick, let the current pass finish (30 s at most), close the store."""
-        scheduler, self._scheduler = self._scheduler, None
-        if scheduler is not None:
-            scheduler.shutdown(wait=False)
-        self.stop_passes()
-        task, self._passes = self._passes, None
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=30)
-            except TimeoutError:
-                await cancel_and_wait(task)
-        dispatcher, self.dispatcher = self.dispatcher, None
-        if dispatcher is not None:
-            dispatcher.engine.dispose()
+        if not self.has_state:  # the start-up failed before anything was opened
+            return
+        state = self.state
+        if state.scheduler.running:
+            state.scheduler.shutdown(wait=False)
+        await state.passes.stop()
+        state.dispatcher.engine.dispose()
+
+
+async def _tick(passes: PassLoop) -> None:
+    passes.wake(full=True)
 
 
 def build(
@@ -766,9 +777,9 @@ def build(
     service = DispatchService(cfg, metrics, database_url=settings.database_url, clock=clock)
     if metrics is not None:
         metrics.registry.register(FiguresCollector(service.stats.figures))
-    service.handle(topics.all_orders_filter(topics.OrderChannel.STATUS))(service.on_status)
-    service.handle(topics.ALL_PRESENCE_FILTER)(service.on_presence)
-    service.handle(topics.DEADLETTER)(service.on_refusal)
     service.on_startup(service.on_start)
+    service.handle(topics.all_orders_filter(topics.OrderChannel.STATUS), model=ev.decode)(service.on_status)
+    service.handle(topics.ALL_PRESENCE_FILTER)(service.on_presence)
+    service.handle(topics.DEADLETTER, model=ev.Refusal)(service.on_refusal)
     service.on_shutdown(service.on_stop)
     return service

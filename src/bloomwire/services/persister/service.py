@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
+from bloomwire.runtime.aio import cancel_and_wait
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service, first_line
@@ -45,15 +47,24 @@ async def clear_states(projector: Projector, publish: Callable[[Sequence[Outboun
             log.warning("retained states not cleared", error=first_line(exc))
 
 
+@dataclass
+class PersisterState:
+    """What the persister holds while it runs (its start-up state)."""
+
+    projector: Projector
+    #: Clears closed orders' retained states as their grace ends (:func:`clear_states`).
+    clearing: asyncio.Task[None]
+
+
 def build(
     settings: Settings,
     *,
     clock: Callable[[], datetime] = ev.now,
     max_batch: int = 2000,
     metrics: ServiceMetrics | None = None,
-) -> Service:
+) -> Service[PersisterState]:
     """Declare the persister: one batch handler over all inbound topics, start-up and shutdown."""
-    service = Service(
+    service: Service[PersisterState] = Service(
         NAME,
         persistent=True,
         max_batch=max_batch,
@@ -63,8 +74,6 @@ def build(
         degraded_alert_s=settings.persister_degraded_alert_s,
     )
     figures = PersisterMetrics(metrics.registry) if metrics is not None else None
-    state: dict[str, Projector] = {}
-    tasks: list[asyncio.Task[None]] = []
 
     def publish(out: Sequence[Outbound]) -> None:
         with service.corked():
@@ -72,7 +81,7 @@ def build(
                 service.publish(o.topic, o.payload, qos=o.qos, retain=o.retain, expiry_s=o.expiry_s)
 
     @service.on_startup
-    async def open_projections() -> None:
+    async def open_projections() -> PersisterState:
         engine = await asyncio.to_thread(
             open_store,
             settings.database_url,
@@ -85,14 +94,22 @@ def build(
             bounds=settings.time_bounds,
             state_grace_s=settings.customer_access_grace_s,
         )
-        await asyncio.to_thread(projector.load)
-        state["projector"] = projector
-        publish(projector.snapshot_messages())
-        tasks.append(asyncio.create_task(clear_states(projector, publish)))
+        try:
+            await asyncio.to_thread(projector.load)
+            publish(projector.snapshot_messages())
+        except BaseException:  # not the service's state yet: the shutdown hook would not see it
+            projector.close()
+            engine.dispose()
+            raise
+        return PersisterState(projector, asyncio.create_task(clear_states(projector, publish)))
 
+    # Raw messages, not a model=: decoding is the projector's job, per message, because a refusal
+    # here is more than a dead letter (stored in dead_letters, answered on the sender's error
+    # inbox, with the lifecycle and authority checks that need the store), and a batch must keep
+    # its order and acknowledgement whatever each payload is.
     @service.handle_batch(*topics.INBOUND_FILTERS, live=True)
     async def persist(batch: Sequence[Message]) -> None:
-        projector = state["projector"]
+        projector = service.state.projector
         started = time.perf_counter()
         inbound = [Inbound(m.topic, m.payload, m.received_at, m.retain) for m in batch]
         result = apply_isolating(projector, inbound, publish)
@@ -102,10 +119,11 @@ def build(
             except Exception as exc:  # committed and published: raising would run it again
                 log.warning("persister figures not updated", error=first_line(exc))
 
+    # Raw too: a dead letter is stored whatever its payload (a malformed one most of all).
     @service.handle(topics.DEADLETTER, retry=True)
     async def store_refusal(msg: Message) -> None:
         """Another service's refusal, acknowledged once stored: retried while the store is down."""
-        projector = state["projector"]
+        projector = service.state.projector
         try:
             projector.record_refusal(msg.payload)
         except Exception as exc:
@@ -116,11 +134,11 @@ def build(
 
     @service.on_shutdown
     async def close_store() -> None:
-        while tasks:
-            tasks.pop().cancel()
-        projector = state.pop("projector", None)
-        if projector is not None:
-            projector.close()
-            projector.engine.dispose()
+        if not service.has_state:
+            return
+        state = service.state
+        await cancel_and_wait(state.clearing)
+        state.projector.close()
+        state.projector.engine.dispose()
 
     return service

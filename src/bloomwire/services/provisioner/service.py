@@ -28,13 +28,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from pydantic import ValidationError
 
 from bloomwire.access.accounts import AsyncAccounts
 from bloomwire.access.dynsec import ControlChannel
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
-from bloomwire.errors import BloomwireError, PayloadError, TopicError
+from bloomwire.errors import BloomwireError, TopicError
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
@@ -52,15 +51,18 @@ log = get_logger("bloomwire.provisioner")
 STATUS_FILTER = topics.all_orders_filter(topics.OrderChannel.STATUS)
 
 
-class ProvisionerService(Service):
-    """The provisioner :class:`~bloomwire.runtime.mqtt.Service`; :attr:`provisioner` holds its
-    decisions and counters while it runs (tests, the benchmark)."""
-
-    provisioner: Provisioner | None = None
+class ProvisionerService(Service[Provisioner]):
+    """The provisioner :class:`~bloomwire.runtime.mqtt.Service`; its state is the
+    :class:`Provisioner` (decisions and counters) it started with."""
 
     def __init__(self, config: ProvisionerConfig, metrics: ServiceMetrics | None = None) -> None:
         super().__init__(NAME, persistent=True, metrics=metrics)
         self.config = config
+
+    @property
+    def provisioner(self) -> Provisioner | None:
+        """The running provisioner (None unless running: tests, the benchmark)."""
+        return self.state if self.has_state else None
 
     def figures(self) -> Iterator[Figure]:
         """What it did, for Prometheus (read at scrape time; nothing before it started)."""
@@ -113,48 +115,45 @@ def build(
     service = ProvisionerService(config, metrics)
     if metrics is not None:
         metrics.registry.register(FiguresCollector(service.figures))
-    scheduler: list[AsyncIOScheduler] = []
-
-    def running() -> Provisioner:
-        assert service.provisioner is not None, "provisioner not started"
-        return service.provisioner
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
         service.publish(topic, payload, qos=1, retain=retain)
 
-    @service.handle(STATUS_FILTER)
-    async def on_status(msg: Message) -> None:
+    @service.handle(STATUS_FILTER, model=ev.decode)
+    async def on_status(event: ev.Event, msg: Message) -> None:
+        if not isinstance(event, ev.OrderStatusEvent):  # incidents travel on the status topic too
+            return
         try:
             where = topics.parse_order_topic(msg.topic)
-            event = ev.decode(msg.payload)
-        except (TopicError, PayloadError) as exc:
+        except TopicError as exc:
             log.info("ignoring status message", topic=msg.topic[:200], reason=str(exc)[:200])
             return
-        if isinstance(event, ev.OrderStatusEvent):  # incidents travel on the status topic too
-            status = event.data.status
-            work = running().on_status(where.shop, where.order, status, event.time)
-            await _guarded(work, "status", topic=msg.topic)
+        work = service.state.on_status(where.shop, where.order, event.data.status, event.time)
+        await _guarded(work, "status", topic=msg.topic)
 
-    @service.handle(topics.ALL_DEVICE_REQUESTS_FILTER)
-    async def on_device_request(msg: Message) -> None:
+    @service.handle(topics.ALL_DEVICE_REQUESTS_FILTER, model=ev.DeviceRequestEvent)
+    async def on_device_request(request: ev.DeviceRequestEvent, msg: Message) -> None:
         try:
             customer = topics.parse_device_request(msg.topic)
-            request = ev.DeviceRequestEvent.model_validate_json(msg.payload)
-        except (TopicError, ValidationError) as exc:
+        except TopicError as exc:
             service.dead_letter(msg, f"not a device request: {exc}")
             return
-        await _guarded(running().enrol(customer, request.id), "device request", topic=msg.topic)
+        await _guarded(service.state.enrol(customer, request.id), "device request", topic=msg.topic)
 
     @service.on_startup
-    async def start() -> None:
+    async def start() -> Provisioner:
         orders = await asyncio.to_thread(OrderReader, settings.database_url) if config.use_store else None
-        sched = AsyncIOScheduler(timezone=UTC)
         accounts = AsyncAccounts(ControlChannel(service.conn))
-        core = Provisioner(config, accounts, publish, endpoint(settings), sched, orders)
-        service.provisioner = core  # before anything can fail: the shutdown hook cleans up
-        scheduler.append(sched)
-        await core.load()
-        sched.add_job(
+        core = Provisioner(
+            config, accounts, publish, endpoint(settings), AsyncIOScheduler(timezone=UTC), orders
+        )
+        try:
+            await core.load()
+        except BaseException:  # not the service's state yet: the shutdown hook would not see it
+            if orders is not None:
+                orders.close()
+            raise
+        core.scheduler.add_job(
             core.reconcile,
             "interval",
             seconds=config.reconcile_s,
@@ -164,17 +163,18 @@ def build(
             coalesce=True,
             misfire_grace_time=None,
         )
-        sched.start()
+        core.scheduler.start()
         log.info("provisioner running", orders=len(core.index))
+        return core
 
     @service.on_shutdown
     async def stop() -> None:
-        while scheduler:
-            sched = scheduler.pop()
-            if sched.running:
-                sched.shutdown(wait=False)
-        core, service.provisioner = service.provisioner, None
-        if core is not None and core.orders is not None:
+        if not service.has_state:
+            return
+        core = service.state
+        if core.scheduler.running:
+            core.scheduler.shutdown(wait=False)
+        if core.orders is not None:
             core.orders.close()
 
     return service

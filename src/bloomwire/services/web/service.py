@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 
@@ -68,14 +67,17 @@ class WebService:
         self.ready = asyncio.Event()
 
     async def run(
-        self, settings: Settings, *, stop: asyncio.Event | None = None, install_signals: bool = True
+        self,
+        settings: Settings,
+        *,
+        stop: asyncio.Event | None = None,
+        install_signals: Literal[False] = False,
     ) -> None:
-        """Serve until ``stop`` is set or SIGINT/SIGTERM arrives."""
+        """Serve until ``stop`` is set. Signals are the entry point's (``install_signals``: False
+        only, accepted for callers written before they moved there)."""
+        if install_signals:
+            raise TypeError("WebService.run installs no signal handlers: the entry point does")
         stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        if install_signals:  # uvicorn takes the signals while it serves and hands them back after
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
         sock = bind(settings.web_host, settings.web_port)
         self.port = sock.getsockname()[1]
         app = create_app(settings, self.root, stats=self.stats)
