@@ -101,7 +101,7 @@ def test_spans_hold_exactly_when_the_rules_find(order: OrderView, rider: RiderVi
     rider_view = riders.get(order.rider) if order.rider else None
     spans = order_spans(order, rider_view, CONFIG.for_shop(order.shop))
     offline = rider_offline_spans(rider, [order], CONFIG.for_shop) if order.rider == rider.id else []
-    assert _held([*spans, *offline], now) == expected  # type: ignore[list-item]
+    assert _held([*spans, *offline], now) == expected
 
 
 steps = st.lists(
@@ -117,8 +117,10 @@ steps = st.lists(
 
 @settings(max_examples=150, deadline=None)
 @given(data=st.data(), plan=steps)
-@example(data=None, plan=[("time", 3), ("time", 1)])  # type: ignore[arg-type]
-def test_watch_finds_what_a_full_evaluation_finds_at_every_step(data: st.DataObject, plan: list[tuple[str, object]]) -> None:
+@example(data=None, plan=[("time", 3), ("time", 1)])
+def test_watch_finds_what_a_full_evaluation_finds_at_every_step(
+    data: st.DataObject, plan: list[tuple[str, object]]
+) -> None:
     if data is None:  # the explicit example: a fixed state, time alone moving
         orders = {"o1": ON_WAY, "o2": replace(ON_WAY, id="o2", status=S.CREATED, rider=None, shop="s1")}
         riders = {"r1": OFFLINE}

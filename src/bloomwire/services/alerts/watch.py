@@ -107,10 +107,11 @@ class Watch:
         for oid in changed_orders:
             old, new = old_orders.get(oid), orders.get(oid)
             # rider_offline reads the rider, shop and status of the orders a rider carries
-            if old is None or new is None or (old.rider, old.status, old.shop) != (new.rider, new.status, new.shop):
+            if old is None or new is None or _filed(old) != _filed(new):
                 touched.update(self._move(oid, old, new))
         for rid in changed_riders:  # of the order rules, only stale_position reads the rider
-            subjects.update((ORDER, oid) for oid in self._carried.get(rid, ()) if orders[oid].status in ON_THE_WAY)
+            carried = self._carried.get(rid, ())
+            subjects.update((ORDER, oid) for oid in carried if orders[oid].status in ON_THE_WAY)
         subjects.update((RIDER, rid) for rid in touched)
         return subjects
 
@@ -192,3 +193,7 @@ class Watch:
                 del wake[subject]
                 due.add(subject)
         return due
+
+
+def _filed(order: OrderView) -> tuple[str | None, str, str]:
+    return (order.rider, order.status, order.shop)
