@@ -67,12 +67,13 @@ class Watch:
         if self.now is not None and now < self.now:
             self._reset()  # the clock went back: spans looked at since may flip back
         changed = self._changed(orders, riders)
-        due = self._due(now)
+        due = self._due(now) - changed
         for subject in changed:
             self._spans[subject] = self._spans_of(subject)
-        for subject in changed | due:
             self._hold(subject, now)
-        self.visited = len(changed | due)
+        for subject in due:
+            self._hold(subject, now)
+        self.visited = len(changed) + len(due)
         self.now = now
 
     def finding(self, key: AlertKey, now: datetime) -> Finding | None:
