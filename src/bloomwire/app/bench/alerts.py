@@ -35,6 +35,7 @@ from rich.console import Console
 
 from bloomwire.app.bench import private_stack
 from bloomwire.app.bench.report import Report
+from bloomwire.app.entry import settle_heap
 from bloomwire.app.supervisor import service_settings
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
@@ -44,7 +45,7 @@ from bloomwire.runtime.mqtt import Connection
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.alerts.config import RulesConfig
 from bloomwire.services.alerts.rules import OrderView, RiderView, bench_state, evaluate
-from bloomwire.services.alerts.service import AlertEngine, _readonly_engine, alert_id, build, settle_heap
+from bloomwire.services.alerts.service import AlertEngine, _readonly_engine, alert_id, build
 from bloomwire.store import make_engine, open_store
 from bloomwire.store.models import ALERTS, ORDERS, RIDERS
 
@@ -230,7 +231,7 @@ async def _ticks(url: str, now: datetime, config: RulesConfig, ticks: int, figur
     core = _engine_for(url, now, config, lambda topic, payload: sent.append(topic))
     try:
         await core.tick()  # warm-up: connections, caches; loads the book
-        settle_heap()  # as the service does after its first tick
+        settle_heap()  # as `bloomwire service run` does once the service is ready
         sent.clear()
         for i in range(ticks):
             figures.churned = await asyncio.to_thread(_churn, url, now, i + 1)

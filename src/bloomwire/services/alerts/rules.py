@@ -282,16 +282,89 @@ def _order_finding(
     return Finding(rule, t.severity_of(rule), order.shop, order.id, rider, message, action)
 
 
+# --- when a rule holds -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """When a rule holds for unchanged inputs: once ``now`` is past ``after`` (strictly) and while
+    it is not past ``until``; None is unbounded. Lets the alerts service look at an order again
+    only when one of its rules may change its mind."""
+
+    after: datetime | None = None
+    until: datetime | None = None
+
+    def holds(self, now: datetime) -> bool:
+        return (self.after is None or now > self.after) and (self.until is None or now <= self.until)
+
+    def next_change(self, now: datetime) -> datetime | None:
+        """The instant past which :meth:`holds` may differ from its value at ``now``; None: never."""
+        if self.after is not None and now <= self.after:
+            return self.after
+        if self.until is not None and now <= self.until:
+            return self.until
+        return None
+
+
+ALWAYS: Span = Span()
+
+
+def overdue_span(order: OrderView, t: Thresholds) -> Span | None:
+    if order.status in CLOSED:
+        return None
+    return Span(after=order.window_end + t.overdue_grace)
+
+
+def eta_slip_span(order: OrderView, t: Thresholds) -> Span | None:
+    if order.status not in ON_THE_WAY or order.eta is None or order.eta - order.window_end <= t.eta_slip:
+        return None
+    # Overdue takes over past the window's end plus the grace.
+    return Span(until=order.window_end + t.overdue_grace) if t.enabled(AlertRule.OVERDUE) else ALWAYS
+
+
+def stale_position_span(order: OrderView, rider: RiderView | None, t: Thresholds) -> Span | None:
+    if order.status not in ON_THE_WAY or order.rider is None:
+        return None
+    base = order.updated_at if rider is None or rider.position_at is None else rider.position_at
+    return Span(after=base + t.stale_position)
+
+
+def unassigned_span(order: OrderView, t: Thresholds) -> Span | None:
+    return Span(after=order.created_at + t.unassigned) if order.status in WAITING_FOR_RIDER else None
+
+
+def customer_unreachable_span(order: OrderView) -> Span | None:
+    return ALWAYS if _unreachable(order) else None
+
+
+def delivery_failed_span(order: OrderView, t: Thresholds) -> Span | None:
+    if order.status not in FAILED_OUTCOME:
+        return None
+    if _unreachable(order) and t.enabled(AlertRule.CUSTOMER_UNREACHABLE):
+        return None
+    return ALWAYS
+
+
+def rider_offline_span(rider: RiderView, t: Thresholds) -> Span | None:
+    """When ``rider`` counts as offline for a shop with thresholds ``t`` (if it carries its orders)."""
+    if rider.presence is not Presence.OFFLINE:
+        return None
+    return ALWAYS if rider.presence_at is None else Span(after=rider.presence_at + t.rider_offline)
+
+
+def _unreachable(order: OrderView) -> bool:
+    return order.failure_reason == _UNREACHABLE and order.status not in TERMINAL
+
+
 # --- the rules --------------------------------------------------------------------------------
 
 
 def overdue(order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds) -> Finding | None:
     """Not delivered (nor closed otherwise) by the end of the promised window plus the grace."""
-    if order.status in CLOSED:
+    span = overdue_span(order, t)
+    if span is None or not span.holds(now):
         return None
     late = now - order.window_end
-    if late <= t.overdue_grace:
-        return None
     eta = ""
     if order.eta is not None and order.status in OUT_FOR_DELIVERY:
         eta = f", ETA {_clock(order.eta, now, t)}"
@@ -314,13 +387,10 @@ def eta_slip(order: OrderView, rider: RiderView | None, now: datetime, t: Thresh
 
     Resolves once the order is overdue (if the shop has ``overdue`` on): that alert takes over.
     """
-    if order.status not in ON_THE_WAY or order.eta is None:
+    span = eta_slip_span(order, t)
+    if span is None or not span.holds(now) or order.eta is None:
         return None
     slip = order.eta - order.window_end
-    if slip <= t.eta_slip:
-        return None
-    if now - order.window_end > t.overdue_grace and t.enabled(AlertRule.OVERDUE):
-        return None
     message = (
         f"Order {_order(order)} will be about {_dur(slip)} late: "
         f"ETA {_clock(order.eta, now, t)}, window ends {_clock(order.window_end, now, t)}; "
@@ -335,17 +405,14 @@ def stale_position(order: OrderView, rider: RiderView | None, now: datetime, t: 
 
     A rider that never sent a position counts from the order's last update.
     """
-    if order.status not in ON_THE_WAY or order.rider is None:
+    span = stale_position_span(order, rider, t)
+    if span is None or not span.holds(now):
         return None
     words = _STATUS_WORDS[order.status]
     if rider is None or rider.position_at is None:
-        if now - order.updated_at <= t.stale_position:
-            return None
         message = f"Rider {order.rider} has sent no position while order {_order(order)} is {words}"
     else:
         age = now - rider.position_at
-        if age <= t.stale_position:
-            return None
         message = (
             f"No position from rider {order.rider} for {_dur(age)} "
             f"(last at {_clock(rider.position_at, now, t)}) while order {_order(order)} is {words}"
@@ -377,7 +444,8 @@ def rider_offline(
     findings: list[Finding] = []
     for shop in sorted(by_shop):
         ts = t if isinstance(t, Thresholds) else t(shop)
-        if rider.presence_at is not None and now - rider.presence_at <= ts.rider_offline:
+        span = rider_offline_span(rider, ts)
+        if span is None or not span.holds(now):
             continue
         orders = [by_shop[shop][order_id] for order_id in sorted(by_shop[shop])]
         if len(orders) == 1:
@@ -406,11 +474,10 @@ def rider_offline(
 
 def unassigned(order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds) -> Finding | None:
     """Created (or declined, or offered) and not accepted within ``unassigned_min`` of creation."""
-    if order.status not in WAITING_FOR_RIDER:
+    span = unassigned_span(order, t)
+    if span is None or not span.holds(now):
         return None
     waited = now - order.created_at
-    if waited <= t.unassigned:
-        return None
     if order.status is S.ASSIGNED and order.rider is not None:
         state = f"offered to rider {order.rider}, not accepted yet"
         action = f"Call rider {order.rider} or assign another rider"
@@ -425,15 +492,11 @@ def unassigned(order: OrderView, rider: RiderView | None, now: datetime, t: Thre
     return _order_finding(AlertRule.UNASSIGNED, order, t, message, action)
 
 
-def _unreachable(order: OrderView) -> bool:
-    return order.failure_reason == _UNREACHABLE and order.status not in TERMINAL
-
-
 def customer_unreachable(
     order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds
 ) -> Finding | None:
     """The rider reported the customer unreachable and the bouquet is still out."""
-    if not _unreachable(order):
+    if customer_unreachable_span(order) is None:
         return None
     reported = order.closed_at if order.status is S.FAILED and order.closed_at else order.updated_at
     who = f"Rider {order.rider}" if order.rider else "The rider"
@@ -450,9 +513,7 @@ def delivery_failed(
     order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds
 ) -> Finding | None:
     """The order failed or was returned (a failed, customer-unreachable order: see module doc)."""
-    if order.status not in FAILED_OUTCOME:
-        return None
-    if _unreachable(order) and t.enabled(AlertRule.CUSTOMER_UNREACHABLE):
+    if delivery_failed_span(order, t) is None:
         return None
     at = order.closed_at or order.updated_at
     if order.status is S.RETURNED:
@@ -505,6 +566,57 @@ _RULES_BY_STATUS: dict[OrderStatus, tuple[tuple[AlertRule, OrderRule], ...]] = {
     status: tuple((rule, fn) for rule, fn, statuses in _ORDER_RULES if status in statuses)
     for status in OrderStatus
 }
+
+#: rule -> its order rule function (what the alerts service words a finding with).
+ORDER_RULE: dict[AlertRule, OrderRule] = {rule: fn for rule, fn, _ in _ORDER_RULES}
+
+_RULES_OF_STATUS: dict[OrderStatus, frozenset[AlertRule]] = {
+    status: frozenset(rule for rule, _ in rules) for status, rules in _RULES_BY_STATUS.items()
+}
+
+
+def order_spans(order: OrderView, rider: RiderView | None, t: Thresholds) -> list[tuple[AlertKey, Span]]:
+    """The order rules of ``order`` that hold at some time, keyed like their findings, with when
+    they hold: :func:`evaluate` finds exactly the keys whose span holds at ``now``."""
+    rules = _RULES_OF_STATUS[order.status] - t.disabled if t.disabled else _RULES_OF_STATUS[order.status]
+    shop, oid = order.shop, order.id
+    candidates = (
+        (AlertRule.OVERDUE, None, overdue_span(order, t) if AlertRule.OVERDUE in rules else None),
+        (AlertRule.ETA_SLIP, None, eta_slip_span(order, t) if AlertRule.ETA_SLIP in rules else None),
+        (
+            AlertRule.STALE_POSITION,
+            order.rider,
+            stale_position_span(order, rider, t) if AlertRule.STALE_POSITION in rules else None,
+        ),
+        (AlertRule.UNASSIGNED, None, unassigned_span(order, t) if AlertRule.UNASSIGNED in rules else None),
+        (
+            AlertRule.CUSTOMER_UNREACHABLE,
+            None,
+            customer_unreachable_span(order) if AlertRule.CUSTOMER_UNREACHABLE in rules else None,
+        ),
+        (
+            AlertRule.DELIVERY_FAILED,
+            None,
+            delivery_failed_span(order, t) if AlertRule.DELIVERY_FAILED in rules else None,
+        ),
+    )
+    return [((rule, shop, oid, who), span) for rule, who, span in candidates if span is not None]
+
+
+def rider_offline_spans(
+    rider: RiderView, orders_carried: Iterable[OrderView], thresholds_for: Callable[[str], Thresholds]
+) -> list[tuple[AlertKey, Span]]:
+    """:func:`order_spans` of the ``rider_offline`` rule: one per shop whose orders ``rider`` carries."""
+    if rider.presence is not Presence.OFFLINE:
+        return []
+    shops = {o.shop for o in orders_carried if o.rider == rider.id and o.status in OUT_FOR_DELIVERY}
+    spans: list[tuple[AlertKey, Span]] = []
+    for shop in sorted(shops):
+        t = thresholds_for(shop)
+        span = rider_offline_span(rider, t)
+        if span is not None and t.enabled(AlertRule.RIDER_OFFLINE):
+            spans.append(((AlertRule.RIDER_OFFLINE, shop, None, rider.id), span))
+    return spans
 
 
 def evaluate(
