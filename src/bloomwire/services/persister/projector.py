@@ -727,7 +727,7 @@ class Projector:
     # --- outcomes ---------------------------------------------------------------------------------
 
     def _ack(self, pending: _Pending, where: InboundTopic, event_id: str) -> None:
-        if where.identity in (Identity.RIDER, Identity.CUSTOMER):
+        if where.identity in (Identity.RIDER, Identity.CUSTOMER, Identity.SHOP):
             pending.acks[where.source].append(event_id)
 
     def _refuse(
@@ -774,13 +774,7 @@ class Projector:
                 out.extend(self._rider_state_msgs(rider, shops))
                 self.rider_state_sent_at[rider_id] = now
         for source, ids in pending.acks.items():
-            prefix, sender = source.split("/", 1)
-            topic = (
-                topics.rider_inbox(sender, topics.Inbox.ACKS)
-                if prefix == topics.RIDERS
-                else topics.customer_inbox(sender, topics.Inbox.ACKS)
-            )
-            out.append(Outbound(topic, ev.encode(ev.Ack(ids=ids))))
+            out.append(Outbound(topics.acks_topic(source), ev.encode(ev.Ack(ids=ids))))
         return out
 
     def _event_row(self, where: InboundTopic, event: Any, topic: str, now: datetime) -> Row:
