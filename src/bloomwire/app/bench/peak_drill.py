@@ -188,7 +188,9 @@ class Drill:
             topic, eid, body = load.create_order(shop, order, *_spot(i, n))
             self.clients[shop].publish(topic, body, qos=1)
             self.journal.sent_one("create-order", eid, shop)
-        timeout = 60 + 0.2 * n
+        # The provisioner mints one login at a time (a dynamic-security write each, slower as the
+        # file grows): thousands of customers take many minutes on 2 cores.
+        timeout = 60 + 0.5 * n
         progress(f"seeding: {n} orders created, waiting for dispatch and customer logins")
         self._wait(
             lambda: all(self.status.get(o, ("",))[0] == "picked_up" for o in orders),
