@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 
 from bloomwire.app.bench import peak_load as load
 from bloomwire.app.bench.peak_figures import SYS_CONNECTED, SYS_SENT, Plan, mark
+from bloomwire.app.bench.peak_proxy import LossyProxy
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.runtime.broker import ensure_secret
@@ -85,6 +86,15 @@ class Drill:
         self.hub = load.Hub(journal)
         #: Multiplies the position and order rates (``--find-limit`` steps it up).
         self.speed = 1.0
+        #: A rider whose connection goes through a proxy (``--faults``: its network goes bad).
+        self.proxy: LossyProxy | None = None
+        self.proxied: str | None = None
+
+    def through_proxy(self, rider: str) -> None:
+        """Connect ``rider`` through a :class:`LossyProxy` to the broker (call before connecting)."""
+        self.proxy = LossyProxy((self.settings.broker_host, self.settings.broker_port))
+        self.proxy.start()
+        self.proxied = rider
 
     # --- clients ----------------------------------------------------------------------------------
 
@@ -98,6 +108,8 @@ class Drill:
             if ws
             else (self.settings.broker_host, self.settings.broker_port)
         )
+        if self.proxy is not None and who == self.proxied:
+            host, port = "127.0.0.1", self.proxy.port
         self.hub.add(client, host, port)
 
     def _wait_connected(self, names: list[str], timeout: float, what: str) -> None:
@@ -285,6 +297,8 @@ class Drill:
     def close(self) -> None:
         """Everyone disconnects."""
         self.hub.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
 
 
 @dataclass
