@@ -26,6 +26,7 @@ def test_bench_peak_reports_the_four_rows_and_loses_nothing(tmp_path: Path) -> N
     env["BLOOMWIRE_DATA_DIR"] = str(tmp_path / "var")
     out_json = tmp_path / "peak.json"
     tiny = ["--shops", "2", "--riders", "4", "--customers", "6", "--ws-share", "0.5", "--duration", "12"]
+    tiny += ["--browsers", "2"]
     done = subprocess.run(
         [sys.executable, "-m", "bloomwire", "bench", "peak", *tiny, "--json", str(out_json)],
         check=False,
@@ -57,6 +58,9 @@ def test_bench_peak_reports_the_four_rows_and_loses_nothing(tmp_path: Path) -> N
         peak["processes"]
     )
     assert "connection stability" in done.stdout.decode(errors="replace")
+    browsers = result["browsers"]  # the /track page in Chromium, a shop line shown on each
+    assert browsers["pages"] == 2 and browsers["shop_chat_to_page_ms"]["n"] == 2
+    assert result["ceiling"]["arrived"] == result["ceiling"]["sent"] > 0
 
 
 @pytest.mark.slow

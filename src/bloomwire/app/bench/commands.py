@@ -256,6 +256,9 @@ def bench_peak(
         float, typer.Option(help="Share of customers over websockets (the web service's /mqtt).")
     ] = 0.2,
     duration: Annotated[float, typer.Option(help="Seconds of peak load (faults come after).")] = 90.0,
+    browsers: Annotated[
+        int, typer.Option(help="More customers, each following its order in the /track page in Chromium.")
+    ] = 0,
     faults: Annotated[
         bool,
         typer.Option(
@@ -290,6 +293,7 @@ def bench_peak(
         customers=customers,
         ws_share=ws_share,
         duration=duration,
+        browsers=browsers,
     )
     try:
         reports = peak_bench.main(

@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bloomwire.app.bench import peak_ceiling, peak_faults
+from bloomwire.app.bench import peak_browser, peak_ceiling, peak_faults
 from bloomwire.app.bench import peak_figures as pf
 from bloomwire.app.bench.peak_drill import NORMAL_ORDERS_PER_SHOP_DAY, OPEN_HOURS, OPERATOR, Drill, PeakConfig
 from bloomwire.app.bench.peak_load import Journal
@@ -149,18 +149,13 @@ def _play(
     progress(f"connecting {config.shops} shops and {config.riders} riders")
     drill.connect_staff()
     drill.seed(progress)
+    browser_accesses = drill.seed_browser_orders() if config.browsers else {}
     progress(f"connecting {config.customers} customers ({config.ws_share:.0%} over websockets)")
     drill.connect_customers()
-    windows: list[tuple[pf.Window, float | None]] = []
-    limit: list[tuple[pf.Window, float | None]] = []
-    with _running(drill):
-        t0 = time.time()
-        _tick(progress, drill, t0, config.duration)
-        windows.append((pf.Window("peak", t0, time.time()), None))
-        if steps.faults:
-            windows += _faults(stack, drill, progress, sqlite=steps.sqlite)
-        if steps.find_limit:
-            limit = _find_limit(drill, sampler, progress)
+    if browser_accesses:
+        progress(f"opening {len(browser_accesses)} tracking pages in Chromium")
+    with peak_browser.opened(stack.settings, browser_accesses) as pages:
+        windows, limit, browsers = _load(stack, drill, sampler, steps, progress, pages)
     progress("draining")
     time.sleep(DRAIN_S)
     sampler.sample()
@@ -172,9 +167,39 @@ def _play(
     for w, (window, _at) in zip(out["windows"], windows, strict=True):
         w["note"] = window.note
     out["drop_reasons"] = dict(drill.journal.drop_reasons)
+    out["browsers"] = browsers
     if limit:
         out["limit"] = [_window(drill, sampler, matched, w, at) for w, at in limit]
     return out
+
+
+Windows = list[tuple[pf.Window, float | None]]
+
+
+def _load(
+    stack: Stack,
+    drill: Drill,
+    sampler: Sampler,
+    steps: Steps,
+    progress: Callable[[str], None],
+    pages: peak_browser.Pages,
+) -> tuple[Windows, Windows, dict[str, Any] | None]:
+    """The peak, then the faults and the limit steps; the browser pages' figures at the end."""
+    windows: Windows = []
+    limit: Windows = []
+    browsers = None
+    with _running(drill):
+        t0 = time.time()
+        _tick(progress, drill, t0, drill.config.duration)
+        windows.append((pf.Window("peak", t0, time.time()), None))
+        if steps.faults:
+            windows += _faults(stack, drill, progress, sqlite=steps.sqlite)
+        if steps.find_limit:
+            limit = _find_limit(drill, sampler, progress)
+        if pages.tabs:
+            progress("the shop writes to every browser page")
+            browsers = peak_browser.chat_shown(drill, pages)
+    return windows, limit, browsers
 
 
 def _find_limit(
@@ -324,8 +349,25 @@ def reports(result: dict[str, Any]) -> list[Report]:
     out = [summary, procs]
     if result.get("limit"):
         out.append(limit_report(result["limit"]))
+    if result.get("browsers"):
+        out.append(browsers_report(result["browsers"]))
     out.append(anchors_report(result))
     return out
+
+
+def browsers_report(b: dict[str, Any]) -> Report:
+    """The customers in the browser page: how many went live, and a shop line to each page."""
+    table = Report(
+        "customers in the browser (/track in Chromium, through the web service's /mqtt)", ("figure", "value")
+    )
+    table.add(
+        "pages live",
+        f"{b['pages']} of {b['asked']}"
+        + ("" if b["pages"] == b["asked"] else f" (stopped by {b['stopped_by']})")
+        + f", all live {b['all_live_s']} s after the first was opened",
+    )
+    table.add("shop chat → shown on the page (end of the run)", _lat(b["shop_chat_to_page_ms"]))
+    return table
 
 
 def anchors_report(result: dict[str, Any]) -> Report:

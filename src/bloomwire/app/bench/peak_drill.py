@@ -52,6 +52,8 @@ class PeakConfig:
     customers: int = 500
     ws_share: float = 0.2
     duration: float = 90.0
+    #: Customers following their order in the browser page (``/track``, Chromium), apart.
+    browsers: int = 0
 
     @property
     def orders_per_s(self) -> float:
@@ -217,6 +219,18 @@ class Drill:
             self.plan.followers.setdefault(rider, []).append(access.username)
             self.plan.order_people[order] = (access.username, rider)
             self.customers[access.username] = order
+
+    def seed_browser_orders(self) -> dict[str, ev.CustomerAccess]:
+        """``browsers`` more orders (``b1``…) of the first shop, for customers in the browser page;
+        no chat is planned on them, so a line the shop writes is the first their page shows."""
+        orders = [f"b{i}" for i in range(1, self.config.browsers + 1)]
+        shop = self.shops[0]
+        for i, order in enumerate(orders):
+            topic, eid, body = load.create_order(shop, order, *_spot(i, len(orders)))
+            self.clients[shop].publish(topic, body, qos=1)
+            self.journal.sent_one("create-order", eid, shop)
+        self._wait(lambda: all(o in self.accesses for o in orders), 60 + 2.0 * len(orders), "browser logins")
+        return {o: self.accesses[o] for o in orders}
 
     def connect_customers(self) -> None:
         """Every customer follows their order; the first ``ws_share`` over websockets."""
