@@ -14,6 +14,7 @@ import json
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -206,11 +207,16 @@ class Drill:
         # file grows): thousands of customers take many minutes on 2 cores.
         timeout = 60 + 0.5 * n
         progress(f"seeding: {n} orders created, waiting for dispatch and customer logins")
-        self._wait(
-            lambda: all(self.status.get(o, ("",))[0] == "picked_up" for o in orders),
-            timeout,
-            "seeded orders picked up",
-        )
+        try:
+            self._wait(
+                lambda: all(self.status.get(o, ("",))[0] == "picked_up" for o in orders),
+                timeout,
+                "seeded orders picked up",
+            )
+        except TimeoutError as exc:
+            where = Counter(self.status.get(o, ("no status seen",))[0] for o in orders)
+            minted = sum(o in self.accesses for o in orders)
+            raise TimeoutError(f"{exc}: {dict(where)}; customer logins minted {minted}/{n}") from None
         self._wait(lambda: all(o in self.accesses for o in orders), timeout, "customer logins minted")
         for order in orders:
             access = self.accesses[order]
