@@ -30,6 +30,8 @@ from bloomwire.app.clients.sender import QueuedError, client_outbox_path, memory
 from bloomwire.app.clients.shop import ShopTerminal
 from bloomwire.app.clients.track import CustomerTracker
 from bloomwire.contract import events as ev
+from bloomwire.contract import topics
+from bloomwire.contract.topics import Command
 from bloomwire.runtime.settings import Settings
 from bloomwire.store import open_store
 from bloomwire.store.models import EVENTS
@@ -70,16 +72,11 @@ async def crash_broker(bb: Backbone) -> None:
 
 
 def settled(bb: Backbone, said: Said, shop_box: Outbox, customer_box: Outbox) -> bool:
-    """Every line stored, the customer's outbox empty, the shop's holding only stored lines.
-
-    The persister acknowledges a re-sent duplicate to riders and customers, but a shop's only
-    confirmation is the canonical echo, which it does not publish again for a duplicate: when the
-    crash swallows an echo, that line is stored yet stays in the shop's outbox (issue #15 note).
-    """
-    if customer_box.count() or len(said.outcomes) < 2 * LINES:
+    """Every line stored and both outboxes empty (a re-sent duplicate is acked on ``shops/S/acks``
+    and ``customers/C/inbox/acks``: an echo the crash swallowed leaves nothing queued)."""
+    if customer_box.count() or shop_box.count() or len(said.outcomes) < 2 * LINES:
         return False
-    stored = rows_by_id(bb, list(said.outcomes))
-    return len(stored) == 2 * LINES and all(e.id in stored for e in shop_box.pending())
+    return len(rows_by_id(bb, list(said.outcomes))) == 2 * LINES
 
 
 class Said:
@@ -159,6 +156,53 @@ def test_shop_and_customer_lines_survive_a_broker_kill(stack: Backbone, tmp_path
     assert not missing and not twice, (missing, twice, said.outcomes)
     queued = sum(v.endswith(":queued") for v in said.outcomes.values())
     assert shop_resends + customer_resends + queued > 0, "the kill did not touch the stream"
+
+
+@pytest.mark.timeout(120)
+def test_shop_command_resent_after_a_broker_restart_is_acked(stack: Backbone, tmp_path: Path) -> None:
+    """A stored command whose confirmation the crash swallowed is re-sent; the duplicate's ack
+    (the persister does not echo a duplicate) drains the shop's outbox."""
+    bb = stack
+    box = Outbox(tmp_path / "shop.db")
+
+    async def scenario() -> tuple[Outcome, list[str]]:
+        first = ShopTerminal(bb.settings, SHOP, bb.user(SHOP), access=ProvisionedAccess(bb.user))
+        await first.start()
+        try:
+            assert (await first.create_order(draft(ORDER))).outcome.stored
+            event = ev.OrderChatEvent(
+                source=f"shops/{SHOP}", data=ev.OrderChat(order=ORDER, text="ring twice")
+            )
+            stored = await first.publish_command(Command.CHAT, event)
+        finally:
+            await first.stop()
+        await crash_broker(bb)
+        # What a terminal that crashed before the echo came holds: the stored line, unconfirmed.
+        box.add(event.id, Command.CHAT.value, topics.shop_command(SHOP, Command.CHAT), ev.encode(event))
+        acks: list[str] = []
+        again = ShopTerminal(
+            bb.settings,
+            SHOP,
+            bb.user(SHOP),
+            access=ProvisionedAccess(bb.user),
+            outbox=box,
+            resend_after_s=3,  # the persister may not have subscribed again yet: re-sent until acked
+            on_message=lambda topic, _r: acks.append(topic),
+        )
+        await again.start(timeout=30)
+        try:
+            await eventually(lambda: box.count() == 0, 30, "the shop's outbox drained by the ack")
+        finally:
+            await again.stop()
+        return stored, acks
+
+    try:
+        stored, acks = run(scenario())
+    finally:
+        box.close()
+    assert stored.stored
+    assert rows_by_id(bb, [stored.event_id]) == {stored.event_id: 1}
+    assert f"shops/{SHOP}/acks" in acks
 
 
 def queued_id(output: str) -> str:

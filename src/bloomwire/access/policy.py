@@ -251,6 +251,7 @@ def persister_role() -> Role:
         *_CANONICAL_ORDER,
         *_SHOP_FEEDS,
         f"{topics.SHOPS}/+/errors",
+        f"{topics.SHOPS}/+/acks",
         f"{topics.RIDERS}/+/inbox/#",
         f"{topics.CUSTOMERS}/+/inbox/#",
         topics.DEADLETTER,
@@ -294,7 +295,8 @@ def rider_role(rider: str) -> Role:
 
 
 def shop_role(shop: str) -> Role:
-    """Shop S: writes ``shops/S/commands/#``, reads ``shops/S/#`` (its orders' access included)."""
+    """Shop S: writes ``shops/S/commands/#``, reads ``shops/S/#`` (its orders' access and its
+    command acks ``shops/S/acks`` included; it cannot write them)."""
     check_account_name(shop, "shop")
     return Role(
         role_name(Kind.SHOP, shop),

@@ -323,6 +323,15 @@ def _channels() -> tuple[ChannelSpec, ...]:
             retain=True,
         ),
         ChannelSpec(
+            "shopAcks",
+            _addr(t.shop_acks, "{shop}"),
+            "send",
+            "Ids of the shop's commands committed to the store (a re-sent duplicate too).",
+            ("Ack",),
+            _PERSISTER,
+            "shop",
+        ),
+        ChannelSpec(
             "shopErrors",
             _addr(t.shop_errors, "{shop}"),
             "send",

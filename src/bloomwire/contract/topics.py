@@ -246,6 +246,23 @@ def shop_errors(shop: str) -> str:
     return _join(SHOPS, check_id(shop, "shop"), "errors")
 
 
+def shop_acks(shop: str) -> str:
+    """``shops/S/acks``: ids of shop S's commands committed to the store (a re-sent duplicate too)."""
+    return _join(SHOPS, check_id(shop, "shop"), Inbox.ACKS.value)
+
+
+def acks_topic(source: str) -> str:
+    """Where the persister confirms the events of ``source`` (``riders/R``, ``shops/S``, ``customers/C``)."""
+    prefix, _, sender = source.partition("/")
+    if prefix == RIDERS:
+        return rider_inbox(sender, Inbox.ACKS)
+    if prefix == SHOPS:
+        return shop_acks(sender)
+    if prefix == CUSTOMERS:
+        return customer_inbox(sender, Inbox.ACKS)
+    raise TopicError(f"no ack topic for source {source!r} (riders/R, shops/S or customers/C)")
+
+
 def rider_inbox(rider: str, channel: Inbox | str) -> str:
     """``riders/R/inbox/{offers,acks,chat,errors}``."""
     return _join(RIDERS, check_id(rider, "rider"), "inbox", _member(Inbox, channel, "inbox").value)

@@ -275,15 +275,26 @@ def bench_peak(
         float, typer.Option(help="Share of customers over websockets (the web service's /mqtt).")
     ] = 0.2,
     duration: Annotated[float, typer.Option(help="Seconds of peak load (faults come after).")] = 90.0,
+    browsers: Annotated[
+        int, typer.Option(help="More customers, each following its order in the /track page in Chromium.")
+    ] = 0,
     faults: Annotated[
-        bool, typer.Option(help="After the peak: broker kill -9, persister kill -9, database unwritable.")
+        bool,
+        typer.Option(
+            help="After the peak: broker kill -9, persister kill -9, database restarted (PostgreSQL) or "
+            "unwritable (SQLite), one rider's network delayed and lossy."
+        ),
     ] = False,
     find_limit: Annotated[
         bool,
         typer.Option(help="Then double the position and order rates until customer P99 > 100 ms or a loss."),
     ] = False,
     database_url: Annotated[
-        str | None, typer.Option(help="Store to use (default: a fresh SQLite file in a temporary directory).")
+        str | None,
+        typer.Option(
+            help="A PostgreSQL server (postgresql+psycopg://USER@HOST:PORT/DB): the drill creates a "
+            "database of its own there and drops it after (default: a fresh SQLite file)."
+        ),
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures' JSON here.")] = None,
     record: Record = None,
@@ -301,6 +312,7 @@ def bench_peak(
         customers=customers,
         ws_share=ws_share,
         duration=duration,
+        browsers=browsers,
     )
     try:
         reports = peak_bench.main(

@@ -5,9 +5,11 @@ provisioner, the web service for websocket customers; supervised) on a fresh sto
 directory, seeds the day through real MQTT clients (:mod:`~bloomwire.app.bench.peak_drill`), plays
 the peak for ``duration`` seconds and reports the buyer's four rows (connection stability,
 latency, concurrency, reliability) and each process's CPU and peak RSS
-(:mod:`~bloomwire.app.bench.peak_figures`). With ``faults`` the peak goes on while, one after
-another, the broker is ``kill -9``-ed, the persister is ``kill -9``-ed and the SQLite database is
-made unwritable for a while; each fault gets the same table and its recovery time.
+(:mod:`~bloomwire.app.bench.peak_figures`), beside Mosquitto's own QoS 1 ceiling measured on the
+same broker first (:mod:`~bloomwire.app.bench.peak_ceiling`). With ``faults`` the peak goes on
+while the faults of :mod:`~bloomwire.app.bench.peak_faults` come one after another; each gets the
+same table and its recovery time. A PostgreSQL ``database_url`` names a server: the drill creates a
+database of its own there and drops it afterwards.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import sqlite3
 import tempfile
 import threading
 import time
@@ -27,9 +27,10 @@ from typing import Any
 
 from rich.console import Console
 
+from bloomwire.app.bench import peak_browser, peak_ceiling, peak_faults
 from bloomwire.app.bench import peak_figures as pf
-from bloomwire.app.bench.peak_drill import NORMAL_ORDERS_PER_SHOP_DAY, OPEN_HOURS, Drill, PeakConfig
-from bloomwire.app.bench.peak_load import Journal, wait_until
+from bloomwire.app.bench.peak_drill import NORMAL_ORDERS_PER_SHOP_DAY, OPEN_HOURS, OPERATOR, Drill, PeakConfig
+from bloomwire.app.bench.peak_load import Journal
 from bloomwire.app.bench.peak_procs import Sampler
 from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import SERVICES, WEB, Stack
@@ -39,10 +40,6 @@ __all__ = ["PeakConfig", "main", "normal_day", "reports", "run"]
 
 #: Seconds of steady load after each fault's recovery before the next fault.
 SETTLE_S = 10.0
-#: How long the SQLite database stays unwritable.
-UNWRITABLE_S = 20.0
-#: Longest wait for a recovery before the fault is reported as not recovered.
-RECOVERY_TIMEOUT_S = 60.0
 #: --find-limit: seconds per step, the largest rate multiplier, the customer P99 it must stay under.
 LIMIT_STEP_S = 20.0
 LIMIT_MAX_SPEED = 64.0
@@ -96,106 +93,6 @@ def _running(drill: Drill) -> Iterator[None]:
         thread.join(10)
 
 
-# --- faults -------------------------------------------------------------------------------------
-
-
-def _first_ack_after(journal: Journal, since: float, matched: Callable[[], pf.Matched]) -> float | None:
-    m = matched()
-    acks = [
-        m.acked[eid]
-        for eid, (at, kind, _w) in m.sent.items()
-        if kind == "position" and at >= since and eid in m.acked
-    ]
-    return min(acks) if acks else None
-
-
-def fault_broker(stack: Stack, drill: Drill, matched: Callable[[], pf.Matched]) -> tuple[float, float | None]:
-    """``kill -9`` the broker (the supervisor starts it again); seconds until every client is back."""
-    broker = stack.broker
-    assert broker is not None and broker.pid is not None
-    at = time.time()
-    os.kill(broker.pid, signal.SIGKILL)
-    links = drill.journal.links
-
-    def all_back() -> bool:
-        return all(any(t > at for t, _sp in link.connects) for link in links.values())
-
-    try:
-        wait_until(all_back, RECOVERY_TIMEOUT_S, "every client back after the broker's restart", step=0.1)
-    except TimeoutError:
-        return at, None
-    return at, max(min(t for t, _sp in link.connects if t > at) for link in links.values()) - at
-
-
-def fault_persister(
-    stack: Stack, drill: Drill, matched: Callable[[], pf.Matched]
-) -> tuple[float, float | None]:
-    """``kill -9`` the persister; seconds until a position sent after the kill is stored."""
-    at = time.time()
-    os.kill(stack.children["persister"].pid, signal.SIGKILL)
-    found: list[float] = []
-
-    def stored_again() -> bool:
-        t = _first_ack_after(drill.journal, at, matched)
-        if t is not None:
-            found.append(t)
-        return bool(found)
-
-    try:
-        wait_until(stored_again, RECOVERY_TIMEOUT_S, "the persister storing again", step=0.5)
-    except TimeoutError:
-        return at, None
-    return at, found[0] - at
-
-
-def fault_database(
-    stack: Stack, drill: Drill, matched: Callable[[], pf.Matched]
-) -> tuple[float, float | None]:
-    """SQLite file and folder read-only for a while; seconds from writable again until every position
-    sent meanwhile is stored."""
-    url = stack.settings.database_url
-    path = Path(url.removeprefix("sqlite:///"))
-    at = time.time()
-    modes = {p: p.stat().st_mode for p in (path, path.parent)}
-    for p in modes:
-        p.chmod(0o555 if p.is_dir() else 0o444)
-    # chmod does not take write access from a connection already open (WAL: its -wal file is
-    # open too): an exclusive transaction held meanwhile is what actually keeps the writer out.
-    lock = sqlite3.connect(path, timeout=10, isolation_level=None)
-    try:
-        lock.execute("BEGIN EXCLUSIVE")
-        time.sleep(UNWRITABLE_S)
-    finally:
-        lock.execute("ROLLBACK")
-        lock.close()
-        for p, mode in modes.items():
-            p.chmod(mode)
-    back = time.time()
-
-    def drained() -> bool:
-        m = matched()
-        return all(
-            eid in m.acked for eid, (t, kind, _w) in m.sent.items() if kind == "position" and at <= t < back
-        )
-
-    try:
-        wait_until(drained, RECOVERY_TIMEOUT_S, "positions sent while unwritable stored", step=0.5)
-    except TimeoutError:
-        return at, None
-    m = matched()
-    last = max(
-        (m.acked[e] for e, (t, k, _w) in m.sent.items() if k == "position" and at <= t < back), default=back
-    )
-    return at, max(0.0, last - back)
-
-
-FAULTS: dict[str, Callable[[Stack, Drill, Callable[[], pf.Matched]], tuple[float, float | None]]] = {
-    "broker kill -9": fault_broker,
-    "persister kill -9": fault_persister,
-    "database unwritable (chmod + exclusive lock)": fault_database,
-}
-
-
 # --- the run --------------------------------------------------------------------------------------
 
 
@@ -209,7 +106,13 @@ def run(
     progress: Callable[[str], None] = lambda _s: None,
 ) -> dict[str, Any]:
     """The whole drill; its figures as plain data."""
-    with tempfile.TemporaryDirectory(prefix="bloomwire-bench-peak-") as tmp:
+    sqlite = database_url is None or database_url.startswith("sqlite")
+    with contextlib.ExitStack() as cleanup:
+        tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bloomwire-bench-peak-"))
+        if not sqlite:
+            assert database_url is not None
+            database_url = cleanup.enter_context(peak_faults.fresh_postgres(database_url))
+            progress(f"store: a fresh PostgreSQL database {database_url.rsplit('/', 1)[1]}")
         stack = _stack(settings, Path(tmp), config, database_url)
         progress("starting the stack")
         stack.start()
@@ -218,7 +121,7 @@ def run(
         drill = Drill(stack.settings, config, journal)
         try:
             sampler.start()
-            steps = Steps(faults=faults, find_limit=find_limit, sqlite=database_url is None)
+            steps = Steps(faults=faults, find_limit=find_limit, sqlite=sqlite)
             return _play(stack, drill, sampler, steps, progress)
         finally:
             drill.close()
@@ -239,31 +142,64 @@ def _play(
     stack: Stack, drill: Drill, sampler: Sampler, steps: Steps, progress: Callable[[str], None]
 ) -> dict[str, Any]:
     config = drill.config
+    progress("measuring Mosquitto's QoS 1 ceiling on this broker (mosquitto_pub -l → mosquitto_sub)")
+    ceiling = peak_ceiling.measure(stack.settings, drill.riders, OPERATOR)
+    if steps.faults:
+        drill.through_proxy(peak_faults.IMPAIRED_RIDER)
     progress(f"connecting {config.shops} shops and {config.riders} riders")
     drill.connect_staff()
     drill.seed(progress)
+    browser_accesses = drill.seed_browser_orders() if config.browsers else {}
     progress(f"connecting {config.customers} customers ({config.ws_share:.0%} over websockets)")
     drill.connect_customers()
-    windows: list[tuple[pf.Window, float | None]] = []
-    limit: list[tuple[pf.Window, float | None]] = []
-    with _running(drill):
-        t0 = time.time()
-        _tick(progress, drill, t0, config.duration)
-        windows.append((pf.Window("peak", t0, time.time()), None))
-        if steps.faults:
-            windows += _faults(stack, drill, progress, sqlite=steps.sqlite)
-        if steps.find_limit:
-            limit = _find_limit(drill, sampler, progress)
+    if browser_accesses:
+        progress(f"opening {len(browser_accesses)} tracking pages in Chromium")
+    with peak_browser.opened(stack.settings, browser_accesses) as pages:
+        windows, limit, browsers = _load(stack, drill, sampler, steps, progress, pages)
     progress("draining")
     time.sleep(DRAIN_S)
     sampler.sample()
     matched = pf.match(drill.journal, drill.plan)
     out: dict[str, Any] = {"config": asdict(config), "normal_day": normal_day(config)}
+    out["ceiling"] = None if ceiling is None else asdict(ceiling)
+    out["emqx_reference"] = peak_ceiling.EMQX_MOSQUITTO_QOS1
     out["windows"] = [_window(drill, sampler, matched, w, at) for w, at in windows]
+    for w, (window, _at) in zip(out["windows"], windows, strict=True):
+        w["note"] = window.note
     out["drop_reasons"] = dict(drill.journal.drop_reasons)
+    out["browsers"] = browsers
     if limit:
         out["limit"] = [_window(drill, sampler, matched, w, at) for w, at in limit]
     return out
+
+
+Windows = list[tuple[pf.Window, float | None]]
+
+
+def _load(
+    stack: Stack,
+    drill: Drill,
+    sampler: Sampler,
+    steps: Steps,
+    progress: Callable[[str], None],
+    pages: peak_browser.Pages,
+) -> tuple[Windows, Windows, dict[str, Any] | None]:
+    """The peak, then the faults and the limit steps; the browser pages' figures at the end."""
+    windows: Windows = []
+    limit: Windows = []
+    browsers = None
+    with _running(drill):
+        t0 = time.time()
+        _tick(progress, drill, t0, drill.config.duration)
+        windows.append((pf.Window("peak", t0, time.time()), None))
+        if steps.faults:
+            windows += _faults(stack, drill, progress, sqlite=steps.sqlite)
+        if steps.find_limit:
+            limit = _find_limit(drill, sampler, progress)
+        if pages.tabs:
+            progress("the shop writes to every browser page")
+            browsers = peak_browser.chat_shown(drill, pages)
+    return windows, limit, browsers
 
 
 def _find_limit(
@@ -310,16 +246,14 @@ def _faults(
     def matched() -> pf.Matched:
         return pf.match(drill.journal, drill.plan)
 
-    for name, inject in FAULTS.items():
-        if name.startswith("database") and not sqlite:
-            progress("skipping 'database unwritable': only for SQLite (PostgreSQL restart not built)")
-            continue
+    for name, inject in peak_faults.faults(sqlite=sqlite).items():
         progress(f"fault: {name}")
-        at, recovery = inject(stack, drill, matched)
+        fault = inject(stack, drill, matched)
+        recovery = fault.recovery_s
         progress(f"fault: {name}: recovered after {recovery if recovery is None else round(recovery, 2)} s")
         _tick(progress, drill, time.time(), SETTLE_S)
-        window = pf.Window(name, at, time.time(), recovery)
-        out.append((window, at if name.startswith("broker") else None))
+        window = pf.Window(name, fault.at, time.time(), recovery, fault.note)
+        out.append((window, fault.at if name.startswith("broker") else None))
     return out
 
 
@@ -399,6 +333,8 @@ def reports(result: dict[str, Any]) -> list[Report]:
     cells = [_cells(w) for w in windows]
     for key in ROWS:
         summary.add(key.replace("_", " "), *(c[key] for c in cells))
+    if any(w.get("note") for w in windows):
+        summary.add("fault", *(w.get("note") or "-" for w in windows))
     procs = Report(
         "processes: CPU seconds (share of one core) and peak RSS",
         ("process", *(w["window"] for w in windows)),
@@ -413,7 +349,47 @@ def reports(result: dict[str, Any]) -> list[Report]:
     out = [summary, procs]
     if result.get("limit"):
         out.append(limit_report(result["limit"]))
+    if result.get("browsers"):
+        out.append(browsers_report(result["browsers"]))
+    out.append(anchors_report(result))
     return out
+
+
+def browsers_report(b: dict[str, Any]) -> Report:
+    """The customers in the browser page: how many went live, and a shop line to each page."""
+    table = Report(
+        "customers in the browser (/track in Chromium, through the web service's /mqtt)", ("figure", "value")
+    )
+    table.add(
+        "pages live",
+        f"{b['pages']} of {b['asked']}"
+        + ("" if b["pages"] == b["asked"] else f" (stopped by {b['stopped_by']})")
+        + f", all live {b['all_live_s']} s after the first was opened",
+    )
+    table.add("shop chat → shown on the page (end of the run)", _lat(b["shop_chat_to_page_ms"]))
+    return table
+
+
+def anchors_report(result: dict[str, Any]) -> Report:
+    """The broker's own QoS 1 ceiling (same run) and the published reference, beside the drill."""
+    table = Report("anchors: what the broker alone does, beside the drill", ("figure", "value"))
+    ceiling = result.get("ceiling")
+    per_s = ceiling["per_s"] if ceiling else None
+    if ceiling:
+        table.add(
+            f"Mosquitto QoS 1 ceiling, this broker, same run ({ceiling['publishers']} x mosquitto_pub -l "
+            "→ mosquitto_sub, access control on)",
+            f"{per_s:.0f} msg/s · {ceiling['arrived']}/{ceiling['sent']} arrived, each checked",
+        )
+    else:
+        table.add("Mosquitto QoS 1 ceiling, same run", "not measured (no mosquitto_pub/mosquitto_sub)")
+    steps = [*result["windows"][:1], *result.get("limit", [])]
+    for w in steps:
+        delivered = w["rows"]["concurrency"]["broker_delivered_per_s"]
+        share = f" = {delivered / per_s:.1%} of the ceiling" if per_s and delivered else ""
+        table.add(f"drill, {w['window']}: broker delivered", f"{delivered} msg/s{share}")
+    table.add("published reference", peak_ceiling.EMQX_MOSQUITTO_QOS1)
+    return table
 
 
 def limit_report(steps: list[dict[str, Any]]) -> Report:

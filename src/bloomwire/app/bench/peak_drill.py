@@ -14,6 +14,7 @@ import json
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import paho.mqtt.client as paho
 
 from bloomwire.app.bench import peak_load as load
 from bloomwire.app.bench.peak_figures import SYS_CONNECTED, SYS_SENT, Plan, mark
+from bloomwire.app.bench.peak_proxy import LossyProxy
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.runtime.broker import ensure_secret
@@ -51,6 +53,8 @@ class PeakConfig:
     customers: int = 500
     ws_share: float = 0.2
     duration: float = 90.0
+    #: Customers following their order in the browser page (``/track``, Chromium), apart.
+    browsers: int = 0
 
     @property
     def orders_per_s(self) -> float:
@@ -85,6 +89,15 @@ class Drill:
         self.hub = load.Hub(journal)
         #: Multiplies the position and order rates (``--find-limit`` steps it up).
         self.speed = 1.0
+        #: A rider whose connection goes through a proxy (``--faults``: its network goes bad).
+        self.proxy: LossyProxy | None = None
+        self.proxied: str | None = None
+
+    def through_proxy(self, rider: str) -> None:
+        """Connect ``rider`` through a :class:`LossyProxy` to the broker (call before connecting)."""
+        self.proxy = LossyProxy((self.settings.broker_host, self.settings.broker_port))
+        self.proxy.start()
+        self.proxied = rider
 
     # --- clients ----------------------------------------------------------------------------------
 
@@ -98,6 +111,8 @@ class Drill:
             if ws
             else (self.settings.broker_host, self.settings.broker_port)
         )
+        if self.proxy is not None and who == self.proxied:
+            host, port = "127.0.0.1", self.proxy.port
         self.hub.add(client, host, port)
 
     def _wait_connected(self, names: list[str], timeout: float, what: str) -> None:
@@ -188,13 +203,20 @@ class Drill:
             topic, eid, body = load.create_order(shop, order, *_spot(i, n))
             self.clients[shop].publish(topic, body, qos=1)
             self.journal.sent_one("create-order", eid, shop)
-        timeout = 60 + 0.2 * n
+        # The provisioner mints one login at a time (a dynamic-security write each, slower as the
+        # file grows): thousands of customers take many minutes on 2 cores.
+        timeout = 60 + 0.5 * n
         progress(f"seeding: {n} orders created, waiting for dispatch and customer logins")
-        self._wait(
-            lambda: all(self.status.get(o, ("",))[0] == "picked_up" for o in orders),
-            timeout,
-            "seeded orders picked up",
-        )
+        try:
+            self._wait(
+                lambda: all(self.status.get(o, ("",))[0] == "picked_up" for o in orders),
+                timeout,
+                "seeded orders picked up",
+            )
+        except TimeoutError as exc:
+            where = Counter(self.status.get(o, ("no status seen",))[0] for o in orders)
+            minted = sum(o in self.accesses for o in orders)
+            raise TimeoutError(f"{exc}: {dict(where)}; customer logins minted {minted}/{n}") from None
         self._wait(lambda: all(o in self.accesses for o in orders), timeout, "customer logins minted")
         for order in orders:
             access = self.accesses[order]
@@ -203,6 +225,18 @@ class Drill:
             self.plan.followers.setdefault(rider, []).append(access.username)
             self.plan.order_people[order] = (access.username, rider)
             self.customers[access.username] = order
+
+    def seed_browser_orders(self) -> dict[str, ev.CustomerAccess]:
+        """``browsers`` more orders (``b1``…) of the first shop, for customers in the browser page;
+        no chat is planned on them, so a line the shop writes is the first their page shows."""
+        orders = [f"b{i}" for i in range(1, self.config.browsers + 1)]
+        shop = self.shops[0]
+        for i, order in enumerate(orders):
+            topic, eid, body = load.create_order(shop, order, *_spot(i, len(orders)))
+            self.clients[shop].publish(topic, body, qos=1)
+            self.journal.sent_one("create-order", eid, shop)
+        self._wait(lambda: all(o in self.accesses for o in orders), 60 + 2.0 * len(orders), "browser logins")
+        return {o: self.accesses[o] for o in orders}
 
     def connect_customers(self) -> None:
         """Every customer follows their order; the first ``ws_share`` over websockets."""
@@ -283,6 +317,8 @@ class Drill:
     def close(self) -> None:
         """Everyone disconnects."""
         self.hub.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
 
 
 @dataclass

@@ -135,6 +135,8 @@ class Window:
     t0: float
     t1: float
     recovery_s: float | None = None
+    #: What the fault was like, in a line ("" for none).
+    note: str = ""
 
 
 def figures(plan: Plan, m: Matched, sampler: Sampler, w: Window) -> dict[str, Any]:

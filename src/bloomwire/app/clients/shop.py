@@ -1,7 +1,8 @@
 """The shop terminal: create, assign, cancel, chat and acknowledge alerts; watch every order.
 
 A command is one CloudEvent published on ``shops/S/commands/…``. The terminal knows it worked when
-its canonical echo (same event id) arrives under ``shops/S/orders/…`` or ``shops/S/alerts``, and
+``shops/S/acks`` names its id (the persister acks a re-sent duplicate too, which it does not echo)
+or its canonical echo (same id) arrives under ``shops/S/orders/…`` or ``shops/S/alerts``, and
 that it was refused when ``shops/S/errors`` names its id. Until then it stays in the terminal's
 :class:`~bloomwire.app.clients.outbox.Outbox` and is re-published (same id) after every
 reconnection and when overdue (the persister dedupes by id, so that can never do it twice).
@@ -164,9 +165,8 @@ class ShopTerminal(Client):
         persistent: bool = False,
     ) -> None:
         self.shop = check_name(shop, "shop")
-        # A persistent session (with an on-disk outbox) lets the broker keep the canonical echo
-        # of a command stored while this terminal was gone: the persister does not echo a
-        # re-sent duplicate, so that queued echo is the only confirmation the terminal can get.
+        # A persistent session (with an on-disk outbox) lets the broker keep the ack of a
+        # command stored while this terminal was gone.
         super().__init__(settings, check_name(username or shop, "username"), password, persistent=persistent)
         self.view = ShopView(self.shop)
         self.observer: Observer = observer or NullObserver()
@@ -181,6 +181,7 @@ class ShopTerminal(Client):
         self.sender = OutboxSender(self.conn, self.outbox, resend_after_s=resend_after_s)
         #: Ids in the outbox: most canonical messages are other senders' events, not worth a lookup.
         self._open = {e.id for e in self.outbox.pending()}
+        self._acks = topics.shop_acks(self.shop)
         self.subscribe([topics.shop_filter(self.shop)])
 
     async def start(self, timeout: float = 20.0, on_retry: Callable[[str], None] | None = None) -> None:
@@ -204,7 +205,12 @@ class ShopTerminal(Client):
     # --- receiving ----------------------------------------------------------------------------
 
     def handle(self, msg: Message) -> None:
-        """Fold the message into the view; settle commands by their canonical echo or refusal."""
+        """Fold the message into the view; settle commands by their ack, echo or refusal."""
+        if msg.topic == self._acks:
+            ack = self._acked(msg.payload)
+            if self.on_message is not None and ack is not None:
+                self.on_message(msg.topic, ack)
+            return
         result = self.view.apply(msg.topic, msg.payload)
         if isinstance(result, ev.Refusal):
             if result.id is not None:
@@ -217,6 +223,16 @@ class ShopTerminal(Client):
             self.waiters.resolve(event_id, True)
         if self.on_message is not None:
             self.on_message(msg.topic, result)
+
+    def _acked(self, payload: bytes) -> ev.Ack | None:
+        try:
+            ack = ev.Ack.model_validate_json(payload)
+        except ValidationError:
+            return None
+        for event_id in ack.ids:
+            self._settled(event_id, True)
+            self.waiters.resolve(event_id, True)
+        return ack
 
     # --- commands -----------------------------------------------------------------------------
 

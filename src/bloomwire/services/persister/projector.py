@@ -474,13 +474,7 @@ class Projector:
                 out.extend(snapshots.rider_state_msgs(p, rider, self.clock(), shops))
                 p.rider_state_sent_at[rider_id] = now
         for source, ids in work.acks.items():
-            prefix, sender = source.split("/", 1)
-            topic = (
-                topics.rider_inbox(sender, topics.Inbox.ACKS)
-                if prefix == topics.RIDERS
-                else topics.customer_inbox(sender, topics.Inbox.ACKS)
-            )
-            out.append(Outbound(topic, ev.encode(ev.Ack(ids=ids))))
+            out.append(Outbound(topics.acks_topic(source), ev.encode(ev.Ack(ids=ids))))
         return out
 
     def _evict_closed(self) -> None:

@@ -136,8 +136,8 @@ class UnitOfWork:
         self.canonical.append(Outbound(topic, payload, **options))
 
     def ack(self, where: InboundTopic, event_id: str) -> None:
-        """Acknowledge ``event_id`` to its device after the commit (shops and services need none)."""
-        if where.identity in (Identity.RIDER, Identity.CUSTOMER):
+        """Acknowledge ``event_id`` to its sender after the commit (services need none)."""
+        if where.identity in (Identity.RIDER, Identity.CUSTOMER, Identity.SHOP):
             self.acks[where.source].append(event_id)
 
     def refuse(self, msg: Inbound, where: InboundTopic | None, event_id: str | None, reason: str) -> None:
