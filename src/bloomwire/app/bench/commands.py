@@ -22,6 +22,9 @@ from bloomwire.app.terminal import console, fail, make_settings
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime.broker import find_dynsec_plugin, find_mosquitto
 
+#: ``bench scale``'s default sweep of open orders.
+SCALE_STEPS = (1_000, 10_000, 100_000)
+
 bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
 
 
@@ -59,6 +62,7 @@ def bench_ingest(
     rate: Annotated[int, typer.Option(help="Publish rate, events/s (0 = as fast as possible).")] = 5_000,
     riders: Annotated[int, typer.Option(help="Simulated riders publishing.")] = 50,
     ceiling: Annotated[bool, typer.Option(help="Also measure mosquitto_pub/sub QoS 1.")] = True,
+    ceiling_runs: Annotated[int, typer.Option(help="Runs of the broker's ceiling (200k messages each).")] = 3,
     record: Record = None,
 ) -> None:
     """Publish rider chat events through a private broker into the persister; print figures.
@@ -76,6 +80,7 @@ def bench_ingest(
         rate=rate,
         riders=riders,
         ceiling=ceiling,
+        ceiling_runs=ceiling_runs,
         console=console,
     )
     _record(record, reports)
@@ -181,10 +186,18 @@ def bench_scale(
     steps: Annotated[
         list[int] | None, typer.Option("--orders", help="Open orders per step (repeat the option).")
     ] = None,
+    postgres: Annotated[
+        str, typer.Option(help="PostgreSQL admin URL for the bytes per event ('' = SQLite only).")
+    ] = "postgresql://postgres@127.0.0.1:5432/postgres",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the steps' JSON here.")] = None,
     record: Record = None,
 ) -> None:
-    """Persister start-up over N open orders and N/5 open alerts, with the growth exponent."""
-    _record(record, scale_bench.main(steps or [10_000, 20_000, 40_000], console=console))
+    """Sweep the open orders: start-up, memory, alert tick, dispatch round, retained messages and
+    store bytes per event at each step, with each column's growth exponent."""
+    reports = scale_bench.main(
+        steps or list(SCALE_STEPS), console=console, postgres=postgres or None, json_path=json_path
+    )
+    _record(record, reports)
 
 
 @bench_app.command("metrics")
