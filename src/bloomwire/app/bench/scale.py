@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
+import logging
 import math
-import os
 import secrets
 import statistics
 import subprocess
 import tempfile
 import time
+import tracemalloc
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -55,6 +55,8 @@ from bloomwire.store.models import ALERTS, EVENTS, ORDERS, RIDERS
 
 #: The broker account that publishes and counts the retained snapshots.
 SCALE_USER = "bench-scale"
+#: The account ending the count (its own: the broker takes the username as the client id).
+SENTINEL_USER = "bench-scale-end"
 
 #: Rows per insert statement while seeding (bounded memory, few round trips).
 SEED_CHUNK = 5_000
@@ -197,17 +199,8 @@ def seed(url: str, open_orders: int, now: datetime) -> int:
     return events
 
 
-def _rss() -> int:
-    """This process's resident memory (bytes)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def startup(url: str) -> tuple[float, int, int]:
-    """Seconds of the persister's start-up work over ``url``, the snapshots it built and the bytes
-    of memory its loaded projections and snapshots hold."""
-    gc.collect()
-    before = _rss()
+def startup(url: str) -> tuple[float, int]:
+    """Seconds of the persister's start-up work over ``url``, and the snapshots it built."""
     started = time.perf_counter()
     engine = open_store(url)
     try:
@@ -215,32 +208,39 @@ def startup(url: str) -> tuple[float, int, int]:
         projector.load()
         snapshots = projector.snapshot_messages()
         elapsed = time.perf_counter() - started
-        gc.collect()
-        held = _rss() - before
         projector.close()
     finally:
         engine.dispose()
-    return elapsed, len(snapshots), held
+    return elapsed, len(snapshots)
 
 
-def snapshots_of(url: str) -> list[Outbound]:
-    """The retained snapshots the persister would publish at start over ``url``."""
+def snapshots_of(url: str) -> tuple[list[Outbound], int]:
+    """The retained snapshots the persister would publish at start over ``url``, and the bytes
+    the loaded projections and those snapshots hold (traced: a second load, not the timed one)."""
     engine = make_engine(url, readonly=True)
     try:
-        projector = Projector(engine)
-        projector.load()
-        out = projector.snapshot_messages()
+        tracemalloc.start()
+        try:
+            projector = Projector(engine)
+            projector.load()
+            out = projector.snapshot_messages()
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
         projector.close()
     finally:
         engine.dispose()
-    return out
+    return out, held
 
 
-def dispatch_round(url: str) -> tuple[float, int]:
-    """Seconds of one dispatch pass over ``url`` (nothing published) and the orders it saw waiting."""
+def dispatch_round(url: str, now: datetime) -> tuple[float, int]:
+    """Seconds of one dispatch pass over ``url`` at the seed's ``now`` (riders' positions fresh;
+    nothing published) and the orders it saw waiting."""
+    # One line per order left without a rider would bury the figures.
+    logging.getLogger("bloomwire.dispatch").setLevel(logging.WARNING)
     engine = make_engine(url, readonly=True)
     try:
-        result = Dispatcher(engine).run_pass(lambda _topic, _payload: None)
+        result = Dispatcher(engine, clock=lambda: now).run_pass(lambda _topic, _payload: None)
     finally:
         engine.dispose()
     return result.read_s + result.plan_s + result.publish_s, result.waiting
@@ -280,21 +280,22 @@ async def _publish_retained(settings: Settings, messages: Sequence[Outbound]) ->
 def _count_retained(settings: Settings) -> int:
     """Retained messages the broker sends a new subscriber on ``shops/#`` and ``riders/#``: it
     sends them before anything published after the subscription, so a plain publish ends the count."""
-    creds = service_settings(settings, SCALE_USER)
-    password = creds.broker_password.get_secret_value() if creds.broker_password else ""
-    base = ["-h", settings.broker_host, "-p", str(settings.broker_port), "-u", SCALE_USER, "-P", password]
+
+    def login(user: str) -> list[str]:
+        creds = service_settings(settings, user)
+        password = creds.broker_password.get_secret_value() if creds.broker_password else ""
+        return ["-h", settings.broker_host, "-p", str(settings.broker_port), "-u", user, "-P", password]
+
     with tempfile.TemporaryFile() as out:
         sub = subprocess.Popen(
             [
-                *("mosquitto_sub", *base, "-i", "scale-count", "-t", "shops/#", "-t", "riders/#"),
+                *("mosquitto_sub", *login(SCALE_USER), "-t", "shops/#", "-t", "riders/#"),
                 *("--retained-only", "-F", "%r", "-W", "300"),
             ],
             stdout=out,
         )
         time.sleep(1.0)  # subscribed: what the sentinel follows is every retained message
-        subprocess.run(
-            ["mosquitto_pub", *base, "-i", "scale-sentinel", "-t", "shops/zz-scale-end", "-n"], check=True
-        )
+        subprocess.run(["mosquitto_pub", *login(SENTINEL_USER), "-t", "shops/zz-scale-end", "-n"], check=True)
         sub.wait(timeout=310)
         out.seek(0)
         return out.read().count(b"1")
@@ -314,7 +315,7 @@ def retained_held(settings: Settings, messages: Sequence[Outbound]) -> int:
                 "broker_password": None,
             }
         )
-        stack = Stack(own, services=(), extra_users=(SCALE_USER,))
+        stack = Stack(own, services=(), extra_users=(SCALE_USER, SENTINEL_USER))
         try:
             live = stack.start()
             asyncio.run(_publish_retained(live, messages))
@@ -405,10 +406,9 @@ def measure(n: int, tmp: Path, now: datetime, *, postgres: str | None, say: Call
     step.events = seed(url, n, now)
     step.sqlite_bytes_per_event = _store_bytes(url) / step.events
     say(f"{n}: persister start-up ...")
-    step.startup_s, step.snapshots, held = startup(url)
-    step.memory_per_order_b = held / n
+    step.startup_s, step.snapshots = startup(url)
     say(f"{n}: dispatch round ...")
-    seconds, step.dispatch_waiting = dispatch_round(url)
+    seconds, step.dispatch_waiting = dispatch_round(url, now)
     step.dispatch_round_ms = seconds * 1000
     say(f"{n}: alert tick (the alerts bench's state, {n} live orders) ...")
     ticks = alerts_bench.bench_tick(
@@ -416,7 +416,9 @@ def measure(n: int, tmp: Path, now: datetime, *, postgres: str | None, say: Call
     )
     step.alert_tick_ms = statistics.median(ticks.total) * 1000
     say(f"{n}: retained messages on a private broker ...")
-    step.retained = retained_held(Settings(data_dir=tmp), snapshots_of(url))
+    snapshots, held = snapshots_of(url)
+    step.memory_per_order_b = held / n
+    step.retained = retained_held(Settings(data_dir=tmp), snapshots)
     if postgres:
         say(f"{n}: seeding PostgreSQL ...")
         step.postgres_bytes_per_event = postgres_bytes_per_event(postgres, n, now)
