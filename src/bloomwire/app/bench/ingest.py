@@ -280,6 +280,8 @@ async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]
 LINES_PER_PUBLISHER = 60_000
 MAX_PUBLISHERS = 8
 CEILING_TOPIC = "bench/ceiling"
+#: QoS 1 messages each publisher keeps in flight.
+CEILING_INFLIGHT = 1000
 
 
 @dataclass
@@ -366,6 +368,8 @@ def _ceiling_once(settings: Settings, ceiling: Ceiling, tmp: Path, run: int) -> 
                         "-t",
                         CEILING_TOPIC,
                         "-l",
+                        "-M",  # mosquitto_pub's default of 20 in flight would be the ceiling, not the broker
+                        str(CEILING_INFLIGHT),
                     ],
                     stdin=src,
                 )
