@@ -12,7 +12,7 @@ from bloomwire.app.bench import alerts as alerts_bench
 from bloomwire.app.bench import dispatch as dispatch_bench
 from bloomwire.app.bench import ingest as ingest_bench
 from bloomwire.app.bench import metrics as metrics_bench
-from bloomwire.app.bench import mqttclients
+from bloomwire.app.bench import mqttclients, wsfleet
 from bloomwire.app.bench import peak as peak_bench
 from bloomwire.app.bench import restart as restart_bench
 from bloomwire.app.bench import scale as scale_bench
@@ -142,6 +142,13 @@ def bench_web(
     seconds: Annotated[float, typer.Option(help="How long the riders move.")] = 30.0,
     pages: Annotated[int, typer.Option(help="Most customer tracking pages to open at once (0 = skip).")] = 50,
     profile: Annotated[bool, typer.Option(help="Also print the dashboard's CPU profile.")] = False,
+    connections: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Instead of Chromium: hold N raw MQTT-over-websocket customer connections through "
+            "/mqtt, one message each per 5 s, for --seconds (repeat for several sizes)."
+        ),
+    ] = None,
     record: Record = None,
 ) -> None:
     """The shop dashboard under load and many customer pages, measured inside Chromium.
@@ -152,6 +159,9 @@ def bench_web(
     the CPU stops it) how many, the time until all are live, shop chat → page
     latency and renderer memory.
     """
+    if connections:
+        _record(record, wsfleet.main(make_settings(ctx), console, connections=connections, seconds=seconds))
+        return
     try:
         reports = web_bench.main(
             make_settings(ctx),
