@@ -2,11 +2,12 @@
 
 A broker and the web service of their own (password-file mode, one login per connection), then N
 MQTT 3.1.1 connections over websockets from this one process (the ``websockets`` package, MQTT
-packets written and parsed here: no browser, no paho), each subscribed at QoS 1 to a topic of its
-own. A lean publisher on the broker's TCP port sends every connection one message per 5 s, spread
-evenly, each carrying its send time. Reported: how many connections held, messages delivered
-against expected, publish → received latency, the broker's and the web service's CPU over the
-steady window, and their resident memory per connection.
+packets written and parsed here: no browser, no paho), each subscribed to a topic of its own at
+QoS 0 (as positions reach customers). A lean publisher (a process of its own, on the broker's TCP
+port) sends every connection one message per 5 s, spread evenly, each carrying its send time.
+Reported: how many connections held, messages delivered against expected, publish → received
+latency, the broker's and the web service's CPU over the publishing window, their resident memory
+per connection, and the load side's own CPU (when it nears a core, the latency is the fleet's).
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
+import os
+import resource
 import statistics
 import struct
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 from rich.console import Console
@@ -63,9 +68,9 @@ def connect_packet(user: str, password: str) -> bytes:
     return b"\x10" + _varint(len(body)) + body
 
 
-def subscribe_packet(topic: str) -> bytes:
-    """SUBSCRIBE to one filter at QoS 1 (packet id 1)."""
-    body = struct.pack("!H", 1) + _string(topic) + b"\x01"
+def subscribe_packet(topic: str, qos: int) -> bytes:
+    """SUBSCRIBE to one filter (packet id 1)."""
+    body = struct.pack("!H", 1) + _string(topic) + bytes([qos])
     return b"\x82" + _varint(len(body)) + body
 
 
@@ -129,9 +134,9 @@ class Fleet:
             task.add_done_callback(self.sending.discard)
 
 
-async def _login(ws: ClientConnection, user: str, password: str, topic: str) -> None:
+async def _login(ws: ClientConnection, user: str, password: str, topic: str, qos: int) -> None:
     await ws.send(connect_packet(user, password))
-    await ws.send(subscribe_packet(topic))
+    await ws.send(subscribe_packet(topic, qos))
     buf = bytearray()
     seen: set[int] = set()
     while not {0x20, 0x90} <= seen:
@@ -154,7 +159,7 @@ async def _hold(ws: ClientConnection, key: int, fleet: Fleet) -> None:
 
 
 async def _open_one(
-    uri: str, i: int, settings: Settings, fleet: Fleet, gate: asyncio.Semaphore
+    uri: str, i: int, settings: Settings, fleet: Fleet, gate: asyncio.Semaphore, qos: int
 ) -> ClientConnection | None:
     user = f"c{i}"
     creds = service_settings(settings, user)
@@ -164,7 +169,7 @@ async def _open_one(
             ws = await connect(
                 uri, subprotocols=[Subprotocol("mqtt")], ping_interval=None, compression=None, open_timeout=60
             )
-            await _login(ws, user, password, f"bench/ws/{i}")
+            await _login(ws, user, password, f"bench/ws/{i}", qos)
         except (OSError, TimeoutError, WebSocketException, ConnectionError):
             return None
     task = asyncio.get_running_loop().create_task(_hold(ws, i, fleet))
@@ -172,12 +177,14 @@ async def _open_one(
     return ws
 
 
-def _publish(settings: Settings, n: int, seconds: float, sent: list[int]) -> None:
-    """Each connection's message every PERIOD_S, spread evenly over the period, for ``seconds``."""
+def publish(settings: Settings, n: int, seconds: float, started: EventType) -> None:
+    """Each connection's message every PERIOD_S, spread evenly over the period, for ``seconds``
+    (run in a process of its own: in the fleet's, it would wait for the GIL behind the fleet)."""
     creds = service_settings(settings, PUBLISHER)
     password = creds.broker_password.get_secret_value() if creds.broker_password else ""
     pub = LoadPublisher(settings.broker_host, settings.broker_port, PUBLISHER, password)
     pub.connect()
+    started.set()
     total = int(n * seconds / PERIOD_S)
     start, k = time.perf_counter(), 0
     while k < total:
@@ -187,8 +194,13 @@ def _publish(settings: Settings, n: int, seconds: float, sent: list[int]) -> Non
             pub.send(b"".join(pub.packet(f"bench/ws/{j % n}", stamp) for j in range(k, due)), due - k)
             k = due
         time.sleep(TICK_S)
-    sent.append(total)
     pub.close()
+
+
+def _child_cpu_s() -> float:
+    """CPU seconds of the children waited for so far (the publisher, once joined)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _rss_mb(pid: int | None) -> float:
@@ -205,6 +217,7 @@ class Figures:
     """One fleet run's figures."""
 
     asked: int
+    qos: int = 0
     held: int = 0
     connect_s: float = 0.0
     seconds: float = 0.0
@@ -218,6 +231,9 @@ class Figures:
     web_core: float = 0.0
     broker_kb_per_conn: float = 0.0
     web_kb_per_conn: float = 0.0
+    #: This process (the fleet's websockets) and the publisher's: the load side, not the system.
+    fleet_core: float = 0.0
+    publisher_core: float = 0.0
 
 
 async def _run(live: Settings, pids: dict[str, int | None], figures: Figures, seconds: float) -> None:
@@ -225,7 +241,9 @@ async def _run(live: Settings, pids: dict[str, int | None], figures: Figures, se
     fleet, gate = Fleet(), asyncio.Semaphore(RAMP_CONCURRENCY)
     rss0 = {k: _rss_mb(p) for k, p in pids.items()}
     t0 = time.perf_counter()
-    opened = await asyncio.gather(*(_open_one(uri, i, live, fleet, gate) for i in range(figures.asked)))
+    opened = await asyncio.gather(
+        *(_open_one(uri, i, live, fleet, gate, figures.qos) for i in range(figures.asked))
+    )
     figures.connect_s = time.perf_counter() - t0
     socks = [ws for ws in opened if ws is not None]
     figures.held = len(socks)
@@ -233,11 +251,20 @@ async def _run(live: Settings, pids: dict[str, int | None], figures: Figures, se
     per = max(figures.held, 1)
     figures.broker_kb_per_conn = (rss1["broker"] - rss0["broker"]) * 1024 / per
     figures.web_kb_per_conn = (rss1["web"] - rss0["web"]) * 1024 / per
+    own = os.getpid()
+    spawn = multiprocessing.get_context("spawn")
+    started = spawn.Event()
+    child = spawn.Process(target=publish, args=(live, figures.asked, seconds, started))
+    children0 = _child_cpu_s()
+    child.start()
+    await asyncio.to_thread(started.wait, 60)
+    # The window starts with the first publish, not with the publisher's imports.
     cpu0 = {k: cpu_s(p) if p else None for k, p in pids.items()}
-    sent: list[int] = []
+    me0 = cpu_s(own) or 0.0
     t1 = time.perf_counter()
-    await asyncio.to_thread(_publish, live, figures.asked, seconds, sent)
-    fleet.target = sent[0]
+    await asyncio.to_thread(child.join)
+    figures.publisher_core = (_child_cpu_s() - children0) / seconds
+    fleet.target = int(figures.asked * seconds / PERIOD_S)
     if fleet.received >= fleet.target:
         fleet.all_in.set()
     with contextlib.suppress(TimeoutError):
@@ -246,8 +273,9 @@ async def _run(live: Settings, pids: dict[str, int | None], figures: Figures, se
     cpu1 = {k: cpu_s(p) if p else None for k, p in pids.items()}
     figures.broker_core = ((cpu1["broker"] or 0) - (cpu0["broker"] or 0)) / figures.seconds
     figures.web_core = ((cpu1["web"] or 0) - (cpu0["web"] or 0)) / figures.seconds
+    figures.fleet_core = ((cpu_s(own) or 0.0) - me0) / figures.seconds
     # Connections that failed to open were still published to: they count as not delivered.
-    figures.expected, figures.delivered, figures.dropped = sent[0], fleet.received, fleet.dropped
+    figures.expected, figures.delivered, figures.dropped = fleet.target, fleet.received, fleet.dropped
     lat = sorted(fleet.latencies_ms)
     if lat:
         figures.p50_ms = statistics.median(lat)
@@ -300,6 +328,7 @@ def report(runs: list[Figures]) -> Report:
             "broker CPU (cores)",
             "web CPU (cores)",
             "RSS per connection KB (broker / web)",
+            "load side CPU (fleet / publisher)",
         ),
     )
     for f in runs:
@@ -312,6 +341,7 @@ def report(runs: list[Figures]) -> Report:
             f"{f.broker_core:.3f}",
             f"{f.web_core:.3f}",
             f"{f.broker_kb_per_conn:.1f} / {f.web_kb_per_conn:.1f}",
+            f"{f.fleet_core:.2f} / {f.publisher_core:.2f}",
         )
     return out
 
