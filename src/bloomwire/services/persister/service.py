@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.runtime.log import get_logger
@@ -26,7 +28,7 @@ from bloomwire.runtime.settings import Settings
 from bloomwire.services.persister.metrics import PersisterMetrics
 from bloomwire.services.persister.poison import StoreUnavailableError, apply_isolating, unavailable
 from bloomwire.services.persister.projector import Inbound, Outbound, Projector
-from bloomwire.store import open_store
+from bloomwire.store import open_store, retention
 
 NAME = "persister"
 #: How often closed orders' retained states are checked for the end of their grace.
@@ -65,6 +67,7 @@ def build(
     figures = PersisterMetrics(metrics.registry) if metrics is not None else None
     state: dict[str, Projector] = {}
     tasks: list[asyncio.Task[None]] = []
+    nightly: list[AsyncIOScheduler] = []
 
     def publish(out: Sequence[Outbound]) -> None:
         with service.corked():
@@ -89,6 +92,13 @@ def build(
         state["projector"] = projector
         publish(projector.snapshot_messages())
         tasks.append(asyncio.create_task(clear_states(projector, publish)))
+        policy = retention.Retention(  # the only writer prunes too, nightly, in small batches
+            settings.database_url,
+            settings.position_retention_days,
+            settings.position_keep_every_s,
+            settings.sqlite_busy_timeout_s,
+        )
+        nightly.append(retention.start_nightly(policy))
 
     @service.handle_batch(*topics.INBOUND_FILTERS, live=True)
     async def persist(batch: Sequence[Message]) -> None:
@@ -118,6 +128,8 @@ def build(
     async def close_store() -> None:
         while tasks:
             tasks.pop().cancel()
+        while nightly:
+            nightly.pop().shutdown(wait=False)
         projector = state.pop("projector", None)
         if projector is not None:
             projector.close()
