@@ -12,7 +12,7 @@ from bloomwire.app.bench import alerts as alerts_bench
 from bloomwire.app.bench import dispatch as dispatch_bench
 from bloomwire.app.bench import ingest as ingest_bench
 from bloomwire.app.bench import metrics as metrics_bench
-from bloomwire.app.bench import mqttclients, wsfleet
+from bloomwire.app.bench import mqttclients, suite, wsfleet
 from bloomwire.app.bench import peak as peak_bench
 from bloomwire.app.bench import restart as restart_bench
 from bloomwire.app.bench import scale as scale_bench
@@ -319,3 +319,24 @@ def bench_peak(
     except (BloomwireError, TimeoutError) as exc:
         raise fail(str(exc)) from None
     _record(record, reports)
+
+
+@bench_app.command("all")
+def bench_all(
+    ctx: typer.Context,
+    only: Annotated[list[str] | None, typer.Option(help="Run only this step (repeat the option).")] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Leave this step out (repeat the option).")] = None,
+) -> None:
+    """Every benchmark with short defaults, each writing its block into README.md and docs/*.md.
+
+    Steps (record keys): ingest-latency, ingest-capacity, dispatch, alerts, scale, metrics,
+    restart, mqtt-clients, mqtt-clients-5000, access, web-connections, web. Each block carries the
+    command that measures it alone, the date, the commit, the machine, its load and the same-run
+    anchor. A failing step is reported and the others go on.
+    """
+    try:
+        outcome = suite.main(make_settings(ctx), console, only=only or (), skip=skip or ())
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if any(row[2].startswith("failed") for row in outcome.rows):
+        raise typer.Exit(1)
