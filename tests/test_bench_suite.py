@@ -45,6 +45,9 @@ def test_steps_are_recorded_in_turn_and_a_failure_spares_the_rest(
     assert recorded == [("one", "bloomwire bench one", "first"), ("three", "bloomwire bench three", "third")]
     assert [r[0] for r in out.rows] == ["one", "two", "three"]
     assert out.rows[1][2] == "failed: no browser here"
+    recorded.clear()
+    suite.main(Settings(data_dir=tmp_path), Console(quiet=True), only=["three"])
+    assert recorded == [("three", "bloomwire bench three", "third")]
 
 
 def test_every_real_step_has_a_block_to_write_into() -> None:

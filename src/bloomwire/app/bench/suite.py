@@ -102,7 +102,7 @@ def main(
     settings: Settings, console: Console, *, only: Sequence[str] = (), skip: Sequence[str] = ()
 ) -> Report:
     """Run the chosen steps in turn, record each; return (and print) what became of each."""
-    unknown = sorted(set(only) | set(skip) - {s.key for s in STEPS})
+    unknown = sorted((set(only) | set(skip)) - {s.key for s in STEPS})
     if unknown:
         raise ValueError(f"no bench step {', '.join(unknown)}: choose from {', '.join(s.key for s in STEPS)}")
     outcome = Report("bloomwire bench all", ("key", "command", "result"))
