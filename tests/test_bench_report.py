@@ -40,6 +40,7 @@ def test_record_replaces_only_its_block_and_says_where_and_when(tmp_path: Path) 
     assert "untouched" in readme
     assert "Measured by `bloomwire bench ingest --rate 5000` on 2026-12-03 09:30 UTC, commit" in readme
     assert "| persisted (ev/s) | 4992 |" in readme
+    assert "cores, load average" in readme and " ms" in readme.split("anchor", 1)[1].splitlines()[0]
     assert "| a \\| in a cell | x |" in readme
     assert "| persisted (ev/s) | 4992 |" in (root / "docs" / "performance.md").read_text(encoding="utf-8")
 

@@ -5,23 +5,41 @@ delivery, see the persister). Older than the retention, each order's trail keeps
 ``keep_every_s`` plus its first and last point: the route stays drawable, the rows stop growing
 with every fix. Status, chat, alerts, offers and dead letters are never touched. Deletes run in
 batches of their own short transactions, so the persister's commits go on in between.
+
+:func:`start_nightly` runs the same prune every night from the persister (the only writer), in a
+worker thread on an engine of its own, pausing between batches: ingestion never waits for more
+than one batch's delete.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine
 
+from bloomwire.store.db import make_engine
 from bloomwire.store.models import CHAT, EVENTS, TRAIL
+
+log = structlog.stdlib.get_logger("bloomwire.retention")
 
 #: Rows per delete transaction: small enough that a writer waits milliseconds, not seconds.
 BATCH = 2_000
 #: Free pages SQLite gives back per incremental-vacuum step.
 VACUUM_PAGES = 10_000
+#: The nightly prune (UTC): before the first shops open in Europe, after the last deliveries.
+NIGHTLY_HOUR_UTC = 2
+NIGHTLY_MINUTE_UTC = 17
+#: Nightly: rows per delete and the pause after each, so the persister's commits come first.
+NIGHTLY_BATCH = 500
+NIGHTLY_PAUSE_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,14 +152,79 @@ def make_incremental(engine: Engine) -> None:
         conn.exec_driver_sql("VACUUM")
 
 
-def prune(engine: Engine, before: datetime, keep_every_s: float, *, batch: int = BATCH) -> PruneResult:
-    """Thin trail points older than ``before`` in batches of ``batch`` rows; report sizes."""
+def prune(
+    engine: Engine, before: datetime, keep_every_s: float, *, batch: int = BATCH, pause_s: float = 0.0
+) -> PruneResult:
+    """Thin trail points older than ``before`` in batches of ``batch`` rows, ``pause_s`` apart;
+    report sizes."""
     first = size(engine)
     examined, doomed = _doomed(engine, before, keep_every_s)
     for lo in range(0, len(doomed), batch):
+        if lo and pause_s:
+            time.sleep(pause_s)  # a worker thread: the writer takes the lock meanwhile
         with engine.begin() as conn:  # one short transaction per batch
             conn.execute(sa.delete(TRAIL).where(TRAIL.c.id.in_(doomed[lo : lo + batch])))
     vacuumed = 0
     while step := _vacuum(engine):
         vacuumed += step
     return PruneResult(examined, len(doomed), first, size(engine), vacuumed)
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """What the nightly prune keeps: the store, the days at full detail, one point per bucket after."""
+
+    database_url: str
+    days: float
+    keep_every_s: float
+    sqlite_busy_timeout_s: float = 30.0
+
+
+def prune_now(policy: Retention, now: datetime) -> PruneResult:
+    """One nightly prune (blocking: run it in a thread), on an engine of its own."""
+    engine = make_engine(policy.database_url, sqlite_busy_timeout_s=policy.sqlite_busy_timeout_s)
+    try:
+        return prune(
+            engine,
+            now - timedelta(days=policy.days),
+            policy.keep_every_s,
+            batch=NIGHTLY_BATCH,
+            pause_s=NIGHTLY_PAUSE_S,
+        )
+    finally:
+        engine.dispose()
+
+
+async def prune_nightly(policy: Retention) -> PruneResult | None:
+    """The scheduled job: prune off the event loop, log what it did; a failure is logged, and the
+    next night tries again (the store may be down: nothing is lost by waiting)."""
+    try:
+        result = await asyncio.to_thread(prune_now, policy, datetime.now(UTC))
+    except Exception as exc:
+        log.warning("nightly prune failed", error=str(exc).splitlines()[0][:300] if str(exc) else repr(exc))
+        return None
+    log.info(
+        "nightly prune",
+        examined=result.examined,
+        pruned=result.pruned,
+        bytes_before=result.before.bytes,
+        bytes_after=result.after.bytes,
+        vacuumed_pages=result.vacuumed_pages,
+    )
+    return result
+
+
+def start_nightly(policy: Retention) -> AsyncIOScheduler:
+    """Schedule :func:`prune_nightly` every night on the running loop; the caller shuts it down."""
+    scheduler = AsyncIOScheduler(timezone=UTC)
+    scheduler.add_job(
+        prune_nightly,
+        CronTrigger(hour=NIGHTLY_HOUR_UTC, minute=NIGHTLY_MINUTE_UTC, timezone=UTC),
+        args=[policy],
+        id="nightly-prune",
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=3600,
+    )
+    scheduler.start()
+    return scheduler

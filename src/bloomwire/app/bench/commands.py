@@ -13,7 +13,7 @@ from bloomwire.app.bench import assistant as assistant_bench
 from bloomwire.app.bench import dispatch as dispatch_bench
 from bloomwire.app.bench import ingest as ingest_bench
 from bloomwire.app.bench import metrics as metrics_bench
-from bloomwire.app.bench import mqttclients
+from bloomwire.app.bench import mqttclients, suite, wsfleet
 from bloomwire.app.bench import peak as peak_bench
 from bloomwire.app.bench import restart as restart_bench
 from bloomwire.app.bench import scale as scale_bench
@@ -22,6 +22,9 @@ from bloomwire.app.bench.report import Report, record
 from bloomwire.app.terminal import console, fail, make_settings
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime.broker import find_dynsec_plugin, find_mosquitto
+
+#: ``bench scale``'s default sweep of open orders.
+SCALE_STEPS = (1_000, 10_000, 100_000)
 
 bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
 
@@ -60,6 +63,7 @@ def bench_ingest(
     rate: Annotated[int, typer.Option(help="Publish rate, events/s (0 = as fast as possible).")] = 5_000,
     riders: Annotated[int, typer.Option(help="Simulated riders publishing.")] = 50,
     ceiling: Annotated[bool, typer.Option(help="Also measure mosquitto_pub/sub QoS 1.")] = True,
+    ceiling_runs: Annotated[int, typer.Option(help="Runs of the broker's ceiling (200k messages each).")] = 3,
     record: Record = None,
 ) -> None:
     """Publish rider chat events through a private broker into the persister; print figures.
@@ -77,6 +81,7 @@ def bench_ingest(
         rate=rate,
         riders=riders,
         ceiling=ceiling,
+        ceiling_runs=ceiling_runs,
         console=console,
     )
     _record(record, reports)
@@ -138,6 +143,13 @@ def bench_web(
     seconds: Annotated[float, typer.Option(help="How long the riders move.")] = 30.0,
     pages: Annotated[int, typer.Option(help="Most customer tracking pages to open at once (0 = skip).")] = 50,
     profile: Annotated[bool, typer.Option(help="Also print the dashboard's CPU profile.")] = False,
+    connections: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Instead of Chromium: hold N raw MQTT-over-websocket customer connections through "
+            "/mqtt, one message each per 5 s, for --seconds (repeat for several sizes)."
+        ),
+    ] = None,
     record: Record = None,
 ) -> None:
     """The shop dashboard under load and many customer pages, measured inside Chromium.
@@ -148,6 +160,9 @@ def bench_web(
     the CPU stops it) how many, the time until all are live, shop chat → page
     latency and renderer memory.
     """
+    if connections:
+        _record(record, wsfleet.main(make_settings(ctx), console, connections=connections, seconds=seconds))
+        return
     try:
         reports = web_bench.main(
             make_settings(ctx),
@@ -200,10 +215,18 @@ def bench_scale(
     steps: Annotated[
         list[int] | None, typer.Option("--orders", help="Open orders per step (repeat the option).")
     ] = None,
+    postgres: Annotated[
+        str, typer.Option(help="PostgreSQL admin URL for the bytes per event ('' = SQLite only).")
+    ] = "postgresql://postgres@127.0.0.1:5432/postgres",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the steps' JSON here.")] = None,
     record: Record = None,
 ) -> None:
-    """Persister start-up over N open orders and N/5 open alerts, with the growth exponent."""
-    _record(record, scale_bench.main(steps or [10_000, 20_000, 40_000], console=console))
+    """Sweep the open orders: start-up, memory, alert tick, dispatch round, retained messages and
+    store bytes per event at each step, with each column's growth exponent."""
+    reports = scale_bench.main(
+        steps or list(SCALE_STEPS), console=console, postgres=postgres or None, json_path=json_path
+    )
+    _record(record, reports)
 
 
 @bench_app.command("metrics")
@@ -327,3 +350,24 @@ def bench_peak(
     except (BloomwireError, TimeoutError) as exc:
         raise fail(str(exc)) from None
     _record(record, reports)
+
+
+@bench_app.command("all")
+def bench_all(
+    ctx: typer.Context,
+    only: Annotated[list[str] | None, typer.Option(help="Run only this step (repeat the option).")] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Leave this step out (repeat the option).")] = None,
+) -> None:
+    """Every benchmark with short defaults, each writing its block into README.md and docs/*.md.
+
+    Steps (record keys): ingest-latency, ingest-capacity, dispatch, alerts, scale, metrics,
+    restart, mqtt-clients, mqtt-clients-5000, access, web-connections, web. Each block carries the
+    command that measures it alone, the date, the commit, the machine, its load and the same-run
+    anchor. A failing step is reported and the others go on.
+    """
+    try:
+        outcome = suite.main(make_settings(ctx), console, only=only or (), skip=skip or ())
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if any(row[2].startswith("failed") for row in outcome.rows):
+        raise typer.Exit(1)

@@ -6,13 +6,14 @@ rider chat events (each stored in ``events`` and ``chat_lines``, republished can
 to the rider) at a set rate, through :class:`~bloomwire.app.bench.loadgen.LoadPublisher` so that the
 load generator takes next to no CPU from the persister. Reports persisted events/s,
 publish→committed (the device ack) and publish→canonical latencies, lost and duplicated counts
-checked against the store, and the ``mosquitto_pub``/``mosquitto_sub`` QoS 1 ceiling on the same
-broker.
+checked against the store, and the broker's own QoS 1 ceiling on the same broker: several
+``mosquitto_pub -l`` at once into one ``mosquitto_sub`` that counts every message, repeated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import statistics
@@ -41,7 +42,7 @@ BENCH_USER = "bench"
 TICK_S = 0.002
 #: One account per connection: the broker uses the username as client id, so two connections
 #: sharing a username would take each other's session over.
-BENCH_USERS = ("bench", "bench-watch", "bench-watch-acks", "bench-ceiling-pub", "bench-ceiling-sub")
+BENCH_USERS = ("bench", "bench-watch", "bench-watch-acks")
 
 
 @dataclass
@@ -57,8 +58,13 @@ class Figures:
     stored: int = 0
     lost: int = 0
     duplicated: int = 0
-    ceiling_per_s: float = 0.0
+    ceiling: Ceiling | None = None
     publish_s: float = 0.0
+
+    @property
+    def ceiling_per_s(self) -> float:
+        """The broker's median QoS 1 ceiling of the same run (0 when not measured)."""
+        return self.ceiling.median if self.ceiling else 0.0
 
     def pct(self, values: list[float], q: float) -> float:
         """The q-th percentile of ``values`` (ms)."""
@@ -86,6 +92,7 @@ class Figures:
             "lost": self.lost,
             "duplicated": self.duplicated,
             "ceiling_per_s": round(self.ceiling_per_s),
+            "ceiling": self.ceiling.as_dict() if self.ceiling else None,
             "ratio_to_ceiling": round(self.persisted_per_s / self.ceiling_per_s, 3)
             if self.ceiling_per_s
             else None,
@@ -268,47 +275,138 @@ async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]
     figures.lost = figures.events - int(stored[1])
 
 
-def measure_ceiling(settings: Settings, n: int = 20_000) -> float:
-    """QoS 1 messages/s through the same broker with the C clients mosquitto_pub/mosquitto_sub."""
-    if not shutil.which("mosquitto_pub") or not shutil.which("mosquitto_sub"):
-        return 0.0
+#: ``mosquitto_pub -l`` reads at most 65,535 lines and silently drops the rest: each publisher is fed
+#: fewer.
+LINES_PER_PUBLISHER = 60_000
+MAX_PUBLISHERS = 8
+CEILING_TOPIC = "bench/ceiling"
+#: QoS 1 messages each publisher keeps in flight.
+CEILING_INFLIGHT = 1000
 
-    line = b"x" * 300 + b"\n"
-    sub = subprocess.Popen(
-        [
-            "mosquitto_sub",
-            *_sub_args(settings, "bench-ceiling-sub"),
-            "-t",
-            "bench/ceiling",
-            "-C",
-            str(n),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    start = time.perf_counter()
-    subprocess.run(
-        ["mosquitto_pub", *_sub_args(settings, "bench-ceiling-pub"), "-t", "bench/ceiling", "-l"],
-        input=line * n,
-        check=True,
-    )
+
+@dataclass
+class Ceiling:
+    """The broker's own QoS 1 ceiling: parallel ``mosquitto_pub -l`` into one counting ``mosquitto_sub``."""
+
+    publishers: int
+    messages: int
+    rates: list[float] = field(default_factory=list)
+    delivered: list[int] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        """Median messages/s of the runs that delivered everything (0 if none did)."""
+        whole = [r for r, d in zip(self.rates, self.delivered, strict=True) if d == self.messages]
+        return statistics.median(whole) if whole else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain numbers for JSON output."""
+        return {
+            "publishers": self.publishers,
+            "messages_per_run": self.messages,
+            "runs_per_s": [round(r) for r in self.rates],
+            "delivered": self.delivered,
+            "median_per_s": round(self.median),
+        }
+
+
+def publishers_for(messages: int, publishers: int) -> int:
+    """Publishers needed so none is fed more than :data:`LINES_PER_PUBLISHER` lines."""
+    needed = max(publishers, -(-messages // LINES_PER_PUBLISHER))
+    if needed > MAX_PUBLISHERS:
+        raise ValueError(f"{messages} messages need {needed} publishers (at most {MAX_PUBLISHERS})")
+    return needed
+
+
+def ceiling_users() -> tuple[str, ...]:
+    """The broker accounts of the ceiling's clients (one each: the username is the client id)."""
+    return ("bench-ceiling-sub", *(f"bench-ceiling-pub-{i}" for i in range(MAX_PUBLISHERS)))
+
+
+def _arrivals(path: Path) -> list[float]:
+    stamps = []
+    for line in path.read_bytes().splitlines():
+        with contextlib.suppress(ValueError):
+            stamps.append(float(line))
+    return stamps
+
+
+def _ceiling_once(settings: Settings, ceiling: Ceiling, tmp: Path, run: int) -> None:
+    """One run: every publisher at once, the subscriber stamping each arrival."""
+    share = [ceiling.messages // ceiling.publishers] * ceiling.publishers
+    share[0] += ceiling.messages - sum(share)
+    feeds = []
+    for i, n in enumerate(share):
+        feed = tmp / f"ceiling-feed-{i}.txt"
+        feed.write_bytes((b"x" * 300 + b"\n") * n)
+        feeds.append(feed)
+    out = tmp / f"ceiling-{run}.txt"
+    with out.open("wb") as fh:
+        sub = subprocess.Popen(
+            [
+                "mosquitto_sub",
+                *_sub_args(settings, "bench-ceiling-sub"),
+                "-t",
+                CEILING_TOPIC,
+                "-C",
+                str(ceiling.messages),
+                "-F",
+                "%U",
+            ],
+            stdout=fh,
+        )
+    time.sleep(0.5)  # let it subscribe
+    start = time.time()
+    pubs = []
+    for i, feed in enumerate(feeds):
+        with feed.open("rb") as src:
+            pubs.append(
+                subprocess.Popen(
+                    [
+                        "mosquitto_pub",
+                        *_sub_args(settings, f"bench-ceiling-pub-{i}"),
+                        "-t",
+                        CEILING_TOPIC,
+                        "-l",
+                        "-M",  # mosquitto_pub's default of 20 in flight would be the ceiling, not the broker
+                        str(CEILING_INFLIGHT),
+                    ],
+                    stdin=src,
+                )
+            )
+    for p in pubs:
+        p.wait(timeout=300)
     try:
-        sub.wait(timeout=120)
+        sub.wait(timeout=30)  # exits by itself once it has counted every message
     except subprocess.TimeoutExpired:
-        sub.kill()
+        sub.terminate()  # some never arrived: counted below
         sub.wait()
-        return 0.0
-    return n / (time.perf_counter() - start)
+    stamps = _arrivals(out)
+    ceiling.delivered.append(len(stamps))
+    ceiling.rates.append(len(stamps) / (max(stamps) - start) if stamps else 0.0)
 
 
-def run(settings: Settings, *, events: int, rate: int, riders: int, ceiling: bool) -> Figures:
+def measure_ceiling(
+    settings: Settings, tmp: Path, *, messages: int = 200_000, publishers: int = 4, runs: int = 3
+) -> Ceiling:
+    """QoS 1 messages/s through the same broker with the C clients, ``runs`` times."""
+    ceiling = Ceiling(publishers_for(messages, publishers), messages)
+    if shutil.which("mosquitto_pub") and shutil.which("mosquitto_sub"):
+        for k in range(runs):
+            _ceiling_once(settings, ceiling, tmp, k)
+    return ceiling
+
+
+def run(
+    settings: Settings, *, events: int, rate: int, riders: int, ceiling: bool, ceiling_runs: int = 3
+) -> Figures:
     """Run the whole benchmark on a private broker and store; return the figures."""
     figures = Figures(events=events, rate=rate)
-    with private_stack(settings, BENCH_USERS, name="ingest") as (live, tmp):
+    with private_stack(settings, (*BENCH_USERS, *ceiling_users()), name="ingest") as (live, tmp):
         pairs = asyncio.run(_setup_orders(live, riders))
         asyncio.run(_run(live, figures, pairs, tmp))
         if ceiling:
-            figures.ceiling_per_s = measure_ceiling(live)
+            figures.ceiling = measure_ceiling(live, tmp, runs=ceiling_runs)
     return figures
 
 
@@ -322,18 +420,33 @@ def report(figures: Figures) -> Report:
     out.add("publish→committed P50 / P99 (ms)", f"{d['committed_p50_ms']} / {d['committed_p99_ms']}")
     out.add("publish→canonical P50 / P99 (ms)", f"{d['canonical_p50_ms']} / {d['canonical_p99_ms']}")
     out.add("stored / lost / duplicated", f"{d['stored']} / {d['lost']} / {d['duplicated']}")
-    if d["ceiling_per_s"]:
-        out.add("mosquitto_pub→sub QoS 1 ceiling (msg/s), same run", d["ceiling_per_s"])
+    c = figures.ceiling
+    if c is not None and c.rates:
+        runs = ", ".join(f"{r:,.0f}" for r in c.rates)
+        out.add(
+            f"broker QoS 1 ceiling (msg/s), same run: {c.publishers} mosquitto_pub -l → 1 mosquitto_sub",
+            f"median {c.median:,.0f} (runs {runs})",
+        )
+        out.add("ceiling messages delivered per run", " · ".join(f"{d}/{c.messages}" for d in c.delivered))
         out.add("ratio persisted / ceiling", d["ratio_to_ceiling"])
     return out
 
 
 def main(
-    settings: Settings, *, events: int, rate: int, riders: int, ceiling: bool, console: Console
+    settings: Settings,
+    *,
+    events: int,
+    rate: int,
+    riders: int,
+    ceiling: bool,
+    console: Console,
+    ceiling_runs: int = 3,
 ) -> list[Report]:
     """Run, print a table of the figures and their JSON; return the table."""
     console.print(f"bench ingest: {events} rider chat events at {rate or 'max'} ev/s from {riders} riders …")
-    figures = run(settings, events=events, rate=rate, riders=riders, ceiling=ceiling)
+    figures = run(
+        settings, events=events, rate=rate, riders=riders, ceiling=ceiling, ceiling_runs=ceiling_runs
+    )
     table = report(figures)
     console.print(table.rich())
     console.print_json(json.dumps(figures.as_dict()))

@@ -3,16 +3,22 @@
 A figure in the README or ``docs/`` is never typed by hand: a benchmark run with
 ``--record KEY`` replaces the block between ``<!-- measured:KEY -->`` and ``<!-- /measured:KEY -->``
 in ``README.md`` and every ``docs/*.md`` holding it, with its tables, the command line, the date,
-the commit and the machine's load.
+the commit, the machine, its load and an anchor: a fixed workload timed right then, the
+same-run reference that makes blocks of different days comparable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import platform
 import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,15 +74,45 @@ def command_line(argv: Sequence[str] | None = None, *, drop: str = "--record") -
     return shlex.join(["bloomwire", *kept])
 
 
-def provenance(root: Path, now: datetime | None = None) -> str:
-    """Date, commit (and whether the tree had changes), cores and load average of this run."""
+def machine() -> str:
+    """The CPU model (from ``/proc/cpuinfo``), or the platform's processor name."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    return platform.processor() or platform.machine()
+
+
+def anchor_ms(rounds: int = 3) -> float:
+    """Milliseconds of a fixed single-threaded Python workload (JSON and hashing), best of
+    ``rounds``: taken when the figures are recorded, it says how fast this host was right then, so
+    two blocks' figures compare through their anchors rather than their dates."""
+    doc = [
+        {"id": f"e{i}", "order": f"o{i % 97}", "lat": 52.5 + i * 1e-6, "text": "x" * 40} for i in range(2000)
+    ]
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(10):
+            hashlib.sha256(json.dumps(json.loads(json.dumps(doc))).encode()).digest()
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+def provenance(root: Path, now: datetime | None = None, *, anchor: float | None = None) -> str:
+    """Date, commit (and whether the tree had changes), machine, cores, load average and the
+    same-run anchor (:func:`anchor_ms`) of this run."""
     now = now or datetime.now(UTC)
     commit = _git(root, "rev-parse", "--short", "HEAD") or "no commit"
     # The docs' measured blocks are what the benches write: they do not make the code "changed".
     dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!*.md")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     state = f"{commit} with uncommitted changes" if dirty else commit
-    return f"{now:%Y-%m-%d %H:%M} UTC, commit {state}, {os.cpu_count()} cores, load average {load:.2f}"
+    anchor = anchor_ms() if anchor is None else anchor
+    return (
+        f"{now:%Y-%m-%d %H:%M} UTC, commit {state}, {machine()}, {os.cpu_count()} cores, "
+        f"load average {load:.2f}, anchor {anchor:.0f} ms"
+    )
 
 
 def _git(root: Path, *args: str) -> str:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.runtime.aio import cancel_and_wait
@@ -28,7 +30,7 @@ from bloomwire.runtime.settings import Settings
 from bloomwire.services.persister.metrics import PersisterMetrics
 from bloomwire.services.persister.poison import StoreUnavailableError, apply_isolating, unavailable
 from bloomwire.services.persister.projector import Inbound, Outbound, Projector
-from bloomwire.store import open_store
+from bloomwire.store import open_store, retention
 
 NAME = "persister"
 #: How often closed orders' retained states are checked for the end of their grace.
@@ -54,6 +56,8 @@ class PersisterState:
     projector: Projector
     #: Clears closed orders' retained states as their grace ends (:func:`clear_states`).
     clearing: asyncio.Task[None]
+    #: Runs the retention policy nightly (:func:`~bloomwire.store.retention.start_nightly`).
+    nightly: AsyncIOScheduler
 
 
 def build(
@@ -101,7 +105,14 @@ def build(
             projector.close()
             engine.dispose()
             raise
-        return PersisterState(projector, asyncio.create_task(clear_states(projector, publish)))
+        policy = retention.Retention(  # the only writer prunes too, nightly, in small batches
+            settings.database_url,
+            settings.position_retention_days,
+            settings.position_keep_every_s,
+            settings.sqlite_busy_timeout_s,
+        )
+        clearing = asyncio.create_task(clear_states(projector, publish))
+        return PersisterState(projector, clearing, retention.start_nightly(policy))
 
     # Raw messages, not a model=: decoding is the projector's job, per message, because a refusal
     # here is more than a dead letter (stored in dead_letters, answered on the sender's error
@@ -137,6 +148,7 @@ def build(
         if not service.has_state:
             return
         state = service.state
+        state.nightly.shutdown(wait=False)
         await cancel_and_wait(state.clearing)
         state.projector.close()
         state.projector.engine.dispose()
