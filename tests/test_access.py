@@ -159,7 +159,7 @@ def received(client: MqttTestClient, wait: float = 0.4) -> list[tuple[str, bytes
 
 def status_event(order: str, status: OrderStatus, shop: str = "s1") -> bytes:
     return ev.encode(
-        ev.OrderStatusEvent(
+        ev.OrderStatusChangedEvent(
             source=f"{topics.SHOPS}/{shop}", data=ev.OrderStatusChanged(order=order, status=status)
         )
     )
@@ -555,7 +555,7 @@ def test_forged_source_is_refused_by_the_persister(
     for f in topics.INBOUND_FILTERS:
         persister.subscribe(f)
     r2 = login("r2")
-    event = ev.OrderStatusEvent(
+    event = ev.OrderStatusChangedEvent(
         source="riders/r1", data=ev.OrderStatusChanged(order="o-forged", status=OrderStatus.PICKED_UP)
     )
     # on r1's topic the broker refuses it outright ...
@@ -633,13 +633,15 @@ def _until(check: Callable[[], object], what: str, timeout: float = 15.0) -> Non
         time.sleep(0.01)
 
 
-def _wait_access(shop_client: MqttTestClient, order: str, timeout: float = 5.0) -> ev.CustomerAccessEvent:
+def _wait_access(
+    shop_client: MqttTestClient, order: str, timeout: float = 5.0
+) -> ev.CustomerAccessGrantedEvent:
     topic = topics.access_topic("s1", order)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for t, payload in received(shop_client, 0.1):
             if t == topic and payload:
-                return ev.CustomerAccessEvent.model_validate_json(payload)
+                return ev.CustomerAccessGrantedEvent.model_validate_json(payload)
     pytest.fail(f"no access message for {order}")
 
 

@@ -129,7 +129,7 @@ def test_stack_in_access_mode(tmp_path: Path, mqtt_client: MakeClient) -> None:
         _create(shop, order_b)
         access_topic = topics.access_topic("s1", order_a)
         raw = _until(shop, lambda t, p: t == access_topic and bool(p))
-        access = ev.CustomerAccessEvent.model_validate_json(raw).data
+        access = ev.CustomerAccessGrantedEvent.model_validate_json(raw).data
         assert (access.shop, access.order) == ("s1", order_a)
         assert access.customer == topics.customer_for_order(order_a)
         assert access.broker is not None and access.broker.ws_port == stack.broker.ws_port

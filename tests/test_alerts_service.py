@@ -312,16 +312,16 @@ class World:
     def _send(self, client: Any, topic: str, event: Any) -> None:
         client.publish(topic, ev.encode(event), qos=1)
 
-    def status_seen(self, order: str, status: OrderStatus) -> ev.OrderStatusEvent:
+    def status_seen(self, order: str, status: OrderStatus) -> ev.OrderStatusChangedEvent:
         topic = topics.order_topic(self.shop, order, topics.OrderChannel.STATUS)
 
         def match(s: Seen) -> bool:
             e = _event(s) if s.topic == topic else None
-            return isinstance(e, ev.OrderStatusEvent) and e.data.status is status
+            return isinstance(e, ev.OrderStatusChangedEvent) and e.data.status is status
 
         found = self.inbox.take(match, f"{order} {status.value}")
         event = _event(found)
-        assert isinstance(event, ev.OrderStatusEvent)
+        assert isinstance(event, ev.OrderStatusChangedEvent)
         return event
 
     def create_order(self, order: str, *, start_in_min: float = 30, end_in_min: float = 90) -> None:
@@ -344,7 +344,7 @@ class World:
 
     def offer(self, order: str, rider: str) -> None:
         now = self.clock()
-        event = ev.DispatchOfferEvent(
+        event = ev.DispatchOfferedEvent(
             source=f"services/{self.dispatch}",
             time=now,
             data=ev.DispatchOffer(
@@ -366,7 +366,7 @@ class World:
     def rider_status(
         self, order: str, rider: str, status: OrderStatus, reason: FailureReason | None = None
     ) -> None:
-        event = ev.OrderStatusEvent(
+        event = ev.OrderStatusChangedEvent(
             source=f"riders/{rider}",
             time=self.clock(),
             data=ev.OrderStatusChanged(order=order, status=status, reason=reason),
@@ -375,7 +375,7 @@ class World:
         self.status_seen(order, status)
 
     def incident(self, order: str, rider: str, eta: datetime) -> None:
-        event = ev.OrderIncidentEvent(
+        event = ev.OrderIncidentReportedEvent(
             source=f"riders/{rider}",
             time=self.clock(),
             data=ev.OrderIncident(order=order, reason="traffic", eta=eta),
@@ -387,7 +387,7 @@ class World:
     def location(self, order: str, rider: str) -> None:
         """A position fix now, near the customer; waits for the order's canonical location."""
         tst = int(self.clock().timestamp())
-        event = ev.RiderLocationEvent(
+        event = ev.RiderLocationReportedEvent(
             source=f"riders/{rider}",
             time=self.clock(),
             data=ev.RiderLocation(lat=52.519, lon=13.404, tst=tst),
@@ -402,7 +402,7 @@ class World:
         self.inbox.take(match, f"the position of {rider}")
 
     def presence(self, rider: str, status: ev.Presence) -> None:
-        event = ev.RiderPresenceEvent(
+        event = ev.RiderPresenceChangedEvent(
             source=f"riders/{rider}", time=self.clock(), data=ev.RiderPresence(status=status)
         )
         self._send(self.devices, topics.rider_presence(rider), event)
@@ -748,7 +748,7 @@ def test_followup_sent_once_after_delivery_across_restarts(world: World) -> None
     second = w.backbone.start_alerts()
     line = w.inbox.take(lambda s: s.topic == chat, "the follow-up")
     sent = ev.decode(line.payload)
-    assert isinstance(sent, ev.OrderChatEvent)
+    assert isinstance(sent, ev.OrderChatPostedEvent)
     assert sent.id == followup_event_id(order)
     assert sent.data.text == "How were the flowers? Reply here if anything was not perfect."
     assert sent.data.author.startswith(f"shop:{w.shop}")

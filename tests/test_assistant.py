@@ -123,10 +123,12 @@ def _order_out_for_delivery(client: Any, watch: Watch) -> dict[str, Any]:
     """Create, assign, accept and pick up ORDER; its retained state with the ETA."""
     now = ev.now()
     rider_src, shop_src = f"{topics.RIDERS}/{RIDER}", f"{topics.SHOPS}/{SHOP}"
-    online = ev.RiderPresenceEvent(source=rider_src, data=ev.RiderPresence(status=ev.Presence.ONLINE))
+    online = ev.RiderPresenceChangedEvent(source=rider_src, data=ev.RiderPresence(status=ev.Presence.ONLINE))
     _send(client, topics.rider_presence(RIDER), online)
     position = ev.RiderLocation(lat=52.52, lon=13.40, tst=int(now.timestamp()))
-    _send(client, topics.rider_location(RIDER), ev.RiderLocationEvent(source=rider_src, data=position))
+    _send(
+        client, topics.rider_location(RIDER), ev.RiderLocationReportedEvent(source=rider_src, data=position)
+    )
     created = ev.OrderCreated(
         order=ORDER,
         customer=ev.Customer(name="Mei", phone="+49 30 1234 5678", address="Torstr. 1", lat=52.53, lon=13.41),
@@ -143,7 +145,11 @@ def _order_out_for_delivery(client: Any, watch: Watch) -> dict[str, Any]:
     _send(client, topics.rider_replies(RIDER), ev.DispatchReplyEvent(source=rider_src, data=reply))
     watch.until(lambda t, b: t.endswith(f"{ORDER}/state") and b.get("status") == "accepted", "accepted")
     picked = ev.OrderStatusChanged(order=ORDER, status=OrderStatus.PICKED_UP)
-    _send(client, topics.rider_order_status(RIDER, ORDER), ev.OrderStatusEvent(source=rider_src, data=picked))
+    _send(
+        client,
+        topics.rider_order_status(RIDER, ORDER),
+        ev.OrderStatusChangedEvent(source=rider_src, data=picked),
+    )
     return watch.until(
         lambda t, b: t.endswith(f"{ORDER}/state") and b.get("status") == "picked_up" and b.get("eta"), "ETA"
     )
@@ -151,7 +157,7 @@ def _order_out_for_delivery(client: Any, watch: Watch) -> dict[str, Any]:
 
 def _ask(client: Any, watch: Watch, text: str) -> dict[str, Any]:
     """The customer says ``text``; the assistant's answer to it."""
-    line = ev.OrderChatEvent(source=f"{topics.CUSTOMERS}/{CUSTOMER}", data=ev.OrderChat(text=text))
+    line = ev.OrderChatPostedEvent(source=f"{topics.CUSTOMERS}/{CUSTOMER}", data=ev.OrderChat(text=text))
     _send(client, topics.customer_chat(CUSTOMER), line)
     wanted = assistant.service.answer_id(line.id)
     return watch.until(
@@ -185,7 +191,7 @@ def test_answers_with_the_real_eta_and_hands_a_complaint_to_the_shop(wired: tupl
     assert again["data"]["text"] == answers.sentences()["en"]["handover_again"]
 
     # A person of the shop replies: the hand-over is resolved.
-    reply = ev.OrderChatEvent(
+    reply = ev.OrderChatPostedEvent(
         source=f"{topics.SHOPS}/{SHOP}", data=ev.OrderChat(order=ORDER, text="So sorry!")
     )
     _send(client, topics.shop_command(SHOP, topics.Command.CHAT), reply)
@@ -268,6 +274,6 @@ def test_a_redelivered_line_gives_the_very_same_events(
     finally:
         engine.dispose()
     said = [json.loads(p) for _, p in first]
-    assert [e["type"] for e in said] == ["order.chat", "alert.raised"]
+    assert [e["type"] for e in said] == ["order.chat_posted", "alert.raised"]
     assert said[0]["id"] == complaint["id"] and said[0]["data"]["text"] == complaint["data"]["text"]
     assert sent == first

@@ -170,7 +170,7 @@ def test_shop_command_resent_after_a_broker_restart_is_acked(stack: Backbone, tm
         await first.start()
         try:
             assert (await first.create_order(draft(ORDER))).outcome.stored
-            event = ev.OrderChatEvent(
+            event = ev.OrderChatPostedEvent(
                 source=f"shops/{SHOP}", data=ev.OrderChat(order=ORDER, text="ring twice")
             )
             stored = await first.publish_command(Command.CHAT, event)

@@ -204,7 +204,7 @@ def _state(order: str, status: OrderStatus, **extra: object) -> bytes:
 
 def _status(order: str, status: OrderStatus, rider: str | None = None, **extra: object) -> bytes:
     data = ev.OrderStatusChanged(order=order, status=status, rider=rider, **extra)  # type: ignore[arg-type]
-    return ev.encode(ev.OrderStatusEvent(source=f"riders/{rider or 'x'}", time=T0, data=data))
+    return ev.encode(ev.OrderStatusChangedEvent(source=f"riders/{rider or 'x'}", time=T0, data=data))
 
 
 def test_shop_view_renders_orders_eta_alerts_and_activity() -> None:
@@ -277,7 +277,7 @@ def test_track_view_shows_its_order_only_with_eta_and_distance() -> None:
         eta=T0 + timedelta(minutes=40),
     )
     view.apply(topics.order_topic(SHOP, "o1", "location"), ev.encode(loc))
-    chat = ev.OrderChatEvent(
+    chat = ev.OrderChatPostedEvent(
         source="riders/r1", time=T0, data=ev.OrderChat(order="o1", text="5 min!", author="rider:r1")
     )
     view.apply(topics.order_topic(SHOP, "o1", "chat"), ev.encode(chat))
@@ -321,7 +321,7 @@ def test_shop_view_takes_the_provisioners_customer_access() -> None:
         max_devices=3,
     )
     topic = f"shops/{SHOP}/orders/o1/{topics.ACCESS}"
-    view.apply(topic, ev.encode(ev.CustomerAccessEvent(source="services/provisioner", data=data)))
+    view.apply(topic, ev.encode(ev.CustomerAccessGrantedEvent(source="services/provisioner", data=data)))
     access = CustomerAccess.from_provisioner(view.accesses["o1"])
     assert (access.customer, access.username, access.password) == (
         "c-o1",
@@ -338,7 +338,7 @@ def test_rider_app_shows_where_to_collect_and_deliver_an_offer(tmp_path: Path) -
     device = RiderDevice(settings, "r1", "pw", Outbox(tmp_path / "outbox.db"))
     console = Console(record=True, width=120)
     app = RiderApp(device, console, source=None, interval=5, offers="ask", read_commands=False)
-    offer = ev.DispatchOfferEvent(
+    offer = ev.DispatchOfferedEvent(
         source="services/dispatch",
         data=ev.DispatchOffer(
             offer="of-1",

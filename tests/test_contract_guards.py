@@ -44,16 +44,18 @@ def envelope(kind: str, source: str, data: dict[str, Any], **extra: Any) -> dict
 
 
 def chat(text: str = "at the door", **extra: Any) -> dict[str, Any]:
-    return envelope("order.chat", "customers/c-o1", {"order": "o1", "text": text}, **extra)
+    return envelope("order.chat_posted", "customers/c-o1", {"order": "o1", "text": text}, **extra)
 
 
 def location(**data: Any) -> dict[str, Any]:
     fields = {"lat": 52.5, "lon": 13.4, "tst": int(NOW.timestamp())} | data
-    return envelope("rider.location", "riders/r1", fields)
+    return envelope("rider.location_reported", "riders/r1", fields)
 
 
 def incident(eta: str) -> dict[str, Any]:
-    return envelope("order.incident", "riders/r1", {"order": "o1", "reason": "flat tyre", "eta": eta})
+    return envelope(
+        "order.incident_reported", "riders/r1", {"order": "o1", "reason": "flat tyre", "eta": eta}
+    )
 
 
 def refusal(obj: object) -> str:
@@ -91,7 +93,7 @@ def test_nesting_up_to_the_bound_is_accepted_and_brackets_in_strings_do_not_coun
     with pytest.raises(PayloadError):
         ev.load_json(nested(v.MAX_DEPTH + 1))
     # The envelope is the first level: data fifteen deeper is the limit.
-    assert ev.decode(json.dumps(chat(x=json.loads(nested(v.MAX_DEPTH - 1))))).type == "order.chat"
+    assert ev.decode(json.dumps(chat(x=json.loads(nested(v.MAX_DEPTH - 1))))).type == "order.chat_posted"
     brackets = '[{"\\"[[' * 40
     assert ev.decode(json.dumps(chat(brackets))).data.text == brackets
 
@@ -215,7 +217,7 @@ def test_positions_out_of_range_are_refused(fields: dict[str, Any], needle: str)
 
 
 def test_presence_numbers_and_flags_are_strict() -> None:
-    presence = envelope("rider.presence", "riders/r1", {"status": "online", "capacity": "3"})
+    presence = envelope("rider.presence_changed", "riders/r1", {"status": "online", "capacity": "3"})
     assert refusal(presence) == "data.capacity: Input should be a valid integer"
     presence["data"] = {"status": "online", "on_duty": "yes"}
     assert refusal(presence) == "data.on_duty: Input should be a valid boolean"
@@ -223,7 +225,7 @@ def test_presence_numbers_and_flags_are_strict() -> None:
 
 def test_integers_are_still_numbers() -> None:
     event = ev.decode(json.dumps(location(lat=52, lon=13, acc=5)))
-    assert isinstance(event, ev.RiderLocationEvent)
+    assert isinstance(event, ev.RiderLocationReportedEvent)
     assert (event.data.lat, event.data.acc) == (52.0, 5.0)
 
 
@@ -318,7 +320,7 @@ def test_event_ids_are_bounded(event_id: str) -> None:
 
 
 def test_producers_still_get_an_id_and_a_time() -> None:
-    event = ev.OrderChatEvent(source="shops/s1", data=ev.OrderChat(order="o1", text="hello"))
+    event = ev.OrderChatPostedEvent(source="shops/s1", data=ev.OrderChat(order="o1", text="hello"))
     assert ev.decode(ev.encode(event)) == event
 
 
@@ -426,7 +428,7 @@ def test_bare_presence_words_are_still_accepted(word: bytes) -> None:
     decoded = decode(Inbound("riders/r1/presence", word), NOW, v.DEFAULT_TIME_BOUNDS)
     assert isinstance(decoded, Decoded)
     event = decoded.event
-    assert isinstance(event, ev.RiderPresenceEvent)
+    assert isinstance(event, ev.RiderPresenceChangedEvent)
     assert event.time == NOW
 
 

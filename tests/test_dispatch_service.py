@@ -311,7 +311,7 @@ class World:
         status = ev.Presence(presence)
         self.send(
             topics.rider_presence(rider),
-            ev.RiderPresenceEvent(
+            ev.RiderPresenceChangedEvent(
                 source=f"riders/{rider}", data=ev.RiderPresence(status=status, capacity=capacity)
             ),
         )
@@ -366,7 +366,7 @@ class World:
     def report(self, rider: str, order: str, status: OrderStatus) -> None:
         self.send(
             topics.rider_order_status(rider, order),
-            ev.OrderStatusEvent(
+            ev.OrderStatusChangedEvent(
                 source=f"riders/{rider}", data=ev.OrderStatusChanged(order=order, status=status)
             ),
         )
@@ -598,7 +598,10 @@ def test_bad_replies_are_refused_with_a_reason_and_change_nothing(world: World) 
             ).encode(),
             "data.offer",
         ),
-        (ev.encode(ev.OrderChatEvent(source=f"riders/{r1}", data=ev.OrderChat(text="hi"))), "not accepted"),
+        (
+            ev.encode(ev.OrderChatPostedEvent(source=f"riders/{r1}", data=ev.OrderChat(text="hi"))),
+            "not accepted",
+        ),
     ]
     for payload, expected in cases:
         since = w.mark()
@@ -665,7 +668,7 @@ def test_resent_decision_has_the_same_ids_and_is_stored_once(world: World) -> No
     w.online(r1, 300)
     order = w.create(1, 0)
 
-    def decide() -> ev.DispatchOfferEvent:
+    def decide() -> ev.DispatchOfferedEvent:
         engine = make_engine(w.url, readonly=True)
         try:
             fresh = Dispatcher(engine, clock=w.clock)
@@ -795,7 +798,7 @@ def test_customer_sees_position_only_between_pickup_and_delivery(world: World) -
     w.wait(lambda: w.rider(r1)["lat"] == pytest.approx(at(400)[0]), "the last position stored")  # type: ignore[index]
     w.send(
         topics.shop_command(w.shop, topics.Command.CHAT),
-        ev.OrderChatEvent(source=f"shops/{w.shop}", data=ev.OrderChat(order=order, text="thanks")),
+        ev.OrderChatPostedEvent(source=f"shops/{w.shop}", data=ev.OrderChat(order=order, text="thanks")),
     )
     w.wait_message(topics.order_topic(w.shop, order, topics.OrderChannel.CHAT), since)
     positions = [json.loads(msg.payload)["position"]["lon"] for msg in w.messages(location, since)]

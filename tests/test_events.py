@@ -38,20 +38,20 @@ SAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "order.cancelled": ("shops/s1", {"order": "o42", "reason": "customer called to cancel"}),
-    "order.status": (
+    "order.status_changed": (
         "riders/r7",
         {"order": "o42", "status": "picked_up", "note": "bouquet on board", "rider": "r7"},
     ),
-    "order.incident": (
+    "order.incident_reported": (
         "riders/r7",
         {"order": "o42", "reason": "flat tyre", "eta": "2027-02-14T11:15:00Z", "note": "10 min"},
     ),
-    "order.chat": (
+    "order.chat_posted": (
         "customers/c-o42",
         {"order": "o42", "text": "I'm at the back door", "author": "customer"},
     ),
     "order.assigned": ("shops/s1", {"order": "o42", "rider": "r7", "note": "knows the area"}),
-    "rider.location": (
+    "rider.location_reported": (
         "riders/r7",
         {
             "lat": 40.41,
@@ -63,8 +63,8 @@ SAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
             "batt": 81,
         },
     ),
-    "rider.presence": ("riders/r7", {"status": "online", "on_duty": True, "capacity": 4}),
-    "dispatch.offer": (
+    "rider.presence_changed": ("riders/r7", {"status": "online", "on_duty": True, "capacity": 4}),
+    "dispatch.offered": (
         "services/dispatch",
         {
             "offer": "of-1",
@@ -162,8 +162,8 @@ def test_ids_default_to_fresh_uuids() -> None:
 
 
 def test_text_is_stripped() -> None:
-    decoded = ev.decode(raw(envelope("order.chat", {"order": "o42", "text": "  on my way \n"})))
-    assert isinstance(decoded, ev.OrderChatEvent)
+    decoded = ev.decode(raw(envelope("order.chat_posted", {"order": "o42", "text": "  on my way \n"})))
+    assert isinstance(decoded, ev.OrderChatPostedEvent)
     assert decoded.data.text == "on my way"
 
 
@@ -201,25 +201,25 @@ BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     (_with("order.created", "order", ""), "data.order: id is empty"),
     (_with("order.created", "items", ["x" * 201]), "data.items.0"),
     (_with("order.created", "items", ["rose"] * 51), "data.items"),
-    (_with("order.status", "status", "teleported"), "data.status: Input should be"),
-    (_with("order.status", "status", "failed"), "data: a failed delivery needs a reason"),
-    (_with("order.status", "reason", "bored"), "data.reason"),
-    (_with("order.status", "rider", "r 7"), "data.rider: id 'r 7' must start with a letter"),
-    (_with("order.incident", "reason", ""), "data.reason"),
-    (_with("order.incident", "eta", "2027-02-14T11:15:00"), "data.eta: .*timezone"),
-    (_with("order.chat", "text", ""), "data.text"),
-    (_with("order.chat", "text", "x" * 2001), "data.text"),
-    (_with("rider.location", "lat", -90.1), "data.lat"),
-    (_with("rider.location", "tst", -1), "data.tst"),
-    (_with("rider.location", "batt", 101), "data.batt"),
-    (_with("rider.location", "vel", 401), "data.vel"),
-    (_with("rider.location", "lon", ...), "data.lon: Field required"),
-    (_with("rider.presence", "status", "busy"), "data.status"),
-    (_with("rider.presence", "capacity", 0), "data.capacity"),
-    (_with("dispatch.offer", "mode", "auction"), "data.mode"),
-    (_with("dispatch.offer", "deadline", "2027-02-14T09:31:00"), "data.deadline: .*timezone"),
+    (_with("order.status_changed", "status", "teleported"), "data.status: Input should be"),
+    (_with("order.status_changed", "status", "failed"), "data: a failed delivery needs a reason"),
+    (_with("order.status_changed", "reason", "bored"), "data.reason"),
+    (_with("order.status_changed", "rider", "r 7"), "data.rider: id 'r 7' must start with a letter"),
+    (_with("order.incident_reported", "reason", ""), "data.reason"),
+    (_with("order.incident_reported", "eta", "2027-02-14T11:15:00"), "data.eta: .*timezone"),
+    (_with("order.chat_posted", "text", ""), "data.text"),
+    (_with("order.chat_posted", "text", "x" * 2001), "data.text"),
+    (_with("rider.location_reported", "lat", -90.1), "data.lat"),
+    (_with("rider.location_reported", "tst", -1), "data.tst"),
+    (_with("rider.location_reported", "batt", 101), "data.batt"),
+    (_with("rider.location_reported", "vel", 401), "data.vel"),
+    (_with("rider.location_reported", "lon", ...), "data.lon: Field required"),
+    (_with("rider.presence_changed", "status", "busy"), "data.status"),
+    (_with("rider.presence_changed", "capacity", 0), "data.capacity"),
+    (_with("dispatch.offered", "mode", "auction"), "data.mode"),
+    (_with("dispatch.offered", "deadline", "2027-02-14T09:31:00"), "data.deadline: .*timezone"),
     (
-        _with("dispatch.offer", "candidates", [{"rider": "r+1", "cost": 1}]),
+        _with("dispatch.offered", "candidates", [{"rider": "r+1", "cost": 1}]),
         "data.candidates.0.rider",
     ),
     (_with("dispatch.reply", "accept", "maybe"), "data.accept"),
@@ -271,13 +271,13 @@ def test_several_bad_fields_are_all_named() -> None:
         (b"", "payload is not JSON"),
         (b"{", "payload is not JSON"),
         (b"online", "payload is not JSON"),
-        (b'{"type": "order.chat",}', "payload is not JSON"),
-        (b'{"type": "rider.location", "data": {"lat": NaN}}', "payload is not JSON: NaN"),
+        (b'{"type": "order.chat_posted",}', "payload is not JSON"),
+        (b'{"type": "rider.location_reported", "data": {"lat": NaN}}', "payload is not JSON: NaN"),
         (b'{"cost": Infinity}', "payload is not JSON: Infinity"),
         (b"\xff\xfe{}", "not UTF-8 text \\(byte 0\\)"),
         ('{"text": "café"}'.encode("latin-1"), "not UTF-8 text"),
-        (b'[{"type": "order.chat"}]', "must be a JSON object, not list"),
-        (b'"order.chat"', "must be a JSON object, not str"),
+        (b'[{"type": "order.chat_posted"}]', "must be a JSON object, not list"),
+        (b'"order.chat_posted"', "must be a JSON object, not str"),
         (b"null", "must be a JSON object, not NoneType"),
         (b"42", "must be a JSON object, not int"),
         (
@@ -285,7 +285,7 @@ def test_several_bad_fields_are_all_named() -> None:
             "^type: unknown event type 'order.teleported'",
         ),
         (b'{"source": "riders/r7", "data": {}}', "^type: unknown event type None"),
-        (b'{"type": ["order.chat"]}', "^type: unknown event type \\['order.chat'\\]"),
+        (b'{"type": ["order.chat_posted"]}', "^type: unknown event type \\['order.chat_posted'\\]"),
         (b'{"type": {"a": 1}}', "^type: unknown event type"),
         (b'{"type": 7}', "^type: unknown event type 7"),
     ],
@@ -296,20 +296,20 @@ def test_malformed_payloads(payload: bytes, needle: str) -> None:
 
 
 def test_oversized_payload_is_refused_before_parsing() -> None:
-    body = raw(envelope("order.chat", {"order": "o1", "text": "x"}))
+    body = raw(envelope("order.chat_posted", {"order": "o1", "text": "x"}))
     padded = body[:-1] + b" " * (ev.MAX_PAYLOAD_BYTES + 1 - len(body)) + b"}"
     assert len(padded) == ev.MAX_PAYLOAD_BYTES + 1
     with pytest.raises(PayloadError, match=f"payload is {ev.MAX_PAYLOAD_BYTES + 1} bytes"):
         ev.decode(padded)
     # exactly at the limit is still read
-    assert isinstance(ev.decode(padded[:-2] + b"}"), ev.OrderChatEvent)
+    assert isinstance(ev.decode(padded[:-2] + b"}"), ev.OrderChatPostedEvent)
 
 
 def test_oversized_str_payload_is_measured_in_utf8_bytes() -> None:
     text = "\u00e9" * (ev.MAX_PAYLOAD_BYTES // 2 + 1)  # fewer characters than the limit, more bytes
     assert len(text) < ev.MAX_PAYLOAD_BYTES < len(text.encode())
     with pytest.raises(PayloadError, match="bytes \\(max"):
-        ev.decode(json.dumps({"type": "order.chat", "text": text}, ensure_ascii=False))
+        ev.decode(json.dumps({"type": "order.chat_posted", "text": text}, ensure_ascii=False))
 
 
 def test_naive_envelope_time_is_refused_in_python_too() -> None:
@@ -355,4 +355,4 @@ def test_new_ids_are_uuid7_ordered_by_creation_time() -> None:
     assert all(i < later for i in first), "an id made later sorts after: appends to the store's index"
     millis = int(later.replace("-", "")[:12], 16)
     assert abs(millis - time.time() * 1000) < 60_000, "the first 48 bits are the Unix time in ms"
-    ev.OrderChatEvent(id=later, source="riders/r1", data=ev.OrderChat(order="o1", text="hi"))
+    ev.OrderChatPostedEvent(id=later, source="riders/r1", data=ev.OrderChat(order="o1", text="hi"))

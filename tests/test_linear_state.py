@@ -143,7 +143,9 @@ def test_closed_orders_leave_their_per_order_memory(seeded: tuple[Engine, dateti
     projector.projections.state_sent_at["o0"] = now
     for step in ("arrived", "delivered"):
         data = ev.OrderStatusChanged.model_validate({"order": "o0", "status": step})
-        event = ev.OrderStatusEvent(source=f"riders/{rider}", data=data, time=now + timedelta(seconds=1))
+        event = ev.OrderStatusChangedEvent(
+            source=f"riders/{rider}", data=data, time=now + timedelta(seconds=1)
+        )
         assert (
             projector.apply([Inbound(topics.rider_order_status(rider, "o0"), ev.encode(event))]).stored == 1
         )

@@ -49,7 +49,7 @@ def _seed(url: str) -> None:
                 [
                     {
                         "id": f"ev-{i}",
-                        "type": "order.status",
+                        "type": "order.status_changed",
                         "source": "riders/r0",
                         "topic": "riders/r0/orders/o0/status",
                         "shop": "s0",

@@ -119,7 +119,7 @@ def offer(
     deadline: datetime | None = None,
     service: str = "dispatch",
 ) -> Msg:
-    """A ``dispatch.offer`` on ``services/N/events`` (deadline: an hour from now)."""
+    """A ``dispatch.offered`` on ``services/N/events`` (deadline: an hour from now)."""
     data = ev.DispatchOffer(
         offer=offer_id or f"of-{order}",
         order=order,
@@ -129,7 +129,7 @@ def offer(
         candidates=[ev.Candidate(rider=rider, cost=120.0)],
     )
     return _event(
-        topics.service_events(service), ev.DispatchOfferEvent(source=f"services/{service}", data=data)
+        topics.service_events(service), ev.DispatchOfferedEvent(source=f"services/{service}", data=data)
     )
 
 
@@ -154,13 +154,15 @@ def status(
     data = ev.OrderStatusChanged.model_validate(
         {"order": data_order or order, "status": new, "reason": reason}
     )
-    event = ev.OrderStatusEvent(source=source or f"riders/{rider}", data=data)
+    event = ev.OrderStatusChangedEvent(source=source or f"riders/{rider}", data=data)
     return _event(topics.rider_order_status(rider, order), event)
 
 
 def chat(rider: str, order: str, text: str, *, source: str | None = None, event_id: str | None = None) -> Msg:
     """A rider's chat line on ``riders/R/orders/O/chat``."""
-    event = ev.OrderChatEvent(source=source or f"riders/{rider}", data=ev.OrderChat(order=order, text=text))
+    event = ev.OrderChatPostedEvent(
+        source=source or f"riders/{rider}", data=ev.OrderChat(order=order, text=text)
+    )
     if event_id is not None:
         event = event.model_copy(update={"id": event_id})
     return _event(topics.rider_order_chat(rider, order), event)
@@ -168,7 +170,7 @@ def chat(rider: str, order: str, text: str, *, source: str | None = None, event_
 
 def customer_chat(customer: str, text: str, *, order: str | None = None, source: str | None = None) -> Msg:
     """A customer's chat line on ``customers/C/chat``."""
-    event = ev.OrderChatEvent(
+    event = ev.OrderChatPostedEvent(
         source=source or f"customers/{customer}", data=ev.OrderChat(order=order, text=text)
     )
     return _event(topics.customer_chat(customer), event)
@@ -176,14 +178,16 @@ def customer_chat(customer: str, text: str, *, order: str | None = None, source:
 
 def service_chat(service: str, order: str, text: str) -> Msg:
     """A service writing to an order's chat (e.g. the after-delivery follow-up)."""
-    event = ev.OrderChatEvent(source=f"services/{service}", data=ev.OrderChat(order=order, text=text))
+    event = ev.OrderChatPostedEvent(source=f"services/{service}", data=ev.OrderChat(order=order, text=text))
     return _event(topics.service_events(service), event)
 
 
 def location(rider: str, lat: float, lon: float, tst: int, *, vel: float | None = None) -> Msg:
-    """A ``rider.location`` CloudEvent on ``riders/R/location``."""
+    """A ``rider.location_reported`` CloudEvent on ``riders/R/location``."""
     data = ev.RiderLocation(lat=lat, lon=lon, tst=tst, vel=vel)
-    return _event(topics.rider_location(rider), ev.RiderLocationEvent(source=f"riders/{rider}", data=data))
+    return _event(
+        topics.rider_location(rider), ev.RiderLocationReportedEvent(source=f"riders/{rider}", data=data)
+    )
 
 
 def raise_alert(order: str, alert_id: str, message: str, *, shop: str = SHOP) -> Msg:
@@ -348,7 +352,11 @@ def test_lifecycle_is_stored_and_published_canonically(desk: Desk, engine: Engin
     created = create_order(SHOP, "o1")
     r = desk.ok(created)
     [event] = payloads(r, status_topic)
-    assert (event["id"], event["type"], event["data"]["status"]) == (created.id, "order.status", "created")
+    assert (event["id"], event["type"], event["data"]["status"]) == (
+        created.id,
+        "order.status_changed",
+        "created",
+    )
     [state] = on(r, state_topic)
     assert state.retain and state.qos == 1
     assert json.loads(state.payload)["status"] == "created"
@@ -359,7 +367,7 @@ def test_lifecycle_is_stored_and_published_canonically(desk: Desk, engine: Engin
     assert payloads(r, status_topic)[0]["data"]["rider"] == "r1"
     [to_rider] = on(r, topics.rider_inbox("r1", "offers"))
     body = json.loads(to_rider.payload)
-    assert body["id"] == offered.id and body["type"] == "dispatch.offer"
+    assert body["id"] == offered.id and body["type"] == "dispatch.offered"
     assert body["data"].get("candidates", []) == [], "a rider is not shown the other candidates"
     assert to_rider.expiry_s is not None and 0 < to_rider.expiry_s <= 3600
     [rider_state] = on(r, rider_state_topic)
@@ -609,7 +617,7 @@ def refusal_cases() -> list[Case]:
     unknown_type = {"specversion": "1.0", "id": ev.new_id(), "type": "order.teleport",
                     "source": "riders/r1", "data": {"order": "o1"}}  # fmt: skip
     return [
-        Case("bad JSON", raw(topics.rider_order_chat("r1", "o1"), b'{"type": "order.chat", oops'),
+        Case("bad JSON", raw(topics.rider_order_chat("r1", "o1"), b'{"type": "order.chat_posted", oops'),
              "payload is not JSON", r1_errors, r1_ok()),
         Case("not UTF-8", raw(topics.rider_location("r1"), b"\xff\xfe\x00 position"),
              "not UTF-8", r1_errors, r1_ok()),
@@ -619,7 +627,7 @@ def refusal_cases() -> list[Case]:
         Case("unknown type", _bad_json(topics.rider_order_status("r1", "o1"), unknown_type),
              "unknown event type 'order.teleport'", r1_errors, r1_ok()),
         Case("type not for this topic", raw(topics.rider_replies("r1"), wrong_type.payload, wrong_type.id),
-             "'order.chat' is not accepted on replies topics", r1_errors, r1_ok()),
+             "'order.chat_posted' is not accepted on replies topics", r1_errors, r1_ok()),
         Case("illegal transition", status("r1", "o1", "delivered"),
              "an order that is accepted cannot become delivered", r1_errors, r1_ok()),
         Case("rider reports what only dispatch may", status("r1", "o1", "assigned"),
@@ -1006,7 +1014,9 @@ class Devices:
     def wait_for_persister(self, timeout: float = 30.0) -> None:
         """Probe until the persister answers. Until its subscriptions are in place (the first start
         creates its session) whatever devices publish is not queued for it."""
-        probe = ev.RiderPresenceEvent(source="riders/probe", data=ev.RiderPresence(status=ev.Presence.ONLINE))
+        probe = ev.RiderPresenceChangedEvent(
+            source="riders/probe", data=ev.RiderPresence(status=ev.Presence.ONLINE)
+        )
         msg = _event(topics.rider_presence("probe"), probe)
         deadline = time.monotonic() + timeout
         while not self.spy.collect(confirms(probe.id), timeout=0.5):
@@ -1171,7 +1181,7 @@ def test_other_services_dead_letters_are_stored_an_unreadable_one_too(rig: Rig) 
         topic=topics.order_topic(SHOP, "o1", "status"),
         reason="ValueError: no such rule",
         service="alerts",
-        payload='{"id": "ev-7", "type": "order.status"}',
+        payload='{"id": "ev-7", "type": "order.status_changed"}',
     )
     with rig.persister():
         dev.client.publish(topics.DEADLETTER, ev.encode(own), qos=1)
@@ -1251,7 +1261,9 @@ def _impossible(now: int, first: Msg) -> list[tuple[str, Msg, str]]:
     """
     line = chat("r1", "o1", "hello")
     fix = location("r1", BASE_LAT, BASE_LON, now)
-    slow = ev.OrderIncidentEvent(source="riders/r1", data=ev.OrderIncident(order="o1", reason="flat tyre"))
+    slow = ev.OrderIncidentReportedEvent(
+        source="riders/r1", data=ev.OrderIncident(order="o1", reason="flat tyre")
+    )
     incident = _event(topics.rider_order_status("r1", "o1"), slow)
     owntracks = json.dumps({"_type": "location", "lat": BASE_LAT, "lon": BASE_LON, "tst": now * 1000})
     deep = b'{"specversion":"1.0","data":' + b'{"a":' * 1000 + b"1" + b"}" * 1001
@@ -1300,7 +1312,7 @@ def test_each_impossible_message_is_refused_alone_and_never_replayed(rig: Rig) -
         assert fragment in reason, f"{what}: {reason}"
     told = [e.json()["reason"] for e in errors.log]
     assert told == reasons, "each sender's error inbox is told, in order"
-    chats = EVENTS.c.type == "order.chat"
+    chats = EVENTS.c.type == "order.chat_posted"
     stored = count(rig.engine, EVENTS, chats)
     with rig.persister():  # a restart: nothing bad comes back
         dev.confirm(chat("r1", "o1", "after the restart"))

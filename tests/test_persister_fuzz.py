@@ -75,17 +75,27 @@ def _bases(event_id: str) -> list[dict[str, Any]]:
     at = ev.now().isoformat()
     envelope = {"specversion": "1.0", "id": event_id, "time": at}
     return [
-        {**envelope, "type": "order.chat", "source": "riders/r1", "data": {"order": "o1", "text": "hi"}},
-        {**envelope, "type": "order.chat", "source": "customers/c-o1", "data": {"text": "where are you?"}},
         {
             **envelope,
-            "type": "order.status",
+            "type": "order.chat_posted",
+            "source": "riders/r1",
+            "data": {"order": "o1", "text": "hi"},
+        },
+        {
+            **envelope,
+            "type": "order.chat_posted",
+            "source": "customers/c-o1",
+            "data": {"text": "where are you?"},
+        },
+        {
+            **envelope,
+            "type": "order.status_changed",
             "source": "riders/r1",
             "data": {"order": "o1", "status": "picked_up"},
         },
         {
             **envelope,
-            "type": "rider.location",
+            "type": "rider.location_reported",
             "source": "riders/r1",
             "data": {"lat": 52.52, "lon": 13.405, "tst": tst_now()},
         },
@@ -109,7 +119,7 @@ def broken_event(draw: st.DrawFn) -> bytes:
         target[key] = draw(json_values)
     else:
         target.pop(key, None)
-    if "data" in base and isinstance(base["data"], dict) and base.get("type") == "order.status":
+    if "data" in base and isinstance(base["data"], dict) and base.get("type") == "order.status_changed":
         base["data"]["status"] = draw(st.sampled_from(STATUSES))
     return json.dumps(base).encode()
 

@@ -107,7 +107,7 @@ def test_a_message_the_database_refuses_is_dead_lettered_and_the_rest_stored(
     result, published = isolate(desk, batch)
 
     assert (result.stored, result.refused) == (7, 1)
-    stored = [r["id"] for r in rows(engine, EVENTS, EVENTS.c.type == "order.chat")]
+    stored = [r["id"] for r in rows(engine, EVENTS, EVENTS.c.type == "order.chat_posted")]
     assert sorted(stored) == sorted(m.id for m in lines)
     assert count(engine, EVENTS, EVENTS.c.id == bad.id) == 0
     [letter] = rows(engine, DEAD_LETTERS)

@@ -141,7 +141,7 @@ def stored_chat(engine: Engine) -> tuple[int, int]:
     with engine.connect() as conn:
         row = conn.execute(
             sa.select(sa.func.count(), sa.func.count(sa.distinct(EVENTS.c.id))).where(
-                EVENTS.c.type == "order.chat"
+                EVENTS.c.type == "order.chat_posted"
             )
         ).one()
     return int(row[0]), int(row[1])
@@ -149,7 +149,9 @@ def stored_chat(engine: Engine) -> tuple[int, int]:
 
 def stored_chat_ids(engine: Engine) -> list[str]:
     with engine.connect() as conn:
-        return [r[0] for r in conn.execute(sa.select(EVENTS.c.id).where(EVENTS.c.type == "order.chat"))]
+        return [
+            r[0] for r in conn.execute(sa.select(EVENTS.c.id).where(EVENTS.c.type == "order.chat_posted"))
+        ]
 
 
 def wait_until(

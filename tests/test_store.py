@@ -69,7 +69,7 @@ def test_bulk_insert_stores_what_a_core_insert_stores(database_url: str) -> None
     at = datetime(2026, 2, 14, 9, 30, 1, 5, tzinfo=UTC)
     row = {
         "id": "e-core",
-        "type": "order.chat",
+        "type": "order.chat_posted",
         "source": "riders/r1",
         "topic": "riders/r1/orders/o1/chat",
         "shop": None,

@@ -149,7 +149,9 @@ def _create(shop: MqttTestClient, order: str, rider: MqttTestClient | None = Non
 
 
 def _chat_line(order: str, n: int) -> bytes:
-    event = ev.OrderChatEvent(source=f"riders/{RIDER}", data=ev.OrderChat(order=order, text=f"line {n}"))
+    event = ev.OrderChatPostedEvent(
+        source=f"riders/{RIDER}", data=ev.OrderChat(order=order, text=f"line {n}")
+    )
     return ev.encode(event)
 
 
@@ -470,7 +472,7 @@ def test_up_keeps_its_ports_across_a_restart_and_old_customer_logins_still_work(
         shop.subscribe(access_topic)
         _create(shop, "o-kept")
         raw = shop.expect(1, timeout=30)[0].payload
-        access = ev.CustomerAccessEvent.model_validate_json(raw).data
+        access = ev.CustomerAccessGrantedEvent.model_validate_json(raw).data
         assert access.broker is not None
         assert (access.broker.host, access.broker.port, access.broker.ws_port) == (
             "127.0.0.1",

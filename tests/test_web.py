@@ -113,7 +113,7 @@ def test_web_service_serves_pages_contract_and_refuses_bad_enrolments(web: WebSt
     status, _, body = http(settings, "/contract.json")
     contract = json.loads(body)
     assert contract["topics"]["order_state"] == "shops/{shop}/orders/{order}/state"
-    assert contract["types"]["OrderChat"] == "order.chat"
+    assert contract["types"]["OrderChatPosted"] == "order.chat_posted"
     assert "picked_up" in contract["lifecycle"]["out_for_delivery"]
     assert http(settings, "/vendor/mqtt/mqtt.esm.js")[0] == 200
     assert http(settings, "/vendor/mqtt/../package.json")[0] == 404  # only dist folders are served

@@ -132,7 +132,7 @@ def stored_statuses(engine: sa.Engine, order: str) -> list[tuple[str, str]]:
     e = m.EVENTS
     query = (
         sa.select(e.c.id, e.c.data)
-        .where(e.c.order_id == order, e.c.type == "order.status", e.c.source == f"riders/{RIDER}")
+        .where(e.c.order_id == order, e.c.type == "order.status_changed", e.c.source == f"riders/{RIDER}")
         .order_by(e.c.seq)
     )
     with engine.connect() as conn:
@@ -141,7 +141,7 @@ def stored_statuses(engine: sa.Engine, order: str) -> list[tuple[str, str]]:
 
 def _status_event(engine: sa.Engine, order: str, status: str) -> dict[str, Any]:
     e = m.EVENTS
-    query = sa.select(e.c.data).where(e.c.order_id == order, e.c.type == "order.status")
+    query = sa.select(e.c.data).where(e.c.order_id == order, e.c.type == "order.status_changed")
     with engine.connect() as conn:
         found = [r.data for r in conn.execute(query) if r.data["status"] == status]
     assert len(found) == 1, found
@@ -154,7 +154,9 @@ def scalar(engine: sa.Engine, query: Any) -> Any:
 
 
 def shop_chat(shop: ScriptedShop, order: str, text: str) -> None:
-    event = ev.OrderChatEvent(source=f"{topics.SHOPS}/{shop.shop}", data=ev.OrderChat(order=order, text=text))
+    event = ev.OrderChatPostedEvent(
+        source=f"{topics.SHOPS}/{shop.shop}", data=ev.OrderChat(order=order, text=text)
+    )
     shop.client.publish(topics.shop_command(shop.shop, topics.Command.CHAT), ev.encode(event))
 
 
@@ -264,7 +266,7 @@ def test_rider_accepts_a_dispatch_offer_and_delivers(web: WebStack, browser: Any
         assert scalar(engine, sa.select(o.c.status).where(o.c.id == order)) == "delivered"
         assert scalar(engine, sa.select(o.c.rider).where(o.c.id == order)) == RIDER
         incidents = sa.select(sa.func.count()).where(
-            m.EVENTS.c.order_id == order, m.EVENTS.c.type == "order.incident"
+            m.EVENTS.c.order_id == order, m.EVENTS.c.type == "order.incident_reported"
         )
         assert scalar(engine, incidents) == 1
         assert page.evaluate("() => document.querySelectorAll('.chat b').length") == 0

@@ -142,7 +142,7 @@ class ScriptedShop:
     def access(self, order: str) -> ev.CustomerAccess:
         topic = topics.access_topic(self.shop, order)
         raw = self.inbox.find(lambda t, p: t == topic and bool(p), 20, f"access of {order}")
-        return ev.CustomerAccessEvent.model_validate_json(raw).data
+        return ev.CustomerAccessGrantedEvent.model_validate_json(raw).data
 
     def link(self, settings: Settings, order: str) -> str:
         return link_for_access(settings.web_url, self.access(order))
@@ -168,22 +168,24 @@ class ScriptedRider:
 
     def online(self, online: bool = True) -> None:
         status = ev.Presence.ONLINE if online else ev.Presence.OFFLINE
-        event = ev.RiderPresenceEvent(
+        event = ev.RiderPresenceChangedEvent(
             source=self.source, data=ev.RiderPresence(status=status, on_duty=True, capacity=3)
         )
         self.send(topics.rider_presence(self.rider), event, retain=True)
 
     def at(self, lat: float, lon: float) -> None:
         data = ev.RiderLocation(lat=lat, lon=lon, tst=int(time.time()), vel=18.0)
-        self.send(topics.rider_location(self.rider), ev.RiderLocationEvent(source=self.source, data=data))
+        self.send(
+            topics.rider_location(self.rider), ev.RiderLocationReportedEvent(source=self.source, data=data)
+        )
 
     def offer_for(self, order: str, timeout: float = 30.0) -> ev.DispatchOffer:
         offers = topics.rider_inbox(self.rider, topics.Inbox.OFFERS)
 
         def mine(t: str, p: bytes) -> bool:
-            return t == offers and ev.DispatchOfferEvent.model_validate_json(p).data.order == order
+            return t == offers and ev.DispatchOfferedEvent.model_validate_json(p).data.order == order
 
-        return ev.DispatchOfferEvent.model_validate_json(
+        return ev.DispatchOfferedEvent.model_validate_json(
             self.inbox.find(mine, timeout, f"offer of {order}")
         ).data
 
@@ -194,13 +196,14 @@ class ScriptedRider:
     def status(self, order: str, status: OrderStatus) -> None:
         data = ev.OrderStatusChanged(order=order, status=status)
         self.send(
-            topics.rider_order_status(self.rider, order), ev.OrderStatusEvent(source=self.source, data=data)
+            topics.rider_order_status(self.rider, order),
+            ev.OrderStatusChangedEvent(source=self.source, data=data),
         )
 
     def chat(self, order: str, text: str) -> None:
         data = ev.OrderChat(order=order, text=text)
         self.send(
-            topics.rider_order_chat(self.rider, order), ev.OrderChatEvent(source=self.source, data=data)
+            topics.rider_order_chat(self.rider, order), ev.OrderChatPostedEvent(source=self.source, data=data)
         )
 
     def heard(self, text: str, timeout: float = 15.0) -> None:

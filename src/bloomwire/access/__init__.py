@@ -12,7 +12,7 @@
 
 The topics of the access flow (``shops/S/orders/O/access``, ``customers/C/devices``,
 ``customers/C/inbox/devices``) are built in :mod:`bloomwire.contract.topics`, its payloads
-(``customer.access``, ``customer.device_requested``, ``customer.device``) modelled in
+(``customer.access_granted``, ``customer.enrol_device``, ``customer.enrolment_answered``) modelled in
 :mod:`bloomwire.contract.events`. See docs/security.md.
 """
 

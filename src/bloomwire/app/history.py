@@ -49,15 +49,15 @@ def _describe(event: Any) -> tuple[str, str]:
                 "created",
                 f"for {d['customer']['name']}, window {d['window']['start']} → {d['window']['end']}",
             )
-        case "order.status":
+        case "order.status_changed":
             extra = f" ({d['reason']})" if d.get("reason") else ""
             return "status", f"{d['status']}{extra} {d.get('note', '')}".strip()
-        case "order.incident":
+        case "order.incident_reported":
             eta = f", new ETA {d['eta']}" if d.get("eta") else ""
             return "incident", f"{d['reason']}{eta} {d.get('note', '')}".strip()
         case "order.cancelled":
             return "status", f"cancelled {d.get('reason', '')}".strip()
-        case "dispatch.offer":
+        case "dispatch.offered":
             return (
                 "offer",
                 f"offered to {d['rider']} ({d.get('mode', 'single')}, cost {d.get('cost', 0):.0f})",
@@ -77,7 +77,13 @@ def _describe(event: Any) -> tuple[str, str]:
 
 
 #: Event types told from their own tables (chat lines, alerts with their whole life), not from events.
-_FROM_TABLES = ("order.chat", "alert.raised", "alert.escalated", "alert.resolved", "alert.acknowledged")
+_FROM_TABLES = (
+    "order.chat_posted",
+    "alert.raised",
+    "alert.escalated",
+    "alert.resolved",
+    "alert.acknowledged",
+)
 
 
 def load_history(database_url: str, order_id: str) -> History:

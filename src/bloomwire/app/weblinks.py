@@ -41,7 +41,7 @@ async def announce_links(settings: Settings, console: Console, *, count: int = 3
                 if not msg.payload or len(shown) >= count:
                     continue
                 with contextlib.suppress(ValueError):
-                    access = ev.CustomerAccessEvent.model_validate_json(msg.payload).data
+                    access = ev.CustomerAccessGrantedEvent.model_validate_json(msg.payload).data
                     if access.order not in shown:
                         shown.add(access.order)
                         link = link_for_access(settings.web_url, access)

@@ -128,7 +128,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.rider_location, "{rider}"),
             "receive",
             "A rider's position (OwnTracks field names).",
-            ("rider.location",),
+            ("rider.location_reported",),
             _RIDER_DEVICE,
             _PERSISTER,
         ),
@@ -137,7 +137,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.rider_order_status, "{rider}", "{order}"),
             "receive",
             "A status the rider reports on an order assigned to it, or an incident with a new ETA.",
-            ("order.status", "order.incident"),
+            ("order.status_changed", "order.incident_reported"),
             _RIDER_DEVICE,
             _PERSISTER,
         ),
@@ -146,7 +146,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.rider_order_chat, "{rider}", "{order}"),
             "receive",
             "A chat line from the rider about one of its orders.",
-            ("order.chat",),
+            ("order.chat_posted",),
             _RIDER_DEVICE,
             _PERSISTER,
         ),
@@ -164,8 +164,8 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.rider_presence, "{rider}"),
             "receive",
             "Retained presence: the bare word online/offline (offline is the Last Will) or a "
-            "rider.presence event; an empty retained message clears it.",
-            ("rider.presence", PRESENCE_WORD),
+            "rider.presence_changed event; an empty retained message clears it.",
+            ("rider.presence_changed", PRESENCE_WORD),
             _RIDER_DEVICE,
             _PERSISTER,
             retain=True,
@@ -224,7 +224,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.customer_chat, "{customer}"),
             "receive",
             "A chat line from the customer, about its own order.",
-            ("order.chat",),
+            ("order.chat_posted",),
             _CUSTOMER,
             _PERSISTER,
         ),
@@ -234,7 +234,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "receive",
             "Access-control mode: a customer device, logged in with any login of the order, asks "
             "for a login of its own (one username is one MQTT session).",
-            ("customer.device_requested",),
+            ("customer.enrol_device",),
             _CUSTOMER,
             _PROVISIONER,
             via_persister=False,
@@ -259,7 +259,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "send",
             "Every accepted status change of the order (creation, offers, replies, progress, "
             "cancellation) and every incident.",
-            ("order.status", "order.incident"),
+            ("order.status_changed", "order.incident_reported"),
             _PERSISTER,
             "shop, customer, services",
         ),
@@ -279,7 +279,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.order_topic, *order, OrderChannel.CHAT),
             "send",
             "Every accepted chat line about the order, from any party (author filled in).",
-            ("order.chat",),
+            ("order.chat_posted",),
             _PERSISTER,
             "shop, customer",
         ),
@@ -345,7 +345,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.rider_inbox, "{rider}", Inbox.OFFERS),
             "send",
             "An offer of an order to this rider (candidates stripped); it expires at its deadline.",
-            ("dispatch.offer",),
+            ("dispatch.offered",),
             _PERSISTER,
             _RIDER_DEVICE,
             expiry="until the offer's deadline",
@@ -364,7 +364,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.rider_inbox, "{rider}", Inbox.CHAT),
             "send",
             "Chat lines from the shop or customer about the rider's current orders.",
-            ("order.chat",),
+            ("order.chat_posted",),
             _PERSISTER,
             _RIDER_DEVICE,
         ),
@@ -401,7 +401,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "send",
             "Access-control mode: the answer to a device request (matched by the request's id), "
             "a login of the device's own or the reason for none.",
-            ("customer.device",),
+            ("customer.enrolment_answered",),
             _PROVISIONER,
             _CUSTOMER,
             via_persister=False,
@@ -413,7 +413,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "Access-control mode: the order's customer access (first login, its topics, where "
             "to enrol devices), for shop S only, published once the order is created; cleared "
             "(empty retained payload) when revoked, at close + grace.",
-            ("customer.access",),
+            ("customer.access_granted",),
             _PROVISIONER,
             "shop",
             retain=True,
@@ -714,11 +714,11 @@ persistent session, QoS 1, acknowledged to the broker after the commit); nothing
 publishes matches an inbound filter. Canonical topics are published only after the commit.
 
 In access-control mode (docs/security.md) the provisioner adds three topics the persister never
-touches: `shops/{shop}/orders/{order}/access` (retained `customer.access`, readable by shop S
+touches: `shops/{shop}/orders/{order}/access` (retained `customer.access_granted`, readable by shop S
 only), `customers/{customer}/devices` and `customers/{customer}/inbox/devices` (device
 enrolment). Their `customer.*` events carry passwords and are never stored.
 
-JSON payloads are CloudEvents in structured mode named by their `type` (`order.status`, ...);
+JSON payloads are CloudEvents in structured mode named by their `type` (`order.status_changed`, ...);
 `OrderState`, `OrderLocation`, `RiderState`, `Ack` and `Refusal` are plain JSON objects of the
 models of the same name in `bloomwire.contract.events`; the `OwnTracks*` payloads are the OwnTracks
 app's own JSON; `PresenceWord` is the bare text `online` or `offline`.
@@ -765,8 +765,8 @@ Where this differs from the original design (docs/design.md §1 says why), the c
 - `customers/{customer}/inbox/acks` carries the ids of the customer's committed events, as
   `riders/{rider}/inbox/acks` does for riders.
 - `shops/{shop}/orders/{order}/location` carries an `OrderLocation` (position and ETA), not the
-  rider's raw `rider.location` event.
-- `riders/{rider}/presence` accepts the bare word as well as a `rider.presence` event, so that a
+  rider's raw `rider.location_reported` event.
+- `riders/{rider}/presence` accepts the bare word as well as a `rider.presence_changed` event, so that a
   Last Will (a fixed payload, without a fresh event id) works.
 """
 

@@ -339,18 +339,18 @@ class OrderCancelledEvent(_Envelope):
     data: OrderCancelled
 
 
-class OrderStatusEvent(_Envelope):
-    type: Literal["order.status"] = "order.status"
+class OrderStatusChangedEvent(_Envelope):
+    type: Literal["order.status_changed"] = "order.status_changed"
     data: OrderStatusChanged
 
 
-class OrderIncidentEvent(_Envelope):
-    type: Literal["order.incident"] = "order.incident"
+class OrderIncidentReportedEvent(_Envelope):
+    type: Literal["order.incident_reported"] = "order.incident_reported"
     data: OrderIncident
 
 
-class OrderChatEvent(_Envelope):
-    type: Literal["order.chat"] = "order.chat"
+class OrderChatPostedEvent(_Envelope):
+    type: Literal["order.chat_posted"] = "order.chat_posted"
     data: OrderChat
 
 
@@ -359,8 +359,8 @@ class OrderAssignedEvent(_Envelope):
     data: OrderAssigned
 
 
-class RiderLocationEvent(_Envelope):
-    type: Literal["rider.location"] = "rider.location"
+class RiderLocationReportedEvent(_Envelope):
+    type: Literal["rider.location_reported"] = "rider.location_reported"
     data: RiderLocation
 
 
@@ -373,13 +373,13 @@ class RiderRegionChangedEvent(_Envelope):
     data: RiderRegionChanged
 
 
-class RiderPresenceEvent(_Envelope):
-    type: Literal["rider.presence"] = "rider.presence"
+class RiderPresenceChangedEvent(_Envelope):
+    type: Literal["rider.presence_changed"] = "rider.presence_changed"
     data: RiderPresence
 
 
-class DispatchOfferEvent(_Envelope):
-    type: Literal["dispatch.offer"] = "dispatch.offer"
+class DispatchOfferedEvent(_Envelope):
+    type: Literal["dispatch.offered"] = "dispatch.offered"
     data: DispatchOffer
 
 
@@ -416,7 +416,7 @@ class AlertAcknowledgedEvent(_Envelope):
 # --- customer access (access-control mode, the provisioner's topics; docs/security.md) ------------
 #
 # CloudEvents like the rest, but NOT members of :data:`Event`: the persister never decodes or
-# stores them (``customer.access`` and ``customer.device`` carry a password), and no inbound
+# stores them (``customer.access_granted`` and ``customer.enrolment_answered`` carry a password), and no inbound
 # topic accepts them. :data:`ACCESS_EVENT_TYPES` lists them for the AsyncAPI document.
 
 
@@ -441,7 +441,7 @@ class CustomerAccess(_Data):
     password: str = Field(repr=False)
     #: Exactly these topics may be subscribed to (and are delivered).
     topics: list[str]
-    #: Publish a ``customer.device_requested`` here to get a login per device ...
+    #: Publish a ``customer.enrol_device`` here to get a login per device ...
     enrol_topic: str
     #: ... and read the answer here (``customers/C/inbox/devices``).
     reply_topic: str
@@ -449,10 +449,10 @@ class CustomerAccess(_Data):
     broker: BrokerEndpoint | None = None
 
 
-class CustomerAccessEvent(_Envelope):
+class CustomerAccessGrantedEvent(_Envelope):
     """Retained on ``shops/S/orders/O/access`` (shop S only); cleared when revoked."""
 
-    type: Literal["customer.access"] = "customer.access"
+    type: Literal["customer.access_granted"] = "customer.access_granted"
     data: CustomerAccess
 
 
@@ -463,7 +463,7 @@ class DeviceRequest(_Data):
 
 
 class DeviceRequestEvent(_Envelope):
-    type: Literal["customer.device_requested"] = "customer.device_requested"
+    type: Literal["customer.enrol_device"] = "customer.enrol_device"
     data: DeviceRequest = DeviceRequest()
 
 
@@ -477,27 +477,27 @@ class DeviceLogin(_Data):
 
 
 class DeviceLoginEvent(_Envelope):
-    type: Literal["customer.device"] = "customer.device"
+    type: Literal["customer.enrolment_answered"] = "customer.enrolment_answered"
     data: DeviceLogin
 
 
 #: type string -> envelope class of the customer-access flow (not decoded by :func:`decode`).
 ACCESS_EVENT_TYPES: dict[str, type[_Envelope]] = {
     cls.model_fields["type"].default: cls
-    for cls in (CustomerAccessEvent, DeviceRequestEvent, DeviceLoginEvent)
+    for cls in (CustomerAccessGrantedEvent, DeviceRequestEvent, DeviceLoginEvent)
 }
 
 
 Event: TypeAlias = Annotated[
     OrderCreatedEvent
     | OrderCancelledEvent
-    | OrderStatusEvent
-    | OrderIncidentEvent
-    | OrderChatEvent
+    | OrderStatusChangedEvent
+    | OrderIncidentReportedEvent
+    | OrderChatPostedEvent
     | OrderAssignedEvent
-    | RiderLocationEvent
-    | RiderPresenceEvent
-    | DispatchOfferEvent
+    | RiderLocationReportedEvent
+    | RiderPresenceChangedEvent
+    | DispatchOfferedEvent
     | DispatchReplyEvent
     | DispatchExpiredEvent
     | AlertRaisedEvent
@@ -515,13 +515,13 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
     for cls in (
         OrderCreatedEvent,
         OrderCancelledEvent,
-        OrderStatusEvent,
-        OrderIncidentEvent,
-        OrderChatEvent,
+        OrderStatusChangedEvent,
+        OrderIncidentReportedEvent,
+        OrderChatPostedEvent,
         OrderAssignedEvent,
-        RiderLocationEvent,
-        RiderPresenceEvent,
-        DispatchOfferEvent,
+        RiderLocationReportedEvent,
+        RiderPresenceChangedEvent,
+        DispatchOfferedEvent,
         DispatchReplyEvent,
         DispatchExpiredEvent,
         AlertRaisedEvent,
@@ -540,26 +540,26 @@ RECORDED_EVENT_TYPES: dict[str, type[_Envelope]] = {
 
 #: Which event types each inbound topic accepts, by (sender identity, topic kind).
 ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
-    (Identity.RIDER, InboundKind.LOCATION): (RiderLocationEvent,),
+    (Identity.RIDER, InboundKind.LOCATION): (RiderLocationReportedEvent,),
     # What an OwnTracks payload becomes (contract/owntracks.py): a position, the app's Last Will
     # (offline) or a region transition.
     (Identity.RIDER, InboundKind.OWNTRACKS): (
-        RiderLocationEvent,
-        RiderPresenceEvent,
+        RiderLocationReportedEvent,
+        RiderPresenceChangedEvent,
         RiderRegionChangedEvent,
     ),
-    (Identity.RIDER, InboundKind.STATUS): (OrderStatusEvent, OrderIncidentEvent),
-    (Identity.RIDER, InboundKind.CHAT): (OrderChatEvent,),
+    (Identity.RIDER, InboundKind.STATUS): (OrderStatusChangedEvent, OrderIncidentReportedEvent),
+    (Identity.RIDER, InboundKind.CHAT): (OrderChatPostedEvent,),
     (Identity.RIDER, InboundKind.REPLY): (DispatchReplyEvent,),
-    (Identity.RIDER, InboundKind.PRESENCE): (RiderPresenceEvent,),
-    (Identity.CUSTOMER, InboundKind.CHAT): (OrderChatEvent,),
+    (Identity.RIDER, InboundKind.PRESENCE): (RiderPresenceChangedEvent,),
+    (Identity.CUSTOMER, InboundKind.CHAT): (OrderChatPostedEvent,),
     (Identity.SERVICE, InboundKind.EVENTS): (
-        DispatchOfferEvent,
+        DispatchOfferedEvent,
         DispatchExpiredEvent,
         AlertRaisedEvent,
         AlertEscalatedEvent,
         AlertResolvedEvent,
-        OrderChatEvent,
+        OrderChatPostedEvent,
     ),
 }
 
@@ -567,7 +567,7 @@ ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
 COMMAND_EVENTS: dict[Command, type[_Envelope]] = {
     Command.CREATE_ORDER: OrderCreatedEvent,
     Command.CANCEL_ORDER: OrderCancelledEvent,
-    Command.CHAT: OrderChatEvent,
+    Command.CHAT: OrderChatPostedEvent,
     Command.ASSIGN: OrderAssignedEvent,
     Command.ACK_ALERT: AlertAcknowledgedEvent,
 }
@@ -581,7 +581,7 @@ def accepted_types(where: InboundTopic) -> tuple[type[_Envelope], ...]:
 
 
 def type_name(cls: type[_Envelope]) -> str:
-    """The ``type`` string of an envelope class, e.g. ``order.status``."""
+    """The ``type`` string of an envelope class, e.g. ``order.status_changed``."""
     return str(cls.model_fields["type"].default)
 
 
@@ -707,9 +707,9 @@ def check_received(event: _Envelope, now: datetime, bounds: TimeBounds) -> None:
     ``bounds.future_skew_s`` ahead; an incident's ETA at most ``bounds.eta_horizon_s`` ahead.
     """
     check_time("time", event.time, now, bounds)
-    if isinstance(event, RiderLocationEvent):
+    if isinstance(event, RiderLocationReportedEvent):
         check_epoch("data.tst", event.data.tst, now, bounds)
-    elif isinstance(event, OrderIncidentEvent) and event.data.eta is not None:
+    elif isinstance(event, OrderIncidentReportedEvent) and event.data.eta is not None:
         check_eta("data.eta", event.data.eta, now, bounds)
 
 

@@ -51,7 +51,7 @@ export function matchTopic(received) {
   return null;
 }
 
-/** An event type string by its model's name, e.g. type('OrderChat') -> 'order.chat'. */
+/** An event type string by its model's name, e.g. type('OrderChatPosted') -> 'order.chat_posted'. */
 export function type(name) {
   const found = doc.types[name];
   if (!found) throw new Error(`unknown event type ${name}`);

@@ -31,7 +31,7 @@ export class RiderApp {
       remove: (order) => this.remove(order),
     });
     this.watch = new PositionWatch({
-      send: (fix) => this.outbox.send(LOCATION, topic('rider_location', { rider }), cloudEvent('RiderLocation', this.src, fix)),
+      send: (fix) => this.outbox.send(LOCATION, topic('rider_location', { rider }), cloudEvent('RiderLocationReported', this.src, fix)),
       status: (state) => this.onGeo(state),
     });
     this.outbox.addEventListener('size', () => this.renderOutbox());
@@ -100,7 +100,7 @@ export class RiderApp {
     const order = this.known.get(orderId);
     if (!order || !canMove(order.status, status)) return;
     const data = { order: orderId, status, ...(extra.reason ? { reason: extra.reason } : {}), ...(extra.note ? { note: extra.note } : {}) };
-    const event = cloudEvent('OrderStatus', this.src, data);
+    const event = cloudEvent('OrderStatusChanged', this.src, data);
     const prev = order.status;
     await this.save({ ...order, status, refused: '' });
     await this.outbox.send('status', topic('rider_order_status', { rider: this.rider, order: orderId }), event, { order: orderId, status, prev });
@@ -110,7 +110,7 @@ export class RiderApp {
     const order = this.known.get(orderId);
     if (!order) return;
     const eta = new Date(Date.now() + minutes * 60000).toISOString();
-    const event = cloudEvent('OrderIncident', this.src, { order: orderId, reason: INCIDENT_REASON, eta });
+    const event = cloudEvent('OrderIncidentReported', this.src, { order: orderId, reason: INCIDENT_REASON, eta });
     await this.save({ ...order, incidentEta: eta });
     await this.outbox.send('incident', topic('rider_order_status', { rider: this.rider, order: orderId }), event, { order: orderId });
   }
@@ -118,7 +118,7 @@ export class RiderApp {
   async chat(orderId, text) {
     const order = this.known.get(orderId);
     if (!order) return;
-    const event = cloudEvent('OrderChat', this.src, { order: orderId, text });
+    const event = cloudEvent('OrderChatPosted', this.src, { order: orderId, text });
     const line = { id: event.id, author: 'rider:', text, at: new Date().toISOString(), mine: true, state: 'sending' };
     await this.save({ ...order, chat: [...(order.chat || []), line] }, { chatOnly: true });
     await this.outbox.send('chat', topic('rider_order_chat', { rider: this.rider, order: orderId }), event, { order: orderId });

@@ -15,7 +15,7 @@ export function distanceM(a, b) {
   return 2 * 6371000 * Math.asin(Math.sqrt(h));
 }
 
-/** The rider.location data (OwnTracks field names) of a GeolocationPosition. */
+/** The rider.location_reported data (OwnTracks field names) of a GeolocationPosition. */
 function fixOf(position) {
   const c = position.coords;
   const fix = { lat: c.latitude, lon: c.longitude, tst: Math.floor(Date.now() / 1000) };

@@ -30,6 +30,6 @@ export class Commands {
   createOrder(data, onRefused) { return this.send('command_create_order', 'OrderCreated', data, onRefused); }
   cancel(order, reason, onRefused) { return this.send('command_cancel_order', 'OrderCancelled', { order, reason }, onRefused); }
   assign(order, rider, onRefused) { return this.send('command_assign', 'OrderAssigned', { order, rider }, onRefused); }
-  chat(order, text, onRefused) { return this.send('command_chat', 'OrderChat', { order, text }, onRefused); }
+  chat(order, text, onRefused) { return this.send('command_chat', 'OrderChatPosted', { order, text }, onRefused); }
   ackAlert(alert, by, onRefused) { return this.send('command_ack_alert', 'AlertAcknowledged', { alert, by }, onRefused); }
 }

@@ -79,7 +79,7 @@ function wireChat(view, link, getConnection) {
     const text = input.value.trim();
     const conn = getConnection();
     if (!text || !conn) return;
-    const { id, payload } = cloudEvent('OrderChat', source('customer', { customer: link.customer }), { order: link.order, text });
+    const { id, payload } = cloudEvent('OrderChatPosted', source('customer', { customer: link.customer }), { order: link.order, text });
     view.sending(id, text);
     input.value = '';
     try {

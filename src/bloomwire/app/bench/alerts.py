@@ -313,7 +313,7 @@ class _Watch:
             event = ev.decode(payload)
         except PayloadError:
             return
-        if isinstance(event, ev.OrderStatusEvent):
+        if isinstance(event, ev.OrderStatusChangedEvent):
             self.states[event.data.order] = event.data.status.value
             if event.data.status is S.FAILED:
                 self.failed.setdefault(event.data.order, at)
@@ -382,7 +382,7 @@ async def _latency(stack_settings: Settings, n: int, figures: LatencyFigures) ->
                 ),
                 (
                     topics.service_events("bench"),
-                    ev.DispatchOfferEvent(
+                    ev.DispatchOfferedEvent(
                         source="services/bench",
                         data=ev.DispatchOffer(
                             offer=f"of-{order}", order=order, rider=rider, deadline=now + timedelta(hours=1)
@@ -401,7 +401,7 @@ async def _latency(stack_settings: Settings, n: int, figures: LatencyFigures) ->
                 steps.append(
                     (
                         topics.rider_order_status(rider, order),
-                        ev.OrderStatusEvent(
+                        ev.OrderStatusChangedEvent(
                             source=f"riders/{rider}", data=ev.OrderStatusChanged(order=order, status=status)
                         ),
                     )
@@ -410,7 +410,7 @@ async def _latency(stack_settings: Settings, n: int, figures: LatencyFigures) ->
                 pub.publish(topic, ev.encode(event))
         await _wait(lambda: all(watch.states.get(o) == "arrived" for _, o in pairs), 60, "orders to arrive")
         for rider, order in pairs:
-            failed = ev.OrderStatusEvent(
+            failed = ev.OrderStatusChangedEvent(
                 source=f"riders/{rider}",
                 data=ev.OrderStatusChanged(order=order, status=S.FAILED, reason=FailureReason.ADDRESS_WRONG),
             )

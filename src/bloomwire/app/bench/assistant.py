@@ -122,7 +122,9 @@ async def _answer_times(
         answers: dict[str, str] = {}
         for n, text in enumerate(lines):
             customer = topics.customer_for_order(f"ba-{n % orders}")
-            line = ev.OrderChatEvent(source=f"{topics.CUSTOMERS}/{customer}", data=ev.OrderChat(text=text))
+            line = ev.OrderChatPostedEvent(
+                source=f"{topics.CUSTOMERS}/{customer}", data=ev.OrderChat(text=text)
+            )
             sent[answer_id(line.id)] = sent[line.id] = time.time()
             answers[answer_id(line.id)] = line.id
             conn.publish(topics.customer_chat(customer), ev.encode(line), qos=1)

@@ -6,7 +6,7 @@ store and runs dispatch in this process. Two phases:
 normal mode
     ``riders`` riders online around Berlin; ``orders`` orders created one at a time by a shop.
     For each: shop publishes ``create-order`` -> persister commits, publishes the canonical
-    ``created`` -> dispatch reads the store, ranks the riders and publishes ``dispatch.offer`` ->
+    ``created`` -> dispatch reads the store, ranks the riders and publishes ``dispatch.offered`` ->
     persister commits the offer and delivers it to the rider's inbox. The shop then cancels the
     order so every measurement starts from the same fleet. Reported: creation -> canonical
     ``created``, creation -> offer published by dispatch (the decision), creation -> offer in the
@@ -120,11 +120,11 @@ class _Watch:
                 data = obj["data"]
             except (ValueError, KeyError, TypeError):
                 continue
-            if msg.topic == EVENTS_TOPIC and obj.get("type") == "dispatch.offer":
+            if msg.topic == EVENTS_TOPIC and obj.get("type") == "dispatch.offered":
                 key = ("decision", data["order"])
             elif msg.topic.endswith("/inbox/offers"):
                 key = ("inbox", data["order"])
-            elif obj.get("type") == "order.status" or msg.topic.endswith("/status"):
+            elif obj.get("type") == "order.status_changed" or msg.topic.endswith("/status"):
                 key = (f"status:{data.get('status')}", data.get("order", ""))
             else:
                 continue
@@ -169,7 +169,7 @@ async def _start_dispatch(settings: Settings) -> tuple[DispatchService, asyncio.
 def _presence(rider: str, capacity: int, online: bool = True) -> bytes:
     status = ev.Presence.ONLINE if online else ev.Presence.OFFLINE
     return ev.encode(
-        ev.RiderPresenceEvent(
+        ev.RiderPresenceChangedEvent(
             source=f"riders/{rider}", data=ev.RiderPresence(status=status, capacity=capacity)
         )
     )
@@ -396,7 +396,7 @@ def main(
     table = Report("Bloomwire dispatch benchmark (ms)", ("figure", "P50", "P95", "P99", "max"))
     labels = {
         "create_to_created_ms": "create → canonical created (persister)",
-        "create_to_offer_published_ms": "create → dispatch.offer published",
+        "create_to_offer_published_ms": "create → dispatch.offered published",
         "create_to_rider_inbox_ms": "create → offer in rider inbox",
         "in_dispatch_ms": "in dispatch: event received → offer sent",
         "store_read_ms": "  of which store read",

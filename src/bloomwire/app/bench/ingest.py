@@ -117,7 +117,7 @@ async def _setup_orders(settings: Settings, riders: int) -> list[tuple[str, str]
             ),
         )
         conn.publish(topics.shop_command("bench", topics.Command.CREATE_ORDER), ev.encode(created))
-        offer = ev.DispatchOfferEvent(
+        offer = ev.DispatchOfferedEvent(
             source="services/bench",
             data=ev.DispatchOffer(
                 offer=f"of-{order}", order=order, rider=rider, deadline=now + timedelta(minutes=10)
@@ -201,7 +201,7 @@ def _publish(
     packets: list[tuple[str, bytes]] = []
     for k in range(figures.events):
         rider, order = pairs[k % len(pairs)]
-        e = ev.OrderChatEvent(
+        e = ev.OrderChatPostedEvent(
             source=f"riders/{rider}", data=ev.OrderChat(order=order, text=f"bench line {k}")
         )
         packets.append((e.id, pub.packet(topics.rider_order_chat(rider, order), ev.encode(e))))
@@ -267,7 +267,7 @@ async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]
     engine = make_engine(settings.database_url, readonly=True)
     with engine.connect() as conn:
         stored = conn.execute(
-            sa.text("SELECT COUNT(*), COUNT(DISTINCT id) FROM events WHERE type = 'order.chat'")
+            sa.text("SELECT COUNT(*), COUNT(DISTINCT id) FROM events WHERE type = 'order.chat_posted'")
         ).one()
     engine.dispose()
     figures.stored = int(stored[0])

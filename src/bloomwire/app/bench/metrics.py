@@ -28,7 +28,9 @@ def _events(n: int) -> list[Message]:
     out = []
     for i in range(n):
         rider, order = f"r{i % 50}", f"o{i % 50}"
-        event = ev.OrderChatEvent(source=f"riders/{rider}", data=ev.OrderChat(order=order, text="on my way"))
+        event = ev.OrderChatPostedEvent(
+            source=f"riders/{rider}", data=ev.OrderChat(order=order, text="on my way")
+        )
         out.append(Message(topics.rider_order_chat(rider, order), ev.encode(event)))
     return out
 

@@ -76,7 +76,7 @@ class Run:
 def payload(k: int) -> bytes:
     """A ~300-byte JSON event, like a rider's chat line."""
     text = f"bench line {k} " + "x" * 200
-    return json.dumps({"id": f"ev-{k:012d}", "type": "order.chat", "seq": k, "text": text}).encode()
+    return json.dumps({"id": f"ev-{k:012d}", "type": "order.chat_posted", "seq": k, "text": text}).encode()
 
 
 class Child:

@@ -164,7 +164,7 @@ class Drill:
                 if r.topic.endswith("/inbox/offers"):
                     self._answer(r.who, r.payload)
                 elif r.topic.endswith("/access") and r.payload:
-                    access = ev.CustomerAccessEvent.model_validate_json(r.payload).data
+                    access = ev.CustomerAccessGrantedEvent.model_validate_json(r.payload).data
                     self.accesses[access.order] = access
                 elif r.topic.endswith("/status") and r.topic.startswith(topics.SHOPS):
                     data = json.loads(r.payload)["data"]
@@ -173,7 +173,7 @@ class Drill:
 
     def _answer(self, rider: str, payload: bytes) -> None:
         """A rider takes every offer and picks the bouquet up straight away."""
-        offer = ev.DispatchOfferEvent.model_validate_json(payload).data
+        offer = ev.DispatchOfferedEvent.model_validate_json(payload).data
         if offer.offer in self.answered:
             return
         self.answered.add(offer.offer)

@@ -259,7 +259,7 @@ def wait_until(condition: Any, timeout: float, what: str, step: float = 0.1) -> 
 
 def presence(rider: str) -> tuple[str, bytes]:
     """A rider on duty with room for many orders (the peak's riders carry several at once)."""
-    event = ev.RiderPresenceEvent(
+    event = ev.RiderPresenceChangedEvent(
         source=f"{topics.RIDERS}/{rider}",
         data=ev.RiderPresence(status=ev.Presence.ONLINE, on_duty=True, capacity=20),
     )
@@ -269,7 +269,7 @@ def presence(rider: str) -> tuple[str, bytes]:
 def position(rider: str, lat: float, lon: float) -> tuple[str, str, bytes]:
     """A rider's position: topic, event id, payload."""
     data = ev.RiderLocation(lat=lat, lon=lon, tst=int(time.time()), vel=18.0)
-    event = ev.RiderLocationEvent(source=f"{topics.RIDERS}/{rider}", data=data)
+    event = ev.RiderLocationReportedEvent(source=f"{topics.RIDERS}/{rider}", data=data)
     return topics.rider_location(rider), event.id, ev.encode(event)
 
 
@@ -283,7 +283,7 @@ def reply(rider: str, offer: str, order: str) -> tuple[str, str, bytes]:
 def picked_up(rider: str, order: str) -> tuple[str, str, bytes]:
     """The rider has the bouquet: the customer sees the rider from now on."""
     data = ev.OrderStatusChanged(order=order, status=OrderStatus.PICKED_UP)
-    event = ev.OrderStatusEvent(source=f"{topics.RIDERS}/{rider}", data=data)
+    event = ev.OrderStatusChangedEvent(source=f"{topics.RIDERS}/{rider}", data=data)
     return topics.rider_order_status(rider, order), event.id, ev.encode(event)
 
 
@@ -310,13 +310,15 @@ def assign(shop: str, order: str, rider: str) -> tuple[str, str, bytes]:
 
 def shop_chat(shop: str, order: str, text: str) -> tuple[str, str, bytes]:
     """A line from the shop on ``order`` (to its customer and its rider)."""
-    event = ev.OrderChatEvent(source=f"{topics.SHOPS}/{shop}", data=ev.OrderChat(order=order, text=text))
+    event = ev.OrderChatPostedEvent(
+        source=f"{topics.SHOPS}/{shop}", data=ev.OrderChat(order=order, text=text)
+    )
     return topics.shop_command(shop, topics.Command.CHAT), event.id, ev.encode(event)
 
 
 def customer_chat(customer: str, order: str, text: str) -> tuple[str, str, bytes]:
     """A line from the customer of ``order``."""
-    event = ev.OrderChatEvent(
+    event = ev.OrderChatPostedEvent(
         source=f"{topics.CUSTOMERS}/{customer}", data=ev.OrderChat(order=order, text=text)
     )
     return topics.customer_chat(customer), event.id, ev.encode(event)

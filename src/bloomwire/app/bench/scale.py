@@ -155,7 +155,7 @@ def _events(row: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
     return [
         {
             "id": ev.new_id(),
-            "type": "order.status",
+            "type": "order.status_changed",
             "source": f"riders/{row['rider']}" if row["rider"] else f"shops/{shop}",
             "topic": topic,
             "shop": shop,

@@ -358,7 +358,7 @@ def bench_customers(settings: Settings, *, pages: int) -> dict[str, Any]:
 
         def on_access(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
             if msg.payload and topics.parse_order_topic(msg.topic).channel == topics.ACCESS:
-                access = ev.CustomerAccessEvent.model_validate_json(msg.payload).data
+                access = ev.CustomerAccessGrantedEvent.model_validate_json(msg.payload).data
                 accesses.setdefault(access.order, access)
 
         shop.on_message = on_access
@@ -388,7 +388,7 @@ def bench_customers(settings: Settings, *, pages: int) -> dict[str, Any]:
                     tab.evaluate(CHAT_PROBE)
                 sent_at: dict[str, float] = {}
                 for order, _ in tabs:
-                    line = ev.OrderChatEvent(
+                    line = ev.OrderChatPostedEvent(
                         source=f"{topics.SHOPS}/{SHOP}", data=ev.OrderChat(order=order, text=f"hello {order}")
                     )
                     sent_at[order] = time.time() * 1000

@@ -125,7 +125,7 @@ def status_event(
         raise _usage(exc) from None
     except PayloadError as exc:
         raise UsageError(str(exc).removeprefix("data.status: ")) from None
-    event = ev.OrderStatusEvent(source=_source(rider), data=data)
+    event = ev.OrderStatusChangedEvent(source=_source(rider), data=data)
     return Outgoing(event.id, "status", topics.rider_order_status(rider, order), ev.encode(event), order)
 
 
@@ -138,7 +138,7 @@ def incident_event(
         data = ev.OrderIncident(order=order, reason=reason, eta=eta, note=note)
     except ValidationError as exc:
         raise _usage(exc) from None
-    event = ev.OrderIncidentEvent(source=_source(rider), data=data)
+    event = ev.OrderIncidentReportedEvent(source=_source(rider), data=data)
     return Outgoing(event.id, "incident", topics.rider_order_status(rider, order), ev.encode(event), order)
 
 
@@ -149,7 +149,7 @@ def chat_event(rider: str, order: str, text: str) -> Outgoing:
         data = ev.OrderChat(order=order, text=text)
     except ValidationError as exc:
         raise _usage(exc) from None
-    event = ev.OrderChatEvent(source=_source(rider), data=data)
+    event = ev.OrderChatPostedEvent(source=_source(rider), data=data)
     return Outgoing(event.id, "chat", topics.rider_order_chat(rider, order), ev.encode(event), order)
 
 
@@ -173,7 +173,7 @@ def location_event(
     acc: float | None = None,
     cog: float | None = None,
 ) -> Outgoing:
-    """A position as a ``rider.location`` CloudEvent (OwnTracks field names inside)."""
+    """A position as a ``rider.location_reported`` CloudEvent (OwnTracks field names inside)."""
     try:
         data = ev.RiderLocation(
             lat=lat,
@@ -186,7 +186,7 @@ def location_event(
         )
     except ValidationError as exc:
         raise _usage(exc) from None
-    event = ev.RiderLocationEvent(source=_source(rider), data=data)
+    event = ev.RiderLocationReportedEvent(source=_source(rider), data=data)
     return Outgoing(event.id, LOCATION, topics.rider_location(rider), ev.encode(event))
 
 
@@ -196,10 +196,10 @@ def location_event(
 class RiderListener(Protocol):
     """What the app (or the simulated rider) is told."""
 
-    def offer(self, offer: ev.DispatchOfferEvent) -> None:
+    def offer(self, offer: ev.DispatchOfferedEvent) -> None:
         """An offer arrived."""
 
-    def chat(self, chat: ev.OrderChatEvent) -> None:
+    def chat(self, chat: ev.OrderChatPostedEvent) -> None:
         """A chat line from the shop or the customer."""
 
     def stored(self, entries: Sequence[Entry]) -> None:
@@ -212,10 +212,10 @@ class RiderListener(Protocol):
 class QuietListener:
     """A listener that does nothing."""
 
-    def offer(self, offer: ev.DispatchOfferEvent) -> None:
+    def offer(self, offer: ev.DispatchOfferedEvent) -> None:
         """Ignore."""
 
-    def chat(self, chat: ev.OrderChatEvent) -> None:
+    def chat(self, chat: ev.OrderChatPostedEvent) -> None:
         """Ignore."""
 
     def stored(self, entries: Sequence[Entry]) -> None:
@@ -256,7 +256,7 @@ class RiderDevice(Client):
         self.listener: RiderListener = listener or QuietListener()
         self.observer: Observer = observer or NullObserver()
         self.waiters = Waiters()
-        self.offers: dict[str, ev.DispatchOfferEvent] = {}
+        self.offers: dict[str, ev.DispatchOfferedEvent] = {}
         self._reported: set[str] = set()
         self.sender = OutboxSender(
             self.conn,
@@ -374,12 +374,12 @@ class RiderDevice(Client):
             self.listener.refused(entry, refusal)
         elif channel == topics.Inbox.OFFERS:
             event = ev.decode(msg.payload)
-            if isinstance(event, ev.DispatchOfferEvent):
+            if isinstance(event, ev.DispatchOfferedEvent):
                 self.offers[event.data.offer] = event
                 self.listener.offer(event)
         elif channel == topics.Inbox.CHAT:
             event = ev.decode(msg.payload)
-            if isinstance(event, ev.OrderChatEvent):
+            if isinstance(event, ev.OrderChatPostedEvent):
                 self.listener.chat(event)
 
 
@@ -562,7 +562,7 @@ class RiderApp:
 
     # listener ------------------------------------------------------------------------------
 
-    def offer(self, offer: ev.DispatchOfferEvent) -> None:
+    def offer(self, offer: ev.DispatchOfferedEvent) -> None:
         """Show the offer and answer it by policy."""
         d = offer.data
         left = (d.deadline - ev.now()).total_seconds()
@@ -580,7 +580,7 @@ class RiderApp:
         self.device.reply(d.offer, accept, order=d.order, reason="" if accept else "declined by flag")
         self.console.print(f"  {'accepted' if accept else 'declined'} (by --offers {self.policy})")
 
-    def chat(self, chat: ev.OrderChatEvent) -> None:
+    def chat(self, chat: ev.OrderChatPostedEvent) -> None:
         """Show a chat line."""
         self.console.print(f"[cyan]chat[/cyan] {chat.data.order} {chat.data.author}: {chat.data.text}")
 

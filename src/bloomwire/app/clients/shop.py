@@ -302,7 +302,7 @@ class ShopTerminal(Client):
     async def chat(self, order: str, text: str, *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S) -> Outcome:
         """Send a chat line on ``order`` (to the rider and the customer)."""
         data = build_data(ev.OrderChat, order=check_name(order, "order"), text=text)
-        event = ev.OrderChatEvent(source=self._source(), data=data)
+        event = ev.OrderChatPostedEvent(source=self._source(), data=data)
         return await self._run(Command.CHAT, event, timeout, f"chat on {order}")
 
     async def ack_alert(

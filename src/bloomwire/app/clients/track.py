@@ -100,7 +100,7 @@ class CustomerTracker(Client):
         """Send a chat line about the order and wait until it is stored (or refused); without an
         answer in time, :class:`~bloomwire.app.clients.sender.QueuedError` (kept and re-sent)."""
         data = build_data(ev.OrderChat, order=self.order, text=text)
-        event = ev.OrderChatEvent(source=f"{topics.CUSTOMERS}/{self.customer}", data=data)
+        event = ev.OrderChatPostedEvent(source=f"{topics.CUSTOMERS}/{self.customer}", data=data)
         fut = self.waiters.expect(event.id)
         self.sender.send(event.id, "chat", topics.customer_chat(self.customer), ev.encode(event))
         self.observer.sent(event.id, "customer:chat", time.time())

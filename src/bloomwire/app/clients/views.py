@@ -160,7 +160,7 @@ class ShopView:
     def _order_message(self, order: str, channel: str, payload: bytes) -> ev.Event | None:
         if channel == topics.ACCESS:
             if payload:
-                self.accesses[order] = ev.CustomerAccessEvent.model_validate_json(payload).data
+                self.accesses[order] = ev.CustomerAccessGrantedEvent.model_validate_json(payload).data
             else:  # revoked
                 self.accesses.pop(order, None)
             return None
@@ -188,7 +188,7 @@ class ShopView:
             line.updated_at = max(line.updated_at or loc.position.at, loc.position.at)
             return None
         event = _decode(payload)
-        if isinstance(event, ev.OrderStatusEvent):
+        if isinstance(event, ev.OrderStatusChangedEvent):
             line = self.line(order)
             d = event.data
             line.status = d.status.value
@@ -202,14 +202,14 @@ class ShopView:
             extra = f" ({d.reason.value})" if d.reason else ""
             who = f" · {d.rider}" if d.rider else ""
             self.feed.append(f"{clock_s(event.time)} {order} {d.status.value}{extra}{who}")
-        elif isinstance(event, ev.OrderIncidentEvent):
+        elif isinstance(event, ev.OrderIncidentReportedEvent):
             line = self.line(order)
             line.eta = event.data.eta or line.eta
             line.note = event.data.reason
             line.updated_at = event.time
             eta = f", new ETA {clock(event.data.eta)}" if event.data.eta else ""
             self.feed.append(f"{clock_s(event.time)} {order} incident: {event.data.reason}{eta}")
-        elif isinstance(event, ev.OrderChatEvent):
+        elif isinstance(event, ev.OrderChatPostedEvent):
             self.feed.append(f"{clock_s(event.time)} {order} 💬 {event.data.author}: {event.data.text}")
         elif channel == topics.OrderChannel.ALERTS:
             self._alert(event)
@@ -349,16 +349,16 @@ class TrackView:
         except ValidationError:
             return None
         event = _decode(payload)
-        if isinstance(event, ev.OrderStatusEvent):
+        if isinstance(event, ev.OrderStatusChangedEvent):
             if self.state is not None:
                 self.state = self.state.model_copy(update={"status": event.data.status})
             self._add_step(event.time, event.data.status.value, event.data.note)
-        elif isinstance(event, ev.OrderIncidentEvent):
+        elif isinstance(event, ev.OrderIncidentReportedEvent):
             eta = f" — new ETA {clock(event.data.eta)}" if event.data.eta else ""
             self._add_step(event.time, "incident", f"{event.data.reason}{eta}")
             if event.data.eta is not None and self.state is not None:
                 self.state = self.state.model_copy(update={"eta": event.data.eta})
-        elif isinstance(event, ev.OrderChatEvent):
+        elif isinstance(event, ev.OrderChatPostedEvent):
             self.chat.append((event.time, event.data.author, event.data.text))
         return event
 

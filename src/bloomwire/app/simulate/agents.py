@@ -260,11 +260,11 @@ class SimRider:
 
     # --- listener (called by the device) -------------------------------------------------------
 
-    def offer(self, offer: ev.DispatchOfferEvent) -> None:
+    def offer(self, offer: ev.DispatchOfferedEvent) -> None:
         """An offer on the phone: answer it after a moment's thought."""
         self.tasks.append(asyncio.create_task(self._answer(offer)))
 
-    def chat(self, chat: ev.OrderChatEvent) -> None:
+    def chat(self, chat: ev.OrderChatPostedEvent) -> None:
         """A chat line: the rider answers customers briefly."""
         if chat.data.author.startswith("customer:") and chat.data.order:
             self.tasks.append(asyncio.create_task(self._reply_chat(chat.data.order)))
@@ -289,7 +289,7 @@ class SimRider:
             self.jobs = [j for j in self.jobs if j.order.id != order or j.picked]
         log.info("rider event refused", rider=self.id, kind=entry.kind, reason=refusal.reason)
 
-    async def _answer(self, offer: ev.DispatchOfferEvent) -> None:
+    async def _answer(self, offer: ev.DispatchOfferedEvent) -> None:
         await asyncio.sleep(self.rng.uniform(0.1, 0.4))
         device = self.device
         d = offer.data

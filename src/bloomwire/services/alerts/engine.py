@@ -523,7 +523,7 @@ class AlertEngine:
             if last is not None and mono - last <= self.grace_s:
                 continue
             t: Thresholds = self.config.for_shop(shop)
-            event = ev.OrderChatEvent(
+            event = ev.OrderChatPostedEvent(
                 id=followup_event_id(order),
                 source=SOURCE,
                 time=now,

@@ -4,7 +4,7 @@ It reads the canonical ``shops/S/orders/O/chat`` (a line is there only once the 
 it) in a persistent session, so lines said while it restarts are answered (unless stale). A
 customer's line is classified (:mod:`.intents`), the order is read from the store (read-only,
 like dispatch and alerts), and the answer (:mod:`.answers`) goes out as an
-``order.chat`` on ``services/assistant/events``: the persister stores it and publishes it marked
+``order.chat_posted`` on ``services/assistant/events``: the persister stores it and publishes it marked
 ``assistant:S``. What it cannot answer, a complaint, or a change only the shop can grant, it hands
 over: an ``alert.raised`` of rule ``needs_person`` (one open per order), and the customer is told a
 person will reply. When a person of the shop writes in that chat, the alert is resolved.
@@ -119,7 +119,7 @@ class Assistant:
 
     async def on_chat(self, order: str, event: ev.Event) -> None:
         """A stored chat line of ``order``: answer the customer's, note a person's reply."""
-        if not isinstance(event, ev.OrderChatEvent):
+        if not isinstance(event, ev.OrderChatPostedEvent):
             return
         role = event.data.author.split(":", 1)[0]
         if role == "customer":
@@ -127,7 +127,7 @@ class Assistant:
         elif role == "shop" and event.source.startswith(f"{topics.SHOPS}/"):
             await self._person_replied(order, event)
 
-    async def _answer(self, order: str, event: ev.OrderChatEvent) -> None:
+    async def _answer(self, order: str, event: ev.OrderChatPostedEvent) -> None:
         now = self.clock()
         if now - event.time > MAX_AGE:
             log.info("stale customer line not answered", order=order, line=event.id)
@@ -151,7 +151,7 @@ class Assistant:
         return sent[0] if sent else None
 
     def _send(self, facts: OrderFacts, line: str, reply: Reply, at: datetime) -> None:
-        chat = ev.OrderChatEvent(
+        chat = ev.OrderChatPostedEvent(
             id=answer_id(line), source=SOURCE, time=at, data=ev.OrderChat(order=facts.order, text=reply.text)
         )
         self.publish(EVENTS_TOPIC, ev.encode(chat))
@@ -177,7 +177,7 @@ class Assistant:
         self.handed[facts.order] = (alert, time.monotonic())
         self.handovers += 1
 
-    async def _person_replied(self, order: str, event: ev.OrderChatEvent) -> None:
+    async def _person_replied(self, order: str, event: ev.OrderChatPostedEvent) -> None:
         _facts, open_ids = await asyncio.to_thread(self.store.facts, order)
         sent = self._recent(order)
         self.handed.pop(order, None)

@@ -4,7 +4,7 @@ Dispatch only reads: the store (read-only engine; the persister creates and migr
 canonical topics. Its decisions go out as events on ``services/dispatch/events`` and become real
 only once the persister has stored them:
 
-- ``dispatch.offer`` for an order waiting in ``created``/``declined``: the cheapest eligible rider
+- ``dispatch.offered`` for an order waiting in ``created``/``declined``: the cheapest eligible rider
   (:func:`planner.rank`), or one offer per pair of a joint assignment (:func:`planner.assign_joint`)
   when ``batch_threshold`` or more orders wait at once ("batch" mode). The deadline and the
   candidates with their costs travel in the event, so the shop can see why.
@@ -182,7 +182,7 @@ class PassResult:
     mode: Literal["idle", "single", "batch"] = "idle"
     waiting: int = 0
     riders: int = 0
-    offers: list[ev.DispatchOfferEvent] = field(default_factory=list)
+    offers: list[ev.DispatchOfferedEvent] = field(default_factory=list)
     expired: list[ev.DispatchExpiredEvent] = field(default_factory=list)
     read_s: float = 0.0
     plan_s: float = 0.0
@@ -390,7 +390,7 @@ class Dispatcher:
         return out
 
     def _note_unserved(
-        self, todo: Sequence[WaitingOrder], offers: Sequence[ev.DispatchOfferEvent], riders: int
+        self, todo: Sequence[WaitingOrder], offers: Sequence[ev.DispatchOfferedEvent], riders: int
     ) -> None:
         """Log once per order and attempt that no rider could take it: one line per pass (a
         line per order cost more than the pass itself at a peak of thousands)."""
@@ -410,7 +410,7 @@ class Dispatcher:
         now: datetime,
         deadline: datetime,
         offline: int,
-    ) -> list[ev.DispatchOfferEvent]:
+    ) -> list[ev.DispatchOfferedEvent]:
         """Normal mode: oldest order first, each to its cheapest rider (loads updated as we go)."""
         out = []
         by_id = {r.id: i for i, r in enumerate(riders)}
@@ -434,7 +434,7 @@ class Dispatcher:
         now: datetime,
         deadline: datetime,
         offline: int,
-    ) -> list[ev.DispatchOfferEvent]:
+    ) -> list[ev.DispatchOfferedEvent]:
         """Peak mode: every waiting order at once, minimum total cost (one offer per pair)."""
         cfg = self.config
         by_id = {o.id: o for o in todo}
@@ -466,9 +466,9 @@ class Dispatcher:
         candidates: list[ev.Candidate],
         now: datetime,
         deadline: datetime,
-    ) -> ev.DispatchOfferEvent:
+    ) -> ev.DispatchOfferedEvent:
         oid = offer_id(order.id, order.attempt)
-        return ev.DispatchOfferEvent(
+        return ev.DispatchOfferedEvent(
             id=oid,
             source=SOURCE,
             time=now,
@@ -703,7 +703,7 @@ class DispatchService(Service[DispatchState]):
 
     async def on_status(self, event: ev.Event, msg: Message) -> None:
         """An order was created, became ready again or closed (a rider freed): a pass soon."""
-        if isinstance(event, ev.OrderStatusEvent) and event.data.status in _WAKE_STATUSES:
+        if isinstance(event, ev.OrderStatusChangedEvent) and event.data.status in _WAKE_STATUSES:
             self.state.passes.wake(msg.received_at)
 
     async def on_presence(self, msg: Message) -> None:

@@ -36,7 +36,7 @@ def _author(p: Projections, where: InboundTopic, claimed: str | None) -> tuple[O
     return order, "shop", f"{order.shop} ({where.sender})"
 
 
-def line(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.OrderChatEvent) -> None:
+def line(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.OrderChatPostedEvent) -> None:
     """A chat line: stored, published on the order, and sent to its rider when not from it."""
     d = event.data
     order, author_role, author = _author(p, where, d.order)
@@ -52,7 +52,7 @@ def line(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.OrderC
         }
     )
     # Plain construction: pydantic-core validates faster than model_construct skips it.
-    canonical = ev.OrderChatEvent(
+    canonical = ev.OrderChatPostedEvent(
         id=event.id,
         source=event.source,
         time=event.time,
@@ -65,5 +65,5 @@ def line(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.OrderC
 
 
 HANDLERS: Mapping[type[ev._Envelope], Callable[[Projections, UnitOfWork, InboundTopic, Any], None]] = {
-    ev.OrderChatEvent: line,
+    ev.OrderChatPostedEvent: line,
 }

@@ -91,14 +91,14 @@ def _payload(msg: Inbound, where: InboundTopic, now: datetime, bounds: TimeBound
         status = ev.Presence(msg.payload.strip().decode())
         data = ev.RiderPresence(status=status)
         # A bare word (e.g. the Last Will) has no time of its own: it happens now.
-        return ev.RiderPresenceEvent(source=where.source, time=now, data=data)
+        return ev.RiderPresenceChangedEvent(source=where.source, time=now, data=data)
     if where.kind is InboundKind.PRESENCE and msg.payload == b"":
         return None  # a retained presence being cleared
     if where.kind is InboundKind.LOCATION:
         obj = ev.load_json(msg.payload)
         if isinstance(obj, dict) and "type" not in obj:  # bare OwnTracks-style fields
             loc = ot.parse_location_fields(obj, now, bounds)
-            return ev.RiderLocationEvent(source=where.source, data=loc)
+            return ev.RiderLocationReportedEvent(source=where.source, data=loc)
     return ev.decode(msg.payload)
 
 
@@ -111,8 +111,8 @@ def _owntracks(msg: Inbound, where: InboundTopic, now: datetime, bounds: TimeBou
         case ot.Lwt():
             # The app's own Last Will: the same as a bare ``offline`` on riders/R/presence.
             offline = ev.RiderPresence(status=ev.Presence.OFFLINE)
-            return ev.RiderPresenceEvent(source=where.source, time=now, data=offline)
+            return ev.RiderPresenceChangedEvent(source=where.source, time=now, data=offline)
         case ot.Transition():
             return ot.transition_event(where.sender, where.device or "unknown", parsed)
         case _:
-            return ev.RiderLocationEvent(source=where.source, data=parsed)
+            return ev.RiderLocationReportedEvent(source=where.source, data=parsed)

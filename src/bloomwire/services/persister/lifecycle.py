@@ -86,7 +86,7 @@ def _keep_load(p: Projections, work: UnitOfWork, order: Order, rider_id: str, *,
 
 
 def publish_status(work: UnitOfWork, order: Order, event: Any, note: str = "") -> None:
-    """The canonical ``order.status`` of ``order`` (same id, source and time as ``event``)."""
+    """The canonical ``order.status_changed`` of ``order`` (same id, source and time as ``event``)."""
     data = ev.OrderStatusChanged(
         order=order.id,
         status=S(order.status),
@@ -94,7 +94,7 @@ def publish_status(work: UnitOfWork, order: Order, event: Any, note: str = "") -
         note=note,
         rider=order.rider,
     )
-    canonical = ev.OrderStatusEvent(id=event.id, source=event.source, time=event.time, data=data)
+    canonical = ev.OrderStatusChangedEvent(id=event.id, source=event.source, time=event.time, data=data)
     work.publish(topics.order_topic(order.shop, order.id, topics.OrderChannel.STATUS), ev.encode(canonical))
 
 

@@ -17,7 +17,7 @@ from bloomwire.services.persister.work import RefusedError, UnitOfWork
 S = OrderStatus
 
 
-def offer(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.DispatchOfferEvent) -> None:
+def offer(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.DispatchOfferedEvent) -> None:
     """An order offered to a rider (by dispatch, or a shop's manual assignment)."""
     d = event.data
     now = work.now
@@ -98,7 +98,7 @@ def expired(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.Dis
 
 
 HANDLERS: Mapping[type[ev._Envelope], Callable[[Projections, UnitOfWork, InboundTopic, Any], None]] = {
-    ev.DispatchOfferEvent: offer,
+    ev.DispatchOfferedEvent: offer,
     ev.DispatchReplyEvent: reply,
     ev.DispatchExpiredEvent: expired,
 }

@@ -61,7 +61,9 @@ def cancelled(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.O
     publish_status(work, order, event, event.data.reason)
 
 
-def rider_status(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.OrderStatusEvent) -> None:
+def rider_status(
+    p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.OrderStatusChangedEvent
+) -> None:
     """The order's rider reports a step (picked up, en route, …), or hands the order back."""
     d = event.data
     try:
@@ -86,7 +88,9 @@ def rider_status(p: Projections, work: UnitOfWork, where: InboundTopic, event: e
     publish_status(work, order, event, d.note)
 
 
-def incident(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.OrderIncidentEvent) -> None:
+def incident(
+    p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.OrderIncidentReportedEvent
+) -> None:
     """A rider's incident (a flat tyre), with a new ETA when it gives one; published as it is."""
     order = p.rider_order(where, event.data.order)
     if event.data.eta is not None:
@@ -110,7 +114,7 @@ def assigned(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.Or
     if load >= rider.capacity:
         raise RefusedError(f"rider {d.rider!r} is full ({load}/{rider.capacity})")
     deadline = work.now + timedelta(seconds=p.manual_offer_timeout_s)
-    offer = ev.DispatchOfferEvent(
+    offer = ev.DispatchOfferedEvent(
         id=event.id,
         source=event.source,
         time=event.time,
@@ -128,7 +132,7 @@ def assigned(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.Or
 HANDLERS: Mapping[type[ev._Envelope], Callable[[Projections, UnitOfWork, InboundTopic, Any], None]] = {
     ev.OrderCreatedEvent: created,
     ev.OrderCancelledEvent: cancelled,
-    ev.OrderStatusEvent: rider_status,
-    ev.OrderIncidentEvent: incident,
+    ev.OrderStatusChangedEvent: rider_status,
+    ev.OrderIncidentReportedEvent: incident,
     ev.OrderAssignedEvent: assigned,
 }

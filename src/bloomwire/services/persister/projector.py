@@ -243,7 +243,7 @@ class Projector:
             result.ignored += 1
             if isinstance(d.event, ot.Ignored):
                 result.owntracks_ignored[d.event.kind, d.event.why] += 1
-        elif isinstance(d.event, ev.RiderLocationEvent) and d.where.kind in LOCATION_KINDS:
+        elif isinstance(d.event, ev.RiderLocationReportedEvent) and d.where.kind in LOCATION_KINDS:
             self._position(work, d.msg, d.where, d.event, result)
         else:
             seen = work.seen.get(d.event.id, known.get(d.event.id))
@@ -287,7 +287,7 @@ class Projector:
         work: UnitOfWork,
         msg: Inbound,
         where: InboundTopic,
-        event: ev.RiderLocationEvent,
+        event: ev.RiderLocationReportedEvent,
         result: BatchResult,
     ) -> None:
         """A position, from its own rider only: not an event of record (no dedupe, no event row)."""

@@ -31,7 +31,9 @@ DESTINATION_RADIUS_M = 150.0
 DESTINATION_RADIUS_MAX_M = 500.0
 
 
-def presence(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.RiderPresenceEvent) -> None:
+def presence(
+    p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.RiderPresenceChangedEvent
+) -> None:
     """A rider online or offline, on or off duty, its capacity; the same again changes nothing."""
     rider = p.rider(work, where.sender)
     d = event.data
@@ -51,7 +53,9 @@ def presence(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.Ri
     work.rider_states.setdefault(where.sender, set())
 
 
-def locate(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.RiderLocationEvent) -> None:
+def locate(
+    p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.RiderLocationReportedEvent
+) -> None:
     """A position: the rider's latest fix, and for each order it carries out: ETA, trail, location.
 
     Positions are not events of record: no event row, no dedupe.
@@ -156,7 +160,7 @@ def region_changed(
         f"You have reached the destination of order {order.id}"
         f"{f' ({d.region})' if d.region else ''}. Report 'arrived'?"
     )
-    prompt = ev.OrderChatEvent(
+    prompt = ev.OrderChatPostedEvent(
         id=derived_id("arrival-prompt", event.id),
         source=f"{topics.SERVICES}/{SERVICE_NAME}",
         time=event.time,
@@ -166,6 +170,6 @@ def region_changed(
 
 
 HANDLERS: Mapping[type[ev._Envelope], Callable[[Projections, UnitOfWork, InboundTopic, Any], None]] = {
-    ev.RiderPresenceEvent: presence,
+    ev.RiderPresenceChangedEvent: presence,
     ev.RiderRegionChangedEvent: region_changed,
 }

@@ -151,7 +151,7 @@ class Provisioner:
             max_devices=self.config.max_devices,
             broker=self.endpoint,
         )
-        event = ev.CustomerAccessEvent(source=SOURCE, data=data)
+        event = ev.CustomerAccessGrantedEvent(source=SOURCE, data=data)
         self.publish(topics.access_topic(shop, order), ev.encode(event), True)
         self.minted += 1
         log.info("customer access minted", shop=shop, order=order, customer=access.customer)

@@ -121,7 +121,7 @@ def build(
 
     @service.handle(STATUS_FILTER, model=ev.decode)
     async def on_status(event: ev.Event, msg: Message) -> None:
-        if not isinstance(event, ev.OrderStatusEvent):  # incidents travel on the status topic too
+        if not isinstance(event, ev.OrderStatusChangedEvent):  # incidents travel on the status topic too
             return
         try:
             where = topics.parse_order_topic(msg.topic)

@@ -63,7 +63,7 @@ def _rider_topics() -> dict[str, str]:
 
 
 def _types() -> dict[str, str]:
-    """Class name without ``Event`` -> type string, e.g. ``OrderChat`` -> ``order.chat``."""
+    """Class name without ``Event`` -> type string, e.g. ``OrderChatPosted`` -> ``order.chat_posted``."""
     classes = {**ev.EVENT_TYPES, **ev.ACCESS_EVENT_TYPES}
     return {cls.__name__.removesuffix("Event"): name for name, cls in classes.items()}
 

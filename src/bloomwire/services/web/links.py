@@ -27,7 +27,7 @@ def tracking_link(base_url: str, shop: str, order: str, customer: str, username:
 
 
 def link_for_access(base_url: str, access: CustomerAccess) -> str:
-    """The link for the provisioner's ``customer.access`` message of an order."""
+    """The link for the provisioner's ``customer.access_granted`` message of an order."""
     return tracking_link(
         base_url, access.shop, access.order, access.customer, access.username, access.password
     )
