@@ -383,8 +383,10 @@ class DispatchOfferedEvent(_Envelope):
     data: DispatchOffer
 
 
-class DispatchReplyEvent(_Envelope):
-    type: Literal["dispatch.reply"] = "dispatch.reply"
+class DispatchRepliedEvent(_Envelope):
+    """The rider's accept or decline, as recorded (the fact of a ``dispatch.reply``)."""
+
+    type: Literal["dispatch.replied"] = "dispatch.replied"
     data: DispatchReply
 
 
@@ -413,11 +415,52 @@ class AlertAcknowledgedEvent(_Envelope):
     data: AlertAcknowledged
 
 
+# --- requests: what a shop or rider asks, and the persister may refuse ----------------------------
+#
+# Imperative names. Never stored nor published under their own name: once the persister accepts
+# one, it records and publishes the fact it asks for (:data:`FACT_OF`, :func:`fact_of`).
+
+
+class OrderCreateEvent(_Envelope):
+    """A shop asks for a new order (recorded as ``order.created``)."""
+
+    type: Literal["order.create"] = "order.create"
+    data: OrderCreated
+
+
+class OrderCancelEvent(_Envelope):
+    """A shop asks to cancel one of its orders (recorded as ``order.cancelled``)."""
+
+    type: Literal["order.cancel"] = "order.cancel"
+    data: OrderCancelled
+
+
+class OrderAssignEvent(_Envelope):
+    """A shop asks to offer an order to a named rider (recorded as ``order.assigned``)."""
+
+    type: Literal["order.assign"] = "order.assign"
+    data: OrderAssigned
+
+
+class AlertAcknowledgeEvent(_Envelope):
+    """A shop acknowledges one of its open alerts (recorded as ``alert.acknowledged``)."""
+
+    type: Literal["alert.acknowledge"] = "alert.acknowledge"
+    data: AlertAcknowledged
+
+
+class DispatchReplyEvent(_Envelope):
+    """A rider accepts or declines an offer (recorded as ``dispatch.replied``)."""
+
+    type: Literal["dispatch.reply"] = "dispatch.reply"
+    data: DispatchReply
+
+
 # --- customer access (access-control mode, the provisioner's topics; docs/security.md) ------------
 #
 # CloudEvents like the rest, but NOT members of :data:`Event`: the persister never decodes or
-# stores them (``customer.access_granted`` and ``customer.enrolment_answered`` carry a password), and no inbound
-# topic accepts them. :data:`ACCESS_EVENT_TYPES` lists them for the AsyncAPI document.
+# stores them (``customer.access_granted`` and ``customer.enrolment_answered`` carry a password),
+# and no inbound topic accepts them. :data:`ACCESS_EVENT_TYPES` lists them for the AsyncAPI document.
 
 
 class BrokerEndpoint(_Data):
@@ -498,12 +541,17 @@ Event: TypeAlias = Annotated[
     | RiderLocationReportedEvent
     | RiderPresenceChangedEvent
     | DispatchOfferedEvent
-    | DispatchReplyEvent
+    | DispatchRepliedEvent
     | DispatchExpiredEvent
     | AlertRaisedEvent
     | AlertEscalatedEvent
     | AlertResolvedEvent
-    | AlertAcknowledgedEvent,
+    | AlertAcknowledgedEvent
+    | OrderCreateEvent
+    | OrderCancelEvent
+    | OrderAssignEvent
+    | AlertAcknowledgeEvent
+    | DispatchReplyEvent,
     Field(discriminator="type"),
 ]
 
@@ -522,12 +570,17 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
         RiderLocationReportedEvent,
         RiderPresenceChangedEvent,
         DispatchOfferedEvent,
-        DispatchReplyEvent,
+        DispatchRepliedEvent,
         DispatchExpiredEvent,
         AlertRaisedEvent,
         AlertEscalatedEvent,
         AlertResolvedEvent,
         AlertAcknowledgedEvent,
+        OrderCreateEvent,
+        OrderCancelEvent,
+        OrderAssignEvent,
+        AlertAcknowledgeEvent,
+        DispatchReplyEvent,
     )
 }
 
@@ -565,12 +618,41 @@ ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
 
 #: The one event type each shop command carries.
 COMMAND_EVENTS: dict[Command, type[_Envelope]] = {
-    Command.CREATE_ORDER: OrderCreatedEvent,
-    Command.CANCEL_ORDER: OrderCancelledEvent,
+    Command.CREATE_ORDER: OrderCreateEvent,
+    Command.CANCEL_ORDER: OrderCancelEvent,
     Command.CHAT: OrderChatPostedEvent,
-    Command.ASSIGN: OrderAssignedEvent,
-    Command.ACK_ALERT: AlertAcknowledgedEvent,
+    Command.ASSIGN: OrderAssignEvent,
+    Command.ACK_ALERT: AlertAcknowledgeEvent,
 }
+
+#: Each request -> the fact the persister records and publishes once it accepts the request.
+FACT_OF: dict[type[_Envelope], type[_Envelope]] = {
+    OrderCreateEvent: OrderCreatedEvent,
+    OrderCancelEvent: OrderCancelledEvent,
+    OrderAssignEvent: OrderAssignedEvent,
+    AlertAcknowledgeEvent: AlertAcknowledgedEvent,
+    DispatchReplyEvent: DispatchRepliedEvent,
+}
+_REQUEST_OF = {fact: request for request, fact in FACT_OF.items()}
+
+
+def fact_of(event: _Envelope) -> _Envelope:
+    """What the backbone records for an inbound event: a request becomes its fact (same id, source,
+    time and data), any other event stays itself.
+
+    A fact that only a request yields, sent as such, is refused (:class:`PayloadError`): a device
+    asks, only the persister says it happened.
+    """
+    request = _REQUEST_OF.get(type(event))
+    if request is not None:
+        raise PayloadError(
+            f"type: {type_name(type(event))!r} is what the backbone records; send the request "
+            f"{type_name(request)!r}"
+        )
+    fact = FACT_OF.get(type(event))
+    if fact is None:
+        return event
+    return fact(**{name: getattr(event, name) for name in type(event).model_fields if name != "type"})
 
 
 def accepted_types(where: InboundTopic) -> tuple[type[_Envelope], ...]:
