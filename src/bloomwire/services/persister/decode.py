@@ -64,6 +64,7 @@ def decode(msg: Inbound, now: datetime, bounds: TimeBounds) -> Decoded | Undecod
         event = _payload(msg, where, now, bounds)
         if isinstance(event, ev._Envelope):
             ev.check_received(event, now, bounds)
+            event = ev.fact_of(event)  # a request is recorded and published as its fact
         return Decoded(msg, where, event)
     except PayloadError as exc:
         return Undecodable(msg, where, event_id(msg.payload), str(exc))

@@ -51,7 +51,7 @@ def offer(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.Dispa
     work.publish(topics.rider_inbox(d.rider, topics.Inbox.OFFERS), ev.encode(to_rider), expiry_s=expiry)
 
 
-def reply(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.DispatchReplyEvent) -> None:
+def reply(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.DispatchRepliedEvent) -> None:
     """The rider's answer to its offer: accepted, or declined (the order goes back to dispatch)."""
     d = event.data
     found = p.offers.get(d.offer)
@@ -99,6 +99,6 @@ def expired(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.Dis
 
 HANDLERS: Mapping[type[ev._Envelope], Callable[[Projections, UnitOfWork, InboundTopic, Any], None]] = {
     ev.DispatchOfferedEvent: offer,
-    ev.DispatchReplyEvent: reply,
+    ev.DispatchRepliedEvent: reply,
     ev.DispatchExpiredEvent: expired,
 }

@@ -79,10 +79,11 @@ def _digest(event: Any, data_json: str) -> int:
 
 def _check_accepted(where: InboundTopic, event: Any) -> None:
     """Refuse an event of a type its topic does not take, or naming another order than the topic."""
-    expected = ev.accepted_types(where)
+    sent = ev.accepted_types(where)
+    expected = tuple(ev.FACT_OF.get(t, t) for t in sent)  # requests arrive here as their facts
     data: Any = event.data
     if not isinstance(event, expected):
-        names = ", ".join(ev.type_name(t) for t in expected) or "nothing"
+        names = ", ".join(ev.type_name(t) for t in sent) or "nothing"
         raise RefusedError(
             f"type: {event.type!r} is not accepted on {where.kind.value} topics (expected {names})"
         )
