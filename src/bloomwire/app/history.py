@@ -62,7 +62,7 @@ def _describe(event: Any) -> tuple[str, str]:
                 "offer",
                 f"offered to {d['rider']} ({d.get('mode', 'single')}, cost {d.get('cost', 0):.0f})",
             )
-        case "dispatch.reply":
+        case "dispatch.replied":
             return "reply", ("accepted" if d["accept"] else "declined") + f" offer {d['offer'][:8]}"
         case "dispatch.expired":
             return "offer", f"offer to {d['rider']} timed out"

@@ -27,9 +27,9 @@ export class Commands {
     }
   }
 
-  createOrder(data, onRefused) { return this.send('command_create_order', 'OrderCreated', data, onRefused); }
-  cancel(order, reason, onRefused) { return this.send('command_cancel_order', 'OrderCancelled', { order, reason }, onRefused); }
-  assign(order, rider, onRefused) { return this.send('command_assign', 'OrderAssigned', { order, rider }, onRefused); }
+  createOrder(data, onRefused) { return this.send('command_create_order', 'OrderCreate', data, onRefused); }
+  cancel(order, reason, onRefused) { return this.send('command_cancel_order', 'OrderCancel', { order, reason }, onRefused); }
+  assign(order, rider, onRefused) { return this.send('command_assign', 'OrderAssign', { order, rider }, onRefused); }
   chat(order, text, onRefused) { return this.send('command_chat', 'OrderChatPosted', { order, text }, onRefused); }
-  ackAlert(alert, by, onRefused) { return this.send('command_ack_alert', 'AlertAcknowledged', { alert, by }, onRefused); }
+  ackAlert(alert, by, onRefused) { return this.send('command_ack_alert', 'AlertAcknowledge', { alert, by }, onRefused); }
 }

@@ -373,7 +373,7 @@ async def _latency(stack_settings: Settings, n: int, figures: LatencyFigures) ->
             steps: list[tuple[str, Any]] = [
                 (
                     topics.shop_command(shop, topics.Command.CREATE_ORDER),
-                    ev.OrderCreatedEvent(
+                    ev.OrderCreateEvent(
                         source=f"shops/{shop}",
                         data=ev.OrderCreated(
                             order=order, customer=ev.Customer(name="Bench", lat=52.5, lon=13.4), window=window

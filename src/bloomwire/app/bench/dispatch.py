@@ -182,7 +182,7 @@ def _position(lat: float, lon: float) -> bytes:
 def _created(shop: str, order: str, lat: float, lon: float) -> bytes:
     now = ev.now()
     return ev.encode(
-        ev.OrderCreatedEvent(
+        ev.OrderCreateEvent(
             source=f"shops/{shop}",
             data=ev.OrderCreated(
                 order=order,
@@ -270,7 +270,7 @@ async def _normal(settings: Settings, figures: Figures, seed: int) -> None:
             figures.created_ms.append((created - t0) * 1000)
             figures.decision_ms.append((decision - t0) * 1000)
             figures.inbox_ms.append((inbox - t0) * 1000)
-            cancel = ev.OrderCancelledEvent(source=f"shops/{SHOP}", data=ev.OrderCancelled(order=order))
+            cancel = ev.OrderCancelEvent(source=f"shops/{SHOP}", data=ev.OrderCancelled(order=order))
             pub.publish(cancel_topic, ev.encode(cancel))
             await watch.until(("status:cancelled", order))
             await asyncio.sleep(0.01)

@@ -110,7 +110,7 @@ async def _setup_orders(settings: Settings, riders: int) -> list[tuple[str, str]
     window = ev.Window(start=now, end=now + timedelta(hours=2))
     for rider, order in pairs:
         conn.publish(topics.rider_presence(rider), b"online", retain=True)
-        created = ev.OrderCreatedEvent(
+        created = ev.OrderCreateEvent(
             source="shops/bench",
             data=ev.OrderCreated(
                 order=order, customer=ev.Customer(name="Bench", lat=52.52, lon=13.40), window=window

@@ -296,13 +296,13 @@ def create_order(shop: str, order: str, lat: float, lon: float) -> tuple[str, st
         window=ev.Window(start=now, end=now + timedelta(hours=2)),
         items=["roses"],
     )
-    event = ev.OrderCreatedEvent(source=f"{topics.SHOPS}/{shop}", data=data)
+    event = ev.OrderCreateEvent(source=f"{topics.SHOPS}/{shop}", data=data)
     return topics.shop_command(shop, topics.Command.CREATE_ORDER), event.id, ev.encode(event)
 
 
 def assign(shop: str, order: str, rider: str) -> tuple[str, str, bytes]:
     """The shop hands ``order`` to ``rider`` (the rider's offer carries this event's id)."""
-    event = ev.OrderAssignedEvent(
+    event = ev.OrderAssignEvent(
         source=f"{topics.SHOPS}/{shop}", data=ev.OrderAssigned(order=order, rider=rider)
     )
     return topics.shop_command(shop, topics.Command.ASSIGN), event.id, ev.encode(event)

@@ -366,7 +366,7 @@ def bench_customers(settings: Settings, *, pages: int) -> dict[str, Any]:
             shop.subscribe(topics.all_orders_filter(None, shop=SHOP), 1)
             start = ev.now() + timedelta(minutes=30)
             for i in range(pages):
-                created = ev.OrderCreatedEvent(
+                created = ev.OrderCreateEvent(
                     source=f"{topics.SHOPS}/{SHOP}",
                     data=ev.OrderCreated(
                         order=f"c{i + 1}",

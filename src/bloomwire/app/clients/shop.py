@@ -109,8 +109,8 @@ class OrderDraft:
     order: str | None = None
     pickup: tuple[float, float] | None = None
 
-    def build(self, shop: str) -> ev.OrderCreatedEvent:
-        """The ``order.created`` event, validated (a :class:`UsageError` names the bad field)."""
+    def build(self, shop: str) -> ev.OrderCreateEvent:
+        """The ``order.create`` request, validated (a :class:`UsageError` names the bad field)."""
         order = check_name(self.order or new_order_id(), "order")
         check_point(self.lat, self.lon, "customer position")
         if self.pickup is not None:
@@ -132,7 +132,7 @@ class OrderDraft:
             pickup_lon=self.pickup[1] if self.pickup else None,
             customer_username=customer_username(order),
         )
-        return ev.OrderCreatedEvent(source=f"{topics.SHOPS}/{shop}", data=data)
+        return ev.OrderCreateEvent(source=f"{topics.SHOPS}/{shop}", data=data)
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ class ShopTerminal(Client):
         return f"{topics.SHOPS}/{self.shop}"
 
     async def create_order(self, draft: OrderDraft, *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S) -> Created:
-        """Publish ``order.created``; once the canonical status arrives, issue the customer access."""
+        """Publish ``order.create``; once the canonical status arrives, issue the customer access."""
         event = draft.build(self.shop)
         outcome = await self._run(Command.CREATE_ORDER, event, timeout, f"new order {event.data.order}")
         access = None
@@ -288,7 +288,7 @@ class ShopTerminal(Client):
         data = build_data(
             ev.OrderAssigned, order=check_name(order, "order"), rider=check_name(rider, "rider"), note=note
         )
-        event = ev.OrderAssignedEvent(source=self._source(), data=data)
+        event = ev.OrderAssignEvent(source=self._source(), data=data)
         return await self._run(Command.ASSIGN, event, timeout, f"assigning {order} to {rider}")
 
     async def cancel(
@@ -296,7 +296,7 @@ class ShopTerminal(Client):
     ) -> Outcome:
         """Cancel ``order`` (only before it is picked up)."""
         data = build_data(ev.OrderCancelled, order=check_name(order, "order"), reason=reason)
-        event = ev.OrderCancelledEvent(source=self._source(), data=data)
+        event = ev.OrderCancelEvent(source=self._source(), data=data)
         return await self._run(Command.CANCEL_ORDER, event, timeout, f"cancelling {order}")
 
     async def chat(self, order: str, text: str, *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S) -> Outcome:
@@ -310,7 +310,7 @@ class ShopTerminal(Client):
     ) -> Outcome:
         """Acknowledge an alert (someone is on it)."""
         data = ev.AlertAcknowledged(alert=check_name(alert, "alert"), by=by or self.username)
-        event = ev.AlertAcknowledgedEvent(source=self._source(), data=data)
+        event = ev.AlertAcknowledgeEvent(source=self._source(), data=data)
         return await self._run(Command.ACK_ALERT, event, timeout, f"acknowledging alert {alert}")
 
     def knows_order(self, order: str) -> bool:
