@@ -532,16 +532,12 @@ ACCESS_EVENT_TYPES: dict[str, type[_Envelope]] = {
 
 
 Event: TypeAlias = Annotated[
-    OrderCreatedEvent
-    | OrderCancelledEvent
-    | OrderStatusChangedEvent
+    OrderStatusChangedEvent
     | OrderIncidentReportedEvent
     | OrderChatPostedEvent
-    | OrderAssignedEvent
     | RiderLocationReportedEvent
     | RiderPresenceChangedEvent
     | DispatchOfferedEvent
-    | DispatchRepliedEvent
     | DispatchExpiredEvent
     | AlertRaisedEvent
     | AlertEscalatedEvent
@@ -561,16 +557,12 @@ _ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_TYPES: dict[str, type[_Envelope]] = {
     cls.model_fields["type"].default: cls
     for cls in (
-        OrderCreatedEvent,
-        OrderCancelledEvent,
         OrderStatusChangedEvent,
         OrderIncidentReportedEvent,
         OrderChatPostedEvent,
-        OrderAssignedEvent,
         RiderLocationReportedEvent,
         RiderPresenceChangedEvent,
         DispatchOfferedEvent,
-        DispatchRepliedEvent,
         DispatchExpiredEvent,
         AlertRaisedEvent,
         AlertEscalatedEvent,
@@ -584,10 +576,19 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
     )
 }
 
-#: Events the backbone records from payloads that are not CloudEvents (OwnTracks transitions,
-#: contract/owntracks.py): stored and shown in history, never decoded from the wire by :func:`decode`.
+#: Events the backbone records but nobody sends or publishes: OwnTracks transitions (from payloads
+#: that are not CloudEvents, contract/owntracks.py) and the facts of requests whose effect is
+#: published as the order's status (:data:`FACT_OF`; ``alert.acknowledged`` is published as such).
+#: Stored and shown in history, never decoded from the wire by :func:`decode`.
 RECORDED_EVENT_TYPES: dict[str, type[_Envelope]] = {
-    cls.model_fields["type"].default: cls for cls in (RiderRegionChangedEvent,)
+    cls.model_fields["type"].default: cls
+    for cls in (
+        RiderRegionChangedEvent,
+        OrderCreatedEvent,
+        OrderCancelledEvent,
+        OrderAssignedEvent,
+        DispatchRepliedEvent,
+    )
 }
 
 
