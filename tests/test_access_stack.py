@@ -67,7 +67,7 @@ def _drain(client: MqttTestClient, wait: float) -> list[tuple[str, bytes]]:
 
 def _create(shop: MqttTestClient, order: str) -> None:
     start = ev.now() + timedelta(minutes=30)
-    event = ev.OrderCreatedEvent(
+    event = ev.OrderCreateEvent(
         source=f"{topics.SHOPS}/s1",
         data=ev.OrderCreated(
             order=order,

@@ -329,7 +329,7 @@ class World:
         window = ev.Window(
             start=now + timedelta(minutes=start_in_min), end=now + timedelta(minutes=end_in_min)
         )
-        event = ev.OrderCreatedEvent(
+        event = ev.OrderCreateEvent(
             source=f"shops/{self.shop}",
             time=now,
             data=ev.OrderCreated(
@@ -415,7 +415,7 @@ class World:
 
     def ack(self, alert: str, *, shop: str | None = None, client: Any = None) -> None:
         shop = shop or self.shop
-        event = ev.AlertAcknowledgedEvent(
+        event = ev.AlertAcknowledgeEvent(
             source=f"shops/{shop}", time=self.clock(), data=ev.AlertAcknowledged(alert=alert, by="Anna")
         )
         self._send(client or self.shop_client, topics.shop_command(shop, topics.Command.ACK_ALERT), event)

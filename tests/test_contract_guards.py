@@ -135,7 +135,7 @@ def _check_text_error(text: str) -> ValueError:
 
 def test_control_characters_are_refused_in_every_text_field_tried() -> None:
     created = envelope(
-        "order.created",
+        "order.create",
         "shops/s1",
         {
             "order": "o1",

@@ -338,7 +338,7 @@ class World:
         now = self.clock()
         self.send(
             topics.shop_command(self.shop, topics.Command.CREATE_ORDER),
-            ev.OrderCreatedEvent(
+            ev.OrderCreateEvent(
                 source=f"shops/{self.shop}",
                 data=ev.OrderCreated(
                     order=order,
@@ -710,7 +710,7 @@ def test_manual_assignment_overrides_dispatch(world: World) -> None:
 
     w.send(
         topics.shop_command(w.shop, topics.Command.ASSIGN),
-        ev.OrderAssignedEvent(source=f"shops/{w.shop}", data=ev.OrderAssigned(order=order, rider=r2)),
+        ev.OrderAssignEvent(source=f"shops/{w.shop}", data=ev.OrderAssigned(order=order, rider=r2)),
     )
     manual = w.wait_offered(order, after={auto["id"]})
     assert (manual["rider"], manual["mode"]) == (r2, "manual")

@@ -83,7 +83,7 @@ def test_retained_states_of_closed_orders_are_cleared_when_the_grace_ends(
         for i in range(OPEN - CLOSE, OPEN):
             order = f"o{i}"
             data = ev.OrderCancelled(order=order, reason="test")
-            event = ev.OrderCancelledEvent(source=f"shops/s{i % 20}", data=data)
+            event = ev.OrderCancelEvent(source=f"shops/s{i % 20}", data=data)
             info = shop.paho.publish(
                 topics.shop_command(f"s{i % 20}", "cancel-order"), ev.encode(event), qos=1
             )

@@ -54,7 +54,7 @@ def _resolved(alert: str) -> Inbound:
 
 
 def _acked(alert: str, shop: str) -> Inbound:
-    event = ev.AlertAcknowledgedEvent(source=f"shops/{shop}", data=ev.AlertAcknowledged(alert=alert))
+    event = ev.AlertAcknowledgeEvent(source=f"shops/{shop}", data=ev.AlertAcknowledged(alert=alert))
     return Inbound(topics.shop_command(shop, "ack-alert"), ev.encode(event))
 
 
@@ -164,7 +164,7 @@ def test_a_closed_orders_state_expires_with_its_grace_and_is_dated_again_after_a
     projector.load()
     order = projector.projections.orders.rows[f"o{N - 1}"]
     shop = order.shop
-    event = ev.OrderCancelledEvent(source=f"shops/{shop}", data=ev.OrderCancelled(order=order.id))
+    event = ev.OrderCancelEvent(source=f"shops/{shop}", data=ev.OrderCancelled(order=order.id))
     result = projector.apply([Inbound(topics.shop_command(shop, "cancel-order"), ev.encode(event))])
     state_topic = topics.order_topic(shop, order.id, topics.OrderChannel.STATE)
     (state,) = [o for o in result.outbound if o.topic == state_topic]

@@ -99,7 +99,7 @@ def create_order(
         customer_username=customer_username,
     )
     return _event(
-        topics.shop_command(shop, "create-order"), ev.OrderCreatedEvent(source=f"shops/{shop}", data=data)
+        topics.shop_command(shop, "create-order"), ev.OrderCreateEvent(source=f"shops/{shop}", data=data)
     )
 
 
@@ -107,7 +107,7 @@ def cancel_order(shop: str, order: str, reason: str = "customer changed their mi
     """``shops/S/commands/cancel-order``."""
     data = ev.OrderCancelled(order=order, reason=reason)
     return _event(
-        topics.shop_command(shop, "cancel-order"), ev.OrderCancelledEvent(source=f"shops/{shop}", data=data)
+        topics.shop_command(shop, "cancel-order"), ev.OrderCancelEvent(source=f"shops/{shop}", data=data)
     )
 
 
@@ -207,7 +207,7 @@ def ack_alert(shop: str, alert_id: str) -> Msg:
     """``shops/S/commands/ack-alert``."""
     data = ev.AlertAcknowledged(alert=alert_id, by="Mia")
     return _event(
-        topics.shop_command(shop, "ack-alert"), ev.AlertAcknowledgedEvent(source=f"shops/{shop}", data=data)
+        topics.shop_command(shop, "ack-alert"), ev.AlertAcknowledgeEvent(source=f"shops/{shop}", data=data)
     )
 
 

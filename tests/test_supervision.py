@@ -132,7 +132,7 @@ def _create(shop: MqttTestClient, order: str, rider: MqttTestClient | None = Non
     """Create ``order``; with ``rider``: the rider comes online (without a position, so dispatch
     offers it nothing) and the shop assigns the order to it."""
     start = ev.now() + timedelta(minutes=30)
-    created = ev.OrderCreatedEvent(
+    created = ev.OrderCreateEvent(
         source=f"shops/{SHOP}",
         data=ev.OrderCreated(
             order=order,
@@ -144,7 +144,7 @@ def _create(shop: MqttTestClient, order: str, rider: MqttTestClient | None = Non
     if rider is None:
         return
     rider.publish(topics.rider_presence(RIDER), b"online", retain=True)
-    assigned = ev.OrderAssignedEvent(source=f"shops/{SHOP}", data=ev.OrderAssigned(order=order, rider=RIDER))
+    assigned = ev.OrderAssignEvent(source=f"shops/{SHOP}", data=ev.OrderAssigned(order=order, rider=RIDER))
     shop.publish(topics.shop_command(SHOP, topics.Command.ASSIGN), ev.encode(assigned))
 
 

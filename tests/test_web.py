@@ -615,5 +615,5 @@ def test_pages_survive_the_broker_restarting(web: WebStack, browser: Any) -> Non
 
 
 def _cancel(shop: ScriptedShop, order: str) -> None:
-    event = ev.OrderCancelledEvent(source=f"{topics.SHOPS}/{shop.shop}", data=ev.OrderCancelled(order=order))
+    event = ev.OrderCancelEvent(source=f"{topics.SHOPS}/{shop.shop}", data=ev.OrderCancelled(order=order))
     shop.client.publish(topics.shop_command(shop.shop, topics.Command.CANCEL_ORDER), ev.encode(event))

@@ -126,7 +126,7 @@ class ScriptedShop:
 
     def create(self, order: str, *, name: str = "Ada", items: tuple[str, ...] = ("12 red roses",)) -> None:
         start = ev.now() + timedelta(minutes=20)
-        event = ev.OrderCreatedEvent(
+        event = ev.OrderCreateEvent(
             source=f"{topics.SHOPS}/{self.shop}",
             data=ev.OrderCreated(
                 order=order,
