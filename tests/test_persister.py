@@ -405,6 +405,26 @@ def test_lifecycle_is_stored_and_published_canonically(desk: Desk, engine: Engin
     assert count(engine, DEAD_LETTERS) == 0
 
 
+def test_requests_are_stored_and_published_as_their_facts(desk: Desk, engine: Engine) -> None:
+    created, offered, accepted = create_order(SHOP, "o1"), offer("o1", "r1"), reply("r1", "of-o1", "o1")
+    cancelled = cancel_order(SHOP, "o1")
+    desk.ok_each([created, offered, accepted, cancelled])
+    stored = {r["id"]: r["type"] for r in rows(engine, EVENTS)}
+    assert [stored[m.id] for m in (created, accepted, cancelled)] == [
+        "order.created",
+        "dispatch.replied",
+        "order.cancelled",
+    ]
+    assert not set(stored.values()) & {ev.type_name(t) for t in ev.FACT_OF}, "a request stored as such"
+    again = desk.send(created)
+    assert (again.duplicates, again.refused) == (1, 0), "a redelivered request is its fact again"
+    # A shop asks; only the persister says it happened.
+    fact = ev.AlertAcknowledgedEvent(source=f"shops/{SHOP}", data=ev.AlertAcknowledged(alert="al-1"))
+    r = desk.send(_event(topics.shop_command(SHOP, "ack-alert"), fact))
+    [told] = payloads(r, topics.DEADLETTER)
+    assert r.refused == 1 and "send the request 'alert.acknowledge'" in told["reason"]
+
+
 def test_a_closed_order_leaves_memory_once_committed_and_is_read_back_on_demand(desk: Desk) -> None:
     desk.ok(create_order(SHOP, "o1"))
     desk.ok(create_order(SHOP, "o2"))
