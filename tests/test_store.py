@@ -63,42 +63,6 @@ def test_chat_lines_survive_the_move_to_order_keys_and_back(database_url: str) -
     assert key == ["order_id", "at", "id"]
 
 
-def test_stored_event_types_take_the_past_tense_names_and_back(database_url: str) -> None:
-    # rename-events: keep -- the old names are what 0003 stored.
-    cfg = alembic_config(database_url)
-    command.upgrade(cfg, "0003")
-    event = {"source": "riders/r1", "topic": "t", "time": LINE["at"], "recorded_at": LINE["at"], "data": {}}
-    old = [
-        "order.status",
-        "order.chat",
-        "dispatch.offer",
-        "dispatch.reply",
-        "order.created",
-        "order.status_x",
-    ]
-    engine = make_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(EVENTS.insert(), [{**event, "id": f"e-{i}", "type": t} for i, t in enumerate(old)])
-        command.upgrade(cfg, "0004")
-        with engine.connect() as conn:
-            after = conn.execute(sa.select(EVENTS.c.type).order_by(EVENTS.c.id)).scalars().all()
-        command.downgrade(cfg, "0003")
-        with engine.connect() as conn:
-            back = conn.execute(sa.select(EVENTS.c.type).order_by(EVENTS.c.id)).scalars().all()
-    finally:
-        engine.dispose()
-    assert after == [
-        "order.status_changed",
-        "order.chat_posted",
-        "dispatch.offered",
-        "dispatch.replied",
-        "order.created",
-        "order.status_x",
-    ]
-    assert back == old
-
-
 def test_bulk_insert_stores_what_a_core_insert_stores(database_url: str) -> None:
     upgrade(database_url)
     engine = make_engine(database_url)
