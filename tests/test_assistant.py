@@ -135,10 +135,10 @@ def _order_out_for_delivery(client: Any, watch: Watch) -> dict[str, Any]:
         window=ev.Window(start=now, end=now + timedelta(hours=2)),
         items=["12 red roses"],
     )
-    create = ev.OrderCreatedEvent(source=shop_src, data=created)
+    create = ev.OrderCreateEvent(source=shop_src, data=created)
     _send(client, topics.shop_command(SHOP, topics.Command.CREATE_ORDER), create)
     watch.until(lambda t, b: t.endswith(f"{ORDER}/state") and b.get("status") == "created", "order created")
-    assign = ev.OrderAssignedEvent(source=shop_src, data=ev.OrderAssigned(order=ORDER, rider=RIDER))
+    assign = ev.OrderAssignEvent(source=shop_src, data=ev.OrderAssigned(order=ORDER, rider=RIDER))
     _send(client, topics.shop_command(SHOP, topics.Command.ASSIGN), assign)
     offer = watch.until(lambda t, b: t.endswith("/inbox/offers"), "offer to the rider")
     reply = ev.DispatchReply(offer=offer["data"]["offer"], order=ORDER, accept=True)

@@ -91,13 +91,13 @@ def confusions(held: list[dataset.Example]) -> list[str]:
     return out
 
 
-def _order(i: int, now: datetime) -> ev.OrderCreatedEvent:
+def _order(i: int, now: datetime) -> ev.OrderCreateEvent:
     data = ev.OrderCreated(
         order=f"ba-{i}",
         customer=ev.Customer(name=f"c{i}", phone="+49 30 555 01 23", lat=52.52, lon=13.40),
         window=ev.Window(start=now, end=now + timedelta(hours=2)),
     )
-    return ev.OrderCreatedEvent(source=f"{topics.SHOPS}/{SHOP}", data=data)
+    return ev.OrderCreateEvent(source=f"{topics.SHOPS}/{SHOP}", data=data)
 
 
 async def _answer_times(
