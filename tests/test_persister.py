@@ -1339,3 +1339,15 @@ def test_each_impossible_message_is_refused_alone_and_never_replayed(rig: Rig) -
         spy.settle(1.0)
     assert [r["reason"] for r in rows(rig.engine, DEAD_LETTERS)] == reasons
     assert count(rig.engine, EVENTS, chats) == stored + 1
+
+
+def test_a_rider_handing_back_an_offered_order_releases_its_offer(desk: Desk, engine: Engine) -> None:
+    """Declined by status while the offer is still pending: the offer is closed as released, not
+    left pending until it expires (the order's next offer would otherwise race the old one)."""
+    desk.ok(create_order(SHOP, "o1"))
+    desk.ok(offer("o1", "r1"))
+    desk.ok(status("r1", "o1", "declined"))
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(OFFERS.c.status).where(OFFERS.c.id == "of-o1")).one()
+    assert row.status == "released"
+    assert order_row(engine, "o1")["declined_by"] == ["r1"]

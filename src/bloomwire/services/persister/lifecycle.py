@@ -98,8 +98,11 @@ def publish_status(work: UnitOfWork, order: Order, event: Any, note: str = "") -
     work.publish(topics.order_topic(order.shop, order.id, topics.OrderChannel.STATUS), ev.encode(canonical))
 
 
-def close_offer(p: Projections, work: UnitOfWork, order: Order, status: str) -> None:
-    """Close the order's pending offer, if any, as ``status``."""
-    offer = p.offers.get(order.offer_id) if order.offer_id else None
+def close_offer(
+    p: Projections, work: UnitOfWork, order: Order, status: str, *, offer_id: str | None = None
+) -> None:
+    """Close the order's pending offer (or ``offer_id``, if given), if any, as ``status``."""
+    offer_id = offer_id or order.offer_id
+    offer = p.offers.get(offer_id) if offer_id else None
     if offer is not None and offer.status == "pending":
         work.change(p.offers, offer, status=status, closed_at=work.now)

@@ -72,11 +72,13 @@ def rider_status(
         raise RefusedError(str(exc)) from None
     order = p.rider_order(where, d.order)
     if d.status is S.DECLINED:
-        # The rider hands the order back: it goes to the next candidate.
+        # The rider hands the order back: it goes to the next candidate. The declined status
+        # clears the order's offer, so the pending one is named before and closed after.
+        offered = order.offer_id
         set_status(p, work, order, S.DECLINED, event.time, rider=None)
         if where.sender not in order.declined_by:
             work.change(p.orders, order, declined_by=[*order.declined_by, where.sender])
-        close_offer(p, work, order, "released")
+        close_offer(p, work, order, "released", offer_id=offered)
         rider = p.rider(work, where.sender)
         work.change(p.riders, rider, last_decline_at=work.now)
     else:
