@@ -70,22 +70,28 @@ class Dispatcher:
         result.read_s, result.plan_s, result.publish_s = t1 - t0, t2 - t1, t3 - t2
         if result.offers or result.expired:
             result.published_at = time.time()
-            log.info(
-                "dispatch pass",
-                mode=result.mode,
-                waiting=result.waiting,
-                riders=result.riders,
-                offers=len(result.offers),
-                expired=len(result.expired),
-                read_ms=round(result.read_s * 1000, 2),
-                plan_ms=round(result.plan_s * 1000, 2),
-            )
-        for e in result.expired:
-            log.info("offer expired", offer=e.data.offer, order=e.data.order, rider=e.data.rider)
-        for offer in result.offers:
-            d = offer.data
-            log.debug("offer", order=d.order, rider=d.rider, mode=d.mode, cost=d.cost, offer=d.offer)
+        _log_pass(result)
         return result
+
+
+def _log_pass(result: PassResult) -> None:
+    """One line per pass that sent something, and one per expiry (offers at debug level)."""
+    if result.offers or result.expired:
+        log.info(
+            "dispatch pass",
+            mode=result.mode,
+            waiting=result.waiting,
+            riders=result.riders,
+            offers=len(result.offers),
+            expired=len(result.expired),
+            read_ms=round(result.read_s * 1000, 2),
+            plan_ms=round(result.plan_s * 1000, 2),
+        )
+    for e in result.expired:
+        log.info("offer expired", offer=e.data.offer, order=e.data.order, rider=e.data.rider)
+    for offer in result.offers:
+        d = offer.data
+        log.debug("offer", order=d.order, rider=d.rider, mode=d.mode, cost=d.cost, offer=d.offer)
 
 
 @dataclass
