@@ -8,6 +8,7 @@ by moving the clock, never by sleeping. No test asserts how long anything took.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import math
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -30,7 +32,8 @@ from bloomwire.contract.geo import EARTH_RADIUS_M
 from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.runtime.mqtt import Service
 from bloomwire.runtime.settings import Settings
-from bloomwire.services.dispatch import NAME, DispatchConfig, DispatchService, build
+from bloomwire.services.dispatch import NAME, DispatchConfig, DispatchService, build, decide
+from bloomwire.services.dispatch.decide import Decider
 from bloomwire.services.dispatch.planner import RiderCandidate, assign_greedy, assign_joint, total_cost
 from bloomwire.services.dispatch.service import (
     Dispatcher,
@@ -847,14 +850,13 @@ def _waiting(oid: str, east_m: float, *, attempt: int = 0, age_s: float = 0) -> 
 
 
 @pytest.fixture
-def dispatcher() -> Iterator[Dispatcher]:
-    engine = sa.create_engine("sqlite://")
-    yield Dispatcher(engine, clock=lambda: NOW, config=DispatchConfig(resend_after_s=5.0))
-    engine.dispose()
+def dispatcher() -> Decider:
+    # The decision alone: no store, no clock but the ``now`` and ``mono`` each call is given.
+    return Decider(DispatchConfig(resend_after_s=5.0))
 
 
 def test_sent_offers_hold_the_order_and_the_riders_slot_until_the_store_shows_them(
-    dispatcher: Dispatcher,
+    dispatcher: Decider,
 ) -> None:
     riders = [_rider("near", 100, capacity=1), _rider("far", 3000)]
     first = Snapshot([_waiting("o1", 0, age_s=10)], riders, 0, [])
@@ -881,7 +883,7 @@ def test_sent_offers_hold_the_order_and_the_riders_slot_until_the_store_shows_th
     assert [o.id for o in moved.offers] == [offer_id("o1", 1)]
 
 
-def test_overdue_offers_expire_once_per_resend_window(dispatcher: Dispatcher) -> None:
+def test_overdue_offers_expire_once_per_resend_window(dispatcher: Decider) -> None:
     overdue = [OverdueOffer("of1", "o1", "r1", NOW - timedelta(seconds=1))]
     snap = Snapshot([], [], 0, overdue)
     first = dispatcher.decide(snap, NOW, mono=0.0)
@@ -890,14 +892,14 @@ def test_overdue_offers_expire_once_per_resend_window(dispatcher: Dispatcher) ->
     assert [e.id for e in dispatcher.decide(snap, NOW, mono=6.0).expired] == [expired_id("of1")]
 
 
-def test_peak_threshold_switches_to_batch_mode(dispatcher: Dispatcher) -> None:
+def test_peak_threshold_switches_to_batch_mode(dispatcher: Decider) -> None:
     riders = [_rider("r1", 1000, capacity=1), _rider("r2", -1500, capacity=1), _rider("r3", 10_000)]
     two = Snapshot([_waiting("a", 0, age_s=30), _waiting("b", 2000, age_s=20)], riders, 0, [])
     single = dispatcher.decide(two, NOW, mono=0.0)
     assert single.mode == "single"
     assert {o.data.order: o.data.rider for o in single.offers} == {"a": "r1", "b": "r2"}
 
-    fresh = Dispatcher(dispatcher.engine, clock=lambda: NOW)
+    fresh = Decider(DispatchConfig())
     three = Snapshot([*two.orders, _waiting("c", 10_000, age_s=10)], riders, 2, [])
     batch = fresh.decide(three, NOW, mono=0.0)
     assert batch.mode == "batch"
@@ -913,3 +915,13 @@ def test_pickup_falls_back_to_the_delivery_address() -> None:
     request = order.request()
     assert (request.pickup_lat, request.pickup_lon) == (order.lat, order.lon)
     assert _waiting("o1", 0).request().pickup_lat == at(0)[0]
+
+
+def test_the_decision_imports_nothing_that_does_io() -> None:
+    # decide.py decides over what reads.py read; the store and the broker stay in reads/passes.
+    tree = ast.parse(Path(decide.__file__).read_text())
+    imported = {n.name for i in ast.walk(tree) if isinstance(i, ast.Import) for n in i.names}
+    imported |= {i.module or "" for i in ast.walk(tree) if isinstance(i, ast.ImportFrom)}
+    io = {"sqlalchemy", "paho", "asyncio", "apscheduler", "bloomwire.store", "bloomwire.runtime.mqtt"}
+    assert {name for name in imported if any(name == x or name.startswith(f"{x}.") for x in io)} == set()
+    assert "bloomwire.services.dispatch.reads" in imported  # it does import what it decides over

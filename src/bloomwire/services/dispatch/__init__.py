@@ -1,4 +1,5 @@
-"""Dispatch: which rider gets which order. ``planner`` decides (pure), ``service`` runs it."""
+"""Dispatch: which rider gets which order. ``planner`` costs, ``decide`` decides (both pure),
+``reads`` reads the store, ``passes`` runs passes, ``service`` declares the service."""
 
 from bloomwire.services.dispatch.service import NAME, DispatchConfig, Dispatcher, DispatchService, build
 
