@@ -1351,3 +1351,20 @@ def test_a_rider_handing_back_an_offered_order_releases_its_offer(desk: Desk, en
         row = conn.execute(sa.select(OFFERS.c.status).where(OFFERS.c.id == "of-o1")).one()
     assert row.status == "released"
     assert order_row(engine, "o1")["declined_by"] == ["r1"]
+
+
+def test_a_fix_applied_again_is_acked_but_not_shown_twice(desk: Desk) -> None:
+    """A batch retried after a partial commit (the store failed between its halves) brings fixes
+    already applied and published: acknowledged again, not published to the customer again. A
+    different fix in the same second still moves the rider."""
+    desk.ok_each(accepted_order(SHOP, "o1", "r1"))
+    desk.ok(status("r1", "o1", "picked_up"))
+    loc = topics.order_topic(SHOP, "o1", "location")
+    t = tst_now()
+    fix = location("r1", BASE_LAT, BASE_LON, t)
+    assert len(on(desk.ok(fix), loc)) == 1
+    again = desk.ok(fix)
+    assert on(again, loc) == [], "the same fix is not shown twice"
+    assert acked_ids(again, topics.rider_inbox("r1", "acks")) == [fix.id]
+    moved = desk.ok(location("r1", BASE_LAT + 0.001, BASE_LON, t))
+    assert json.loads(on(moved, loc)[0].payload)["position"]["lat"] == BASE_LAT + 0.001

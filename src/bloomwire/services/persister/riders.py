@@ -67,6 +67,8 @@ def locate(
     work.ack(where, event.id)
     if rider.position_at is not None and at < rider.position_at:
         return  # an older fix arriving late: the newer one stands
+    if (at, d.lat, d.lon) == (rider.position_at, rider.lat, rider.lon):
+        return  # this very fix again (a batch retried after a partial commit): already shown
     fixes = p.fixes[where.sender]
     fixes.append(geo.Fix(d.lat, d.lon, at))
     speed = d.vel if d.vel is not None else geo.estimate_speed_kmh(list(fixes))
