@@ -123,12 +123,24 @@ def test_ratings_refused_with_a_reason(desk: Desk, engine: Engine) -> None:
     r = desk.send(rate("nobody", 5))
     assert r.refused == 1 and "has no order" in refusals(r)[0]
     for stars in (0, 6, "5", 4.5, True):
-        body = {"specversion": "1.0", "id": f"bad-{stars!s}", "source": "customers/c-o3",
-                "time": ev.now().isoformat(), "type": "order.rate", "data": {"stars": stars}}
+        body = {
+            "specversion": "1.0",
+            "id": f"bad-{stars!s}",
+            "source": "customers/c-o3",
+            "time": ev.now().isoformat(),
+            "type": "order.rate",
+            "data": {"stars": stars},
+        }
         r = desk.send(raw(topics.customer_chat("c-o3"), json.dumps(body).encode(), body["id"]))
         assert r.refused == 1 and "data.stars" in refusals(r)[0], (stars, refusals(r))
-    long = {"specversion": "1.0", "id": "too-long", "source": "customers/c-o3",
-            "time": ev.now().isoformat(), "type": "order.rate", "data": {"stars": 3, "comment": "x" * 501}}
+    long = {
+        "specversion": "1.0",
+        "id": "too-long",
+        "source": "customers/c-o3",
+        "time": ev.now().isoformat(),
+        "type": "order.rate",
+        "data": {"stars": 3, "comment": "x" * 501},
+    }
     r = desk.send(raw(topics.customer_chat("c-o3"), json.dumps(long).encode(), "too-long"))
     assert r.refused == 1 and "data.comment" in refusals(r)[0]
     fact = ev.OrderRatedEvent(source="customers/c-o3", data=ev.OrderRating(stars=5))
@@ -146,7 +158,9 @@ def test_a_rating_reaches_the_shop_through_the_broker(rig: Rig) -> None:
         dev.confirm(*delivered("o1", "r1"))
         msg = rate("c-o1", 5, "On time, thank you")
         dev.confirm(msg)
-        [rated] = spy.wait(lambda s: s.topic == status_topic and s.json()["type"] == "order.rated", what="rated")
+        [rated] = spy.wait(
+            lambda s: s.topic == status_topic and s.json()["type"] == "order.rated", what="order.rated"
+        )
         assert rated.json()["data"] == {"order": "o1", "stars": 5, "comment": "On time, thank you"}
         spy.wait(lambda s: s.topic == state_topic and s.json().get("rating") == 5, what="rated state")
     assert count(rig.engine, EVENTS, EVENTS.c.id == msg.id, EVENTS.c.type == "order.rated") == 1
