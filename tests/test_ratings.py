@@ -7,9 +7,12 @@ refused; one test through a real broker that the rating is stored and reaches th
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import structlog
 from conftest import Broker, MqttTestClient
 from sqlalchemy import Engine
 from test_persister import (
@@ -32,7 +35,9 @@ from test_persister import (
     rows,
     status,
 )
+from typer.testing import CliRunner
 
+from bloomwire.app.cli import app
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.store import open_store
@@ -164,3 +169,34 @@ def test_a_rating_reaches_the_shop_through_the_broker(rig: Rig) -> None:
         assert rated.json()["data"] == {"order": "o1", "stars": 5, "comment": "On time, thank you"}
         spy.wait(lambda s: s.topic == state_topic and s.json().get("rating") == 5, what="rated state")
     assert count(rig.engine, EVENTS, EVENTS.c.id == msg.id, EVENTS.c.type == "order.rated") == 1
+
+
+@pytest.fixture
+def cli() -> Iterator[CliRunner]:
+    """A runner for ``bloomwire``; the CLI sets logging up for the process, undone afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config = structlog.get_config()
+    yield CliRunner()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**config)
+
+
+def test_shop_ratings_averages_per_rider_and_day(
+    desk: Desk, engine: Engine, cli: CliRunner, database_url: str, tmp_path: Path
+) -> None:
+    desk.ok_each([*delivered("o1", "r1"), *delivered("o2", "r1"), *delivered("o3", "r2")])
+    desk.ok_each([rate("c-o1", 5), rate("c-o2", 2, "late"), rate("c-o3", 4)])
+    env = {"COLUMNS": "200", "BLOOMWIRE_DATABASE_URL": database_url}
+    argv = ["--data-dir", str(tmp_path / "data"), "shop", "ratings", "--shop", SHOP]
+    result = cli.invoke(app, argv, env=env)
+    assert result.exit_code == 0, result.output
+    assert f"Shop {SHOP}: 3.67 stars over 3 rated orders" in result.output
+    lines = [" ".join(line.replace("│", " ").split()) for line in result.output.splitlines()]
+    assert "r1 2 3.50" in lines and "r2 1 4.00" in lines
+    days = {row["delivered_at"].date() for row in rows(engine, ORDERS)}
+    expected = [f"{d.isoformat()} 3 3.67" for d in days] if len(days) == 1 else []  # one day, unless midnight
+    assert not expected or expected[0] in lines, lines
+    result = cli.invoke(app, [*argv[:-1], "s404"], env=env)
+    assert result.exit_code == 0 and "Shop s404: no ratings yet." in result.output
