@@ -270,6 +270,12 @@ def test_customer_link_follows_an_order_from_created_to_delivered(web: WebStack,
         page.wait_for_selector("#final:has-text('Your flowers were delivered at')")
         assert page.get_attribute("#map", "data-rider") == "hidden"  # privacy after delivery
         assert page.is_hidden("#chat-form")
+        # Rated at once: the grace (3 s here) ends the link soon after.
+        page.click("#rating-stars [data-stars='4']")
+        page.fill("#rating-comment", "Lovely roses")
+        page.click("#rating-send")
+        page.wait_for_selector("#rating-done:has-text('Thank you! You rated this delivery 4 of 5.')")
+        assert page.get_attribute("#rating-card", "data-rating") == "ok"
         screenshot(page, "track-delivered-phone")
 
         # Grace is 3 s here: the provisioner revokes the logins, and the page says so.
