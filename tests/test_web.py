@@ -479,6 +479,13 @@ def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) ->
         wait_for(lambda: board_status(page, order) == "en route", 20, "en route on the board")
         rider.status(order, OrderStatus.DELIVERED)
         wait_for(lambda: board_status(page, order) == "delivered", 20, "delivered on the board")
+        # The customer rates it; the shop sees the rating on the board and the order's panel.
+        customer.click("#rating-stars [data-stars='5']")
+        customer.fill("#rating-comment", "Beautiful peonies")
+        customer.click("#rating-send")
+        customer.wait_for_selector("#rating-done:has-text('You rated this delivery 5 of 5')")
+        wait_for(lambda: board_cell(page, order, "alerts") == "★ 5/5", 20, "rating on the board")
+        page.wait_for_selector("#order-panel dd:has-text('5/5 · “Beautiful peonies”')")
         assert errors == []
     finally:
         rider.close()
