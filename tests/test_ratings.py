@@ -200,3 +200,5 @@ def test_shop_ratings_averages_per_rider_and_day(
     assert not expected or expected[0] in lines, lines
     result = cli.invoke(app, [*argv[:-1], "s404"], env=env)
     assert result.exit_code == 0 and "Shop s404: no ratings yet." in result.output
+    result = cli.invoke(app, ["--data-dir", str(tmp_path / "data"), "history", "o2"], env=env)
+    assert result.exit_code == 0 and "2 of 5 stars: late" in result.output, result.output
