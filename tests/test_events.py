@@ -101,6 +101,8 @@ SAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
     "alert.resolved": ("services/alerts", {"alert": "al-9", "reason": "delivered"}),
     "alert.acknowledged": ("shops/s1", {"alert": "al-9", "by": "Marta at the counter"}),
     "alert.acknowledge": ("shops/s1", {"alert": "al-9", "by": "Marta at the counter"}),
+    "order.rate": ("customers/c-o1", {"order": "o1", "stars": 5, "comment": "On time, lovely"}),
+    "order.rated": ("customers/c-o1", {"order": "o1", "stars": 5, "comment": "On time, lovely"}),
 }
 
 

@@ -270,6 +270,12 @@ def test_customer_link_follows_an_order_from_created_to_delivered(web: WebStack,
         page.wait_for_selector("#final:has-text('Your flowers were delivered at')")
         assert page.get_attribute("#map", "data-rider") == "hidden"  # privacy after delivery
         assert page.is_hidden("#chat-form")
+        # Rated at once: the grace (3 s here) ends the link soon after.
+        page.click("#rating-stars [data-stars='4']")
+        page.fill("#rating-comment", "Lovely roses")
+        page.click("#rating-send")
+        page.wait_for_selector("#rating-done:has-text('Thank you! You rated this delivery 4 of 5.')")
+        assert page.get_attribute("#rating-card", "data-rating") == "ok"
         screenshot(page, "track-delivered-phone")
 
         # Grace is 3 s here: the provisioner revokes the logins, and the page says so.
@@ -473,6 +479,13 @@ def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) ->
         wait_for(lambda: board_status(page, order) == "en route", 20, "en route on the board")
         rider.status(order, OrderStatus.DELIVERED)
         wait_for(lambda: board_status(page, order) == "delivered", 20, "delivered on the board")
+        # The customer rates it; the shop sees the rating on the board and the order's panel.
+        customer.click("#rating-stars [data-stars='5']")
+        customer.fill("#rating-comment", "Beautiful peonies")
+        customer.click("#rating-send")
+        customer.wait_for_selector("#rating-done:has-text('You rated this delivery 5 of 5')")
+        wait_for(lambda: board_cell(page, order, "alerts") == "★ 5/5", 20, "rating on the board")
+        page.wait_for_selector("#order-panel dd:has-text('5/5 · “Beautiful peonies”')")
         assert errors == []
     finally:
         rider.close()

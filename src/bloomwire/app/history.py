@@ -66,6 +66,9 @@ def _describe(event: Any) -> tuple[str, str]:
             return "reply", ("accepted" if d["accept"] else "declined") + f" offer {d['offer'][:8]}"
         case "dispatch.expired":
             return "offer", f"offer to {d['rider']} timed out"
+        case "order.rated":
+            comment = f": {d['comment']}" if d.get("comment") else ""
+            return "rating", f"{d['stars']} of 5 stars{comment}"
         case "order.assigned":
             return "assign", f"shop assigned {d['rider']}"
         case "rider.region_changed":

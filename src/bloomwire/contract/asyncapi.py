@@ -223,8 +223,9 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "customerChat",
             _addr(t.customer_chat, "{customer}"),
             "receive",
-            "A chat line from the customer, about its own order.",
-            ("order.chat_posted",),
+            "A chat line from the customer about its own order, or its rating once delivered "
+            "(1-5 stars, a comment; once).",
+            ("order.chat_posted", "order.rate"),
             _CUSTOMER,
             _PERSISTER,
         ),
@@ -258,8 +259,8 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.order_topic, *order, OrderChannel.STATUS),
             "send",
             "Every accepted status change of the order (creation, offers, replies, progress, "
-            "cancellation) and every incident.",
-            ("order.status_changed", "order.incident_reported"),
+            "cancellation), every incident, and the customer's rating.",
+            ("order.status_changed", "order.incident_reported", "order.rated"),
             _PERSISTER,
             "shop, customer, services",
         ),

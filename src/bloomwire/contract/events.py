@@ -179,6 +179,15 @@ class OrderChat(_Data):
     author: Label = ""
 
 
+class OrderRating(_Data):
+    """A customer rates its delivered order: 1 to 5 stars, with an optional comment."""
+
+    #: The customer's own order; the backbone fills it in from the customer's access when absent.
+    order: Id | None = None
+    stars: Annotated[int, Strict(), Field(ge=1, le=5)]
+    comment: ShortText = ""
+
+
 class OrderAssigned(_Data):
     """A shop assigns (or reassigns) an order to a named rider."""
 
@@ -354,6 +363,11 @@ class OrderChatPostedEvent(_Envelope):
     data: OrderChat
 
 
+class OrderRatedEvent(_Envelope):
+    type: Literal["order.rated"] = "order.rated"
+    data: OrderRating
+
+
 class OrderAssignedEvent(_Envelope):
     type: Literal["order.assigned"] = "order.assigned"
     data: OrderAssigned
@@ -440,6 +454,13 @@ class OrderAssignEvent(_Envelope):
 
     type: Literal["order.assign"] = "order.assign"
     data: OrderAssigned
+
+
+class OrderRateEvent(_Envelope):
+    """A customer rates its delivered order (recorded as ``order.rated``)."""
+
+    type: Literal["order.rate"] = "order.rate"
+    data: OrderRating
 
 
 class AlertAcknowledgeEvent(_Envelope):
@@ -543,9 +564,11 @@ Event: TypeAlias = Annotated[
     | AlertEscalatedEvent
     | AlertResolvedEvent
     | AlertAcknowledgedEvent
+    | OrderRatedEvent
     | OrderCreateEvent
     | OrderCancelEvent
     | OrderAssignEvent
+    | OrderRateEvent
     | AlertAcknowledgeEvent
     | DispatchReplyEvent,
     Field(discriminator="type"),
@@ -568,9 +591,11 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
         AlertEscalatedEvent,
         AlertResolvedEvent,
         AlertAcknowledgedEvent,
+        OrderRatedEvent,
         OrderCreateEvent,
         OrderCancelEvent,
         OrderAssignEvent,
+        OrderRateEvent,
         AlertAcknowledgeEvent,
         DispatchReplyEvent,
     )
@@ -578,7 +603,8 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
 
 #: Events the backbone records but nobody sends or publishes: OwnTracks transitions (from payloads
 #: that are not CloudEvents, contract/owntracks.py) and the facts of requests whose effect is
-#: published as the order's status (:data:`FACT_OF`; ``alert.acknowledged`` is published as such).
+#: published as the order's status (:data:`FACT_OF`; ``alert.acknowledged`` and ``order.rated`` are
+#: published as such).
 #: Stored and shown in history, never decoded from the wire by :func:`decode`.
 RECORDED_EVENT_TYPES: dict[str, type[_Envelope]] = {
     cls.model_fields["type"].default: cls
@@ -606,7 +632,7 @@ ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
     (Identity.RIDER, InboundKind.CHAT): (OrderChatPostedEvent,),
     (Identity.RIDER, InboundKind.REPLY): (DispatchReplyEvent,),
     (Identity.RIDER, InboundKind.PRESENCE): (RiderPresenceChangedEvent,),
-    (Identity.CUSTOMER, InboundKind.CHAT): (OrderChatPostedEvent,),
+    (Identity.CUSTOMER, InboundKind.CHAT): (OrderChatPostedEvent, OrderRateEvent),
     (Identity.SERVICE, InboundKind.EVENTS): (
         DispatchOfferedEvent,
         DispatchExpiredEvent,
@@ -631,6 +657,7 @@ FACT_OF: dict[type[_Envelope], type[_Envelope]] = {
     OrderCreateEvent: OrderCreatedEvent,
     OrderCancelEvent: OrderCancelledEvent,
     OrderAssignEvent: OrderAssignedEvent,
+    OrderRateEvent: OrderRatedEvent,
     AlertAcknowledgeEvent: AlertAcknowledgedEvent,
     DispatchReplyEvent: DispatchRepliedEvent,
 }
@@ -842,6 +869,9 @@ class OrderState(BaseModel):
     updated_at: datetime
     #: Where the order goes.
     destination: Place | None = None
+    #: The customer's rating once delivered (1-5), and its comment.
+    rating: int | None = None
+    rating_comment: str = ""
 
 
 class OrderLocation(BaseModel):

@@ -95,6 +95,9 @@ class OrderRow(SQLModel, table=True):
     arrived_at: datetime | None = _ts()
     delivered_at: datetime | None = _ts()
     closed_at: datetime | None = _ts(index=True)
+    #: The customer's rating once delivered (1-5; the events row ``order.rated`` is its record).
+    rating: int | None = None
+    rating_comment: str = ""
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 

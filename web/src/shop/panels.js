@@ -79,6 +79,7 @@ export class OrderPanel {
       ['ETA', lifecycle().out_for_delivery.includes(s.status) && order.eta ? clock(order.eta) : '–'],
       ['Rider', s.rider || '–'],
     ];
+    if (s.rating) facts.push(['Rating', `${'★'.repeat(s.rating)}${'☆'.repeat(5 - s.rating)} ${s.rating}/5${s.rating_comment ? ` · “${s.rating_comment}”` : ''}`]);
     if (order.incident) facts.push(['Incident', `${order.incident.reason.replaceAll('_', ' ')}${order.incident.eta ? `, new ETA ${clock(order.incident.eta)}` : ''}`]);
     this.facts.replaceChildren(...facts.flatMap(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
     this.timeline.replaceChildren(...(s.timeline || []).map((e) => h('li', {}, h('time', {}, clock(e.at)), ' ', e.status.replace('_', ' '), e.note ? ` (${e.note})` : '')));

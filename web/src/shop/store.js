@@ -68,7 +68,9 @@ export class ShopStore {
     if (!event || !event.data) return [];
     const order = this.order(id);
     order.updatedAt = Math.max(order.updatedAt, ms(event.time));
-    if (event.data.status) {
+    if (event.type === 'order.rated') {
+      if (order.state) order.state = { ...order.state, rating: event.data.stars, rating_comment: event.data.comment || '' };
+    } else if (event.data.status) {
       if (order.state) {
         order.state = { ...order.state, status: event.data.status, rider: event.data.rider ?? order.state.rider };
       }

@@ -90,6 +90,27 @@ function wireChat(view, link, getConnection) {
   });
 }
 
+function wireRating(view, link, getConnection) {
+  $('#rating-stars').addEventListener('click', (e) => {
+    const star = e.target.closest('[data-stars]');
+    if (star) view.pickStars(Number(star.dataset.stars));
+  });
+  $('#rating-form').addEventListener('submit', async (e) => {
+    e.preventDefault();
+    const conn = getConnection();
+    const stars = view.picked;
+    if (!conn || !stars) return;
+    const comment = $('#rating-comment').value.trim();
+    const { id, payload } = cloudEvent('OrderRate', source('customer', { customer: link.customer }), { order: link.order, stars, comment });
+    view.ratingSent(id, stars, comment);
+    try {
+      await conn.publish(topic('customer_chat', { customer: link.customer }), payload);
+    } catch (err) {
+      view.onRefusal({ id, reason: String(err.message || err) });
+    }
+  });
+}
+
 /** Resolves when the broker refuses this login for good (it was revoked or replaced). */
 function follow(view, link, login, hold) {
   const p = { shop: link.shop, order: link.order, customer: link.customer };
@@ -154,6 +175,7 @@ async function main() {
   const hold = { connection: null };
   wireLanguage(view);
   wireChat(view, link, () => hold.connection);
+  wireRating(view, link, () => hold.connection);
   window.bloomwireTrack = view; // for the benchmark and for debugging
   await run(link, view, hold);
 }

@@ -24,6 +24,8 @@ export class TrackView {
     this.chat = new Map((kept.chat || []).map((line) => [line.id, line]));
     this.mine = new Set(kept.mine || []);
     this.map = null;
+    this.picked = 0; // stars chosen, not yet sent
+    this.rating = null; // {stars, comment, state: 'sending' | 'ok' | 'refused', id, reason}
   }
 
   showContent() {
@@ -48,12 +50,15 @@ export class TrackView {
     this.status = state.status;
     this.eta = state.eta || null;
     if (state.position) this.addPosition(state.position);
+    if (state.rating) this.rating = { stars: state.rating, comment: state.rating_comment || '', state: 'ok' };
     this.render();
   }
 
   onStatusEvent(event) {
     const data = event.data || {};
-    if (data.status) {
+    if (event.type === 'order.rated') {
+      this.rating = { stars: data.stars, comment: data.comment || '', state: 'ok' };
+    } else if (data.status) {
       this.status = data.status;
       if (this.state) {
         const timeline = this.state.timeline || [];
@@ -87,6 +92,11 @@ export class TrackView {
   }
 
   onRefusal(refusal) {
+    if (refusal && this.rating && this.rating.id === refusal.id && this.rating.state === 'sending') {
+      this.rating = { ...this.rating, state: 'refused', reason: refusal.reason || '' };
+      this.renderRating();
+      return;
+    }
     const line = refusal && this.chat.get(refusal.id);
     if (!line) return;
     line.state = 'refused';
@@ -100,6 +110,17 @@ export class TrackView {
     this.chat.set(id, { id, author: 'customer:', text, at: new Date().toISOString(), state: 'sending' });
     this.save();
     this.renderChat();
+  }
+
+  pickStars(stars) {
+    this.picked = stars;
+    this.renderRating();
+  }
+
+  /** A rating this device sent: shown as sending until the backbone publishes it (or refuses). */
+  ratingSent(id, stars, comment) {
+    this.rating = { id, stars, comment, state: 'sending' };
+    this.renderRating();
   }
 
   addPosition(position) {
@@ -138,7 +159,32 @@ export class TrackView {
     this.renderMap();
     this.renderItems();
     this.renderTimeline();
+    this.renderRating();
     this.renderChat();
+  }
+
+  /** After delivery: five stars and a comment, then a thank-you once the rating is recorded. */
+  renderRating() {
+    if (!this.map) return;
+    const card = $('#rating-card');
+    card.hidden = this.status !== 'delivered' && !(this.rating && this.rating.state === 'ok');
+    const rating = this.rating;
+    const done = rating && rating.state !== 'refused';
+    $('#rating-form').hidden = Boolean(done);
+    const shown = done ? rating.stars : this.picked;
+    card.querySelectorAll('[data-stars]').forEach((star) => {
+      const on = Number(star.dataset.stars) <= shown;
+      star.classList.toggle('on', on);
+      star.setAttribute('aria-checked', String(Number(star.dataset.stars) === shown));
+    });
+    $('#rating-send').disabled = !this.picked;
+    const thanks = $('#rating-done');
+    thanks.hidden = !done;
+    if (done) setText(thanks, rating.state === 'ok' ? t('rating.thanks', { stars: rating.stars }) : t('rating.sending'));
+    const error = $('#rating-error');
+    error.hidden = !(rating && rating.state === 'refused');
+    if (!error.hidden) setText(error, t('rating.refused', { reason: rating.reason }));
+    card.dataset.rating = rating ? rating.state : '';
   }
 
   renderHeader() {

@@ -55,6 +55,7 @@ from bloomwire.app.clients.sender import QueuedError, client_outbox_path
 from bloomwire.app.clients.shop import OrderDraft, ShopTerminal, parse_window
 from bloomwire.app.clients.track import CustomerTracker
 from bloomwire.app.demo import run_demo, run_simulate
+from bloomwire.app.ratings import load_ratings, render_ratings
 from bloomwire.app.simulate.plan import Rates
 from bloomwire.contract import events as ev
 from bloomwire.errors import BloomwireError
@@ -747,6 +748,17 @@ def shop_ack(
         return _report(await terminal.ack_alert(alert, by=by, timeout=wait), f"acknowledging {alert}")
 
     _shop(ctx, shop, password, username, device, action)
+
+
+@shop_app.command("ratings")
+def shop_ratings(ctx: typer.Context, shop: ShopOpt) -> None:
+    """Customers' ratings of the shop's delivered orders, averaged per rider and per day (read from
+    the store, like `bloomwire history`)."""
+    try:
+        found = load_ratings(_settings(ctx).database_url, shop)
+    except BloomwireError as exc:
+        raise _fail(str(exc), 1) from None
+    render_ratings(found, console)
 
 
 # --- customer -----------------------------------------------------------------------------------

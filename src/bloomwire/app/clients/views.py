@@ -209,6 +209,9 @@ class ShopView:
             line.updated_at = event.time
             eta = f", new ETA {clock(event.data.eta)}" if event.data.eta else ""
             self.feed.append(f"{clock_s(event.time)} {order} incident: {event.data.reason}{eta}")
+        elif isinstance(event, ev.OrderRatedEvent):
+            comment = f": {event.data.comment}" if event.data.comment else ""
+            self.feed.append(f"{clock_s(event.time)} {order} rated {event.data.stars}/5{comment}")
         elif isinstance(event, ev.OrderChatPostedEvent):
             self.feed.append(f"{clock_s(event.time)} {order} 💬 {event.data.author}: {event.data.text}")
         elif channel == topics.OrderChannel.ALERTS:

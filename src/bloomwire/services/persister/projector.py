@@ -2,7 +2,8 @@
 
 :meth:`Projector.apply` orchestrates one batch: each message is decoded (:mod:`.decode`, pure),
 its id looked up, and, when new, handed to the handler of its event type (:mod:`.orders`,
-:mod:`.offers`, :mod:`.riders`, :mod:`.alerts`, :mod:`.chat`), which changes the in-memory
+:mod:`.offers`, :mod:`.riders`, :mod:`.alerts`, :mod:`.chat`,
+:mod:`.ratings`), which changes the in-memory
 projections (:mod:`.projections`) through the batch's unit of work (:mod:`.work`). The unit of
 work is written in ONE transaction; then the snapshots (:mod:`.snapshots`) and acks are added to
 the messages to publish. Nothing here touches MQTT.
@@ -28,7 +29,7 @@ from bloomwire.contract.topics import Identity, InboundKind, InboundTopic
 from bloomwire.contract.validate import DEFAULT_TIME_BOUNDS, TimeBounds
 from bloomwire.errors import TopicError
 from bloomwire.runtime.log import get_logger
-from bloomwire.services.persister import alerts, chat, offers, orders, riders, snapshots
+from bloomwire.services.persister import alerts, chat, offers, orders, ratings, riders, snapshots
 from bloomwire.services.persister.decode import Decoded, Undecodable, decode, event_id
 from bloomwire.services.persister.messages import BatchResult, Inbound, Outbound
 from bloomwire.services.persister.projections import Projections
@@ -59,6 +60,7 @@ HANDLERS: Mapping[type[ev._Envelope], Handler] = {
     **riders.HANDLERS,
     **alerts.HANDLERS,
     **chat.HANDLERS,
+    **ratings.HANDLERS,
 }
 LOCATION_KINDS = frozenset({InboundKind.LOCATION, InboundKind.OWNTRACKS})
 #: Inbound kinds whose retained publishes are used: presence is state, and the OwnTracks app
@@ -103,6 +105,8 @@ def _check_source(where: InboundTopic, event: Any) -> None:
 def _event_row(p: Projections, where: InboundTopic, event: Any, topic: str, now: datetime) -> Record:
     data = event.data
     order_id = getattr(data, "order", None) or where.order
+    if order_id is None and where.identity is Identity.CUSTOMER:  # a customer speaks of its order
+        order_id = p.customer_order(where.sender)
     if isinstance(event, ev.RiderRegionChangedEvent):
         order_id = event.subject  # the order the transition is about, if any
     order = p.orders.rows.get(order_id) if order_id else None

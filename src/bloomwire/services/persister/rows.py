@@ -45,6 +45,8 @@ class Order:
     arrived_at: datetime | None = None
     delivered_at: datetime | None = None
     closed_at: datetime | None = None
+    rating: int | None = None
+    rating_comment: str = ""
 
 
 @dataclass(slots=True, eq=False)

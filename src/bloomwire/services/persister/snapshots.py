@@ -56,6 +56,8 @@ def order_state(order: Order, rider: Rider | None, open_alerts: int) -> ev.Order
         open_alerts=open_alerts,
         updated_at=order.updated_at,
         destination=ev.Place(lat=order.lat, lon=order.lon, address=order.address or ""),
+        rating=order.rating,
+        rating_comment=order.rating_comment,
     )
 
 
