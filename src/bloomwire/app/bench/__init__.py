@@ -11,6 +11,21 @@ from bloomwire.app.supervisor import Stack
 from bloomwire.runtime.settings import Settings
 
 
+def temporary_settings(settings: Settings, root: Path, **extra: object) -> Settings:
+    """``settings`` for a stack of the benchmark's own in ``root``: free ports, nothing kept, no
+    operator login (the stack makes its own); ``extra`` sets more (a store, the web port)."""
+    update: dict[str, object] = {
+        "data_dir": root,
+        "broker_port": 0,
+        "broker_listen_port": 0,
+        "broker_listen_ws_port": 0,
+        "metrics_port": 0,
+        "broker_username": None,
+        "broker_password": None,
+    }
+    return settings.model_copy(update={**update, **extra})
+
+
 @contextlib.contextmanager
 def private_stack(settings: Settings, users: Sequence[str], *, name: str) -> Iterator[tuple[Settings, Path]]:
     """A broker and persister of their own on a fresh SQLite store in a temporary directory.
@@ -19,18 +34,7 @@ def private_stack(settings: Settings, users: Sequence[str], *, name: str) -> Ite
     exit. ``users`` are the broker accounts the benchmark connects with.
     """
     with tempfile.TemporaryDirectory(prefix=f"bloomwire-bench-{name}-") as tmp:
-        own = settings.model_copy(
-            update={
-                "data_dir": Path(tmp),
-                "database_url": f"sqlite:///{tmp}/bench.db",
-                "broker_port": 0,
-                "broker_listen_port": 0,  # a temporary stack: free ports, nothing kept
-                "broker_listen_ws_port": 0,
-                "metrics_port": 0,
-                "broker_username": None,
-                "broker_password": None,
-            }
-        )
+        own = temporary_settings(settings, Path(tmp), database_url=f"sqlite:///{tmp}/bench.db")
         stack = Stack(own, services=("persister",), extra_users=users)
         try:
             yield stack.start(), Path(tmp)

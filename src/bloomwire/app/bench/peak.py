@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bloomwire.app.bench import peak_browser, peak_ceiling, peak_faults
+from bloomwire.app.bench import peak_browser, peak_ceiling, peak_faults, temporary_settings
 from bloomwire.app.bench import peak_figures as pf
 from bloomwire.app.bench.peak_drill import NORMAL_ORDERS_PER_SHOP_DAY, OPEN_HOURS, OPERATOR, Drill, PeakConfig
 from bloomwire.app.bench.peak_load import Journal
@@ -49,18 +49,8 @@ DRAIN_S = 5.0
 
 
 def _stack(settings: Settings, root: Path, config: PeakConfig, database_url: str | None) -> Stack:
-    own = settings.model_copy(
-        update={
-            "data_dir": root,
-            "database_url": database_url or f"sqlite:///{root / 'peak.db'}",
-            "broker_port": 0,
-            "broker_listen_port": 0,
-            "broker_listen_ws_port": 0,
-            "metrics_port": 0,
-            "web_listen_port": 0,
-            "broker_username": None,
-            "broker_password": None,
-        }
+    own = temporary_settings(
+        settings, root, database_url=database_url or f"sqlite:///{root / 'peak.db'}", web_listen_port=0
     )
     services = (*SERVICES, WEB) if config.ws_share > 0 else tuple(SERVICES)
     shops = [f"s{i}" for i in range(1, config.shops + 1)]

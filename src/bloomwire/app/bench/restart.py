@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from bloomwire.app.bench import temporary_settings
 from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import Stack, service_settings
 from bloomwire.contract import topics
@@ -59,18 +60,7 @@ async def _away(stack: Stack, name: str, timeout: float = 60.0) -> tuple[float, 
 
 
 def _stack(settings: Settings, root: Path) -> Stack:
-    own = settings.model_copy(
-        update={
-            "data_dir": root,
-            "database_url": f"sqlite:///{root / 'bench.db'}",
-            "broker_port": 0,
-            "broker_listen_port": 0,
-            "broker_listen_ws_port": 0,
-            "metrics_port": 0,
-            "broker_username": None,
-            "broker_password": None,
-        }
-    )
+    own = temporary_settings(settings, root, database_url=f"sqlite:///{root / 'bench.db'}")
     return Stack(own, access=True, shops=["s1"], riders=["r1"])
 
 

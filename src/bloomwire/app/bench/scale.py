@@ -43,6 +43,7 @@ from psycopg import sql
 from rich.console import Console
 
 from bloomwire.app.bench import alerts as alerts_bench
+from bloomwire.app.bench import temporary_settings
 from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import Stack, service_settings
 from bloomwire.contract import events as ev
@@ -304,17 +305,7 @@ def _count_retained(settings: Settings) -> int:
 def retained_held(settings: Settings, messages: Sequence[Outbound]) -> int:
     """Publish ``messages`` to a private broker; the retained messages it then holds."""
     with tempfile.TemporaryDirectory(prefix="bloomwire-scale-broker-") as tmp:
-        own = settings.model_copy(
-            update={
-                "data_dir": Path(tmp),
-                "broker_port": 0,
-                "broker_listen_port": 0,
-                "broker_listen_ws_port": 0,
-                "metrics_port": 0,
-                "broker_username": None,
-                "broker_password": None,
-            }
-        )
+        own = temporary_settings(settings, Path(tmp))
         stack = Stack(own, services=(), extra_users=(SCALE_USER, SENTINEL_USER))
         try:
             live = stack.start()

@@ -32,6 +32,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 from websockets.typing import Subprotocol
 
+from bloomwire.app.bench import temporary_settings
 from bloomwire.app.bench.loadgen import LoadPublisher
 from bloomwire.app.bench.peak_procs import cpu_s
 from bloomwire.app.bench.report import Report
@@ -296,18 +297,7 @@ def run(settings: Settings, connections: int, seconds: float) -> Figures:
     figures = Figures(asked=connections)
     users = (PUBLISHER, *(f"c{i}" for i in range(connections)))
     with tempfile.TemporaryDirectory(prefix="bloomwire-bench-ws-") as tmp:
-        own = settings.model_copy(
-            update={
-                "data_dir": Path(tmp),
-                "broker_port": 0,
-                "broker_listen_port": 0,
-                "broker_listen_ws_port": 0,
-                "web_listen_port": 0,
-                "metrics_port": 0,
-                "broker_username": None,
-                "broker_password": None,
-            }
-        )
+        own = temporary_settings(settings, Path(tmp), web_listen_port=0)
         stack = Stack(own, services=(WEB,), extra_users=users)
         try:
             live = stack.start()
