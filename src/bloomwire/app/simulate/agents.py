@@ -22,7 +22,7 @@ from typing import Literal
 from bloomwire.app.clients.access import CustomerAccess, ProvisionedAccess
 from bloomwire.app.clients.base import ClientError, wait_event
 from bloomwire.app.clients.outbox import LOCATION, Entry, Outbox
-from bloomwire.app.clients.rider import MAX_VEL_KMH, RiderDevice
+from bloomwire.app.clients.rider import MAX_VEL_KMH, RiderDevice, needs_confirmation
 from bloomwire.app.clients.shop import OrderDraft, ShopTerminal
 from bloomwire.app.clients.track import CustomerTracker
 from bloomwire.app.simulate.clock import SimClock
@@ -268,6 +268,11 @@ class SimRider:
         """A chat line: the rider answers customers briefly."""
         if chat.data.author.startswith("customer:") and chat.data.order:
             self.tasks.append(asyncio.create_task(self._reply_chat(chat.data.order)))
+
+    def amendment(self, amendment: ev.OrderAmendedEvent) -> None:
+        """A change to one of its orders: the rider confirms a new door or new instructions."""
+        if self.device is not None and needs_confirmation(amendment):
+            self.device.confirm(amendment.data.order, amendment.id)
 
     def stored(self, entries: Sequence[Entry]) -> None:
         """Acks: an accepted offer is a job now."""
