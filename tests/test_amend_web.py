@@ -1,7 +1,8 @@
 """Amendments on the pages (issue 18), in a real Chromium over a real access-controlled stack: the
 shop changes an order with the dashboard's edit form; the customer's tracking page says what
 changed, whose wish it was and why, in English and Chinese, with the new handover instructions;
-a change the rules refuse is shown on the dashboard with the rule's name."""
+a change the rules refuse is shown on the dashboard with the rule's name; the rider's page shows
+the new door and instructions and confirms them, and the shop hears it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import sync_playwright
+from test_web_rider import accept_offer, device, go_on_duty, report, rider_page, sign_in
 from webkit import (
     DESKTOP,
     PHONE,
@@ -25,6 +27,8 @@ from webkit import (
 )
 
 from bloomwire.app.supervisor import Stack
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.runtime.settings import Settings
 
@@ -117,4 +121,51 @@ def test_the_dashboard_changes_an_order_and_the_customer_page_says_so(
         dash.context.close()
     finally:
         rider.close()
+        shop.close()
+
+
+def test_the_rider_page_shows_the_change_and_confirms_it(web: tuple[Stack, Settings], browser: Any) -> None:
+    stack, settings = web
+    shop = ScriptedShop(stack, settings, "s1")
+    order = "o-amend-rider"
+    page = rider_page(browser, settings)
+    errors = page_errors(page)
+    try:
+        sign_in(page, device(settings, "web-amend"))
+        go_on_duty(page)
+        shop.create(order)
+        accept_offer(page, order)
+        report(page, order, "picked_up")
+        amend = ev.OrderAmendEvent(
+            source="shops/s1",
+            data=ev.OrderAmendment(
+                order=order,
+                address="Alexanderplatz 1, rear building",
+                instructions=ev.Instructions(
+                    kind=ev.InstructionKind.LEAVE_AT_DOOR, text="behind the planter"
+                ),
+                asked_by="customer",
+                reason="not reachable by phone",
+            ),
+        )
+        shop.client.publish(topics.shop_command("s1", topics.Command.AMEND_ORDER), ev.encode(amend))
+        card = f".order[data-order='{order}']"
+        page.wait_for_selector(
+            f"{card} .instructions:has-text('Handover: leave at the door — behind the planter')"
+        )
+        page.wait_for_selector(f"{card} .amendment:has-text('at the customer')")
+        assert "Alexanderplatz 1, rear building" in page.inner_text(card)
+        screenshot(page, "rider-amended-phone")
+        page.click(f"{card} .amendment .confirm")
+        page.wait_for_selector(f"{card} .amendment[data-confirmed=true]")
+        status = topics.order_topic("s1", order, topics.OrderChannel.STATUS)
+        raw = shop.inbox.find(
+            lambda t, p: t == status and b"order.amendment_confirmed" in p, 20, "the rider's confirmation"
+        )
+        confirmed = ev.decode(raw)
+        assert isinstance(confirmed, ev.OrderAmendmentConfirmedEvent)
+        assert (confirmed.data.rider, confirmed.data.amendment) == ("r1", amend.id)
+        assert errors == []
+        page.context.close()
+    finally:
         shop.close()

@@ -180,6 +180,8 @@ def confirmed(
 ) -> None:
     """The rider holding the order confirms its last amendment; the shop sees who and when."""
     d = event.data
+    if d.rider not in (None, where.sender):
+        raise RefusedError(f"data.rider {d.rider!r}: a rider confirms for itself only")
     order = p.rider_order(where, d.order)
     last = order.last_amendment
     if last is None or last.get("id") != d.amendment:
