@@ -103,6 +103,36 @@ SAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
     "alert.acknowledge": ("shops/s1", {"alert": "al-9", "by": "Marta at the counter"}),
     "order.rate": ("customers/c-o1", {"order": "o1", "stars": 5, "comment": "On time, lovely"}),
     "order.rated": ("customers/c-o1", {"order": "o1", "stars": 5, "comment": "On time, lovely"}),
+    "order.amend": (
+        "shops/s1",
+        {
+            "order": "o42",
+            "window_end": "2027-02-14T13:00:00Z",
+            "address": "Calle Mayor 7, 28013 Madrid",
+            "lat": 40.4155,
+            "lon": -3.7071,
+            "instructions": {"kind": "leave_at_door", "text": "behind the blue pot"},
+            "asked_by": "customer",
+            "reason": "she will be out until one",
+        },
+    ),
+    "order.amended": (
+        "shops/s1",
+        {
+            "order": "o42",
+            "window_end": "2027-02-14T13:00:00Z",
+            "asked_by": "customer",
+            "changes": {"window_end": {"old": "2027-02-14T12:00:00Z", "new": "2027-02-14T13:00:00Z"}},
+        },
+    ),
+    "order.amendment_confirm": (
+        "riders/r7",
+        {"order": "o42", "amendment": "0190f3c2-7d1a-7c2b-9f3e-2a1b0c9d8e7f", "note": "on my way there"},
+    ),
+    "order.amendment_confirmed": (
+        "riders/r7",
+        {"order": "o42", "amendment": "0190f3c2-7d1a-7c2b-9f3e-2a1b0c9d8e7f", "rider": "r7"},
+    ),
 }
 
 

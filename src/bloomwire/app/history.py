@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -75,8 +76,24 @@ def _describe(event: Any) -> tuple[str, str]:
             region = d.get("region") or d.get("region_id") or f"{d['lat']:.5f},{d['lon']:.5f}"
             verb = "entered" if d["event"] == "enter" else "left"
             return "region", f"{verb} {region} ({d['device']})"
+        case "order.amended":
+            return "amended", _amended(d)
+        case "order.amendment_confirmed":
+            return "amended", f"rider confirmed amendment {d['amendment'][:8]}"
         case _:
             return event.type, ""
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _amended(d: dict[str, Any]) -> str:
+    """``field: old → new`` for each change, then whose wish it was and why."""
+    parts = [f"{k}: {_shown(c.get('old'))} → {_shown(c.get('new'))}" for k, c in d.get("changes", {}).items()]
+    who = "at the customer's request" if d.get("asked_by") == "customer" else "by the shop"
+    reason = f": {d['reason']}" if d.get("reason") else ""
+    return f"{'; '.join(parts)} ({who}{reason})"
 
 
 #: Event types told from their own tables (chat lines, alerts with their whole life), not from events.

@@ -73,6 +73,10 @@ _COMMAND_HELP: dict[Command, str] = {
     Command.CHAT: "A chat line from the shop about one of its orders.",
     Command.ASSIGN: "Offer an order to a named rider (manual dispatch).",
     Command.ACK_ALERT: "Acknowledge one of the shop's open alerts.",
+    Command.AMEND_ORDER: (
+        "Change an order after it is placed (window, address and position, items, note, phone, "
+        "alternate contact, instructions); refused with the rule it breaks."
+    ),
 }
 COMMAND_EVENTS: dict[Command, tuple[str, str]] = {
     cmd: (ev.type_name(ev.COMMAND_EVENTS[cmd]), _COMMAND_HELP[cmd]) for cmd in Command
@@ -136,8 +140,9 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "riderOrderStatus",
             _addr(t.rider_order_status, "{rider}", "{order}"),
             "receive",
-            "A status the rider reports on an order assigned to it, or an incident with a new ETA.",
-            ("order.status_changed", "order.incident_reported"),
+            "A status the rider reports on an order assigned to it, an incident with a new ETA, or "
+            "the rider's confirmation of an amendment.",
+            ("order.status_changed", "order.incident_reported", "order.amendment_confirm"),
             _RIDER_DEVICE,
             _PERSISTER,
         ),
@@ -259,8 +264,15 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.order_topic, *order, OrderChannel.STATUS),
             "send",
             "Every accepted status change of the order (creation, offers, replies, progress, "
-            "cancellation), every incident, and the customer's rating.",
-            ("order.status_changed", "order.incident_reported", "order.rated"),
+            "cancellation), every incident, the customer's rating, every amendment (old and new "
+            "values) and the rider's confirmation of one.",
+            (
+                "order.status_changed",
+                "order.incident_reported",
+                "order.rated",
+                "order.amended",
+                "order.amendment_confirmed",
+            ),
             _PERSISTER,
             "shop, customer, services",
         ),
@@ -366,6 +378,16 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "send",
             "Chat lines from the shop or customer about the rider's current orders.",
             ("order.chat_posted",),
+            _PERSISTER,
+            _RIDER_DEVICE,
+        ),
+        ChannelSpec(
+            "riderInboxAmendments",
+            _addr(t.rider_inbox, "{rider}", Inbox.AMENDMENTS),
+            "send",
+            "A change to one of the rider's orders (the customer's numbers left out); after pick-up "
+            "an address or instructions change asks the rider to confirm (order.amendment_confirm).",
+            ("order.amended",),
             _PERSISTER,
             _RIDER_DEVICE,
         ),

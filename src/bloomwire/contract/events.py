@@ -477,6 +477,142 @@ class DispatchReplyEvent(_Envelope):
     data: DispatchReply
 
 
+# --- order amendments (issue 18): a shop changes an order after it is placed ----------------------
+
+
+class InstructionKind(StrEnum):
+    """How the rider hands the order over (a first-class field; ``other``: the text says)."""
+
+    NONE = "none"
+    CALL_FIRST = "call_first"
+    LEAVE_AT_DOOR = "leave_at_door"
+    HAND_TO_RECEPTION = "hand_to_reception"
+    OTHER = "other"
+
+
+class Instructions(_Data):
+    """Delivery instructions: a kind, and free text (required for ``other``)."""
+
+    kind: InstructionKind = InstructionKind.NONE
+    text: ShortText = ""
+
+    @model_validator(mode="after")
+    def _text(self) -> Instructions:
+        if self.kind is InstructionKind.OTHER and not self.text:
+            raise ValueError("instructions of kind 'other' need a text")
+        return self
+
+
+class AmendField(StrEnum):
+    """What an amendment may change; the keys of :attr:`OrderAmendment.changes`."""
+
+    WINDOW_START = "window_start"
+    WINDOW_END = "window_end"
+    ADDRESS = "address"
+    POSITION = "position"
+    ITEMS = "items"
+    NOTE = "note"
+    CUSTOMER_PHONE = "customer_phone"
+    ALTERNATE_CONTACT = "alternate_contact"
+    INSTRUCTIONS = "instructions"
+
+
+#: Fields the rider is told the values of (never the customer's numbers, docs/design.md §4).
+RIDER_SEES: Final = frozenset(AmendField) - {AmendField.CUSTOMER_PHONE, AmendField.ALTERNATE_CONTACT}
+#: A change of these after pick-up asks the rider to confirm it (issue 18).
+RIDER_CONFIRMS: Final = frozenset({AmendField.ADDRESS, AmendField.POSITION, AmendField.INSTRUCTIONS})
+
+
+class FieldChange(_Data):
+    """One changed field: its value before and after (JSON values; a window bound as RFC 3339)."""
+
+    old: Any = None
+    new: Any = None
+
+
+Phone = Annotated[str, StringConstraints(strip_whitespace=True, max_length=40), TEXT_GUARD]
+
+
+class OrderAmendment(_Data):
+    """A shop changes its order: only the fields given change (``None``: unchanged).
+
+    ``asked_by`` says whose wish it is (the customer asks through chat; the shop decides and
+    sends it). ``changes`` is filled in by the backbone: each field that changed, old and new.
+    """
+
+    order: Id
+    window_start: Instant | None = None
+    window_end: Instant | None = None
+    address: ShortText | None = None
+    lat: Latitude | None = None
+    lon: Longitude | None = None
+    items: list[Label] | None = Field(default=None, max_length=50)
+    note: ShortText | None = None
+    customer_phone: Phone | None = None
+    alternate_contact: ShortText | None = None
+    instructions: Instructions | None = None
+    asked_by: Literal["shop", "customer"] = "shop"
+    reason: ShortText = ""
+    changes: dict[AmendField, FieldChange] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _position(self) -> OrderAmendment:
+        if (self.lat is None) != (self.lon is None):
+            raise ValueError("a new position needs both lat and lon")
+        return self
+
+
+class AmendmentConfirmation(_Data):
+    """A rider confirms it has seen an amendment (the id of the ``order.amended`` event)."""
+
+    order: Id
+    amendment: EventId
+    note: ShortText = ""
+    #: Filled in by the backbone: the rider who confirmed.
+    rider: Id | None = None
+
+
+class AmendmentNote(BaseModel):
+    """The last amendment of an order, in its retained state."""
+
+    id: str
+    at: datetime
+    fields: list[str]
+    asked_by: str = "shop"
+    reason: str = ""
+    #: Which rider confirmed it, and when (an address or instructions change after pick-up).
+    confirmed_by: str | None = None
+    confirmed_at: datetime | None = None
+
+
+class OrderAmendEvent(_Envelope):
+    """A shop asks to change one of its orders (recorded as ``order.amended``)."""
+
+    type: Literal["order.amend"] = "order.amend"
+    data: OrderAmendment
+
+
+class OrderAmendedEvent(_Envelope):
+    """An order changed: each field with its old and new value, and who asked."""
+
+    type: Literal["order.amended"] = "order.amended"
+    data: OrderAmendment
+
+
+class OrderAmendmentConfirmEvent(_Envelope):
+    """A rider confirms an amendment of an order it holds (recorded as ``order.amendment_confirmed``)."""
+
+    type: Literal["order.amendment_confirm"] = "order.amendment_confirm"
+    data: AmendmentConfirmation
+
+
+class OrderAmendmentConfirmedEvent(_Envelope):
+    """The rider has seen the amendment ("r2 confirmed the new address")."""
+
+    type: Literal["order.amendment_confirmed"] = "order.amendment_confirmed"
+    data: AmendmentConfirmation
+
+
 # --- customer access (access-control mode, the provisioner's topics; docs/security.md) ------------
 #
 # CloudEvents like the rest, but NOT members of :data:`Event`: the persister never decodes or
@@ -570,7 +706,11 @@ Event: TypeAlias = Annotated[
     | OrderAssignEvent
     | OrderRateEvent
     | AlertAcknowledgeEvent
-    | DispatchReplyEvent,
+    | DispatchReplyEvent
+    | OrderAmendEvent
+    | OrderAmendedEvent
+    | OrderAmendmentConfirmEvent
+    | OrderAmendmentConfirmedEvent,
     Field(discriminator="type"),
 ]
 
@@ -598,6 +738,10 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
         OrderRateEvent,
         AlertAcknowledgeEvent,
         DispatchReplyEvent,
+        OrderAmendEvent,
+        OrderAmendedEvent,
+        OrderAmendmentConfirmEvent,
+        OrderAmendmentConfirmedEvent,
     )
 }
 
@@ -628,7 +772,11 @@ ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
         RiderPresenceChangedEvent,
         RiderRegionChangedEvent,
     ),
-    (Identity.RIDER, InboundKind.STATUS): (OrderStatusChangedEvent, OrderIncidentReportedEvent),
+    (Identity.RIDER, InboundKind.STATUS): (
+        OrderStatusChangedEvent,
+        OrderIncidentReportedEvent,
+        OrderAmendmentConfirmEvent,
+    ),
     (Identity.RIDER, InboundKind.CHAT): (OrderChatPostedEvent,),
     (Identity.RIDER, InboundKind.REPLY): (DispatchReplyEvent,),
     (Identity.RIDER, InboundKind.PRESENCE): (RiderPresenceChangedEvent,),
@@ -650,6 +798,7 @@ COMMAND_EVENTS: dict[Command, type[_Envelope]] = {
     Command.CHAT: OrderChatPostedEvent,
     Command.ASSIGN: OrderAssignEvent,
     Command.ACK_ALERT: AlertAcknowledgeEvent,
+    Command.AMEND_ORDER: OrderAmendEvent,
 }
 
 #: Each request -> the fact the persister records and publishes once it accepts the request.
@@ -660,6 +809,8 @@ FACT_OF: dict[type[_Envelope], type[_Envelope]] = {
     OrderRateEvent: OrderRatedEvent,
     AlertAcknowledgeEvent: AlertAcknowledgedEvent,
     DispatchReplyEvent: DispatchRepliedEvent,
+    OrderAmendEvent: OrderAmendedEvent,
+    OrderAmendmentConfirmEvent: OrderAmendmentConfirmedEvent,
 }
 _REQUEST_OF = {fact: request for request, fact in FACT_OF.items()}
 
@@ -872,6 +1023,9 @@ class OrderState(BaseModel):
     #: The customer's rating once delivered (1-5), and its comment.
     rating: int | None = None
     rating_comment: str = ""
+    #: How to hand the order over (issue 18), and its last amendment.
+    instructions: Instructions | None = None
+    last_amendment: AmendmentNote | None = None
 
 
 class OrderLocation(BaseModel):

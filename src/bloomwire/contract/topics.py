@@ -76,6 +76,8 @@ class Command(StrEnum):
     CHAT = "chat"
     ASSIGN = "assign"
     ACK_ALERT = "ack-alert"
+    #: Change an order after it is placed (issue 18).
+    AMEND_ORDER = "amend-order"
 
 
 class OrderChannel(StrEnum):
@@ -95,6 +97,8 @@ class Inbox(StrEnum):
     ACKS = "acks"
     CHAT = "chat"
     ERRORS = "errors"
+    #: Changes to the rider's orders (issue 18): it may be asked to confirm them.
+    AMENDMENTS = "amendments"
 
 
 #: The order channels a customer of that order may read.
@@ -264,7 +268,7 @@ def acks_topic(source: str) -> str:
 
 
 def rider_inbox(rider: str, channel: Inbox | str) -> str:
-    """``riders/R/inbox/{offers,acks,chat,errors}``."""
+    """``riders/R/inbox/{offers,acks,chat,errors,amendments}``."""
     return _join(RIDERS, check_id(rider, "rider"), "inbox", _member(Inbox, channel, "inbox").value)
 
 

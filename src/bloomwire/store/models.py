@@ -98,6 +98,15 @@ class OrderRow(SQLModel, table=True):
     #: The customer's rating once delivered (1-5; the events row ``order.rated`` is its record).
     rating: int | None = None
     rating_comment: str = ""
+    #: Issue 18: how to hand the order over (an ``InstructionKind`` and free text), a second
+    #: number to try, and the last amendment as the retained state shows it (``AmendmentNote``;
+    #: the ``order.amended`` events are the record of every change).
+    instructions: str = Field(default="none", sa_column=Column(Text, nullable=False, server_default="none"))
+    instructions_text: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    alternate_contact: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    last_amendment: dict[str, Any] | None = Field(
+        default=None, sa_column=Column(JSON(none_as_null=True), nullable=True)
+    )
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 

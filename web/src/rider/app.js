@@ -6,6 +6,7 @@ import { cloudEvent, decode } from '../lib/events.js';
 import { clock, t } from '../lib/i18n.js';
 import { PositionWatch } from './geo.js';
 import { LOCATION, Outbox } from './outbox.js';
+import { withAmendment } from './amend.js';
 import { OfferList, OrderList } from './view.js';
 
 const INCIDENT_REASON = 'flat_tyre';
@@ -29,6 +30,7 @@ export class RiderApp {
       incident: (order, minutes) => this.incident(order, minutes),
       chat: (order, text) => this.chat(order, text),
       remove: (order) => this.remove(order),
+      confirm: (order) => this.confirm(order),
     });
     this.watch = new PositionWatch({
       send: (fix) => this.outbox.send(LOCATION, topic('rider_location', { rider }), cloudEvent('RiderLocationReported', this.src, fix)),
@@ -144,7 +146,25 @@ export class RiderApp {
       this.offers.add(body.data);
     } else if (found.name === 'rider_chat' && body.data) {
       await this.heard(body);
+    } else if (found.name === 'rider_amendments' && body.data) {
+      await this.amended(body);
     }
+  }
+
+  /** One of the rider's orders changed: its new door and instructions, until confirmed. */
+  async amended(event) {
+    const order = this.known.get(event.data.order);
+    if (!order || (order.amendment && order.amendment.id === event.id)) return;
+    await this.save(withAmendment(order, event));
+  }
+
+  /** The rider saw the change: the shop hears it ("r2 confirmed the new address"). */
+  async confirm(orderId) {
+    const order = this.known.get(orderId);
+    if (!order || !order.amendment) return;
+    const event = cloudEvent('OrderAmendmentConfirm', this.src, { order: orderId, amendment: order.amendment.id });
+    await this.save({ ...order, amendment: { ...order.amendment, confirmed: true } });
+    await this.outbox.send('confirm', topic('rider_order_status', { rider: this.rider, order: orderId }), event, { order: orderId });
   }
 
   async heard(event) {

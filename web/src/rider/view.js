@@ -3,6 +3,7 @@
 import { canMove, lifecycle, limits } from '../lib/contract.js';
 import { $, h, setText } from '../lib/dom.js';
 import { clock, t } from '../lib/i18n.js';
+import { amendmentBox, instructionsLine } from './amend.js';
 
 const FAILED = 'failed';
 
@@ -91,7 +92,8 @@ export class OfferList {
 }
 
 export class OrderList {
-  /** `actions`: {report(order, status, extra), incident(order, minutes), chat(order, text), remove(order)}. */
+  /** `actions`: {report(order, status, extra), incident(order, minutes), chat(order, text), remove(order),
+   * confirm(order)}. */
   constructor(actions) {
     this.actions = actions;
     this.cards = new Map(); // order id -> {el, state, chat}
@@ -146,6 +148,8 @@ export class OrderList {
         h('span', { class: 'badge badge-info status' }, t(`rider.status.${o.status}`))),
       o.pickup ? h('p', { class: 'small' }, t('rider.pickup', { place: place(o.pickup) })) : null,
       o.dropoff ? h('p', { class: 'small' }, t('rider.dropoff', { place: place(o.dropoff) })) : null,
+      instructionsLine(o.instructions),
+      amendmentBox(o, (order) => this.actions.confirm(order)),
       o.refused ? h('p', { class: 'error-text small refused' }, t('rider.refused', { reason: o.refused })) : null,
       !o.refused && o.status !== o.confirmed ? h('p', { class: 'muted small unsent' }, t('rider.unsent')) : null,
       o.incidentEta ? h('p', { class: 'notice small' }, t('rider.incident.sent', { time: clock(o.incidentEta) })) : null,

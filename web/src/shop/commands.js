@@ -31,5 +31,6 @@ export class Commands {
   cancel(order, reason, onRefused) { return this.send('command_cancel_order', 'OrderCancel', { order, reason }, onRefused); }
   assign(order, rider, onRefused) { return this.send('command_assign', 'OrderAssign', { order, rider }, onRefused); }
   chat(order, text, onRefused) { return this.send('command_chat', 'OrderChatPosted', { order, text }, onRefused); }
+  amend(data, onRefused) { return this.send('command_amend_order', 'OrderAmend', data, onRefused); }
   ackAlert(alert, by, onRefused) { return this.send('command_ack_alert', 'AlertAcknowledge', { alert, by }, onRefused); }
 }

@@ -5,6 +5,7 @@ import { $, h, setText } from '../lib/dom.js';
 import { clock } from '../lib/i18n.js';
 import { trackingLink } from '../lib/links.js';
 import { drawQr } from '../lib/qr.js';
+import { AmendForm, amendmentFacts } from './amend.js';
 
 function feedback(el, text, ok = true) {
   el.className = ok ? 'feedback ok' : 'feedback error-text';
@@ -44,11 +45,16 @@ export class OrderPanel {
     this.chatInput = h('input', { id: 'order-chat-text', maxlength: '2000', placeholder: 'Message to the customer and rider', autocomplete: 'off' });
     this.chatForm = h('form', { class: 'inline-form', onsubmit: (e) => { e.preventDefault(); this.chat(); } }, this.chatInput, h('button', { type: 'submit' }, 'Send'));
     this.message = h('p', { class: 'feedback', role: 'status' });
+    this.amendForm = new AmendForm({
+      send: (data, refused) => this.commands.amend(data, refused),
+      feedback: (text, ok) => feedback(this.message, text, ok),
+    });
     this.root.replaceChildren(
       this.title, this.facts, this.message,
       h('h3', {}, 'Tracking link'), this.noLink, this.linkBox,
       h('h3', {}, 'Rider'), this.riderNote, this.assignForm,
       h('h3', {}, 'Chat'), this.chatList, this.chatForm,
+      this.amendForm.root,
       h('details', { class: 'more' }, h('summary', {}, 'Timeline and cancel'), this.timeline, this.cancelForm),
     );
   }
@@ -80,10 +86,12 @@ export class OrderPanel {
       ['Rider', s.rider || '–'],
     ];
     if (s.rating) facts.push(['Rating', `${'★'.repeat(s.rating)}${'☆'.repeat(5 - s.rating)} ${s.rating}/5${s.rating_comment ? ` · “${s.rating_comment}”` : ''}`]);
+    facts.push(...amendmentFacts(s));
     if (order.incident) facts.push(['Incident', `${order.incident.reason.replaceAll('_', ' ')}${order.incident.eta ? `, new ETA ${clock(order.incident.eta)}` : ''}`]);
     this.facts.replaceChildren(...facts.flatMap(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
     this.timeline.replaceChildren(...(s.timeline || []).map((e) => h('li', {}, h('time', {}, clock(e.at)), ' ', e.status.replace('_', ' '), e.note ? ` (${e.note})` : '')));
     this.renderLink(order);
+    this.amendForm.render(order.id, s);
     const assignable = canMove(s.status, 'assigned');
     this.assignForm.hidden = !assignable;
     setText(this.riderNote, assignable ? '' : s.rider ? `${s.rider} has it (${s.status.replace('_', ' ')}); it can no longer be reassigned.` : 'This order can no longer be assigned.');

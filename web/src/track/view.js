@@ -4,6 +4,7 @@ import { lifecycle } from '../lib/contract.js';
 import { $, h, setText } from '../lib/dom.js';
 import { clock, t } from '../lib/i18n.js';
 import { COLORS, MapView } from '../lib/map.js';
+import { amendmentText, applyToState, fromEvent, instructionsText } from './amend.js';
 
 const TRAIL_MAX = 300;
 const CHAT_MAX = 200;
@@ -26,6 +27,7 @@ export class TrackView {
     this.map = null;
     this.picked = 0; // stars chosen, not yet sent
     this.rating = null; // {stars, comment, state: 'sending' | 'ok' | 'refused', id, reason}
+    this.amendment = null; // the last amendment: {id, at, fields, asked_by, reason}
   }
 
   showContent() {
@@ -51,6 +53,7 @@ export class TrackView {
     this.eta = state.eta || null;
     if (state.position) this.addPosition(state.position);
     if (state.rating) this.rating = { stars: state.rating, comment: state.rating_comment || '', state: 'ok' };
+    if (state.last_amendment) this.amendment = state.last_amendment;
     this.render();
   }
 
@@ -58,6 +61,11 @@ export class TrackView {
     const data = event.data || {};
     if (event.type === 'order.rated') {
       this.rating = { stars: data.stars, comment: data.comment || '', state: 'ok' };
+    } else if (event.type === 'order.amended') {
+      this.amendment = fromEvent(event);
+      applyToState(this.state, event);
+    } else if (event.type === 'order.amendment_confirmed') {
+      // the rider saw the change: nothing to show the customer
     } else if (data.status) {
       this.status = data.status;
       if (this.state) {
@@ -158,6 +166,7 @@ export class TrackView {
     this.renderStatus();
     this.renderMap();
     this.renderItems();
+    this.renderAmendment();
     this.renderTimeline();
     this.renderRating();
     this.renderChat();
@@ -185,6 +194,19 @@ export class TrackView {
     error.hidden = !(rating && rating.state === 'refused');
     if (!error.hidden) setText(error, t('rating.refused', { reason: rating.reason }));
     card.dataset.rating = rating ? rating.state : '';
+  }
+
+  /** What the shop changed and why, and how the order will be handed over. */
+  renderAmendment() {
+    const notice = $('#amended');
+    const text = this.closed() ? '' : amendmentText(this.amendment);
+    notice.hidden = !text;
+    setText(notice, text);
+    notice.dataset.amendment = (this.amendment && this.amendment.id) || '';
+    const how = $('#instructions');
+    const shown = instructionsText(this.state && this.state.instructions);
+    how.hidden = !shown;
+    setText(how, shown);
   }
 
   renderHeader() {

@@ -44,6 +44,7 @@ from bloomwire.app.clients.rider import (
     RiderDevice,
     RoutePlayer,
     chat_event,
+    confirm_event,
     incident_event,
     load_route,
     outbox_path,
@@ -52,7 +53,14 @@ from bloomwire.app.clients.rider import (
     status_event,
 )
 from bloomwire.app.clients.sender import QueuedError, client_outbox_path
-from bloomwire.app.clients.shop import OrderDraft, ShopTerminal, parse_window
+from bloomwire.app.clients.shop import (
+    AmendDraft,
+    OrderDraft,
+    ShopTerminal,
+    parse_instructions,
+    parse_time,
+    parse_window,
+)
 from bloomwire.app.clients.track import CustomerTracker
 from bloomwire.app.demo import run_demo, run_simulate
 from bloomwire.app.ratings import load_ratings, render_ratings
@@ -72,7 +80,7 @@ rider_app = typer.Typer(
     no_args_is_help=True,
 )
 shop_app = typer.Typer(
-    help="The shop terminal: create, watch, assign, cancel, chat, acknowledge.", no_args_is_help=True
+    help="The shop terminal: create, amend, watch, assign, cancel, chat, acknowledge.", no_args_is_help=True
 )
 order_app = typer.Typer(help="Orders of the shop.", no_args_is_help=True)
 shop_app.add_typer(order_app, name="order")
@@ -416,6 +424,30 @@ def rider_chat(
     _rider_once(_settings(ctx), rider, password, device, outbox, lambda: chat_event(rider, order, text), wait)
 
 
+@rider_app.command("confirm")
+def rider_confirm(
+    ctx: typer.Context,
+    rider: RiderArg,
+    order: OrderArg,
+    amendment: Annotated[str, typer.Argument(help="The amendment's id (shown with the change).")],
+    note: Annotated[str, typer.Option(help="A word for the shop.")] = "",
+    password: Password = None,
+    device: Device = None,
+    outbox: OutboxOpt = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Confirm a change to one of your orders (a new address or instructions): the shop sees it."""
+    _rider_once(
+        _settings(ctx),
+        rider,
+        password,
+        device,
+        outbox,
+        lambda: confirm_event(rider, order, amendment, note),
+        wait,
+    )
+
+
 @rider_app.command("reply")
 def rider_reply(
     ctx: typer.Context,
@@ -611,6 +643,83 @@ def shop_order_create(
         return 0
 
     _shop(ctx, shop, password, username, device, action)
+
+
+@order_app.command("amend")
+def shop_order_amend(
+    ctx: typer.Context,
+    order: OrderArg,
+    shop: ShopOpt,
+    window_start: Annotated[
+        str | None,
+        typer.Option("--window-start", help="New start of the promised window: HH:MM (today) or ISO 8601."),
+    ] = None,
+    window_end: Annotated[
+        str | None,
+        typer.Option("--window-end", help="New end of the promised window: HH:MM (today) or ISO 8601."),
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="New delivery address (until the rider has arrived).")
+    ] = None,
+    at: Annotated[
+        str | None, typer.Option("--at", help="New delivery position LAT,LON (with --address).")
+    ] = None,
+    item: Annotated[
+        list[str] | None, typer.Option("--item", help="The items, all of them (repeat; until picked up).")
+    ] = None,
+    note: Annotated[str | None, typer.Option(help="New note for the rider.")] = None,
+    phone: Annotated[str | None, typer.Option(help="New customer phone.")] = None,
+    alternate_contact: Annotated[
+        str | None, typer.Option("--alternate-contact", help="Another person or number to try.")
+    ] = None,
+    instructions: Annotated[
+        str | None,
+        typer.Option(
+            help="How to hand it over: call_first, leave_at_door, hand_to_reception, none, or free text."
+        ),
+    ] = None,
+    customer_asked: Annotated[
+        bool, typer.Option("--customer-asked", help="The customer asked for it (shown as 'at your request').")
+    ] = False,
+    reason: Annotated[str, typer.Option(help="Why, in a few words (the customer and rider see it).")] = "",
+    password: Password = None,
+    username: Username = None,
+    device: Device = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Change an order after it is placed: only what you give changes.
+
+    The window, instructions, note and contacts can change until delivered.
+
+    The address and position: until the rider has arrived. The items: until picked up.
+
+    Nothing changes after a final state; a refused change names the rule it breaks.
+
+    The rider holding the order is told, and confirms a new address or new instructions.
+    """
+    try:
+        draft = AmendDraft(
+            order=check_name(order, "order"),
+            window_start=parse_time(window_start, "--window-start") if window_start else None,
+            window_end=parse_time(window_end, "--window-end") if window_end else None,
+            address=address,
+            position=parse_point(at, "--at") if at else None,
+            items=item,
+            note=note,
+            phone=phone,
+            alternate_contact=alternate_contact,
+            instructions=parse_instructions(instructions) if instructions is not None else None,
+            asked_by="customer" if customer_asked else "shop",
+            reason=reason,
+        )
+        draft.build(shop)  # refuse bad input before connecting
+    except UsageError as exc:
+        raise _fail(str(exc), 2) from None
+
+    async def action(terminal: ShopTerminal) -> int:
+        return _report(await terminal.amend(draft, timeout=wait), f"amending {order}")
+
+    _shop(ctx, shop, password, username, device, action, need_orders=(order,))
 
 
 def _print_tracking_link(settings: Settings, access: CustomerAccess) -> None:

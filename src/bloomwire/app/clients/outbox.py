@@ -42,6 +42,8 @@ KINDS = (
     "cancel-order",
     "assign",
     "ack-alert",
+    "amend-order",
+    "confirm",
 )
 
 _SCHEMA = """

@@ -8,7 +8,8 @@
   (:class:`~bloomwire.app.clients.sender.OutboxSender`, shared with the shop and customer clients);
   the persister's ack deletes it, a refusal moves it aside and is shown; whatever is left is sent
   again after every (re)connection and at the next app start;
-- receives offers (``riders/R/inbox/offers``), chat, acks and errors from ``riders/R/inbox/#``.
+- receives offers (``riders/R/inbox/offers``), chat, amendments of its orders (which it may
+  confirm), acks and errors from ``riders/R/inbox/#``.
 
 :class:`RiderApp` is the interactive command-line app around it (positions from a route file,
 fixed coordinates or a simulated ride; offers answered by flag or typed commands).
@@ -153,6 +154,36 @@ def chat_event(rider: str, order: str, text: str) -> Outgoing:
     return Outgoing(event.id, "chat", topics.rider_order_chat(rider, order), ev.encode(event), order)
 
 
+def confirm_event(rider: str, order: str, amendment: str, note: str = "") -> Outgoing:
+    """The rider confirms it has seen an amendment of an order it holds (issue 18)."""
+    check_name(order, "order")
+    try:
+        data = ev.AmendmentConfirmation(order=order, amendment=amendment, note=note)
+    except ValidationError as exc:
+        raise _usage(exc) from None
+    event = ev.OrderAmendmentConfirmEvent(source=_source(rider), data=data)
+    return Outgoing(event.id, "confirm", topics.rider_order_status(rider, order), ev.encode(event), order)
+
+
+def needs_confirmation(amendment: ev.OrderAmendedEvent) -> bool:
+    """Whether the rider app asks the rider to confirm this amendment (a new door or new
+    instructions: the shop wants to know the rider saw it)."""
+    return bool(ev.RIDER_CONFIRMS & amendment.data.changes.keys())
+
+
+def describe_amendment(amendment: ev.OrderAmendedEvent) -> list[str]:
+    """One line per change, as the rider app shows it."""
+    lines = []
+    for field, change in amendment.data.changes.items():
+        new = change.new
+        if field is ev.AmendField.INSTRUCTIONS and isinstance(new, dict):
+            new = " — ".join(str(v) for v in (new.get("kind"), new.get("text")) if v)
+        elif field is ev.AmendField.POSITION and isinstance(new, dict):
+            new = f"{new.get('lat')},{new.get('lon')}"
+        lines.append(f"{field.value.replace('_', ' ')}: {new}")
+    return lines
+
+
 def reply_event(rider: str, offer: str, order: str, accept: bool, reason: str = "") -> Outgoing:
     """Accept or decline an offer."""
     check_name(offer, "offer")
@@ -202,6 +233,9 @@ class RiderListener(Protocol):
     def chat(self, chat: ev.OrderChatPostedEvent) -> None:
         """A chat line from the shop or the customer."""
 
+    def amendment(self, amendment: ev.OrderAmendedEvent) -> None:
+        """One of the rider's orders changed (issue 18)."""
+
     def stored(self, entries: Sequence[Entry]) -> None:
         """The persister committed these events (positions included)."""
 
@@ -216,6 +250,9 @@ class QuietListener:
         """Ignore."""
 
     def chat(self, chat: ev.OrderChatPostedEvent) -> None:
+        """Ignore."""
+
+    def amendment(self, amendment: ev.OrderAmendedEvent) -> None:
         """Ignore."""
 
     def stored(self, entries: Sequence[Entry]) -> None:
@@ -257,6 +294,8 @@ class RiderDevice(Client):
         self.observer: Observer = observer or NullObserver()
         self.waiters = Waiters()
         self.offers: dict[str, ev.DispatchOfferedEvent] = {}
+        #: order -> id of its last amendment received (what `confirm ORDER` confirms)
+        self.amendments: dict[str, str] = {}
         self._reported: set[str] = set()
         self.sender = OutboxSender(
             self.conn,
@@ -320,6 +359,13 @@ class RiderDevice(Client):
         """Send a chat line on an order; returns the event id."""
         return self.send(chat_event(self.rider, order, text))
 
+    def confirm(self, order: str, amendment: str | None = None, note: str = "") -> str:
+        """Confirm an amendment of ``order`` (its last one received if not given); the event id."""
+        amendment = amendment or self.amendments.get(order)
+        if amendment is None:
+            raise UsageError(f"no amendment of order {order!r} to confirm (give its id)")
+        return self.send(confirm_event(self.rider, order, amendment, note))
+
     def reply(self, offer: str, accept: bool, *, order: str | None = None, reason: str = "") -> str:
         """Accept or decline an offer (its order looked up from the received offer if not given)."""
         if order is None:
@@ -353,7 +399,7 @@ class RiderDevice(Client):
     # --- receiving ----------------------------------------------------------------------------
 
     def handle(self, msg: Message) -> None:
-        """Acks, errors, offers and chat from ``riders/R/inbox/#``."""
+        """Acks, errors, offers, chat and amendments from ``riders/R/inbox/#``."""
         channel = msg.topic.rsplit("/", 1)[-1]
         if channel == topics.Inbox.ACKS:
             ids = [str(i) for i in ev.Ack.model_validate_json(msg.payload).ids]
@@ -381,6 +427,11 @@ class RiderDevice(Client):
             event = ev.decode(msg.payload)
             if isinstance(event, ev.OrderChatPostedEvent):
                 self.listener.chat(event)
+        elif channel == topics.Inbox.AMENDMENTS:
+            event = ev.decode(msg.payload)
+            if isinstance(event, ev.OrderAmendedEvent):
+                self.amendments[event.data.order] = event.id
+                self.listener.amendment(event)
 
 
 # --- positions for the command-line app ----------------------------------------------------------
@@ -531,7 +582,7 @@ def _geojson_points(obj: object, path: Path) -> list[tuple[float, float]]:
 HELP = (
     "commands: accept [OFFER] | decline [OFFER] [reason] | status ORDER STATUS [note] | "
     "fail ORDER REASON [note] | incident ORDER REASON [ETA_MIN] [note] | chat ORDER TEXT | "
-    "outbox | help | quit"
+    "confirm ORDER [note] | outbox | help | quit"
 )
 
 
@@ -583,6 +634,19 @@ class RiderApp:
     def chat(self, chat: ev.OrderChatPostedEvent) -> None:
         """Show a chat line."""
         self.console.print(f"[cyan]chat[/cyan] {chat.data.order} {chat.data.author}: {chat.data.text}")
+
+    def amendment(self, amendment: ev.OrderAmendedEvent) -> None:
+        """Show what changed; ask for a confirmation of a new door or new instructions."""
+        d = amendment.data
+        who = "at the customer's request" if d.asked_by == "customer" else "by the shop"
+        why = f": {d.reason}" if d.reason else ""
+        self.console.print(
+            f"[bold yellow]order {d.order} changed[/bold yellow] ({who}{why})", highlight=False
+        )
+        for line in describe_amendment(amendment):
+            self.console.print(f"  {line}", markup=False, highlight=False)
+        if needs_confirmation(amendment):
+            self.console.print(f"  type `confirm {d.order}` once you have seen it", markup=False)
 
     def stored(self, entries: Sequence[Entry]) -> None:
         """Say which events the store now holds (positions are not worth a line)."""
@@ -690,6 +754,9 @@ class RiderApp:
         elif verb == "chat" and len(args) >= 2:
             eid = d.chat(args[0], " ".join(args[1:]))
             self.console.print(f"sent chat on {args[0]} ({eid})")
+        elif verb == "confirm" and args:
+            eid = d.confirm(args[0], note=" ".join(args[1:]))
+            self.console.print(f"sent confirmation of the change to {args[0]} ({eid})")
         else:
             raise UsageError(f"cannot read {line.strip()!r}; type help for the commands")
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
@@ -44,6 +45,7 @@ from bloomwire.runtime.mqtt import Message
 from bloomwire.runtime.settings import Settings
 
 _HHMM = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*[-–]\s*(\d{1,2}):(\d{2})\s*$")
+_HHMM_ONE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*$")
 
 
 def new_order_id(now: datetime | None = None) -> str:
@@ -133,6 +135,74 @@ class OrderDraft:
             customer_username=customer_username(order),
         )
         return ev.OrderCreateEvent(source=f"{topics.SHOPS}/{shop}", data=data)
+
+
+def parse_time(text: str, what: str, *, now: datetime | None = None) -> datetime:
+    """A point in time from ``HH:MM`` (today, local time) or ISO 8601; :class:`UsageError` if neither."""
+    now = now or ev.now()
+    m = _HHMM_ONE.match(text)
+    if m:
+        hour, minute = int(m.group(1)), int(m.group(2))
+        if hour > 23 or minute > 59:
+            raise UsageError(f"{what} {text!r}: {hour:02d}:{minute:02d} is not a time of day")
+        return now.astimezone().replace(hour=hour, minute=minute, second=0, microsecond=0)
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"{what} {text!r} must be HH:MM (today) or ISO 8601, e.g. 16:30") from None
+    return at if at.tzinfo is not None else at.astimezone()
+
+
+def parse_instructions(text: str) -> ev.Instructions:
+    """``call_first``, ``leave_at_door``, ``hand_to_reception``, ``none``, or free text."""
+    kinds = {k.value: k for k in ev.InstructionKind}
+    word = text.strip().lower().replace("-", "_").replace(" ", "_")
+    try:
+        if word in kinds:
+            return ev.Instructions(kind=kinds[word])
+        return ev.Instructions(kind=ev.InstructionKind.OTHER, text=text)
+    except ValidationError as exc:
+        raise UsageError(f"--instructions: {ev.describe_validation_error(exc)}") from None
+
+
+@dataclass
+class AmendDraft:
+    """What the shop changes on an order (None: unchanged)."""
+
+    order: str
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    address: str | None = None
+    position: tuple[float, float] | None = None
+    items: Sequence[str] | None = None
+    note: str | None = None
+    phone: str | None = None
+    alternate_contact: str | None = None
+    instructions: ev.Instructions | None = None
+    asked_by: Literal["shop", "customer"] = "shop"
+    reason: str = ""
+
+    def build(self, shop: str) -> ev.OrderAmendEvent:
+        """The ``order.amend`` request, validated (a :class:`UsageError` names the bad field)."""
+        values: dict[str, Any] = {
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+            "address": self.address,
+            "items": None if self.items is None else list(self.items),
+            "note": self.note,
+            "customer_phone": self.phone,
+            "alternate_contact": self.alternate_contact,
+            "instructions": self.instructions,
+        }
+        if self.position is not None:
+            values["lat"], values["lon"] = check_point(*self.position, "delivery position")
+        given = {k: v for k, v in values.items() if v is not None}
+        if not given:
+            raise UsageError("nothing to change: give at least one of the options (see --help)")
+        data = build_data(
+            ev.OrderAmendment, order=self.order, asked_by=self.asked_by, reason=self.reason, **given
+        )
+        return ev.OrderAmendEvent(source=f"{topics.SHOPS}/{shop}", data=data)
 
 
 @dataclass(frozen=True)
@@ -304,6 +374,11 @@ class ShopTerminal(Client):
         data = build_data(ev.OrderChat, order=check_name(order, "order"), text=text)
         event = ev.OrderChatPostedEvent(source=self._source(), data=data)
         return await self._run(Command.CHAT, event, timeout, f"chat on {order}")
+
+    async def amend(self, draft: AmendDraft, *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S) -> Outcome:
+        """Change an order after it is placed (refused, naming the rule, when too late)."""
+        event = draft.build(self.shop)
+        return await self._run(Command.AMEND_ORDER, event, timeout, f"amending {draft.order}")
 
     async def ack_alert(
         self, alert: str, *, by: str = "", timeout: float = DEFAULT_ANSWER_TIMEOUT_S

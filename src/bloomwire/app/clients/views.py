@@ -70,6 +70,16 @@ def lateness(when: datetime, window: ev.Window) -> str:
     return "on time"
 
 
+def amendment_words(fields: list[str]) -> str:
+    """What a confirmation confirms: ``the new address``, ``the new instructions``, or both."""
+    words = []
+    if {"address", "position"} & set(fields):
+        words.append("address")
+    if "instructions" in fields:
+        words.append("instructions")
+    return f"the new {' and '.join(words)}" if words else "the change"
+
+
 def _decode(payload: bytes) -> ev.Event | None:
     try:
         return ev.decode(payload)
@@ -123,6 +133,8 @@ class ShopView:
     errors: deque[ev.Refusal] = field(default_factory=lambda: deque(maxlen=FEED_LINES))
     #: Customer accesses the provisioner published (access-control mode), by order.
     accesses: dict[str, ev.CustomerAccess] = field(default_factory=dict)
+    #: amendment id -> the fields it changed (a rider's confirmation names them)
+    amended: dict[str, list[str]] = field(default_factory=dict)
     messages: int = 0
 
     def line(self, order: str) -> OrderLine:
@@ -209,14 +221,33 @@ class ShopView:
             line.updated_at = event.time
             eta = f", new ETA {clock(event.data.eta)}" if event.data.eta else ""
             self.feed.append(f"{clock_s(event.time)} {order} incident: {event.data.reason}{eta}")
-        elif isinstance(event, ev.OrderRatedEvent):
-            comment = f": {event.data.comment}" if event.data.comment else ""
-            self.feed.append(f"{clock_s(event.time)} {order} rated {event.data.stars}/5{comment}")
-        elif isinstance(event, ev.OrderChatPostedEvent):
-            self.feed.append(f"{clock_s(event.time)} {order} 💬 {event.data.author}: {event.data.text}")
         elif channel == topics.OrderChannel.ALERTS:
             self._alert(event)
+        elif event is not None and (said := self._said(event)):
+            self.feed.append(f"{clock_s(event.time)} {order} {said}")
         return event
+
+    def _said(self, event: ev.Event) -> str:
+        """The feed line of a rating, a chat line or an amendment ("" for anything else)."""
+        if isinstance(event, ev.OrderRatedEvent):
+            comment = f": {event.data.comment}" if event.data.comment else ""
+            return f"rated {event.data.stars}/5{comment}"
+        if isinstance(event, ev.OrderChatPostedEvent):
+            return f"💬 {event.data.author}: {event.data.text}"
+        if isinstance(event, ev.OrderAmendedEvent | ev.OrderAmendmentConfirmedEvent):
+            return self._amendment(event)
+        return ""
+
+    def _amendment(self, event: ev.OrderAmendedEvent | ev.OrderAmendmentConfirmedEvent) -> str:
+        """``amended: window end, address (customer: …)`` / ``r2 confirmed the new address``."""
+        if isinstance(event, ev.OrderAmendedEvent):
+            d = event.data
+            self.amended[event.id] = [f.value for f in d.changes]
+            fields = ", ".join(f.value.replace("_", " ") for f in d.changes)
+            why = f": {d.reason}" if d.reason else ""
+            return f"amended: {fields} ({d.asked_by}{why})"
+        c = event.data
+        return f"{c.rider or 'the rider'} confirmed {amendment_words(self.amended.get(c.amendment, []))}"
 
     def _alert(self, event: ev.Event | None) -> None:
         if isinstance(event, ev.AlertRaisedEvent):
@@ -363,6 +394,12 @@ class TrackView:
                 self.state = self.state.model_copy(update={"eta": event.data.eta})
         elif isinstance(event, ev.OrderChatPostedEvent):
             self.chat.append((event.time, event.data.author, event.data.text))
+        elif isinstance(event, ev.OrderAmendedEvent):
+            d = event.data
+            who = "at your request" if d.asked_by == "customer" else "by the shop"
+            why = f": {d.reason}" if d.reason else ""
+            fields = ", ".join(f.value.replace("_", " ") for f in d.changes)
+            self._add_step(event.time, "amended", f"{fields} ({who}{why})")
         return event
 
     def _add_step(self, at: datetime, status: str, note: str) -> None:

@@ -22,9 +22,10 @@ from typing import Literal
 from bloomwire.app.clients.access import CustomerAccess, ProvisionedAccess
 from bloomwire.app.clients.base import ClientError, wait_event
 from bloomwire.app.clients.outbox import LOCATION, Entry, Outbox
-from bloomwire.app.clients.rider import MAX_VEL_KMH, RiderDevice
+from bloomwire.app.clients.rider import MAX_VEL_KMH, RiderDevice, needs_confirmation
 from bloomwire.app.clients.shop import OrderDraft, ShopTerminal
 from bloomwire.app.clients.track import CustomerTracker
+from bloomwire.app.simulate import amends
 from bloomwire.app.simulate.clock import SimClock
 from bloomwire.app.simulate.metrics import Metrics
 from bloomwire.app.simulate.plan import DayPlan, Fate, OrderPlan, RiderPlan, ShopSite
@@ -269,6 +270,11 @@ class SimRider:
         if chat.data.author.startswith("customer:") and chat.data.order:
             self.tasks.append(asyncio.create_task(self._reply_chat(chat.data.order)))
 
+    def amendment(self, amendment: ev.OrderAmendedEvent) -> None:
+        """A change to one of its orders: the rider confirms a new door or new instructions."""
+        if self.device is not None and needs_confirmation(amendment):
+            self.device.confirm(amendment.data.order, amendment.id)
+
     def stored(self, entries: Sequence[Entry]) -> None:
         """Acks: an accepted offer is a job now."""
         for e in entries:
@@ -503,6 +509,9 @@ class SimShop:
         self._last_assign: dict[str, float] = {}
         self._unassigned_since: dict[str, tuple[str, float]] = {}
         self.manual_assignments = 0
+        self._plans = {o.id: o for o in self.orders}
+        self._scenes = amends.scenes(world.plan.orders)
+        self._amended: set[str] = set()
 
     async def start(self) -> None:
         """Open the terminal."""
@@ -558,6 +567,7 @@ class SimShop:
                 self.world.note(f"{self.site.id} took {o.id} for {o.customer}, promised {window}")
                 if o.fate is Fate.CANCELLED:
                     self.tasks.append(asyncio.create_task(self._cancel_later(o)))
+                self._maybe_amend(o, None)
                 if o.customer_chat is not None and created.access is not None:
                     customer = SimCustomer(self.world, o, created.access)
                     self.world.customers.append(customer)
@@ -566,11 +576,35 @@ class SimShop:
             self.creating_done.set()
 
     def _on_message(self, topic: str, message: object) -> None:
-        """The shop's feed: someone at the counter acknowledges each new alert of the shop."""
+        """The shop's feed: someone at the counter acknowledges each new alert of the shop; a
+        status may be the moment a customer's change comes in."""
+        if isinstance(message, ev.OrderStatusChangedEvent) and message.data.order in self._plans:
+            self._maybe_amend(self._plans[message.data.order], message.data.status)
         if isinstance(message, ev.AlertRaisedEvent) and topic.endswith("/alerts") and "/orders/" not in topic:
             self.world.metrics.counters["alerts raised"] += 1
             self.world.note(f"{self.site.id} alert {message.data.rule.value}: {message.data.message}")
             self.tasks.append(asyncio.create_task(self._acknowledge(message.data.alert)))
+
+    def _maybe_amend(self, order: OrderPlan, status: OrderStatus | None) -> None:
+        """Change ``order`` now if this is its scene's moment (once)."""
+        scene = self._scenes.get(order.id)
+        if scene is None or amends.TRIGGER[scene] != status or order.id in self._amended:
+            return
+        self._amended.add(order.id)
+        self.tasks.append(asyncio.create_task(self._amend(order, scene), name=f"amend-{order.id}"))
+
+    async def _amend(self, order: OrderPlan, scene: amends.Scene) -> None:
+        await asyncio.sleep(0.3)  # the phone call; no draw from the shop's random stream
+        try:
+            outcome = await self.terminal.amend(amends.draft_for(scene, order, self.world.clock), timeout=10)
+        except ClientError as exc:
+            self.world.note(f"{self.site.id}: changing {order.id} not confirmed: {exc}")
+            return
+        if outcome.stored:
+            self.world.metrics.counters["orders amended"] += 1
+            self.world.note(f"{self.site.id} changed {order.id} at the customer's request: {scene.value}")
+        else:
+            self.world.note(f"{self.site.id}: changing {order.id} refused: {outcome.reason}")
 
     async def _acknowledge(self, alert: str) -> None:
         await asyncio.sleep(self.rng.uniform(0.3, 1.0))

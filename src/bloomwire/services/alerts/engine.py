@@ -182,6 +182,8 @@ class AlertEngine:
         self.full_at = -math.inf
         self.loaded = False
         self.followups_sent: dict[str, float] = {}
+        #: order id -> the fields its last amendment changed (issue 18): a resolution it causes says so
+        self.amended: dict[str, str] = {}
         self.stats = Stats()
         self._orders = RowCache(sa.select(*ORDER_COLUMNS).where(_O.status.in_(ACTIVE)), order_from_raw)
         self._riders = RowCache(sa.select(*RIDER_COLUMNS), rider_from_raw)
@@ -335,6 +337,8 @@ class AlertEngine:
         else:
             for subject in snap.scope:
                 self.subject_at[subject] = max(self.subject_at.get(subject, -math.inf), snap.taken_at)
+        for order in [o for o in self.amended if o in snap.views]:
+            del self.amended[order]  # this read saw the amendment: later resolutions are its own
 
     def _skipped(self, snap: Snapshot, mono: float) -> set[Subject] | None:
         """Subjects an edge-triggered evaluation read after ``snap`` (it knew better), or None when
@@ -485,6 +489,9 @@ class AlertEngine:
         view = snap.views.get(order) if order else None
         status = view.status.value.replace("_", " ") if view else None
         reason = f"condition cleared (order is {status})" if status else "condition cleared"
+        changed = self.amended.get(order) if order else None
+        if changed:
+            reason = f"condition cleared: the order was amended ({changed})"
         self._send_resolved(tracked, snap.now, mono, reason)
 
     def _send_resolved(self, tracked: Tracked, now: datetime, mono: float, reason: str) -> None:
@@ -572,6 +579,11 @@ class AlertEngine:
     def mark_stopping(self) -> None:
         """Wake the worker so it sees its stop event now."""
         self._wake.set()
+
+    def note_amended(self, order: str, fields: Iterable[str]) -> None:
+        """An amendment of ``order`` was committed: evaluate it soon, and say so if that resolves alerts."""
+        self.amended[order] = ", ".join(fields)
+        self.mark(("order", order))
 
     def mark(self, subject: Subject) -> None:
         """An event about ``subject`` was committed: evaluate it soon."""

@@ -180,7 +180,11 @@ class AlertsService(Service[AlertsState]):
     async def on_status(self, event: ev.Event, msg: Message) -> None:
         """An order's status changed: look at that order again."""
         order = getattr(event.data, "order", None)
-        if not msg.retain and isinstance(order, str):
+        if msg.retain or not isinstance(order, str):
+            return
+        if isinstance(event, ev.OrderAmendedEvent):  # its window or address may have made alerts moot
+            self.state.engine.note_amended(order, [f.value for f in event.data.changes])
+        else:
             self.state.engine.mark(("order", order))
 
     async def on_rider_state(self, state: ev.RiderState | None, msg: Message) -> None:

@@ -110,9 +110,11 @@ class DispatchService(Service[DispatchState]):
         self.publish(topic, payload, qos=1)
 
     async def on_status(self, event: ev.Event, msg: Message) -> None:
-        """An order was created, became ready again or closed (a rider freed): a pass soon."""
+        """An order was created, became ready again, closed (a rider freed) or moved: a pass soon."""
         if isinstance(event, ev.OrderStatusChangedEvent) and event.data.status in _WAKE_STATUSES:
             self.state.passes.wake(msg.received_at)
+        elif isinstance(event, ev.OrderAmendedEvent) and ev.AmendField.POSITION in event.data.changes:
+            self.state.passes.wake(msg.received_at)  # a waiting order moved: plan it from there
 
     async def on_presence(self, msg: Message) -> None:
         """A rider came or went (the payload does not matter: the store says which)."""

@@ -29,7 +29,16 @@ from bloomwire.contract.topics import Identity, InboundKind, InboundTopic
 from bloomwire.contract.validate import DEFAULT_TIME_BOUNDS, TimeBounds
 from bloomwire.errors import TopicError
 from bloomwire.runtime.log import get_logger
-from bloomwire.services.persister import alerts, chat, offers, orders, ratings, riders, snapshots
+from bloomwire.services.persister import (
+    alerts,
+    amendments,
+    chat,
+    offers,
+    orders,
+    ratings,
+    riders,
+    snapshots,
+)
 from bloomwire.services.persister.decode import Decoded, Undecodable, decode, event_id
 from bloomwire.services.persister.messages import BatchResult, Inbound, Outbound
 from bloomwire.services.persister.projections import Projections
@@ -61,6 +70,7 @@ HANDLERS: Mapping[type[ev._Envelope], Handler] = {
     **alerts.HANDLERS,
     **chat.HANDLERS,
     **ratings.HANDLERS,
+    **amendments.HANDLERS,
 }
 LOCATION_KINDS = frozenset({InboundKind.LOCATION, InboundKind.OWNTRACKS})
 #: Inbound kinds whose retained publishes are used: presence is state, and the OwnTracks app
@@ -281,8 +291,10 @@ class Projector:
             work.refuse(msg, where, event.id, f"internal error: {exc}")
             result.refused += 1
             return
-        row = _event_row(self.projections, where, event, msg.topic, work.now)
-        work.seen[event.id] = _digest(event, row["data"])
+        recorded = work.recorded.pop(event.id, event)  # an amendment is stored with its old values
+        row = _event_row(self.projections, where, recorded, msg.topic, work.now)
+        sent = row["data"] if recorded is event else event.data.model_dump_json(exclude_none=True)
+        work.seen[event.id] = _digest(event, sent)
         work.events.append(row)
         work.ack(where, event.id)
         result.stored += 1
@@ -320,9 +332,9 @@ class Projector:
             same = known == _digest(event, data_json)
         else:
             kind, source, at, data = known
-            same = (kind, source, at) == (event.type, event.source, event.time) and data == json.loads(
-                data_json
-            )
+            same = (kind, source, at) == (event.type, event.source, event.time) and amendments.as_sent(
+                data
+            ) == amendments.as_sent(json.loads(data_json))
         if same:
             work.ack(where, event.id)
             result.duplicates += 1

@@ -47,6 +47,10 @@ class Order:
     closed_at: datetime | None = None
     rating: int | None = None
     rating_comment: str = ""
+    instructions: str = "none"
+    instructions_text: str = ""
+    alternate_contact: str = ""
+    last_amendment: dict[str, Any] | None = None
 
 
 @dataclass(slots=True, eq=False)

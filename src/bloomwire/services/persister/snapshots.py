@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import CLOSED, OUT_FOR_DELIVERY, OrderStatus
+from bloomwire.services.persister import amendments
 from bloomwire.services.persister.lifecycle import STEP_COLUMN
 from bloomwire.services.persister.messages import Outbound
 from bloomwire.services.persister.projections import Projections
@@ -41,6 +42,9 @@ def order_state(order: Order, rider: Rider | None, open_alerts: int) -> ev.Order
         # delivered already has its step above; cancelled, failed and returned end it here
         note = order.failure_reason or ""
         timeline.append(ev.TimelineEntry(status=S(order.status), at=order.closed_at, note=note))
+    amended = amendments.timeline_entry(order)
+    if amended is not None:
+        timeline.append(amended)
     timeline.sort(key=lambda t: t.at)
     out = order.status in OUT_FOR_DELIVERY
     return ev.OrderState(
@@ -58,6 +62,7 @@ def order_state(order: Order, rider: Rider | None, open_alerts: int) -> ev.Order
         destination=ev.Place(lat=order.lat, lon=order.lon, address=order.address or ""),
         rating=order.rating,
         rating_comment=order.rating_comment,
+        **amendments.state_fields(order),
     )
 
 

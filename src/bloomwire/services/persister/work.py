@@ -89,6 +89,9 @@ class UnitOfWork:
         self.rider_states: dict[str, set[str]] = defaultdict(set)
         #: event id -> content digest of the events this batch stores
         self.seen: dict[str, int] = {}
+        #: event id -> what to store for it when that says more than was sent (an amendment's
+        #: old values); the sent event is still what a re-sent copy is compared with
+        self.recorded: dict[str, Any] = {}
         self._new: dict[CachedTable[Any], set[str]] = defaultdict(set)
         self._dirty: dict[CachedTable[Any], set[str]] = defaultdict(set)
 
