@@ -103,6 +103,19 @@ SAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
     "alert.acknowledge": ("shops/s1", {"alert": "al-9", "by": "Marta at the counter"}),
     "order.rate": ("customers/c-o1", {"order": "o1", "stars": 5, "comment": "On time, lovely"}),
     "order.rated": ("customers/c-o1", {"order": "o1", "stars": 5, "comment": "On time, lovely"}),
+    "order.photo_attached": (
+        "riders/r7",
+        {
+            "order": "o1",
+            "photo": {
+                "sha256": "ab" * 32,
+                "content_type": "image/jpeg",
+                "width": 640,
+                "height": 480,
+                "size": 52000,
+            },
+        },
+    ),
 }
 
 

@@ -48,6 +48,8 @@ OWNTRACKS_LOCATION = "OwnTracksLocation"
 OWNTRACKS_LWT = "OwnTracksLwt"
 OWNTRACKS_TRANSITION = "OwnTracksTransition"
 OWNTRACKS_IGNORED = "OwnTracksIgnored"
+#: A rider's delivery photo: the image's bytes (issue 16).
+DELIVERY_PHOTO = "DeliveryPhoto"
 #: What the backbone does with each OwnTracks subtopic's payloads besides ``event``.
 _OWNTRACKS_RETAINED = (
     " Retained as the OwnTracks Recorder has it by default: what the broker replays on "
@@ -147,6 +149,18 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "receive",
             "A chat line from the rider about one of its orders.",
             ("order.chat_posted",),
+            _RIDER_DEVICE,
+            _PERSISTER,
+        ),
+        ChannelSpec(
+            "riderOrderPhoto",
+            _addr(t.rider_order_photo, "{rider}", "{order}"),
+            "receive",
+            "The rider's delivery photo: a JPEG or PNG as the binary payload (at most 250 KiB, "
+            "16 to 8192 px a side), checked, stored by its sha256 and recorded as an "
+            "order.photo_attached (id derived from rider, order and sha256); a bad image is "
+            "dead-lettered with the reason.",
+            (DELIVERY_PHOTO,),
             _RIDER_DEVICE,
             _PERSISTER,
         ),
@@ -259,8 +273,8 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.order_topic, *order, OrderChannel.STATUS),
             "send",
             "Every accepted status change of the order (creation, offers, replies, progress, "
-            "cancellation), every incident, and the customer's rating.",
-            ("order.status_changed", "order.incident_reported", "order.rated"),
+            "cancellation), every incident, the delivery photo's reference and the customer's rating.",
+            ("order.status_changed", "order.incident_reported", "order.photo_attached", "order.rated"),
             _PERSISTER,
             "shop, customer, services",
         ),
@@ -463,6 +477,12 @@ def _schemas() -> dict[str, Any]:
     for cls in (*ev.EVENT_TYPES.values(), *ev.ACCESS_EVENT_TYPES.values()):
         _require_on_wire(schemas[cls.__name__])
     schemas.update(_owntracks_schemas())
+    schemas[DELIVERY_PHOTO] = {
+        "title": DELIVERY_PHOTO,
+        "description": "The bytes of a JPEG or PNG image, not JSON.",
+        "type": "string",
+        "format": "binary",
+    }
     schemas[PRESENCE_WORD] = {
         "title": PRESENCE_WORD,
         "description": "A bare UTF-8 word, not JSON.",
@@ -580,6 +600,13 @@ def _messages() -> dict[str, Any]:
             "contentType": "application/json",
             "payload": {"$ref": SCHEMA_REF.format(model=name)},
         }
+    messages[DELIVERY_PHOTO] = {
+        "name": DELIVERY_PHOTO,
+        "title": DELIVERY_PHOTO,
+        "summary": "A delivery photo: a JPEG or PNG image's bytes.",
+        "contentType": "application/octet-stream",
+        "payload": {"$ref": SCHEMA_REF.format(model=DELIVERY_PHOTO)},
+    }
     messages[PRESENCE_WORD] = {
         "name": PRESENCE_WORD,
         "title": PRESENCE_WORD,

@@ -29,7 +29,7 @@ from bloomwire.contract.topics import Identity, InboundKind, InboundTopic
 from bloomwire.contract.validate import DEFAULT_TIME_BOUNDS, TimeBounds
 from bloomwire.errors import TopicError
 from bloomwire.runtime.log import get_logger
-from bloomwire.services.persister import alerts, chat, offers, orders, ratings, riders, snapshots
+from bloomwire.services.persister import alerts, chat, offers, orders, proof, ratings, riders, snapshots
 from bloomwire.services.persister.decode import Decoded, Undecodable, decode, event_id
 from bloomwire.services.persister.messages import BatchResult, Inbound, Outbound
 from bloomwire.services.persister.projections import Projections
@@ -47,6 +47,7 @@ from bloomwire.services.persister.work import (
 )
 from bloomwire.store import models as m
 from bloomwire.store.bulk import KeyLookup
+from bloomwire.store.photos import PhotoStore
 
 __all__ = ["BatchResult", "Inbound", "Outbound", "Projector"]
 
@@ -61,6 +62,7 @@ HANDLERS: Mapping[type[ev._Envelope], Handler] = {
     **alerts.HANDLERS,
     **chat.HANDLERS,
     **ratings.HANDLERS,
+    **proof.HANDLERS,
 }
 LOCATION_KINDS = frozenset({InboundKind.LOCATION, InboundKind.OWNTRACKS})
 #: Inbound kinds whose retained publishes are used: presence is state, and the OwnTracks app
@@ -136,8 +138,11 @@ class Projector:
         manual_offer_timeout_s: int = 90,
         bounds: TimeBounds = DEFAULT_TIME_BOUNDS,
         state_grace_s: float | None = None,
+        photos: PhotoStore | None = None,
     ) -> None:
         self.engine = engine
+        #: Where delivery photos go (None: photos are refused).
+        self.photos = photos
         #: How far inbound times may lie from ``clock`` (refused beyond, by :func:`.decode.decode`).
         self.bounds = bounds
         self.clock = clock
@@ -281,11 +286,19 @@ class Projector:
             work.refuse(msg, where, event.id, f"internal error: {exc}")
             result.refused += 1
             return
+        if isinstance(event, ev.OrderPhotoAttachedEvent):
+            self._keep_photo(msg.payload)  # before the row that names it; raises: batch retried
         row = _event_row(self.projections, where, event, msg.topic, work.now)
         work.seen[event.id] = _digest(event, row["data"])
         work.events.append(row)
         work.ack(where, event.id)
         result.stored += 1
+
+    def _keep_photo(self, payload: bytes) -> None:
+        """Write a photo's bytes to the photo store (content-addressed: a retry writes nothing new)."""
+        if self.photos is None:
+            raise RuntimeError("a photo was accepted but the persister has no photo store")
+        self.photos.put(payload)
 
     def _position(
         self,
@@ -316,6 +329,8 @@ class Projector:
     ) -> None:
         """A known id: the same event again is a duplicate (acknowledged); other content, a conflict."""
         data_json = event.data.model_dump_json(exclude_none=True)
+        if isinstance(event, ev.OrderPhotoAttachedEvent):
+            known = _digest(event, data_json)  # its id is its content's hash; its time is arrival's
         if isinstance(known, int):
             same = known == _digest(event, data_json)
         else:

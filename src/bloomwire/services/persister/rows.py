@@ -47,6 +47,10 @@ class Order:
     closed_at: datetime | None = None
     rating: int | None = None
     rating_comment: str = ""
+    handover_code: str | None = None
+    handover_code_required: bool = False
+    handover_failures: int = 0
+    photo: dict[str, Any] | None = None
 
 
 @dataclass(slots=True, eq=False)

@@ -58,6 +58,9 @@ def order_state(order: Order, rider: Rider | None, open_alerts: int) -> ev.Order
         destination=ev.Place(lat=order.lat, lon=order.lon, address=order.address or ""),
         rating=order.rating,
         rating_comment=order.rating_comment,
+        handover_code=order.handover_code,
+        handover_code_required=order.handover_code_required,
+        photo=ev.PhotoRef.model_validate(order.photo) if order.photo else None,
     )
 
 
