@@ -31,6 +31,7 @@ from test_persister import (
 
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
+from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.contract.photo import MAX_PHOTO_BYTES, check_photo
 from bloomwire.errors import PayloadError
 from bloomwire.services.persister.projector import Projector
@@ -83,7 +84,7 @@ def photo(rider: str, order: str, data: bytes) -> Msg:
 
 
 def deliver(rider: str, order: str, code: str | None = None) -> Msg:
-    data = ev.OrderStatusChanged(order=order, status=ev.OrderStatus.DELIVERED, code=code)
+    data = ev.OrderStatusChanged(order=order, status=OrderStatus.DELIVERED, code=code)
     event = ev.OrderStatusChangedEvent(source=f"riders/{rider}", data=data)
     return Msg(topics.rider_order_status(rider, order), ev.encode(event), event.id)
 
