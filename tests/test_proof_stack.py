@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 from test_alerts_service import START, Backbone, Inbox, S, SimClock, World
+from test_web_rider import accept_offer, device, go_on_duty, report, rider_page, sign_in
 from webkit import (
     ScriptedRider,
     ScriptedShop,
@@ -261,4 +262,55 @@ def test_a_photo_reaches_its_customers_page_and_no_one_else(web: WebStack, brows
         page.context.close()
     finally:
         rider.close()
+        shop.close()
+
+
+def create_requiring_code(shop: ScriptedShop, order: str) -> None:
+    """As ``ScriptedShop.create``, for an order whose delivery needs the customer's code."""
+    start = ev.now() + timedelta(minutes=20)
+    event = ev.OrderCreateEvent(
+        source=f"{topics.SHOPS}/{shop.shop}",
+        data=ev.OrderCreated(
+            order=order,
+            customer=ev.Customer(name="Cai", lat=52.5200, lon=13.4050, address="Alexanderplatz 1"),
+            window=ev.Window(start=start, end=start + timedelta(hours=1)),
+            items=["tulips"],
+            pickup_lat=52.5100,
+            pickup_lon=13.3900,
+            handover_code_required=True,
+        ),
+    )
+    shop.client.publish(topics.shop_command(shop.shop, topics.Command.CREATE_ORDER), ev.encode(event))
+
+
+def test_the_rider_page_enters_the_customers_code(web: WebStack, browser: Any) -> None:
+    stack, settings = web
+    shop = ScriptedShop(stack, settings, "s1")
+    order = "o-proof-code"
+    page = rider_page(browser, settings)
+    errors = page_errors(page)
+    try:
+        sign_in(page, device(settings, "web-proof"))
+        go_on_duty(page)
+        create_requiring_code(shop, order)
+        state = topics.order_topic("s1", order, topics.OrderChannel.STATE)
+        code = json.loads(shop.inbox.find(lambda t, p: t == state and bool(p), 20, "the state"))[
+            "handover_code"
+        ]
+        accept_offer(page, order)
+        report(page, order, "picked_up")
+        report(page, order, "arrived")
+        card = f".order[data-order='{order}']"
+        assert page.is_visible(f"{card} .handover-code")
+        page.fill(f"{card} .handover-code", "0000" if code != "0000" else "1111")
+        page.click(f"{card} .next button[data-next=delivered]")
+        page.wait_for_selector(f"{card} .refused:has-text('wrong handover code')", timeout=20_000)
+        page.wait_for_selector(f"{card}[data-status=arrived]")
+        screenshot(page, "rider-handover-refused-phone")
+        page.fill(f"{card} .handover-code", code)
+        report(page, order, "delivered")
+        page.wait_for_selector(f"{card}[data-status=delivered][data-stored=true]", timeout=20_000)
+        assert errors == []
+    finally:
+        page.context.close()
         shop.close()
