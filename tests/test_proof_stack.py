@@ -33,6 +33,7 @@ from webkit import (
     page_errors,
     require_browser_and_broker,
     screenshot,
+    secret,
     start_web_stack,
     wait_for,
 )
@@ -258,7 +259,35 @@ def test_a_photo_reaches_its_customers_page_and_no_one_else(web: WebStack, brows
         assert http(settings, f"/api/photo/s1/{other}?t={other_token}")[0] == 404  # it has none
         stored = Path(settings.data_dir) / "photos" / sha[:2] / sha
         assert stored.read_bytes() == data
-        assert errors == []
+
+        # The shop's dashboard: the code, the photo (the order's link proves the shop may see it).
+        dash = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-GB").new_page()
+        dash_errors = page_errors(dash)
+        dash.goto(settings.web_url + "/shop")
+        dash.fill("#login-user", "s1")
+        dash.fill("#login-password", secret(settings, "s1"))
+        dash.click("#login-submit")
+        dash.wait_for_selector("#conn[data-state=online]", timeout=20_000)
+        dash.click(f"tr[data-order='{order}']")
+        dash.wait_for_selector("#order-panel dt:text-is('Handover code')")
+        dash.wait_for_selector(f"#order-photo[data-sha256='{sha}']", timeout=20_000)
+        wait_for(
+            lambda: dash.evaluate("() => document.querySelector('#order-photo').naturalWidth") == 120,
+            15,
+            "the photo in the dashboard",
+        )
+        screenshot(dash, "shop-proof-photo-desktop")
+
+        # Delivered and rated: the dashboard averages it per rider and per day.
+        rider.status(order, OrderStatus.DELIVERED)
+        page.wait_for_selector("#status:has-text('Delivered')")
+        page.click("#rating-stars [data-stars='4']")
+        page.click("#rating-send")
+        page.wait_for_selector("#rating-done:has-text('4 of 5')")
+        dash.wait_for_selector("#ratings:has-text('4.00 stars over 1 rated orders')", timeout=20_000)
+        assert "r1" in dash.inner_text("#ratings")
+        assert errors == [] and dash_errors == []
+        dash.context.close()
         page.context.close()
     finally:
         rider.close()

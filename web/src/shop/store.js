@@ -70,6 +70,8 @@ export class ShopStore {
     order.updatedAt = Math.max(order.updatedAt, ms(event.time));
     if (event.type === 'order.rated') {
       if (order.state) order.state = { ...order.state, rating: event.data.stars, rating_comment: event.data.comment || '' };
+    } else if (event.type === 'order.photo_attached') {
+      if (order.state) order.state = { ...order.state, photo: event.data.photo };
     } else if (event.data.status) {
       if (order.state) {
         order.state = { ...order.state, status: event.data.status, rider: event.data.rider ?? order.state.rider };

@@ -149,6 +149,17 @@ def create_app(
                 answer = Answer.error(400, "bad_request", describe_validation_error(exc))
         return JSONResponse(answer.body, status_code=answer.status, headers={"cache-control": "no-store"})
 
+    async def photo_token_endpoint(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_ENROL_BODY:
+            answer = Answer.error(413, "bad_request", "request too large")
+        else:
+            try:
+                answer = await enrol.photo_token(EnrolRequest.model_validate_json(body))
+            except ValidationError as exc:
+                answer = Answer.error(400, "bad_request", describe_validation_error(exc))
+        return JSONResponse(answer.body, status_code=answer.status, headers={"cache-control": "no-store"})
+
     async def photo_endpoint(request: Request) -> Response:
         shop, order = request.path_params["shop"], request.path_params["order"]
         status, summary = await enrol.photo(shop, order, request.query_params.get("t", ""))
@@ -169,6 +180,7 @@ def create_app(
         Route("/healthz", healthz),
         Route("/api/enrol", enrol_endpoint, methods=["POST"]),
         Route("/api/photo/{shop}/{order}", photo_endpoint),
+        Route("/api/photo-token", photo_token_endpoint, methods=["POST"]),
         WebSocketRoute("/mqtt", mqtt),
         Mount("/app", StaticFiles(directory=root.src), name="app"),
         *(Mount(f"/vendor/{name}", StaticFiles(directory=root.vendor(name))) for name in VENDOR),

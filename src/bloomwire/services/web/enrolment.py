@@ -23,7 +23,7 @@ from bloomwire.errors import BrokerError
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.web.orders import OrderLookup, OrderSummary
-from bloomwire.services.web.photos import PhotoAccess
+from bloomwire.services.web.photos import PhotoAccess, login_accepted
 
 log = get_logger("bloomwire.services.web.enrolment")
 
@@ -118,6 +118,26 @@ class Enroller:
                 return Answer.error(status, code)
         log.info("device enrolled", shop=request.shop, order=request.order, device=login.username)
         return Answer(200, self._login_body(request, summary, login))
+
+    async def photo_token(self, request: EnrolRequest) -> Answer:
+        """A photo token for whoever holds the order's tracking link (the shop's dashboard)."""
+        if self.photos is None:
+            return Answer.error(404, "no_photos")
+        try:
+            summary = await asyncio.to_thread(self.lookup.find, request.shop, request.order)
+        except Exception:
+            log.exception("store lookup failed", shop=request.shop, order=request.order)
+            return Answer.error(503, "unavailable", "the order store is not answering")
+        refusal = self._check(request, summary)
+        if refusal is not None:
+            return refusal
+        async with self._slots:
+            ok = await asyncio.to_thread(
+                login_accepted, self.settings, request.username, request.password, self.timeout
+            )
+        if not ok:
+            return Answer.error(403, "invalid_link")
+        return Answer(200, {"photo_token": self.photos.token(request.shop, request.order)})
 
     async def photo(self, shop: str, order: str, token: str) -> tuple[int, OrderSummary | None]:
         """HTTP status for a photo request and the order it may see (issue 16): 200 with the
