@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import io
 import json
 import math
 import os
@@ -32,6 +34,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal, Protocol
 
+from PIL import Image
 from pydantic import ValidationError
 from rich.console import Console
 
@@ -721,6 +724,14 @@ class RiderApp:
             self.console.print(f"sent chat on {args[0]} ({eid})")
         else:
             raise UsageError(f"cannot read {line.strip()!r}; type help for the commands")
+
+
+def sample_photo(label: str, size: tuple[int, int] = (320, 240)) -> bytes:
+    """A small JPEG standing in for a phone's delivery photo (the demo's riders send these)."""
+    digest = hashlib.sha256(label.encode()).digest()
+    out = io.BytesIO()
+    Image.new("RGB", size, (digest[0], digest[1], digest[2])).save(out, "JPEG", quality=80)
+    return out.getvalue()
 
 
 def read_photo(path: Path) -> bytes:
