@@ -29,6 +29,9 @@ from test_persister import (
     status,
 )
 
+from bloomwire.app.clients.base import UsageError
+from bloomwire.app.clients.outbox import Outbox
+from bloomwire.app.clients.rider import photo_event, sample_photo
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
@@ -192,6 +195,23 @@ def test_only_the_orders_rider_sends_its_photo(desk: ProofDesk) -> None:
     desk.ok_each(arrived("o1", "r1", required=False))
     r = desk.send(photo("r2", "o1", image()))
     assert r.refused == 1 and "not assigned to rider 'r2'" in refusals(r)[0]
+
+
+def test_the_riders_outbox_keeps_a_photo_until_acked(tmp_path: Path) -> None:
+    data = sample_photo("o1")
+    out = photo_event("r1", "o1", data)
+    assert (out.kind, out.topic) == ("photo", topics.rider_order_photo("r1", "o1"))
+    assert out.id == ev.photo_event_id("r1", "o1", hashlib.sha256(data).hexdigest())
+    box = Outbox(tmp_path / "outbox.db")
+    try:
+        box.add(out.id, out.kind, out.topic, out.payload)
+        [kept] = box.pending()
+        assert kept.payload == data
+        assert [e.id for e in box.ack([out.id])] == [out.id]
+    finally:
+        box.close()
+    with pytest.raises(UsageError, match="not an image"):
+        photo_event("r1", "o1", b"not a photo")
 
 
 def test_check_photo_names_what_it_is() -> None:

@@ -52,7 +52,7 @@ from bloomwire.app.clients.base import (
     parse_point,
     wait_outcome,
 )
-from bloomwire.app.clients.outbox import LOCATION, Entry, Outbox
+from bloomwire.app.clients.outbox import LOCATION, PHOTO, Entry, Outbox
 from bloomwire.app.clients.sender import RESEND_AFTER_S, OutboxSender
 from bloomwire.contract import events as ev
 from bloomwire.contract import geo, topics
@@ -62,9 +62,6 @@ from bloomwire.errors import PayloadError
 from bloomwire.runtime.aio import cancel_and_wait
 from bloomwire.runtime.mqtt import Message
 from bloomwire.runtime.settings import Settings
-
-#: The outbox kind of a delivery photo (its payload is the image, not JSON).
-PHOTO = "photo"
 
 #: A position older than this is not worth sending any more.
 POSITION_TTL_S = 60.0
