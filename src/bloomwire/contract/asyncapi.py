@@ -157,7 +157,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.rider_order_photo, "{rider}", "{order}"),
             "receive",
             "The rider's delivery photo: a JPEG or PNG as the binary payload (at most 250 KiB, "
-            "16 to 8192 px a side), checked, stored by its sha256 and recorded as an "
+            "16 to 4096 px a side), checked, stored by its sha256 and recorded as an "
             "order.photo_attached (id derived from rider, order and sha256); a bad image is "
             "dead-lettered with the reason.",
             (DELIVERY_PHOTO,),

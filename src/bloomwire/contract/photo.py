@@ -21,7 +21,9 @@ from bloomwire.errors import PayloadError
 #: Largest photo accepted: 250 KiB leaves room for the MQTT header under the broker's 256 KiB.
 MAX_PHOTO_BYTES: Final = 250 * 1024
 MIN_SIDE: Final = 16
-MAX_SIDE: Final = 8192
+MAX_SIDE: Final = 4096
+#: A phone camera's 16 MP at most: a 250 KiB PNG of flat colour may decode to far more bytes.
+MAX_PIXELS: Final = 16_000_000
 
 
 def check_photo(data: bytes) -> PhotoRef:
@@ -54,8 +56,10 @@ def _image_facts(data: bytes) -> tuple[int, int, str]:
             with Image.open(io.BytesIO(data)) as img:
                 fmt = str(img.format or "")
                 width, height = img.size
-                if width * height > MAX_SIDE * MAX_SIDE:
-                    raise PayloadError(f"photo is {width}x{height} px (too large)")
+                if width * height > MAX_PIXELS:
+                    raise PayloadError(f"photo is {width}x{height} px (at most {MAX_PIXELS:,} pixels)")
+                if fmt == "JPEG":  # decoded at 1/8 scale: the whole stream is read, a fraction kept
+                    img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
                 img.load()
     except PayloadError:
         raise
