@@ -52,6 +52,7 @@ def test_short_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -
     assert "stored twice 0" in text
     assert re.search(r"orders 5: delivered \d+ · failed \d+", text), text
     assert "5/5 orders ended as seed 7 planned" in text
+    assert re.search(r"photos \d+/\d+ delivered orders with a delivery photo", text), text
     assert re.search(r"publish→canonical P50 \d+ ms · P99 \d+ ms", text), text
     assert "Stopped cleanly" in text
     assert "Traceback" not in out

@@ -133,6 +133,19 @@ SAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
         "riders/r7",
         {"order": "o42", "amendment": "0190f3c2-7d1a-7c2b-9f3e-2a1b0c9d8e7f", "rider": "r7"},
     ),
+    "order.photo_attached": (
+        "riders/r7",
+        {
+            "order": "o1",
+            "photo": {
+                "sha256": "ab" * 32,
+                "content_type": "image/jpeg",
+                "width": 640,
+                "height": 480,
+                "size": 52000,
+            },
+        },
+    ),
 }
 
 

@@ -197,6 +197,10 @@ INBOUND: list[tuple[str, t.InboundTopic]] = [
         t.InboundTopic(Identity.RIDER, "r7", InboundKind.CHAT, order="o42"),
     ),
     (
+        t.rider_order_photo("r7", "o42"),
+        t.InboundTopic(Identity.RIDER, "r7", InboundKind.PHOTO, order="o42"),
+    ),
+    (
         t.rider_replies("r7"),
         t.InboundTopic(Identity.RIDER, "r7", InboundKind.REPLY),
     ),

@@ -70,6 +70,8 @@ class StoreFigures:
     outcomes: dict[str, str] = field(default_factory=dict)
     delivered: int = 0
     on_time: int = 0
+    #: Delivered orders with a delivery photo in the store (issue 16).
+    photos: int = 0
     alerts_by_rule: Counter[str] = field(default_factory=Counter)
     sent: int = 0
     stored: int = 0
@@ -93,14 +95,15 @@ def store_figures(database_url: str, sent_ids: Iterable[str], orders: Iterable[s
         with engine.connect() as conn:
             o = m.ORDERS
             rows = conn.execute(
-                sa.select(o.c.id, o.c.status, o.c.failure_reason, o.c.delivered_at, o.c.window_end)
+                sa.select(o.c.id, o.c.status, o.c.failure_reason, o.c.delivered_at, o.c.window_end, o.c.photo)
             )
-            for oid, status, reason, delivered_at, window_end in rows:
+            for oid, status, reason, delivered_at, window_end, photo in rows:
                 if oid not in wanted:
                     continue
                 fig.outcomes[oid] = outcome_of(status, reason)
                 if status == "delivered":
                     fig.delivered += 1
+                    fig.photos += 1 if photo else 0
                     if delivered_at is not None and delivered_at <= window_end:
                         fig.on_time += 1
             a = m.ALERTS
@@ -182,6 +185,9 @@ def _outcome_rows(result: SimResult, figures: StoreFigures | None) -> list[Row]:
     if figures is not None:
         alerts = ", ".join(f"{k} {v}" for k, v in sorted(figures.alerts_by_rule.items())) or "none raised"
         rows.append(("alerts by rule", alerts))
+        rows.append(
+            ("photos", f"{figures.photos}/{figures.delivered} delivered orders with a delivery photo")
+        )
     return rows
 
 

@@ -72,6 +72,13 @@ def _describe(event: Any) -> tuple[str, str]:
             return "rating", f"{d['stars']} of 5 stars{comment}"
         case "order.assigned":
             return "assign", f"shop assigned {d['rider']}"
+        case "order.photo_attached":
+            p = d["photo"]
+            kb = p["size"] / 1024
+            return (
+                "photo",
+                f"{p['content_type']} {p['width']}x{p['height']}, {kb:.0f} KiB, sha256 {p['sha256'][:12]}",
+            )
         case "rider.region_changed":
             region = d.get("region") or d.get("region_id") or f"{d['lat']:.5f},{d['lon']:.5f}"
             verb = "entered" if d["event"] == "enter" else "left"

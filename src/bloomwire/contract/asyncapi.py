@@ -48,6 +48,8 @@ OWNTRACKS_LOCATION = "OwnTracksLocation"
 OWNTRACKS_LWT = "OwnTracksLwt"
 OWNTRACKS_TRANSITION = "OwnTracksTransition"
 OWNTRACKS_IGNORED = "OwnTracksIgnored"
+#: A rider's delivery photo: the image's bytes (issue 16).
+DELIVERY_PHOTO = "DeliveryPhoto"
 #: What the backbone does with each OwnTracks subtopic's payloads besides ``event``.
 _OWNTRACKS_RETAINED = (
     " Retained as the OwnTracks Recorder has it by default: what the broker replays on "
@@ -152,6 +154,18 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "receive",
             "A chat line from the rider about one of its orders.",
             ("order.chat_posted",),
+            _RIDER_DEVICE,
+            _PERSISTER,
+        ),
+        ChannelSpec(
+            "riderOrderPhoto",
+            _addr(t.rider_order_photo, "{rider}", "{order}"),
+            "receive",
+            "The rider's delivery photo: a JPEG or PNG as the binary payload (at most 250 KiB, "
+            "16 to 4096 px a side), checked, stored by its sha256 and recorded as an "
+            "order.photo_attached (id derived from rider, order and sha256); a bad image is "
+            "dead-lettered with the reason.",
+            (DELIVERY_PHOTO,),
             _RIDER_DEVICE,
             _PERSISTER,
         ),
@@ -264,11 +278,12 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.order_topic, *order, OrderChannel.STATUS),
             "send",
             "Every accepted status change of the order (creation, offers, replies, progress, "
-            "cancellation), every incident, the customer's rating, every amendment (old and new "
-            "values) and the rider's confirmation of one.",
+            "cancellation), every incident, the delivery photo's reference, the customer's rating, "
+            "every amendment (old and new values) and the rider's confirmation of one.",
             (
                 "order.status_changed",
                 "order.incident_reported",
+                "order.photo_attached",
                 "order.rated",
                 "order.amended",
                 "order.amendment_confirmed",
@@ -485,6 +500,12 @@ def _schemas() -> dict[str, Any]:
     for cls in (*ev.EVENT_TYPES.values(), *ev.ACCESS_EVENT_TYPES.values()):
         _require_on_wire(schemas[cls.__name__])
     schemas.update(_owntracks_schemas())
+    schemas[DELIVERY_PHOTO] = {
+        "title": DELIVERY_PHOTO,
+        "description": "The bytes of a JPEG or PNG image, not JSON.",
+        "type": "string",
+        "format": "binary",
+    }
     schemas[PRESENCE_WORD] = {
         "title": PRESENCE_WORD,
         "description": "A bare UTF-8 word, not JSON.",
@@ -602,6 +623,13 @@ def _messages() -> dict[str, Any]:
             "contentType": "application/json",
             "payload": {"$ref": SCHEMA_REF.format(model=name)},
         }
+    messages[DELIVERY_PHOTO] = {
+        "name": DELIVERY_PHOTO,
+        "title": DELIVERY_PHOTO,
+        "summary": "A delivery photo: a JPEG or PNG image's bytes.",
+        "contentType": "application/octet-stream",
+        "payload": {"$ref": SCHEMA_REF.format(model=DELIVERY_PHOTO)},
+    }
     messages[PRESENCE_WORD] = {
         "name": PRESENCE_WORD,
         "title": PRESENCE_WORD,

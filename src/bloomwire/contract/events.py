@@ -73,6 +73,23 @@ Label = Annotated[str, StringConstraints(max_length=200), TEXT_GUARD]
 Latitude = Annotated[Number, Field(ge=-90, le=90)]
 Longitude = Annotated[Number, Field(ge=-180, le=180)]
 Flag = Annotated[bool, Strict()]
+_CODE = re.compile(r"[0-9]{4,8}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _match(pattern: re.Pattern[str], what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"{what} must be {pattern.pattern}")
+        return value
+
+    return AfterValidator(check)
+
+
+#: An order's handover code as the customer reads it out (digits; see the proof block below).
+HandoverCode = Annotated[
+    str, StringConstraints(strip_whitespace=True, max_length=8), TEXT_GUARD, _match(_CODE, "a handover code")
+]
 
 
 def now() -> datetime:
@@ -141,6 +158,8 @@ class OrderCreated(_Data):
     pickup_lon: Longitude | None = None
     #: Filled in by the backbone: the customer's MQTT username for this order.
     customer_username: Id | None = None
+    #: The rider must enter the order's handover code to report it delivered (issue 16).
+    handover_code_required: Flag = False
 
 
 class OrderCancelled(_Data):
@@ -155,6 +174,8 @@ class OrderStatusChanged(_Data):
     note: ShortText = ""
     #: Filled in by the backbone on canonical events: the rider holding the order.
     rider: Id | None = None
+    #: The handover code the customer gave the rider (``delivered`` only; never published).
+    code: HandoverCode | None = None
 
     @model_validator(mode="after")
     def _reason(self) -> OrderStatusChanged:
@@ -283,6 +304,8 @@ class AlertRule(StrEnum):
     DELIVERY_FAILED = "delivery_failed"
     #: The customer's chat needs a person at the shop (raised by the assistant service).
     NEEDS_PERSON = "needs_person"
+    #: A rider entered a wrong handover code too many times (issue 16).
+    HANDOVER_CODE = "handover_code"
 
 
 #: Rules the assistant raises and resolves; the alerts service leaves their alerts alone.
@@ -320,6 +343,30 @@ class AlertResolved(_Data):
 class AlertAcknowledged(_Data):
     alert: Id
     by: Label = ""
+
+
+# --- proof of delivery (issue 16): the handover code and the delivery photo ---------------------
+
+#: Photo formats a rider's device may send, as Pillow names them -> their media type.
+PHOTO_FORMATS: Final = {"JPEG": "image/jpeg", "PNG": "image/png"}
+Sha256 = Annotated[str, StringConstraints(max_length=64), TEXT_GUARD, _match(_SHA256, "a sha256")]
+
+
+class PhotoRef(_Data):
+    """A stored delivery photo: its content address and what it is."""
+
+    sha256: Sha256
+    content_type: Literal["image/jpeg", "image/png"]
+    width: Count = Field(ge=1)
+    height: Count = Field(ge=1)
+    size: Count = Field(ge=1)
+
+
+class OrderPhoto(_Data):
+    """The rider's photo of a delivery, checked and stored by the backbone."""
+
+    order: Id
+    photo: PhotoRef
 
 
 # --- envelopes --------------------------------------------------------------------------------
@@ -366,6 +413,20 @@ class OrderChatPostedEvent(_Envelope):
 class OrderRatedEvent(_Envelope):
     type: Literal["order.rated"] = "order.rated"
     data: OrderRating
+
+
+class OrderPhotoAttachedEvent(_Envelope):
+    """A delivery photo was stored (issue 16). Made by the backbone from the rider's binary
+    payload on ``riders/R/orders/O/photo``: its id is :func:`photo_event_id`, so a re-send is
+    the same event."""
+
+    type: Literal["order.photo_attached"] = "order.photo_attached"
+    data: OrderPhoto
+
+
+def photo_event_id(rider: str, order: str, sha256: str) -> str:
+    """The id of a photo's ``order.photo_attached``: what the rider's device waits to see acked."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"bloomwire/photo/{rider}/{order}/{sha256}"))
 
 
 class OrderAssignedEvent(_Envelope):
@@ -701,6 +762,7 @@ Event: TypeAlias = Annotated[
     | AlertResolvedEvent
     | AlertAcknowledgedEvent
     | OrderRatedEvent
+    | OrderPhotoAttachedEvent
     | OrderCreateEvent
     | OrderCancelEvent
     | OrderAssignEvent
@@ -732,6 +794,7 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
         AlertResolvedEvent,
         AlertAcknowledgedEvent,
         OrderRatedEvent,
+        OrderPhotoAttachedEvent,
         OrderCreateEvent,
         OrderCancelEvent,
         OrderAssignEvent,
@@ -780,6 +843,8 @@ ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
     (Identity.RIDER, InboundKind.CHAT): (OrderChatPostedEvent,),
     (Identity.RIDER, InboundKind.REPLY): (DispatchReplyEvent,),
     (Identity.RIDER, InboundKind.PRESENCE): (RiderPresenceChangedEvent,),
+    # A binary JPEG or PNG, made an event by the backbone (contract/photo.py).
+    (Identity.RIDER, InboundKind.PHOTO): (OrderPhotoAttachedEvent,),
     (Identity.CUSTOMER, InboundKind.CHAT): (OrderChatPostedEvent, OrderRateEvent),
     (Identity.SERVICE, InboundKind.EVENTS): (
         DispatchOfferedEvent,
@@ -1026,6 +1091,11 @@ class OrderState(BaseModel):
     #: How to hand the order over (issue 18), and its last amendment.
     instructions: Instructions | None = None
     last_amendment: AmendmentNote | None = None
+    #: Proof of delivery (issue 16): the code the customer gives the rider, whether the rider
+    #: must enter it, and the delivery photo (its sha256, served by the web service).
+    handover_code: str | None = None
+    handover_code_required: bool = False
+    photo: PhotoRef | None = None
 
 
 class OrderLocation(BaseModel):

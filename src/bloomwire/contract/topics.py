@@ -66,6 +66,8 @@ class InboundKind(StrEnum):
     OWNTRACKS = "owntracks"
     COMMAND = "commands"
     EVENTS = "events"
+    #: A delivery photo: a binary JPEG or PNG, not JSON (issue 16).
+    PHOTO = "photo"
 
 
 class Command(StrEnum):
@@ -179,6 +181,13 @@ def rider_order_status(rider: str, order: str) -> str:
 def rider_order_chat(rider: str, order: str) -> str:
     """``riders/R/orders/O/chat``: a chat line from the rider."""
     return _join(RIDERS, check_id(rider, "rider"), "orders", check_id(order, "order"), "chat")
+
+
+def rider_order_photo(rider: str, order: str) -> str:
+    """``riders/R/orders/O/photo``: the rider's delivery photo, a binary JPEG or PNG payload."""
+    return _join(
+        RIDERS, check_id(rider, "rider"), "orders", check_id(order, "order"), InboundKind.PHOTO.value
+    )
 
 
 def rider_replies(rider: str) -> str:
@@ -313,6 +322,7 @@ INBOUND_FILTERS: tuple[str, ...] = (
     f"{RIDERS}/+/location",
     f"{RIDERS}/+/orders/+/status",
     f"{RIDERS}/+/orders/+/chat",
+    f"{RIDERS}/+/orders/+/photo",
     f"{RIDERS}/+/replies",
     f"{RIDERS}/+/presence",
     f"{OWNTRACKS}/+/+",
@@ -447,7 +457,7 @@ def parse_inbound(topic: str) -> InboundTopic:
         rider = check_id(levels[1], "rider")
         if n == 3 and levels[2] in ("location", "replies", "presence"):
             return InboundTopic(Identity.RIDER, rider, InboundKind(levels[2]))
-        if n == 5 and levels[2] == "orders" and levels[4] in ("status", "chat"):
+        if n == 5 and levels[2] == "orders" and levels[4] in ("status", "chat", "photo"):
             order = check_id(levels[3], "order")
             return InboundTopic(Identity.RIDER, rider, InboundKind(levels[4]), order=order)
     elif root == OWNTRACKS and (n == 3 or (n == 4 and levels[3] in OWNTRACKS_SUBTOPICS)):

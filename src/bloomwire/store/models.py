@@ -107,6 +107,13 @@ class OrderRow(SQLModel, table=True):
     last_amendment: dict[str, Any] | None = Field(
         default=None, sa_column=Column(JSON(none_as_null=True), nullable=True)
     )
+    #: Proof of delivery (issue 16, migration 0008): the code the customer gives the rider,
+    #: whether ``delivered`` needs it, the wrong codes entered so far, the delivery photo (a
+    #: ``PhotoRef``: its content address in the photo store, ``store/photos.py``).
+    handover_code: str | None = Field(default=None, max_length=8)
+    handover_code_required: bool = False
+    handover_failures: int = 0
+    photo: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 

@@ -101,7 +101,13 @@ export class RiderApp {
   async report(orderId, status, extra = {}) {
     const order = this.known.get(orderId);
     if (!order || !canMove(order.status, status)) return;
-    const data = { order: orderId, status, ...(extra.reason ? { reason: extra.reason } : {}), ...(extra.note ? { note: extra.note } : {}) };
+    const data = {
+      order: orderId,
+      status,
+      ...(extra.reason ? { reason: extra.reason } : {}),
+      ...(extra.note ? { note: extra.note } : {}),
+      ...(extra.code ? { code: extra.code } : {}), // the customer's handover code (issue 16)
+    };
     const event = cloudEvent('OrderStatusChanged', this.src, data);
     const prev = order.status;
     await this.save({ ...order, status, refused: '' });

@@ -133,8 +133,11 @@ export class OrderList {
       input.value = '';
       this.actions.chat(orderId, text);
     });
-    const el = h('li', { class: 'order', dataset: { order: orderId } }, state, chat, form);
-    return { el, state, chat, form, input, order: null };
+    // The customer's handover code (issue 16): kept out of render() so a re-render keeps what was typed.
+    const code = h('input', { class: 'handover-code', name: 'code', inputmode: 'numeric', autocomplete: 'off', maxlength: 8, pattern: '[0-9]*' });
+    const codeRow = h('label', { class: 'handover small', hidden: true }, h('span', {}), code);
+    const el = h('li', { class: 'order', dataset: { order: orderId } }, state, codeRow, chat, form);
+    return { el, state, chat, form, input, code, codeRow, order: null };
   }
 
   render(card) {
@@ -157,11 +160,13 @@ export class OrderList {
         type: 'button',
         class: s === 'declined' || s === 'returned' ? 'secondary' : '',
         dataset: { next: s },
-        onclick: () => this.actions.report(o.order, s),
+        onclick: () => this.actions.report(o.order, s, s === 'delivered' ? { code: card.code.value.trim() } : {}),
       }, t(`rider.next.${s}`)))),
       closed ? h('button', { type: 'button', class: 'link-button', onclick: () => this.actions.remove(o.order) }, t('rider.remove'))
         : this.trouble(o),
     ));
+    card.codeRow.hidden = !nextStatuses(o.status).includes('delivered');
+    setText(card.codeRow.querySelector('span'), t('rider.code'));
     card.input.placeholder = t('rider.chat.placeholder');
     setText(card.form.querySelector('button'), t('rider.chat.send'));
     this.renderChat(card);

@@ -96,6 +96,7 @@ export class Board {
     if (alerts) flags.push(`⚠ ${alerts}`);
     if (order.incident) flags.push(order.incident.reason.replaceAll('_', ' '));
     if (s.rating) flags.push(`★ ${s.rating}/5`);
+    if (s.photo) flags.push('photo');
     setText(c.alerts, flags.join(' · '));
     row.tr.classList.toggle('has-alert', alerts > 0);
     const visible = today(order) && FILTERS[this.filter](s.status);

@@ -81,6 +81,7 @@ export class CreateForm {
       window: { start, end },
       items,
       note: v('note'),
+      handover_code_required: this.field('handover_code_required').checked, // issue 16
     };
     if (pickup) { data.pickup_lat = pickup.lat; data.pickup_lon = pickup.lon; }
     return { errors, data };

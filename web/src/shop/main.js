@@ -9,6 +9,7 @@ import { Board } from './board.js';
 import { Commands } from './commands.js';
 import { CreateForm } from './create.js';
 import { AlertFeed, OrderPanel } from './panels.js';
+import { renderRatings } from './ratings.js';
 import { ShopStore } from './store.js';
 
 const CREDS_KEY = 'bloomwire.shop.login';
@@ -114,6 +115,7 @@ class Dashboard {
     for (const id of orders) this.create.seen(id);
     $('#board-empty').hidden = this.board.rows.size > 0;
     if (orders.size) this.counts();
+    if (orders.size) this.ratings();
     if (this.hooks.length) {
       const applied = this.applied;
       this.applied = [];
@@ -133,6 +135,15 @@ class Dashboard {
       this.mapRiders = new Set();
       this.drawMap(orders, riders);
     }, MAP_MS);
+  }
+
+  /** The ratings card, at most every COUNTS_MS (issue 16). */
+  ratings() {
+    if (this.ratingsTimer) return;
+    this.ratingsTimer = setTimeout(() => {
+      this.ratingsTimer = null;
+      renderRatings($('#ratings'), this.store.orders);
+    }, COUNTS_MS);
   }
 
   /** The filters' counts, at most every COUNTS_MS (a steady stream of messages still updates them). */

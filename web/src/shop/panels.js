@@ -49,8 +49,10 @@ export class OrderPanel {
       send: (data, refused) => this.commands.amend(data, refused),
       feedback: (text, ok) => feedback(this.message, text, ok),
     });
+    this.photo = h('img', { id: 'order-photo', class: 'proof-photo', alt: 'Photo of the delivery', hidden: true });
+    this.photoTokens = new Map(); // order id -> photo token (issue 16), asked once per order
     this.root.replaceChildren(
-      this.title, this.facts, this.message,
+      this.title, this.facts, this.photo, this.message,
       h('h3', {}, 'Tracking link'), this.noLink, this.linkBox,
       h('h3', {}, 'Rider'), this.riderNote, this.assignForm,
       h('h3', {}, 'Chat'), this.chatList, this.chatForm,
@@ -87,11 +89,14 @@ export class OrderPanel {
     ];
     if (s.rating) facts.push(['Rating', `${'★'.repeat(s.rating)}${'☆'.repeat(5 - s.rating)} ${s.rating}/5${s.rating_comment ? ` · “${s.rating_comment}”` : ''}`]);
     facts.push(...amendmentFacts(s));
+    if (s.handover_code) facts.push(['Handover code', `${s.handover_code}${s.handover_code_required ? ' (required at the door)' : ''}`]);
+    if (s.photo) facts.push(['Photo', `${s.photo.width}×${s.photo.height} ${s.photo.content_type.replace('image/', '')}, ${Math.round(s.photo.size / 1024)} KiB`]);
     if (order.incident) facts.push(['Incident', `${order.incident.reason.replaceAll('_', ' ')}${order.incident.eta ? `, new ETA ${clock(order.incident.eta)}` : ''}`]);
     this.facts.replaceChildren(...facts.flatMap(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
     this.timeline.replaceChildren(...(s.timeline || []).map((e) => h('li', {}, h('time', {}, clock(e.at)), ' ', e.status.replace('_', ' '), e.note ? ` (${e.note})` : '')));
     this.renderLink(order);
     this.amendForm.render(order.id, s);
+    this.renderPhoto(order);
     const assignable = canMove(s.status, 'assigned');
     this.assignForm.hidden = !assignable;
     setText(this.riderNote, assignable ? '' : s.rider ? `${s.rider} has it (${s.status.replace('_', ' ')}); it can no longer be reassigned.` : 'This order can no longer be assigned.');
@@ -112,6 +117,33 @@ export class OrderPanel {
     this.shownLink = link;
     this.linkInput.value = link;
     drawQr(this.qr, link);
+  }
+
+  /** The delivery photo: the order's tracking link (its access message) proves the shop may see it. */
+  async renderPhoto(order) {
+    const photo = order.state && order.state.photo;
+    const access = order.access;
+    if (!photo || !access) {
+      this.photo.hidden = true;
+      return;
+    }
+    let token = this.photoTokens.get(order.id);
+    if (!token) {
+      const body = { shop: access.shop, order: access.order, customer: access.customer, username: access.username, password: access.password };
+      try {
+        const response = await fetch('/api/photo-token', { method: 'POST', headers: { 'content-type': 'application/json' }, cache: 'no-store', body: JSON.stringify(body) });
+        if (!response.ok) return;
+        token = (await response.json()).photo_token;
+      } catch {
+        return;
+      }
+      this.photoTokens.set(order.id, token);
+    }
+    if (this.orderId !== order.id) return; // another order was opened meanwhile
+    const src = `/api/photo/${encodeURIComponent(access.shop)}/${encodeURIComponent(access.order)}?t=${encodeURIComponent(token)}&v=${photo.sha256}`;
+    if (this.photo.getAttribute('src') !== src) this.photo.setAttribute('src', src);
+    this.photo.dataset.sha256 = photo.sha256;
+    this.photo.hidden = false;
   }
 
   renderChat(order) {

@@ -72,6 +72,8 @@ export class ShopStore {
       if (order.state) order.state = { ...order.state, rating: event.data.stars, rating_comment: event.data.comment || '' };
     } else if (event.type === 'order.amended' || event.type === 'order.amendment_confirmed') {
       // the retained state that follows carries the new values and who confirmed: not an incident
+    } else if (event.type === 'order.photo_attached') {
+      if (order.state) order.state = { ...order.state, photo: event.data.photo };
     } else if (event.data.status) {
       if (order.state) {
         order.state = { ...order.state, status: event.data.status, rider: event.data.rider ?? order.state.rider };

@@ -86,7 +86,7 @@ export async function deviceLogin(link) {
   const login = { username: got.username, password: got.password };
   const fresh = readPool(link); // another tab may have added one meanwhile
   fresh.logins.push(login);
-  fresh.summary = { shop_name: got.shop_name, items: got.items, pickup: got.pickup };
+  fresh.summary = { shop_name: got.shop_name, items: got.items, pickup: got.pickup, photo_token: got.photo_token };
   writePool(link, fresh);
   const release = (await tryLock(`${keyOf(link)}:${login.username}`)) || (() => {});
   return { ...login, summary: fresh.summary, release };

@@ -66,6 +66,8 @@ export class TrackView {
       applyToState(this.state, event);
     } else if (event.type === 'order.amendment_confirmed') {
       // the rider saw the change: nothing to show the customer
+    } else if (event.type === 'order.photo_attached') {
+      if (this.state) this.state.photo = data.photo;
     } else if (data.status) {
       this.status = data.status;
       if (this.state) {
@@ -168,8 +170,34 @@ export class TrackView {
     this.renderItems();
     this.renderAmendment();
     this.renderTimeline();
+    this.renderProof();
     this.renderRating();
     this.renderChat();
+  }
+
+  /** The handover code to give the rider (until delivered) and the delivery photo (issue 16). */
+  renderProof() {
+    const state = this.state || {};
+    const code = state.handover_code && !this.closed() ? state.handover_code : '';
+    const photo = state.photo;
+    const token = this.summary && this.summary.photo_token;
+    $('#proof-card').hidden = !code && !(photo && token);
+    const codeLine = $('#proof-code');
+    codeLine.hidden = !code;
+    $('#proof-code-note').hidden = !code;
+    if (code) {
+      setText(codeLine, t('proof.code', { code }));
+      setText($('#proof-code-note'), t(state.handover_code_required ? 'proof.code.required' : 'proof.code.optional'));
+    }
+    const img = $('#proof-photo');
+    img.hidden = !(photo && token);
+    if (photo && token) {
+      const { shop, order } = this.link;
+      const src = `/api/photo/${encodeURIComponent(shop)}/${encodeURIComponent(order)}?t=${encodeURIComponent(token)}&v=${photo.sha256}`;
+      if (img.getAttribute('src') !== src) img.setAttribute('src', src);
+      img.alt = t('proof.photo');
+      img.dataset.sha256 = photo.sha256;
+    }
   }
 
   /** After delivery: five stars and a comment, then a thank-you once the rating is recorded. */

@@ -48,7 +48,9 @@ from bloomwire.app.clients.rider import (
     incident_event,
     load_route,
     outbox_path,
+    photo_event,
     random_ride,
+    read_photo,
     reply_event,
     status_event,
 )
@@ -344,6 +346,9 @@ def rider_status(
         str, typer.Argument(help="picked_up, en_route, arrived, delivered, returned, declined.")
     ],
     note: Annotated[str, typer.Option(help="A note for the shop.")] = "",
+    code: Annotated[
+        str | None, typer.Option(help="delivered: the handover code the customer reads out.")
+    ] = None,
     password: Password = None,
     device: Device = None,
     outbox: OutboxOpt = None,
@@ -356,8 +361,26 @@ def rider_status(
         password,
         device,
         outbox,
-        lambda: status_event(rider, order, status, note=note),
+        lambda: status_event(rider, order, status, note=note, code=code),
         wait,
+    )
+
+
+@rider_app.command("photo")
+def rider_photo(
+    ctx: typer.Context,
+    rider: RiderArg,
+    order: OrderArg,
+    file: Annotated[Path, typer.Argument(help="A JPEG or PNG of the delivery (at most 250 KiB).")],
+    password: Password = None,
+    device: Device = None,
+    outbox: OutboxOpt = None,
+    wait: Wait = 10.0,
+) -> None:
+    """Send the delivery photo of an order the rider holds (or has delivered)."""
+    data = read_photo(file)
+    _rider_once(
+        _settings(ctx), rider, password, device, outbox, lambda: photo_event(rider, order, data), wait
     )
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import IO
 
 LOCATION = "location"
+#: A delivery photo (issue 16): its payload is the image's bytes, not JSON.
+PHOTO = "photo"
 #: Kinds of event the outbox holds; every kind but ``location`` is an event of record. Shop
 #: terminals keep their commands under the command's name (``create-order``, ``assign`` …).
 KINDS = (
@@ -37,6 +39,7 @@ KINDS = (
     "incident",
     "chat",
     "reply",
+    PHOTO,
     LOCATION,
     "create-order",
     "cancel-order",

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import io
 import json
 import math
 import os
@@ -33,6 +35,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal, Protocol
 
+from PIL import Image
 from pydantic import ValidationError
 from rich.console import Console
 
@@ -50,11 +53,12 @@ from bloomwire.app.clients.base import (
     parse_point,
     wait_outcome,
 )
-from bloomwire.app.clients.outbox import LOCATION, Entry, Outbox
+from bloomwire.app.clients.outbox import LOCATION, PHOTO, Entry, Outbox
 from bloomwire.app.clients.sender import RESEND_AFTER_S, OutboxSender
 from bloomwire.contract import events as ev
 from bloomwire.contract import geo, topics
 from bloomwire.contract.lifecycle import FailureReason, OrderStatus
+from bloomwire.contract.photo import MAX_PHOTO_BYTES, check_photo
 from bloomwire.errors import PayloadError
 from bloomwire.runtime.aio import cancel_and_wait
 from bloomwire.runtime.mqtt import Message
@@ -104,8 +108,10 @@ def status_event(
     *,
     note: str = "",
     reason: FailureReason | str | None = None,
+    code: str | None = None,
 ) -> Outgoing:
-    """A status transition the rider reports (``picked_up``, ``en_route``, ``arrived``, …)."""
+    """A status transition the rider reports (``picked_up``, ``en_route``, ``arrived``, …);
+    ``code``: the handover code the customer gave, for ``delivered``."""
     check_name(order, "order")
     try:
         st = OrderStatus(status)
@@ -120,7 +126,7 @@ def status_event(
             known = ", ".join(r.value for r in FailureReason)
             raise UsageError(f"unknown failure reason {reason!r} (known: {known})") from None
     try:
-        data = ev.OrderStatusChanged(order=order, status=st, note=note, reason=why)
+        data = ev.OrderStatusChanged(order=order, status=st, note=note, reason=why, code=code)
         ev.check_rider_status(data)
     except ValidationError as exc:
         raise _usage(exc) from None
@@ -128,6 +134,17 @@ def status_event(
         raise UsageError(str(exc).removeprefix("data.status: ")) from None
     event = ev.OrderStatusChangedEvent(source=_source(rider), data=data)
     return Outgoing(event.id, "status", topics.rider_order_status(rider, order), ev.encode(event), order)
+
+
+def photo_event(rider: str, order: str, data: bytes) -> Outgoing:
+    """A delivery photo (JPEG or PNG bytes), checked on the phone as the backbone will check it."""
+    check_name(order, "order")
+    try:
+        ref = check_photo(data)
+    except PayloadError as exc:
+        raise UsageError(str(exc)) from None
+    event_id = ev.photo_event_id(rider, order, ref.sha256)
+    return Outgoing(event_id, PHOTO, topics.rider_order_photo(rider, order), data, order)
 
 
 def incident_event(
@@ -347,9 +364,14 @@ class RiderDevice(Client):
         *,
         note: str = "",
         reason: FailureReason | str | None = None,
+        code: str | None = None,
     ) -> str:
-        """Report a status transition; returns the event id."""
-        return self.send(status_event(self.rider, order, status, note=note, reason=reason))
+        """Report a status transition (``delivered`` with the handover code); returns the event id."""
+        return self.send(status_event(self.rider, order, status, note=note, reason=reason, code=code))
+
+    def photo(self, order: str, data: bytes) -> str:
+        """Send a delivery photo (kept in the outbox like any event); returns its event id."""
+        return self.send(photo_event(self.rider, order, data))
 
     def incident(self, order: str, reason: str, *, eta: datetime | None = None, note: str = "") -> str:
         """Report an incident (with a new ETA); returns the event id."""
@@ -582,7 +604,8 @@ def _geojson_points(obj: object, path: Path) -> list[tuple[float, float]]:
 HELP = (
     "commands: accept [OFFER] | decline [OFFER] [reason] | status ORDER STATUS [note] | "
     "fail ORDER REASON [note] | incident ORDER REASON [ETA_MIN] [note] | chat ORDER TEXT | "
-    "confirm ORDER [note] | outbox | help | quit"
+    "deliver ORDER [CODE] | photo ORDER FILE | confirm ORDER [note] | "
+    "outbox | help | quit"
 )
 
 
@@ -738,7 +761,13 @@ class RiderApp:
                 raise UsageError("no offer to answer")
             eid = d.reply(offer, verb == "accept", reason=" ".join(args[1:]))
             self.console.print(f"sent {verb} of {offer} ({eid})")
-        elif verb == "status" and len(args) >= 2:
+        elif not self._order_command(verb, args):
+            raise UsageError(f"cannot read {line.strip()!r}; type help for the commands")
+
+    def _order_command(self, verb: str, args: list[str]) -> bool:
+        """Run a typed command about one order; False if ``verb``/``args`` is not one."""
+        d = self.device
+        if verb == "status" and len(args) >= 2:
             eid = d.status(args[0], args[1], note=" ".join(args[2:]))
             self.console.print(f"sent status {args[1]} for {args[0]} ({eid})")
         elif verb == "fail" and len(args) >= 2:
@@ -751,6 +780,12 @@ class RiderApp:
                 rest = rest[1:]
             eid = d.incident(args[0], args[1], eta=eta, note=" ".join(rest))
             self.console.print(f"sent incident {args[1]} for {args[0]} ({eid})")
+        elif verb == "deliver" and args:
+            eid = d.status(args[0], OrderStatus.DELIVERED, code=args[1] if len(args) > 1 else None)
+            self.console.print(f"sent delivered for {args[0]} ({eid})")
+        elif verb == "photo" and len(args) == 2:
+            eid = d.photo(args[0], read_photo(Path(args[1])))
+            self.console.print(f"sent photo for {args[0]} ({eid})")
         elif verb == "chat" and len(args) >= 2:
             eid = d.chat(args[0], " ".join(args[1:]))
             self.console.print(f"sent chat on {args[0]} ({eid})")
@@ -758,7 +793,27 @@ class RiderApp:
             eid = d.confirm(args[0], note=" ".join(args[1:]))
             self.console.print(f"sent confirmation of the change to {args[0]} ({eid})")
         else:
-            raise UsageError(f"cannot read {line.strip()!r}; type help for the commands")
+            return False
+        return True
+
+
+def sample_photo(label: str, size: tuple[int, int] = (320, 240)) -> bytes:
+    """A small JPEG standing in for a phone's delivery photo (the demo's riders send these)."""
+    digest = hashlib.sha256(label.encode()).digest()
+    out = io.BytesIO()
+    Image.new("RGB", size, (digest[0], digest[1], digest[2])).save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+def read_photo(path: Path) -> bytes:
+    """A photo file's bytes, refused early when it cannot be one (too big to read whole)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_PHOTO_BYTES:
+            raise UsageError(f"{path} is {size} bytes (a photo may have at most {MAX_PHOTO_BYTES})")
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _is_number(text: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Literal
 from bloomwire.app.clients.access import CustomerAccess, ProvisionedAccess
 from bloomwire.app.clients.base import ClientError, wait_event
 from bloomwire.app.clients.outbox import LOCATION, Entry, Outbox
-from bloomwire.app.clients.rider import MAX_VEL_KMH, RiderDevice, needs_confirmation
+from bloomwire.app.clients.rider import MAX_VEL_KMH, RiderDevice, needs_confirmation, sample_photo
 from bloomwire.app.clients.shop import OrderDraft, ShopTerminal
 from bloomwire.app.clients.track import CustomerTracker
 from bloomwire.app.simulate import amends
@@ -477,6 +478,8 @@ class SimRider:
             return True
         await clock.sleep(self.rng.uniform(1, 3))
         device = await self._app()
+        if zlib.crc32(order.id.encode()) % 2 == 0:  # every other delivery has a photo (issue 16)
+            device.photo(order.id, sample_photo(order.id))
         device.status(order.id, S.DELIVERED, note=f"Handed to {first_name}")
         return False
 

@@ -37,6 +37,7 @@ DEFAULT_SEVERITY: Mapping[AlertRule, Severity] = MappingProxyType(
         AlertRule.UNASSIGNED: Severity.WARNING,
         AlertRule.CUSTOMER_UNREACHABLE: Severity.CRITICAL,
         AlertRule.DELIVERY_FAILED: Severity.CRITICAL,
+        AlertRule.HANDOVER_CODE: Severity.WARNING,
     }
 )
 
@@ -61,6 +62,8 @@ class Thresholds:
     rider_offline_min: float = 2
     #: unassigned: minutes after creation an order may wait for a rider to accept it.
     unassigned_min: float = 10
+    #: handover_code: wrong handover codes a rider may enter on one order before the alert.
+    handover_wrong_codes: float = 3
     #: Minutes an open alert may stay unacknowledged before it is re-notified (escalated).
     escalate_after_min: float = 15
     #: Hours after delivery the customer gets the follow-up message.
@@ -129,7 +132,9 @@ class RulesConfig:
 # --- loading ----------------------------------------------------------------------------------
 
 _NON_NEGATIVE = frozenset({"overdue_grace_min", "eta_slip_min", "rider_offline_min"})
-_POSITIVE = frozenset({"stale_position_min", "unassigned_min", "escalate_after_min", "followup_after_h"})
+_POSITIVE = frozenset(
+    {"stale_position_min", "unassigned_min", "escalate_after_min", "followup_after_h", "handover_wrong_codes"}
+)
 _KEYS = tuple(f.name for f in fields(Thresholds))
 _TOP_KEYS = ("defaults", "shops")
 #: The rules this service evaluates (the assistant's hand-over rule is not one).

@@ -45,6 +45,7 @@ ORDER_COLUMNS = (
     _O.closed_at,
     _O.failure_reason,
     _O.updated_at,
+    _O.handover_failures,
 )
 #: The same columns without SQLAlchemy's result processing (raw driver values, see _dt).
 RAW_ORDER_COLUMNS = tuple(sa.type_coerce(c, sa.String()).label(c.name) for c in ORDER_COLUMNS)
@@ -106,6 +107,7 @@ def order_from_raw(r: Sequence[Any]) -> OrderView:
         closed_at=_dt(r[11]),
         failure_reason=r[12],
         updated_at=_dt_required(r[13]),
+        handover_failures=int(r[14] or 0),
     )
 
 

@@ -95,6 +95,8 @@ class OrderLike(Protocol):
     def failure_reason(self) -> str | None: ...
     @property
     def updated_at(self) -> datetime: ...
+    @property
+    def handover_failures(self) -> int: ...
 
 
 class RiderLike(Protocol):
@@ -134,6 +136,8 @@ class OrderView:
     closed_at: datetime | None = None
     failure_reason: str | None = None
     updated_at: datetime
+    #: Wrong handover codes entered so far (issue 16).
+    handover_failures: int = 0
 
     @classmethod
     def from_row(cls, row: OrderLike) -> OrderView:
@@ -154,6 +158,7 @@ class OrderView:
             closed_at=row.closed_at,
             failure_reason=row.failure_reason,
             updated_at=row.updated_at,
+            handover_failures=row.handover_failures or 0,
         )
 
 
@@ -345,6 +350,13 @@ def delivery_failed_span(order: OrderView, t: Thresholds) -> Span | None:
     return ALWAYS
 
 
+def handover_code_span(order: OrderView, t: Thresholds) -> Span | None:
+    """While an order not yet closed has had too many wrong handover codes."""
+    if order.status in CLOSED or order.handover_failures < t.handover_wrong_codes:
+        return None
+    return ALWAYS
+
+
 def rider_offline_span(rider: RiderView, t: Thresholds) -> Span | None:
     """When ``rider`` counts as offline for a shop with thresholds ``t`` (if it carries its orders)."""
     if rider.presence is not Presence.OFFLINE:
@@ -532,6 +544,19 @@ def delivery_failed(
     return _order_finding(AlertRule.DELIVERY_FAILED, order, t, message, action)
 
 
+def handover_code(order: OrderView, rider: RiderView | None, now: datetime, t: Thresholds) -> Finding | None:
+    """The rider entered the wrong handover code too many times (issue 16)."""
+    if handover_code_span(order, t) is None:
+        return None
+    who = f"Rider {order.rider}" if order.rider else "The rider"
+    message = (
+        f"{who} entered a wrong handover code {order.handover_failures} times for order "
+        f"{_order(order)}; it is not delivered."
+    )
+    action = "Call the customer and the rider: is the rider at the right door?"
+    return _order_finding(AlertRule.HANDOVER_CODE, order, t, message, action)
+
+
 # --- scheduling helpers -----------------------------------------------------------------------
 
 
@@ -560,6 +585,7 @@ _ORDER_RULES: tuple[tuple[AlertRule, OrderRule, frozenset[OrderStatus]], ...] = 
     (AlertRule.UNASSIGNED, unassigned, WAITING_FOR_RIDER),
     (AlertRule.CUSTOMER_UNREACHABLE, customer_unreachable, frozenset(OrderStatus) - TERMINAL),
     (AlertRule.DELIVERY_FAILED, delivery_failed, FAILED_OUTCOME),
+    (AlertRule.HANDOVER_CODE, handover_code, frozenset(OrderStatus) - CLOSED),
 )
 #: status -> the order rules that can fire for it (each rule still checks for itself).
 _RULES_BY_STATUS: dict[OrderStatus, tuple[tuple[AlertRule, OrderRule], ...]] = {
@@ -598,6 +624,11 @@ def order_spans(order: OrderView, rider: RiderView | None, t: Thresholds) -> lis
             AlertRule.DELIVERY_FAILED,
             None,
             delivery_failed_span(order, t) if AlertRule.DELIVERY_FAILED in rules else None,
+        ),
+        (
+            AlertRule.HANDOVER_CODE,
+            None,
+            handover_code_span(order, t) if AlertRule.HANDOVER_CODE in rules else None,
         ),
     )
     return [((rule, shop, oid, who), span) for rule, who, span in candidates if span is not None]

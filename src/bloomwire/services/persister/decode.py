@@ -16,6 +16,7 @@ from bloomwire.contract import topics
 from bloomwire.contract.topics import InboundKind, InboundTopic
 from bloomwire.contract.validate import TimeBounds
 from bloomwire.errors import PayloadError
+from bloomwire.services.persister import proof
 from bloomwire.services.persister.messages import Inbound
 
 #: What a message says: an event, an OwnTracks message the backbone has no use for, or nothing
@@ -67,7 +68,8 @@ def decode(msg: Inbound, now: datetime, bounds: TimeBounds) -> Decoded | Undecod
             event = ev.fact_of(event)  # a request is recorded and published as its fact
         return Decoded(msg, where, event)
     except PayloadError as exc:
-        return Undecodable(msg, where, event_id(msg.payload), str(exc))
+        refused_id = proof.photo_refusal_id(msg.payload, where) if where.kind is InboundKind.PHOTO else None
+        return Undecodable(msg, where, refused_id or event_id(msg.payload), str(exc))
     except Exception as exc:  # a bug in a validator must not fail the batch: refuse this one
         reason = f"undecodable payload: {type(exc).__name__}: {exc}"
         return Undecodable(msg, where, event_id(msg.payload), reason, bug=exc)
@@ -88,6 +90,8 @@ def event_id(payload: bytes) -> str | None:
 def _payload(msg: Inbound, where: InboundTopic, now: datetime, bounds: TimeBounds) -> Said:
     if where.kind is InboundKind.OWNTRACKS:
         return _owntracks(msg, where, now, bounds)
+    if where.kind is InboundKind.PHOTO:  # bytes, not JSON (issue 16)
+        return proof.photo_event(msg.payload, where, now)
     if where.kind is InboundKind.PRESENCE and msg.payload.strip() in (b"online", b"offline"):
         status = ev.Presence(msg.payload.strip().decode())
         data = ev.RiderPresence(status=status)

@@ -11,7 +11,7 @@ from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OUT_FOR_DELIVERY, UNASSIGNED, OrderStatus
 from bloomwire.contract.topics import InboundTopic
 from bloomwire.errors import PayloadError
-from bloomwire.services.persister import offers, riders
+from bloomwire.services.persister import offers, proof, riders
 from bloomwire.services.persister.lifecycle import close_offer, publish_status, set_status
 from bloomwire.services.persister.projections import Projections
 from bloomwire.services.persister.rows import Order
@@ -44,6 +44,8 @@ def created(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.Ord
         customer_username=customer,
         window_start=d.window.start,
         window_end=d.window.end,
+        handover_code=proof.mint_code(),
+        handover_code_required=d.handover_code_required,
         created_at=event.time,
         updated_at=work.now,
     )
@@ -82,6 +84,8 @@ def rider_status(
         rider = p.rider(work, where.sender)
         work.change(p.riders, rider, last_decline_at=work.now)
     else:
+        if d.status is S.DELIVERED:
+            proof.check_handover(work, p, order, d.code)
         set_status(p, work, order, d.status, event.time)
         if d.status is S.FAILED:  # only once the transition is accepted: a refusal changes nothing
             work.change(p.orders, order, failure_reason=d.reason.value if d.reason else None)

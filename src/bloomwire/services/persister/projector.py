@@ -35,6 +35,7 @@ from bloomwire.services.persister import (
     chat,
     offers,
     orders,
+    proof,
     ratings,
     riders,
     snapshots,
@@ -56,6 +57,7 @@ from bloomwire.services.persister.work import (
 )
 from bloomwire.store import models as m
 from bloomwire.store.bulk import KeyLookup
+from bloomwire.store.photos import PhotoStore
 
 __all__ = ["BatchResult", "Inbound", "Outbound", "Projector"]
 
@@ -71,6 +73,7 @@ HANDLERS: Mapping[type[ev._Envelope], Handler] = {
     **chat.HANDLERS,
     **ratings.HANDLERS,
     **amendments.HANDLERS,
+    **proof.HANDLERS,
 }
 LOCATION_KINDS = frozenset({InboundKind.LOCATION, InboundKind.OWNTRACKS})
 #: Inbound kinds whose retained publishes are used: presence is state, and the OwnTracks app
@@ -146,8 +149,11 @@ class Projector:
         manual_offer_timeout_s: int = 90,
         bounds: TimeBounds = DEFAULT_TIME_BOUNDS,
         state_grace_s: float | None = None,
+        photos: PhotoStore | None = None,
     ) -> None:
         self.engine = engine
+        #: Where delivery photos go (None: photos are refused).
+        self.photos = photos
         #: How far inbound times may lie from ``clock`` (refused beyond, by :func:`.decode.decode`).
         self.bounds = bounds
         self.clock = clock
@@ -291,6 +297,8 @@ class Projector:
             work.refuse(msg, where, event.id, f"internal error: {exc}")
             result.refused += 1
             return
+        if isinstance(event, ev.OrderPhotoAttachedEvent):
+            self._keep_photo(msg.payload)  # before the row that names it; raises: batch retried
         recorded = work.recorded.pop(event.id, event)  # an amendment is stored with its old values
         row = _event_row(self.projections, where, recorded, msg.topic, work.now)
         sent = row["data"] if recorded is event else event.data.model_dump_json(exclude_none=True)
@@ -298,6 +306,12 @@ class Projector:
         work.events.append(row)
         work.ack(where, event.id)
         result.stored += 1
+
+    def _keep_photo(self, payload: bytes) -> None:
+        """Write a photo's bytes to the photo store (content-addressed: a retry writes nothing new)."""
+        if self.photos is None:
+            raise RuntimeError("a photo was accepted but the persister has no photo store")
+        self.photos.put(payload)
 
     def _position(
         self,
@@ -328,6 +342,8 @@ class Projector:
     ) -> None:
         """A known id: the same event again is a duplicate (acknowledged); other content, a conflict."""
         data_json = event.data.model_dump_json(exclude_none=True)
+        if isinstance(event, ev.OrderPhotoAttachedEvent):
+            known = _digest(event, data_json)  # its id is its content's hash; its time is arrival's
         if isinstance(known, int):
             same = known == _digest(event, data_json)
         else:

@@ -51,6 +51,10 @@ class Order:
     instructions_text: str = ""
     alternate_contact: str = ""
     last_amendment: dict[str, Any] | None = None
+    handover_code: str | None = None
+    handover_code_required: bool = False
+    handover_failures: int = 0
+    photo: dict[str, Any] | None = None
 
 
 @dataclass(slots=True, eq=False)

@@ -31,6 +31,7 @@ from bloomwire.services.persister.metrics import PersisterMetrics
 from bloomwire.services.persister.poison import StoreUnavailableError, apply_isolating, unavailable
 from bloomwire.services.persister.projector import Inbound, Outbound, Projector
 from bloomwire.store import open_store, retention
+from bloomwire.store.photos import FilePhotoStore
 
 NAME = "persister"
 #: How often closed orders' retained states are checked for the end of their grace.
@@ -97,6 +98,7 @@ def build(
             clock=clock,
             bounds=settings.time_bounds,
             state_grace_s=settings.customer_access_grace_s,
+            photos=FilePhotoStore.in_data_dir(settings.data_dir),
         )
         try:
             await asyncio.to_thread(projector.load)

@@ -63,6 +63,9 @@ def order_state(order: Order, rider: Rider | None, open_alerts: int) -> ev.Order
         rating=order.rating,
         rating_comment=order.rating_comment,
         **amendments.state_fields(order),
+        handover_code=order.handover_code,
+        handover_code_required=order.handover_code_required,
+        photo=ev.PhotoRef.model_validate(order.photo) if order.photo else None,
     )
 
 

@@ -27,6 +27,8 @@ from bloomwire.services.web.bridge import BridgeStats, Upstream, bridge
 from bloomwire.services.web.contract_doc import contract_document
 from bloomwire.services.web.enrolment import Answer, Enroller, EnrolRequest
 from bloomwire.services.web.orders import OrderLookup
+from bloomwire.services.web.photos import PhotoAccess, load_key, read_photo
+from bloomwire.store.photos import FilePhotoStore
 
 #: URL path -> page file in ``web/pages``.
 PAGES: dict[str, str] = {
@@ -112,7 +114,10 @@ def create_app(
     stats: BridgeStats | None = None,
 ) -> Starlette:
     """The web application for ``settings`` (broker address, store, map tiles, ...)."""
-    enrol = enroller or Enroller(settings, OrderLookup(settings.database_url))
+    enrol = enroller or Enroller(
+        settings, OrderLookup(settings.database_url), photos=PhotoAccess(load_key(settings.data_dir))
+    )
+    photo_store = FilePhotoStore.in_data_dir(settings.data_dir)
     bridge_stats = stats or BridgeStats()
     upstream = upstream_of(settings)
     contract = json.dumps(contract_document()).encode()
@@ -144,6 +149,27 @@ def create_app(
                 answer = Answer.error(400, "bad_request", describe_validation_error(exc))
         return JSONResponse(answer.body, status_code=answer.status, headers={"cache-control": "no-store"})
 
+    async def photo_token_endpoint(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_ENROL_BODY:
+            answer = Answer.error(413, "bad_request", "request too large")
+        else:
+            try:
+                answer = await enrol.photo_token(EnrolRequest.model_validate_json(body))
+            except ValidationError as exc:
+                answer = Answer.error(400, "bad_request", describe_validation_error(exc))
+        return JSONResponse(answer.body, status_code=answer.status, headers={"cache-control": "no-store"})
+
+    async def photo_endpoint(request: Request) -> Response:
+        shop, order = request.path_params["shop"], request.path_params["order"]
+        status, summary = await enrol.photo(shop, order, request.query_params.get("t", ""))
+        found = read_photo(photo_store, summary.photo) if summary is not None else None
+        if found is None:
+            return PlainTextResponse("no photo\n", status_code=status if status != 200 else 404)
+        # Private: the URL carries the token; the bytes never change under their address.
+        headers = {"cache-control": "private, max-age=86400", "etag": f'"{found.sha256}"'}
+        return Response(found.data, media_type=found.content_type, headers=headers)
+
     async def mqtt(ws: WebSocket) -> None:
         await bridge(ws, upstream, bridge_stats)
 
@@ -153,6 +179,8 @@ def create_app(
         Route("/config.json", config_json),
         Route("/healthz", healthz),
         Route("/api/enrol", enrol_endpoint, methods=["POST"]),
+        Route("/api/photo/{shop}/{order}", photo_endpoint),
+        Route("/api/photo-token", photo_token_endpoint, methods=["POST"]),
         WebSocketRoute("/mqtt", mqtt),
         Mount("/app", StaticFiles(directory=root.src), name="app"),
         *(Mount(f"/vendor/{name}", StaticFiles(directory=root.vendor(name))) for name in VENDOR),

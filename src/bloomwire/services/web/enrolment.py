@@ -23,6 +23,7 @@ from bloomwire.errors import BrokerError
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.web.orders import OrderLookup, OrderSummary
+from bloomwire.services.web.photos import PhotoAccess, login_accepted
 
 log = get_logger("bloomwire.services.web.enrolment")
 
@@ -81,9 +82,12 @@ class Enroller:
         *,
         enrol: Enrol = enrol_device,
         timeout: float = ENROL_TIMEOUT_S,
+        photos: PhotoAccess | None = None,
     ) -> None:
         self.settings = settings
         self.lookup = lookup
+        #: Mints the page's photo token once its link is proven (issue 16).
+        self.photos = photos
         self.enrol = enrol
         self.timeout = timeout
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
@@ -114,6 +118,42 @@ class Enroller:
                 return Answer.error(status, code)
         log.info("device enrolled", shop=request.shop, order=request.order, device=login.username)
         return Answer(200, self._login_body(request, summary, login))
+
+    async def photo_token(self, request: EnrolRequest) -> Answer:
+        """A photo token for whoever holds the order's tracking link (the shop's dashboard)."""
+        if self.photos is None:
+            return Answer.error(404, "no_photos")
+        try:
+            summary = await asyncio.to_thread(self.lookup.find, request.shop, request.order)
+        except Exception:
+            log.exception("store lookup failed", shop=request.shop, order=request.order)
+            return Answer.error(503, "unavailable", "the order store is not answering")
+        refusal = self._check(request, summary)
+        if refusal is not None:
+            return refusal
+        async with self._slots:
+            ok = await asyncio.to_thread(
+                login_accepted, self.settings, request.username, request.password, self.timeout
+            )
+        if not ok:
+            return Answer.error(403, "invalid_link")
+        return Answer(200, {"photo_token": self.photos.token(request.shop, request.order)})
+
+    async def photo(self, shop: str, order: str, token: str) -> tuple[int, OrderSummary | None]:
+        """HTTP status for a photo request and the order it may see (issue 16): 200 with the
+        order, 403 for a token of another order, 404 unknown, 410 past its link's grace."""
+        if self.photos is None or not self.photos.allows(token, shop, order):
+            return 403, None
+        try:
+            summary = await asyncio.to_thread(self.lookup.find, shop, order)
+        except Exception:
+            log.exception("store lookup failed", shop=shop, order=order)
+            return 503, None
+        if summary is None:
+            return 404, None
+        if summary.expired(self.settings.customer_access_grace_s):
+            return 410, None
+        return 200, summary
 
     def _check(self, request: EnrolRequest, summary: OrderSummary | None) -> Answer | None:
         if summary is None:
@@ -148,4 +188,5 @@ class Enroller:
             "order": request.order,
             "customer": request.customer,
             **summary.to_json(),
+            **({"photo_token": self.photos.token(request.shop, request.order)} if self.photos else {}),
         }

@@ -29,6 +29,8 @@ class OrderSummary:
     items: tuple[str, ...]
     pickup: tuple[float, float] | None
     closed_at: datetime | None
+    #: The delivery photo's reference (a ``PhotoRef`` as stored), if any (issue 16).
+    photo: dict[str, object] | None = None
 
     def expired(self, grace_s: float, now: datetime | None = None) -> bool:
         """True once a closed order's customer access is past its grace period."""
@@ -58,7 +60,13 @@ class OrderLookup:
         """The order ``order`` of shop ``shop``, or None (blocking: call it in a thread)."""
         o = m.ORDERS
         query = sa.select(
-            o.c.status, o.c.customer_username, o.c["items"], o.c.pickup_lat, o.c.pickup_lon, o.c.closed_at
+            o.c.status,
+            o.c.customer_username,
+            o.c["items"],
+            o.c.pickup_lat,
+            o.c.pickup_lon,
+            o.c.closed_at,
+            o.c.photo,
         ).where(o.c.id == order, o.c.shop == shop)
         try:
             with self._connect().connect() as conn:
@@ -69,7 +77,7 @@ class OrderLookup:
             raise
         if row is None:
             return None
-        status, customer, items, plat, plon, closed_at = row
+        status, customer, items, plat, plon, closed_at, photo = row
         pickup = (float(plat), float(plon)) if plat is not None and plon is not None else None
         return OrderSummary(
             shop=shop,
@@ -79,6 +87,7 @@ class OrderLookup:
             items=tuple(str(i) for i in items or ()),
             pickup=pickup,
             closed_at=closed_at,
+            photo=photo if isinstance(photo, dict) else None,
         )
 
     def close(self) -> None:
