@@ -34,7 +34,7 @@ from bloomwire.app.simulate.metrics import percentile
 from bloomwire.app.simulate.plan import DayPlan, Rates, outcome_of, plan_day, rename
 from bloomwire.app.simulate.runner import SimResult, Simulation
 from bloomwire.app.simulate.view import watch
-from bloomwire.app.supervisor import ASSISTANT, SERVICES, WEB, Stack
+from bloomwire.app.supervisor import ASSISTANT, NOTICES, SERVICES, WEB, Stack
 from bloomwire.app.weblinks import announce_links, dashboard_line
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime.aio import cancel_and_wait
@@ -415,7 +415,7 @@ def run_demo(
             "broker_password": None,
         }
     )
-    services = (*SERVICES, ASSISTANT, WEB)
+    services = (*SERVICES, ASSISTANT, NOTICES, WEB)
     mode = resolve_assign(assign, services)
     users = Simulation.users(plan, customers=not access)
     if "alerts" in services:

@@ -100,6 +100,13 @@ class _Data(BaseModel):
 # --- data models ------------------------------------------------------------------------------
 
 
+class Language(StrEnum):
+    """A customer's language (issue 16): notices and pages speak it; the shop's is the default."""
+
+    EN = "en"
+    ZH_CN = "zh-CN"
+
+
 class Customer(_Data):
     name: Name
     phone: Annotated[str, StringConstraints(max_length=40), TEXT_GUARD] = ""
@@ -141,6 +148,8 @@ class OrderCreated(_Data):
     pickup_lon: Longitude | None = None
     #: Filled in by the backbone: the customer's MQTT username for this order.
     customer_username: Id | None = None
+    #: The customer's language; absent: the shop's (``Settings.shop_language``).
+    language: Language | None = None
 
 
 class OrderCancelled(_Data):
@@ -322,6 +331,34 @@ class AlertAcknowledged(_Data):
     by: Label = ""
 
 
+# --- notices (issue 16): what the backbone tells a customer without being asked -------------------
+
+
+class NoticeKind(StrEnum):
+    """What a notice says: the order's steps a customer cares about, and a delay before it bites."""
+
+    PICKED_UP = "picked_up"
+    ON_THE_WAY = "on_the_way"
+    ARRIVING = "arriving"
+    DELAYED = "delayed"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class OrderNotice(_Data):
+    """A notice to the order's customer, in its language; the shop sees the same."""
+
+    order: Id
+    kind: NoticeKind
+    language: Language
+    #: The sentence, from the notices service's templates in ``language``.
+    text: Text
+    #: The arrival estimate it speaks of (on the way, arriving, delayed).
+    eta: Instant | None = None
+    #: Why it is late (delayed: the incident's reason, ``traffic``, ``late``), why it failed.
+    reason: ShortText = ""
+
+
 # --- envelopes --------------------------------------------------------------------------------
 
 
@@ -366,6 +403,14 @@ class OrderChatPostedEvent(_Envelope):
 class OrderRatedEvent(_Envelope):
     type: Literal["order.rated"] = "order.rated"
     data: OrderRating
+
+
+class OrderNotifiedEvent(_Envelope):
+    """Sent by the notices service (uuid5 ids: at most one per order and kind [and key]);
+    stored by the persister and published on the order's status topic."""
+
+    type: Literal["order.notified"] = "order.notified"
+    data: OrderNotice
 
 
 class OrderAssignedEvent(_Envelope):
@@ -565,6 +610,7 @@ Event: TypeAlias = Annotated[
     | AlertResolvedEvent
     | AlertAcknowledgedEvent
     | OrderRatedEvent
+    | OrderNotifiedEvent
     | OrderCreateEvent
     | OrderCancelEvent
     | OrderAssignEvent
@@ -592,6 +638,7 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
         AlertResolvedEvent,
         AlertAcknowledgedEvent,
         OrderRatedEvent,
+        OrderNotifiedEvent,
         OrderCreateEvent,
         OrderCancelEvent,
         OrderAssignEvent,
@@ -640,6 +687,7 @@ ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
         AlertEscalatedEvent,
         AlertResolvedEvent,
         OrderChatPostedEvent,
+        OrderNotifiedEvent,
     ),
 }
 
@@ -872,6 +920,8 @@ class OrderState(BaseModel):
     #: The customer's rating once delivered (1-5), and its comment.
     rating: int | None = None
     rating_comment: str = ""
+    #: The customer's language (notices and the tracking page speak it).
+    language: Language = Language.EN
 
 
 class OrderLocation(BaseModel):

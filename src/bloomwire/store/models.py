@@ -98,6 +98,8 @@ class OrderRow(SQLModel, table=True):
     #: The customer's rating once delivered (1-5; the events row ``order.rated`` is its record).
     rating: int | None = None
     rating_comment: str = ""
+    #: The customer's language (``contract.events.Language``), the shop's when the order named none.
+    language: str = Field(default="en", max_length=16)
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 

@@ -44,6 +44,7 @@ def created(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.Ord
         customer_username=customer,
         window_start=d.window.start,
         window_end=d.window.end,
+        language=d.language.value if d.language else p.shop_language,
         created_at=event.time,
         updated_at=work.now,
     )

@@ -47,6 +47,7 @@ class Order:
     closed_at: datetime | None = None
     rating: int | None = None
     rating_comment: str = ""
+    language: str = "en"
 
 
 @dataclass(slots=True, eq=False)

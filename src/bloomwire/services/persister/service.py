@@ -97,6 +97,7 @@ def build(
             clock=clock,
             bounds=settings.time_bounds,
             state_grace_s=settings.customer_access_grace_s,
+            shop_language=settings.shop_language.value,
         )
         try:
             await asyncio.to_thread(projector.load)

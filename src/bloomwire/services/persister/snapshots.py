@@ -58,6 +58,7 @@ def order_state(order: Order, rider: Rider | None, open_alerts: int) -> ev.Order
         destination=ev.Place(lat=order.lat, lon=order.lon, address=order.address or ""),
         rating=order.rating,
         rating_comment=order.rating_comment,
+        language=ev.Language(order.language),
     )
 
 

@@ -1,0 +1,27 @@
+"""orders carry their customer's language (issue 16)
+
+Notices and the tracking page speak it. Existing orders get English, the shop language's default.
+Written after 0005; re-chained after 0006 at merge.
+
+Revision ID: 0007
+Revises: 0005
+Create Date: 2026-12-03 14:40:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column("orders", sa.Column("language", sa.String(length=16), nullable=False, server_default="en"))
+
+
+def downgrade() -> None:
+    op.drop_column("orders", "language")
