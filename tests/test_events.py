@@ -103,6 +103,10 @@ SAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
     "alert.acknowledge": ("shops/s1", {"alert": "al-9", "by": "Marta at the counter"}),
     "order.rate": ("customers/c-o1", {"order": "o1", "stars": 5, "comment": "On time, lovely"}),
     "order.rated": ("customers/c-o1", {"order": "o1", "stars": 5, "comment": "On time, lovely"}),
+    "order.notified": (
+        "services/notices",
+        {"order": "o1", "kind": "delayed", "language": "en", "text": "Running late", "reason": "flat_tyre"},
+    ),
 }
 
 

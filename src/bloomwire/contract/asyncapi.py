@@ -244,10 +244,10 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "serviceEvents",
             _addr(t.service_events, "{service}"),
             "receive",
-            "A service's decisions (offers, expired offers, alerts, follow-up chat), persisted "
-            "and published canonically like any device event.",
+            "A service's decisions (offers, expired offers, alerts, follow-up chat, notices), "
+            "persisted and published canonically like any device event.",
             SERVICE_EVENTS,
-            "dispatch, alerts",
+            "dispatch, alerts, assistant, notices",
             _PERSISTER,
         ),
     ]
@@ -259,8 +259,9 @@ def _channels() -> tuple[ChannelSpec, ...]:
             _addr(t.order_topic, *order, OrderChannel.STATUS),
             "send",
             "Every accepted status change of the order (creation, offers, replies, progress, "
-            "cancellation), every incident, and the customer's rating.",
-            ("order.status_changed", "order.incident_reported", "order.rated"),
+            "cancellation), every incident, the customer's rating, and the notices told to the "
+            "customer in its language (picked up, on the way, arriving, delayed, delivered, failed).",
+            ("order.status_changed", "order.incident_reported", "order.rated", "order.notified"),
             _PERSISTER,
             "shop, customer, services",
         ),
