@@ -310,6 +310,12 @@ def test_the_chinese_template_when_the_order_is_in_chinese(stack: Stack) -> None
     assert state.language is ev.Language.ZH_CN
     assert picked["data"]["language"] == "zh-CN"
     assert picked["data"]["text"] == texts.templates()["zh-CN"]["picked_up"].format(order=order)
+    # The retained state keeps the last notice for a page opened later.
+    kept = stack.watch.until(
+        lambda t, b: t.endswith(f"{order}/state") and (b.get("notice") or {}).get("kind") == "picked_up",
+        "notice in the state",
+    )
+    assert kept["notice"]["text"] == picked["data"]["text"]
 
 
 def test_an_order_without_a_language_has_the_shops(

@@ -405,6 +405,12 @@ class OrderRatedEvent(_Envelope):
     data: OrderRating
 
 
+class StateNotice(OrderNotice):
+    """The last notice of an order, in its retained state: what was said, and when."""
+
+    at: Instant
+
+
 class OrderNotifiedEvent(_Envelope):
     """Sent by the notices service (uuid5 ids: at most one per order and kind [and key]);
     stored by the persister and published on the order's status topic."""
@@ -922,6 +928,8 @@ class OrderState(BaseModel):
     rating_comment: str = ""
     #: The customer's language (notices and the tracking page speak it).
     language: Language = Language.EN
+    #: The last notice told the customer (a page opened later shows it).
+    notice: StateNotice | None = None
 
 
 class OrderLocation(BaseModel):

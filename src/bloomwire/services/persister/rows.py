@@ -48,6 +48,7 @@ class Order:
     rating: int | None = None
     rating_comment: str = ""
     language: str = "en"
+    notice: dict[str, Any] | None = None
 
 
 @dataclass(slots=True, eq=False)

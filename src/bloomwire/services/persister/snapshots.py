@@ -59,6 +59,7 @@ def order_state(order: Order, rider: Rider | None, open_alerts: int) -> ev.Order
         rating=order.rating,
         rating_comment=order.rating_comment,
         language=ev.Language(order.language),
+        notice=ev.StateNotice.model_validate(order.notice) if order.notice else None,
     )
 
 

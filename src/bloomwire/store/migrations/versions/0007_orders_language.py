@@ -1,6 +1,7 @@
-"""orders carry their customer's language (issue 16)
+"""orders carry their customer's language and the last notice told (issue 16)
 
-Notices and the tracking page speak it. Existing orders get English, the shop language's default.
+Notices and the tracking page speak the language; existing orders get English, the default shop
+language. The last notice (JSON) lets the order's retained state show it to a page opened later.
 Written after 0005; re-chained after 0006 at merge.
 
 Revision ID: 0007
@@ -21,7 +22,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("orders", sa.Column("language", sa.String(length=16), nullable=False, server_default="en"))
+    op.add_column("orders", sa.Column("notice", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("orders", "notice")
     op.drop_column("orders", "language")
