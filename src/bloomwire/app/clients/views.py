@@ -111,6 +111,14 @@ class AlertLine:
     raised_at: datetime | None = None
 
 
+def _told(event: ev.OrderRatedEvent | ev.OrderNotifiedEvent) -> str:
+    """A rating, or a notice told the customer, as a line of the shop's feed."""
+    if isinstance(event, ev.OrderNotifiedEvent):
+        return f"notice ({event.data.kind.value}): {event.data.text}"
+    comment = f": {event.data.comment}" if event.data.comment else ""
+    return f"rated {event.data.stars}/5{comment}"
+
+
 @dataclass
 class ShopView:
     """Every order of shop ``shop``, its riders and its alerts."""
@@ -209,9 +217,8 @@ class ShopView:
             line.updated_at = event.time
             eta = f", new ETA {clock(event.data.eta)}" if event.data.eta else ""
             self.feed.append(f"{clock_s(event.time)} {order} incident: {event.data.reason}{eta}")
-        elif isinstance(event, ev.OrderRatedEvent):
-            comment = f": {event.data.comment}" if event.data.comment else ""
-            self.feed.append(f"{clock_s(event.time)} {order} rated {event.data.stars}/5{comment}")
+        elif isinstance(event, ev.OrderRatedEvent | ev.OrderNotifiedEvent):
+            self.feed.append(f"{clock_s(event.time)} {order} {_told(event)}")
         elif isinstance(event, ev.OrderChatPostedEvent):
             self.feed.append(f"{clock_s(event.time)} {order} 💬 {event.data.author}: {event.data.text}")
         elif channel == topics.OrderChannel.ALERTS:
