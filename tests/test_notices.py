@@ -12,6 +12,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from bloomwire.app.demo import Told, _told_rows
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import FailureReason, OrderStatus
@@ -347,3 +349,18 @@ def test_every_template_exists_in_every_language() -> None:
     assert set(said["en"]) == set(said["zh-CN"])
     for kind in ev.NoticeKind:
         assert kind.value in said["en"] or kind is ev.NoticeKind.DELAYED
+
+
+def test_the_demo_summary_shows_a_delay_notice_a_rating_and_an_answer() -> None:
+    told = Told(
+        notices=Counter({"delayed": 1, "picked_up": 2}),
+        delay_example="o1: Your order o1 is running late",
+        ratings=[5, 4],
+        rating_example="o2: 5/5 “Lovely”",
+        answers=3,
+        answer_example="o3: Rider r1 has your order o3 and is on the way.",
+    )
+    rows = dict(_told_rows(told))
+    assert rows["notices"] == "delayed 1 · picked_up 2; e.g. o1: Your order o1 is running late"
+    assert rows["ratings"] == "2, average 4.5; e.g. o2: 5/5 “Lovely”"
+    assert rows["assistant"].startswith("3 answers; e.g. o3: Rider r1")

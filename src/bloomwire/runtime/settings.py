@@ -176,6 +176,12 @@ class Settings(BaseSettings):
         default=Language.EN,
         description="Language of an order whose shop named none for its customer (en, zh-CN): notices, pages",
     )
+    notices_by_eta: bool = Field(
+        default=True,
+        description="Notices from the ETA: a delay when it slips past the promised window, arriving when "
+        "it is 2 min away (off in the compressed demo, whose ETAs do not follow its day); "
+        "arriving within 150 m holds either way",
+    )
     shop_names: dict[str, str] = Field(
         default_factory=dict, description='Display names of shops, JSON: {"s1": "Blumen Anna"}'
     )

@@ -28,6 +28,8 @@ NEAR_M: Final = 150.0
 SOON: Final = timedelta(minutes=2)
 #: The key of the delay said because the estimate slipped past the window.
 LATE: Final = "late"
+#: By more than this (an ETA a few seconds over is noise, not news).
+SLIP: Final = timedelta(minutes=1)
 _BY_STATUS: Final = {
     S.PICKED_UP: K.PICKED_UP,
     S.ARRIVED: K.ARRIVING,
@@ -82,16 +84,19 @@ def on_status(facts: OrderFacts, event: ev.Event, at: datetime) -> list[Notice]:
     return [Notice(kind, key(kind), at, reason=reason)]
 
 
-def on_location(facts: OrderFacts, loc: ev.OrderLocation, at: datetime) -> list[Notice]:
-    """The notices a position of the carrying rider (with its ETA) calls for."""
+def on_location(
+    facts: OrderFacts, loc: ev.OrderLocation, at: datetime, *, by_eta: bool = True
+) -> list[Notice]:
+    """The notices a position of the carrying rider (with its ETA) calls for; ``by_eta``: those the
+    ETA alone decides too (a slip past the window, arriving by time)."""
     eta, seen = loc.eta, loc.position.at
     if eta is None:
         return []
     notices = [Notice(K.ON_THE_WAY, key(K.ON_THE_WAY), at, eta)]
-    if eta > facts.window_end and seen < facts.window_end:
+    if by_eta and eta - facts.window_end > SLIP and seen < facts.window_end:
         notices.append(Notice(K.DELAYED, key(K.DELAYED, LATE), at, eta, LATE))
     near = distance_m(loc.position.lat, loc.position.lon, facts.lat, facts.lon) <= NEAR_M
-    if near or eta - seen <= SOON:
+    if near or (by_eta and eta - seen <= SOON):
         notices.append(Notice(K.ARRIVING, key(K.ARRIVING), at, eta))
     return notices
 
@@ -100,7 +105,7 @@ def on_location(facts: OrderFacts, loc: ev.OrderLocation, at: datetime) -> list[
 _OVERTAKEN: Final = {
     K.ON_THE_WAY: frozenset({K.ARRIVING, K.DELIVERED, K.FAILED}),
     K.ARRIVING: frozenset({K.DELIVERED, K.FAILED}),
-    K.DELAYED: frozenset({K.ARRIVING, K.DELIVERED, K.FAILED}),
+    K.DELAYED: frozenset({K.DELIVERED, K.FAILED}),  # a flat tyre at the last corner is still news
     K.PICKED_UP: frozenset({K.DELIVERED, K.FAILED}),
 }
 

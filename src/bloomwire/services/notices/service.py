@@ -102,8 +102,11 @@ class Notifier:
         *,
         clock: Callable[[], datetime],
         tz: tzinfo,
+        by_eta: bool = True,
     ) -> None:
         self.store, self.publish, self.clock, self.tz = store, publish, clock, tz
+        #: Whether the ETA alone may prompt a notice (``Settings.notices_by_eta``).
+        self.by_eta = by_eta
         #: Orders seen and still open: order id -> what is known of it.
         self.orders: dict[str, Known] = {}
         self.sent = 0
@@ -123,7 +126,8 @@ class Notifier:
         """A position of ``order``'s rider with the ETA (published only while it is out)."""
         known = self.orders.get(order) or await self._reload(order)
         if known is not None:
-            self._send(known, decide.on_location(known.facts, loc, loc.position.at + AFTER))
+            notices = decide.on_location(known.facts, loc, loc.position.at + AFTER, by_eta=self.by_eta)
+            self._send(known, notices)
 
     async def _reload(self, order: str) -> Known | None:
         fresh = await asyncio.to_thread(self.store.known, order)
@@ -212,7 +216,7 @@ def build(
     async def start() -> Notifier:
         engine = await asyncio.to_thread(_readonly_engine, settings.database_url)
         publish = lambda topic, payload: service.publish(topic, payload, qos=1)  # noqa: E731
-        return Notifier(Store(engine), publish, clock=clock, tz=zone)
+        return Notifier(Store(engine), publish, clock=clock, tz=zone, by_eta=settings.notices_by_eta)
 
     @service.handle(topics.all_orders_filter(topics.OrderChannel.STATUS), retry=True, model=ev.decode)
     async def on_status(event: ev.Event, msg: Message) -> None:
