@@ -2,13 +2,12 @@
 // them. All text goes in as text (chat and names can never become HTML).
 import { lifecycle } from '../lib/contract.js';
 import { $, h, setText } from '../lib/dom.js';
-import { addText, clock, lang, setLang, t } from '../lib/i18n.js';
+import { addText, clock, t } from '../lib/i18n.js';
 import { COLORS, MapView } from '../lib/map.js';
 
 const TRAIL_MAX = 300;
 const CHAT_MAX = 200;
 const NOTICES_MAX = 20;
-const LANG_KEY = 'bloomwire.lang'; // i18n.js keeps the reader's own choice there
 
 addText({
   en: { notices: 'Updates' },
@@ -63,16 +62,7 @@ export class TrackView {
     if (state.position) this.addPosition(state.position);
     if (state.rating) this.rating = { stars: state.rating, comment: state.rating_comment || '', state: 'ok' };
     if (state.notice) this.addNotice(noticeOf(state.notice, state.notice.at));
-    this.speakOrdersLanguage(state.language);
     this.render();
-  }
-
-  /** The page speaks the order's language unless its reader chose one (the switch). */
-  speakOrdersLanguage(language) {
-    const wanted = String(language || '').toLowerCase().split('-')[0];
-    let chosen = null;
-    try { chosen = localStorage.getItem(LANG_KEY); } catch { /* no storage: follow the order */ }
-    if (!chosen && wanted && wanted !== lang()) setLang(wanted);
   }
 
   addNotice(notice) {
