@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import pytest
@@ -229,6 +229,7 @@ def test_a_flat_tyre_is_told_with_the_new_eta_before_the_window_ends(stack: Stac
     assert notice.eta is not None and abs(notice.eta - new_eta) < timedelta(milliseconds=1)
     assert notice.reason == "flat_tyre" and notice.language is ev.Language.EN
     assert f"{new_eta:%H:%M}" in notice.text and "flat tyre" in notice.text, notice.text
+    assert "still within the promised time" in notice.text  # 40 min late, the window is 2 h
     assert ev.now() < state.window.end  # told while the promise still holds
     assert delayed["id"] == notices.service.notice_id(order, decide.key(ev.NoticeKind.DELAYED, incident.id))
 
@@ -364,3 +365,17 @@ def test_the_demo_summary_shows_a_delay_notice_a_rating_and_an_answer() -> None:
     assert rows["notices"] == "delayed 1 · picked_up 2; e.g. o1: Your order o1 is running late"
     assert rows["ratings"] == "2, average 4.5; e.g. o2: 5/5 “Lovely”"
     assert rows["assistant"].startswith("3 answers; e.g. o3: Rider r1")
+
+
+def test_a_delay_says_whether_the_promise_still_holds_in_each_language() -> None:
+    end = ev.now().replace(hour=15, minute=0, second=0, microsecond=0)
+    common = {"order": "o1", "now": end - timedelta(minutes=30), "tz": UTC, "window_end": end}
+    kind = ev.NoticeKind.DELAYED
+    late = texts.render(kind, ev.Language.EN, eta=end + timedelta(minutes=20), reason="traffic", **common)
+    assert late == "Your order o1 is running late (heavy traffic); it should now arrive around 15:20."
+    held = texts.render(kind, ev.Language.ZH_CN, eta=end - timedelta(minutes=5), reason="flat_tyre", **common)
+    assert held == "您的订单 o1 耽搁了一下（骑手的车爆胎了），现在预计 14:55 左右送达，仍在承诺的时间内。"
+    unknown = texts.render(kind, ev.Language.EN, reason="crane on the road", **common)
+    assert "(crane on the road)" in unknown and "as soon as we know" in unknown
+    failed = texts.render(ev.NoticeKind.FAILED, ev.Language.ZH_CN, reason="address_wrong", **common)
+    assert failed == "您的订单 o1 未能送达：找不到地址。店里会联系您核对地址后重新配送。"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 from webkit import (
+    DESKTOP,
     PHONE,
     ScriptedRider,
     ScriptedShop,
@@ -18,6 +19,7 @@ from webkit import (
     page_errors,
     require_browser_and_broker,
     screenshot,
+    secret,
 )
 
 from bloomwire.app.supervisor import Stack
@@ -84,7 +86,25 @@ def test_the_tracking_page_shows_the_notices(web: tuple[Stack, Settings]) -> Non
             late = browser.new_context(viewport=PHONE, locale="en-GB").new_page()
             late.goto(shop.link(settings, order))
             late.wait_for_selector("#notices li[data-kind='delayed']", timeout=20_000)
-            assert errors == []
+
+            # The shop: the last notice in the order's panel, the next one in its conversation.
+            board = browser.new_context(viewport=DESKTOP).new_page()
+            shop_errors = page_errors(board)
+            board.goto(settings.web_url + "/shop")
+            board.fill("#login-user", "s1")
+            board.fill("#login-password", secret(settings, "s1"))
+            board.click("#login-submit")
+            board.wait_for_selector("#conn[data-state=online]", timeout=20_000)
+            board.click(f"tr[data-order='{order}']")
+            board.wait_for_selector("#order-panel dd:has-text('delayed: Your order')", timeout=20_000)
+            rider.status(order, OrderStatus.ARRIVED)
+            board.wait_for_selector(
+                "#order-chat .chat-line.from-notice:has-text('the rider is almost at your door')",
+                timeout=20_000,
+            )
+            page.wait_for_selector("#notices li[data-kind='arriving']", timeout=20_000)
+            screenshot(board, "shop-notices-desktop")
+            assert errors == [] and shop_errors == []
             browser.close()
     finally:
         rider.close()

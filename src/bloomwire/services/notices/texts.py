@@ -51,7 +51,7 @@ def render(
     key = kind.value
     if kind is NoticeKind.DELAYED:
         values["reason"] = _cause(said, reason, end)
-        key = "delayed" if eta is not None else "delayed_no_eta"
+        key = "delayed_no_eta" if eta is None else "delayed_on_time" if eta <= window_end else "delayed"
     elif kind is NoticeKind.FAILED:
         values["reason"] = said.get(f"fail_{reason}", said["fail_other"])
         values["next"] = said.get(f"next_{reason}", said["next_other"])
