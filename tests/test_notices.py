@@ -251,6 +251,34 @@ def test_an_eta_slipping_past_the_window_is_told_once_before_it_ends(stack: Stac
     assert len(stack.watch.notices(order, "delayed")) == 1
 
 
+def test_a_window_about_to_end_before_pick_up_is_told_before_it_ends(stack: Stack) -> None:
+    """Nobody took the order and its window ends in 3 minutes: the clock says it is late, once."""
+    order = "o-notice-clock"
+    now = ev.now()
+    created = ev.OrderCreated(
+        order=order,
+        customer=ev.Customer(name="Mei", lat=HOME[0], lon=HOME[1]),
+        window=ev.Window(start=now - timedelta(minutes=30), end=now + timedelta(minutes=3)),
+    )
+    create = ev.OrderCreateEvent(source=SHOP_SRC, data=created)
+    _send(stack.client, topics.shop_command(SHOP, topics.Command.CREATE_ORDER), create)
+    stack.watch.until(lambda t, b: t.endswith(f"{order}/state"), "order created")
+    with Running(lambda s: notices.build(s, tick_s=0.2), stack.notices_settings):
+        late = stack.watch.notice(order, "delayed")
+        marker = "o-notice-clock-2"  # a second order's notice: the clock went round since
+        created = created.model_copy(update={"order": marker})
+        _send(
+            stack.client,
+            topics.shop_command(SHOP, topics.Command.CREATE_ORDER),
+            ev.OrderCreateEvent(source=SHOP_SRC, data=created),
+        )
+        stack.watch.notice(marker, "delayed")
+    assert ev.now() < created.window.end
+    assert late["data"]["reason"] == decide.LATE and "eta" not in late["data"]
+    assert "as soon as we know" in late["data"]["text"]
+    assert len(stack.watch.notices(order, "delayed")) == 1
+
+
 def test_arriving_fires_once_as_the_rider_approaches(stack: Stack) -> None:
     order = "o-notice-near"
     with Running(notices.build, stack.notices_settings):

@@ -178,9 +178,9 @@ class Settings(BaseSettings):
     )
     notices_by_eta: bool = Field(
         default=True,
-        description="Notices from the ETA: a delay when it slips past the promised window, arriving when "
-        "it is 2 min away (off in the compressed demo, whose ETAs do not follow its day); "
-        "arriving within 150 m holds either way",
+        description="Notices from the ETA and the clock: a delay when the ETA slips past the promised "
+        "window or the window is about to end without one, arriving when it is 2 min away (off in the "
+        "compressed demo, whose ETAs do not follow its day); arriving within 150 m holds either way",
     )
     shop_names: dict[str, str] = Field(
         default_factory=dict, description='Display names of shops, JSON: {"s1": "Blumen Anna"}'

@@ -6,7 +6,8 @@ the caller sends those not sent yet (:attr:`Notice.key` names a notice once per 
   ``en_route`` when the store has one);
 - arriving: the rider within :data:`NEAR_M` of the door or :data:`SOON` from it, or ``arrived``;
 - delayed: an incident (each one: its reason and new ETA), or the estimate slipping past the
-  promised window's end while the window is still open (once: said before the promise breaks).
+  promised window's end while the window is still open, or the window about to end with no
+  estimate yet (the last two once, as one notice: said before the promise breaks).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ SOON: Final = timedelta(minutes=2)
 LATE: Final = "late"
 #: By more than this (an ETA a few seconds over is noise, not news).
 SLIP: Final = timedelta(minutes=1)
+#: An open order whose window ends within this, with no ETA or one past the window, is late.
+LEAD: Final = timedelta(minutes=5)
 _BY_STATUS: Final = {
     S.PICKED_UP: K.PICKED_UP,
     S.ARRIVED: K.ARRIVING,
@@ -99,6 +102,16 @@ def on_location(
     if near or (by_eta and eta - seen <= SOON):
         notices.append(Notice(K.ARRIVING, key(K.ARRIVING), at, eta))
     return notices
+
+
+def on_clock(facts: OrderFacts, now: datetime) -> list[Notice]:
+    """The delay an open order's clock calls for: its window ends within :data:`LEAD` and no ETA
+    (not out yet) or one past the window says it will be kept. Said once, before the window ends."""
+    if not now < facts.window_end <= now + LEAD:
+        return []
+    if facts.eta is not None and facts.eta - facts.window_end <= SLIP:
+        return []
+    return [Notice(K.DELAYED, key(K.DELAYED, LATE), now, facts.eta, LATE)]
 
 
 #: A notice no longer worth saying once one of these was said (the news overtook it).

@@ -29,6 +29,7 @@ from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import CLOSED
 from bloomwire.errors import ConfigError, TopicError
+from bloomwire.runtime.aio import cancel_and_wait
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
@@ -46,6 +47,8 @@ EVENTS_TOPIC: Final = topics.service_events(NAME)
 SOURCE: Final = topics.parse_inbound(EVENTS_TOPIC).source
 #: A notice is dated this much after what prompted it (it sorts after it).
 AFTER: Final = timedelta(milliseconds=1)
+#: How often the clock looks for windows about to end (level-triggered, beside the events).
+TICK_S: Final = 15.0
 #: A status older than this (the service was down) prompts no notice: the news is stale.
 MAX_AGE: Final = timedelta(minutes=30)
 NOTIFIED: Final = ev.type_name(ev.OrderNotifiedEvent)
@@ -91,6 +94,15 @@ class Store:
         kinds = {ev.NoticeKind(d["kind"]) for _id, d in said if isinstance(d, dict) and "kind" in d}
         return Known(facts, {i for i, _d in said}, kinds)
 
+    def due(self, now: datetime, lead: timedelta) -> list[str]:
+        """Open orders whose window ends within ``lead`` of ``now`` (the clock's candidates)."""
+        closed = [s.value for s in CLOSED]
+        query = sa.select(_O.id).where(
+            _O.window_end > now, _O.window_end <= now + lead, _O.status.not_in(closed)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
 
 class Notifier:
     """Decides and sends the notices; publishes through ``publish(topic, payload)``."""
@@ -128,6 +140,14 @@ class Notifier:
         if known is not None:
             notices = decide.on_location(known.facts, loc, loc.position.at + AFTER, by_eta=self.by_eta)
             self._send(known, notices)
+
+    async def on_clock(self) -> None:
+        """Orders whose window is about to end with no ETA that keeps it: told they are late."""
+        now = self.clock()
+        for order in await asyncio.to_thread(self.store.due, now, decide.LEAD):
+            known = await self._reload(order)
+            if known is not None:
+                self._send(known, decide.on_clock(known.facts, now))
 
     async def _reload(self, order: str) -> Known | None:
         fresh = await asyncio.to_thread(self.store.known, order)
@@ -178,6 +198,17 @@ def _order_of(topic: str) -> str | None:
         return None
 
 
+async def _tick(notifier: Notifier, every_s: float) -> None:
+    """The clock's delays, at once and every ``every_s``; a failed look waits for the next one
+    (the loop must outlive a busy store)."""
+    while True:
+        try:
+            await notifier.on_clock()
+        except Exception as exc:
+            log.warning("the clock's notices failed this time", error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(every_s)
+
+
 class NoticesService(Service[Notifier]):
     """The notices :class:`~bloomwire.runtime.mqtt.Service`: its state is the :class:`Notifier`."""
 
@@ -193,11 +224,12 @@ def build(
     metrics: ServiceMetrics | None = None,
     clock: Callable[[], datetime] = ev.now,
     tz: tzinfo | None = None,
+    tick_s: float = TICK_S,
 ) -> NoticesService:
     """Declare the notices service: handlers over every order's canonical status and location.
 
     ``tz`` (default: ``settings.assistant_timezone``, the zone of every clock time said to
-    customers) is where the times in notices are read.
+    customers) is where the times in notices are read; ``tick_s``: how often the clock looks.
     """
     if tz is None:
         try:
@@ -212,11 +244,16 @@ def build(
     if metrics is not None:
         metrics.registry.register(FiguresCollector(service.figures))
 
+    ticking: list[asyncio.Task[None]] = []
+
     @service.on_startup
     async def start() -> Notifier:
         engine = await asyncio.to_thread(_readonly_engine, settings.database_url)
         publish = lambda topic, payload: service.publish(topic, payload, qos=1)  # noqa: E731
-        return Notifier(Store(engine), publish, clock=clock, tz=zone, by_eta=settings.notices_by_eta)
+        notifier = Notifier(Store(engine), publish, clock=clock, tz=zone, by_eta=settings.notices_by_eta)
+        if settings.notices_by_eta:  # the clock's delays compare ETAs too
+            ticking.append(asyncio.create_task(_tick(notifier, tick_s)))
+        return notifier
 
     @service.handle(topics.all_orders_filter(topics.OrderChannel.STATUS), retry=True, model=ev.decode)
     async def on_status(event: ev.Event, msg: Message) -> None:
@@ -232,6 +269,7 @@ def build(
 
     @service.on_shutdown
     async def stop() -> None:
+        await cancel_and_wait(*ticking)
         if service.has_state:
             service.state.store.engine.dispose()
 
