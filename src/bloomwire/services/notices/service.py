@@ -97,8 +97,8 @@ class Store:
     def due(self, now: datetime, lead: timedelta) -> list[str]:
         """Open orders whose window ends within ``lead`` of ``now`` (the clock's candidates)."""
         closed = [s.value for s in CLOSED]
-        query = sa.select(_O.id).where(
-            _O.window_end > now, _O.window_end <= now + lead, _O.status.not_in(closed)
+        query = sa.select(_O.id).where(  # open orders by closed_at's index, not every order ever
+            _O.closed_at.is_(None), _O.window_end > now, _O.window_end <= now + lead, _O.status.not_in(closed)
         )
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
