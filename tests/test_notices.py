@@ -138,15 +138,30 @@ def _send(client: Any, topic: str, event: Any) -> None:
     client.publish(topic, ev.encode(event), qos=1)
 
 
-@pytest.fixture
-def stack(make_settings: Callable[..., Settings], mqtt_user: Any, mqtt_client: Any) -> Iterator[Stack]:
-    """The persister running, and a client watching shop s1 and rider r1's inbox (notices: by test)."""
-    with Running(persister.build, make_settings()) as running:
+def _stack(
+    make_settings: Callable[..., Settings], mqtt_user: Any, mqtt_client: Any, url: str
+) -> Iterator[Stack]:
+    with Running(persister.build, make_settings(database_url=url)) as running:
         client = mqtt_client(*mqtt_user())
         client.subscribe(topics.shop_filter(SHOP))
         client.subscribe(topics.rider_inbox_filter(RIDER))
-        yield Stack(client, Watch(client), make_settings(), running.settings.database_url)
+        yield Stack(client, Watch(client), make_settings(database_url=url), running.settings.database_url)
         client.close()
+
+
+@pytest.fixture
+def stack(make_settings: Callable[..., Settings], mqtt_user: Any, mqtt_client: Any) -> Iterator[Stack]:
+    """The persister running (SQLite), and a client watching shop s1 and rider r1's inbox
+    (the notices service: started by each test)."""
+    yield from _stack(make_settings, mqtt_user, mqtt_client, "")
+
+
+@pytest.fixture
+def any_stack(
+    make_settings: Callable[..., Settings], mqtt_user: Any, mqtt_client: Any, database_url: str
+) -> Iterator[Stack]:
+    """The same, on SQLite and on PostgreSQL."""
+    yield from _stack(make_settings, mqtt_user, mqtt_client, database_url)
 
 
 def _at(client: Any, lat: float, lon: float) -> None:
@@ -295,9 +310,10 @@ def test_arriving_fires_once_as_the_rider_approaches(stack: Stack) -> None:
     assert [n["kind"] for n in _stored(stack.database_url, order)].count("arriving") == 1
 
 
-def test_steps_are_told_once_also_after_a_restart(stack: Stack) -> None:
+def test_steps_are_told_once_also_after_a_restart(any_stack: Stack) -> None:
     """Picked up, delivered, failed: once each. A status redelivered to a restarted service says
     nothing again; a notice sent again (its ack lost) is the same event: a duplicate."""
+    stack = any_stack
     done, failed = "o-notice-done", "o-notice-fail"
     with Running(notices.build, stack.notices_settings):
         _picked_up(stack, done)
