@@ -69,6 +69,7 @@ class Told:
     each with one example from the store."""
 
     notices: Counter[str] = field(default_factory=Counter)
+    languages: Counter[str] = field(default_factory=Counter)
     delay_example: str = ""
     ratings: list[int] = field(default_factory=list)
     rating_example: str = ""
@@ -83,6 +84,7 @@ def told_figures(conn: sa.Connection, orders: set[str]) -> Told:
     for oid, data in conn.execute(sa.select(e.order_id, e.data).where(e.type == "order.notified")):
         if oid in orders and isinstance(data, dict):
             told.notices[str(data.get("kind"))] += 1
+            told.languages[str(data.get("language"))] += 1
             if data.get("kind") == "delayed" and not told.delay_example:
                 told.delay_example = f"{oid}: {data.get('text', '')}"
     for oid, stars, comment in conn.execute(
@@ -227,6 +229,8 @@ def _outcome_rows(result: SimResult, figures: StoreFigures | None) -> list[Row]:
 def _told_rows(told: Told) -> list[Row]:
     """Notices by kind and a delay notice, ratings and one, the assistant's answers and one."""
     kinds = " · ".join(f"{k} {v}" for k, v in sorted(told.notices.items())) or "none"
+    if told.languages:
+        kinds += " (" + ", ".join(f"{k} {v}" for k, v in sorted(told.languages.items())) + ")"
     rows = [("notices", kinds + (f"; e.g. {told.delay_example}" if told.delay_example else ""))]
     if told.ratings:
         average = sum(told.ratings) / len(told.ratings)

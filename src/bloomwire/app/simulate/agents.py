@@ -544,6 +544,7 @@ class SimShop:
                     note=o.note,
                     order=o.id,
                     pickup=(self.site.lat, self.site.lon),
+                    language=o.language,
                 )
                 try:
                     created = await self.terminal.create_order(draft, timeout=15)
