@@ -4,11 +4,13 @@ over MQTT, the page logged in through the web service's bridge with its own logi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from playwright.sync_api import sync_playwright
 from webkit import (
     DESKTOP,
@@ -28,6 +30,8 @@ from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.notices import texts
+from bloomwire.store import make_engine
+from bloomwire.store.models import ORDERS
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,6 +53,16 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Setti
         yield stack, started
     finally:
         stack.stop()
+
+
+def _language(settings: Settings, order: str) -> str | None:
+    """The order's language as the store holds it."""
+    engine = make_engine(settings.database_url, readonly=True)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(ORDERS.c.language).where(ORDERS.c.id == order)).scalar()
+    finally:
+        engine.dispose()
 
 
 def test_the_tracking_page_shows_the_notices(web: tuple[Stack, Settings]) -> None:
@@ -104,6 +118,27 @@ def test_the_tracking_page_shows_the_notices(web: tuple[Stack, Settings]) -> Non
             )
             page.wait_for_selector("#notices li[data-kind='arriving']", timeout=20_000)
             screenshot(board, "shop-notices-desktop")
+
+            # The shop's form names the customer's language: the order is created in Chinese.
+            chinese = "o-notice-form-zh"
+            board.click("#new-order")
+            board.fill("#create-form [name=name]", "Li Wei")
+            board.fill("#create-form [name=lat]", "52.5175")
+            board.fill("#create-form [name=lon]", "13.4400")
+            start = time.localtime(time.time() + 30 * 60)
+            end = time.localtime(time.time() + 90 * 60)
+            same_day = end.tm_mday == start.tm_mday
+            board.fill(
+                "#create-form [name=window_start]", time.strftime("%H:%M", start) if same_day else "23:58"
+            )
+            board.fill("#create-form [name=window_end]", time.strftime("%H:%M", end) if same_day else "23:59")
+            board.select_option("#create-form [name=language]", "zh-CN")
+            board.click("#create-form summary")
+            board.fill("#create-form [name=order]", chinese)
+            board.click("#create-submit")
+            board.wait_for_selector(f"#create-status:has-text('Order {chinese} created')", timeout=20_000)
+            # (the dashboard took login s1 over from the scripted shop: one login, one session)
+            assert _language(settings, chinese) == "zh-CN"
             assert errors == [] and shop_errors == []
             browser.close()
     finally:

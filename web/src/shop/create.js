@@ -83,6 +83,7 @@ export class CreateForm {
       note: v('note'),
     };
     if (pickup) { data.pickup_lat = pickup.lat; data.pickup_lon = pickup.lon; }
+    if (v('language')) data.language = v('language');
     return { errors, data };
   }
 
