@@ -31,7 +31,7 @@ from bloomwire.runtime.broker import (
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
-SERVICE_NAMES = frozenset({"persister", "dispatch", "alerts", "provisioner", "assistant", "web"})
+SERVICE_NAMES = frozenset({"persister", "dispatch", "alerts", "provisioner", "assistant", "notices", "web"})
 #: Services whose healthcheck reads their metrics (``bloomwire service health``); web answers HTTP.
 METRICS_HEALTH = SERVICE_NAMES - {"web"}
 

@@ -146,6 +146,10 @@ SAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
             },
         },
     ),
+    "order.notified": (
+        "services/notices",
+        {"order": "o1", "kind": "delayed", "language": "en", "text": "Running late", "reason": "flat_tyre"},
+    ),
 }
 
 

@@ -30,6 +30,7 @@ from bloomwire.app.supervisor import (
     ASSISTANT,
     DEFAULT_RIDERS,
     DEFAULT_SHOPS,
+    NOTICES,
     SERVICES,
     WEB,
     Stack,
@@ -312,7 +313,7 @@ def up(
     """
     settings = make_settings(ctx)
     try:
-        services = (*SERVICES, ASSISTANT, WEB)
+        services = (*SERVICES, ASSISTANT, NOTICES, WEB)
         stack = Stack(settings, services=services, access=access, shops=_names(shops), riders=_names(riders))
         settings = stack.start()  # stops what it started if it fails or is interrupted
     except BloomwireError as exc:

@@ -27,9 +27,9 @@ from bloomwire.errors import BrokerError
 from bloomwire.runtime.broker import SECRETS_DIR, ensure_secret
 
 #: The services that run in a container of their own in ``compose.yaml``.
-COMPOSE_SERVICES = ("persister", "dispatch", "alerts", "provisioner", "assistant", "web")
+COMPOSE_SERVICES = ("persister", "dispatch", "alerts", "provisioner", "assistant", "notices", "web")
 #: Of those, the ones with a ``service/N`` account (the others are fixed identities), as ``up`` has.
-SERVICE_ACCOUNTS = ("dispatch", "alerts", "assistant", "web")
+SERVICE_ACCOUNTS = ("dispatch", "alerts", "assistant", "notices", "web")
 POSTGRES = "postgres"
 
 

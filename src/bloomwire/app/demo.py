@@ -34,7 +34,7 @@ from bloomwire.app.simulate.metrics import percentile
 from bloomwire.app.simulate.plan import DayPlan, Rates, outcome_of, plan_day, rename
 from bloomwire.app.simulate.runner import SimResult, Simulation
 from bloomwire.app.simulate.view import watch
-from bloomwire.app.supervisor import ASSISTANT, SERVICES, WEB, Stack
+from bloomwire.app.supervisor import ASSISTANT, NOTICES, SERVICES, WEB, Stack
 from bloomwire.app.weblinks import announce_links, dashboard_line
 from bloomwire.errors import BloomwireError
 from bloomwire.runtime.aio import cancel_and_wait
@@ -64,6 +64,44 @@ def resolve_assign(choice: AssignChoice, services: Iterable[str]) -> AssignMode:
 
 
 @dataclass
+class Told:
+    """What customers were told or said (issue 16): notices by kind, ratings, the assistant's answers,
+    each with one example from the store."""
+
+    notices: Counter[str] = field(default_factory=Counter)
+    languages: Counter[str] = field(default_factory=Counter)
+    delay_example: str = ""
+    ratings: list[int] = field(default_factory=list)
+    rating_example: str = ""
+    answers: int = 0
+    answer_example: str = ""
+
+
+def told_figures(conn: sa.Connection, orders: set[str]) -> Told:
+    """Notices, ratings and assistant answers of ``orders``, read from the store."""
+    told = Told()
+    e, o, c = m.EVENTS.c, m.ORDERS.c, m.CHAT.c
+    for oid, data in conn.execute(sa.select(e.order_id, e.data).where(e.type == "order.notified")):
+        if oid in orders and isinstance(data, dict):
+            told.notices[str(data.get("kind"))] += 1
+            told.languages[str(data.get("language"))] += 1
+            if data.get("kind") == "delayed" and not told.delay_example:
+                told.delay_example = f"{oid}: {data.get('text', '')}"
+    for oid, stars, comment in conn.execute(
+        sa.select(o.id, o.rating, o.rating_comment).where(o.rating.is_not(None))
+    ):
+        if oid in orders:
+            told.ratings.append(int(stars))
+            told.rating_example = told.rating_example or f"{oid}: {stars}/5 “{comment}”"
+    for oid, text in conn.execute(sa.select(c.order_id, c.text).where(c.author_role == "assistant")):
+        if oid in orders:
+            told.answers += 1
+            if len(text) > len(told.answer_example):  # the longest says the most facts
+                told.answer_example = f"{oid}: {text}"
+    return told
+
+
+@dataclass
 class StoreFigures:
     """What the store says at the end of a run."""
 
@@ -78,6 +116,7 @@ class StoreFigures:
     refused: int = 0
     lost: list[str] = field(default_factory=list)
     duplicates: int = 0
+    told: Told = field(default_factory=Told)
 
 
 def _chunks(ids: list[str], size: int = 500) -> Iterable[list[str]]:
@@ -122,6 +161,7 @@ def store_figures(database_url: str, sent_ids: Iterable[str], orders: Iterable[s
             total, distinct = conn.execute(
                 sa.select(sa.func.count(), sa.func.count(sa.distinct(m.EVENTS.c.id)))
             ).one()
+            fig.told = told_figures(conn, wanted)
     finally:
         engine.dispose()
     fig.sent = len(sent)
@@ -188,6 +228,23 @@ def _outcome_rows(result: SimResult, figures: StoreFigures | None) -> list[Row]:
         rows.append(
             ("photos", f"{figures.photos}/{figures.delivered} delivered orders with a delivery photo")
         )
+        rows.extend(_told_rows(figures.told))
+    return rows
+
+
+def _told_rows(told: Told) -> list[Row]:
+    """Notices by kind and a delay notice, ratings and one, the assistant's answers and one."""
+    kinds = " · ".join(f"{k} {v}" for k, v in sorted(told.notices.items())) or "none"
+    if told.languages:
+        kinds += " (" + ", ".join(f"{k} {v}" for k, v in sorted(told.languages.items())) + ")"
+    rows = [("notices", kinds + (f"; e.g. {told.delay_example}" if told.delay_example else ""))]
+    if told.ratings:
+        average = sum(told.ratings) / len(told.ratings)
+        rows.append(("ratings", f"{len(told.ratings)}, average {average:.1f}; e.g. {told.rating_example}"))
+    else:
+        rows.append(("ratings", "none"))
+    answer = f"; e.g. {told.answer_example}" if told.answer_example else ""
+    rows.append(("assistant", f"{told.answers} answers{answer}"))
     return rows
 
 
@@ -421,12 +478,14 @@ def run_demo(
             "broker_password": None,
         }
     )
-    services = (*SERVICES, ASSISTANT, WEB)
+    services = (*SERVICES, ASSISTANT, NOTICES, WEB)
     mode = resolve_assign(assign, services)
     users = Simulation.users(plan, customers=not access)
     if "alerts" in services:
         rules = _alert_rules_file(root, Simulation.speed_for(plan, minutes), console)
         demo_settings = demo_settings.model_copy(update={"alerts_rules": rules})
+    # As the alerts' eta_slip: the persister's ETAs do not follow the compressed day.
+    demo_settings = demo_settings.model_copy(update={"notices_by_eta": False})
     if access:
         stack = Stack(
             demo_settings,

@@ -67,6 +67,8 @@ def _describe(event: Any) -> tuple[str, str]:
             return "reply", ("accepted" if d["accept"] else "declined") + f" offer {d['offer'][:8]}"
         case "dispatch.expired":
             return "offer", f"offer to {d['rider']} timed out"
+        case "order.notified":
+            return "notice", f"told the customer ({d['kind']}, {d['language']}): {d['text']}"
         case "order.rated":
             comment = f": {d['comment']}" if d.get("comment") else ""
             return "rating", f"{d['stars']} of 5 stars{comment}"

@@ -64,8 +64,17 @@ WEB_SERVICES: dict[str, str] = {WEB: "bloomwire.services.web"}
 #: The customers' chat assistant: ``bloomwire up`` and the demo add it; other stacks run without it.
 ASSISTANT = "assistant"
 ASSISTANT_SERVICES: dict[str, str] = {ASSISTANT: "bloomwire.services.assistant"}
+#: The customers' notices (issue 16): ``bloomwire up`` and the demo add it, like the assistant.
+NOTICES = "notices"
+NOTICES_SERVICES: dict[str, str] = {NOTICES: "bloomwire.services.notices"}
 #: Every service ``bloomwire service run`` knows.
-ALL_SERVICES: dict[str, str] = {**SERVICES, **ACCESS_SERVICES, **WEB_SERVICES, **ASSISTANT_SERVICES}
+ALL_SERVICES: dict[str, str] = {
+    **SERVICES,
+    **ACCESS_SERVICES,
+    **WEB_SERVICES,
+    **ASSISTANT_SERVICES,
+    **NOTICES_SERVICES,
+}
 PROVISIONER = "provisioner"
 OPERATOR = "operator"
 #: The supervisor's own login ($SYS, the services' status; bloomwire.access.policy.monitor_role).

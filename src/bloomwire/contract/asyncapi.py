@@ -263,10 +263,10 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "serviceEvents",
             _addr(t.service_events, "{service}"),
             "receive",
-            "A service's decisions (offers, expired offers, alerts, follow-up chat), persisted "
-            "and published canonically like any device event.",
+            "A service's decisions (offers, expired offers, alerts, follow-up chat, notices), "
+            "persisted and published canonically like any device event.",
             SERVICE_EVENTS,
-            "dispatch, alerts",
+            "dispatch, alerts, assistant, notices",
             _PERSISTER,
         ),
     ]
@@ -279,7 +279,9 @@ def _channels() -> tuple[ChannelSpec, ...]:
             "send",
             "Every accepted status change of the order (creation, offers, replies, progress, "
             "cancellation), every incident, the delivery photo's reference, the customer's rating, "
-            "every amendment (old and new values) and the rider's confirmation of one.",
+            "every amendment (old and new values) and the rider's confirmation of one, and the "
+            "notices told to the customer in its language (picked up, on the way, arriving, "
+            "delayed, delivered, failed).",
             (
                 "order.status_changed",
                 "order.incident_reported",
@@ -287,6 +289,7 @@ def _channels() -> tuple[ChannelSpec, ...]:
                 "order.rated",
                 "order.amended",
                 "order.amendment_confirmed",
+                "order.notified",
             ),
             _PERSISTER,
             "shop, customer, services",

@@ -117,6 +117,13 @@ class _Data(BaseModel):
 # --- data models ------------------------------------------------------------------------------
 
 
+class Language(StrEnum):
+    """A customer's language (issue 16): notices and pages speak it; the shop's is the default."""
+
+    EN = "en"
+    ZH_CN = "zh-CN"
+
+
 class Customer(_Data):
     name: Name
     phone: Annotated[str, StringConstraints(max_length=40), TEXT_GUARD] = ""
@@ -160,6 +167,8 @@ class OrderCreated(_Data):
     customer_username: Id | None = None
     #: The rider must enter the order's handover code to report it delivered (issue 16).
     handover_code_required: Flag = False
+    #: The customer's language; absent: the shop's (``Settings.shop_language``).
+    language: Language | None = None
 
 
 class OrderCancelled(_Data):
@@ -369,6 +378,34 @@ class OrderPhoto(_Data):
     photo: PhotoRef
 
 
+# --- notices (issue 16): what the backbone tells a customer without being asked -------------------
+
+
+class NoticeKind(StrEnum):
+    """What a notice says: the order's steps a customer cares about, and a delay before it bites."""
+
+    PICKED_UP = "picked_up"
+    ON_THE_WAY = "on_the_way"
+    ARRIVING = "arriving"
+    DELAYED = "delayed"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class OrderNotice(_Data):
+    """A notice to the order's customer, in its language; the shop sees the same."""
+
+    order: Id
+    kind: NoticeKind
+    language: Language
+    #: The sentence, from the notices service's templates in ``language``.
+    text: Text
+    #: The arrival estimate it speaks of (on the way, arriving, delayed).
+    eta: Instant | None = None
+    #: Why it is late (delayed: the incident's reason, ``traffic``, ``late``), why it failed.
+    reason: ShortText = ""
+
+
 # --- envelopes --------------------------------------------------------------------------------
 
 
@@ -427,6 +464,20 @@ class OrderPhotoAttachedEvent(_Envelope):
 def photo_event_id(rider: str, order: str, sha256: str) -> str:
     """The id of a photo's ``order.photo_attached``: what the rider's device waits to see acked."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"bloomwire/photo/{rider}/{order}/{sha256}"))
+
+
+class StateNotice(OrderNotice):
+    """The last notice of an order, in its retained state: what was said, and when."""
+
+    at: Instant
+
+
+class OrderNotifiedEvent(_Envelope):
+    """Sent by the notices service (uuid5 ids: at most one per order and kind [and key]);
+    stored by the persister and published on the order's status topic."""
+
+    type: Literal["order.notified"] = "order.notified"
+    data: OrderNotice
 
 
 class OrderAssignedEvent(_Envelope):
@@ -763,6 +814,7 @@ Event: TypeAlias = Annotated[
     | AlertAcknowledgedEvent
     | OrderRatedEvent
     | OrderPhotoAttachedEvent
+    | OrderNotifiedEvent
     | OrderCreateEvent
     | OrderCancelEvent
     | OrderAssignEvent
@@ -795,6 +847,7 @@ EVENT_TYPES: dict[str, type[_Envelope]] = {
         AlertAcknowledgedEvent,
         OrderRatedEvent,
         OrderPhotoAttachedEvent,
+        OrderNotifiedEvent,
         OrderCreateEvent,
         OrderCancelEvent,
         OrderAssignEvent,
@@ -853,6 +906,7 @@ ACCEPTED: dict[tuple[Identity, InboundKind], tuple[type[_Envelope], ...]] = {
         AlertEscalatedEvent,
         AlertResolvedEvent,
         OrderChatPostedEvent,
+        OrderNotifiedEvent,
     ),
 }
 
@@ -1096,6 +1150,10 @@ class OrderState(BaseModel):
     handover_code: str | None = None
     handover_code_required: bool = False
     photo: PhotoRef | None = None
+    #: The customer's language (notices and the tracking page speak it).
+    language: Language = Language.EN
+    #: The last notice told the customer (a page opened later shows it).
+    notice: StateNotice | None = None
 
 
 class OrderLocation(BaseModel):

@@ -28,6 +28,8 @@ OWNTRACKS = "owntracks"
 DEADLETTER = f"{SERVICES}/deadletter"
 #: The service that answers customers in the order chat: its lines are marked ``assistant:``.
 ASSISTANT = "assistant"
+#: The service that tells customers of their order unasked (issue 16): ``order.notified``.
+NOTICES = "notices"
 
 PRESENCE_ONLINE = "online"
 PRESENCE_OFFLINE = "offline"

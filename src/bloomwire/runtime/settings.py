@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bloomwire.contract.events import Language
 from bloomwire.contract.validate import TimeBounds
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -171,6 +172,16 @@ class Settings(BaseSettings):
         "a plain background (nothing is fetched from the internet)",
     )
     map_attribution: str = Field(default="", description="Attribution text shown with map_tile_url's tiles")
+    shop_language: Language = Field(
+        default=Language.EN,
+        description="Language of an order whose shop named none for its customer (en, zh-CN): notices, pages",
+    )
+    notices_by_eta: bool = Field(
+        default=True,
+        description="Notices from the ETA and the clock: a delay when the ETA slips past the promised "
+        "window or the window is about to end without one, arriving when it is 2 min away (off in the "
+        "compressed demo, whose ETAs do not follow its day); arriving within 150 m holds either way",
+    )
     shop_names: dict[str, str] = Field(
         default_factory=dict, description='Display names of shops, JSON: {"s1": "Blumen Anna"}'
     )

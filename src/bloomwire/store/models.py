@@ -114,6 +114,10 @@ class OrderRow(SQLModel, table=True):
     handover_code_required: bool = False
     handover_failures: int = 0
     photo: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    #: The customer's language (``contract.events.Language``), the shop's when the order named none.
+    language: str = Field(default="en", max_length=16)
+    #: The last notice told its customer (``OrderNotice`` and ``at``), for its retained state.
+    notice: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 

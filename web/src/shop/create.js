@@ -84,6 +84,7 @@ export class CreateForm {
       handover_code_required: this.field('handover_code_required').checked, // issue 16
     };
     if (pickup) { data.pickup_lat = pickup.lat; data.pickup_lon = pickup.lon; }
+    if (v('language')) data.language = v('language');
     return { errors, data };
   }
 

@@ -91,6 +91,10 @@ export class OrderPanel {
     facts.push(...amendmentFacts(s));
     if (s.handover_code) facts.push(['Handover code', `${s.handover_code}${s.handover_code_required ? ' (required at the door)' : ''}`]);
     if (s.photo) facts.push(['Photo', `${s.photo.width}×${s.photo.height} ${s.photo.content_type.replace('image/', '')}, ${Math.round(s.photo.size / 1024)} KiB`]);
+    if (order.notice || s.notice) {
+      const last = order.notice || s.notice;
+      facts.push(['Last notice', `${clock(last.at)} ${last.kind.replaceAll('_', ' ')}: ${last.text}`]);
+    }
     if (order.incident) facts.push(['Incident', `${order.incident.reason.replaceAll('_', ' ')}${order.incident.eta ? `, new ETA ${clock(order.incident.eta)}` : ''}`]);
     this.facts.replaceChildren(...facts.flatMap(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
     this.timeline.replaceChildren(...(s.timeline || []).map((e) => h('li', {}, h('time', {}, clock(e.at)), ' ', e.status.replace('_', ' '), e.note ? ` (${e.note})` : '')));
@@ -152,7 +156,7 @@ export class OrderPanel {
     this.chatList.replaceChildren(
       ...(order.chat.length ? order.chat.map((line) => {
         const [role, ...rest] = line.author.split(':');
-        const who = role === 'assistant' ? 'assistant (automatic)' : rest.join(':') || role;
+        const who = role === 'assistant' ? 'assistant (automatic)' : role === 'notice' ? `Bloomwire to the customer (${rest.join(':').replaceAll('_', ' ')})` : rest.join(':') || role;
         return h('li', { class: `chat-line from-${role}` }, h('div', { class: 'chat-who' }, `${who} · ${clock(line.at)}`), h('div', { class: 'chat-text' }, line.text));
       }) : [h('li', { class: 'muted small' }, 'No messages yet.')]),
     );

@@ -74,6 +74,8 @@ export class ShopStore {
       // the retained state that follows carries the new values and who confirmed: not an incident
     } else if (event.type === 'order.photo_attached') {
       if (order.state) order.state = { ...order.state, photo: event.data.photo };
+    } else if (event.type === 'order.notified') {
+      return this.onNotice(id, event);
     } else if (event.data.status) {
       if (order.state) {
         order.state = { ...order.state, status: event.data.status, rider: event.data.rider ?? order.state.rider };
@@ -84,6 +86,17 @@ export class ShopStore {
       if (event.data.eta) order.eta = event.data.eta;
     }
     return [`order:${id}`];
+  }
+
+  /** A notice told the customer: in the order's conversation, marked as Bloomwire's, and its last one. */
+  onNotice(id, event) {
+    const order = this.order(id);
+    order.notice = { kind: event.data.kind, text: event.data.text || '', at: event.time };
+    if (order.chat.some((line) => line.id === event.id)) return [`order:${id}`];
+    order.chat.push({ id: event.id, author: `notice:${event.data.kind}`, text: event.data.text || '', at: event.time });
+    order.chat.sort((a, b) => ms(a.at) - ms(b.at));
+    if (order.chat.length > CHAT_MAX) order.chat.shift();
+    return [`chat:${id}`, `order:${id}`];
   }
 
   onLocation(id, location) {

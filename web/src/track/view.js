@@ -2,12 +2,21 @@
 // them. All text goes in as text (chat and names can never become HTML).
 import { lifecycle } from '../lib/contract.js';
 import { $, h, setText } from '../lib/dom.js';
-import { clock, t } from '../lib/i18n.js';
+import { addText, clock, t } from '../lib/i18n.js';
 import { COLORS, MapView } from '../lib/map.js';
 import { amendmentText, applyToState, fromEvent, instructionsText } from './amend.js';
 
 const TRAIL_MAX = 300;
 const CHAT_MAX = 200;
+const NOTICES_MAX = 20;
+
+addText({
+  en: { notices: 'Updates' },
+  zh: { notices: '最新消息' },
+});
+
+/** A notice as the page keeps it: the same notice from the state and the status topic is one. */
+const noticeOf = (data, at) => ({ key: `${data.kind}@${Date.parse(at)}`, kind: data.kind, text: data.text || '', at, lang: data.language || '' });
 
 export class TrackView {
   constructor(link, config, cache) {
@@ -24,6 +33,7 @@ export class TrackView {
     this.trail = kept.trail || [];
     this.chat = new Map((kept.chat || []).map((line) => [line.id, line]));
     this.mine = new Set(kept.mine || []);
+    this.notices = new Map((kept.notices || []).map((n) => [n.key, n]));
     this.map = null;
     this.picked = 0; // stars chosen, not yet sent
     this.rating = null; // {stars, comment, state: 'sending' | 'ok' | 'refused', id, reason}
@@ -54,7 +64,15 @@ export class TrackView {
     if (state.position) this.addPosition(state.position);
     if (state.rating) this.rating = { stars: state.rating, comment: state.rating_comment || '', state: 'ok' };
     if (state.last_amendment) this.amendment = state.last_amendment;
+    if (state.notice) this.addNotice(noticeOf(state.notice, state.notice.at));
     this.render();
+  }
+
+  addNotice(notice) {
+    if (this.notices.has(notice.key)) return;
+    this.notices.set(notice.key, notice);
+    while (this.notices.size > NOTICES_MAX) this.notices.delete(this.notices.keys().next().value);
+    this.save();
   }
 
   onStatusEvent(event) {
@@ -68,6 +86,8 @@ export class TrackView {
       // the rider saw the change: nothing to show the customer
     } else if (event.type === 'order.photo_attached') {
       if (this.state) this.state.photo = data.photo;
+    } else if (event.type === 'order.notified') {
+      this.addNotice(noticeOf(data, event.time));
     } else if (data.status) {
       this.status = data.status;
       if (this.state) {
@@ -149,7 +169,8 @@ export class TrackView {
   }
 
   save() {
-    this.cache.save({ trail: this.trail, chat: [...this.chat.values()], mine: [...this.mine] });
+    const notices = [...this.notices.values()];
+    this.cache.save({ trail: this.trail, chat: [...this.chat.values()], mine: [...this.mine], notices });
   }
 
   outForDelivery() {
@@ -166,6 +187,7 @@ export class TrackView {
     if (!this.map) return;
     this.renderHeader();
     this.renderStatus();
+    this.renderNotices();
     this.renderMap();
     this.renderItems();
     this.renderAmendment();
@@ -274,6 +296,18 @@ export class TrackView {
       setText(notice, parts.join(' · '));
     }
     document.body.dataset.status = status || '';
+  }
+
+  /** What the backbone told the customer, newest first, in the order's language (the text's own). */
+  renderNotices() {
+    const notices = [...this.notices.values()].sort((a, b) => Date.parse(b.at) - Date.parse(a.at));
+    $('#notices-card').hidden = notices.length === 0;
+    $('#notices').replaceChildren(
+      ...notices.map((n) =>
+        h('li', { class: `notice-line kind-${n.kind}`, dataset: { kind: n.kind }, lang: n.lang || undefined },
+          h('time', { datetime: n.at, class: 'muted small' }, clock(n.at)), ' ', h('span', {}, n.text)),
+      ),
+    );
   }
 
   finalText() {

@@ -621,6 +621,9 @@ def shop_order_create(
     note: Annotated[str, typer.Option(help="A note for the rider.")] = "",
     order_id: Annotated[str | None, typer.Option("--order-id", help="Choose the order id.")] = None,
     pickup: Annotated[str | None, typer.Option(help="Pickup position LAT,LON (the shop).")] = None,
+    language: Annotated[
+        ev.Language | None, typer.Option(help="The customer's language (default: the shop's).")
+    ] = None,
     access_wait: Annotated[
         float,
         typer.Option(help="Seconds to wait for the provisioner's customer access (access control).", min=0),
@@ -649,6 +652,7 @@ def shop_order_create(
             note=note,
             order=order_id,
             pickup=parse_point(pickup, "--pickup") if pickup else None,
+            language=language,
         )
     except UsageError as exc:
         raise _fail(str(exc), 2) from None

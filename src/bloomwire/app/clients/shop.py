@@ -110,6 +110,8 @@ class OrderDraft:
     note: str = ""
     order: str | None = None
     pickup: tuple[float, float] | None = None
+    #: The customer's language (None: the shop's).
+    language: ev.Language | None = None
 
     def build(self, shop: str) -> ev.OrderCreateEvent:
         """The ``order.create`` request, validated (a :class:`UsageError` names the bad field)."""
@@ -133,6 +135,7 @@ class OrderDraft:
             pickup_lat=self.pickup[0] if self.pickup else None,
             pickup_lon=self.pickup[1] if self.pickup else None,
             customer_username=customer_username(order),
+            language=self.language,
         )
         return ev.OrderCreateEvent(source=f"{topics.SHOPS}/{shop}", data=data)
 

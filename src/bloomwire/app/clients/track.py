@@ -106,6 +106,17 @@ class CustomerTracker(Client):
         self.observer.sent(event.id, "customer:chat", time.time())
         return await wait_confirmed(fut, timeout, event.id, "the chat line")
 
+    async def rate(
+        self, stars: int, comment: str = "", *, timeout: float = DEFAULT_ANSWER_TIMEOUT_S
+    ) -> Outcome:
+        """Rate the delivered order (once) and wait until it is stored (or refused)."""
+        data = build_data(ev.OrderRating, order=self.order, stars=stars, comment=comment)
+        event = ev.OrderRateEvent(source=f"{topics.CUSTOMERS}/{self.customer}", data=data)
+        fut = self.waiters.expect(event.id)
+        self.sender.send(event.id, "chat", topics.customer_chat(self.customer), ev.encode(event))
+        self.observer.sent(event.id, "customer:rate", time.time())
+        return await wait_confirmed(fut, timeout, event.id, "the rating")
+
     async def stop(self, *, announce_offline: bool = True) -> None:
         """Disconnect (unacknowledged lines stay in the outbox for the next start)."""
         await self.sender.stop()

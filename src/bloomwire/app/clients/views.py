@@ -121,6 +121,14 @@ class AlertLine:
     raised_at: datetime | None = None
 
 
+def _told(event: ev.OrderRatedEvent | ev.OrderNotifiedEvent) -> str:
+    """A rating, or a notice told the customer, as a line of the shop's feed."""
+    if isinstance(event, ev.OrderNotifiedEvent):
+        return f"notice ({event.data.kind.value}): {event.data.text}"
+    comment = f": {event.data.comment}" if event.data.comment else ""
+    return f"rated {event.data.stars}/5{comment}"
+
+
 @dataclass
 class ShopView:
     """Every order of shop ``shop``, its riders and its alerts."""
@@ -228,10 +236,9 @@ class ShopView:
         return event
 
     def _said(self, event: ev.Event) -> str:
-        """The feed line of a rating, a chat line or an amendment ("" for anything else)."""
-        if isinstance(event, ev.OrderRatedEvent):
-            comment = f": {event.data.comment}" if event.data.comment else ""
-            return f"rated {event.data.stars}/5{comment}"
+        """The feed line of a rating, a notice, a chat line or an amendment ("" for anything else)."""
+        if isinstance(event, ev.OrderRatedEvent | ev.OrderNotifiedEvent):
+            return _told(event)
         if isinstance(event, ev.OrderChatPostedEvent):
             return f"💬 {event.data.author}: {event.data.text}"
         if isinstance(event, ev.OrderAmendedEvent | ev.OrderAmendmentConfirmedEvent):

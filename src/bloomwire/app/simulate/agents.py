@@ -556,6 +556,7 @@ class SimShop:
                     note=o.note,
                     order=o.id,
                     pickup=(self.site.lat, self.site.lon),
+                    language=o.language,
                 )
                 try:
                     created = await self.terminal.create_order(draft, timeout=15)
@@ -735,10 +736,23 @@ class SimCustomer:
                 except ClientError as exc:
                     world.note(f"customer of {o.id}: chat not confirmed: {exc}")
             await self._until(tracker, TERMINAL_VALUES)
+            if tracker.view.status == OrderStatus.DELIVERED.value and o.customer_chat:
+                await self._rate(tracker)
         finally:
             self.foreign = tracker.view.foreign
             world.metrics.counters["foreign messages seen by customers"] += tracker.view.foreign
             await tracker.stop()
+
+    async def _rate(self, tracker: CustomerTracker) -> None:
+        """A customer who chatted rates the delivery too: late ones a little less."""
+        o, world = self.order, self.world
+        stars = 4 if o.flat_tyre_delay_min is not None else 5
+        comment = "Lovely flowers, thank you!" if stars == 5 else "A bit late, but lovely flowers."
+        try:
+            await tracker.rate(stars, comment, timeout=10)
+            world.note(f"customer of {o.id} rated it {stars}/5")
+        except ClientError as exc:
+            world.note(f"customer of {o.id}: rating not confirmed: {exc}")
 
     @staticmethod
     async def _until(tracker: CustomerTracker, statuses: frozenset[str]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from enum import StrEnum
 
 from bloomwire.app.clients.access import customer_username
 from bloomwire.contract import geo
+from bloomwire.contract.events import Language
 
 #: South-west and north-east corners the customers live in (inner Berlin, inside the Ring-ish).
 BERLIN_BOX = (52.455, 13.285, 52.565, 13.500)
@@ -191,6 +193,12 @@ class OrderPlan:
     def outcome(self) -> str:
         """The expected final outcome, e.g. ``delivered`` or ``failed:customer_unreachable``."""
         return self.fate.value
+
+    @property
+    def language(self) -> Language | None:
+        """Every fourth customer (by a hash of the order id, not the seed's draws) reads Chinese;
+        the others get the shop's language."""
+        return Language.ZH_CN if zlib.crc32(self.id.encode()) % 4 == 0 else None
 
 
 @dataclass(frozen=True)

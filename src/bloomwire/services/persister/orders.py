@@ -46,6 +46,7 @@ def created(p: Projections, work: UnitOfWork, where: InboundTopic, event: ev.Ord
         window_end=d.window.end,
         handover_code=proof.mint_code(),
         handover_code_required=d.handover_code_required,
+        language=d.language.value if d.language else p.shop_language,
         created_at=event.time,
         updated_at=work.now,
     )

@@ -24,9 +24,13 @@ RIDER_HOLDS = RIDER_BOUND | {S.FAILED}
 class Projections:
     """Open orders, riders, pending offers and open alerts, with what is derived from them."""
 
-    def __init__(self, engine: sa.Engine, *, manual_offer_timeout_s: int = 90) -> None:
+    def __init__(
+        self, engine: sa.Engine, *, manual_offer_timeout_s: int = 90, shop_language: str = "en"
+    ) -> None:
         self.engine = engine
         self.manual_offer_timeout_s = manual_offer_timeout_s
+        #: An order's language when its shop named none for the customer.
+        self.shop_language = shop_language
         self.orders = CachedTable(m.ORDERS, Order, engine)
         self.riders = CachedTable(m.RIDERS, Rider, engine)
         self.offers = CachedTable(m.OFFERS, Offer, engine)

@@ -3,7 +3,7 @@
 :meth:`Projector.apply` orchestrates one batch: each message is decoded (:mod:`.decode`, pure),
 its id looked up, and, when new, handed to the handler of its event type (:mod:`.orders`,
 :mod:`.offers`, :mod:`.riders`, :mod:`.alerts`, :mod:`.chat`,
-:mod:`.ratings`), which changes the in-memory
+:mod:`.ratings`, :mod:`.notices`), which changes the in-memory
 projections (:mod:`.projections`) through the batch's unit of work (:mod:`.work`). The unit of
 work is written in ONE transaction; then the snapshots (:mod:`.snapshots`) and acks are added to
 the messages to publish. Nothing here touches MQTT.
@@ -33,6 +33,7 @@ from bloomwire.services.persister import (
     alerts,
     amendments,
     chat,
+    notices,
     offers,
     orders,
     proof,
@@ -74,6 +75,7 @@ HANDLERS: Mapping[type[ev._Envelope], Handler] = {
     **ratings.HANDLERS,
     **amendments.HANDLERS,
     **proof.HANDLERS,
+    **notices.HANDLERS,
 }
 LOCATION_KINDS = frozenset({InboundKind.LOCATION, InboundKind.OWNTRACKS})
 #: Inbound kinds whose retained publishes are used: presence is state, and the OwnTracks app
@@ -150,6 +152,7 @@ class Projector:
         bounds: TimeBounds = DEFAULT_TIME_BOUNDS,
         state_grace_s: float | None = None,
         photos: PhotoStore | None = None,
+        shop_language: str = "en",
     ) -> None:
         self.engine = engine
         #: Where delivery photos go (None: photos are refused).
@@ -157,7 +160,9 @@ class Projector:
         #: How far inbound times may lie from ``clock`` (refused beyond, by :func:`.decode.decode`).
         self.bounds = bounds
         self.clock = clock
-        self.projections = Projections(engine, manual_offer_timeout_s=manual_offer_timeout_s)
+        self.projections = Projections(
+            engine, manual_offer_timeout_s=manual_offer_timeout_s, shop_language=shop_language
+        )
         #: When closed orders' retained states are cleared (their customer's access grace).
         self.clearings = Clearings(state_grace_s)
         self._inserts = Inserts(engine.dialect)

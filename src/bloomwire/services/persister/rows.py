@@ -55,6 +55,8 @@ class Order:
     handover_code_required: bool = False
     handover_failures: int = 0
     photo: dict[str, Any] | None = None
+    language: str = "en"
+    notice: dict[str, Any] | None = None
 
 
 @dataclass(slots=True, eq=False)

@@ -99,6 +99,7 @@ def build(
             bounds=settings.time_bounds,
             state_grace_s=settings.customer_access_grace_s,
             photos=FilePhotoStore.in_data_dir(settings.data_dir),
+            shop_language=settings.shop_language.value,
         )
         try:
             await asyncio.to_thread(projector.load)

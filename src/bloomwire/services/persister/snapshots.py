@@ -66,6 +66,8 @@ def order_state(order: Order, rider: Rider | None, open_alerts: int) -> ev.Order
         handover_code=order.handover_code,
         handover_code_required=order.handover_code_required,
         photo=ev.PhotoRef.model_validate(order.photo) if order.photo else None,
+        language=ev.Language(order.language),
+        notice=ev.StateNotice.model_validate(order.notice) if order.notice else None,
     )
 
 

@@ -5,7 +5,7 @@ The code is minted with the order; ``handover_failures`` counts wrong codes (the
 type, size), the bytes being in the photo store under the data dir. Existing orders have none.
 
 Revision ID: 0008
-Revises: 0006 (re-chained by the lead at merge)
+Revises: 0007 (re-chained by the lead at merge)
 Create Date: 2026-12-03 14:45:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0006"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
