@@ -6,14 +6,14 @@ rider chat events (each stored in ``events`` and ``chat_lines``, republished can
 to the rider) at a set rate, through :class:`~bloomwire.app.bench.loadgen.LoadPublisher` so that the
 load generator takes next to no CPU from the persister. Reports persisted events/s,
 publish→committed (the device ack) and publish→canonical latencies, lost and duplicated counts
-checked against the store, and the broker's own QoS 1 ceiling on the same broker: several
-``mosquitto_pub -l`` at once into one ``mosquitto_sub`` that counts every message, repeated.
+checked against the store, the persister's CPU per event, and the broker's own QoS 1 ceiling on
+the same broker (:mod:`.peak_ceiling`: several ``mosquitto_pub -l`` at once into one
+``mosquitto_sub`` that checks every message, repeated).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import statistics
@@ -27,8 +27,9 @@ from typing import Any
 import sqlalchemy as sa
 from rich.console import Console
 
-from bloomwire.app.bench import private_stack
+from bloomwire.app.bench import peak_ceiling, private_stack
 from bloomwire.app.bench.loadgen import LoadPublisher
+from bloomwire.app.bench.peak_ceiling import Ceiling, Publisher
 from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import service_settings
 from bloomwire.contract import events as ev
@@ -275,126 +276,25 @@ async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]
     figures.lost = figures.events - int(stored[1])
 
 
-#: ``mosquitto_pub -l`` reads at most 65,535 lines and silently drops the rest: each publisher is fed
-#: fewer.
-LINES_PER_PUBLISHER = 60_000
-MAX_PUBLISHERS = 8
-CEILING_TOPIC = "bench/ceiling"
-#: QoS 1 messages each publisher keeps in flight.
-CEILING_INFLIGHT = 1000
-
-
-@dataclass
-class Ceiling:
-    """The broker's own QoS 1 ceiling: parallel ``mosquitto_pub -l`` into one counting ``mosquitto_sub``."""
-
-    publishers: int
-    messages: int
-    rates: list[float] = field(default_factory=list)
-    delivered: list[int] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        """Median messages/s of the runs that delivered everything (0 if none did)."""
-        whole = [r for r, d in zip(self.rates, self.delivered, strict=True) if d == self.messages]
-        return statistics.median(whole) if whole else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain numbers for JSON output."""
-        return {
-            "publishers": self.publishers,
-            "messages_per_run": self.messages,
-            "runs_per_s": [round(r) for r in self.rates],
-            "delivered": self.delivered,
-            "median_per_s": round(self.median),
-        }
-
-
-def publishers_for(messages: int, publishers: int) -> int:
-    """Publishers needed so none is fed more than :data:`LINES_PER_PUBLISHER` lines."""
-    needed = max(publishers, -(-messages // LINES_PER_PUBLISHER))
-    if needed > MAX_PUBLISHERS:
-        raise ValueError(f"{messages} messages need {needed} publishers (at most {MAX_PUBLISHERS})")
-    return needed
+#: Logins of the ceiling's publishers (one each: the username is the client id).
+CEILING_PUBLISHERS = 8
+CEILING_SUBSCRIBER = "bench-ceiling-sub"
 
 
 def ceiling_users() -> tuple[str, ...]:
-    """The broker accounts of the ceiling's clients (one each: the username is the client id)."""
-    return ("bench-ceiling-sub", *(f"bench-ceiling-pub-{i}" for i in range(MAX_PUBLISHERS)))
-
-
-def _arrivals(path: Path) -> list[float]:
-    stamps = []
-    for line in path.read_bytes().splitlines():
-        with contextlib.suppress(ValueError):
-            stamps.append(float(line))
-    return stamps
-
-
-def _ceiling_once(settings: Settings, ceiling: Ceiling, tmp: Path, run: int) -> None:
-    """One run: every publisher at once, the subscriber stamping each arrival."""
-    share = [ceiling.messages // ceiling.publishers] * ceiling.publishers
-    share[0] += ceiling.messages - sum(share)
-    feeds = []
-    for i, n in enumerate(share):
-        feed = tmp / f"ceiling-feed-{i}.txt"
-        feed.write_bytes((b"x" * 300 + b"\n") * n)
-        feeds.append(feed)
-    out = tmp / f"ceiling-{run}.txt"
-    with out.open("wb") as fh:
-        sub = subprocess.Popen(
-            [
-                "mosquitto_sub",
-                *_sub_args(settings, "bench-ceiling-sub"),
-                "-t",
-                CEILING_TOPIC,
-                "-C",
-                str(ceiling.messages),
-                "-F",
-                "%U",
-            ],
-            stdout=fh,
-        )
-    time.sleep(0.5)  # let it subscribe
-    start = time.time()
-    pubs = []
-    for i, feed in enumerate(feeds):
-        with feed.open("rb") as src:
-            pubs.append(
-                subprocess.Popen(
-                    [
-                        "mosquitto_pub",
-                        *_sub_args(settings, f"bench-ceiling-pub-{i}"),
-                        "-t",
-                        CEILING_TOPIC,
-                        "-l",
-                        "-M",  # mosquitto_pub's default of 20 in flight would be the ceiling, not the broker
-                        str(CEILING_INFLIGHT),
-                    ],
-                    stdin=src,
-                )
-            )
-    for p in pubs:
-        p.wait(timeout=300)
-    try:
-        sub.wait(timeout=30)  # exits by itself once it has counted every message
-    except subprocess.TimeoutExpired:
-        sub.terminate()  # some never arrived: counted below
-        sub.wait()
-    stamps = _arrivals(out)
-    ceiling.delivered.append(len(stamps))
-    ceiling.rates.append(len(stamps) / (max(stamps) - start) if stamps else 0.0)
+    """The broker accounts of the ceiling's clients."""
+    return (CEILING_SUBSCRIBER, *(f"bench-ceiling-pub-{i}" for i in range(CEILING_PUBLISHERS)))
 
 
 def measure_ceiling(
-    settings: Settings, tmp: Path, *, messages: int = 200_000, publishers: int = 4, runs: int = 3
-) -> Ceiling:
-    """QoS 1 messages/s through the same broker with the C clients, ``runs`` times."""
-    ceiling = Ceiling(publishers_for(messages, publishers), messages)
-    if shutil.which("mosquitto_pub") and shutil.which("mosquitto_sub"):
-        for k in range(runs):
-            _ceiling_once(settings, ceiling, tmp, k)
-    return ceiling
+    settings: Settings, *, messages: int = 200_000, publishers: int = 4, runs: int = 3
+) -> Ceiling | None:
+    """The broker's QoS 1 ceiling on the bench's broker (:mod:`.peak_ceiling`), ``runs`` times."""
+    pubs = [Publisher(f"bench-ceiling-pub-{i}", f"bench/ceiling/{i}") for i in range(CEILING_PUBLISHERS)]
+    subscriber = (CEILING_SUBSCRIBER, "bench/ceiling/+")
+    return peak_ceiling.measure(
+        settings, pubs, *subscriber, messages=messages, runs=runs, parallel=publishers
+    )
 
 
 def run(
@@ -406,7 +306,7 @@ def run(
         pairs = asyncio.run(_setup_orders(live, riders))
         asyncio.run(_run(live, figures, pairs, tmp))
         if ceiling:
-            figures.ceiling = measure_ceiling(live, tmp, runs=ceiling_runs)
+            figures.ceiling = measure_ceiling(live, runs=ceiling_runs)
     return figures
 
 
