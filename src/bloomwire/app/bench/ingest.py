@@ -14,7 +14,9 @@ the same broker (:mod:`.peak_ceiling`: several ``mosquitto_pub -l`` at once into
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -30,6 +32,7 @@ from rich.console import Console
 from bloomwire.app.bench import peak_ceiling, private_stack
 from bloomwire.app.bench.loadgen import LoadPublisher
 from bloomwire.app.bench.peak_ceiling import Ceiling, Publisher
+from bloomwire.app.bench.peak_procs import cpu_s
 from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import service_settings
 from bloomwire.contract import events as ev
@@ -61,6 +64,10 @@ class Figures:
     duplicated: int = 0
     ceiling: Ceiling | None = None
     publish_s: float = 0.0
+    #: The persister process's CPU (all threads) from the first publish to the last arrival, per
+    #: event: what the hot path costs, less moved by the host's load than events/s.
+    persister_cpu_us: float | None = None
+    load_average: tuple[float, float] = (0.0, 0.0)
 
     @property
     def ceiling_per_s(self) -> float:
@@ -84,6 +91,10 @@ class Figures:
             "rate": self.rate,
             "seconds": round(self.seconds, 3),
             "publish_seconds": round(self.publish_s, 3),
+            "persister_cpu_us_per_event": None
+            if self.persister_cpu_us is None
+            else round(self.persister_cpu_us, 1),
+            "load_average_before_after": list(self.load_average),
             "persisted_per_s": round(self.persisted_per_s),
             "committed_p50_ms": round(self.pct(self.committed_ms, 50), 2),
             "committed_p99_ms": round(self.pct(self.committed_ms, 99), 2),
@@ -180,6 +191,17 @@ def _watch(settings: Settings, user: str, topic_filter: str, out: Path) -> subpr
         )
 
 
+def _persister_pid() -> int | None:
+    """The pid of this process's child ``bloomwire service run persister`` (the private stack's)."""
+    me = os.getpid()
+    for task in Path(f"/proc/{me}/task").glob("*/children"):
+        for pid in task.read_text().split():
+            with contextlib.suppress(OSError):
+                if b"persister" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                    return int(pid)
+    return None
+
+
 def _read_stamps(path: Path) -> list[tuple[float, Any]]:
     stamps = []
     for line in path.read_bytes().splitlines():
@@ -237,6 +259,9 @@ async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]
         _watch(settings, "bench-watch-acks", f"{topics.RIDERS}/+/inbox/acks", ack_file),
     ]
     await asyncio.sleep(0.5)  # let the watchers subscribe
+    persister = _persister_pid()
+    cpu0 = cpu_s(persister) if persister else None
+    load0 = os.getloadavg()[0]
     sent_at, wall0 = await asyncio.to_thread(_publish, settings, figures, pairs)
     deadline = time.monotonic() + 120
     seen, read = 0, 0
@@ -247,6 +272,10 @@ async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]
             new = fh.read()
             read += len(new)  # count only what was written since the last look
             seen += new.count(b"\n")
+    cpu1 = cpu_s(persister) if persister else None
+    if cpu0 is not None and cpu1 is not None:
+        figures.persister_cpu_us = (cpu1 - cpu0) / figures.events * 1e6
+    figures.load_average = (round(load0, 2), round(os.getloadavg()[0], 2))
     await asyncio.sleep(1.0)  # the last acks trail the last canonical events
     for w in watchers:
         w.terminate()
@@ -320,6 +349,9 @@ def report(figures: Figures) -> Report:
     out.add("publish→committed P50 / P99 (ms)", f"{d['committed_p50_ms']} / {d['committed_p99_ms']}")
     out.add("publish→canonical P50 / P99 (ms)", f"{d['canonical_p50_ms']} / {d['canonical_p99_ms']}")
     out.add("stored / lost / duplicated", f"{d['stored']} / {d['lost']} / {d['duplicated']}")
+    cpu = d["persister_cpu_us_per_event"]
+    out.add("persister CPU per event (µs, all its threads)", "not measured" if cpu is None else cpu)
+    out.add("load average (1 min) before / after", " / ".join(str(x) for x in figures.load_average))
     c = figures.ceiling
     if c is not None and c.rates:
         runs = ", ".join(f"{r:,.0f}" for r in c.rates)
