@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from bloomwire.contract import events as ev
+from bloomwire.contract import topics
 from bloomwire.contract.validate import DEFAULT_TIME_BOUNDS, check_time
 from bloomwire.errors import PayloadError
+from bloomwire.services.persister.decode import Decoded, Undecodable, decode
+from bloomwire.services.persister.messages import Inbound
 from bloomwire.store import make_engine, upgrade
 from bloomwire.store.bulk import BulkInsert
 from bloomwire.store.models import EVENTS
@@ -73,3 +78,29 @@ def test_an_inbound_time_is_checked_as_before_and_named_when_refused() -> None:
         check_time("time", late, now, bounds)
     with pytest.raises(PayloadError, match="is more than 604800 s old"):
         check_time("time", now - timedelta(seconds=bounds.max_age_s + 1), now, bounds)
+
+
+def _decode_location(payload: bytes) -> Decoded | Undecodable:
+    msg = Inbound(topics.rider_location("r1"), payload)
+    return decode(msg, datetime.now(UTC), DEFAULT_TIME_BOUNDS)
+
+
+def test_a_position_is_read_as_an_event_or_as_bare_fields_and_refused_as_before() -> None:
+    tst = int(datetime.now(UTC).timestamp())
+    event = ev.RiderLocationReportedEvent(
+        source="riders/r1", data=ev.RiderLocation(lat=52.5, lon=13.4, tst=tst)
+    )
+    read = _decode_location(ev.encode(event))
+    assert isinstance(read, Decoded) and read.event == event
+    # bare fields, with "type" inside a string: still bare fields
+    bare = json.dumps({"lat": 52.5, "lon": 13.4, "tst": tst, "tid": '"type"'}).encode()
+    read = _decode_location(bare)
+    assert isinstance(read, Decoded) and isinstance(read.event, ev.RiderLocationReportedEvent)
+    assert (read.event.data.lat, read.event.data.tst, read.event.source) == (52.5, tst, "riders/r1")
+    wrong = json.loads(ev.encode(event))
+    wrong["data"]["lat"] = 91
+    refused = _decode_location(json.dumps(wrong).encode())
+    assert isinstance(refused, Undecodable) and "data.lat" in refused.reason
+    assert refused.event_id == event.id
+    not_json = _decode_location(b'{"type": ')
+    assert isinstance(not_json, Undecodable) and "not JSON" in not_json.reason
