@@ -47,7 +47,7 @@ LIMIT_P99_MS = 100.0
 #: After the load stops: time for the last acks and deliveries to arrive.
 DRAIN_S = 5.0
 #: Messages of each of the broker ceiling's publishers per run (riders' logins, up to 4).
-CEILING_PER_PUBLISHER = 30_000
+CEILING_PER_PUBLISHER = 15_000
 
 
 def _stack(settings: Settings, root: Path, config: PeakConfig, database_url: str | None) -> Stack:
