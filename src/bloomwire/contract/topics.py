@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from bloomwire.errors import TopicError
 
@@ -373,6 +373,14 @@ ALL_DEVICE_REPLIES_FILTER = f"{CUSTOMERS}/+/inbox/{DEVICES}"
 # --- parsing ----------------------------------------------------------------------------------
 
 
+_SOURCE_PREFIX: Final = {
+    Identity.RIDER: RIDERS,
+    Identity.SHOP: SHOPS,
+    Identity.CUSTOMER: CUSTOMERS,
+    Identity.SERVICE: SERVICES,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class InboundTopic:
     """An inbound topic taken apart: who wrote it, about which order, and what it is."""
@@ -387,13 +395,7 @@ class InboundTopic:
     @property
     def source(self) -> str:
         """The CloudEvents ``source`` this sender is entitled to, e.g. ``riders/r7``."""
-        prefix = {
-            Identity.RIDER: RIDERS,
-            Identity.SHOP: SHOPS,
-            Identity.CUSTOMER: CUSTOMERS,
-            Identity.SERVICE: SERVICES,
-        }[self.identity]
-        return f"{prefix}/{self.sender}"
+        return f"{_SOURCE_PREFIX[self.identity]}/{self.sender}"  # asked twice per inbound event
 
     def error_topic(self) -> str | None:
         """Where to tell this sender that its message was refused (None for shops/services)."""

@@ -134,7 +134,11 @@ DEFAULT_TIME_BOUNDS: Final = TimeBounds()
 
 def check_time(field: str, at: datetime, now: datetime, bounds: TimeBounds) -> None:
     """Raise :class:`PayloadError` if ``at`` is outside ``bounds`` around ``now``."""
-    check_epoch(field, at.timestamp(), now, bounds, shown=at.isoformat())
+    seconds = at.timestamp()
+    age = now.timestamp() - seconds
+    if -bounds.future_skew_s <= age <= bounds.max_age_s:
+        return  # the usual case, on every inbound event: no text made for a refusal
+    check_epoch(field, seconds, now, bounds, shown=at.isoformat())
 
 
 def check_epoch(
@@ -143,17 +147,21 @@ def check_epoch(
     """:func:`check_time` for epoch seconds (OwnTracks ``tst``), compared as numbers (never converted)."""
     # Clamped first: comparing a huge int with a float is exact, converting it may overflow.
     age = now.timestamp() - max(-_FAR, min(seconds, _FAR))
-    text = shown if shown is not None else _epoch_text(seconds)
     if -age > bounds.future_skew_s:
         raise PayloadError(
-            f"{field}: {text} is more than {bounds.future_skew_s:g} s in the future "
+            f"{field}: {_shown(seconds, shown)} is more than {bounds.future_skew_s:g} s in the future "
             "(event_future_skew_s); is the sender's clock right?"
         )
     if age > bounds.max_age_s:
         raise PayloadError(
-            f"{field}: {text} is more than {bounds.max_age_s:g} s old (event_max_age_s); "
+            f"{field}: {_shown(seconds, shown)} is more than {bounds.max_age_s:g} s old (event_max_age_s); "
             "too old to be taken as news"
         )
+
+
+def _shown(seconds: float, shown: str | None) -> str:
+    """The time as a refusal names it (made only when refusing: it costs more than the check)."""
+    return shown if shown is not None else _epoch_text(seconds)
 
 
 def check_eta(field: str, eta: datetime, now: datetime, bounds: TimeBounds) -> None:

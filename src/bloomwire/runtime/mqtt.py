@@ -150,6 +150,8 @@ class Connection:
         #: Bound on QoS 1/2 messages in flight (lowered to the broker's Receive Maximum).
         self.max_inflight = MAX_INFLIGHT
         self._room = threading.Condition()
+        #: Publishers waiting for room in flight: a PUBACK notifies only when there are some.
+        self._room_waiters = 0
         self.persistent = persistent
         self.session_expiry_s = session_expiry_s
         self.manual_ack = manual_ack
@@ -267,8 +269,9 @@ class Connection:
         if reason.is_failure:
             self.refused_publishes += 1
             log.warning("broker refused a publish", client_id=self.client_id, mid=mid, reason=str(reason))
-        with self._room:
-            self._room.notify_all()
+        if self._room_waiters:  # read unlocked: a missed notify costs a waiter one 50 ms poll
+            with self._room:
+                self._room.notify_all()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         # Every message of a plain client; QoS 2 only on a tuned one (QoS 0/1: _on_raw_message).
@@ -406,14 +409,18 @@ class Connection:
             self.client.wake()  # a corked batch's packets: out now, so their PUBACKs can come
         deadline = time.monotonic() + INFLIGHT_WAIT_S
         with self._room:
-            while self.in_flight() >= self.max_inflight:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise BrokerError(
-                        f"publish to {topic[:100]!r}: {self.in_flight()} messages unacknowledged "
-                        f"for {INFLIGHT_WAIT_S:.0f} s (at most {self.max_inflight} in flight)"
-                    )
-                self._room.wait(min(left, 0.05))
+            self._room_waiters += 1
+            try:
+                while self.in_flight() >= self.max_inflight:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise BrokerError(
+                            f"publish to {topic[:100]!r}: {self.in_flight()} messages unacknowledged "
+                            f"for {INFLIGHT_WAIT_S:.0f} s (at most {self.max_inflight} in flight)"
+                        )
+                    self._room.wait(min(left, 0.05))
+            finally:
+                self._room_waiters -= 1
 
     def _check_taken(self, info: paho.MQTTMessageInfo, topic: str, qos: int) -> None:
         """Raise if paho did not take the publish; a QoS 0 one without a connection is counted."""

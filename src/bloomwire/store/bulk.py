@@ -4,21 +4,69 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Column, Connection, Table
 from sqlalchemy.engine import Dialect
 
+from bloomwire.store.models import UTCDateTime
+
 Row = Mapping[str, Any]
 Processor = Callable[[Any], Any]
+#: Converted values by value, shared by the inserts of one transaction (a batch's rows share
+#: their ``recorded_at``; a chat line's ``at`` is its event's ``time``).
+Memo = dict[Any, Any]
+
+_SAMPLE_TIMES = (
+    datetime(2026, 2, 14, 9, 30, 5, 123456, tzinfo=UTC),
+    datetime(2026, 2, 14, 9, 30, 5, tzinfo=timezone(timedelta(hours=-5))),
+    datetime(9, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+)
+
+
+def _sqlite_utc(value: datetime | None) -> str | None:
+    """An aware time as SQLite's ``DATETIME`` text in UTC: what :class:`~.models.UTCDateTime`
+    and the dialect's processor make together, in one call (a third of the time)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to the store; use timezone-aware UTC")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _processor(column: Column[Any], dialect: Dialect) -> tuple[Processor | None, bool]:
+    """The column's bind processor (Core's own), and whether its values may be memoised: a UTC
+    time on SQLite gets :func:`_sqlite_utc` when it writes exactly what Core writes."""
+    impl = column.type.dialect_impl(dialect)
+    core = impl.bind_processor(dialect)
+    sqlite_utc = core is not None and dialect.name == "sqlite" and isinstance(column.type, UTCDateTime)
+    if sqlite_utc and all(core(t) == _sqlite_utc(t) for t in _SAMPLE_TIMES):  # type: ignore[misc]
+        return _sqlite_utc, True
+    return core, False
 
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
     sql: str
     positional: bool
-    binds: list[tuple[str, Processor | None]]
+    names: list[str]
+    #: (position in ``names``, processor, memoised) of the columns that are converted
+    converted: list[tuple[int, Processor, bool]]
+
+
+def _convert(values: list[Any], process: Processor, memo: Memo | None) -> list[Any]:
+    if memo is None:
+        return [process(v) for v in values]
+    out = []
+    missing = object()  # None is a value
+    for v in values:
+        found = memo.get(v, missing)
+        if found is missing:
+            found = memo[v] = process(v)
+        out.append(found)
+    return out
 
 
 class BulkInsert:
@@ -26,7 +74,9 @@ class BulkInsert:
 
     Core's ``executemany`` rebuilds a parameter dictionary and walks every bind for every row,
     a tenth of the persister's time at ten thousand events a second. The statement text and each
-    column's bind processor are the ones Core itself uses: the driver gets the same values.
+    column's bind processor are the ones Core itself uses (a UTC time on SQLite: one function
+    checked to write the same text), so the driver gets the same values. Rows are converted
+    column by column, and equal times once per transaction (``memo``).
     """
 
     def __init__(self, table: Table, dialect: Dialect, *, serialized: Sequence[str] = ()) -> None:
@@ -41,25 +91,30 @@ class BulkInsert:
         if plan is None:
             compiled = self.table.insert().compile(dialect=self.dialect, column_keys=list(keys))
             names = list(compiled.positiontup or []) if compiled.positional else list(keys)
-            binds: list[tuple[str, Processor | None]] = []
-            for name in names:
-                impl = self.table.c[name].type.dialect_impl(self.dialect)
-                raw = name in self.serialized
-                binds.append((name, None if raw else impl.bind_processor(self.dialect)))
-            plan = self._plans[keys] = _Plan(str(compiled), compiled.positional, binds)
+            converted: list[tuple[int, Processor, bool]] = []
+            for i, name in enumerate(names):
+                if name in self.serialized:
+                    continue
+                process, memoised = _processor(self.table.c[name], self.dialect)
+                if process is not None:
+                    converted.append((i, process, memoised))
+            plan = self._plans[keys] = _Plan(str(compiled), compiled.positional, names, converted)
         return plan
 
-    def execute(self, conn: Connection, rows: Sequence[Row]) -> None:
-        """Insert ``rows`` (dicts with the same keys) in one ``executemany``."""
+    def execute(self, conn: Connection, rows: Sequence[Row], memo: Memo | None = None) -> None:
+        """Insert ``rows`` (dicts with the same keys) in one ``executemany``; ``memo``: converted
+        times shared with the transaction's other inserts (one made here if not given)."""
         if not rows:
             return
         plan = self._plan(tuple(rows[0]))
-        binds = plan.binds
-        params: list[Any]
-        if plan.positional:
-            params = [tuple(r[n] if p is None else p(r[n]) for n, p in binds) for r in rows]
-        else:
-            params = [{n: r[n] if p is None else p(r[n]) for n, p in binds} for r in rows]
+        memo = {} if memo is None else memo
+        columns = [[r[n] for r in rows] for n in plan.names]
+        for i, process, memoised in plan.converted:
+            columns[i] = _convert(columns[i], process, memo if memoised else None)
+        params: list[Any] = list(zip(*columns, strict=True))
+        if not plan.positional:
+            names = plan.names
+            params = [dict(zip(names, p, strict=True)) for p in params]
         conn.exec_driver_sql(plan.sql, params)
 
 

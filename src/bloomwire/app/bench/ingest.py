@@ -6,8 +6,9 @@ rider chat events (each stored in ``events`` and ``chat_lines``, republished can
 to the rider) at a set rate, through :class:`~bloomwire.app.bench.loadgen.LoadPublisher` so that the
 load generator takes next to no CPU from the persister. Reports persisted events/s,
 publish→committed (the device ack) and publish→canonical latencies, lost and duplicated counts
-checked against the store, and the broker's own QoS 1 ceiling on the same broker: several
-``mosquitto_pub -l`` at once into one ``mosquitto_sub`` that counts every message, repeated.
+checked against the store, the persister's CPU per event, and the broker's own QoS 1 ceiling on
+the same broker (:mod:`.peak_ceiling`: several ``mosquitto_pub -l`` at once into one
+``mosquitto_sub`` that checks every message, repeated).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -27,8 +29,10 @@ from typing import Any
 import sqlalchemy as sa
 from rich.console import Console
 
-from bloomwire.app.bench import private_stack
+from bloomwire.app.bench import peak_ceiling, private_stack
 from bloomwire.app.bench.loadgen import LoadPublisher
+from bloomwire.app.bench.peak_ceiling import Ceiling, Publisher
+from bloomwire.app.bench.peak_procs import cpu_s
 from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import service_settings
 from bloomwire.contract import events as ev
@@ -60,6 +64,10 @@ class Figures:
     duplicated: int = 0
     ceiling: Ceiling | None = None
     publish_s: float = 0.0
+    #: The persister process's CPU (all threads) from the first publish to the last arrival, per
+    #: event: what the hot path costs, less moved by the host's load than events/s.
+    persister_cpu_us: float | None = None
+    load_average: tuple[float, float] = (0.0, 0.0)
 
     @property
     def ceiling_per_s(self) -> float:
@@ -83,6 +91,10 @@ class Figures:
             "rate": self.rate,
             "seconds": round(self.seconds, 3),
             "publish_seconds": round(self.publish_s, 3),
+            "persister_cpu_us_per_event": None
+            if self.persister_cpu_us is None
+            else round(self.persister_cpu_us, 1),
+            "load_average_before_after": list(self.load_average),
             "persisted_per_s": round(self.persisted_per_s),
             "committed_p50_ms": round(self.pct(self.committed_ms, 50), 2),
             "committed_p99_ms": round(self.pct(self.committed_ms, 99), 2),
@@ -179,6 +191,17 @@ def _watch(settings: Settings, user: str, topic_filter: str, out: Path) -> subpr
         )
 
 
+def _persister_pid() -> int | None:
+    """The pid of this process's child ``bloomwire service run persister`` (the private stack's)."""
+    me = os.getpid()
+    for task in Path(f"/proc/{me}/task").glob("*/children"):
+        for pid in task.read_text().split():
+            with contextlib.suppress(OSError):
+                if b"persister" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                    return int(pid)
+    return None
+
+
 def _read_stamps(path: Path) -> list[tuple[float, Any]]:
     stamps = []
     for line in path.read_bytes().splitlines():
@@ -236,6 +259,9 @@ async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]
         _watch(settings, "bench-watch-acks", f"{topics.RIDERS}/+/inbox/acks", ack_file),
     ]
     await asyncio.sleep(0.5)  # let the watchers subscribe
+    persister = _persister_pid()
+    cpu0 = cpu_s(persister) if persister else None
+    load0 = os.getloadavg()[0]
     sent_at, wall0 = await asyncio.to_thread(_publish, settings, figures, pairs)
     deadline = time.monotonic() + 120
     seen, read = 0, 0
@@ -246,6 +272,10 @@ async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]
             new = fh.read()
             read += len(new)  # count only what was written since the last look
             seen += new.count(b"\n")
+    cpu1 = cpu_s(persister) if persister else None
+    if cpu0 is not None and cpu1 is not None:
+        figures.persister_cpu_us = (cpu1 - cpu0) / figures.events * 1e6
+    figures.load_average = (round(load0, 2), round(os.getloadavg()[0], 2))
     await asyncio.sleep(1.0)  # the last acks trail the last canonical events
     for w in watchers:
         w.terminate()
@@ -275,126 +305,25 @@ async def _run(settings: Settings, figures: Figures, pairs: list[tuple[str, str]
     figures.lost = figures.events - int(stored[1])
 
 
-#: ``mosquitto_pub -l`` reads at most 65,535 lines and silently drops the rest: each publisher is fed
-#: fewer.
-LINES_PER_PUBLISHER = 60_000
-MAX_PUBLISHERS = 8
-CEILING_TOPIC = "bench/ceiling"
-#: QoS 1 messages each publisher keeps in flight.
-CEILING_INFLIGHT = 1000
-
-
-@dataclass
-class Ceiling:
-    """The broker's own QoS 1 ceiling: parallel ``mosquitto_pub -l`` into one counting ``mosquitto_sub``."""
-
-    publishers: int
-    messages: int
-    rates: list[float] = field(default_factory=list)
-    delivered: list[int] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        """Median messages/s of the runs that delivered everything (0 if none did)."""
-        whole = [r for r, d in zip(self.rates, self.delivered, strict=True) if d == self.messages]
-        return statistics.median(whole) if whole else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain numbers for JSON output."""
-        return {
-            "publishers": self.publishers,
-            "messages_per_run": self.messages,
-            "runs_per_s": [round(r) for r in self.rates],
-            "delivered": self.delivered,
-            "median_per_s": round(self.median),
-        }
-
-
-def publishers_for(messages: int, publishers: int) -> int:
-    """Publishers needed so none is fed more than :data:`LINES_PER_PUBLISHER` lines."""
-    needed = max(publishers, -(-messages // LINES_PER_PUBLISHER))
-    if needed > MAX_PUBLISHERS:
-        raise ValueError(f"{messages} messages need {needed} publishers (at most {MAX_PUBLISHERS})")
-    return needed
+#: Logins of the ceiling's publishers (one each: the username is the client id).
+CEILING_PUBLISHERS = 8
+CEILING_SUBSCRIBER = "bench-ceiling-sub"
 
 
 def ceiling_users() -> tuple[str, ...]:
-    """The broker accounts of the ceiling's clients (one each: the username is the client id)."""
-    return ("bench-ceiling-sub", *(f"bench-ceiling-pub-{i}" for i in range(MAX_PUBLISHERS)))
-
-
-def _arrivals(path: Path) -> list[float]:
-    stamps = []
-    for line in path.read_bytes().splitlines():
-        with contextlib.suppress(ValueError):
-            stamps.append(float(line))
-    return stamps
-
-
-def _ceiling_once(settings: Settings, ceiling: Ceiling, tmp: Path, run: int) -> None:
-    """One run: every publisher at once, the subscriber stamping each arrival."""
-    share = [ceiling.messages // ceiling.publishers] * ceiling.publishers
-    share[0] += ceiling.messages - sum(share)
-    feeds = []
-    for i, n in enumerate(share):
-        feed = tmp / f"ceiling-feed-{i}.txt"
-        feed.write_bytes((b"x" * 300 + b"\n") * n)
-        feeds.append(feed)
-    out = tmp / f"ceiling-{run}.txt"
-    with out.open("wb") as fh:
-        sub = subprocess.Popen(
-            [
-                "mosquitto_sub",
-                *_sub_args(settings, "bench-ceiling-sub"),
-                "-t",
-                CEILING_TOPIC,
-                "-C",
-                str(ceiling.messages),
-                "-F",
-                "%U",
-            ],
-            stdout=fh,
-        )
-    time.sleep(0.5)  # let it subscribe
-    start = time.time()
-    pubs = []
-    for i, feed in enumerate(feeds):
-        with feed.open("rb") as src:
-            pubs.append(
-                subprocess.Popen(
-                    [
-                        "mosquitto_pub",
-                        *_sub_args(settings, f"bench-ceiling-pub-{i}"),
-                        "-t",
-                        CEILING_TOPIC,
-                        "-l",
-                        "-M",  # mosquitto_pub's default of 20 in flight would be the ceiling, not the broker
-                        str(CEILING_INFLIGHT),
-                    ],
-                    stdin=src,
-                )
-            )
-    for p in pubs:
-        p.wait(timeout=300)
-    try:
-        sub.wait(timeout=30)  # exits by itself once it has counted every message
-    except subprocess.TimeoutExpired:
-        sub.terminate()  # some never arrived: counted below
-        sub.wait()
-    stamps = _arrivals(out)
-    ceiling.delivered.append(len(stamps))
-    ceiling.rates.append(len(stamps) / (max(stamps) - start) if stamps else 0.0)
+    """The broker accounts of the ceiling's clients."""
+    return (CEILING_SUBSCRIBER, *(f"bench-ceiling-pub-{i}" for i in range(CEILING_PUBLISHERS)))
 
 
 def measure_ceiling(
-    settings: Settings, tmp: Path, *, messages: int = 200_000, publishers: int = 4, runs: int = 3
-) -> Ceiling:
-    """QoS 1 messages/s through the same broker with the C clients, ``runs`` times."""
-    ceiling = Ceiling(publishers_for(messages, publishers), messages)
-    if shutil.which("mosquitto_pub") and shutil.which("mosquitto_sub"):
-        for k in range(runs):
-            _ceiling_once(settings, ceiling, tmp, k)
-    return ceiling
+    settings: Settings, *, messages: int = 200_000, publishers: int = 4, runs: int = 3
+) -> Ceiling | None:
+    """The broker's QoS 1 ceiling on the bench's broker (:mod:`.peak_ceiling`), ``runs`` times."""
+    pubs = [Publisher(f"bench-ceiling-pub-{i}", f"bench/ceiling/{i}") for i in range(CEILING_PUBLISHERS)]
+    subscriber = (CEILING_SUBSCRIBER, "bench/ceiling/+")
+    return peak_ceiling.measure(
+        settings, pubs, *subscriber, messages=messages, runs=runs, parallel=publishers
+    )
 
 
 def run(
@@ -406,7 +335,7 @@ def run(
         pairs = asyncio.run(_setup_orders(live, riders))
         asyncio.run(_run(live, figures, pairs, tmp))
         if ceiling:
-            figures.ceiling = measure_ceiling(live, tmp, runs=ceiling_runs)
+            figures.ceiling = measure_ceiling(live, runs=ceiling_runs)
     return figures
 
 
@@ -420,6 +349,9 @@ def report(figures: Figures) -> Report:
     out.add("publish→committed P50 / P99 (ms)", f"{d['committed_p50_ms']} / {d['committed_p99_ms']}")
     out.add("publish→canonical P50 / P99 (ms)", f"{d['canonical_p50_ms']} / {d['canonical_p99_ms']}")
     out.add("stored / lost / duplicated", f"{d['stored']} / {d['lost']} / {d['duplicated']}")
+    cpu = d["persister_cpu_us_per_event"]
+    out.add("persister CPU per event (µs, all its threads)", "not measured" if cpu is None else cpu)
+    out.add("load average (1 min) before / after", " / ".join(str(x) for x in figures.load_average))
     c = figures.ceiling
     if c is not None and c.rates:
         runs = ", ".join(f"{r:,.0f}" for r in c.rates)

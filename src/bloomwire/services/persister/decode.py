@@ -7,6 +7,7 @@ unset here and found by ``riders.with_subject``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -100,10 +101,21 @@ def _payload(msg: Inbound, where: InboundTopic, now: datetime, bounds: TimeBound
     if where.kind is InboundKind.PRESENCE and msg.payload == b"":
         return None  # a retained presence being cleared
     if where.kind is InboundKind.LOCATION:
-        obj = ev.load_json(msg.payload)
-        if isinstance(obj, dict) and "type" not in obj:  # bare OwnTracks-style fields
-            loc = ot.parse_location_fields(obj, now, bounds)
-            return ev.RiderLocationReportedEvent(source=where.source, data=loc)
+        return _location(msg, where, now, bounds)
+    return ev.decode(msg.payload)
+
+
+def _location(msg: Inbound, where: InboundTopic, now: datetime, bounds: TimeBounds) -> Said:
+    """A position: the rider app's CloudEvent, or bare OwnTracks-style fields (no ``type``)."""
+    if b'"type"' in msg.payload:
+        # Most likely an event: parsed once by pydantic, not by json.loads first as well (the
+        # most frequent message of all). Refused, it may still be bare fields: read as below.
+        with contextlib.suppress(PayloadError):
+            return ev.decode(msg.payload)
+    obj = ev.load_json(msg.payload)
+    if isinstance(obj, dict) and "type" not in obj:
+        loc = ot.parse_location_fields(obj, now, bounds)
+        return ev.RiderLocationReportedEvent(source=where.source, data=loc)
     return ev.decode(msg.payload)
 
 

@@ -12,6 +12,7 @@ the messages to publish. Nothing here touches MQTT.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -94,10 +95,16 @@ def _digest(event: Any, data_json: str) -> int:
     return hash((event.type, event.source, event.time, data_json))
 
 
+@functools.lru_cache(maxsize=64)
+def _as_facts(sent: tuple[type[ev._Envelope], ...]) -> tuple[type[ev._Envelope], ...]:
+    """The types ``sent`` arrive here as: a request as its fact (once per topic kind, not per event)."""
+    return tuple(ev.FACT_OF.get(t, t) for t in sent)
+
+
 def _check_accepted(where: InboundTopic, event: Any) -> None:
     """Refuse an event of a type its topic does not take, or naming another order than the topic."""
     sent = ev.accepted_types(where)
-    expected = tuple(ev.FACT_OF.get(t, t) for t in sent)  # requests arrive here as their facts
+    expected = _as_facts(sent)
     data: Any = event.data
     if not isinstance(event, expected):
         names = ", ".join(ev.type_name(t) for t in sent) or "nothing"

@@ -25,7 +25,7 @@ from bloomwire.runtime.log import get_logger
 from bloomwire.services.persister.messages import Inbound, Outbound
 from bloomwire.services.persister.tables import CachedTable, Keyed
 from bloomwire.store import models as m
-from bloomwire.store.bulk import BulkInsert
+from bloomwire.store.bulk import BulkInsert, Memo
 
 log = get_logger("bloomwire.persister")
 
@@ -117,13 +117,14 @@ class UnitOfWork:
 
     def flush(self, conn: Connection, tables: Sequence[CachedTable[Any]], inserts: Inserts) -> None:
         """Write everything (inside the caller's transaction)."""
-        inserts.events.execute(conn, self.events)
+        memo: Memo = {}  # times converted once for the whole transaction
+        inserts.events.execute(conn, self.events, memo)
         for table in tables:
             table.insert(conn, self._new.get(table, ()))
             table.update(conn, self._dirty.get(table, ()))
-        inserts.chat.execute(conn, self.chat)
-        inserts.trail.execute(conn, self.trail)
-        inserts.dead.execute(conn, self.dead)
+        inserts.chat.execute(conn, self.chat, memo)
+        inserts.trail.execute(conn, self.trail, memo)
+        inserts.dead.execute(conn, self.dead, memo)
 
     def rolled_back(self) -> None:
         """The commit failed: drop the rows it would have written (re-read on demand)."""
