@@ -3,6 +3,7 @@ and a store seeded by ``bench alerts`` (a rider position without its time) loadi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,9 +17,10 @@ from bloomwire.app.bench import scale
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OUT_FOR_DELIVERY
-from bloomwire.services.persister.projector import Inbound, Projector
+from bloomwire.services.persister.projector import Inbound, Outbound, Projector
+from bloomwire.services.persister.repair import Repair, repair_states
 from bloomwire.store import open_store
-from bloomwire.store.models import ALERTS, RIDERS
+from bloomwire.store.models import ALERTS, ORDERS, RIDERS
 
 N = 200
 
@@ -181,3 +183,30 @@ def test_a_closed_orders_state_expires_with_its_grace_and_is_dated_again_after_a
     assert [o.topic for o in again.due_clearings(later)] == [state_topic]
     projector.close()
     again.close()
+
+
+def test_the_repair_after_online_republishes_every_snapshot_newest_first_paced(
+    seeded: tuple[Engine, datetime],
+) -> None:
+    """What the persister published before ``online`` at start-up it now sends after, in slices
+    that wait while the broker has not acknowledged enough, the most recently changed first."""
+    engine, now = seeded
+    with engine.begin() as conn:  # o7 changed last
+        conn.execute(ORDERS.update().where(ORDERS.c.id == "o7").values(updated_at=now + timedelta(seconds=5)))
+    projector = Projector(engine)
+    projector.load()
+    expected = {(m.topic, m.payload) for m in projector.snapshot_messages()}
+    repair = Repair(projector)
+    assert repair.total == N + len(projector.projections.riders.rows)
+    slices: list[list[Outbound]] = []
+    waits = iter([5, 0, 2_000, 0])  # in flight as each slice is due: one slice held back
+
+    def in_flight() -> int:
+        return next(waits, 0)
+
+    asyncio.run(repair_states(repair, slices.append, in_flight, slice_size=50, max_in_flight=1_000))
+    assert repair.done
+    sent = [m for s in slices for m in s]
+    assert slices[0][0].topic == topics.order_topic("s7", "o7", topics.OrderChannel.STATE)
+    assert {(m.topic, m.payload) for m in sent} == expected and len(sent) == len(expected)
+    projector.close()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bloomwire.access import operations as ops
-from bloomwire.access import policy
+from bloomwire.access import policy, retired
 from bloomwire.access.dynsec import AsyncBackend, Backend, ControlClient, DynsecFile
 from bloomwire.access.operations import AccountInfo, Credential, OrderAccess
 from bloomwire.access.policy import Kind, OrderRoleInfo
@@ -49,6 +49,8 @@ class Accounts:
     def __init__(self, backend: Backend, data_dir: Path | None = None) -> None:
         self.backend = backend
         self.data_dir = Path(data_dir) if data_dir is not None else None
+        #: The retained topics the last removal cleared.
+        self.cleared: list[str] = []
 
     def close(self) -> None:
         """Close the backend (saves the file / disconnects)."""
@@ -91,11 +93,18 @@ class Accounts:
 
     def remove(self, username: str) -> AccountInfo:
         """Delete an account (a connected client is disconnected at once) and its own role; a
-        shop's or rider's device logins go with it."""
+        shop's or rider's device logins go with it, and so does what a rider left retained."""
         info, devices = ops.run(ops.remove_account(username), self.backend)
         for name in (username, *devices):
             self._forget(name)
+        self._clear_retained(username, info.kind)
         return info
+
+    def _clear_retained(self, username: str, kind: Kind | None) -> None:
+        """Clear a removed rider's or device's retained messages (:mod:`.retired`); on a live
+        broker only (offline, the broker holding them is not running)."""
+        if isinstance(self.backend, ControlClient):
+            self.cleared = retired.clear(self.backend, retired.filters_of(username, kind))
 
     def rotate(self, username: str) -> Credential:
         """A new password (the plugin disconnects the client; it must log in again with it)."""
@@ -116,6 +125,7 @@ class Accounts:
         """Delete one device login (disconnected at once); the identity's others stay."""
         info = ops.run(ops.revoke_device(username), self.backend)
         self._forget(username)
+        self._clear_retained(username, info.kind)
         return info
 
     # --- customers ------------------------------------------------------------------------------

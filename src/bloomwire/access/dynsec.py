@@ -488,6 +488,8 @@ class ControlClient:
         self._lock = threading.Lock()
         self._waiters: dict[str, _Waiter] = {}
         self._pubacks: dict[int, ReasonCode | None] = {}
+        #: topic -> when a retained message on it arrived (:meth:`retained_topics`)
+        self._retained_seen: dict[str, float] = {}
         self._puback_cv = threading.Condition()
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -538,6 +540,9 @@ class ControlClient:
 
     def _on_message(self, _client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if msg.topic != RESPONSE_TOPIC:
+            if msg.retain and msg.payload:
+                with self._lock:
+                    self._retained_seen[msg.topic] = time.monotonic()
             return
         payload = bytes(msg.payload)
         key = response_key(payload)
@@ -639,6 +644,26 @@ class ControlClient:
             reason = self._pubacks.pop(info.mid)
         if reason is not None and reason.is_failure:
             raise BrokerError(f"broker refused the publish to {topic!r}: {reason}")
+
+    def retained_topics(self, filters: Sequence[str], quiet_s: float = 0.5) -> list[str]:
+        """The topics under ``filters`` on which the broker holds a retained message: subscribed
+        for a moment (the broker sends them right after the SUBACK), until ``quiet_s`` passes
+        without a new one."""
+        with self._lock:
+            self._retained_seen.clear()
+        subscribed = time.monotonic()
+        self.client.subscribe([(f, 0) for f in filters])
+        try:
+            while True:
+                time.sleep(quiet_s / 5)
+                with self._lock:
+                    last = max(self._retained_seen.values(), default=subscribed)
+                if time.monotonic() - max(last, subscribed + quiet_s) >= quiet_s:
+                    break
+        finally:
+            self.client.unsubscribe(list(filters))
+        with self._lock:
+            return sorted(self._retained_seen)
 
     def close(self) -> None:
         """Disconnect and stop the network thread."""

@@ -50,6 +50,8 @@ ADMIN = "admin"
 PROVISIONER = "provisioner"
 #: Reads everything (``bloomwire up`` watches service status with it).
 OPERATOR = "operator"
+#: The admin's role that clears retired riders' and devices' retained messages.
+SWEEPER_ROLE = "retired-state-sweeper"
 #: The only writer of canonical topics.
 PERSISTER = "persister"
 #: ``bloomwire up``'s own login: reads ``$SYS`` and the services' status, reports crash loops there.
@@ -216,6 +218,24 @@ def admin_role() -> Role:
     """Administers the plugin over ``$CONTROL/dynamic-security/v1`` and nothing else."""
     control = topics.DYNSEC_CONTROL_FILTER
     return Role(ADMIN, (Acl(PUBLISH, control), *_read(control)))
+
+
+#: Where a retired rider's or device's retained messages lie: presence, location, its OwnTracks
+#: topics and its state as each shop saw it (:mod:`bloomwire.access.retired`). Not its inbox: only
+#: the persister writes there, never retained, and the admin reads no inbox.
+RETIRED_STATE_FILTERS = (
+    f"{topics.RIDERS}/+/presence",
+    f"{topics.RIDERS}/+/location",
+    f"{topics.OWNTRACKS}/#",
+    topics.ALL_RIDER_STATE_FILTER,
+)
+
+
+def sweeper_role() -> Role:
+    """The admin's second role: reads and clears (an empty retained publish) what a removed rider
+    or device left retained. The admin could grant itself any role anyway; the provisioner, which
+    shares :func:`admin_role`, does not get this one."""
+    return Role(SWEEPER_ROLE, (*_read(*RETIRED_STATE_FILTERS), *_write(*RETIRED_STATE_FILTERS)))
 
 
 def provisioner_role() -> Role:
@@ -389,7 +409,7 @@ def kind_of(username: str, roles: Iterable[str]) -> Kind | None:
 def roles_for(kind: Kind, name: str) -> list[Role]:
     """The roles an account of ``kind`` named ``name`` holds (fixed identities included)."""
     if kind is Kind.ADMIN:
-        return [admin_role()]
+        return [admin_role(), sweeper_role()]
     if kind is Kind.PROVISIONER:
         return [admin_role(), provisioner_role()]
     if kind is Kind.OPERATOR:

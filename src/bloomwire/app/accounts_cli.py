@@ -177,6 +177,8 @@ def device_revoke(
         raise _fail(str(exc)) from None
     kind = info.kind.value if info.kind else "account"
     console.print(f"revoked device login {username} of {kind} {info.identity}")
+    if accounts.cleared:
+        console.print(f"cleared {len(accounts.cleared)} retained message(s) it left on the broker")
 
 
 @accounts_app.command("list")
@@ -216,6 +218,8 @@ def remove(ctx: typer.Context, username: Name, offline: Offline = None) -> None:
         raise _fail(str(exc)) from None
     also = f" and its {len(devices)} device login(s)" if devices else ""
     console.print(f"removed {info.kind.value if info.kind else 'account'} {username}{also}")
+    if accounts.cleared:
+        console.print(f"cleared {len(accounts.cleared)} retained message(s) it left on the broker")
 
 
 @accounts_app.command("rotate")

@@ -200,11 +200,17 @@ def bench_assistant(
 def bench_restart(
     ctx: typer.Context,
     kills: Annotated[int, typer.Option(help="kill -9 of each service, one after the other.")] = 2,
+    orders: Annotated[
+        int,
+        typer.Option(
+            help="Seed this many open orders (and a fifth as many open alerts); kill only the persister."
+        ),
+    ] = 0,
     record: Record = None,
 ) -> None:
     """Seconds a service killed under a supervised stack is away (new process, online again)."""
     try:
-        reports = restart_bench.main(make_settings(ctx), kills=kills, console=console)
+        reports = restart_bench.main(make_settings(ctx), kills=kills, console=console, orders=orders)
     except BloomwireError as exc:
         raise fail(str(exc)) from None
     _record(record, reports)

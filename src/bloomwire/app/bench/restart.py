@@ -5,6 +5,10 @@ Starts an access-controlled stack of its own (as ``up`` does, in a temporary dir
 again, and prints: seconds until the supervisor started a new process, and until that process
 said ``online`` on its status topic (after its Last Will's ``offline``). Later kills within a
 minute include the supervisor's growing delay (0.25 s, 0.5 s, 1 s, ...).
+
+With ``orders``, the store is first seeded as ``bench scale`` seeds it (N open orders, half out
+for delivery, N/5 open alerts, as much delivered history) and only the persister is run and
+killed: the restart at the worst moment, when its start-up reads the whole open state.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import signal
 import statistics
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
 
-from bloomwire.app.bench import temporary_settings
+from bloomwire.app.bench import scale, temporary_settings
 from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import Stack, service_settings
 from bloomwire.contract import topics
@@ -59,25 +64,34 @@ async def _away(stack: Stack, name: str, timeout: float = 60.0) -> tuple[float, 
         await conn.stop(announce_offline=False)
 
 
-def _stack(settings: Settings, root: Path) -> Stack:
-    own = temporary_settings(settings, root, database_url=f"sqlite:///{root / 'bench.db'}")
-    return Stack(own, access=True, shops=["s1"], riders=["r1"])
+def _stack(settings: Settings, root: Path, orders: int) -> Stack:
+    url = f"sqlite:///{root / 'bench.db'}"
+    own = temporary_settings(settings, root, database_url=url)
+    if not orders:
+        return Stack(own, access=True, shops=["s1"], riders=["r1"])
+    scale.seed(url, orders, datetime.now(UTC).replace(microsecond=0))
+    return Stack(own, services=("persister",), access=True, shops=["s1"], riders=["r1"])
 
 
-def main(settings: Settings, *, kills: int, console: Console) -> list[Report]:
-    """Measure, print and return the table."""
+def main(settings: Settings, *, kills: int, console: Console, orders: int = 0) -> list[Report]:
+    """Measure, print and return the table (``orders``: seed that many open orders first)."""
+    seeded = f", {orders:,} open orders and {orders // 5:,} open alerts seeded" if orders else ""
     report = Report(
-        f"kill -9 under a supervised stack, {kills} kills per service",
+        f"kill -9 under a supervised stack, {kills} kills per service{seeded}",
         ("service", "kill", "new process after (s)", "online again after (s)"),
     )
     away: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bloomwire-bench-restart-") as tmp:
-        stack = _stack(settings, Path(tmp))
-        stack.start()
+        if orders:
+            console.print(f"[dim]seeding {orders:,} open orders ...[/dim]")
+        stack = _stack(settings, Path(tmp), orders)
+        stack.start(timeout=60 + orders / 1_000)  # the first start reads the seeded store too
         try:
             for name in stack.services:
+                if orders and name != "persister":
+                    continue
                 for n in range(1, kills + 1):
-                    restarted, online = asyncio.run(_away(stack, name))
+                    restarted, online = asyncio.run(_away(stack, name, timeout=60 + orders / 1_000))
                     away.append(online)
                     report.add(name, n, f"{restarted:.2f}", f"{online:.2f}")
         finally:

@@ -57,8 +57,11 @@ from bloomwire.services.alerts.reads import (
     ALERT_COLUMNS,
     FAILED,
     ORDER_COLUMNS,
+    ORDER_UPDATED_AT,
     RAW_ORDER_COLUMNS,
     RIDER_COLUMNS,
+    RIDER_LIVE_COLUMNS,
+    ChangedRows,
     RowCache,
     ViewCache,
     alert_from_raw,
@@ -185,8 +188,17 @@ class AlertEngine:
         #: order id -> the fields its last amendment changed (issue 18): a resolution it causes says so
         self.amended: dict[str, str] = {}
         self.stats = Stats()
-        self._orders = RowCache(sa.select(*ORDER_COLUMNS).where(_O.status.in_(ACTIVE)), order_from_raw)
-        self._riders = RowCache(sa.select(*RIDER_COLUMNS), rider_from_raw)
+        # Read whole once, then only the rows changed since (and the ids of orders closed since).
+        self._orders = ChangedRows(
+            ORDER_COLUMNS,
+            _O.status.in_(ACTIVE),
+            order_from_raw,
+            updated_at_index=ORDER_UPDATED_AT,
+            gone=sa.select(_O.id).where(_O.closed_at >= sa.bindparam("since", type_=_O.closed_at.type)),
+        )
+        self._riders = ChangedRows(
+            RIDER_LIVE_COLUMNS, sa.true(), rider_from_raw, updated_at_index=len(RIDER_COLUMNS)
+        )
         # The assistant's hand-overs are not this service's to resolve.
         self._alerts = RowCache(
             sa.select(*ALERT_COLUMNS).where(

@@ -4,7 +4,7 @@ views, through the driver's raw rows where SQLAlchemy's result processing would 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Generic, TypeVar
 
 import sqlalchemy as sa
@@ -26,6 +26,9 @@ from bloomwire.store.models import ALERTS, ORDERS, RIDERS
 ACTIVE: Final = tuple(s.value for s in OrderStatus if s not in CLOSED)
 FAILED: Final = tuple(s.value for s in FAILED_OUTCOME)
 _CHUNK: Final = 500
+#: How far before the newest ``updated_at`` seen a read of changed rows starts again: a clock
+#: stepped back by this much still loses no change (rows read twice are compared, not rebuilt).
+CHANGE_MARGIN: Final = timedelta(seconds=5)
 V = TypeVar("V")
 
 
@@ -47,10 +50,14 @@ ORDER_COLUMNS = (
     _O.updated_at,
     _O.handover_failures,
 )
+#: Where ``updated_at`` is among them.
+ORDER_UPDATED_AT = len(ORDER_COLUMNS) - 1
 #: The same columns without SQLAlchemy's result processing (raw driver values, see _dt).
 RAW_ORDER_COLUMNS = tuple(sa.type_coerce(c, sa.String()).label(c.name) for c in ORDER_COLUMNS)
 _R = RIDERS.c
 RIDER_COLUMNS = (_R.id, _R.presence, _R.presence_at, _R.position_at, _R.lat, _R.lon, _R.load)
+#: What the tick reads of each rider: its view's columns, then when its row last changed.
+RIDER_LIVE_COLUMNS = (*RIDER_COLUMNS, _R.updated_at)
 _A = ALERTS.c
 ALERT_COLUMNS = (
     _A.id,
@@ -162,6 +169,66 @@ class RowCache(Generic[V]):
             fresh[raw[0]] = hit if hit is not None and hit[0] == raw else (raw, build(raw))
         self.rows = fresh
         return {k: v for k, (_, v) in fresh.items()}
+
+
+class ChangedRows(Generic[V]):
+    """The live rows of a table read once in full, then only those changed since (#19).
+
+    A later read asks for the rows of ``live`` whose ``updated_at`` is at or after the newest one
+    seen (less :data:`CHANGE_MARGIN`): the persister, the only writer, commits its batches in the
+    order of their ``updated_at``, so a batch committed after this read is found by the next
+    one. Rows that left ``live`` are named by ``gone`` (a query of ids, bound to ``since``) and
+    dropped. Unchanged rows keep their view object, as with :class:`RowCache`. The first
+    column must be the primary key; ``updated_at`` the column at ``updated_at_index``.
+    """
+
+    def __init__(
+        self,
+        columns: Sequence[sa.ColumnElement[Any]],
+        live: sa.ColumnElement[bool],
+        build: Callable[[Sequence[Any]], V],
+        *,
+        updated_at_index: int,
+        gone: sa.Select[Any] | None = None,
+    ) -> None:
+        self.full = RowCache(sa.select(*columns).where(live), build)
+        updated_at = columns[updated_at_index]
+        raw = [sa.type_coerce(c, sa.String()).label(c.name) for c in columns]  # as the driver has them
+        self.changed = sa.select(*raw).where(live, updated_at >= sa.bindparam("since", type_=updated_at.type))
+        self.gone = gone
+        self.build = build
+        self.index = updated_at_index
+        self.views: dict[str, V] = {}
+        self.newest: datetime | None = None
+        #: Rows read by the last :meth:`read` (all of them the first time).
+        self.last_read = 0
+
+    def read(self, conn: Connection) -> dict[str, V]:
+        """Every live row as a view by primary key (a new dict; the views are shared)."""
+        if self.newest is None:
+            self.views = self.full.read(conn)
+            rows = [raw for raw, _ in self.full.rows.values()]
+            self.last_read = len(rows)
+        else:
+            since = self.newest - CHANGE_MARGIN
+            rows = [tuple(r) for r in conn.execute(self.changed, {"since": since})]
+            self.last_read = len(rows)
+            cache, views = self.full.rows, self.views
+            if self.gone is not None:
+                for (gone,) in conn.execute(self.gone, {"since": since}):
+                    cache.pop(gone, None)
+                    views.pop(gone, None)
+            for raw in rows:
+                hit = cache.get(raw[0])
+                if hit is None or hit[0] != raw:
+                    hit = cache[raw[0]] = (raw, self.build(raw))
+                    views[raw[0]] = hit[1]
+        # Raw values compare as the times they are (SQLite's fixed-width text, or datetimes).
+        i = self.index
+        newest = _dt(max((raw[i] for raw in rows if raw[i] is not None), default=None))
+        if self.newest is None or (newest is not None and newest > self.newest):
+            self.newest = newest or datetime.min.replace(tzinfo=UTC) + CHANGE_MARGIN
+        return dict(self.views)
 
 
 class ViewCache(Generic[V]):

@@ -30,6 +30,7 @@ from bloomwire.runtime.settings import Settings
 from bloomwire.services.persister.metrics import PersisterMetrics
 from bloomwire.services.persister.poison import StoreUnavailableError, apply_isolating, unavailable
 from bloomwire.services.persister.projector import Inbound, Outbound, Projector
+from bloomwire.services.persister.repair import Repair, repair_states
 from bloomwire.store import open_store, retention
 from bloomwire.store.photos import FilePhotoStore
 
@@ -57,6 +58,8 @@ class PersisterState:
     projector: Projector
     #: Clears closed orders' retained states as their grace ends (:func:`clear_states`).
     clearing: asyncio.Task[None]
+    #: Republishes every live order's and rider's retained state after start-up (:mod:`.repair`).
+    repairing: asyncio.Task[None]
     #: Runs the retention policy nightly (:func:`~bloomwire.store.retention.start_nightly`).
     nightly: AsyncIOScheduler
 
@@ -102,8 +105,10 @@ def build(
             shop_language=settings.shop_language.value,
         )
         try:
+            started = time.perf_counter()
             await asyncio.to_thread(projector.load)
-            publish(projector.snapshot_messages())
+            repair = Repair(projector)
+            log.info("projections ready", seconds=round(time.perf_counter() - started, 2))
         except BaseException:  # not the service's state yet: the shutdown hook would not see it
             projector.close()
             engine.dispose()
@@ -115,7 +120,9 @@ def build(
             settings.sqlite_busy_timeout_s,
         )
         clearing = asyncio.create_task(clear_states(projector, publish))
-        return PersisterState(projector, clearing, retention.start_nightly(policy))
+        # After online: the retained snapshots are repaired from the store, paced (:mod:`.repair`).
+        repairing = asyncio.create_task(repair_states(repair, publish, service.conn.in_flight))
+        return PersisterState(projector, clearing, repairing, retention.start_nightly(policy))
 
     # Raw messages, not a model=: decoding is the projector's job, per message, because a refusal
     # here is more than a dead letter (stored in dead_letters, answered on the sender's error
@@ -153,6 +160,7 @@ def build(
         state = service.state
         state.nightly.shutdown(wait=False)
         await cancel_and_wait(state.clearing)
+        await cancel_and_wait(state.repairing)
         state.projector.close()
         state.projector.engine.dispose()
 
