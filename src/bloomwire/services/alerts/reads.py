@@ -47,8 +47,8 @@ ORDER_COLUMNS = (
     _O.delivered_at,
     _O.closed_at,
     _O.failure_reason,
-    _O.updated_at,
     _O.handover_failures,
+    _O.updated_at,  # last: ORDER_UPDATED_AT
 )
 #: Where ``updated_at`` is among them.
 ORDER_UPDATED_AT = len(ORDER_COLUMNS) - 1
@@ -113,8 +113,8 @@ def order_from_raw(r: Sequence[Any]) -> OrderView:
         delivered_at=_dt(r[10]),
         closed_at=_dt(r[11]),
         failure_reason=r[12],
-        updated_at=_dt_required(r[13]),
-        handover_failures=int(r[14] or 0),
+        handover_failures=int(r[13] or 0),
+        updated_at=_dt_required(r[14]),
     )
 
 
