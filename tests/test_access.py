@@ -778,7 +778,9 @@ def test_mint_queue_bounds_a_batch_by_count_and_broker_time() -> None:
     for i in range(20):
         assert queue_.add(f"order/s1/o{i}", Wanted("s1", f"o{i}"))
     assert not queue_.add("order/s1/o0", Wanted("s1", "o0")), "a role waits once"
-    assert [w.order for _, w in queue_.take()] == [f"o{i}" for i in range(8)]
+    assert [w.order for _, w in queue_.take()] == ["o0"], "one until the broker's cost is known"
+    queue_.measured(1, 0.01)
+    assert [w.order for _, w in queue_.take()] == [f"o{i}" for i in range(1, 9)]
     queue_.measured(8, 8 * 0.12)  # 120 ms of broker time per order: 2 fit the budget
     assert len(queue_.take()) == 2
     queue_.measured(2, 2 * 0.6)
@@ -939,8 +941,12 @@ def test_offline_edits_apply_at_the_next_start(tmp_path: Path, mqtt_client: Make
 def test_bench_access_reports_figures() -> None:
     _requirements()
     lines: list[str] = []
-    result = bench_access(orders=200, repeat=3, echo=lines.append)
+    result = bench_access(orders=200, repeat=3, burst=4, echo=lines.append)
     for path in (result.service, result.client):
         assert len(path.mint_ms) == 3 and len(path.revoke_ms) == 3 and len(path.cutoff_ms) == 3
         assert max(path.cutoff_ms) < 1000
     assert any("mint one customer access" in line and "provisioner service" in line for line in lines)
+    for way in (result.single, result.batched):
+        assert len(way.total_ms) == 3 and len(way.wait_ms) == 12 and way.probe_ms
+    assert result.single.messages == [4, 4, 4] and max(result.batched.messages) < 4
+    assert any(line.startswith("burst of 4 orders, batched") for line in lines)
