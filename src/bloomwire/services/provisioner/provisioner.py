@@ -207,7 +207,12 @@ class Provisioner:
             await self.wake.wait()
             self.wake.clear()
             while len(self.queue):
-                if not await self.mint_batch():
+                try:
+                    ok = await self.mint_batch()
+                except Exception:  # a bug must not end the loop: nothing would be minted again
+                    log.exception("mint batch crashed; going on")
+                    ok = False
+                if not ok:
                     await asyncio.sleep(RETRY_S)  # the broker is busy or gone: let it be
 
     async def mint_batch(self) -> bool:
