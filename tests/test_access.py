@@ -37,6 +37,7 @@ from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.errors import BrokerError, TopicError
 from bloomwire.runtime.broker import (
     Mosquitto,
+    broker_env,
     ensure_secret,
     find_dynsec_plugin,
     find_mosquitto,
@@ -950,3 +951,14 @@ def test_bench_access_reports_figures() -> None:
         assert len(way.total_ms) == 3 and len(way.wait_ms) == 12 and way.probe_ms
     assert result.single.messages == [4, 4, 4] and max(result.batched.messages) < 4
     assert any(line.startswith("burst of 4 orders, batched") for line in lines)
+
+
+def test_the_broker_runs_with_glibc_fast_bins_off_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The plugin's file rewrite spends a third of its time consolidating fast bins (see
+    docs/performance.md, access control); an operator's own tunables win."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert broker_env()["GLIBC_TUNABLES"] == "glibc.malloc.mxfast=0"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert broker_env()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
