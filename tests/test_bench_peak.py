@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bloomwire.app.bench import peak_figures as pf
 from bloomwire.app.bench.peak import DRAIN_MAX_S, drain
 from bloomwire.app.bench.peak_load import Journal
 from bloomwire.app.bench.peak_proxy import LossyProxy
@@ -180,3 +181,10 @@ def test_drain_waits_for_the_backlog_and_not_for_a_refused_event() -> None:
     assert waited < 30.0, "and ended with it, not by the quiet time"
     journal.sent_one("rider-event", "refused", "r1")
     assert drain(journal, least=0.5, quiet=1.0) < DRAIN_MAX_S, "the quiet time ends the wait"
+
+
+def test_broker_rate_of_a_window_shorter_than_two_sys_samples() -> None:
+    """$SYS counts every 10 s: a 9 s fault window holds one sample; the one before starts it."""
+    samples = [(0.0, 100.0), (10.0, 600.0), (20.0, 700.0)]
+    assert pf._sys_rate(samples, pf.Window("fault", 5.0, 14.0)) == 50.0
+    assert pf._sys_rate(samples, pf.Window("fault", 5.0, 25.0)) == 30.0
