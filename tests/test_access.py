@@ -25,6 +25,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from typer.testing import CliRunner
 
 from bloomwire.access import Accounts, bootstrap, policy
+from bloomwire.access import operations as ops
 from bloomwire.access.accounts import OrderAccess, connect_admin, open_accounts
 from bloomwire.access.dynsec import ControlClient, DynsecFile, verify_password
 from bloomwire.access.enrol import enrol_device
@@ -36,6 +37,7 @@ from bloomwire.contract.lifecycle import OrderStatus
 from bloomwire.errors import BrokerError, TopicError
 from bloomwire.runtime.broker import (
     Mosquitto,
+    broker_env,
     ensure_secret,
     find_dynsec_plugin,
     find_mosquitto,
@@ -45,6 +47,7 @@ from bloomwire.runtime.settings import Settings
 from bloomwire.services.persister.projector import Inbound, Projector
 from bloomwire.services.provisioner import Provisioner
 from bloomwire.services.provisioner import build as build_provisioner
+from bloomwire.services.provisioner.minting import MintQueue, Wanted
 from bloomwire.store import open_store
 from bloomwire.store.models import ORDERS
 
@@ -712,6 +715,82 @@ def test_devices_enrol_and_do_not_kick_each_other(
     assert prov.devices == 2
 
 
+def test_a_burst_of_orders_is_minted_in_batches_each_checked(
+    stack: Stack, login: Callable[..., MqttTestClient], provisioner: Provisioners
+) -> None:
+    """Orders created at once share control messages; each gets its own working login."""
+    prov = provisioner()
+    orders = [uid(f"o-burst{i}-") for i in range(24)]
+    shop = login("s1")
+    shop.subscribe(topics.shop_filter("s1"))
+    persister = login("persister")
+    for order in orders:
+        status = topics.order_topic("s1", order, topics.OrderChannel.STATUS)
+        persister.paho.publish(status, status_event(order, OrderStatus.CREATED), qos=1)
+    found: dict[str, ev.CustomerAccess] = {}
+    deadline = time.monotonic() + 30
+    while len(found) < len(orders) and time.monotonic() < deadline:
+        for t, payload in received(shop, 0.1):
+            if t.endswith("/access") and payload:
+                access = ev.CustomerAccessGrantedEvent.model_validate_json(payload).data
+                found[access.order] = access
+    assert set(found) == set(orders), f"{len(found)}/{len(orders)} accesses"
+    accesses = [found[order] for order in orders]
+    assert len({a.username for a in accesses}) == len(orders)
+    assert prov.minted == len(orders) and prov.given_up == 0
+    assert prov.batches < len(orders), "orders waiting together went in shared messages"
+    customer = login((accesses[-1].username, accesses[-1].password))
+    for f in accesses[-1].topics:
+        customer.subscribe(f)
+    puback(
+        persister,
+        topics.order_topic("s1", orders[-1], topics.OrderChannel.STATUS),
+        status_event(orders[-1], OrderStatus.ASSIGNED),
+    )
+    assert [t for t, _ in received(customer)] == [
+        topics.order_topic("s1", orders[-1], topics.OrderChannel.STATUS)
+    ]
+
+
+def test_a_batch_mint_fails_orders_one_by_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad id and a refused login fail their own order only; the others are minted."""
+    boot = bootstrap(tmp_path)
+    store = DynsecFile(boot.config_path)
+    ops.run(ops.mint_customers([ops.MintRequest("s1", "o-taken")]), store)
+    taken = next(u for u in store.clients if u.startswith(policy.DEVICE_PREFIX))
+    names = iter([policy.new_device_username(), taken, policy.new_device_username()])
+    monkeypatch.setattr(policy, "new_device_username", lambda: next(names))
+    requests = [
+        ops.MintRequest("s1", "o1"),
+        ops.MintRequest("s1", "o2"),
+        ops.MintRequest("s1", "bad/id"),
+        ops.MintRequest("s1", "o3", "c-own"),
+    ]
+    results = ops.run(ops.mint_customers(requests), store)
+    assert [r.error is None for r in results] == [True, False, False, True]
+    assert results[1].error == "createClient: Client already exists"
+    assert results[3].access is not None and results[3].access.customer == "c-own"
+    assert "order/s1/o3" in store.roles and results[0].login is not None
+    assert results[0].login.username in store.clients
+
+
+def test_mint_queue_bounds_a_batch_by_count_and_broker_time() -> None:
+    queue_ = MintQueue(batch=8, budget_s=0.25, attempts=2)
+    for i in range(20):
+        assert queue_.add(f"order/s1/o{i}", Wanted("s1", f"o{i}"))
+    assert not queue_.add("order/s1/o0", Wanted("s1", "o0")), "a role waits once"
+    assert [w.order for _, w in queue_.take()] == ["o0"], "one until the broker's cost is known"
+    queue_.measured(1, 0.01)
+    assert [w.order for _, w in queue_.take()] == [f"o{i}" for i in range(1, 9)]
+    queue_.measured(8, 8 * 0.12)  # 120 ms of broker time per order: 2 fit the budget
+    assert len(queue_.take()) == 2
+    queue_.measured(2, 2 * 0.6)
+    role, wanted = queue_.take()[0]
+    assert queue_.retry(role, wanted) and role in queue_
+    queue_.take()
+    assert not queue_.retry(role, wanted), "given up after its tries"
+
+
 def test_provisioner_restart_finds_its_accesses(
     stack: Stack, provisioner: Provisioners, login: Callable[..., MqttTestClient]
 ) -> None:
@@ -863,8 +942,23 @@ def test_offline_edits_apply_at_the_next_start(tmp_path: Path, mqtt_client: Make
 def test_bench_access_reports_figures() -> None:
     _requirements()
     lines: list[str] = []
-    result = bench_access(orders=200, repeat=3, echo=lines.append)
+    result = bench_access(orders=200, repeat=3, burst=4, echo=lines.append)
     for path in (result.service, result.client):
         assert len(path.mint_ms) == 3 and len(path.revoke_ms) == 3 and len(path.cutoff_ms) == 3
         assert max(path.cutoff_ms) < 1000
     assert any("mint one customer access" in line and "provisioner service" in line for line in lines)
+    for way in (result.single, result.batched):
+        assert len(way.total_ms) == 3 and len(way.wait_ms) == 12 and way.probe_ms
+    assert result.single.messages == [4, 4, 4] and max(result.batched.messages) < 4
+    assert any(line.startswith("burst of 4 orders, batched") for line in lines)
+
+
+def test_the_broker_runs_with_glibc_fast_bins_off_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The plugin's file rewrite spends a third of its time consolidating fast bins (see
+    docs/performance.md, access control); an operator's own tunables win."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert broker_env()["GLIBC_TUNABLES"] == "glibc.malloc.mxfast=0"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert broker_env()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from bloomwire.app.bench import peak_figures as pf
+from bloomwire.app.bench.peak import DRAIN_MAX_S, drain
+from bloomwire.app.bench.peak_load import Journal
 from bloomwire.app.bench.peak_proxy import LossyProxy
 
 ROWS = {"connection_stability", "latency", "concurrency", "reliability"}
@@ -157,3 +160,31 @@ def test_lossy_proxy_delays_loses_in_order_and_recovers() -> None:
     assert lossy >= 0.6, lossy
     assert clean < 0.2 and again < 0.2, (clean, again)
     assert proxy.lost_chunks >= 2
+
+
+def test_drain_waits_for_the_backlog_and_not_for_a_refused_event() -> None:
+    """After the load: done when every event sent is acknowledged; a refused one (never
+    acknowledged) ends the wait once no ack has come for the quiet time."""
+    journal = Journal()
+    for eid in ("e1", "e2"):
+        journal.sent_one("rider-event", eid, "r1")
+
+    def ack_later(eid: str, after: float) -> None:
+        threading.Timer(
+            after, journal.got, ("r1", "riders/r1/inbox/acks", json.dumps({"ids": [eid]}).encode())
+        ).start()
+
+    ack_later("e1", 0.2)
+    ack_later("e2", 1.5)
+    waited = drain(journal, least=0.5, quiet=30.0)
+    assert any(b'"e2"' in r.payload for r in journal.received), "it waited for the last ack"
+    assert waited < 30.0, "and ended with it, not by the quiet time"
+    journal.sent_one("rider-event", "refused", "r1")
+    assert drain(journal, least=0.5, quiet=1.0) < DRAIN_MAX_S, "the quiet time ends the wait"
+
+
+def test_broker_rate_of_a_window_shorter_than_two_sys_samples() -> None:
+    """$SYS counts every 10 s: a 9 s fault window holds one sample; the one before starts it."""
+    samples = [(0.0, 100.0), (10.0, 600.0), (20.0, 700.0)]
+    assert pf._sys_rate(samples, pf.Window("fault", 5.0, 14.0)) == 50.0
+    assert pf._sys_rate(samples, pf.Window("fault", 5.0, 25.0)) == 30.0

@@ -424,6 +424,10 @@ def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) ->
     wait_for(lambda: page.input_value("#track-link").startswith(settings.web_url + "/track#"), 20, "link")
     link = page.input_value("#track-link")
     assert page.evaluate("() => document.querySelector('#track-qr').width") > 50
+    # A command is "sending" until the persister answers on shops/S/acks or shops/S/errors.
+    page.fill("#assign-rider", "r-nobody")
+    page.click("#order-panel .inline-form:has(#assign-rider) button")
+    page.wait_for_selector("#order-panel .feedback.error-text:has-text('Assign to r-nobody refused:')")
     customer = new_page(browser, viewport=PHONE)
     customer.goto(link)
     wait_online(customer)
@@ -460,6 +464,7 @@ def test_shop_dashboard_runs_an_order_end_to_end(web: WebStack, browser: Any) ->
         page.fill("#order-chat-text", "Your peonies are on the way!")
         page.click("#order-panel .inline-form:has(#order-chat-text) button")
         customer.wait_for_selector(".chat-text:has-text('Your peonies are on the way!')")
+        page.wait_for_selector("#order-panel .feedback.ok:has-text('Message: saved.')")
         page.wait_for_selector("#order-chat .chat-text:has-text('Your peonies are on the way!')")
         page.click("#new-order")  # close the form: the board, map, order and alerts in view
         screenshot(page, "shop-dashboard-desktop", full_page=False)

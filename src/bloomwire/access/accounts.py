@@ -25,7 +25,7 @@ from pathlib import Path
 from bloomwire.access import operations as ops
 from bloomwire.access import policy, retired
 from bloomwire.access.dynsec import AsyncBackend, Backend, ControlClient, DynsecFile
-from bloomwire.access.operations import AccountInfo, Credential, OrderAccess
+from bloomwire.access.operations import AccountInfo, Credential, Minted, MintRequest, OrderAccess
 from bloomwire.access.policy import Kind, OrderRoleInfo
 from bloomwire.errors import BrokerError, TopicError
 from bloomwire.runtime.broker import DYNSEC_NAME, SECRETS_DIR, ensure_secret, write_secret
@@ -170,6 +170,10 @@ class AsyncAccounts:
     ) -> tuple[OrderAccess, Credential]:
         """Order O's customer role and first device login (see :func:`operations.mint_customer`)."""
         return await ops.run_async(ops.mint_customer(shop, order, customer), self.backend)
+
+    async def mint_customers(self, requests: Sequence[MintRequest]) -> list[Minted]:
+        """Several orders' accesses in one control message (see :func:`operations.mint_customers`)."""
+        return await ops.run_async(ops.mint_customers(requests), self.backend)
 
     async def add_customer_device(self, access: OrderAccess) -> Credential:
         """One more device login for an order that already has its role."""
@@ -326,6 +330,8 @@ __all__ = [
     "AsyncAccounts",
     "Bootstrap",
     "Credential",
+    "MintRequest",
+    "Minted",
     "OrderAccess",
     "OrderRoleInfo",
     "bootstrap",

@@ -115,11 +115,13 @@ export class CreateForm {
     const pickup = this.pickup();
     if (pickup) localStorage.setItem(PICKUP_KEY, JSON.stringify(pickup));
     this.pending = data.order;
-    this.status(`Creating order ${data.order}…`, true);
+    this.status(`Creating order ${data.order}: sending…`, true);
     try {
       await this.commands.createOrder(data, (reason) => {
         this.pending = null;
         this.status(`Order ${data.order} was refused: ${reason}`, false);
+      }, () => {
+        if (this.pending === data.order) this.status(`Order ${data.order}: saved.`, true);
       });
     } catch (err) {
       this.pending = null;

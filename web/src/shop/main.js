@@ -91,6 +91,7 @@ class Dashboard {
     if (!found) return;
     const body = decode(payload);
     if (found.name === 'shop_errors') this.commands.refused(body);
+    else if (found.name === 'shop_acks') this.commands.acked(body);
     const keys = this.store.apply(found.name, found.params, body);
     for (const key of keys) this.batcher.mark(key);
     if (this.hooks.length) this.applied.push({ name: found.name, body });

@@ -173,20 +173,25 @@ export class OrderPanel {
     }
   }
 
+  /** Send a command: "sending…" until the store has it ("saved") or the backbone refuses it. */
   async run(label, action) {
     const order = this.orderId;
+    const say = (text, ok) => { if (this.orderId === order) feedback(this.message, text, ok); };
+    let answered = false;
+    const refused = (reason) => { answered = true; say(`${label} refused: ${reason}`, false); };
+    const saved = () => { answered = true; say(`${label}: saved.`, true); };
+    say(`${label}: sending…`, true);
     try {
-      await action((reason) => { if (this.orderId === order) feedback(this.message, `${label} refused: ${reason}`, false); });
-      feedback(this.message, `${label}: sent.`);
+      await action(refused, saved);
     } catch (err) {
-      feedback(this.message, `${label} failed: ${err.message || err}`, false);
+      if (!answered) say(`${label} failed: ${err.message || err}`, false);
     }
   }
 
   assign() {
     const rider = this.riderInput.value.trim();
     if (!rider) { feedback(this.message, 'Name the rider to assign.', false); return; }
-    this.run(`Assign to ${rider}`, (refused) => this.commands.assign(this.orderId, rider, refused));
+    this.run(`Assign to ${rider}`, (refused, saved) => this.commands.assign(this.orderId, rider, refused, saved));
   }
 
   cancel() {
@@ -197,14 +202,14 @@ export class OrderPanel {
     }
     delete this.cancelButton.dataset.confirm;
     this.cancelButton.textContent = 'Cancel order';
-    this.run('Cancel', (refused) => this.commands.cancel(this.orderId, this.cancelReason.value.trim(), refused));
+    this.run('Cancel', (refused, saved) => this.commands.cancel(this.orderId, this.cancelReason.value.trim(), refused, saved));
   }
 
   chat() {
     const text = this.chatInput.value.trim();
     if (!text) return;
     this.chatInput.value = '';
-    this.run('Message', (refused) => this.commands.chat(this.orderId, text, refused));
+    this.run('Message', (refused, saved) => this.commands.chat(this.orderId, text, refused, saved));
   }
 }
 
@@ -261,9 +266,13 @@ export class AlertFeed {
 
   async ack(id, item) {
     item.ack.disabled = true;
+    setText(item.ack, 'Sending…');
+    const refused = (reason) => { setText(item.meta, `not acknowledged: ${reason}`); setText(item.ack, 'Acknowledge'); item.ack.disabled = false; };
+    const saved = () => setText(item.ack, 'Saved');
     try {
-      await this.commands.ackAlert(id, this.username, (reason) => { setText(item.meta, `not acknowledged: ${reason}`); item.ack.disabled = false; });
+      await this.commands.ackAlert(id, this.username, refused, saved);
     } catch {
+      setText(item.ack, 'Acknowledge');
       item.ack.disabled = false;
     }
   }

@@ -16,7 +16,12 @@ What is timed:
   publish (PUBACK awaited);
 * cut-off: a device logged in with that access; from sending the revocation to its disconnect;
 * revoke: ``deleteClient`` + ``deleteRole`` in one control message, then clearing the retained
-  access.
+  access;
+* a burst: ``burst`` orders wanting an access at once, on the service path, minted one per
+  control message (as the provisioner did) and in batches (as it does now: a
+  :class:`~bloomwire.services.provisioner.minting.MintQueue`), in turn: the burst's time, each
+  order's wait for its access, and what a connected device saw meanwhile (the PUBACK round
+  trip of a QoS 1 publish every 20 ms: the broker holds every client while the plugin works).
 
 Mosquitto 2.0.11's plugin rewrites its whole JSON file after EVERY command, so each command
 costs time proportional to the number of provisioned accounts; the figures show how much.
@@ -38,13 +43,21 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from bloomwire.access import policy
-from bloomwire.access.accounts import Accounts, AsyncAccounts, OrderAccess, bootstrap, connect_admin
+from bloomwire.access.accounts import (
+    Accounts,
+    AsyncAccounts,
+    MintRequest,
+    OrderAccess,
+    bootstrap,
+    connect_admin,
+)
 from bloomwire.access.dynsec import ControlChannel, ControlClient, DynsecFile, hash_password
 from bloomwire.access.operations import Credential
 from bloomwire.contract import topics
 from bloomwire.runtime.broker import Mosquitto, ensure_secret
 from bloomwire.runtime.mqtt import Connection
 from bloomwire.runtime.settings import Settings
+from bloomwire.services.provisioner.minting import MintQueue, Wanted
 
 SHOPS = 20
 #: The service path's login: the provisioner's roles under a name of its own (one username is
@@ -62,6 +75,16 @@ class Timings:
 
 
 @dataclass
+class Burst:
+    """One way of minting a burst of orders, over the rounds (milliseconds)."""
+
+    total_ms: list[float] = field(default_factory=list)
+    wait_ms: list[float] = field(default_factory=list)
+    messages: list[int] = field(default_factory=list)
+    probe_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
 class AccessBench:
     """Figures of one :func:`bench_access` run (milliseconds)."""
 
@@ -73,6 +96,10 @@ class AccessBench:
     service: Timings = field(default_factory=Timings)
     #: ``bloomwire accounts``' path: the blocking ControlClient.
     client: Timings = field(default_factory=Timings)
+    burst: int = 0
+    #: A burst minted one order per control message, and in batches.
+    single: Burst = field(default_factory=Burst)
+    batched: Burst = field(default_factory=Burst)
 
     @staticmethod
     def summary(values: list[float]) -> str:
@@ -97,13 +124,26 @@ class AccessBench:
         ):
             for path, timings in (("provisioner service", self.service), ("ControlClient", self.client)):
                 out.append(f"{what}, {path}: {self.summary(getattr(timings, attr))}")
+        for name, b in (("one order per control message", self.single), ("batched", self.batched)):
+            if not b.total_ms:
+                continue
+            rate = self.burst * len(b.total_ms) / (sum(b.total_ms) / 1000)
+            out += [
+                f"burst of {self.burst} orders, {name}: {rate:.1f} orders/s, "
+                f"{statistics.mean(b.messages):.0f} messages per burst; each order's wait for its access "
+                f"{self.summary(b.wait_ms)}",
+                f"burst of {self.burst} orders, {name}: a connected device's PUBACK round trip meanwhile "
+                f"{self.summary(b.probe_ms)}",
+            ]
         return out
 
 
-def populate(path: Path, orders: int) -> None:
-    """Add ``orders`` customer accesses (role + one login each) to the JSON (broker stopped)."""
+def populate(path: Path, orders: int) -> str:
+    """Add ``orders`` customer accesses (role + one login each) to the JSON (broker stopped);
+    return their password (one for all: only their count matters)."""
     store = DynsecFile(path)
-    fields = hash_password(policy.new_password())  # one hash for all: only their count matters
+    password = policy.new_password()
+    fields = hash_password(password)
     for i in range(orders):
         shop, order = f"bench-shop{i % SHOPS}", f"bench-o{i:06d}"
         role = policy.order_role(shop, order, policy.customer_id(order))
@@ -120,6 +160,7 @@ def populate(path: Path, orders: int) -> None:
         store.clients[username] = client
     store.changed = True
     store.save()
+    return password
 
 
 @dataclass
@@ -222,7 +263,71 @@ async def _round(path: _Path, broker: Mosquitto, order: str, timings: Timings) -
         device.disconnect()
 
 
-async def _measure(result: AccessBench, broker: Mosquitto, root: Path) -> None:
+class _Probe:
+    """A connected customer device publishing at QoS 1 every 20 ms: its PUBACK round trips."""
+
+    def __init__(self, broker: Mosquitto, password: str) -> None:
+        self.client, self.gone = _device(broker, f"{policy.DEVICE_PREFIX}bench000000", password)
+        self.topic = f"{topics.CUSTOMERS}/{policy.customer_id('bench-o000000')}/chat"
+        self.rtts: list[float] = []
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            self.client.publish(self.topic, b"{}", qos=1).wait_for_publish(10)
+            self.rtts.append((time.perf_counter() - t0) * 1000)
+            if self.stopped.wait(0.02):  # the probe's pace; returns at once when stopped
+                return
+
+    def start(self) -> None:
+        self.rtts = []
+        self.stopped.clear()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> list[float]:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join(15)
+        return self.rtts
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+async def _burst(accounts: AsyncAccounts, n: int, batched: bool, tag: str, out: Burst, probe: _Probe) -> None:
+    """Mint ``n`` waiting orders (one per message, or as the provisioner batches them), then
+    revoke them again (untimed) so every round starts with the same live count."""
+    queue = MintQueue(batch=1) if not batched else MintQueue()
+    for i in range(n):
+        queue.add(f"{tag}-{i}", Wanted("bench-shop-burst", f"bench-burst-{tag}-{i}"))
+    minted: list[OrderAccess] = []
+    messages = 0
+    probe.start()
+    t0 = time.perf_counter()
+    while len(queue):
+        batch = queue.take()
+        sent = time.perf_counter()
+        results = await accounts.mint_customers([MintRequest(w.shop, w.order) for _, w in batch])
+        done = time.perf_counter()
+        queue.measured(len(batch), done - sent)
+        messages += 1
+        for r in results:
+            if r.access is None:
+                raise RuntimeError(f"bench burst mint failed: {r.error}")
+            minted.append(r.access)
+            out.wait_ms.append((done - t0) * 1000)
+    out.total_ms.append((time.perf_counter() - t0) * 1000)
+    out.probe_ms += probe.stop()
+    out.messages.append(messages)
+    for access in minted:
+        await accounts.revoke_customer(access)
+
+
+async def _measure(result: AccessBench, broker: Mosquitto, root: Path, probe_password: str) -> None:
     settings = Settings(data_dir=root, broker_host=broker.host, broker_port=broker.port)
     password = ensure_secret(root, BENCH_SERVICE)
     conn = Connection(settings.as_identity(BENCH_SERVICE, password), BENCH_SERVICE)
@@ -235,30 +340,46 @@ async def _measure(result: AccessBench, broker: Mosquitto, root: Path) -> None:
                 t0 = time.perf_counter()
                 ctl.execute([{"command": "setDefaultACLAccess", "acls": default}])
                 result.save_ms.append((time.perf_counter() - t0) * 1000)
+            service = _ServicePath(conn)  # one ControlChannel per connection: it takes the answers
             paths: list[tuple[str, _Path, Timings]] = [
-                ("service", _ServicePath(conn), result.service),
+                ("service", service, result.service),
                 ("client", _ClientPath(ctl), result.client),
             ]
             for i in range(result.repeat):
                 for name, path, timings in paths if i % 2 == 0 else paths[::-1]:
                     await _round(path, broker, f"bench-live-{name}-{i}", timings)
+            if result.burst:
+                await _bursts(result, service.accounts, broker, probe_password)
     finally:
         await conn.stop(announce_offline=False)
+
+
+async def _bursts(result: AccessBench, accounts: AsyncAccounts, broker: Mosquitto, password: str) -> None:
+    """Three rounds of each burst way, in turn (which goes first alternates)."""
+    probe = await asyncio.to_thread(_Probe, broker, password)
+    try:
+        ways = [(False, result.single), (True, result.batched)]
+        for i in range(3):
+            for batched, out in ways if i % 2 == 0 else ways[::-1]:
+                await _burst(accounts, result.burst, batched, f"{'b' if batched else 's'}{i}", out, probe)
+    finally:
+        probe.close()
 
 
 def bench_access(
     orders: int = 5_000,
     repeat: int = 15,
     *,
+    burst: int = 0,
     data_dir: Path | None = None,
     echo: Callable[[str], None] | None = print,
 ) -> AccessBench:
     """Time mint, revoke and cut-off of one customer access with ``orders`` already live."""
-    result = AccessBench(orders, repeat)
+    result = AccessBench(orders, repeat, burst=burst)
     with tempfile.TemporaryDirectory(prefix="bloomwire-bench-access-") as tmp:
         root = Path(data_dir) if data_dir is not None else Path(tmp)
         boot = bootstrap(root)
-        populate(boot.config_path, orders)
+        password = populate(boot.config_path, max(orders, 1))
         store = DynsecFile(boot.config_path)
         roles = [{"rolename": r.name} for r in policy.roles_for(policy.Kind.PROVISIONER, BENCH_SERVICE)]
         store.put_client(BENCH_SERVICE, ensure_secret(root, BENCH_SERVICE), roles)
@@ -267,7 +388,7 @@ def bench_access(
         broker = Mosquitto(root / "broker", dynsec_config=boot.config_path)
         broker.start()
         try:
-            asyncio.run(_measure(result, broker, root))
+            asyncio.run(_measure(result, broker, root, password))
         finally:
             broker.stop()
     if echo is not None:

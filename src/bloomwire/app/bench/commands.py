@@ -248,13 +248,16 @@ def bench_metrics(
 def bench_access(
     orders: Annotated[int, typer.Option(help="Customer accesses already live on the broker.")] = 5_000,
     repeat: Annotated[int, typer.Option(help="Mint/revoke rounds to time.")] = 15,
+    burst: Annotated[
+        int, typer.Option(help="Also mint this many waiting orders: one per message, then batched (0: no).")
+    ] = 20,
     record: Record = None,
 ) -> None:
     """Time minting and revoking one customer access (and the cut-off) with N live orders."""
     try:
         find_mosquitto()
         find_dynsec_plugin()
-        result = access_bench.bench_access(orders, repeat, echo=console.print)
+        result = access_bench.bench_access(orders, repeat, burst=burst, echo=console.print)
     except BloomwireError as exc:
         raise fail(str(exc)) from None
     _record(record, [Report("bloomwire bench access", ("figure",), [(line,) for line in result.lines()])])

@@ -44,10 +44,48 @@ SETTLE_S = 10.0
 LIMIT_STEP_S = 20.0
 LIMIT_MAX_SPEED = 64.0
 LIMIT_P99_MS = 100.0
-#: After the load stops: time for the last acks and deliveries to arrive.
+#: After the load stops: at least this long for the last acks and deliveries to arrive; then
+#: until every event sent is acknowledged, or no new ack came for DRAIN_QUIET_S (a refused
+#: event never is), at most DRAIN_MAX_S. A fixed 5 s counted a 10 s backlog (the 5,000-customer
+#: run) as lost.
 DRAIN_S = 5.0
 #: Messages of each of the broker ceiling's publishers per run (riders' logins, up to 4).
 CEILING_PER_PUBLISHER = 15_000
+DRAIN_QUIET_S = 5.0
+DRAIN_MAX_S = 120.0
+
+
+class _Acks:
+    """The ids acknowledged so far, read from the journal incrementally."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.ids: set[str] = set()
+        self.cursor = 0
+
+    def update(self) -> int:
+        received = self.journal.received
+        end = len(received)
+        for r in received[self.cursor : end]:
+            if r.topic.endswith("/acks"):
+                self.ids.update(json.loads(r.payload).get("ids", []))
+        self.cursor = end
+        return len(self.ids)
+
+
+def drain(journal: Journal, *, least: float = DRAIN_S, quiet: float = DRAIN_QUIET_S) -> float:
+    """Wait for the backlog after the load stops (see :data:`DRAIN_S`); the seconds waited."""
+    start = time.monotonic()
+    acks = _Acks(journal)
+    seen, changed = acks.update(), start
+    while True:
+        time.sleep(0.5)  # the poll's step: the condition is checked below
+        now = time.monotonic()
+        if (count := acks.update()) != seen:
+            seen, changed = count, now
+        everything = {s[2] for s in list(journal.sent)} <= acks.ids
+        if now - start >= least and (everything or now - changed >= quiet or now - start >= DRAIN_MAX_S):
+            return now - start
 
 
 def _stack(settings: Settings, root: Path, config: PeakConfig, database_url: str | None) -> Stack:
@@ -155,7 +193,8 @@ def _play(
     with peak_browser.opened(stack.settings, browser_accesses) as pages:
         windows, limit, browsers = _load(stack, drill, sampler, steps, progress, pages)
     progress("draining")
-    time.sleep(DRAIN_S)
+    waited = drain(drill.journal)
+    progress(f"drained in {waited:.1f} s")
     sampler.sample()
     matched = pf.match(drill.journal, drill.plan)
     out: dict[str, Any] = {"config": asdict(config), "normal_day": normal_day(config)}

@@ -203,8 +203,8 @@ class Drill:
             topic, eid, body = load.create_order(shop, order, *_spot(i, n))
             self.clients[shop].publish(topic, body, qos=1)
             self.journal.sent_one("create-order", eid, shop)
-        # The provisioner mints one login at a time (a dynamic-security write each, slower as the
-        # file grows): thousands of customers take many minutes on 2 cores.
+        # Each login minted is two dynamic-security file rewrites, slower as the file grows:
+        # thousands of customers take many minutes on 2 cores (5,000: about 33 minutes).
         timeout = 60 + 0.5 * n
         progress(f"seeding: {n} orders created, waiting for dispatch and customer logins")
         try:

@@ -203,8 +203,11 @@ def _connections(samples: Sequence[tuple[float, float]], w: Window) -> int:
 
 
 def _sys_rate(samples: Sequence[tuple[float, float]], w: Window) -> float | None:
-    """A ``$SYS`` counter's rate over the window (a broker restart resets it: counted from 0)."""
-    inside = [(t, v) for t, v in samples if w.t0 <= t <= w.t1]
+    """A ``$SYS`` counter's rate over the window (a broker restart resets it: counted from 0).
+    The last sample before the window starts the count: the broker says it every 10 s, and a
+    fault's window can be shorter than two of them."""
+    before = [(t, v) for t, v in samples if t < w.t0][-1:]
+    inside = before + [(t, v) for t, v in samples if w.t0 <= t <= w.t1]
     if len(inside) < 2:
         return None
     total = 0.0

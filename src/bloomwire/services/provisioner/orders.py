@@ -59,11 +59,18 @@ class OrderReader:
     def __init__(self, database_url: str) -> None:
         self.engine = make_engine(database_url, readonly=True)
 
-    def customer_of(self, order: str) -> str | None:
-        """The customer id the store names for ``order`` (None if unknown)."""
+    def customers_of(self, orders: Iterable[str]) -> dict[str, str]:
+        """The customer ids the store names for ``orders`` (orders unknown or without one left out)."""
+        wanted = list(orders)
+        found: dict[str, str] = {}
         with self.engine.connect() as conn:
-            value = conn.execute(sa.select(ORDERS.c.customer_username).where(ORDERS.c.id == order)).scalar()
-        return str(value) if value else None
+            for i in range(0, len(wanted), CHUNK):
+                query = sa.select(ORDERS.c.id, ORDERS.c.customer_username).where(
+                    ORDERS.c.id.in_(wanted[i : i + CHUNK])
+                )
+                rows = conn.execute(query)
+                found.update({str(r.id): str(r.customer_username) for r in rows if r.customer_username})
+        return found
 
     def read(self, ids: Iterable[str]) -> Orders:
         """Every open order, and the rows of ``ids`` (missing ones are unknown to the store)."""

@@ -38,6 +38,7 @@ def _topics() -> dict[str, str]:
         "shop_all": template(topics.shop_filter, "{shop}"),
         "shop_alerts": template(topics.shop_alerts, "{shop}"),
         "shop_errors": template(topics.shop_errors, "{shop}"),
+        "shop_acks": template(topics.shop_acks, "{shop}"),
         "shop_rider_state": template(topics.shop_rider_state, "{shop}", "{rider}"),
         "customer_chat": template(topics.customer_chat, "{customer}"),
         "customer_inbox_all": template(topics.customer_inbox_filter, "{customer}"),
