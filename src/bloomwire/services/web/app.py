@@ -1,6 +1,7 @@
-"""The web service's ASGI application: pages, their assets, ``/contract.json``, enrolment, ``/mqtt``.
+"""The web service's ASGI application: pages, their assets, ``/contract.json``, enrolment.
 
-:func:`create_app` builds a Starlette app from settings; :mod:`.service` runs it under uvicorn.
+:func:`create_app` builds a Starlette app from settings; :mod:`.service` runs it under uvicorn,
+whose websocket protocol serves ``/mqtt`` itself (:mod:`.bridge`: no ASGI call per page).
 Adding a page is one HTML file in ``web/pages`` and one route in :data:`PAGES`.
 """
 
@@ -15,15 +16,14 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.websockets import WebSocket
 
 from bloomwire.contract.events import describe_validation_error
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.web.assets import VENDOR, WebRoot
-from bloomwire.services.web.bridge import BridgeStats, Upstream, bridge
+from bloomwire.services.web.bridge import BridgeStats, Upstream
 from bloomwire.services.web.contract_doc import contract_document
 from bloomwire.services.web.enrolment import Answer, Enroller, EnrolRequest
 from bloomwire.services.web.orders import OrderLookup
@@ -114,7 +114,6 @@ def create_app(
     """The web application for ``settings`` (broker address, store, map tiles, ...)."""
     enrol = enroller or Enroller(settings, OrderLookup(settings.database_url))
     bridge_stats = stats or BridgeStats()
-    upstream = upstream_of(settings)
     contract = json.dumps(contract_document()).encode()
     config = json.dumps(page_config(settings)).encode()
 
@@ -144,16 +143,12 @@ def create_app(
                 answer = Answer.error(400, "bad_request", describe_validation_error(exc))
         return JSONResponse(answer.body, status_code=answer.status, headers={"cache-control": "no-store"})
 
-    async def mqtt(ws: WebSocket) -> None:
-        await bridge(ws, upstream, bridge_stats)
-
     routes: list[Any] = [Route(path, page(name)) for path, name in PAGES.items()]
     routes += [
         Route("/contract.json", contract_json),
         Route("/config.json", config_json),
         Route("/healthz", healthz),
         Route("/api/enrol", enrol_endpoint, methods=["POST"]),
-        WebSocketRoute("/mqtt", mqtt),
         Mount("/app", StaticFiles(directory=root.src), name="app"),
         *(Mount(f"/vendor/{name}", StaticFiles(directory=root.vendor(name))) for name in VENDOR),
     ]
