@@ -31,6 +31,7 @@ from websockets.frames import Frame
 from websockets.http11 import Request
 
 from bloomwire.runtime.log import get_logger
+from bloomwire.services.web.heap import PageHeap
 
 log = get_logger("bloomwire.services.web.bridge")
 
@@ -91,6 +92,7 @@ class PageProtocol(WebSocketsSansIOProtocol):
 
     upstream: Upstream
     stats: BridgeStats
+    heap: PageHeap
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -115,6 +117,8 @@ class PageProtocol(WebSocketsSansIOProtocol):
         offered = [p.strip() for h in event.headers.get_all("Sec-WebSocket-Protocol") for p in h.split(",")]
         if SUBPROTOCOL in offered:
             self.response.headers["Sec-WebSocket-Protocol"] = SUBPROTOCOL
+        # websockets' parser keeps the request for the page's lifetime: its headers are not needed.
+        event.headers.clear()
         self.transport.pause_reading()  # the page may speak once the broker is there
         task = self.loop.create_task(self._open())
         self.tasks.add(task)
@@ -141,6 +145,7 @@ class PageProtocol(WebSocketsSansIOProtocol):
         self.stats.open += 1
         self.stats.opened += 1
         self._accept()
+        self.heap.page_opened()
 
     def _accept(self) -> None:
         self.handshake_complete = True
@@ -148,6 +153,7 @@ class PageProtocol(WebSocketsSansIOProtocol):
             return
         self.conn.send_response(self.response)
         self.transport.write(b"".join(self.conn.data_to_send()))
+        self.response.headers.clear()  # sent; kept by uvicorn's protocol for the page's lifetime
         self.transport.resume_reading()
 
     def _close(self, code: int, reason: str = "") -> None:
@@ -209,17 +215,22 @@ class PageProtocol(WebSocketsSansIOProtocol):
         if self.broker is None:
             return
         self.broker = None
-        self.stats.open -= 1
+        self._closed()
         self._close(NORMAL_CLOSURE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         broker, self.broker = self.broker, None
         if broker is not None:
-            self.stats.open -= 1
             broker.close()
+            self._closed()
+
+    def _closed(self) -> None:
+        self.stats.open -= 1
+        self.heap.page_closed(self.stats.open)
 
 
-def page_protocol(upstream: Upstream, stats: BridgeStats) -> type[PageProtocol]:
+def page_protocol(upstream: Upstream, stats: BridgeStats, heap: PageHeap) -> type[PageProtocol]:
     """The websocket protocol class for uvicorn's ``ws`` setting, bound to this broker and counters."""
-    return type("BoundPageProtocol", (PageProtocol,), {"upstream": upstream, "stats": stats})
+    bound = {"upstream": upstream, "stats": stats, "heap": heap}
+    return type("BoundPageProtocol", (PageProtocol,), bound)

@@ -25,6 +25,7 @@ from bloomwire.runtime.settings import Settings
 from bloomwire.services.web.app import create_app, upstream_of
 from bloomwire.services.web.assets import web_root
 from bloomwire.services.web.bridge import BridgeStats, page_protocol
+from bloomwire.services.web.heap import PageHeap
 from bloomwire.services.web.links import record_web_url
 
 NAME = "web"
@@ -104,7 +105,7 @@ class WebService:
             app,
             log_config=None,
             access_log=False,
-            ws=page_protocol(upstream_of(settings), self.stats),
+            ws=page_protocol(upstream_of(settings), self.stats, PageHeap()),
             ws_max_size=WS_MAX_SIZE,
             # A compressor per page costs memory on every page for small, mostly unique packets.
             ws_per_message_deflate=False,
