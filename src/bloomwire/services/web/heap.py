@@ -49,12 +49,12 @@ class PageHeap:
         gc.unfreeze()
         freed = gc.collect()
         gc.freeze()
+        closed, self.closed_since_sweep = self.closed_since_sweep, 0
         self.sweeps += 1
         log.info(
             "heap swept",
-            closed_pages=self.closed_since_sweep,
+            closed_pages=closed,
             freed_objects=freed,
             frozen_objects=gc.get_freeze_count(),
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
-        self.closed_since_sweep = 0
