@@ -6,8 +6,12 @@ packets written and parsed here: no browser, no paho), each subscribed to a topi
 QoS 0 (as positions reach customers). A lean publisher (a process of its own, on the broker's TCP
 port) sends every connection one message per 5 s, spread evenly, each carrying its send time.
 Reported: how many connections held, messages delivered against expected, publish → received
-latency, the broker's and the web service's CPU over the publishing window, their resident memory
-per connection, and the load side's own CPU (when it nears a core, the latency is the fleet's).
+latency (and the seconds in which any message took over 100 ms: a stall of the whole machine
+shows there), the broker's and the web service's CPU over the publishing window, their resident
+memory per connection, the load side's own CPU (when it nears a core, the latency is the fleet's)
+and the load average. The open-files limit is raised to the hard one first (inherited by the
+broker and the web service); the output says when it is too low for the web service's two
+descriptors per page.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from bloomwire.app.bench.peak_procs import cpu_s
 from bloomwire.app.bench.report import Report
 from bloomwire.app.supervisor import WEB, Stack, service_settings
 from bloomwire.runtime.settings import Settings
+from bloomwire.services.web.service import page_capacity, raise_open_files
 
 PUBLISHER = "bench-ws-pub"
 #: Each connection's message period (a customer's position every 5 s).
@@ -47,6 +52,8 @@ RAMP_CONCURRENCY = 64
 #: Keepalive told to the broker: longer than the run, so the fleet sends nothing but acks.
 KEEPALIVE_S = 1800
 TICK_S = 0.01
+#: A message later than this counts its second as a late one.
+LATE_MS = 100.0
 
 
 def _string(s: str) -> bytes:
@@ -108,6 +115,8 @@ class Fleet:
     #: Acks being written (held so the loop does not drop the tasks).
     sending: set[asyncio.Task[None]] = field(default_factory=set)
     holders: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Seconds (wall clock) in which a message arrived more than LATE_MS late.
+    late_seconds: set[int] = field(default_factory=set)
     #: Set once ``target`` messages have been received.
     target: int = 0
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
@@ -127,7 +136,10 @@ class Fleet:
             if qos:
                 acks.append(b"\x40\x02" + body[2 + n : start])
             self.received += 1
-            self.latencies_ms.append((now - float(body[start:])) * 1000)
+            latency = (now - float(body[start:])) * 1000
+            self.latencies_ms.append(latency)
+            if latency > LATE_MS:
+                self.late_seconds.add(int(now))
         if self.target and self.received >= self.target:
             self.all_in.set()
         if acks:
@@ -229,6 +241,8 @@ class Figures:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     max_ms: float = 0.0
+    #: Seconds of the window in which some message took more than LATE_MS.
+    late_seconds: int = 0
     broker_core: float = 0.0
     web_core: float = 0.0
     broker_kb_per_conn: float = 0.0
@@ -236,6 +250,10 @@ class Figures:
     #: This process (the fleet's websockets) and the publisher's: the load side, not the system.
     fleet_core: float = 0.0
     publisher_core: float = 0.0
+    #: The open-files limit (raised to the hard one) and the pages the web service can bridge under it.
+    open_files: int = 0
+    web_max_pages: int = 0
+    load_average: float = 0.0
 
 
 async def _run(live: Settings, pids: dict[str, int | None], figures: Figures, seconds: float) -> None:
@@ -269,7 +287,9 @@ async def _run(live: Settings, pids: dict[str, int | None], figures: Figures, se
     t1 = time.perf_counter()
     await asyncio.to_thread(child.join)
     figures.publisher_core = (_child_cpu_s() - children0) / seconds
-    fleet.target = int(figures.asked * seconds / PERIOD_S)
+    expected = int(figures.asked * seconds / PERIOD_S)
+    # Wait for what the connections held can receive (the others' messages never come).
+    fleet.target = expected * figures.held // figures.asked
     if fleet.received >= fleet.target:
         fleet.all_in.set()
     with contextlib.suppress(TimeoutError):
@@ -280,7 +300,9 @@ async def _run(live: Settings, pids: dict[str, int | None], figures: Figures, se
     figures.web_core = ((cpu1["web"] or 0) - (cpu0["web"] or 0)) / figures.seconds
     figures.fleet_core = ((cpu_s(own) or 0.0) - me0) / figures.seconds
     # Connections that failed to open were still published to: they count as not delivered.
-    figures.expected, figures.delivered, figures.dropped = fleet.target, fleet.received, fleet.dropped
+    figures.expected, figures.delivered, figures.dropped = expected, fleet.received, fleet.dropped
+    figures.late_seconds = len(fleet.late_seconds)
+    figures.load_average = os.getloadavg()[0]
     lat = sorted(fleet.latencies_ms)
     if lat:
         figures.p50_ms = statistics.median(lat)
@@ -295,6 +317,8 @@ async def _run(live: Settings, pids: dict[str, int | None], figures: Figures, se
 def run(settings: Settings, connections: int, seconds: float) -> Figures:
     """Start a broker and the web service, hold the fleet, measure."""
     figures = Figures(asked=connections)
+    figures.open_files = raise_open_files()
+    figures.web_max_pages = page_capacity(figures.open_files)
     users = (PUBLISHER, *(f"c{i}" for i in range(connections)))
     with tempfile.TemporaryDirectory(prefix="bloomwire-bench-ws-") as tmp:
         own = temporary_settings(settings, Path(tmp), web_listen_port=0)
@@ -319,10 +343,12 @@ def report(runs: list[Figures]) -> Report:
             "connected in s",
             "delivered / expected",
             "latency P50 / P99 / max ms",
+            f"seconds with a message > {LATE_MS:.0f} ms",
             "broker CPU (cores)",
             "web CPU (cores)",
             "RSS per connection KB (broker / web)",
             "load side CPU (fleet / publisher)",
+            "load average",
         ),
     )
     for f in runs:
@@ -332,10 +358,12 @@ def report(runs: list[Figures]) -> Report:
             f"{f.connect_s:.1f}",
             f"{f.delivered} / {f.expected}",
             f"{f.p50_ms:.1f} / {f.p99_ms:.1f} / {f.max_ms:.0f}",
+            f"{f.late_seconds} of {f.seconds:.0f}",
             f"{f.broker_core:.3f}",
             f"{f.web_core:.3f}",
             f"{f.broker_kb_per_conn:.1f} / {f.web_kb_per_conn:.1f}",
             f"{f.fleet_core:.2f} / {f.publisher_core:.2f}",
+            f"{f.load_average:.2f}",
         )
     return out
 
@@ -346,6 +374,12 @@ def main(settings: Settings, console: Console, *, connections: list[int], second
     for n in connections:
         console.print(f"[dim]{n} websocket connections through /mqtt for {seconds:.0f} s ...[/dim]")
         runs.append(run(settings, n, seconds))
+        if runs[-1].web_max_pages < n:
+            console.print(
+                f"[yellow]open files: the hard limit {runs[-1].open_files} lets the web service bridge "
+                f"at most {runs[-1].web_max_pages} pages (two descriptors each), not {n}; raise it "
+                "(`ulimit -Hn`, LimitNOFILE=) to hold them all[/yellow]"
+            )
     table = report(runs)
     console.print(table.rich())
     console.print_json(json.dumps([asdict(f) for f in runs]))

@@ -1,6 +1,7 @@
-"""The web service's ASGI application: pages, their assets, ``/contract.json``, enrolment, ``/mqtt``.
+"""The web service's ASGI application: pages, their assets, ``/contract.json``, enrolment.
 
-:func:`create_app` builds a Starlette app from settings; :mod:`.service` runs it under uvicorn.
+:func:`create_app` builds a Starlette app from settings; :mod:`.service` runs it under uvicorn,
+whose websocket protocol serves ``/mqtt`` itself (:mod:`.bridge`: no ASGI call per page).
 Adding a page is one HTML file in ``web/pages`` and one route in :data:`PAGES`.
 """
 
@@ -15,15 +16,14 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.websockets import WebSocket
 
 from bloomwire.contract.events import describe_validation_error
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.web.assets import VENDOR, WebRoot
-from bloomwire.services.web.bridge import BridgeStats, Upstream, bridge
+from bloomwire.services.web.bridge import BridgeStats, Upstream
 from bloomwire.services.web.contract_doc import contract_document
 from bloomwire.services.web.enrolment import Answer, Enroller, EnrolRequest
 from bloomwire.services.web.orders import OrderLookup
@@ -119,7 +119,6 @@ def create_app(
     )
     photo_store = FilePhotoStore.in_data_dir(settings.data_dir)
     bridge_stats = stats or BridgeStats()
-    upstream = upstream_of(settings)
     contract = json.dumps(contract_document()).encode()
     config = json.dumps(page_config(settings)).encode()
 
@@ -170,9 +169,6 @@ def create_app(
         headers = {"cache-control": "private, max-age=86400", "etag": f'"{found.sha256}"'}
         return Response(found.data, media_type=found.content_type, headers=headers)
 
-    async def mqtt(ws: WebSocket) -> None:
-        await bridge(ws, upstream, bridge_stats)
-
     routes: list[Any] = [Route(path, page(name)) for path, name in PAGES.items()]
     routes += [
         Route("/contract.json", contract_json),
@@ -181,7 +177,6 @@ def create_app(
         Route("/api/enrol", enrol_endpoint, methods=["POST"]),
         Route("/api/photo/{shop}/{order}", photo_endpoint),
         Route("/api/photo-token", photo_token_endpoint, methods=["POST"]),
-        WebSocketRoute("/mqtt", mqtt),
         Mount("/app", StaticFiles(directory=root.src), name="app"),
         *(Mount(f"/vendor/{name}", StaticFiles(directory=root.vendor(name))) for name in VENDOR),
     ]

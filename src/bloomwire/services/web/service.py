@@ -2,13 +2,15 @@
 
 It binds its socket before anything else (``web_port`` 0 = a free port, logged), says ``online``
 on its retained status topic once uvicorn serves (``offline`` when it stops, or as its Last
-Will), and stops on SIGINT/SIGTERM or a ``stop`` event.
+Will), and stops on SIGINT/SIGTERM or a ``stop`` event. Each page holds two file descriptors (its
+websocket and its broker connection), so it first raises its own open-files limit to the hard one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -20,15 +22,32 @@ from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.mqtt import Connection
 from bloomwire.runtime.settings import Settings
-from bloomwire.services.web.app import create_app
+from bloomwire.services.web.app import create_app, upstream_of
 from bloomwire.services.web.assets import web_root
-from bloomwire.services.web.bridge import BridgeStats
+from bloomwire.services.web.bridge import BridgeStats, page_protocol
+from bloomwire.services.web.heap import PageHeap
 from bloomwire.services.web.links import record_web_url
 
 NAME = "web"
 #: Largest websocket message a page may send (the broker's own packet limit is 256 KiB).
 WS_MAX_SIZE = 512 * 1024
+#: File descriptors besides the pages' (listening socket, status connection, store, logs).
+FDS_RESERVED = 64
 log = get_logger("bloomwire.services.web")
+
+
+def raise_open_files() -> int:
+    """Raise this process's open-files limit (soft) to its hard limit; the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def page_capacity(open_files: int) -> int:
+    """Pages one process can bridge under an open-files limit: two descriptors each."""
+    return max(0, (open_files - FDS_RESERVED) // 2)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -78,6 +97,7 @@ class WebService:
         if install_signals:
             raise TypeError("WebService.run installs no signal handlers: the entry point does")
         stop = stop or asyncio.Event()
+        open_files = raise_open_files()
         sock = bind(settings.web_host, settings.web_port)
         self.port = sock.getsockname()[1]
         app = create_app(settings, self.root, stats=self.stats)
@@ -85,8 +105,10 @@ class WebService:
             app,
             log_config=None,
             access_log=False,
-            ws="websockets-sansio",
+            ws=page_protocol(upstream_of(settings), self.stats, PageHeap()),
             ws_max_size=WS_MAX_SIZE,
+            # A compressor per page costs memory on every page for small, mostly unique packets.
+            ws_per_message_deflate=False,
             lifespan="off",
             server_header=False,
         )
@@ -106,7 +128,11 @@ class WebService:
             public = settings.model_copy(update={"web_port": self.port}).web_url
             record_web_url(settings, public)
             log.info(
-                "web service running", url=public, broker=f"{settings.broker_host}:{settings.broker_port}"
+                "web service running",
+                url=public,
+                broker=f"{settings.broker_host}:{settings.broker_port}",
+                open_files=open_files,
+                max_pages=page_capacity(open_files),
             )
             await self._until_stopped(server, serving, stop)
         finally:
