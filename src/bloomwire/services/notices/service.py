@@ -78,9 +78,10 @@ class Store:
 
     def known(self, order: str) -> Known | None:
         """The order's facts and notices, or None if the store does not know it."""
+        # The code proves a delivery only if the order has one (proof.check_handover checks no other).
         cols = (
             _O.id, _O.shop, _O.language, _O.window_end, _O.lat, _O.lon, _O.eta,
-            _O.handover_code_required, _O.photo,
+            sa.and_(_O.handover_code_required, _O.handover_code.is_not(None)), _O.photo,
         )  # fmt: skip
         notices = sa.select(EVENTS.c.id, EVENTS.c.data).where(
             EVENTS.c.order_id == order, EVENTS.c.type == NOTIFIED
