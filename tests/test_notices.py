@@ -9,6 +9,7 @@ order's location; the notices come back on the order's status topic, which its c
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
@@ -17,9 +18,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
+from PIL import Image
 
 from bloomwire.app.demo import Told, _told_rows
 from bloomwire.contract import events as ev
@@ -180,7 +183,12 @@ def _status(client: Any, order: str, status: OrderStatus, reason: FailureReason 
 
 
 def _picked_up(
-    s: Stack, order: str, *, language: ev.Language | None = None, window: timedelta = timedelta(hours=2)
+    s: Stack,
+    order: str,
+    *,
+    language: ev.Language | None = None,
+    window: timedelta = timedelta(hours=2),
+    code_required: bool = False,
 ) -> ev.OrderState:
     """Create, assign, accept and pick up ``order``; its retained state with the ETA."""
     client, watch = s.client, s.watch
@@ -193,6 +201,7 @@ def _picked_up(
         customer=ev.Customer(name="Mei", address="Torstr. 1", lat=HOME[0], lon=HOME[1]),
         window=ev.Window(start=now, end=now + window),
         language=language,
+        handover_code_required=code_required,
     )
     _send(
         client,
@@ -349,6 +358,93 @@ def test_steps_are_told_once_also_after_a_restart(any_stack: Stack) -> None:
     assert "call you" in fail["data"]["text"] and fail["data"]["reason"] == "customer_unreachable"
 
 
+def _photo() -> bytes:
+    """A small real JPEG, as a rider's phone sends it."""
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(out, "JPEG")
+    return out.getvalue()
+
+
+def _delivered(s: Stack, order: str, code: str | None = None) -> None:
+    _status(s.client, order, OrderStatus.ARRIVED)
+    data = ev.OrderStatusChanged(order=order, status=OrderStatus.DELIVERED, code=code)
+    event = ev.OrderStatusChangedEvent(source=RIDER_SRC, data=data)
+    _send(s.client, topics.rider_order_status(RIDER, order), event)
+
+
+def test_the_delivered_notice_says_the_proof_the_store_holds_then(stack: Stack) -> None:
+    """A code the order required and a photo stored before ``delivered``: both said, in both
+    languages. A photo stored after it: the notice (said once) did not claim it."""
+    proven, later = "o-notice-proof", "o-notice-photo-later"
+    with Running(notices.build, stack.notices_settings):
+        state = _picked_up(stack, proven, language=ev.Language.ZH_CN, code_required=True)
+        _picked_up(stack, later)
+        stack.client.publish(topics.rider_order_photo(RIDER, proven), _photo(), qos=1)
+        stack.watch.until(lambda t, b: t.endswith(f"{proven}/state") and b.get("photo"), "photo stored")
+        _delivered(stack, proven, state.handover_code)
+        said = stack.watch.notice(proven, "delivered")["data"]["text"]
+        _delivered(stack, later)
+        plain = stack.watch.notice(later, "delivered")["data"]["text"]
+        stack.client.publish(topics.rider_order_photo(RIDER, later), _photo(), qos=1)
+        stack.watch.until(lambda t, b: t.endswith(f"{later}/state") and b.get("photo"), "late photo stored")
+    zh, en = texts.templates()["zh-CN"], texts.templates()["en"]
+    assert said == zh["delivered"].format(order=proven) + zh["proof_code"] + zh["proof_photo"]
+    assert plain == en["delivered"].format(order=later)
+    assert [n["data"]["text"] for n in stack.watch.notices(later, "delivered")] == [plain]
+    rendered = texts.render(
+        ev.NoticeKind.DELIVERED, ev.Language.EN, order="o", now=ev.now(), tz=UTC,
+        window_end=ev.now(), proof=("proof_code", "proof_photo"),
+    )  # fmt: skip
+    assert "handed over with your code" in rendered
+    assert "photo of the delivery is on your order page" in rendered
+
+
+def _amend(s: Stack, order: str, **values: Any) -> ev.OrderAmendEvent:
+    event = ev.OrderAmendEvent(source=SHOP_SRC, data=ev.OrderAmendment(order=order, **values))
+    _send(s.client, topics.shop_command(SHOP, topics.Command.AMEND_ORDER), event)
+    return event
+
+
+def test_an_amendment_is_told_with_what_changed_and_why(stack: Stack) -> None:
+    """One notice per amendment (its id from the amendment's): the customer's wish or the shop's
+    decision with its reason, the new window and address themselves, in the order's language."""
+    order, zh_order = "o-notice-amended", "o-notice-amended-zh"
+    with Running(notices.build, stack.notices_settings):
+        state = _picked_up(stack, order)
+        _picked_up(stack, zh_order, language=ev.Language.ZH_CN)
+        new_end = state.window.end + timedelta(hours=1)
+        asked = _amend(stack, order, window_end=new_end, note="Happy birthday", asked_by="customer")
+        first = stack.watch.notice(order, "amended")
+        door = {"address": "Torstr. 9", "lat": HOME[0] + 0.001, "lon": HOME[1]}
+        moved = _amend(stack, order, **door, reason="gate closed")
+        status = topics.order_topic(SHOP, order, topics.OrderChannel.STATUS)
+        second = stack.watch.until(
+            lambda t, b: t == status and b["type"] == "order.notified" and b["id"] != first["id"]
+            and b["data"]["kind"] == "amended",
+            "the second amendment's notice",
+        )  # fmt: skip
+        _amend(stack, zh_order, **door, asked_by="customer")
+        zh = stack.watch.notice(zh_order, "amended")["data"]["text"]
+    end = texts.clock(new_end, stack_tz(stack))
+    assert first["id"] == notices.service.notice_id(order, decide.key(ev.NoticeKind.AMENDED, asked.id))
+    assert second["id"] == notices.service.notice_id(order, decide.key(ev.NoticeKind.AMENDED, moved.id))
+    assert first["data"]["text"] == (
+        f"Your order {order} has been changed at your request: the delivery time is now by {end}; "
+        "the card's message was changed."
+    )
+    assert second["data"]["text"] == (
+        f"The shop changed your order {order}: the delivery address is now Torstr. 9. Reason: gate closed."
+    )
+    assert zh == f"应您的要求，您的订单 {zh_order} 已修改：送货地址改为 Torstr. 9。"
+    assert len(stack.watch.notices(order, "amended")) == 2
+    assert [n["kind"] for n in _stored(stack.database_url, order)].count("amended") == 2
+
+
+def stack_tz(stack: Stack) -> ZoneInfo:
+    """The zone the notices read clock times in (``assistant_timezone``)."""
+    return ZoneInfo(stack.notices_settings.assistant_timezone)
+
+
 def test_the_chinese_template_when_the_order_is_in_chinese(stack: Stack) -> None:
     order = "o-notice-zh"
     with Running(notices.build, stack.notices_settings):
@@ -394,6 +490,11 @@ def test_every_template_exists_in_every_language() -> None:
     assert set(said["en"]) == set(said["zh-CN"])
     for kind in ev.NoticeKind:
         assert kind.value in said["en"] or kind is ev.NoticeKind.DELAYED
+    for key in ("proof_code", "proof_photo", "amended_customer", "amended_shop", "amended_reason"):
+        assert key in said["en"]
+    assert {f"change_{f.value}" for f in ev.AmendField} - {"change_window_start", "change_window_end"} <= set(
+        said["en"]
+    )
 
 
 def test_the_demo_summary_shows_a_delay_notice_a_rating_and_an_answer() -> None:

@@ -196,6 +196,12 @@ def test_shop_ratings_averages_per_rider_and_day(
     lines = [" ".join(line.replace("│", " ").split()) for line in result.output.splitlines()]
     assert "r1 2 3.50" in lines and "r2 1 4.00" in lines
     days = {row["delivered_at"].date() for row in rows(engine, ORDERS)}
+    # Each rated order too, beside the averages (rider, day, stars, comment).
+    on = {row["id"]: row["delivered_at"].date().isoformat() for row in rows(engine, ORDERS)}
+    listed = [f"o1 r1 {on['o1']} 5", f"o2 r1 {on['o2']} 2 late", f"o3 r2 {on['o3']} 4"]
+    assert all(line in lines for line in listed), lines
+    titles = [line for line in lines if line in ("Rated orders", "Per rider", "Per day")]
+    assert titles == ["Rated orders", "Per rider", "Per day"], lines
     expected = [f"{d.isoformat()} 3 3.67" for d in days] if len(days) == 1 else []  # one day, unless midnight
     assert not expected or expected[0] in lines, lines
     result = cli.invoke(app, [*argv[:-1], "s404"], env=env)

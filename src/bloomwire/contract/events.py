@@ -390,6 +390,8 @@ class NoticeKind(StrEnum):
     DELAYED = "delayed"
     DELIVERED = "delivered"
     FAILED = "failed"
+    # --- told (#18): an amendment, what changed and why ---
+    AMENDED = "amended"
 
 
 class OrderNotice(_Data):

@@ -1,7 +1,9 @@
 """When to tell a customer what (pure: no I/O). Each rule answers the notices one event calls for;
 the caller sends those not sent yet (:attr:`Notice.key` names a notice once per order).
 
-- picked up, delivered, failed: the order's canonical status;
+- picked up, delivered, failed: the order's canonical status (delivered with its proof as the
+  store holds it then: the handover code it required, the rider's photo if already stored);
+- amended: each ``order.amended`` (what changed, who asked, why), once per amendment;
 - on the way: the first arrival estimate once the order is out (a position with an ETA, or
   ``en_route`` when the store has one);
 - arriving: the rider within :data:`NEAR_M` of the door or :data:`SOON` from it, or ``arrived``;
@@ -52,6 +54,9 @@ class OrderFacts:
     lat: float
     lon: float
     eta: datetime | None
+    #: Proof of delivery as the store holds it: ``delivered`` needed the handover code; a photo.
+    code_required: bool = False
+    photo: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,15 @@ class Notice:
     at: datetime
     eta: datetime | None = None
     reason: str = ""
+    #: Sentences said after the main one (``proof_code``, ``proof_photo``: keys of the templates).
+    proof: tuple[str, ...] = ()
+    #: The amendment an ``amended`` notice speaks of (its changes, who asked, why).
+    amendment: ev.OrderAmendment | None = None
+
+
+def proof_of(facts: OrderFacts) -> tuple[str, ...]:
+    """What proves the delivery, as far as the store knows now (a photo may come after)."""
+    return (("proof_code",) if facts.code_required else ()) + (("proof_photo",) if facts.photo else ())
 
 
 def key(kind: NoticeKind, extra: str = "") -> str:
@@ -75,6 +89,8 @@ def on_status(facts: OrderFacts, event: ev.Event, at: datetime) -> list[Notice]:
     if isinstance(event, ev.OrderIncidentReportedEvent):
         eta = event.data.eta or facts.eta
         return [Notice(K.DELAYED, key(K.DELAYED, event.id), at, eta, event.data.reason)]
+    if isinstance(event, ev.OrderAmendedEvent):  # one per amendment: its id names the notice
+        return [Notice(K.AMENDED, key(K.AMENDED, event.id), at, amendment=event.data)]
     if not isinstance(event, ev.OrderStatusChangedEvent):
         return []
     status = event.data.status
@@ -84,7 +100,8 @@ def on_status(facts: OrderFacts, event: ev.Event, at: datetime) -> list[Notice]:
     if kind is None:
         return []
     reason = event.data.reason.value if status is S.FAILED and event.data.reason else ""
-    return [Notice(kind, key(kind), at, reason=reason)]
+    proof = proof_of(facts) if status is S.DELIVERED else ()
+    return [Notice(kind, key(kind), at, reason=reason, proof=proof)]
 
 
 def on_location(

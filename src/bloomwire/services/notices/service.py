@@ -78,7 +78,11 @@ class Store:
 
     def known(self, order: str) -> Known | None:
         """The order's facts and notices, or None if the store does not know it."""
-        cols = (_O.id, _O.shop, _O.language, _O.window_end, _O.lat, _O.lon, _O.eta)
+        # The code proves a delivery only if the order has one (proof.check_handover checks no other).
+        cols = (
+            _O.id, _O.shop, _O.language, _O.window_end, _O.lat, _O.lon, _O.eta,
+            sa.and_(_O.handover_code_required, _O.handover_code.is_not(None)), _O.photo,
+        )  # fmt: skip
         notices = sa.select(EVENTS.c.id, EVENTS.c.data).where(
             EVENTS.c.order_id == order, EVENTS.c.type == NOTIFIED
         )
@@ -89,7 +93,7 @@ class Store:
             return None
         facts = OrderFacts(
             order=row[0], shop=row[1], language=ev.Language(row[2]), window_end=row[3],
-            lat=row[4], lon=row[5], eta=row[6],
+            lat=row[4], lon=row[5], eta=row[6], code_required=bool(row[7]), photo=row[8] is not None,
         )  # fmt: skip
         kinds = {ev.NoticeKind(d["kind"]) for _id, d in said if isinstance(d, dict) and "kind" in d}
         return Known(facts, {i for i, _d in said}, kinds)
@@ -169,7 +173,8 @@ class Notifier:
                 continue
             text = render(
                 notice.kind, facts.language, order=facts.order, now=notice.at, tz=self.tz,
-                window_end=facts.window_end, eta=notice.eta, reason=notice.reason,
+                window_end=facts.window_end, eta=notice.eta, reason=notice.reason, proof=notice.proof,
+                amendment=notice.amendment,
             )  # fmt: skip
             data = ev.OrderNotice(
                 order=facts.order, kind=notice.kind, language=facts.language, text=text,
