@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bloomwire.contract.events import Language
 from bloomwire.contract.validate import TimeBounds
+from bloomwire.errors import ConfigError
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -196,6 +198,13 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'bloomwire.db').resolve()}"
         return self
+
+    def customer_zone(self) -> ZoneInfo:
+        """The zone of the clock times said to customers (``assistant_timezone``); ConfigError if unknown."""
+        try:
+            return ZoneInfo(self.assistant_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"assistant_timezone: unknown time zone {self.assistant_timezone!r}") from None
 
     @property
     def time_bounds(self) -> TimeBounds:

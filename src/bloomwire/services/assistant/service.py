@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, tzinfo
 from typing import Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
@@ -30,7 +29,7 @@ from sqlalchemy import Engine
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import OrderStatus
-from bloomwire.errors import ConfigError, TopicError
+from bloomwire.errors import TopicError
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
 from bloomwire.runtime.mqtt import Message, Service
@@ -221,14 +220,7 @@ def build(
     ``tz`` (default: ``settings.assistant_timezone``) is where the clock times it says are read;
     an unknown zone raises :class:`~bloomwire.errors.ConfigError` before anything connects.
     """
-    if tz is None:
-        try:
-            tz = ZoneInfo(settings.assistant_timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(
-                f"assistant_timezone: unknown time zone {settings.assistant_timezone!r}"
-            ) from None
-    zone = tz
+    zone = tz if tz is not None else settings.customer_zone()
     # Persistent: a line asked while the assistant restarts waits in its session (MAX_AGE aside).
     service = AssistantService(NAME, persistent=True, metrics=metrics)
     if metrics is not None:

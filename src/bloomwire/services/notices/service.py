@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 from typing import Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
@@ -28,7 +27,7 @@ from sqlalchemy import Engine
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import CLOSED
-from bloomwire.errors import ConfigError, TopicError
+from bloomwire.errors import TopicError
 from bloomwire.runtime.aio import cancel_and_wait
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.metrics import Figure, FiguresCollector, ServiceMetrics
@@ -236,14 +235,7 @@ def build(
     ``tz`` (default: ``settings.assistant_timezone``, the zone of every clock time said to
     customers) is where the times in notices are read; ``tick_s``: how often the clock looks.
     """
-    if tz is None:
-        try:
-            tz = ZoneInfo(settings.assistant_timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(
-                f"assistant_timezone: unknown time zone {settings.assistant_timezone!r}"
-            ) from None
-    zone = tz
+    zone = tz if tz is not None else settings.customer_zone()
     # Persistent: a status said while the service restarts waits in its session (MAX_AGE aside).
     service = NoticesService(NAME, persistent=True, metrics=metrics)
     if metrics is not None:
