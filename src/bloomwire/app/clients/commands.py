@@ -888,8 +888,10 @@ def shop_ack(
 
 @shop_app.command("ratings")
 def shop_ratings(ctx: typer.Context, shop: ShopOpt) -> None:
-    """Customers' ratings of the shop's delivered orders: each rated order, and the averages per
-    rider and per day (read from the store, like `bloomwire history`)."""
+    """Customers' ratings of the shop's delivered orders: each one, per rider and per day.
+
+    Read from the store, like `bloomwire history`.
+    """
     try:
         found = load_ratings(_settings(ctx).database_url, shop)
     except BloomwireError as exc:
