@@ -423,6 +423,20 @@ def test_shop_and_track_commands_end_to_end(backbone: Backbone) -> None:
     )  # fmt: skip
     assert created.exit_code == 0, created.output
     assert "order o-cli created" in created.output and "username c-o-cli" in created.output
+    coded = runner.invoke(
+        app,
+        [
+            "shop", "order", "create", "--shop", SHOP, "--name", "Ida Roth", "--at", "52.53,13.42",
+            "--window", window, "--order-id", "o-cli-code", "--require-code",
+        ],
+        env=env,
+    )  # fmt: skip
+    assert coded.exit_code == 0, coded.output
+    required = sa.select(ORDERS.c.id, ORDERS.c.handover_code_required, ORDERS.c.handover_code)
+    rows = {r.id: r for r in bb.rows(required.where(ORDERS.c.id.in_(["o-cli", "o-cli-code"])))}
+    assert rows["o-cli-code"].handover_code_required and rows["o-cli-code"].handover_code
+    assert not rows["o-cli"].handover_code_required
+    assert "--require-code" in runner.invoke(app, ["shop", "order", "create", "--help"]).output
 
     bb.user(customer_username("o-cli"))
     tracked = runner.invoke(app, ["track", "o-cli", "--shop", SHOP, "--once", "--chat", "hello"], env=env)

@@ -144,3 +144,49 @@ def test_the_tracking_page_shows_the_notices(web: tuple[Stack, Settings]) -> Non
     finally:
         rider.close()
         shop.close()
+
+
+def test_an_amendment_is_told_once_on_the_tracking_page(web: tuple[Stack, Settings]) -> None:
+    """The notice list tells the change; the status card keeps only the current instructions."""
+    stack, settings = web
+    shop = ScriptedShop(stack, settings, "s1")
+    order = "o-notice-amend"
+    try:
+        shop.create(order)
+        with sync_playwright() as playwright:
+            browser = launch_browser(playwright)
+            page = browser.new_context(viewport=PHONE, locale="en-GB").new_page()
+            errors = page_errors(page)
+            page.goto(shop.link(settings, order))
+            page.wait_for_selector("#conn[data-state=online]", timeout=20_000)
+            amend = ev.OrderAmendEvent(
+                source="shops/s1",
+                data=ev.OrderAmendment(
+                    order=order,
+                    address="Lindenallee 4",
+                    instructions=ev.Instructions(
+                        kind=ev.InstructionKind.LEAVE_AT_DOOR, text="behind the pot"
+                    ),
+                    asked_by="customer",
+                    reason="she is out until later",
+                ),
+            )
+            shop.client.publish(topics.shop_command("s1", topics.Command.AMEND_ORDER), ev.encode(amend))
+            told = "#notices li[data-kind='amended']"
+            page.wait_for_selector(f"{told}:has-text('Lindenallee 4')", timeout=20_000)
+            assert "she is out until later" in page.inner_text(told)
+            page.wait_for_selector("#instructions:has-text('Handover: left at your door — behind the pot')")
+            assert page.is_hidden("#amended"), page.inner_text("#amended")  # not told a second time
+            assert page.locator(told).count() == 1
+            screenshot(page, "track-amended-once-phone")
+
+            # A page opened later: the notice from the retained state, still said once.
+            late = browser.new_context(viewport=PHONE, locale="en-GB").new_page()
+            late.goto(shop.link(settings, order))
+            late.wait_for_selector(f"{told}:has-text('Lindenallee 4')", timeout=20_000)
+            late.wait_for_selector("#instructions:not([hidden])")
+            assert late.is_hidden("#amended")
+            assert errors == []
+            browser.close()
+    finally:
+        shop.close()

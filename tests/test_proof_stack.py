@@ -3,6 +3,8 @@
 * The handover code over a real broker, with the persister and the alerts service in-process on a
   simulated clock (the harness of test_alerts_service.py): a wrong code is refused and told to the
   rider and the shop, the right one delivers, and three wrong codes raise one alert.
+* The rider page's photo input: too big is refused in the page, too small by the persister (its
+  reason shown), a small JPEG is stored on the order.
 * The photo over the access-controlled stack (broker with dynamic security, persister, dispatch,
   alerts, provisioner, web; the harness of test_web.py): a rider's photo reaches its customer's
   tracking page in Chromium, a text file posing as a JPEG is refused, and another order's
@@ -339,6 +341,49 @@ def test_the_rider_page_enters_the_customers_code(web: WebStack, browser: Any) -
         page.fill(f"{card} .handover-code", code)
         report(page, order, "delivered")
         page.wait_for_selector(f"{card}[data-status=delivered][data-stored=true]", timeout=20_000)
+        assert errors == []
+    finally:
+        page.context.close()
+        shop.close()
+
+
+def test_the_rider_page_sends_a_delivery_photo(web: WebStack, browser: Any) -> None:
+    """The page's photo input: too big is refused in the page, a small JPEG ends up on the order."""
+    stack, settings = web
+    shop = ScriptedShop(stack, settings, "s1")
+    order = "o-proof-page-photo"
+    page = rider_page(browser, settings)
+    errors = page_errors(page)
+    try:
+        sign_in(page, device(settings, "web-photo"))
+        go_on_duty(page)
+        shop.create(order)
+        accept_offer(page, order)
+        report(page, order, "picked_up")
+        card = f".order[data-order='{order}']"
+        state = f"{card} .photo-state"
+        big = b"\xff\xd8" + bytes(251 * 1024)  # over 250 KiB: never published
+        page.set_input_files(
+            f"{card} .photo-file", files=[{"name": "big.jpg", "mimeType": "image/jpeg", "buffer": big}]
+        )
+        page.wait_for_selector(f"{state}[data-state=too_big]:has-text('at most 250 KiB')")
+
+        tiny = [{"name": "tiny.jpg", "mimeType": "image/jpeg", "buffer": jpeg((8, 8))}]  # below 16 px a side
+        page.set_input_files(f"{card} .photo-file", files=tiny)
+        page.wait_for_selector(f"{state}[data-state=refused]:has-text('photo width is 8 px')", timeout=20_000)
+
+        data = jpeg()
+        files = [{"name": "door.jpg", "mimeType": "image/jpeg", "buffer": data}]
+        page.set_input_files(f"{card} .photo-file", files=files)
+        page.wait_for_selector(f"{state}[data-state=stored]:has-text('Photo stored')", timeout=20_000)
+        screenshot(page, "rider-photo-stored-phone")
+        topic = topics.order_topic("s1", order, topics.OrderChannel.STATE)
+        sha = hashlib.sha256(data).hexdigest()
+
+        def has_photo(t: str, p: bytes) -> bool:
+            return t == topic and bool(p) and (json.loads(p).get("photo") or {}).get("sha256") == sha
+
+        shop.inbox.find(has_photo, 20, "the order's retained state with the photo")
         assert errors == []
     finally:
         page.context.close()

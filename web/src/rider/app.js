@@ -1,6 +1,7 @@
 // The rider's side of the backbone, as the terminal rider (app/clients/rider.py) does it:
 // presence, positions, offers, status reports, incidents and chat, every event through the outbox.
-import { canMove, matchTopic, source, topic } from '../lib/contract.js';
+import { canMove, limits, matchTopic, source, topic } from '../lib/contract.js';
+import { photoEventId } from '../lib/digest.js';
 import { $ } from '../lib/dom.js';
 import { cloudEvent, decode } from '../lib/events.js';
 import { clock, t } from '../lib/i18n.js';
@@ -31,6 +32,7 @@ export class RiderApp {
       chat: (order, text) => this.chat(order, text),
       remove: (order) => this.remove(order),
       confirm: (order) => this.confirm(order),
+      photo: (order, file) => this.photo(order, file),
     });
     this.watch = new PositionWatch({
       send: (fix) => this.outbox.send(LOCATION, topic('rider_location', { rider }), cloudEvent('RiderLocationReported', this.src, fix)),
@@ -132,6 +134,25 @@ export class RiderApp {
     await this.outbox.send('chat', topic('rider_order_chat', { rider: this.rider, order: orderId }), event, { order: orderId });
   }
 
+  /**
+   * The delivery photo (issue 16): the file's bytes on riders/R/orders/O/photo, through the
+   * outbox; its id is the one the persister derives, so its ack or refusal finds it.
+   */
+  async photo(orderId, file) {
+    const order = this.known.get(orderId);
+    if (!order) return;
+    if (file.size > limits().photo_bytes) { // the broker would drop it unanswered: say so here
+      await this.save({ ...order, photo: { state: 'too_big', size: file.size } });
+      return;
+    }
+    const bytes = new Uint8Array(await file.arrayBuffer());
+    const id = photoEventId(this.rider, orderId, bytes);
+    if (order.photo && order.photo.id === id && order.photo.state === 'sending') return; // already waiting
+    await this.save({ ...order, photo: { state: 'sending', id } });
+    const where = topic('rider_order_photo', { rider: this.rider, order: orderId });
+    await this.outbox.send('photo', where, { id, payload: bytes }, { order: orderId });
+  }
+
   async remove(orderId) {
     this.known.delete(orderId);
     this.orders.drop(orderId);
@@ -191,6 +212,8 @@ export class RiderApp {
       if (reason === null) await this.save({ ...order, confirmed: entry.status });
       else if (entry.kind === 'reply') await this.save({ ...order, status: 'declined', refused: reason });
       else await this.save({ ...order, status: order.confirmed || entry.prev, refused: reason });
+    } else if (entry.kind === 'photo') {
+      await this.save({ ...order, photo: { id: entry.id, state: reason ? 'refused' : 'stored', reason: reason || '' } });
     } else if (reason) {
       await this.save({ ...order, refused: reason });
     }

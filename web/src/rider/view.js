@@ -6,6 +6,9 @@ import { clock, t } from '../lib/i18n.js';
 import { amendmentBox, instructionsLine } from './amend.js';
 
 const FAILED = 'failed';
+/** When a photo can prove the delivery: the rider holds the order at the door, or delivered it. */
+const PHOTO_STATUSES = ['picked_up', 'arrived', 'delivered'];
+const KIB = 1024;
 
 /** "Alexanderplatz 1", else "52.52000, 13.40500". */
 function place(p) {
@@ -93,7 +96,7 @@ export class OfferList {
 
 export class OrderList {
   /** `actions`: {report(order, status, extra), incident(order, minutes), chat(order, text), remove(order),
-   * confirm(order)}. */
+   * confirm(order), photo(order, file)}. */
   constructor(actions) {
     this.actions = actions;
     this.cards = new Map(); // order id -> {el, state, chat}
@@ -136,8 +139,17 @@ export class OrderList {
     // The customer's handover code (issue 16): kept out of render() so a re-render keeps what was typed.
     const code = h('input', { class: 'handover-code', name: 'code', inputmode: 'numeric', autocomplete: 'off', maxlength: 8, pattern: '[0-9]*' });
     const codeRow = h('label', { class: 'handover small', hidden: true }, h('span', {}), code);
-    const el = h('li', { class: 'order', dataset: { order: orderId } }, state, codeRow, chat, form);
-    return { el, state, chat, form, input, code, codeRow, order: null };
+    // The delivery photo: the phone's camera (or a file), sent as soon as it is chosen.
+    const photo = h('input', { type: 'file', class: 'photo-file', name: 'photo', accept: 'image/*', capture: 'environment' });
+    photo.addEventListener('change', () => {
+      const [file] = photo.files;
+      photo.value = ''; // the same picture can be chosen again after a refusal
+      if (file) this.actions.photo(orderId, file);
+    });
+    const photoState = h('p', { class: 'small photo-state', 'aria-live': 'polite' });
+    const photoRow = h('div', { class: 'photo', hidden: true }, h('label', { class: 'small' }, h('span', {}), photo), photoState);
+    const el = h('li', { class: 'order', dataset: { order: orderId } }, state, codeRow, photoRow, chat, form);
+    return { el, state, chat, form, input, code, codeRow, photoRow, photoState, order: null };
   }
 
   render(card) {
@@ -167,9 +179,22 @@ export class OrderList {
     ));
     card.codeRow.hidden = !nextStatuses(o.status).includes('delivered');
     setText(card.codeRow.querySelector('span'), t('rider.code'));
+    this.renderPhoto(card);
     card.input.placeholder = t('rider.chat.placeholder');
     setText(card.form.querySelector('button'), t('rider.chat.send'));
     this.renderChat(card);
+  }
+
+  /** The photo input while a photo can prove the delivery, and what became of the last one. */
+  renderPhoto(card) {
+    const o = card.order;
+    const p = o.photo || {};
+    card.photoRow.hidden = !PHOTO_STATUSES.includes(o.status);
+    setText(card.photoRow.querySelector('span'), t('rider.photo'));
+    card.photoState.dataset.state = p.state || '';
+    card.photoState.classList.toggle('error-text', p.state === 'refused' || p.state === 'too_big');
+    const size = { size: Math.ceil((p.size || 0) / KIB), max: Math.floor(limits().photo_bytes / KIB) };
+    setText(card.photoState, p.state ? t(`rider.photo.${p.state}`, { reason: p.reason || '', ...size }) : '');
   }
 
   renderChat(card) {

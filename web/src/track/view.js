@@ -246,10 +246,14 @@ export class TrackView {
     card.dataset.rating = rating ? rating.state : '';
   }
 
-  /** What the shop changed and why, and how the order will be handed over. */
+  /**
+   * What the shop changed and why, unless the notices already tell it (the notice list is the
+   * customer's story; without the notices service the box tells it); and how the order will be
+   * handed over, always (the current instructions, not news).
+   */
   renderAmendment() {
     const notice = $('#amended');
-    const text = this.closed() ? '' : amendmentText(this.amendment);
+    const text = this.closed() || this.amendmentTold() ? '' : amendmentText(this.amendment);
     notice.hidden = !text;
     setText(notice, text);
     notice.dataset.amendment = (this.amendment && this.amendment.id) || '';
@@ -257,6 +261,15 @@ export class TrackView {
     const shown = instructionsText(this.state && this.state.instructions);
     how.hidden = !shown;
     setText(how, shown);
+  }
+
+  /**
+   * Whether the notice list holds the notice of the last amendment: an `amended` notice dated at
+   * or after it (the notices service dates it just after the `order.amended` it tells).
+   */
+  amendmentTold() {
+    const at = this.amendment && Date.parse(this.amendment.at);
+    return Boolean(at) && [...this.notices.values()].some((n) => n.kind === 'amended' && Date.parse(n.at) >= at);
   }
 
   renderHeader() {

@@ -624,6 +624,14 @@ def shop_order_create(
     language: Annotated[
         ev.Language | None, typer.Option(help="The customer's language (default: the shop's).")
     ] = None,
+    require_code: Annotated[
+        bool,
+        typer.Option(
+            "--require-code",
+            help="The rider must enter the customer's handover code to report the order delivered "
+            "(the customer's tracking page shows the code).",
+        ),
+    ] = False,
     access_wait: Annotated[
         float,
         typer.Option(help="Seconds to wait for the provisioner's customer access (access control).", min=0),
@@ -653,6 +661,7 @@ def shop_order_create(
             order=order_id,
             pickup=parse_point(pickup, "--pickup") if pickup else None,
             language=language,
+            require_code=require_code,
         )
     except UsageError as exc:
         raise _fail(str(exc), 2) from None

@@ -112,6 +112,8 @@ class OrderDraft:
     pickup: tuple[float, float] | None = None
     #: The customer's language (None: the shop's).
     language: ev.Language | None = None
+    #: The rider must enter the order's handover code to report it delivered (issue 16).
+    require_code: bool = False
 
     def build(self, shop: str) -> ev.OrderCreateEvent:
         """The ``order.create`` request, validated (a :class:`UsageError` names the bad field)."""
@@ -136,6 +138,7 @@ class OrderDraft:
             pickup_lon=self.pickup[1] if self.pickup else None,
             customer_username=customer_username(order),
             language=self.language,
+            handover_code_required=self.require_code,
         )
         return ev.OrderCreateEvent(source=f"{topics.SHOPS}/{shop}", data=data)
 

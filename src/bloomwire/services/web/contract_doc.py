@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from bloomwire.contract import events as ev
 from bloomwire.contract import lifecycle, topics
+from bloomwire.contract.photo import MAX_PHOTO_BYTES
 
 _MARK = "P0"
 
@@ -55,6 +56,7 @@ def _rider_topics() -> dict[str, str]:
         "rider_location": template(topics.rider_location, rider),
         "rider_order_status": template(topics.rider_order_status, rider, order),
         "rider_order_chat": template(topics.rider_order_chat, rider, order),
+        "rider_order_photo": template(topics.rider_order_photo, rider, order),
         "rider_replies": template(topics.rider_replies, rider),
         "rider_presence": template(topics.rider_presence, rider),
         "rider_inbox_all": template(topics.rider_inbox_filter, rider),
@@ -107,6 +109,7 @@ def contract_document() -> dict[str, Any]:
             "customer_name": _max_length(ev.Customer, "name"),
             "incident_reason": _max_length(ev.OrderIncident, "reason"),
             "max_payload_bytes": ev.MAX_PAYLOAD_BYTES,
+            "photo_bytes": MAX_PHOTO_BYTES,
         },
         "presence": {"online": topics.PRESENCE_ONLINE, "offline": topics.PRESENCE_OFFLINE},
     }
