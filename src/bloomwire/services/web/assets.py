@@ -15,9 +15,10 @@ VENDOR: dict[str, str] = {
     "mqtt": "mqtt/dist",
     "leaflet": "leaflet/dist",
     "qrcode": "qrcode-generator/dist",
+    "noble-hashes": "@noble/hashes",
 }
 #: Files the pages import; checked at start so a missing ``npm ci`` is a clear error, not a blank page.
-REQUIRED = ("mqtt/dist/mqtt.esm.js", "leaflet/dist/leaflet-src.esm.js", "qrcode-generator/dist/qrcode.mjs")
+REQUIRED = ("mqtt/dist/mqtt.esm.js", "leaflet/dist/leaflet-src.esm.js", "qrcode-generator/dist/qrcode.mjs", "@noble/hashes/sha2.js")
 
 
 class AssetsError(BloomwireError):
