@@ -18,7 +18,12 @@ VENDOR: dict[str, str] = {
     "noble-hashes": "@noble/hashes",
 }
 #: Files the pages import; checked at start so a missing ``npm ci`` is a clear error, not a blank page.
-REQUIRED = ("mqtt/dist/mqtt.esm.js", "leaflet/dist/leaflet-src.esm.js", "qrcode-generator/dist/qrcode.mjs", "@noble/hashes/sha2.js")
+REQUIRED = (
+    "mqtt/dist/mqtt.esm.js",
+    "leaflet/dist/leaflet-src.esm.js",
+    "qrcode-generator/dist/qrcode.mjs",
+    "@noble/hashes/sha2.js",
+)
 
 
 class AssetsError(BloomwireError):
