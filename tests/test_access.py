@@ -715,6 +715,27 @@ def test_devices_enrol_and_do_not_kick_each_other(
     assert prov.devices == 2
 
 
+def test_a_device_enrols_after_the_order_closed_until_its_grace_ends(
+    stack: Stack, login: Callable[..., MqttTestClient], provisioner: Provisioners
+) -> None:
+    """The link works until close + grace: a phone opening it first after delivery gets a login."""
+    prov = provisioner(grace_s=3.0)
+    order = uid("o-late-")
+    shop = login("s1")
+    shop.subscribe(topics.access_topic("s1", order))
+    persister = login("persister")
+    status = topics.order_topic("s1", order, topics.OrderChannel.STATUS)
+    puback(persister, status, status_event(order, OrderStatus.CREATED))
+    access = _wait_access(shop, order).data
+    puback(persister, status, status_event(order, OrderStatus.CANCELLED))
+    _until(lambda: bool(prov.due), "the revocation to be scheduled")
+    host, port = stack.broker.host, stack.broker.port
+    phone = enrol_device(host, port, access.username, access.password, access.customer, label="late")
+    device = login((phone.username, phone.password))
+    _until(lambda: bool(device.disconnects), "the late device to go with the order's access")
+    _until(lambda: order not in {a.order for a in prov.index.values()}, "the access to leave the index")
+
+
 def test_a_burst_of_orders_is_minted_in_batches_each_checked(
     stack: Stack, login: Callable[..., MqttTestClient], provisioner: Provisioners
 ) -> None:

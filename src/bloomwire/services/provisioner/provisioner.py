@@ -148,9 +148,9 @@ class Provisioner:
             if access is None:
                 log.debug("device request of no open access", customer=customer)
                 return  # revoked while the request was in flight
-            if role in self.due:
-                answer = ev.DeviceLogin(request=request, error="the order is closed; no new devices")
-            elif len(access.usernames) >= self.config.max_devices:
+            # A closed order's link still works until its grace ends (a recipient often opens it
+            # first after the delivery, for the photo and the rating): its devices go with it.
+            if len(access.usernames) >= self.config.max_devices:
                 error = f"this order already has {self.config.max_devices} logins"
                 answer = ev.DeviceLogin(request=request, error=error)
             else:
