@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from servicekit import Running, Watch
 
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
@@ -30,76 +29,6 @@ from bloomwire.store.models import ALERTS, CHAT
 
 SHOP, RIDER, ORDER = "s1", "r1", "o-assist-1"
 CUSTOMER = topics.customer_for_order(ORDER)
-WAIT = 20.0
-
-
-class Backbone:
-    """Persister then assistant, run in an event loop on a background thread until closed."""
-
-    def __init__(self, persister_settings: Settings, assistant_settings: Settings) -> None:
-        self.settings = (persister_settings, assistant_settings)
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.stop: asyncio.Event | None = None
-        self.thread = threading.Thread(target=self._run, name="backbone", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:
-            self.error = exc
-            self.ready.set()
-
-    async def _main(self) -> None:
-        self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
-        p_settings, a_settings = self.settings
-        services = [persister.build(p_settings), assistant.build(a_settings)]
-        tasks = []
-        for service, settings in zip(services, self.settings, strict=True):
-            tasks.append(asyncio.create_task(service.run(settings, stop=self.stop, install_signals=False)))
-            deadline = time.monotonic() + WAIT
-            while not service.ready.is_set():
-                if tasks[-1].done() or time.monotonic() > deadline:
-                    await tasks[-1]
-                    raise TimeoutError(f"{service.name} not ready")
-                await asyncio.sleep(0.02)
-        self.ready.set()
-        await asyncio.gather(*tasks)
-
-    def __enter__(self) -> Backbone:
-        self.thread.start()
-        assert self.ready.wait(WAIT), "backbone did not start"
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.loop is not None and self.stop is not None:
-            self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(WAIT)
-
-
-class Watch:
-    """Every message a test client receives, decoded, searchable with a deadline."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.seen: list[tuple[str, dict[str, Any]]] = []
-
-    def until(self, test: Callable[[str, dict[str, Any]], bool], what: str) -> dict[str, Any]:
-        deadline = time.monotonic() + WAIT
-        while True:
-            while not self.client.messages.empty():
-                msg = self.client.messages.get_nowait()
-                if msg.payload:
-                    self.seen.append((msg.topic, json.loads(msg.payload)))
-            for topic, body in self.seen:
-                if test(topic, body):
-                    return body
-            if time.monotonic() > deadline:
-                pytest.fail(f"not seen within {WAIT} s: {what}")
-            time.sleep(0.02)
 
 
 def _send(client: Any, topic: str, event: Any) -> None:
@@ -111,7 +40,7 @@ def wired(
     make_settings: Callable[..., Settings], mqtt_user: Any, mqtt_client: Any
 ) -> Iterator[tuple[Any, Watch]]:
     """The backbone running, and a client watching shop s1 and rider r1's inbox."""
-    with Backbone(make_settings(), make_settings()) as _backbone:
+    with Running((persister.build, make_settings()), (assistant.build, make_settings())):
         client = mqtt_client(*mqtt_user())
         client.subscribe(topics.shop_filter(SHOP))
         client.subscribe(topics.rider_inbox_filter(RIDER))

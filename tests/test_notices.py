@@ -8,10 +8,8 @@ order's location; the notices come back on the order's status topic, which its c
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,14 +19,15 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import servicekit
 import sqlalchemy as sa
 from PIL import Image
+from servicekit import Running
 
 from bloomwire.app.demo import Told, _told_rows
 from bloomwire.contract import events as ev
 from bloomwire.contract import topics
 from bloomwire.contract.lifecycle import FailureReason, OrderStatus
-from bloomwire.runtime.mqtt import Service
 from bloomwire.runtime.settings import Settings
 from bloomwire.services import notices, persister
 from bloomwire.services.notices import decide, texts
@@ -39,80 +38,14 @@ SHOP, RIDER = "s1", "r1"
 RIDER_SRC, SHOP_SRC = f"{topics.RIDERS}/{RIDER}", f"{topics.SHOPS}/{SHOP}"
 #: Where the customers live (the rider starts about 1.3 km away).
 HOME = (52.53, 13.41)
-WAIT = 20.0
 
 
-class Running:
-    """One service run in an event loop on a background thread until closed."""
-
-    def __init__(self, build: Callable[[Settings], Service[Any]], settings: Settings) -> None:
-        self.build, self.settings = build, settings
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.stop: asyncio.Event | None = None
-        self.thread = threading.Thread(target=self._run, name="service", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:
-            self.error = exc
-            self.ready.set()
-
-    async def _main(self) -> None:
-        self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
-        service = self.build(self.settings)
-        task = asyncio.create_task(service.run(self.settings, stop=self.stop, install_signals=False))
-        deadline = time.monotonic() + WAIT
-        while not service.ready.is_set():
-            if task.done() or time.monotonic() > deadline:
-                await task
-                raise TimeoutError(f"{service.name} not ready")
-            await asyncio.sleep(0.02)
-        self.ready.set()
-        await task
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        assert self.ready.wait(WAIT), "service did not start"
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.loop is not None and self.stop is not None:
-            self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(WAIT)
-
-
-class Watch:
-    """Every message a test client receives, decoded, searchable with a deadline."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.seen: list[tuple[str, dict[str, Any]]] = []
-
-    def _drain(self) -> None:
-        while not self.client.messages.empty():
-            msg = self.client.messages.get_nowait()
-            if msg.payload:
-                self.seen.append((msg.topic, json.loads(msg.payload)))
-
-    def until(self, test: Callable[[str, dict[str, Any]], bool], what: str) -> dict[str, Any]:
-        deadline = time.monotonic() + WAIT
-        while True:
-            self._drain()
-            for topic, body in self.seen:
-                if test(topic, body):
-                    return body
-            if time.monotonic() > deadline:
-                pytest.fail(f"not seen within {WAIT} s: {what}")
-            time.sleep(0.02)
+class Watch(servicekit.Watch):
+    """A decoded watch with the notices of an order at hand."""
 
     def notices(self, order: str, kind: str | None = None) -> list[dict[str, Any]]:
         """The notices seen on ``order``'s status topic (of ``kind``)."""
-        self._drain()
+        self.drain()
         status = topics.order_topic(SHOP, order, topics.OrderChannel.STATUS)
         return [
             b
@@ -144,7 +77,7 @@ def _send(client: Any, topic: str, event: Any) -> None:
 def _stack(
     make_settings: Callable[..., Settings], mqtt_user: Any, mqtt_client: Any, url: str
 ) -> Iterator[Stack]:
-    with Running(persister.build, make_settings(database_url=url)) as running:
+    with Running((persister.build, make_settings(database_url=url))) as running:
         client = mqtt_client(*mqtt_user())
         client.subscribe(topics.shop_filter(SHOP))
         client.subscribe(topics.rider_inbox_filter(RIDER))
@@ -240,7 +173,7 @@ def _stored(database_url: str, order: str) -> list[dict[str, Any]]:
 
 def test_a_flat_tyre_is_told_with_the_new_eta_before_the_window_ends(stack: Stack) -> None:
     order = "o-notice-tyre"
-    with Running(notices.build, stack.notices_settings):
+    with Running((notices.build, stack.notices_settings)):
         state = _picked_up(stack, order)
         stack.watch.notice(order, "picked_up")
         new_eta = ev.now() + timedelta(minutes=40)
@@ -260,7 +193,7 @@ def test_a_flat_tyre_is_told_with_the_new_eta_before_the_window_ends(stack: Stac
 
 def test_an_eta_slipping_past_the_window_is_told_once_before_it_ends(stack: Stack) -> None:
     order = "o-notice-late"
-    with Running(notices.build, stack.notices_settings):
+    with Running((notices.build, stack.notices_settings)):
         # The window closes in 2 minutes; the rider is more than that away.
         state = _picked_up(stack, order, window=timedelta(minutes=2))
         _at(stack.client, 52.5201, 13.4001)
@@ -287,7 +220,7 @@ def test_a_window_about_to_end_before_pick_up_is_told_before_it_ends(stack: Stac
     create = ev.OrderCreateEvent(source=SHOP_SRC, data=created)
     _send(stack.client, topics.shop_command(SHOP, topics.Command.CREATE_ORDER), create)
     stack.watch.until(lambda t, b: t.endswith(f"{order}/state"), "order created")
-    with Running(lambda s: notices.build(s, tick_s=0.2), stack.notices_settings):
+    with Running((lambda s: notices.build(s, tick_s=0.2), stack.notices_settings)):
         late = stack.watch.notice(order, "delayed")
         marker = "o-notice-clock-2"  # a second order's notice: the clock went round since
         created = created.model_copy(update={"order": marker})
@@ -305,7 +238,7 @@ def test_a_window_about_to_end_before_pick_up_is_told_before_it_ends(stack: Stac
 
 def test_arriving_fires_once_as_the_rider_approaches(stack: Stack) -> None:
     order = "o-notice-near"
-    with Running(notices.build, stack.notices_settings):
+    with Running((notices.build, stack.notices_settings)):
         _picked_up(stack, order)
         _at(stack.client, 52.5201, 13.4001)
         stack.watch.notice(order, "on_the_way")
@@ -324,7 +257,7 @@ def test_steps_are_told_once_also_after_a_restart(any_stack: Stack) -> None:
     nothing again; a notice sent again (its ack lost) is the same event: a duplicate."""
     stack = any_stack
     done, failed = "o-notice-done", "o-notice-fail"
-    with Running(notices.build, stack.notices_settings):
+    with Running((notices.build, stack.notices_settings)):
         _picked_up(stack, done)
         _picked_up(stack, failed)
         first = stack.watch.notice(done, "picked_up")
@@ -340,7 +273,7 @@ def test_steps_are_told_once_also_after_a_restart(any_stack: Stack) -> None:
     _status(stack.client, done, OrderStatus.ARRIVED)
     _status(stack.client, done, OrderStatus.DELIVERED)
     _status(stack.client, failed, OrderStatus.FAILED, FailureReason.CUSTOMER_UNREACHABLE)
-    with Running(notices.build, stack.notices_settings):
+    with Running((notices.build, stack.notices_settings)):
         stack.watch.notice(done, "delivered")
         fail = stack.watch.notice(failed, "failed")
     # The same notice again, as after a crash before its ack: the persister takes it as a duplicate.
@@ -376,7 +309,7 @@ def test_the_delivered_notice_says_the_proof_the_store_holds_then(stack: Stack) 
     """A code the order required and a photo stored before ``delivered``: both said, in both
     languages. A photo stored after it: the notice (said once) did not claim it."""
     proven, later = "o-notice-proof", "o-notice-photo-later"
-    with Running(notices.build, stack.notices_settings):
+    with Running((notices.build, stack.notices_settings)):
         state = _picked_up(stack, proven, language=ev.Language.ZH_CN, code_required=True)
         _picked_up(stack, later)
         stack.client.publish(topics.rider_order_photo(RIDER, proven), _photo(), qos=1)
@@ -409,7 +342,7 @@ def test_an_amendment_is_told_with_what_changed_and_why(stack: Stack) -> None:
     """One notice per amendment (its id from the amendment's): the customer's wish or the shop's
     decision with its reason, the new window and address themselves, in the order's language."""
     order, zh_order = "o-notice-amended", "o-notice-amended-zh"
-    with Running(notices.build, stack.notices_settings):
+    with Running((notices.build, stack.notices_settings)):
         state = _picked_up(stack, order)
         _picked_up(stack, zh_order, language=ev.Language.ZH_CN)
         new_end = state.window.end + timedelta(hours=1)
@@ -447,7 +380,7 @@ def stack_tz(stack: Stack) -> ZoneInfo:
 
 def test_the_chinese_template_when_the_order_is_in_chinese(stack: Stack) -> None:
     order = "o-notice-zh"
-    with Running(notices.build, stack.notices_settings):
+    with Running((notices.build, stack.notices_settings)):
         state = _picked_up(stack, order, language=ev.Language.ZH_CN)
         picked = stack.watch.notice(order, "picked_up")
     assert state.language is ev.Language.ZH_CN
@@ -464,7 +397,7 @@ def test_the_chinese_template_when_the_order_is_in_chinese(stack: Stack) -> None
 def test_an_order_without_a_language_has_the_shops(
     make_settings: Callable[..., Settings], mqtt_user: Any, mqtt_client: Any
 ) -> None:
-    with Running(persister.build, make_settings(shop_language="zh-CN")):
+    with Running((persister.build, make_settings(shop_language="zh-CN"))):
         client = mqtt_client(*mqtt_user())
         client.subscribe(topics.shop_filter(SHOP))
         s = Stack(client, Watch(client), make_settings(), "")
