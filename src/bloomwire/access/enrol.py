@@ -82,6 +82,46 @@ def _client(username: str, password: str, *, transport: str, tls: bool, ca_file:
     return client
 
 
+def login_accepted(
+    host: str,
+    port: int,
+    username: str,
+    password: str,
+    *,
+    tls: bool,
+    ca_file: Path | None,
+    timeout: float = 10.0,
+) -> bool:
+    """Whether the broker accepts ``username``/``password`` (one short MQTT session; blocking).
+
+    Only for an order's first login (the tracking link's): pages and shops never hold a session
+    with it, so this connection kicks nobody (one username is one session, docs/design.md §5).
+    """
+    answers: queue.Queue[bool] = queue.Queue()
+    client = _client(username, password, transport="tcp", tls=tls, ca_file=ca_file)
+
+    def on_connect(_c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        answers.put(not rc.is_failure)
+
+    def on_disconnect(_c: Any, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
+        answers.put(False)
+
+    client.on_connect, client.on_disconnect = on_connect, on_disconnect
+    try:
+        client.connect(host, port, keepalive=10, clean_start=True)
+    except OSError:
+        return False
+    client.loop_start()
+    try:
+        return answers.get(timeout=timeout)
+    except queue.Empty:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        client.loop_stop()
+
+
 class _Replies:
     """What paho's callbacks report (connack, suback, messages, disconnect), waited for with one deadline."""
 

@@ -17,13 +17,13 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from bloomwire.access.accounts import Credential
-from bloomwire.access.enrol import enrol_device
+from bloomwire.access.enrol import enrol_device, login_accepted
 from bloomwire.contract.topics import check_id
 from bloomwire.errors import BrokerError
 from bloomwire.runtime.log import get_logger
 from bloomwire.runtime.settings import Settings
 from bloomwire.services.web.orders import OrderLookup, OrderSummary
-from bloomwire.services.web.photos import PhotoAccess, login_accepted
+from bloomwire.services.web.photos import PhotoAccess
 
 log = get_logger("bloomwire.services.web.enrolment")
 
@@ -132,9 +132,13 @@ class Enroller:
         if refusal is not None:
             return refusal
         async with self._slots:
+            s = self.settings
             ok = await asyncio.to_thread(
-                login_accepted, self.settings, request.username, request.password, self.timeout
-            )
+                lambda: login_accepted(
+                    s.broker_host, s.broker_port, request.username, request.password,
+                    tls=s.broker_tls, ca_file=s.broker_ca_file, timeout=self.timeout,
+                )
+            )  # fmt: skip
         if not ok:
             return Answer.error(403, "invalid_link")
         return Answer(200, {"photo_token": self.photos.token(request.shop, request.order)})
